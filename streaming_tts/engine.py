@@ -1,0 +1,207 @@
+"""Engine: the two batched stages the scheduler drives, on one device, for one voice.
+
+`acoustic` turns phoneme ids into a phrase latent (noise drawn once per phrase, from the job's
+seed); `decode` turns any frame range of a latent into audio, with enough context around it that
+stitched chunks equal a whole-phrase decode. Chunks are padded up to a few fixed sizes (the
+chunk schedule) so that batches across streams share shapes.
+
+Calls block; the scheduler runs them in its one worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .models.loader import load_vits
+from .models.vits import VitsModel
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "cpu"                          # "cpu" or "cuda" / "cuda:N"
+    dtype: str = "float32"                       # decoder precision; float16/bfloat16 need CUDA
+    chunk_schedule: tuple[int, ...] = (16, 48, 96)  # frames per decode chunk: first, next, ..., last repeats
+    threads: int | None = None                   # torch CPU threads (None: torch's default)
+
+
+@dataclass(frozen=True)
+class SynthesisParams:
+    """Per-request settings; the voice's config supplies the defaults."""
+
+    speaker: int = 0
+    noise_scale: float = 0.667
+    length_scale: float = 1.0                    # 1 / speed
+    noise_w: float = 0.8
+
+
+@dataclass
+class AcousticJob:
+    ids: Sequence[int]
+    params: SynthesisParams
+    seed: int | None = None                      # None: a fresh random seed
+
+
+@dataclass
+class AcousticResult:
+    z: torch.Tensor                              # [C, T] latent on the engine's device
+    durations: np.ndarray                        # [len(ids)] frames per id
+    num_frames: int                              # T
+
+
+@dataclass
+class DecodeJob:
+    z: torch.Tensor                              # a phrase latent from AcousticResult
+    start: int                                   # first frame to output
+    end: int                                     # one past the last frame
+    speaker: int = 0
+
+
+class Engine:
+    """One loaded voice on one device; stateless between calls."""
+
+    def __init__(self, model: VitsModel, *, sample_rate: int, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.device = torch.device(config.device)
+        if config.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(_DTYPES)}")
+        self.dtype = _DTYPES[config.dtype]
+        if self.dtype != torch.float32 and self.device.type != "cuda":
+            raise ValueError(f"dtype {config.dtype} needs a CUDA device (got {config.device})")
+        if config.threads and self.device.type == "cpu":
+            torch.set_num_threads(config.threads)
+        if not config.chunk_schedule or min(config.chunk_schedule) < 1:
+            raise ValueError("chunk_schedule needs at least one positive frame count")
+        self.model = model.to(self.device).eval()
+        # Text encoder, durations and flow stay fp32 (cheap, and durations are sensitive to
+        # rounding); the generator, where the compute is, runs in the configured precision.
+        self.model.dec.to(self.dtype)
+        self.sample_rate = sample_rate
+        self.hop_length = model.hp.hop_length
+        self.context_frames = model.dec.context_frames
+        self.buckets = tuple(sorted(set(config.chunk_schedule)))
+
+    @classmethod
+    def from_file(cls, onnx_path: Path, *, sample_rate: int, config: EngineConfig = EngineConfig()):
+        return cls(load_vits(onnx_path), sample_rate=sample_rate, config=config)
+
+    @property
+    def frame_ms(self) -> float:
+        return 1000.0 * self.hop_length / self.sample_rate
+
+    def chunk_plan(self, num_frames: int) -> list[tuple[int, int]]:
+        """Frame ranges to decode for a phrase: small first chunk, larger ones after."""
+        plan, start, i = [], 0, 0
+        sched = self.config.chunk_schedule
+        while start < num_frames:
+            end = min(num_frames, start + sched[min(i, len(sched) - 1)])
+            plan.append((start, end))
+            start, i = end, i + 1
+        return plan
+
+    @torch.inference_mode()
+    def acoustic(self, jobs: Sequence[AcousticJob]) -> list[AcousticResult]:
+        if not jobs:
+            return []
+        lengths = [len(j.ids) for j in jobs]
+        if min(lengths) < 1:
+            raise ValueError("an acoustic job has no phoneme ids")
+        ids = torch.zeros(len(jobs), max(lengths), dtype=torch.long)
+        for b, job in enumerate(jobs):
+            ids[b, :lengths[b]] = torch.as_tensor(list(job.ids), dtype=torch.long)
+        scales = torch.tensor([[j.params.noise_scale, j.params.length_scale, j.params.noise_w]
+                               for j in jobs], dtype=torch.float32)
+        gens = [self._generator(j.seed) for j in jobs]
+        out = self.model.acoustic(ids.to(self.device), torch.tensor(lengths, device=self.device),
+                                  scales.to(self.device), speakers=self._speakers(jobs),
+                                  generators=gens)
+        frames = out.frames.tolist()
+        durations = out.durations.cpu().numpy()
+        z = out.z.to(self.dtype)
+        return [AcousticResult(z=z[b, :, :frames[b]].clone(), durations=durations[b, :lengths[b]],
+                               num_frames=frames[b]) for b in range(len(jobs))]
+
+    @torch.inference_mode()
+    def decode(self, jobs: Sequence[DecodeJob]) -> list[np.ndarray]:
+        """Audio for each job's frame range, float32 mono, (end - start) * hop samples."""
+        results: list[np.ndarray | None] = [None] * len(jobs)
+        groups: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            if not 0 <= job.start < job.end <= job.z.shape[1]:
+                raise ValueError(f"bad decode range [{job.start}, {job.end}) of {job.z.shape[1]} frames")
+            groups.setdefault(self._bucket(job.end - job.start), []).append(i)
+        for size, idx in groups.items():
+            audio = self._decode_group([jobs[i] for i in idx], size)
+            for k, i in enumerate(idx):
+                n = (jobs[i].end - jobs[i].start) * self.hop_length
+                results[i] = audio[k, :n]
+        return results  # type: ignore[return-value]
+
+    def _decode_group(self, jobs: list[DecodeJob], size: int) -> np.ndarray:
+        """Decode same-size windows [start - ctx, start + size + ctx) in one batch."""
+        ctx = self.context_frames
+        width = size + 2 * ctx
+        C = jobs[0].z.shape[0]
+        window = torch.zeros(len(jobs), C, width, device=self.device, dtype=self.dtype)
+        lo, hi = [], []
+        for b, job in enumerate(jobs):
+            w0 = job.start - ctx                      # phrase frame at window index 0
+            a, e = max(0, w0), min(job.z.shape[1], w0 + width)
+            window[b, :, a - w0:e - w0] = job.z[:, a:e]
+            lo.append(a - w0)
+            # Frames past `end` inside the window are real context; past the phrase they are not.
+            hi.append(e - w0)
+        audio = self.model.decode(window, lo, hi, (ctx, ctx + size), speakers=self._speakers(jobs))
+        return audio.float().cpu().numpy()
+
+    def synthesize(self, ids: Sequence[int], params: SynthesisParams = SynthesisParams(),
+                   seed: int | None = None) -> np.ndarray:
+        """Whole phrase in one go (no chunking): float32 mono audio."""
+        res = self.acoustic([AcousticJob(ids=ids, params=params, seed=seed)])[0]
+        return self.decode_whole(res.z, speaker=params.speaker)
+
+    @torch.inference_mode()
+    def decode_whole(self, z: torch.Tensor, speaker: int = 0) -> np.ndarray:
+        T = z.shape[1]
+        spk = torch.tensor([speaker], device=self.device) if self.model.emb_g is not None else None
+        return self.model.decode(z[None], [0], [T], (0, T), speakers=spk)[0].float().cpu().numpy()
+
+    def warmup(self) -> float:
+        """Run every chunk size once (kernels, allocator); returns seconds taken."""
+        t0 = time.perf_counter()
+        ids = [1, 0] + [20, 0, 35, 0, 50, 0, 62, 0] * 6 + [2]
+        res = self.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0)])[0]
+        for size in self.buckets:
+            end = min(size, res.num_frames)
+            self.decode([DecodeJob(z=res.z, start=0, end=end)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def _bucket(self, n: int) -> int:
+        for size in self.buckets:
+            if n <= size:
+                return size
+        return n
+
+    def _speakers(self, jobs: Sequence) -> torch.Tensor | None:
+        if self.model.emb_g is None:
+            return None
+        spk = [j.params.speaker if isinstance(j, AcousticJob) else j.speaker for j in jobs]
+        return torch.tensor(spk, device=self.device)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+        return gen

@@ -1,0 +1,1 @@
+"""Our PyTorch re-implementation of the VITS network that Piper voices use."""

@@ -1,0 +1,72 @@
+"""ResidualCouplingBlock in reverse: prior sample z_p -> latent z that the generator decodes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .commons import same_conv
+from .hparams import VitsHParams
+
+
+class WN(nn.Module):
+    """Non-causal WaveNet: gated dilated convolutions with residual and skip paths."""
+
+    def __init__(self, hidden: int, kernel: int, dilation_rate: int, layers: int, gin: int):
+        super().__init__()
+        self.hidden = hidden
+        self.in_layers = nn.ModuleList(
+            same_conv(hidden, 2 * hidden, kernel, dilation=dilation_rate ** i) for i in range(layers))
+        self.res_skip_layers = nn.ModuleList(
+            nn.Conv1d(hidden, 2 * hidden if i < layers - 1 else hidden, 1) for i in range(layers))
+        self.cond_layer = nn.Conv1d(gin, 2 * hidden * layers, 1) if gin else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        H = self.hidden
+        out = torch.zeros_like(x)
+        cond = self.cond_layer(g) if (self.cond_layer is not None and g is not None) else None
+        last = len(self.in_layers) - 1
+        for i, (conv, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
+            a = conv(x)
+            if cond is not None:
+                a = a + cond[:, 2 * H * i:2 * H * (i + 1)]
+            acts = res_skip(torch.tanh(a[:, :H]) * torch.sigmoid(a[:, H:]))
+            if i < last:
+                x = (x + acts[:, :H]) * mask
+                out = out + acts[:, H:]
+            else:
+                out = out + acts
+        return out * mask
+
+
+class ResidualCouplingLayer(nn.Module):
+    """Mean-only affine coupling: the second half is shifted by a function of the first."""
+
+    def __init__(self, hp: VitsHParams):
+        super().__init__()
+        half = hp.inter // 2
+        self.half = half
+        self.pre = nn.Conv1d(half, hp.hidden, 1)
+        self.enc = WN(hp.hidden, hp.flow_kernel, hp.flow_dilation_rate, hp.flow_wn_layers, hp.gin)
+        self.post = nn.Conv1d(hp.hidden, half, 1)
+
+    def reverse(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        x0, x1 = x[:, :self.half], x[:, self.half:]
+        h = self.enc(self.pre(x0) * mask, mask, g)
+        m = self.post(h) * mask
+        return torch.cat([x0, (x1 - m) * mask], 1)
+
+
+class ResidualCouplingBlock(nn.Module):
+    """[coupling, flip] x N, inverted: flip then coupling, last layer first."""
+
+    def __init__(self, hp: VitsHParams):
+        super().__init__()
+        self.flows = nn.ModuleDict({str(i): ResidualCouplingLayer(hp) for i in hp.flow_ids})
+        self.order = sorted(hp.flow_ids, reverse=True)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None = None):
+        for i in self.order:
+            z = torch.flip(z, [1])
+            z = self.flows[str(i)].reverse(z, mask, g)
+        return z

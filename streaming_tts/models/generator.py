@@ -1,0 +1,171 @@
+"""Generator (HiFi-GAN): latent frames z [B, C, T] -> waveform [B, T * hop].
+
+Built for streaming. `forward` decodes a window of frames and returns only the frames
+[keep_start, keep_end); each item carries the range [lo, hi) of window frames that hold real
+phrase data. Every convolution's input is zeroed outside that range, which reproduces exactly
+the zero padding a lone, whole-phrase decode sees at the phrase edges, so padded batches and
+chunks stitched together equal the whole-phrase decode. After each upsampling stage the
+activation is cropped to what the remaining layers need (their receptive field, computed from
+the layers), so a chunk's context costs mostly in the cheap low-resolution stages.
+
+Activations run as [B, C, 1, T] in channels-last memory: oneDNN's 2-D kernels in that layout are
+3-7x faster on CPU than its 1-D ones for these shapes (measured), and cuDNN likes it for fp16.
+Parameters stay Conv1d-shaped so they load straight from the voice file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .commons import LRELU_SLOPE, same_conv
+from .hparams import VitsHParams
+
+
+class ResBlock1(nn.Module):
+    """HiFi-GAN V1 block: (dilated conv, conv) pairs, residual ("high" voices)."""
+
+    def __init__(self, ch: int, kernel: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.convs1 = nn.ModuleList(same_conv(ch, ch, kernel, d) for d in dilations)
+        self.convs2 = nn.ModuleList(same_conv(ch, ch, kernel, 1) for _ in dilations)
+        self.halo = sum((kernel - 1) * d // 2 + (kernel - 1) // 2 for d in dilations)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for c1, c2 in zip(self.convs1, self.convs2):
+            xt = _masked(F.leaky_relu(x, LRELU_SLOPE), mask)
+            xt = _masked(F.leaky_relu(conv(xt, c1), LRELU_SLOPE), mask)
+            x = conv(xt, c2) + x
+        return x
+
+
+class ResBlock2(nn.Module):
+    """HiFi-GAN V2/V3 block: one dilated conv per step, residual ("medium"/"low" voices)."""
+
+    def __init__(self, ch: int, kernel: int, dilations: tuple[int, ...]):
+        super().__init__()
+        self.convs = nn.ModuleList(same_conv(ch, ch, kernel, d) for d in dilations)
+        self.halo = sum((kernel - 1) * d // 2 for d in dilations)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for c in self.convs:
+            x = conv(_masked(F.leaky_relu(x, LRELU_SLOPE), mask), c) + x
+        return x
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask
+
+
+def conv(x: torch.Tensor, layer: nn.Conv1d) -> torch.Tensor:
+    """Apply a Conv1d to a [B, C, 1, T] channels-last activation."""
+    return F.conv2d(x, layer.weight.unsqueeze(2), layer.bias, padding=(0, layer.padding[0]),
+                    dilation=(1, layer.dilation[0]))
+
+
+def conv_transpose(x: torch.Tensor, layer: nn.ConvTranspose1d) -> torch.Tensor:
+    return F.conv_transpose2d(x, layer.weight.unsqueeze(2), layer.bias, stride=(1, layer.stride[0]),
+                              padding=(0, layer.padding[0]))
+
+
+@dataclass(frozen=True)
+class Halo:
+    """Samples needed left/right of a frame-aligned region, at one stage's resolution."""
+
+    left: int
+    right: int
+
+
+class Generator(nn.Module):
+    """conv_pre -> [leaky, upsample, mean of resblocks] x N -> leaky -> conv_post -> tanh."""
+
+    def __init__(self, hp: VitsHParams):
+        super().__init__()
+        ch = hp.dec_initial
+        self.conv_pre = same_conv(hp.inter, ch, hp.dec_pre_kernel)
+        self.cond = nn.Conv1d(hp.gin, ch, 1) if hp.gin else None
+        self.ups = nn.ModuleList()
+        self.resblocks = nn.ModuleList()
+        block = ResBlock1 if hp.dec_resblock == "1" else ResBlock2
+        self.strides = []
+        for i, (k, s, p) in enumerate(hp.dec_ups):
+            if k - s != 2 * p:
+                raise ValueError(f"dec.ups.{i}: kernel {k}, stride {s}, padding {p} does not "
+                                 "upsample exactly by the stride")
+            self.ups.append(nn.ConvTranspose1d(ch >> i, ch >> (i + 1), k, s, padding=p))
+            self.strides.append(s)
+            for kernel, dil in zip(hp.dec_kernels, hp.dec_dilations):
+                self.resblocks.append(block(ch >> (i + 1), kernel, dil))
+        self.num_kernels = len(hp.dec_kernels)
+        self.conv_post = same_conv(ch >> len(hp.dec_ups), 1, hp.dec_post_kernel, bias=False)
+        self.hop = hp.hop_length
+        self.halos = self._compute_halos()
+        self.context_frames = max(self.halos[0].left, self.halos[0].right)
+
+    def _compute_halos(self) -> list[Halo]:
+        """Halo at z (index 0) and at the input of each upsampler (1..N) and of conv_post (N+1).
+
+        Walks back from the output: a same-padded conv widens the need by its half-width, a
+        transposed conv maps an output interval to the inputs that touch it.
+        """
+        post = (self.conv_post.kernel_size[0] - 1) // 2
+        halos = [Halo(post, post)]
+        for i in reversed(range(len(self.ups))):
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            h = halos[0].left + max(b.halo for b in blocks), halos[0].right + max(b.halo for b in blocks)
+            up = self.ups[i]
+            k, s, p = up.kernel_size[0], up.stride[0], up.padding[0]
+            halos.insert(0, Halo((h[0] + k - 1 - p) // s, (h[1] + p - 1) // s + 1))
+        pre = (self.conv_pre.kernel_size[0] - 1) // 2
+        halos.insert(0, Halo(halos[0].left + pre, halos[0].right + pre))
+        return halos
+
+    def forward(self, z: torch.Tensor, lo: list[int], hi: list[int], keep: tuple[int, int],
+                g: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, C, T] window; lo/hi valid frames per item; keep (start, end) frames to return."""
+        B, C, T = z.shape
+        need_mask = any(v > 0 for v in lo) or any(v < T for v in hi)
+        x = z.unsqueeze(2).contiguous(memory_format=torch.channels_last)          # [B, C, 1, T]
+        x, off = self._crop(x, 0, 1, keep, self.halos[0])
+        mask = self._mask(lo, hi, 1, off, x.shape[3], x) if need_mask else None
+        x = conv(_masked(x, mask), self.conv_pre)
+        if self.cond is not None and g is not None:
+            x = x + self.cond(g).unsqueeze(2)
+        u = 1
+        for i, up in enumerate(self.ups):
+            x, off = self._crop(x, off, u, keep, self.halos[i + 1])
+            mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
+            x = conv_transpose(_masked(F.leaky_relu(x, LRELU_SLOPE), mask), up)
+            u *= self.strides[i]
+            off *= self.strides[i]
+            mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            xs = blocks[0](x, mask)
+            for block in blocks[1:]:
+                xs = xs + block(x, mask)
+            x = xs / self.num_kernels
+        x, off = self._crop(x, off, u, keep, self.halos[-1])
+        mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
+        x = torch.tanh(conv(_masked(F.leaky_relu(x), mask), self.conv_post))
+        start = keep[0] * u - off
+        return x[:, 0, 0, start:start + (keep[1] - keep[0]) * u]
+
+    @staticmethod
+    def _crop(x: torch.Tensor, off: int, u: int, keep: tuple[int, int], halo: Halo):
+        """Keep only [keep0*u - left, keep1*u + right) of a tensor starting at sample `off`."""
+        start = max(keep[0] * u - halo.left, off)
+        end = min(keep[1] * u + halo.right, off + x.shape[3])
+        if start == off and end == off + x.shape[3]:
+            return x, off
+        return x[..., start - off:end - off], start
+
+    @staticmethod
+    def _mask(lo: list[int], hi: list[int], u: int, off: int, length: int,
+              like: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(off, off + length, device=like.device)[None, :]          # [1, L]
+        lo_t = torch.tensor(lo, device=like.device)[:, None] * u
+        hi_t = torch.tensor(hi, device=like.device)[:, None] * u
+        return ((pos >= lo_t) & (pos < hi_t)).to(like.dtype)[:, None, None, :]    # [B, 1, 1, L]

@@ -1,0 +1,85 @@
+"""VitsModel: the two stages a streaming scheduler needs, each batched with real lengths.
+
+acoustic: phoneme ids -> latent z (after the flow), frame counts, per-phoneme durations.
+decode:   a window of z -> waveform for the frames asked for (see generator.py).
+Noise is drawn here, once per phrase and per item, so results do not depend on batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .commons import sequence_mask
+from .duration import StochasticDurationPredictor
+from .flow import ResidualCouplingBlock
+from .generator import Generator
+from .hparams import VitsHParams
+from .text_encoder import TextEncoder
+
+
+@dataclass
+class AcousticBatch:
+    z: torch.Tensor          # [B, C, Ty] latent, zero beyond each item's frames
+    frames: torch.Tensor     # [B] frame counts (long)
+    durations: torch.Tensor  # [B, Tx] frames per phoneme id (long), zero on padding
+
+
+class VitsModel(nn.Module):
+    """Piper's VITS (SynthesizerTrn) for inference; parameter names match Piper's exports."""
+
+    def __init__(self, hp: VitsHParams):
+        super().__init__()
+        self.hp = hp
+        self.enc_p = TextEncoder(hp)
+        self.dp = StochasticDurationPredictor(hp)
+        self.flow = ResidualCouplingBlock(hp)
+        self.dec = Generator(hp)
+        self.emb_g = nn.Embedding(hp.n_speakers, hp.gin) if hp.gin else None
+
+    def speaker_embedding(self, speakers: torch.Tensor | None) -> torch.Tensor | None:
+        if self.emb_g is None or speakers is None:
+            return None
+        return self.emb_g(speakers).unsqueeze(-1)                          # [B, gin, 1]
+
+    def acoustic(self, ids: torch.Tensor, lengths: torch.Tensor, scales: torch.Tensor,
+                 speakers: torch.Tensor | None = None,
+                 generators: list[torch.Generator | None] | None = None) -> AcousticBatch:
+        """ids [B, Tx] long, lengths [B], scales [B, 3] = (noise_scale, length_scale, noise_w)."""
+        B, Tx = ids.shape
+        g = self.speaker_embedding(speakers)
+        x, m, logs, x_mask = self.enc_p(ids, lengths)
+        noise_scale, length_scale, noise_w = (scales[:, i, None, None] for i in range(3))
+        dp_noise = _per_item_noise(lengths.tolist(), 2, Tx, generators, x) * noise_w
+        logw = self.dp(x, x_mask, dp_noise, g=g)
+        w_ceil = torch.ceil(torch.exp(logw) * x_mask * length_scale)[:, 0]  # [B, Tx]
+        frames = torch.clamp_min(w_ceil.sum(1), 1).long()
+        Ty = int(frames.max())
+        y_mask = sequence_mask(frames, Ty).unsqueeze(1).to(x.dtype)
+        # Expand each phoneme's prior over its frames (the monotonic path as an index).
+        cum = torch.cumsum(w_ceil, dim=1)
+        idx = torch.searchsorted(cum, torch.arange(Ty, device=x.device, dtype=cum.dtype)
+                                 .expand(B, Ty).contiguous(), right=True).clamp_max(Tx - 1)
+        idx = idx[:, None, :].expand(B, m.shape[1], Ty)
+        m_y, logs_y = m.gather(2, idx), logs.gather(2, idx)
+        z_noise = _per_item_noise(frames.tolist(), m.shape[1], Ty, generators, x)
+        z_p = (m_y + z_noise * torch.exp(logs_y) * noise_scale) * y_mask
+        z = self.flow(z_p, y_mask, g=g) * y_mask
+        return AcousticBatch(z=z, frames=frames, durations=w_ceil.long())
+
+    def decode(self, z: torch.Tensor, lo: list[int], hi: list[int], keep: tuple[int, int],
+               speakers: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dec(z, lo, hi, keep, g=self.speaker_embedding(speakers))
+
+
+def _per_item_noise(lengths: list[int], channels: int, T: int,
+                    generators: list[torch.Generator | None] | None,
+                    like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise [B, C, T], each item drawn alone over its own length."""
+    out = torch.zeros(len(lengths), channels, T, device=like.device, dtype=like.dtype)
+    for b, n in enumerate(lengths):
+        gen = generators[b] if generators else None
+        out[b, :, :n] = torch.randn(channels, n, generator=gen, device=like.device, dtype=like.dtype)
+    return out
