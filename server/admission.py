@@ -1,0 +1,207 @@
+"""Admission control: refuse a new stream rather than let every stream fall behind.
+
+A stream is refused when any of these holds (checked cheapest first):
+  1. `max_streams` live streams already exist;
+  2. free GPU memory minus `vram_reserve_mb` is below the per-stream VRAM cost measured at
+     warm-up (only with a GPU reader and a measured cost);
+  3. the projected load, (demand of live streams + one more real-time stream) / measured
+     capacity, exceeds `max_load` (only once capacity has been measured).
+
+Pure logic: no aiohttp, no NVML, no scheduler import. Readings come in through callables so tests
+inject them and the app wires `streaming_tts.gpu` and the scheduler's throughput meter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, Protocol, TypeAlias
+
+from server.config import AdmissionConfig
+
+log = logging.getLogger(__name__)
+
+MIB: Final = 1 << 20
+# A stream that is speaking needs one second of audio per second of wall time to stay real-time.
+REALTIME_DEMAND: Final = 1.0
+
+
+class GpuSampleLike(Protocol):
+    """What admission reads from a GPU sample (streaming_tts.gpu.GpuSample has these)."""
+
+    @property
+    def vram_free_bytes(self) -> int: ...
+
+    @property
+    def vram_total_bytes(self) -> int: ...
+
+    @property
+    def vram_used_bytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    """The scheduler's view of compute load, in audio seconds per wall-clock second.
+
+    `demand_audio_s_per_s` is what the live streams need to stay real-time (about 1.0 per stream
+    that is speaking; a stream waiting for text may count less). `capacity_audio_s_per_s` is the
+    measured throughput at the current batch sizes (audio seconds produced per second of model
+    time); None until the scheduler has measured it (warm-up usually does).
+    """
+
+    active_streams: int
+    demand_audio_s_per_s: float
+    capacity_audio_s_per_s: float | None
+
+    @property
+    def utilisation(self) -> float | None:
+        """Demand as a fraction of capacity; None when capacity is unknown."""
+        cap = self.capacity_audio_s_per_s
+        if cap is None or cap <= 0:
+            return None
+        return self.demand_audio_s_per_s / cap
+
+
+class RefusalReason(StrEnum):
+    """Why a stream was refused; also the `reason` label of the refused-streams metric."""
+
+    MAX_STREAMS = "max_streams"
+    VRAM = "vram"
+    LOAD = "load"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The decision for one new stream. `message` is safe to show to the client."""
+
+    ok: bool
+    reason: RefusalReason | None = None
+    retry_after_s: int | None = None
+    message: str = ""
+
+
+ADMITTED: Final = Admission(ok=True)
+
+_Refusal: TypeAlias = tuple[RefusalReason, str]  # reason, message for the client
+
+
+class AdmissionController:
+    """Decides whether a new stream may start and counts the streams it admitted.
+
+    `check()` only decides (the HTTP handler's 503 before the WebSocket upgrade); `admit()`
+    decides and, on success, holds a slot until `release()` (one per live context). Holding slots
+    here, rather than trusting the scheduler's count, keeps a burst of `start`s from slipping past
+    the limits before the scheduler has seen any of them.
+    """
+
+    def __init__(
+        self,
+        cfg: AdmissionConfig,
+        *,
+        load_source: Callable[[], LoadEstimate],
+        gpu_reader: Callable[[], GpuSampleLike | None] | None = None,
+        on_refused: Callable[[RefusalReason], None] | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._load_source = load_source
+        self._gpu_reader = gpu_reader
+        self._on_refused = on_refused
+        self._stream_vram_cost: int | None = None
+        self._active = 0
+        self._admitted_total = 0
+        self._refused: Counter[RefusalReason] = Counter()
+
+    @property
+    def active_streams(self) -> int:
+        return self._active
+
+    @property
+    def admitted_total(self) -> int:
+        return self._admitted_total
+
+    @property
+    def stream_vram_cost(self) -> int | None:
+        return self._stream_vram_cost
+
+    def set_stream_vram_cost(self, cost_bytes: int) -> None:
+        """Per-stream VRAM cost measured at warm-up; until set, VRAM is not checked."""
+        if cost_bytes < 0:
+            raise ValueError(f"stream VRAM cost must be >= 0, got {cost_bytes}")
+        self._stream_vram_cost = cost_bytes
+        log.info("admission: per-stream VRAM cost %.1f MiB", cost_bytes / MIB)
+
+    def refused_counts(self) -> dict[RefusalReason, int]:
+        """Refusals so far, by reason (every reason present, zeros included)."""
+        return {reason: self._refused[reason] for reason in RefusalReason}
+
+    def check(self) -> Admission:
+        """Would one more stream be admitted now? Holds no slot."""
+        refusal = self._max_streams_refusal() or self._vram_refusal() or self._load_refusal()
+        if refusal is None:
+            return ADMITTED
+        reason, message = refusal
+        self._refused[reason] += 1
+        if self._on_refused is not None:
+            self._on_refused(reason)
+        log.debug("admission refused: %s (%s)", reason, message)
+        return Admission(
+            ok=False, reason=reason, retry_after_s=self._cfg.retry_after_s, message=message
+        )
+
+    def admit(self) -> Admission:
+        """Decide for one new stream; on success it holds a slot until `release()`."""
+        decision = self.check()
+        if decision.ok:
+            self._active += 1
+            self._admitted_total += 1
+        return decision
+
+    def release(self) -> None:
+        """A stream admitted by `admit()` ended (done, cancelled, error or disconnect)."""
+        if self._active == 0:
+            # A double release is a bug in the caller; clamping keeps admission usable.
+            log.error("admission: release() without a matching admit()")
+            return
+        self._active -= 1
+
+    def _max_streams_refusal(self) -> _Refusal | None:
+        limit = self._cfg.max_streams
+        if self._active < limit:
+            return None
+        return RefusalReason.MAX_STREAMS, f"server is at its limit of {limit} concurrent streams"
+
+    def _vram_refusal(self) -> _Refusal | None:
+        cost = self._stream_vram_cost
+        if self._gpu_reader is None or not cost:
+            return None
+        sample = self._gpu_reader()
+        if sample is None:
+            # No reading (NVML hiccup): refusing on missing data would turn a monitoring
+            # glitch into an outage; max_streams and load still apply.
+            return None
+        headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB
+        if headroom >= cost:
+            return None
+        return RefusalReason.VRAM, (
+            f"not enough GPU memory for another stream ({max(headroom, 0) / MIB:.0f} MiB free "
+            f"beyond the reserve, {cost / MIB:.0f} MiB needed)"
+        )
+
+    def _load_refusal(self) -> _Refusal | None:
+        load = self._load_source()
+        capacity = load.capacity_audio_s_per_s
+        if capacity is None or capacity <= 0:
+            return None  # not measured yet: max_streams alone bounds the start-up phase
+        # Streams admitted here but not yet registered with the scheduler carry no demand in
+        # its estimate; count them as real-time streams, plus the one asking now.
+        unseen = max(0, self._active - load.active_streams)
+        projected = (load.demand_audio_s_per_s + (unseen + 1) * REALTIME_DEMAND) / capacity
+        if projected <= self._cfg.max_load:
+            return None
+        return RefusalReason.LOAD, (
+            f"server is at capacity (projected load {projected:.0%}, "
+            f"limit {self._cfg.max_load:.0%})"
+        )

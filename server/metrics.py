@@ -1,0 +1,168 @@
+"""Prometheus metrics for /metrics, on a registry owned by one `Metrics` object.
+
+Each app builds its own `Metrics`, so tests can create many apps in one process without
+"duplicated timeseries" errors from prometheus_client's global registry. The attributes are the
+prometheus_client objects themselves (`metrics.ttfa_seconds.observe(0.2)`); the few methods add
+units or logic that callers should not repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from server.admission import GpuSampleLike, RefusalReason
+
+log = logging.getLogger(__name__)
+
+# The Content-Type header value for `render()`'s bytes. It includes a charset, so pass it as a
+# header (aiohttp's `content_type=` argument refuses a charset).
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+# Time to first audio: 10 ms (a warm GPU) .. 5 s (a saturated CPU).
+TTFA_BUCKETS: Final = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                       1.5, 2.0, 3.0, 5.0)
+# One scheduler step (one batched model call): sub-millisecond on GPU, a second on a busy CPU.
+STEP_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Event-loop lag: anything above a few ms means something blocks the loop.
+LOOP_LAG_BUCKETS: Final = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+BATCH_STAGES: Final = ("acoustic", "decode")
+
+
+class Metrics:
+    """All server metrics on a private `CollectorRegistry`."""
+
+    def __init__(self, *, namespace: str = "tts") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._vram_warned = False
+        self._define_stream_metrics(namespace)
+        self._define_scheduler_metrics(namespace)
+        self._define_gpu_metrics(namespace)
+
+    def _define_stream_metrics(self, ns: str) -> None:
+        r = self.registry
+        self.active_streams = Gauge("active_streams", "Live streams (contexts)", namespace=ns,
+                                    registry=r)
+        self.streams_started = Counter("streams_started", "Streams admitted", namespace=ns,
+                                       registry=r)
+        self.streams_refused = Counter("streams_refused", "Streams refused by admission",
+                                       ["reason"], namespace=ns, registry=r)
+        for reason in RefusalReason:  # every reason exported at 0 before its first refusal
+            self.streams_refused.labels(reason=reason.value)
+        self.protocol_errors = Counter("protocol_errors", "error messages sent to clients",
+                                       ["code"], namespace=ns, registry=r)
+        self.ttfa_seconds = Histogram("ttfa_seconds", "Time from a stream's first text to its "
+                                      "first audio message", namespace=ns, registry=r,
+                                      buckets=TTFA_BUCKETS)
+        self.audio_seconds = Counter("audio_seconds", "Audio produced", namespace=ns, registry=r)
+
+    def _define_scheduler_metrics(self, ns: str) -> None:
+        r = self.registry
+        self.step_seconds = Histogram("scheduler_step_seconds", "Duration of one scheduler step",
+                                      namespace=ns, registry=r, buckets=STEP_BUCKETS)
+        self.batch_size = Histogram("batch_size", "Items per model call", ["stage"],
+                                    namespace=ns, registry=r, buckets=BATCH_BUCKETS)
+        self.queue_depth = Gauge("scheduler_queue_depth", "Jobs waiting for the model",
+                                 namespace=ns, registry=r)
+        self.loop_lag_seconds = Histogram("event_loop_lag_seconds", "Event-loop wake-up delay",
+                                          namespace=ns, registry=r, buckets=LOOP_LAG_BUCKETS)
+        self.loop_lag_max_seconds = Gauge("event_loop_lag_max_seconds",
+                                          "Largest event-loop lag in the last sample interval",
+                                          namespace=ns, registry=r)
+        self.real_time_factor = Gauge("real_time_factor", "Compute seconds per audio second "
+                                      "(recent; < 1 is faster than real time)", namespace=ns,
+                                      registry=r)
+        self.compute_seconds = Counter("compute_seconds", "Model compute time", namespace=ns,
+                                       registry=r)
+        self.energy_joules = Counter("energy_joules", "GPU energy (NVML)", namespace=ns,
+                                     registry=r)
+        for stage in BATCH_STAGES:  # export both series from the start, not on first use
+            self.batch_size.labels(stage=stage)
+
+    def _define_gpu_metrics(self, ns: str) -> None:
+        r = self.registry
+        self.vram_used_bytes = Gauge("gpu_vram_used_bytes", "GPU memory used", namespace=ns,
+                                     registry=r)
+        self.vram_total_bytes = Gauge("gpu_vram_total_bytes", "GPU memory total", namespace=ns,
+                                      registry=r)
+        self.vram_pressure = Gauge("gpu_vram_pressure_ratio", "GPU memory used / total",
+                                   namespace=ns, registry=r)
+        self.gpu_utilization = Gauge("gpu_utilization_ratio", "GPU busy fraction (NVML)",
+                                     namespace=ns, registry=r)
+        self.gpu_power_watts = Gauge("gpu_power_watts", "GPU power draw", namespace=ns,
+                                     registry=r)
+        self.gpu_temperature_celsius = Gauge("gpu_temperature_celsius", "GPU temperature",
+                                             namespace=ns, registry=r)
+
+    # ------------------------------------------------------------------ helpers
+
+    def observe_batch(self, stage: str, size: int) -> None:
+        """One model call of `stage` ("acoustic" or "decode") over `size` items."""
+        if stage not in BATCH_STAGES:
+            raise ValueError(f"unknown batch stage {stage!r}; expected one of {BATCH_STAGES}")
+        self.batch_size.labels(stage=stage).observe(size)
+
+    def set_gpu(
+        self,
+        *,
+        vram_used_bytes: int,
+        vram_total_bytes: int,
+        utilization: float | None = None,
+        power_watts: float | None = None,
+        temperature_celsius: float | None = None,
+        warn_fraction: float = 1.0,
+    ) -> None:
+        """Record one GPU sample; None leaves a gauge as it was (NVML lacks some readings)."""
+        self.vram_used_bytes.set(vram_used_bytes)
+        self.vram_total_bytes.set(vram_total_bytes)
+        if vram_total_bytes > 0:
+            fraction = vram_used_bytes / vram_total_bytes
+            self.vram_pressure.set(fraction)
+            self.vram_pressure_check(fraction, warn_fraction)
+        if utilization is not None:
+            self.gpu_utilization.set(utilization)
+        if power_watts is not None:
+            self.gpu_power_watts.set(power_watts)
+        if temperature_celsius is not None:
+            self.gpu_temperature_celsius.set(temperature_celsius)
+
+    def record_gpu_sample(self, sample: GpuSampleLike, *, warn_fraction: float) -> None:
+        """Record a `streaming_tts.gpu.GpuSample` (duck-typed: vram_used_bytes,
+        vram_total_bytes, and optional util_percent, power_w, temperature_c)."""
+        util = getattr(sample, "util_percent", None)
+        self.set_gpu(
+            vram_used_bytes=sample.vram_used_bytes,
+            vram_total_bytes=sample.vram_total_bytes,
+            utilization=None if util is None else util / 100.0,  # NVML percent -> ratio
+            power_watts=getattr(sample, "power_w", None),
+            temperature_celsius=getattr(sample, "temperature_c", None),
+            warn_fraction=warn_fraction,
+        )
+
+    def vram_pressure_check(self, fraction: float, warn_fraction: float) -> bool:
+        """Warn once when VRAM use reaches `warn_fraction`; re-arm once it drops below.
+
+        Returns True when this call logged the warning. One warning per episode keeps a
+        sampler running every second from flooding the log.
+        """
+        if fraction < warn_fraction:
+            if self._vram_warned:
+                log.info("GPU memory pressure back to %.0f%% (below %.0f%%)",
+                         fraction * 100, warn_fraction * 100)
+            self._vram_warned = False
+            return False
+        if self._vram_warned:
+            return False
+        self._vram_warned = True
+        log.warning("GPU memory pressure %.0f%% reached the warning level %.0f%%",
+                    fraction * 100, warn_fraction * 100)
+        return True
+
+    def render(self) -> bytes:
+        """The text exposition of every metric (serve with `CONTENT_TYPE`)."""
+        return generate_latest(self.registry)

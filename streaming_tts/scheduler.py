@@ -1,0 +1,411 @@
+"""Scheduler: ONE coroutine owns the Engine and every stream's synthesis state.
+
+Each step is schedule -> execute -> update:
+- schedule (event loop): apply queued commands, then pick work across all streams by playback
+  deadline (the moment each listener would run dry; a stream with no audio yet comes first),
+  within a per-step frame budget sized from measured throughput, so a new stream waits at most
+  one short step. Acoustic jobs for new phrases, decode jobs for next chunks, batched.
+- execute (one worker thread): phonemize, acoustic batch, decode batch; plain data in and out.
+- update (event loop): turn results into phrase/words/audio events for each stream's sink.
+Commands (text, flush, end, cancel, close) queue up and apply between steps, so a cancelled or
+closed stream never gets audio from a step that finishes after the cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .engine import AcousticJob, AcousticResult, DecodeJob, Engine, SynthesisParams
+from .metering import Meter
+from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamSink,
+                     StreamState, word_times)
+from .text.phonemes import PhonemizedText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    lookahead_ms: float = 1500.0       # compute at most this far ahead of each listener
+    target_step_ms: float = 120.0      # size of a step's work; bounds the wait of a new stream
+    max_batch_phrases: int = 8         # acoustic jobs per step
+    max_batch_chunks: int = 16         # decode jobs per step
+    silence_fill_ms: float = 100.0     # keep a listener fed with silence while text is pending
+    initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
+
+
+class SchedulerObserver(Protocol):
+    """Receives measurements (the server exports them); all calls on the event loop."""
+
+    def on_step(self, seconds: float, acoustic: int, decode: int, frames: int) -> None: ...
+    def on_late(self, stream_id: str) -> None: ...
+    def on_ttfa(self, ms: float) -> None: ...
+
+
+@dataclass
+class LoadEstimate:
+    active_streams: int
+    demand_audio_s_per_s: float        # real-time audio the open streams need
+    capacity_audio_s_per_s: float      # audio seconds the engine makes per second of compute
+
+    @property
+    def utilisation(self) -> float:
+        return self.demand_audio_s_per_s / max(self.capacity_audio_s_per_s, 1e-9)
+
+
+# Work is counted in decode-frame equivalents. The acoustic stage costs about 0.3 of a decode
+# per frame it produces (measured on CPU), and English speech runs ~6.6 frames per character.
+_ACOUSTIC_COST_PER_FRAME = 0.3
+_ACOUSTIC_COST_PER_CHAR = _ACOUSTIC_COST_PER_FRAME * 6.6
+
+
+@dataclass
+class _Batch:
+    """Plain data handed to the worker thread: it never reads scheduler state."""
+
+    acoustic: list[tuple[str, str, SynthesisParams]] = field(default_factory=list)  # (sid, text, params)
+    decode: list[tuple[str, DecodeJob]] = field(default_factory=list)
+
+
+@dataclass
+class _NewPhrase:
+    text: str
+    phonemized: PhonemizedText
+    acoustic: AcousticResult
+    first_chunk: tuple[int, int]
+    first_audio: np.ndarray
+
+
+@dataclass
+class _Result:
+    phrases: dict[str, _NewPhrase | None] = field(default_factory=dict)  # None: nothing speakable
+    audio: dict[str, np.ndarray] = field(default_factory=dict)           # next chunks of active phrases
+    seconds: float = 0.0
+    frames: float = 0.0                  # work done, in decode-frame equivalents
+
+
+class Scheduler:
+    """Owns the engine; talk to it only through the command methods."""
+
+    def __init__(self, engine: Engine, *, phonemizer, splitter_factory: Callable[[], object],
+                 meter: Meter, config: SchedulerConfig = SchedulerConfig(),
+                 observer: SchedulerObserver | None = None,
+                 power_reader: Callable[[], float | None] | None = None):
+        self.engine = engine
+        self.phonemizer = phonemizer
+        self.splitter_factory = splitter_factory
+        self.meter = meter
+        self.config = config
+        self.observer = observer
+        self.power_reader = power_reader
+        self.frame_ms = engine.frame_ms
+        self._streams: dict[str, StreamState] = {}
+        self._commands: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-model")
+        self._fps = config.initial_frames_per_s
+        self.steps = 0
+
+    # ---- commands (event loop; applied between steps) ----
+    def open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
+        self._command(("open", sid, options, sink))
+
+    def text(self, sid: str, text: str) -> None:
+        self._command(("text", sid, text, time.monotonic()))
+
+    def flush(self, sid: str) -> None:
+        self._command(("flush", sid))
+
+    def end(self, sid: str) -> None:
+        self._command(("end", sid))
+
+    def cancel(self, sid: str) -> None:
+        self._command(("cancel", sid))
+
+    def close(self, sid: str) -> None:
+        """Forget a stream at once (disconnect): no output, nothing kept."""
+        self._command(("close", sid))
+
+    def _command(self, cmd: tuple) -> None:
+        self._commands.append(cmd)
+        self._wake.set()
+
+    # ---- introspection ----
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams) + sum(1 for c in self._commands if c[0] == "open")
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(len(s.phrases) for s in self._streams.values())
+
+    def load(self, extra_streams: int = 0) -> LoadEstimate:
+        n = self.stream_count + extra_streams
+        # Every second of audio needs its decode frames plus the acoustic work that made them.
+        capacity = self._fps / (1.0 + _ACOUSTIC_COST_PER_FRAME) * self.frame_ms / 1000.0
+        return LoadEstimate(active_streams=n, demand_audio_s_per_s=float(n),
+                            capacity_audio_s_per_s=capacity)
+
+    # ---- the loop ----
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._wake.clear()
+                self._apply_commands()
+                now = time.monotonic()
+                self._tick_streams(now)
+                batch = self._schedule(now)
+                if batch.acoustic or batch.decode:
+                    try:
+                        result = await loop.run_in_executor(self._pool, self._execute, batch)
+                    except Exception as exc:  # a failed step must not take the server down
+                        log.exception("scheduler step failed")
+                        self._fail_batch(batch, exc)
+                        continue
+                    self._apply_commands()   # cancels that raced the step win over its output
+                    self._update(batch, result)
+                    continue
+                timeout = self._next_wakeup(now)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            cmd, sid, *args = self._commands.popleft()
+            if cmd == "open":
+                self._open(sid, *args)
+                continue
+            stream = self._streams.get(sid)
+            if stream is None:
+                continue
+            if cmd == "text":
+                self._on_text(stream, *args)
+            elif cmd == "flush":
+                self._queue_phrases(stream, stream.splitter.flush())  # type: ignore[attr-defined]
+            elif cmd == "end":
+                stream.ended = True
+                self._queue_phrases(stream, stream.splitter.flush())  # type: ignore[attr-defined]
+            elif cmd == "cancel":
+                self._drop(sid)
+                stream.sink.on_cancelled()
+                log.info("stream %s cancelled", sid)
+            elif cmd == "close":
+                self._drop(sid)
+                log.info("stream %s closed by disconnect", sid)
+
+    def _open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
+        if sid in self._streams:
+            sink.on_error("bad_request", f"stream {sid} already open")
+            return
+        self._streams[sid] = StreamState(id=sid, options=options, sink=sink,
+                                         splitter=self.splitter_factory())
+        self.meter.open(sid)
+        log.info("stream %s opened", sid)
+
+    def _drop(self, sid: str) -> None:
+        self._streams.pop(sid, None)
+        self.meter.close(sid)
+
+    def _on_text(self, stream: StreamState, text: str, at: float) -> None:
+        stream.last_text_at = at
+        self.meter.add_text(stream.id, len(text), now=at)
+        buffered = stream.buffered_ms(time.monotonic(), self.frame_ms)
+        self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=buffered))  # type: ignore[attr-defined]
+
+    def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
+        for text in phrases:
+            if text.strip():
+                stream.phrases.append(PendingPhrase(text=text.strip()))
+
+    # ---- schedule ----
+    def _tick_streams(self, now: float) -> None:
+        """Timers: buffered-text deadline, listener clock, silence while text is pending."""
+        for stream in list(self._streams.values()):
+            pending = stream.splitter.pending  # type: ignore[attr-defined]
+            delay = stream.options.max_buffer_delay_ms / 1000.0
+            if pending and stream.last_text_at is not None and now - stream.last_text_at >= delay:
+                self._queue_phrases(stream, stream.splitter.flush())  # type: ignore[attr-defined]
+            buffered = stream.buffered_ms(now, self.frame_ms)
+            if stream.anchor is not None and buffered < 0:
+                if stream.has_work():
+                    stream.late_events += 1
+                    if self.observer:
+                        self.observer.on_late(stream.id)
+                # The listener's player stalls when dry and resumes with the next audio.
+                stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
+                buffered = 0.0
+            if (stream.anchor is not None and not stream.has_work()
+                    and stream.splitter.pending.strip()  # type: ignore[attr-defined]
+                    and buffered < self.config.silence_fill_ms):
+                self._emit_silence(stream, self.config.silence_fill_ms)
+            if stream.finished():
+                self._finish(stream)
+
+    def _emit_silence(self, stream: StreamState, ms: float) -> None:
+        frames = max(1, round(ms / self.frame_ms))
+        self._emit_audio(stream, np.zeros(frames * self.engine.hop_length, dtype=np.float32), frames)
+
+    def _schedule(self, now: float) -> _Batch:
+        batch = _Batch()
+        budget = self._fps * self.config.target_step_ms / 1000.0
+        used = 0.0
+        ready = [s for s in self._streams.values()
+                 if s.has_work() and s.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms]
+        for stream in sorted(ready, key=lambda s: s.deadline(self.frame_ms)):
+            if stream.active is not None and stream.active.remaining:
+                if len(batch.decode) >= self.config.max_batch_chunks:
+                    continue
+                a, b = stream.active.plan[stream.active.next_chunk]
+                cost = self.engine.bucket(b - a)
+                if used and used + cost > budget:
+                    break
+                batch.decode.append((stream.id, DecodeJob(z=stream.active.z, start=a, end=b,
+                                                          speaker=stream.options.params.speaker)))
+            else:
+                if len(batch.acoustic) >= self.config.max_batch_phrases:
+                    continue
+                text = stream.phrases[0].text
+                cost = (self.engine.bucket(self.engine.config.chunk_schedule[0])
+                        + _ACOUSTIC_COST_PER_CHAR * len(text))
+                if used and used + cost > budget:
+                    break
+                stream.phrases.popleft()
+                batch.acoustic.append((stream.id, text, stream.options.params))
+            used += cost
+        return batch
+
+    def _next_wakeup(self, now: float) -> float:
+        """Seconds until a listener needs more audio, text times out, or silence is due."""
+        nxt = 1.0
+        for s in self._streams.values():
+            buffered = s.buffered_ms(now, self.frame_ms)
+            if s.has_work():
+                nxt = min(nxt, max(0.0, (buffered - self.config.lookahead_ms) / 1000.0))
+            if s.splitter.pending:  # type: ignore[attr-defined]
+                if s.last_text_at is not None:
+                    due = s.last_text_at + s.options.max_buffer_delay_ms / 1000.0 - now
+                    nxt = min(nxt, max(0.0, due))
+                if s.anchor is not None:
+                    nxt = min(nxt, max(0.0, (buffered - self.config.silence_fill_ms) / 1000.0))
+        return max(nxt, 0.002)
+
+    # ---- execute (worker thread: plain data only) ----
+    def _execute(self, batch: _Batch) -> _Result:
+        t0 = time.perf_counter()
+        result = _Result()
+        jobs, keys = [], []
+        for sid, text, params in batch.acoustic:
+            try:
+                ph = self.phonemizer.phonemize(text)
+            except ValueError:
+                result.phrases[sid] = None      # nothing speakable (e.g. only punctuation)
+                continue
+            jobs.append(AcousticJob(ids=ph.ids, params=params))
+            keys.append((sid, text, ph))
+        acoustic = self.engine.acoustic(jobs)
+        firsts = [self.engine.chunk_plan(r.num_frames)[0] for r in acoustic]
+        decode = [job for _, job in batch.decode]
+        decode += [DecodeJob(z=r.z, start=a, end=b, speaker=j.params.speaker)
+                   for r, (a, b), j in zip(acoustic, firsts, jobs)]
+        audio = self.engine.decode(decode)
+        for (sid, _), chunk in zip(batch.decode, audio):
+            result.audio[sid] = chunk
+        for (sid, text, ph), res, first, chunk in zip(keys, acoustic, firsts, audio[len(batch.decode):]):
+            result.phrases[sid] = _NewPhrase(text, ph, res, first, chunk)
+        result.frames = (sum(j.end - j.start for j in decode)
+                         + _ACOUSTIC_COST_PER_FRAME * sum(r.num_frames for r in acoustic))
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    # ---- update (event loop) ----
+    def _update(self, batch: _Batch, result: _Result) -> None:
+        self.steps += 1
+        if result.frames and result.seconds > 0:
+            self._fps = 0.8 * self._fps + 0.2 * (result.frames / result.seconds)
+        self._meter_step(batch, result)
+        if self.observer:
+            self.observer.on_step(result.seconds, len(batch.acoustic), len(batch.decode), result.frames)
+        for sid, job in batch.decode:
+            stream = self._streams.get(sid)
+            # Only if the chunk still belongs to this stream's phrase (not cancelled meanwhile).
+            if stream is not None and stream.active is not None and stream.active.z is job.z:
+                stream.active.next_chunk += 1
+                self._emit_audio(stream, result.audio[sid], job.end - job.start)
+        for sid, new in result.phrases.items():
+            stream = self._streams.get(sid)
+            if stream is not None and new is not None:
+                self._start_phrase(stream, new)
+        for stream in list(self._streams.values()):
+            if stream.finished():
+                self._finish(stream)
+
+    def _meter_step(self, batch: _Batch, result: _Result) -> None:
+        """Split the step's time and energy by the frames each stream had computed."""
+        shares: dict[str, float] = {}
+        for sid, job in batch.decode:
+            shares[sid] = shares.get(sid, 0.0) + (job.end - job.start)
+        for sid, new in result.phrases.items():
+            if new is not None:
+                a, b = new.first_chunk
+                shares[sid] = (shares.get(sid, 0.0) + (b - a)
+                               + _ACOUSTIC_COST_PER_FRAME * new.acoustic.num_frames)
+        power = self.power_reader() if self.power_reader else None
+        live = {k: v for k, v in shares.items() if k in self._streams}
+        self.meter.record_batch(result.seconds, live, power)
+
+    def _start_phrase(self, stream: StreamState, new: _NewPhrase) -> None:
+        """A phrase's latent exists: announce where it sits, then emit its first chunk."""
+        start = stream.emitted_frames
+        res = new.acoustic
+        plan = self.engine.chunk_plan(res.num_frames)
+        stream.active = ActivePhrase(id=stream.next_phrase_id, z=res.z, plan=plan, next_chunk=1)
+        stream.next_phrase_id += 1
+        words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms)
+                 if stream.options.words else [])
+        stream.sink.on_phrase(PhraseEvent(
+            id=stream.active.id, text=new.text, start_ms=round(start * self.frame_ms, 1),
+            end_ms=round((start + res.num_frames) * self.frame_ms, 1), words=words))
+        self.meter.add_phrase(stream.id)
+        a, b = new.first_chunk
+        self._emit_audio(stream, new.first_audio, b - a)
+
+    def _emit_audio(self, stream: StreamState, audio: np.ndarray, frames: int) -> None:
+        now = time.monotonic()
+        first = stream.anchor is None
+        if first:
+            stream.anchor = now
+        pts = stream.emitted_frames * self.frame_ms
+        stream.emitted_frames += frames
+        self.meter.add_audio(stream.id, frames * self.frame_ms, now=now)
+        if first and self.observer:
+            ttfa = self.meter.usage(stream.id).get("ttfa_ms")
+            if ttfa is not None:
+                self.observer.on_ttfa(ttfa)
+        stream.sink.on_audio(audio, pts)
+
+    def _finish(self, stream: StreamState) -> None:
+        usage = self.meter.close(stream.id) or {}
+        self._streams.pop(stream.id, None)
+        stream.sink.on_done(usage)
+        log.info("stream %s done: %s", stream.id, usage)
+
+    def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
+        sids = {sid for sid, *_ in batch.acoustic} | {sid for sid, _ in batch.decode}
+        for sid in sids:
+            stream = self._streams.get(sid)
+            if stream is not None:
+                self._drop(sid)
+                stream.sink.on_error("internal", f"synthesis failed: {type(exc).__name__}")

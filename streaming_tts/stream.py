@@ -1,0 +1,113 @@
+"""Per-stream synthesis state. Owned and mutated only by the Scheduler.
+
+A stream's timeline is counted in latent frames (one frame = hop samples at the voice rate), so
+audio positions, phrase and word times all come from the same integer clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .engine import SynthesisParams
+from .text.phonemes import WordSpan
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What a client chose at `start` that the scheduler needs."""
+
+    params: SynthesisParams
+    max_buffer_delay_ms: float = 300.0   # synthesize buffered text after this long without text
+    words: bool = True                   # send word timings
+
+
+@dataclass(frozen=True)
+class PhraseEvent:
+    id: int
+    text: str
+    start_ms: float
+    end_ms: float
+    words: list[tuple[str, float, float]]   # (word, start_ms, end_ms) on the stream timeline
+
+
+class StreamSink(Protocol):
+    """Where a stream's output goes (the server session). Called on the event loop; must not block."""
+
+    def on_phrase(self, phrase: PhraseEvent) -> None: ...
+    def on_audio(self, samples: np.ndarray, pts_ms: float) -> None: ...
+    def on_done(self, usage: dict) -> None: ...
+    def on_cancelled(self) -> None: ...
+    def on_error(self, code: str, message: str) -> None: ...
+
+
+@dataclass
+class PendingPhrase:
+    text: str
+
+
+@dataclass
+class ActivePhrase:
+    """A phrase whose latent exists; decoded chunk by chunk."""
+
+    id: int
+    z: torch.Tensor
+    plan: list[tuple[int, int]]
+    next_chunk: int = 0
+
+    @property
+    def remaining(self) -> bool:
+        return self.next_chunk < len(self.plan)
+
+
+@dataclass
+class StreamState:
+    id: str
+    options: StreamOptions
+    sink: StreamSink
+    splitter: object                                # PhraseSplitter (text/splitter.py)
+    created: float = field(default_factory=time.monotonic)
+    phrases: collections.deque = field(default_factory=collections.deque)  # PendingPhrase
+    active: ActivePhrase | None = None
+    next_phrase_id: int = 0
+    emitted_frames: int = 0                         # timeline end, in frames
+    anchor: float | None = None                     # wall time of timeline 0 for the listener
+    last_text_at: float | None = None               # for max_buffer_delay
+    ended: bool = False                             # `end` received
+    late_events: int = 0                            # times the listener would have run dry on us
+    words_by_phrase: dict = field(default_factory=dict)
+
+    def buffered_ms(self, now: float, frame_ms: float) -> float:
+        """Audio the listener has not played yet (negative: it ran dry that long ago)."""
+        if self.anchor is None:
+            return 0.0
+        return self.emitted_frames * frame_ms - (now - self.anchor) * 1000.0
+
+    def deadline(self, frame_ms: float) -> float:
+        """Wall time at which the listener runs dry; streams with no audio yet come first."""
+        if self.anchor is None:
+            return self.created - 1e9
+        return self.anchor + self.emitted_frames * frame_ms / 1000.0
+
+    def has_work(self) -> bool:
+        return (self.active is not None and self.active.remaining) or bool(self.phrases)
+
+    def finished(self) -> bool:
+        return self.ended and not self.has_work() and not self.splitter.pending  # type: ignore[attr-defined]
+
+
+def word_times(words: list[WordSpan], durations: np.ndarray, start_frame: int,
+               frame_ms: float) -> list[tuple[str, float, float]]:
+    """Map word spans over phoneme ids to times on the stream timeline."""
+    cum = np.concatenate([[0], np.cumsum(durations)])
+    out = []
+    for w in words:
+        a = start_frame + int(cum[w.first_id])
+        b = start_frame + int(cum[min(w.end_id, len(durations))])
+        out.append((w.text, round(a * frame_ms, 1), round(b * frame_ms, 1)))
+    return out

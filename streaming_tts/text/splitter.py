@@ -1,0 +1,291 @@
+"""Incremental phrase splitter: text fragments in, speakable phrases out (one per stream).
+
+Text arrives split anywhere (LLM tokens: "Dr" + ". Smi" + "th", "3." + "14"). A boundary is
+emitted only once the text after it proves it, so fragmentation never changes where sentence
+boundaries fall. Early in a stream (little audio buffered ahead of the listener) phrases are cut
+short at clause marks or word boundaries to start speaking sooner; later they follow sentences.
+
+Invariants, for any fragmentation and any `buffered_ms` sequence:
+  * `"".join(every phrase returned by push/flush) + splitter.pending == "".join(every pushed text)`;
+  * every phrase contains a non-whitespace character, and `len(phrase.strip()) <= max_phrase_chars`;
+  * whitespace between phrases leads the next phrase (`" He paid."`); callers strip for speech;
+  * after `flush()`, `pending` is "" or whitespace only (kept there, never emitted alone, and it
+    leads the next phrase if more text comes);
+  * in sentence mode (`buffered_ms >= eager_until_buffered_ms` on every push) the phrases
+    returned by pushes plus `flush()` do not depend on how the text was fragmented.
+
+Pure Python, no I/O, no clock: the caller passes how much audio is buffered.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+logger = logging.getLogger(__name__)
+
+_TERMINALS = ".!?…。！？"  # end a sentence
+_CJK_TERMINALS = frozenset("。！？")  # need no following space: CJK puts none
+_CLOSERS = "\"'”’»)]}」』】）〕〉》"  # after a terminal, still part of the sentence
+_OPENERS = "\"'“‘«([{「『【（〔〈《¿¡"  # skipped when looking at how the next sentence starts
+_CLAUSE_MARKS = ",;:–—"  # eager cuts; need a following space ("1,000", "12:30", "a–b")
+_CJK_CLAUSE_MARKS = "，、；：。！？"  # eager / cap cuts; no space needed
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana + ideographs
+_CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
+
+
+def _cls(chars: str) -> str:
+    """Characters escaped for use inside a regex character class."""
+    return "".join(re.escape(c) for c in chars)
+
+
+# Sentence-boundary candidates, scanned left to right: a run of terminals plus closers, or a
+# whitespace run (a line break there ends a sentence too: headings, list items).
+_CANDIDATE = re.compile(
+    rf"(?P<run>[{_cls(_TERMINALS)}]+)(?P<close>[{_cls(_CLOSERS)}]*)|(?P<gap>\s+)"
+)
+_CLAUSE = re.compile(
+    rf"[{_cls(_CLAUSE_MARKS)}][{_cls(_CLOSERS)}]*(?=\s)"
+    rf"|[{_cls(_CJK_CLAUSE_MARKS)}]+[{_cls(_CLOSERS)}]*"
+)
+# Anywhere a hard cap may cut, best first: after any punctuation mark (a space following).
+_BREAK = re.compile(
+    rf"[{_cls(_TERMINALS + _CLAUSE_MARKS)}]+[{_cls(_CLOSERS)}]*(?=\s)"
+    rf"|[{_cls(_CJK_CLAUSE_MARKS)}]+[{_cls(_CLOSERS)}]*"
+)
+# A word: one CJK character (they carry no spaces), or a run of other non-space characters.
+_WORD = re.compile(rf"[{_CJK_CHARS}]|[^\s{_CJK_CHARS}{_CJK_PUNCT}]+")
+_LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+_SKIP_OPENERS = re.compile(rf"[\s{_cls(_OPENERS)}]*")
+_LEADING_SPACE = re.compile(r"\s*")
+_INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # "J", "e.g", "U.S", "a.m"
+
+
+@dataclass(frozen=True)
+class SplitterConfig:
+    """Where phrases may be cut. Abbreviations are matched lower-case, without the final '.'."""
+
+    first_phrase_min_words: int = 3  # eager: a clause mark cuts only after this many words
+    first_phrase_max_words: int = 6  # eager: force a cut at the next word boundary after these
+    eager_until_buffered_ms: float = 1500.0  # at/above this much buffered audio: sentences only
+    max_phrase_chars: int = 400  # hard cap on a phrase's stripped length (model input size)
+    # Never end a sentence: titles and Latin forms that precede more of the same sentence.
+    # A missed boundary only lengthens a phrase; a false one puts a pause inside a name.
+    abbreviations: frozenset[str] = frozenset(
+        "dr mr mrs ms mx prof st sr jr vs etc inc ltd co corp approx dept est gen gov lt col "
+        "capt sgt rev hon mt ft cf al viz ca esp".split()
+    )
+    # Abbreviations only when a number follows ("No. 5", "Fig. 3"); "No. I won't." still ends.
+    number_abbreviations: frozenset[str] = frozenset(
+        "no nos vol vols fig figs pp ch sec art op ed jan feb mar apr jun jul aug sep sept "
+        "oct nov dec".split()
+    )
+
+    def __post_init__(self) -> None:
+        if self.first_phrase_min_words < 1:
+            raise ValueError("first_phrase_min_words must be >= 1")
+        if self.first_phrase_max_words < self.first_phrase_min_words:
+            raise ValueError("first_phrase_max_words must be >= first_phrase_min_words")
+        if self.max_phrase_chars < 1:
+            raise ValueError("max_phrase_chars must be >= 1")
+
+
+class _Verdict(enum.Enum):
+    CUT = enum.auto()  # a boundary, proven by the text after it
+    NO = enum.auto()  # not a boundary, ever (decided with enough text)
+    WAIT = enum.auto()  # undecidable until more text arrives (or flush)
+
+
+class _Scan(NamedTuple):  # a NamedTuple: built on every push, so cheaper than a dataclass
+    """Outcome of the sentence scan over the current buffer."""
+
+    cut: int | None  # proven sentence boundary, if any
+    horizon: int  # eager cuts may not go past here
+    waiting: bool  # an undecided candidate blocks later cuts (the cap included)
+
+
+class PhraseSplitter:
+    """Splits one stream's text into phrases as fragments arrive; see the module docstring."""
+
+    def __init__(self, config: SplitterConfig | None = None) -> None:
+        self._cfg = config or SplitterConfig()
+        self._buf = ""  # text received and not yet compacted away
+        self._start = 0  # _buf[_start:] is pending; one push may cut many phrases, so no
+        # slicing per phrase (that would copy the rest of a big push each time)
+        self._scan = 0  # candidates in _buf before this index are decided NO
+
+    @property
+    def pending(self) -> str:
+        """Text received and not yet returned as a phrase."""
+        return self._buf[self._start :]
+
+    def push(self, text: str, *, buffered_ms: float = 0.0) -> list[str]:
+        """Append a fragment; return the phrases it completed, in order.
+
+        `buffered_ms` is how much audio the listener has queued ahead. Below
+        `eager_until_buffered_ms` the first phrase of this call may be cut early; the rest of
+        the call follows sentences, since text that arrived together is best spoken together.
+        """
+        self._buf += text
+        eager = buffered_ms < self._cfg.eager_until_buffered_ms
+        phrases: list[str] = []
+        while (cut := self._next_cut(eager and not phrases)) is not None:
+            phrases.append(self._take(cut))
+        self._compact()
+        return phrases
+
+    def flush(self) -> list[str]:
+        """Return everything pending as phrases (split only at the cap); whitespace-only stays."""
+        phrases: list[str] = []
+        self._compact()
+        while True:
+            cs = _run_end(_LEADING_SPACE, self._buf, self._start)
+            limit = cs + self._cfg.max_phrase_chars
+            if len(self._buf.rstrip()) <= limit:
+                break
+            phrases.append(self._take(self._cap_cut(cs, limit)))
+        if self._buf[self._start :].strip():
+            phrases.append(self._take(len(self._buf)))
+        self._compact()
+        self._scan = 0
+        return phrases
+
+    def _take(self, cut: int) -> str:
+        phrase, self._start = self._buf[self._start : cut], cut
+        self._scan = max(self._scan, cut)
+        return phrase
+
+    def _compact(self) -> None:
+        self._buf = self._buf[self._start :]
+        self._scan -= self._start
+        self._start = 0
+
+    def _next_cut(self, eager: bool) -> int | None:
+        """Where the next phrase ends (it is buf[_start:cut]), or None to wait for more text."""
+        buf = self._buf
+        cs = _run_end(_LEADING_SPACE, buf, self._start)  # a cut must lie after this
+        if cs == len(buf):
+            return None
+        limit = cs + self._cfg.max_phrase_chars
+        scan = self._scan_sentences(cs, limit)
+        if eager:
+            early = self._eager_cut(cs, min(scan.horizon, limit))
+            if early is not None and (scan.cut is None or early < scan.cut):
+                return early
+        if scan.cut is not None or scan.waiting:
+            return scan.cut
+        return self._cap_cut(cs, limit) if len(buf) > limit else None
+
+    def _scan_sentences(self, cs: int, limit: int) -> _Scan:
+        """Judge candidates in order; NO verdicts are final, so the scan resumes after them."""
+        for m in _CANDIDATE.finditer(self._buf, self._scan):
+            gap = m.group("gap") is not None
+            pos = m.start() if gap else m.end()  # a line break's space leads the next phrase
+            if pos > limit:
+                return _Scan(None, limit, waiting=False)
+            verdict = self._judge_gap(m) if gap else self._judge_terminal(m)
+            if verdict is _Verdict.WAIT:
+                return _Scan(None, m.start(), waiting=True)
+            if verdict is _Verdict.CUT and pos > cs:
+                return _Scan(pos, pos, waiting=False)
+            self._scan = m.end()
+        return _Scan(None, len(self._buf), waiting=False)
+
+    def _judge_gap(self, m: re.Match[str]) -> _Verdict:
+        if m.end() == len(self._buf):
+            return _Verdict.WAIT  # more space, or a line break, may follow
+        if not _LINE_BREAK.search(m.group()):
+            return _Verdict.NO
+        return self._judge_next_start(m.end())
+
+    def _judge_terminal(self, m: re.Match[str]) -> _Verdict:
+        buf, end = self._buf, m.end()
+        if end == len(buf):
+            return _Verdict.WAIT  # "3." -> "3.14", "Wait.." -> "Wait...", '"Stop.' -> '"Stop."'
+        run = m.group("run")
+        if _CJK_TERMINALS.intersection(run):
+            return _Verdict.CUT
+        if not buf[end].isspace():
+            return _Verdict.NO  # "3.14", "example.com", "a.b?c=d", "Wait...what"
+        verdict = self._judge_next_start(end)
+        if verdict is _Verdict.CUT and run == ".":
+            following = buf[_run_end(_SKIP_OPENERS, buf, end)]
+            token = _token_before(buf, self._start, m.start())
+            if self._is_abbreviation(token, following.isdigit()):
+                return _Verdict.NO
+        return verdict
+
+    def _judge_next_start(self, pos: int) -> _Verdict:
+        """A new sentence starts with anything but a lower-case letter ("Wait... what")."""
+        nxt = _run_end(_SKIP_OPENERS, self._buf, pos)
+        if nxt == len(self._buf):
+            return _Verdict.WAIT
+        return _Verdict.NO if self._buf[nxt].islower() else _Verdict.CUT
+
+    def _is_abbreviation(self, token: str, before_number: bool) -> bool:
+        word = token.lstrip(_OPENERS).lower()
+        if word in self._cfg.abbreviations or _INITIALS.fullmatch(word):
+            return True
+        return before_number and word in self._cfg.number_abbreviations
+
+    def _eager_cut(self, cs: int, horizon: int) -> int | None:
+        """Earliest early cut up to `horizon`: a clause mark after enough words, else a word
+        boundary (whitespace seen after the word) once the phrase has max words."""
+        forced = self._forced_cut(cs, horizon)
+        stop = horizon if forced is None else forced
+        min_words = self._cfg.first_phrase_min_words
+        for m in _CLAUSE.finditer(self._buf, cs, stop + 1):
+            if m.end() > stop:
+                break
+            if len(_WORD.findall(self._buf, cs, m.end())) >= min_words:
+                return m.end()
+        return forced
+
+    def _forced_cut(self, cs: int, horizon: int) -> int | None:
+        buf, count = self._buf, 0
+        for w in _WORD.finditer(buf, cs, horizon):
+            count += 1
+            end = w.end()
+            if count < self._cfg.first_phrase_max_words or end == len(buf):
+                continue
+            word = w.group()
+            # A space after "Dr." proves the word ended, not that the name did.
+            if buf[end].isspace() and not (
+                word.endswith(".") and self._is_abbreviation(word[:-1], True)
+            ):
+                return end
+        return None
+
+    def _cap_cut(self, cs: int, limit: int) -> int:
+        """Best cut with at most max_phrase_chars of content: a punctuation mark in the second
+        half of the window, else the last word end, else mid-word (no space at all)."""
+        buf = self._buf
+        best = None
+        half = cs + self._cfg.max_phrase_chars // 2
+        for m in _BREAK.finditer(buf, half, limit + 1):
+            if m.end() <= limit:
+                best = m.end()
+        if best is not None and best > cs:
+            return best
+        for k in range(limit, cs, -1):
+            if buf[k].isspace() and not buf[k - 1].isspace():
+                return k
+        logger.debug("no word boundary in %d chars; cutting mid-word", limit - cs)
+        return limit
+
+
+def _token_before(buf: str, floor: int, pos: int) -> str:
+    """The non-space run that ends at `pos`, not reaching before `floor` (the phrase start)."""
+    start = pos
+    while start > floor and not buf[start - 1].isspace():
+        start -= 1
+    return buf[start:pos]
+
+
+def _run_end(run: re.Pattern[str], buf: str, pos: int) -> int:
+    """Where a run of `run` (a pattern that may match empty) starting at `pos` ends."""
+    m = run.match(buf, pos)
+    return pos if m is None else m.end()

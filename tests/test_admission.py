@@ -1,0 +1,186 @@
+"""Admission control with injected GPU and load readings: a new stream is refused, with a reason
+and a retry hint, exactly when VRAM, compute load or the stream limit would be exceeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from server.admission import (
+    MIB,
+    Admission,
+    AdmissionController,
+    LoadEstimate,
+    RefusalReason,
+)
+from server.config import AdmissionConfig
+
+IDLE = LoadEstimate(active_streams=0, demand_audio_s_per_s=0.0, capacity_audio_s_per_s=None)
+
+
+@dataclass(frozen=True)
+class FakeGpu:
+    vram_free_bytes: int
+    vram_total_bytes: int = 80_000 * MIB
+    vram_used_bytes: int = 0
+
+
+class Readings:
+    """Mutable stand-ins for NVML and the scheduler's throughput meter."""
+
+    def __init__(self) -> None:
+        self.gpu: FakeGpu | None = None
+        self.load = IDLE
+
+    def read_gpu(self) -> FakeGpu | None:
+        return self.gpu
+
+    def read_load(self) -> LoadEstimate:
+        return self.load
+
+
+def make(
+    readings: Readings, *, gpu: bool = True, max_streams: int = 100, max_load: float = 0.85
+) -> AdmissionController:
+    config = AdmissionConfig(max_streams=max_streams, max_load=max_load, vram_reserve_mb=512,
+                             retry_after_s=3)
+    return AdmissionController(config, load_source=readings.read_load,
+                               gpu_reader=readings.read_gpu if gpu else None)
+
+
+# --------------------------------------------------------------------------- VRAM
+
+
+def test_vram_admits_when_free_minus_reserve_covers_the_stream_cost() -> None:
+    r = Readings()
+    ctl = make(r)
+    ctl.set_stream_vram_cost(100 * MIB)
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 100) * MIB)  # exactly enough
+    assert ctl.admit().ok
+
+
+def test_vram_refuses_when_free_minus_reserve_is_below_the_stream_cost() -> None:
+    r = Readings()
+    ctl = make(r)
+    ctl.set_stream_vram_cost(100 * MIB)
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 100) * MIB - 1)
+    decision = ctl.admit()
+    assert decision == Admission(ok=False, reason=RefusalReason.VRAM, retry_after_s=3,
+                                 message=decision.message)
+    assert "GPU memory" in decision.message and "100 MiB needed" in decision.message
+    assert ctl.active_streams == 0
+    r.gpu = FakeGpu(vram_free_bytes=8000 * MIB)  # memory came back: admitted again
+    assert ctl.admit().ok
+
+
+def test_vram_is_not_checked_before_the_cost_is_measured_or_without_a_reading() -> None:
+    r = Readings()
+    r.gpu = FakeGpu(vram_free_bytes=0)
+    ctl = make(r)
+    assert ctl.admit().ok  # warm-up has not measured the per-stream cost yet
+    ctl.set_stream_vram_cost(100 * MIB)
+    assert ctl.admit().reason is RefusalReason.VRAM
+    r.gpu = None  # NVML returned nothing this time: do not refuse on missing data
+    assert ctl.admit().ok
+
+
+def test_cpu_server_without_gpu_reader_never_refuses_for_vram() -> None:
+    ctl = make(Readings(), gpu=False)
+    ctl.set_stream_vram_cost(10**12)
+    assert ctl.admit().ok
+
+
+def test_negative_vram_cost_is_a_bug() -> None:
+    with pytest.raises(ValueError):
+        make(Readings()).set_stream_vram_cost(-1)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def test_load_admits_up_to_max_load_and_refuses_beyond() -> None:
+    r = Readings()
+    ctl = make(r, max_load=0.85)
+    # 7.5 audio s/s demanded of a measured 10: one more real-time stream makes exactly 85 %.
+    r.load = LoadEstimate(active_streams=8, demand_audio_s_per_s=7.5, capacity_audio_s_per_s=10)
+    assert ctl.check().ok
+    r.load = LoadEstimate(active_streams=8, demand_audio_s_per_s=7.6, capacity_audio_s_per_s=10)
+    decision = ctl.check()
+    assert (decision.ok, decision.reason, decision.retry_after_s) == (False, RefusalReason.LOAD, 3)
+    assert "86%" in decision.message
+
+
+def test_load_is_not_checked_before_capacity_is_measured() -> None:
+    r = Readings()
+    ctl = make(r, max_load=0.5)
+    r.load = LoadEstimate(active_streams=0, demand_audio_s_per_s=50, capacity_audio_s_per_s=None)
+    assert ctl.check().ok
+    assert r.load.utilisation is None
+
+
+def test_streams_admitted_but_unseen_by_the_scheduler_count_as_load() -> None:
+    r = Readings()
+    ctl = make(r, max_load=1.0)
+    # The scheduler has not registered any of them yet; capacity for exactly four streams.
+    r.load = LoadEstimate(active_streams=0, demand_audio_s_per_s=0, capacity_audio_s_per_s=4)
+    assert [ctl.admit().ok for _ in range(5)] == [True, True, True, True, False]
+    assert ctl.active_streams == 4
+
+
+def test_utilisation_fraction() -> None:
+    est = LoadEstimate(active_streams=3, demand_audio_s_per_s=3, capacity_audio_s_per_s=12)
+    assert est.utilisation == 0.25
+
+
+# --------------------------------------------------------------------------- max_streams
+
+
+def test_max_streams_refuses_the_next_stream_until_one_is_released() -> None:
+    ctl = make(Readings(), max_streams=2)
+    assert ctl.admit().ok and ctl.admit().ok
+    decision = ctl.admit()
+    assert (decision.ok, decision.reason, decision.retry_after_s) == (
+        False, RefusalReason.MAX_STREAMS, 3)
+    assert "2 concurrent streams" in decision.message
+    ctl.release()
+    assert ctl.admit().ok
+    assert ctl.admitted_total == 3
+
+
+def test_check_holds_no_slot() -> None:
+    ctl = make(Readings(), max_streams=1)
+    assert ctl.check().ok and ctl.check().ok
+    assert ctl.active_streams == 0
+
+
+def test_release_without_admit_does_not_go_negative() -> None:
+    ctl = make(Readings(), max_streams=1)
+    ctl.release()
+    assert ctl.active_streams == 0
+    assert ctl.admit().ok and not ctl.admit().ok
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def test_admitted_streams_carry_no_retry_hint() -> None:
+    decision = make(Readings()).admit()
+    assert decision == Admission(ok=True, reason=None, retry_after_s=None)
+
+
+def test_refusals_are_counted_by_reason_and_reported() -> None:
+    r = Readings()
+    seen: list[RefusalReason] = []
+    config = AdmissionConfig(max_streams=1, retry_after_s=5)
+    ctl = AdmissionController(config, load_source=r.read_load, gpu_reader=r.read_gpu,
+                              on_refused=seen.append)
+    ctl.set_stream_vram_cost(MIB)
+    r.gpu = FakeGpu(vram_free_bytes=0)
+    assert ctl.admit().reason is RefusalReason.VRAM
+    r.gpu = None
+    assert ctl.admit().ok
+    assert ctl.check().retry_after_s == 5
+    assert ctl.refused_counts() == {RefusalReason.MAX_STREAMS: 1, RefusalReason.VRAM: 1,
+                                    RefusalReason.LOAD: 0}
+    assert seen == [RefusalReason.VRAM, RefusalReason.MAX_STREAMS]

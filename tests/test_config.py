@@ -1,0 +1,143 @@
+"""Configuration: the shipped TOML files load, default.toml documents every key and matches the
+built-in defaults, CLI overrides win, and mistakes are errors that name the key."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from server.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    ServerConfig,
+    add_config_arguments,
+    load_config,
+    overrides_from_args,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+GPU_PATH = CONFIGS / "gpu.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    return path
+
+
+def test_default_toml_equals_the_built_in_defaults() -> None:
+    assert DEFAULT_CONFIG_PATH == CONFIGS / "default.toml"
+    cfg = load_config(DEFAULT_CONFIG_PATH, {})
+    assert cfg == load_config() == ServerConfig()
+    assert cfg.engine.device == "cpu" and cfg.engine.chunk_schedule == (16, 48, 96)
+    assert cfg.admission.max_streams == 16 and cfg.admission.max_load == 0.85
+    assert cfg.engine.voices_dir is None  # "" in TOML
+    assert not cfg.metering.has_tariff
+
+
+def test_default_toml_lists_and_documents_every_key() -> None:
+    raw = tomllib.loads(DEFAULT_CONFIG_PATH.read_text())
+    lines = DEFAULT_CONFIG_PATH.read_text().splitlines()
+    for section in fields(ServerConfig):
+        names = {f.name for f in fields(getattr(ServerConfig(), section.name))}
+        assert set(raw[section.name]) == names, section.name
+        for name in names:
+            (index,) = [i for i, line in enumerate(lines) if line.startswith(f"{name} =")]
+            assert lines[index - 1].startswith("#"), f"{section.name}.{name} has no comment"
+
+
+def test_gpu_profile_loads_and_keeps_unlisted_defaults() -> None:
+    cfg = load_config(GPU_PATH, {})
+    assert (cfg.engine.device, cfg.engine.dtype) == ("cuda", "float16")
+    assert cfg.admission.max_streams > ServerConfig().admission.max_streams
+    assert cfg.scheduler.max_batch_chunks > ServerConfig().scheduler.max_batch_chunks
+    assert cfg.limits == ServerConfig().limits
+    assert cfg.server == ServerConfig().server
+
+
+def test_overrides_win_over_the_file() -> None:
+    cfg = load_config(GPU_PATH, {
+        "host": "0.0.0.0", "port": 9001, "voice": "en_GB-x-low", "max_streams": 3,
+        "api_keys": ["k1", "k2"], "log_level": "debug", "limits.contexts_per_socket": 2,
+        "device": None,  # a flag that was not given changes nothing
+    })
+    assert (cfg.server.host, cfg.server.port, cfg.server.log_level) == ("0.0.0.0", 9001, "DEBUG")
+    assert cfg.server.api_keys == ("k1", "k2")
+    assert cfg.engine.voice == "en_GB-x-low" and cfg.engine.device == "cuda"
+    assert cfg.admission.max_streams == 3 and cfg.limits.contexts_per_socket == 2
+
+
+def test_cli_flags_become_overrides() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(GPU_PATH), "--port", "8123", "--api-key", "a",
+                              "--api-key", "b", "--max-streams", "7", "--device", "cuda"])
+    overrides = overrides_from_args(args)
+    assert overrides == {"server.port": 8123, "server.api_keys": ["a", "b"],
+                         "admission.max_streams": 7, "engine.device": "cuda"}
+    cfg = load_config(args.config, overrides)
+    assert (cfg.server.port, cfg.server.api_keys, cfg.admission.max_streams) == (
+        8123, ("a", "b"), 7)
+
+
+def test_unknown_keys_are_rejected_by_name(tmp_path: Path) -> None:
+    path = write(tmp_path, "[admission]\nmax_streem = 4\n[enigne]\ndevice = 'cpu'\n")
+    with pytest.raises(ConfigError, match=r"admission\.max_streem") as info:
+        load_config(path, {})
+    assert "[enigne]" in str(info.value) and str(path) in str(info.value)
+    with pytest.raises(ConfigError, match=r"server\.prot"):
+        load_config(None, {"server.prot": 1})
+    with pytest.raises(ConfigError, match="'bogus'"):
+        load_config(None, {"bogus": 1})
+
+
+@pytest.mark.parametrize(("toml", "needle"), [
+    ("[server]\nport = '8000'", "server.port must be an integer, got str"),
+    ("[server]\nport = 80.0", "server.port must be an integer, got float"),
+    ("[server]\napi_keys = 'secret'", "server.api_keys must be a list"),
+    ("[engine]\nchunk_schedule = [16, 'x']", r"engine.chunk_schedule\[1\] must be an integer"),
+    ("[engine]\nthreads = true", "engine.threads must be an integer, got bool"),
+    ("[admission]\nmax_load = 'high'", "admission.max_load must be a number"),
+    ("server = 1", r"\[server\] must be a table"),
+])
+def test_wrong_types_are_named(tmp_path: Path, toml: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(write(tmp_path, toml), {})
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"port": 70000}, "server.port must be 0..65535"),
+    ({"device": "tpu"}, "engine.device must be"),
+    ({"engine.dtype": "float16"}, "float16 needs a cuda device"),
+    ({"engine.chunk_schedule": []}, "engine.chunk_schedule must be a non-empty list"),
+    ({"admission.max_load": 1.5}, r"admission.max_load must be in \(0, 1\]"),
+    ({"log_level": "LOUD"}, "server.log_level must be one of"),
+    ({"scheduler.max_batch_chunks": 9}, r"must be <= engine.max_batch \(8\)"),
+])
+def test_out_of_range_values_are_named(overrides: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, overrides)
+
+
+def test_float_fields_accept_integers_and_paths_are_paths(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[limits]\nidle_timeout_s = 30\n"
+                                      "[engine]\nvoices_dir = 'voices'\n"), {})
+    assert cfg.limits.idle_timeout_s == 30.0 and isinstance(cfg.limits.idle_timeout_s, float)
+    assert cfg.engine.voices_dir == Path("voices")
+
+
+def test_unreadable_or_invalid_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.toml", {})
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(write(tmp_path, "[server\n"), {})
+
+
+def test_as_dict_masks_api_keys() -> None:
+    cfg = load_config(None, {"api_keys": ["secret"]})
+    assert cfg.as_dict()["server"]["api_keys"] == ["***"]
+    assert cfg.as_dict(redact=False)["server"]["api_keys"] == ("secret",)

@@ -1,0 +1,353 @@
+"""The scheduler driven by a made-up engine: ordering, batching, deadlines, cancellation.
+
+The fake engine's audio encodes (phrase number, frame index) in every sample, so a test can
+check that a stream's audio is complete, in order and never mixed with another stream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from streaming_tts.engine import AcousticResult, Engine, EngineConfig, SynthesisParams
+from streaming_tts.metering import Meter
+from streaming_tts.scheduler import Scheduler, SchedulerConfig
+from streaming_tts.stream import PhraseEvent, StreamOptions
+from streaming_tts.text.phonemes import PhonemizedText, WordSpan
+from streaming_tts.text.splitter import PhraseSplitter
+
+HOP = 10
+RATE = 1000           # one frame = 10 ms
+FRAMES_PER_ID = 2     # every phoneme id lasts 20 ms
+
+
+class FakeEngine:
+    """Engine stand-in: z holds a phrase tag, audio = tag * 1000 + frame index per sample."""
+
+    hop_length = HOP
+    sample_rate = RATE
+    context_frames = 0
+
+    def __init__(self, schedule=(2, 4), delay_s: float = 0.0, fail: bool = False):
+        self.config = EngineConfig(chunk_schedule=schedule)
+        self.buckets = tuple(sorted(set(schedule)))
+        self.delay_s = delay_s
+        self.fail = fail
+        self.calls: list[tuple[str, int]] = []
+        self.tags = 0
+        self.thread_ids: set[int] = set()
+
+    frame_ms = property(lambda self: 1000.0 * HOP / RATE)
+    chunk_plan = Engine.chunk_plan
+    bucket = Engine.bucket
+
+    def acoustic(self, jobs):
+        self.thread_ids.add(threading.get_ident())
+        if jobs:
+            self.calls.append(("acoustic", len(jobs)))
+        out = []
+        for job in jobs:
+            self.tags += 1
+            n = len(job.ids) * FRAMES_PER_ID
+            z = torch.full((1, n), float(self.tags))
+            out.append(AcousticResult(z=z, durations=np.full(len(job.ids), FRAMES_PER_ID), num_frames=n))
+        return out
+
+    def decode(self, jobs):
+        self.thread_ids.add(threading.get_ident())
+        if self.fail:
+            raise RuntimeError("boom")
+        self.calls.append(("decode", len(jobs)))
+        time.sleep(self.delay_s)
+        return [np.repeat(job.z[0, job.start:job.end].numpy() * 1000 + np.arange(job.start, job.end), HOP)
+                .astype(np.float32) for job in jobs]
+
+
+class FakePhonemizer:
+    """One id per letter; words are whitespace tokens; nothing speakable -> ValueError."""
+
+    def phonemize(self, text: str) -> PhonemizedText:
+        if not any(c.isalnum() for c in text):
+            raise ValueError("empty text")
+        ids, words = [1, 0], []
+        for word in text.split():
+            first = len(ids)
+            for _ in word:
+                ids += [5, 0]
+            words.append(WordSpan(word, first, len(ids)))
+        return PhonemizedText(phonemes=text, ids=ids + [2], words=words)
+
+
+@dataclass
+class Sink:
+    events: list = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    audio_at: list = field(default_factory=list)
+
+    def on_phrase(self, phrase: PhraseEvent) -> None:
+        self.events.append(("phrase", phrase))
+
+    def on_audio(self, samples: np.ndarray, pts_ms: float) -> None:
+        self.events.append(("audio", samples, pts_ms))
+        self.audio_at.append(time.monotonic())
+
+    def on_done(self, usage: dict) -> None:
+        self.events.append(("done", usage))
+        self.done.set()
+
+    def on_cancelled(self) -> None:
+        self.events.append(("cancelled",))
+        self.done.set()
+
+    def on_error(self, code: str, message: str) -> None:
+        self.events.append(("error", code, message))
+        self.done.set()
+
+    def kinds(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+    def audio(self) -> list[tuple[np.ndarray, float]]:
+        return [(e[1], e[2]) for e in self.events if e[0] == "audio"]
+
+    def phrases(self) -> list[PhraseEvent]:
+        return [e[1] for e in self.events if e[0] == "phrase"]
+
+
+OPTS = StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=50.0)
+
+
+async def running(engine: FakeEngine, **cfg):
+    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), config=SchedulerConfig(**cfg))
+    task = asyncio.create_task(sched.run())
+    return sched, task
+
+
+async def stop(task: asyncio.Task) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def check_timeline(sink: Sink) -> None:
+    """pts contiguous; every phrase's frames present once, in order; phrase times line up."""
+    t = 0.0
+    for samples, pts in sink.audio():
+        assert pts == pytest.approx(t)
+        t += len(samples) / RATE * 1000
+    speech = np.concatenate([s for s, _ in sink.audio()])
+    for ph in sink.phrases():
+        seg = speech[int(ph.start_ms * RATE / 1000):int(ph.end_ms * RATE / 1000)][::HOP]
+        tag = seg[0] // 1000
+        np.testing.assert_array_equal(seg, tag * 1000 + np.arange(len(seg)))
+        for _, ws, we in ph.words if ph.words else []:
+            assert ph.start_ms <= ws < we <= ph.end_ms
+
+
+async def test_one_stream_speaks_all_text_in_order_then_done():
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s1", OPTS, sink)
+    for tok in ["Hello the", "re world. ", "Second sen", "tence here. Third."]:
+        sched.text("s1", tok)
+    sched.end("s1")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    assert sink.kinds()[-1] == "done"
+    spoken = " ".join(p.text for p in sink.phrases())
+    assert spoken.split() == "Hello there world. Second sentence here. Third.".split()
+    check_timeline(sink)
+    usage = sink.events[-1][1]
+    assert usage["phrases"] == len(sink.phrases())
+    assert usage["audio_ms"] == pytest.approx(sum(len(s) for s, _ in sink.audio()) / RATE * 1000, abs=1)
+    assert usage["chars"] == len("Hello there world. Second sentence here. Third.")
+    assert sched.stream_count == 0
+
+
+async def test_model_runs_in_one_worker_thread_off_the_loop():
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sinks = [Sink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        sched.open(f"s{i}", OPTS, sink)
+        sched.text(f"s{i}", "One two three. Four five.")
+        sched.end(f"s{i}")
+    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in sinks)), 5)
+    await stop(task)
+    assert len(engine.thread_ids) == 1
+    assert threading.get_ident() not in engine.thread_ids
+
+
+async def test_new_streams_are_batched_together():
+    engine = FakeEngine()
+    sched, task = await running(engine, initial_frames_per_s=1e6)
+    sinks = [Sink() for _ in range(4)]
+    for i, sink in enumerate(sinks):
+        sched.open(f"s{i}", OPTS, sink)
+        sched.text(f"s{i}", "Alpha beta gamma.")
+        sched.end(f"s{i}")
+    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in sinks)), 5)
+    await stop(task)
+    assert ("acoustic", 4) in engine.calls
+    for sink in sinks:
+        check_timeline(sink)
+
+
+async def test_a_new_stream_goes_before_streams_that_have_audio_buffered():
+    engine = FakeEngine(schedule=(4,), delay_s=0.01)
+    # Budget of one chunk per step: each step serves exactly the most urgent stream.
+    sched, task = await running(engine, target_step_ms=1.0, initial_frames_per_s=1.0)
+    old = Sink()
+    sched.open("old", OPTS, old)
+    sched.text("old", "a b c d e f g h i j k l m n o p q r s t u v w x y z. ")
+    await asyncio.sleep(0.2)
+    assert old.audio()
+    new = Sink()
+    sched.open("new", OPTS, new)
+    sched.text("new", "Hi there.")
+    sched.flush("new")
+    t0 = time.monotonic()
+    while not new.audio() and time.monotonic() - t0 < 2:
+        await asyncio.sleep(0.005)
+    await stop(task)
+    assert new.audio(), "the new stream got no audio"
+    # Old audio emitted between the new stream's arrival and its first audio: at most one step.
+    assert sum(1 for t in old.audio_at if t0 <= t <= new.audio_at[0]) <= 1
+
+
+async def test_lookahead_bounds_how_far_ahead_audio_is_computed():
+    engine = FakeEngine(schedule=(2, 4))
+    sched, task = await running(engine, lookahead_ms=200.0)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    sched.text("s", "word " * 200 + ". ")
+    sched.end("s")
+    await asyncio.sleep(0.5)
+    await stop(task)
+    first = sink.audio_at[0]
+    for (samples, pts), at in zip(sink.audio(), sink.audio_at):
+        ahead = pts - (at - first) * 1000
+        assert ahead <= 200.0 + 40.0 + 1e-6   # lookahead + one chunk
+    played = (time.monotonic() - first) * 1000
+    end = sink.audio()[-1][1] + len(sink.audio()[-1][0]) / RATE * 1000
+    assert end < played + 300
+
+
+async def test_cancel_stops_audio_at_once_even_mid_step():
+    engine = FakeEngine(delay_s=0.15)
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    sched.text("s", "This is a long sentence that keeps going. " * 5)
+    while not sink.audio():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)      # a step is in flight now
+    sched.cancel("s")
+    await asyncio.wait_for(sink.done.wait(), 2)
+    await asyncio.sleep(0.4)       # let the in-flight step finish
+    await stop(task)
+    assert sink.kinds()[-1] == "cancelled"
+    assert sched.stream_count == 0 and "s" not in sched.meter
+
+
+async def test_close_forgets_the_stream_and_emits_nothing_more():
+    engine = FakeEngine(delay_s=0.05)
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    sched.text("s", "Some words here. More words there. " * 5)
+    while not sink.audio():
+        await asyncio.sleep(0.01)
+    sched.close("s")
+    await asyncio.sleep(0.01)
+    n = len(sink.events)
+    await asyncio.sleep(0.3)
+    await stop(task)
+    assert len(sink.events) == n
+    assert sched.stream_count == 0 and "s" not in sched.meter
+
+
+async def test_buffered_text_is_spoken_after_max_buffer_delay():
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=150.0), sink)
+    sched.text("s", "no sentence end yet")
+    await asyncio.sleep(0.08)
+    assert not sink.phrases()
+    await asyncio.sleep(0.2)
+    await stop(task)
+    assert [p.text for p in sink.phrases()] == ["no sentence end yet"]
+
+
+async def test_flush_speaks_now_and_unspeakable_text_is_skipped():
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=10_000), sink)
+    sched.text("s", "half a sente")
+    sched.flush("s")
+    sched.text("s", " ... !!! ")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 3)
+    await stop(task)
+    assert [p.text for p in sink.phrases()] == ["half a sente"]
+    assert sink.kinds()[-1] == "done"
+
+
+async def test_engine_failure_errors_its_streams_and_the_scheduler_survives():
+    engine = FakeEngine(fail=True)
+    sched, task = await running(engine)
+    bad = Sink()
+    sched.open("bad", OPTS, bad)
+    sched.text("bad", "Hello. ")
+    await asyncio.wait_for(bad.done.wait(), 3)
+    assert bad.events[-1][:2] == ("error", "internal")
+    engine.fail = False
+    good = Sink()
+    sched.open("good", OPTS, good)
+    sched.text("good", "Still alive. ")
+    sched.end("good")
+    await asyncio.wait_for(good.done.wait(), 3)
+    await stop(task)
+    assert good.kinds()[-1] == "done"
+
+
+async def test_streams_share_capacity_fairly():
+    engine = FakeEngine(schedule=(4,), delay_s=0.005)
+    sched, task = await running(engine, target_step_ms=1.0, initial_frames_per_s=1.0, lookahead_ms=10_000)
+    sinks = [Sink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        sched.open(f"s{i}", OPTS, sink)
+        sched.text(f"s{i}", "word " * 100 + ". ")
+    await asyncio.sleep(0.4)
+    await stop(task)
+    emitted = [sum(len(s) for s, _ in sink.audio()) for sink in sinks]
+    assert min(emitted) > 0
+    assert max(emitted) - min(emitted) <= 2 * 4 * HOP   # within two chunks of each other
+
+
+async def test_silence_keeps_the_listener_fed_while_text_is_pending():
+    engine = FakeEngine()
+    sched, task = await running(engine, silence_fill_ms=50.0)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=400.0), sink)
+    sched.text("s", "Hi. ")
+    sched.flush("s")
+    await asyncio.sleep(0.05)
+    sched.text("s", "and then")       # pending, no sentence end: wait up to 400 ms
+    await asyncio.sleep(0.6)
+    await stop(task)
+    check_timeline(sink)
+    silent = [s for s, _ in sink.audio() if not s.any()]
+    assert silent, "no silence was sent while text was pending"
+    # The timeline kept pace with the wall clock: no gap a player would hear as an underrun.
+    end = sink.audio()[-1][1] + len(sink.audio()[-1][0]) / RATE * 1000
+    assert end >= (sink.audio_at[-1] - sink.audio_at[0]) * 1000 - 60

@@ -1,0 +1,269 @@
+"""Behaviour of the incremental phrase splitter: what a listener would hear as phrases."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from itertools import pairwise
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig
+
+SENTENCE_MODE_MS = 10_000.0  # far above eager_until_buffered_ms: cut at sentence ends only
+
+
+def split(
+    fragments: Iterable[str],
+    buffered_ms: float | Sequence[float] = SENTENCE_MODE_MS,
+    config: SplitterConfig | None = None,
+) -> list[str]:
+    """Push each fragment, then flush; return every phrase in order."""
+    splitter = PhraseSplitter(config)
+    phrases: list[str] = []
+    for i, fragment in enumerate(fragments):
+        ms = buffered_ms if isinstance(buffered_ms, float) else buffered_ms[i % len(buffered_ms)]
+        phrases += splitter.push(fragment, buffered_ms=ms)
+    return phrases + splitter.flush()
+
+
+def fragmentations(text: str, awkward: Sequence[str] = ()) -> list[list[str]]:
+    """Whole, one character at a time, and split around each awkward substring."""
+    ways = [[text], list(text)]
+    for piece in awkward:
+        at = text.index(piece)
+        for k in range(1, len(piece)):
+            ways.append([text[: at + k], text[at + k :]])
+    return ways
+
+
+SENTENCE_CASES = [
+    (
+        "Dr. Smith arrived. He paid 3.14 dollars.",
+        ["Dr. Smith arrived.", " He paid 3.14 dollars."],
+        ["Dr. Smith", "3.14"],
+    ),
+    ("The total is 12345. Thanks.", ["The total is 12345.", " Thanks."], ["12345."]),
+    (
+        "Visit https://example.com/a.b?c=d for details. Then leave.",
+        ["Visit https://example.com/a.b?c=d for details.", " Then leave."],
+        ["https://example.com/a.b?c=d"],
+    ),
+    ("Go to example.com. It works.", ["Go to example.com.", " It works."], ["com. It"]),
+    (
+        "Write to a.b@c.com today. Thanks!",
+        ["Write to a.b@c.com today.", " Thanks!"],
+        ["a.b@c.com"],
+    ),
+    ("Wait... Then it happened.", ["Wait...", " Then it happened."], ["... T"]),
+    ("Wait… Then it happened.", ["Wait…", " Then it happened."], ["… T"]),
+    ("Wait... what happened?", ["Wait... what happened?"], ["... w"]),
+    ("Wait…what happened?", ["Wait…what happened?"], ["…w"]),
+    ('He said "Stop." Then he left.', ['He said "Stop."', " Then he left."], ['."']),
+    ("She asked (why?) Nobody knew.", ["She asked (why?)", " Nobody knew."], ["?) N"]),
+    ('It ended. "Really?" she asked.', ["It ended.", ' "Really?" she asked.'], ['. "R']),
+    ("你好。我很好！谢谢？", ["你好。", "我很好！", "谢谢？"], ["。我"]),
+    ("他说：「走。」然后走了。", ["他说：「走。」", "然后走了。"], ["。」"]),
+    ("Really?! Yes.", ["Really?!", " Yes."], ["?!"]),
+    ("One.   Two.", ["One.", "   Two."], ["   "]),
+    (
+        "Title\n\nFirst line here.\n- item one\n- item two",
+        ["Title", "\n\nFirst line here.", "\n- item one", "\n- item two"],
+        ["\n\n"],
+    ),
+    ("It wraps\nmid sentence.", ["It wraps\nmid sentence."], ["\nm"]),
+    ("Use e.g. The Hobbit. Or i.e. this.", ["Use e.g. The Hobbit.", " Or i.e. this."], ["e.g."]),
+    ("The U.S. Army won. Mr. Jones left.", ["The U.S. Army won.", " Mr. Jones left."], ["Mr."]),
+    ("See No. 5 here. No. I won't.", ["See No. 5 here.", " No.", " I won't."], ["No. 5"]),
+    ("Pi is 3. 14 is not.", ["Pi is 3.", " 14 is not."], ["3. 1"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected", "awkward"), SENTENCE_CASES)
+def test_sentence_mode_cuts_at_proven_sentence_ends(
+    text: str, expected: list[str], awkward: list[str]
+) -> None:
+    for fragments in fragmentations(text, awkward):
+        assert split(fragments) == expected, fragments
+
+
+@pytest.mark.parametrize(
+    "tail", ["3.", "Dr.", "e.g.", "12345", "https://example.com/a.b", "a.b@c.", "Wait...", "Hi. "]
+)
+def test_ambiguous_tail_is_held_until_more_text_or_flush(tail: str) -> None:
+    splitter = PhraseSplitter()
+    first = splitter.push("It is done. Next is " + tail, buffered_ms=SENTENCE_MODE_MS)
+    assert first == ["It is done."]
+    assert splitter.pending == " Next is " + tail
+    assert splitter.flush() == [" Next is " + tail]
+    assert splitter.pending == ""
+
+
+def test_held_decimal_point_joins_its_number() -> None:
+    splitter = PhraseSplitter()
+    assert splitter.push("He paid 3.", buffered_ms=SENTENCE_MODE_MS) == []
+    phrases = splitter.push("14 dollars. Bye", buffered_ms=SENTENCE_MODE_MS)
+    assert phrases == ["He paid 3.14 dollars."]
+
+
+def test_flush_speaks_mid_sentence_text_and_keeps_bare_whitespace() -> None:
+    splitter = PhraseSplitter()
+    assert splitter.push("Hello there", buffered_ms=SENTENCE_MODE_MS) == []
+    assert splitter.flush() == ["Hello there"]
+    assert splitter.push("  ", buffered_ms=SENTENCE_MODE_MS) == []
+    assert splitter.flush() == []
+    assert splitter.pending == "  "
+    splitter.push("again.", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush() == ["  again."]
+
+
+LONG_SENTENCE = (
+    "I think that we should probably go to the store later today and buy some milk "
+    "because we are out of it."
+)
+
+
+def llm_tokens(text: str) -> list[str]:
+    """Word tokens the way LLMs stream them: a leading space on all but the first."""
+    words = text.split(" ")
+    return [words[0]] + [" " + w for w in words[1:]]
+
+
+def test_eager_first_phrase_arrives_within_max_words() -> None:
+    config = SplitterConfig()
+    splitter = PhraseSplitter(config)
+    arrivals = [splitter.push(token, buffered_ms=0.0) for token in llm_tokens(LONG_SENTENCE)]
+    first = next(i for i, phrases in enumerate(arrivals) if phrases)
+    # The token after the 6th word proves that word ended; no sooner, no later.
+    assert first == config.first_phrase_max_words
+    assert arrivals[first] == ["I think that we should probably"]
+
+
+def test_eager_cuts_at_a_clause_mark_once_enough_words() -> None:
+    text = "Well, you know, I really think that this is the right way to go."
+    phrases = split(llm_tokens(text), buffered_ms=0.0)
+    assert phrases[0] == "Well, you know,"  # "Well," alone is too short to say by itself
+    assert "".join(phrases) == text
+
+
+def test_buffered_audio_switches_to_sentence_boundaries() -> None:
+    splitter = PhraseSplitter()
+    emitted = [p for t in llm_tokens(LONG_SENTENCE) for p in splitter.push(t, buffered_ms=2000.0)]
+    assert emitted == []  # nothing: the sentence has not provably ended
+    assert splitter.push(" Next", buffered_ms=2000.0) == [LONG_SENTENCE]
+
+
+def test_whole_text_pushed_at_once_cuts_early_only_once() -> None:
+    text = LONG_SENTENCE + " And then we can cook dinner together tonight, maybe pasta."
+    phrases = split([text], buffered_ms=0.0)
+    assert phrases == [
+        "I think that we should probably",
+        LONG_SENTENCE[len("I think that we should probably") :],
+        " And then we can cook dinner together tonight, maybe pasta.",
+    ]
+
+
+def test_eager_never_cuts_between_title_and_name() -> None:
+    text = "Please welcome our keynote speaker Dr. Smith to the stage tonight."
+    phrases = split(llm_tokens(text), buffered_ms=0.0)
+    assert not any(p.endswith("Dr.") for p in phrases)
+    assert "".join(phrases) == text
+
+
+def test_cap_cuts_at_word_boundaries_in_text_without_punctuation() -> None:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    text = " ".join(words[i % len(words)] for i in range(400))
+    assert len(text) > 2000
+    for fragments in ([text], llm_tokens(text)):
+        phrases = split(fragments)
+        assert "".join(phrases) == text
+        assert len(phrases) >= len(text) // 400
+        for p in phrases:
+            assert len(p.strip()) <= 400
+            assert set(p.split()) <= set(words)  # no word was cut in half
+
+
+def test_cap_prefers_clause_marks_and_hard_cuts_text_without_spaces() -> None:
+    config = SplitterConfig(max_phrase_chars=40)
+    text = "one two three four five six, seven eight nine ten eleven twelve"
+    assert split([text], config=config)[0] == "one two three four five six,"
+    assert split(["x" * 100], config=config) == ["x" * 40, "x" * 40, "x" * 20]
+
+
+def test_push_is_microseconds_not_milliseconds() -> None:
+    text = " ".join(s for s, _, _ in SENTENCE_CASES) * 20
+    splitter = PhraseSplitter()
+    start = time.perf_counter()
+    for ch in text:
+        splitter.push(ch, buffered_ms=float(len(text) % 3000))
+    per_push_s = (time.perf_counter() - start) / len(text)
+    assert per_push_s < 200e-6  # generous: a busy 2-core CI box still passes
+
+
+# --- properties -----------------------------------------------------------------------------
+
+ALPHABET = "abcXYZ019 \n\t.,!?;:…'\"()-/@。！？，、「」" + "\u3000"
+REALISTIC = [s for s, _, _ in SENTENCE_CASES] + [
+    LONG_SENTENCE,
+    "Mr. and Mrs. Smith paid $3.50 at 5 p.m. on Jan. 3rd, approx. twice the price.",
+    "Check https://docs.example.org/v1.2/index.html?q=a.b#c. Or mail me@x.io!",
+]
+texts = st.one_of(
+    st.text(alphabet=ALPHABET, max_size=120),
+    st.lists(st.sampled_from(REALISTIC), min_size=1, max_size=4).map(" ".join),
+)
+configs = st.sampled_from([SplitterConfig(), SplitterConfig(max_phrase_chars=12)])
+PROPERTY_SETTINGS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@st.composite
+def fragmented(
+    draw: st.DrawFn, text_strategy: st.SearchStrategy[str] = texts
+) -> tuple[str, list[str]]:
+    text = draw(text_strategy)
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=30)))
+    bounds = [0, *cuts, len(text)]
+    return text, [text[a:b] for a, b in pairwise(bounds)]
+
+
+@PROPERTY_SETTINGS
+@given(
+    case=fragmented(),
+    buffered=st.lists(st.floats(0.0, 3000.0), min_size=1, max_size=8),
+    config=configs,
+)
+def test_phrases_are_exact_nonblank_capped_slices(
+    case: tuple[str, list[str]], buffered: list[float], config: SplitterConfig
+) -> None:
+    text, fragments = case
+    splitter = PhraseSplitter(config)
+    phrases: list[str] = []
+    pushed = ""
+    for i, fragment in enumerate(fragments):
+        phrases += splitter.push(fragment, buffered_ms=buffered[i % len(buffered)])
+        pushed += fragment
+        # Nothing lost or duplicated at any moment, not only at the end.
+        assert "".join(phrases) + splitter.pending == pushed
+    phrases += splitter.flush()
+    assert "".join(phrases) + splitter.pending == text
+    assert splitter.pending.strip() == ""
+    for p in phrases:
+        assert p.strip(), phrases
+        assert len(p.strip()) <= config.max_phrase_chars
+
+
+@PROPERTY_SETTINGS
+@given(case=fragmented(), config=configs)
+def test_sentence_mode_boundaries_do_not_depend_on_fragmentation(
+    case: tuple[str, list[str]], config: SplitterConfig
+) -> None:
+    text, fragments = case
+    whole = split([text], config=config)
+    pieces = split(fragments, config=config)
+    assert pieces == whole
+    spoken = " ".join(" ".join(p.split()) for p in pieces)
+    assert spoken == " ".join(" ".join(p.split()) for p in split(list(text), config=config))
