@@ -1,0 +1,370 @@
+"""The browser client, end to end: a real server, headless Chromium, the page a person uses.
+
+What a listener would notice: the paragraph is spoken to the end without a gap while it is still
+being typed in (words per second), the caption highlight follows the voice, Stop goes silent at
+once, and a full server or a wrong API token says so in words.
+
+Runs only where /usr/bin/chromium (Debian's package) and the `playwright` Python package exist;
+Playwright never downloads a browser here. Headless Chromium has no sound card, but its
+AudioContext still renders in real time to a fake output, so the AudioWorklet's counters are
+real playback numbers.
+
+The server is started once for the module as
+    python run_server.py --host 127.0.0.1 --port PORT --max-streams 1 --api-key KEY
+so that one held stream fills it (refusal test) and every request must carry the token.
+Set TTS_UPDATE_SCREENSHOT=1 to refresh web_client/screenshot.png (the README picture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("Chromium is not installed at /usr/bin/chromium", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
+
+ROOT = Path(__file__).resolve().parent.parent
+WEB_CLIENT = ROOT / "web_client"
+if not (WEB_CLIENT / "node_modules" / "@msgpack" / "msgpack" / "dist.esm" / "index.mjs").exists():
+    pytest.skip("web_client dependencies missing: run `npm ci` in web_client/",
+                allow_module_level=True)
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--autoplay-policy=no-user-gesture-required",
+]
+API_KEY = "browser-test-key"
+STARTUP_TIMEOUT_S = 120.0
+AUTH_MESSAGE = "Authentication failed: check the API token"
+CAPACITY_RE = re.compile(r"Server is at capacity — try again in (\d+ s|a few seconds)")
+
+# ~40 words, several sentences: several phrases, each with word timings.
+PARAGRAPH = (
+    "Streaming speech starts before the sentence is finished. Each word arrives the way a "
+    "language model writes it, one after another. The server turns phrases into audio while "
+    "more text is still coming in, so the listener hears the first words almost at once and "
+    "the voice never stops."
+)
+LONG_TEXT = " ".join([PARAGRAPH] * 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The server
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+class Server:
+    """run_server.py in a subprocess, its log in a file."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.args = [
+            sys.executable, "run_server.py",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--max-streams", "1",
+            "--api-key", API_KEY,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if _http_get(f"{self.url}/healthz", timeout=2.0)[0] == 200:
+                    return
+            except OSError:
+                pass  # not listening yet
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"server not healthy after {STARTUP_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def status(self) -> dict[str, Any] | None:
+        code, body = _http_get(f"{self.url}/v1/status?token={API_KEY}")
+        return json.loads(body) if code == 200 else None
+
+    def wait_idle(self, timeout: float = 15.0) -> None:
+        """Wait until a previous test's streams are gone (the server allows only one)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status is None:
+                time.sleep(1.0)  # no status endpoint: give disconnects a moment
+                return
+            if not status.get("active_streams"):
+                return
+            time.sleep(0.2)
+        pytest.fail(f"server still has active streams: {self.status()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("server") / "server.log")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# The browser
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    pw = sync_api.sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+    finally:
+        pw.stop()
+
+
+class Client:
+    """One page of the web client, with helpers that read what a person would see."""
+
+    def __init__(self, page: Any, server: Server) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        page.on("pageerror", lambda err: self.errors.append(str(err)))
+        page.goto(server.url + "/")
+
+    def login(self, token: str = API_KEY) -> None:
+        self.page.fill("#token", token)
+        self.page.press("#token", "Tab")  # "change" reloads the voices with the token
+
+    def wait_voices(self) -> None:
+        self.page.wait_for_function(
+            "() => { const v = document.querySelector('#voice');"
+            " return v.options.length > 0 && v.value !== ''; }",
+            timeout=10_000,
+        )
+
+    def speak(self, text: str, wps: int) -> None:
+        self.page.fill("#text", text)
+        self.page.fill("#wps", str(wps))
+        self.page.click("#speak")
+
+    def stats(self) -> dict[str, str]:
+        return self.page.eval_on_selector("#stats", "e => ({...e.dataset})")
+
+    def alert(self) -> str:
+        return self.page.inner_text("#message").strip()
+
+    def current_word_index(self) -> int:
+        return int(self.page.eval_on_selector("#captions", "e => e.dataset.currentIndex"))
+
+    def wait_played_ms(self, ms: int, timeout_ms: int = 60_000) -> None:
+        self.page.wait_for_function(
+            f"() => Number(document.querySelector('#stats').dataset.playedMs) > {ms}"
+            " || document.querySelector('#stats').dataset.state === 'error'",
+            timeout=timeout_ms,
+        )
+        assert self.stats()["state"] != "error", self.alert()
+
+
+@pytest.fixture()
+def client(browser: Any, server: Server) -> Iterator[Client]:
+    server.wait_idle()
+    context = browser.new_context(viewport={"width": 1100, "height": 1000})
+    try:
+        yield Client(context.new_page(), server)
+    finally:
+        context.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+
+def test_page_lists_voices_and_server_status(client: Client, server: Server) -> None:
+    page = client.page
+    assert page.inner_text("label[for=text]").strip() == "Text"
+    client.login()
+    client.wait_voices()
+    code, body = _http_get(f"{server.url}/v1/voices?token={API_KEY}")
+    assert code == 200
+    voice_ids = [v["id"] for v in json.loads(body)]
+    options = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
+    assert options == voice_ids
+    # The server panel polls /v1/status every 2 s.
+    page.wait_for_function(
+        "() => /^\\d+\\/1 streams$/.test(document.querySelector('#server-streams').textContent)",
+        timeout=6_000,
+    )
+    assert client.errors == []
+
+
+def test_streamed_paragraph_plays_to_the_end_with_captions(
+    client: Client, tmp_path: Path,
+) -> None:
+    client.login()
+    client.wait_voices()
+    client.speak(PARAGRAPH, wps=15)
+
+    seen: list[int] = []  # caption highlight index over time
+    shot_taken = False
+    deadline = time.monotonic() + 120
+    stats = client.stats()
+    while stats["state"] not in ("done", "error") and time.monotonic() < deadline:
+        seen.append(client.current_word_index())
+        words = client.page.eval_on_selector_all(".word", "ws => ws.length")
+        if not shot_taken and words and seen[-1] >= words // 2:
+            client.page.screenshot(path=str(tmp_path / "speaking.png"), full_page=True)
+            if os.environ.get("TTS_UPDATE_SCREENSHOT"):
+                client.page.screenshot(path=str(WEB_CLIENT / "screenshot.png"))
+            shot_taken = True
+        time.sleep(0.1)
+        stats = client.stats()
+    client.page.screenshot(path=str(tmp_path / "done.png"), full_page=True)
+
+    assert stats["state"] == "done", f"state {stats['state']}: {client.alert()}"
+    audio_ms = float(stats["audioMs"])  # usage.audio_ms from `done`
+    assert audio_ms > 5_000, "a 40-word paragraph should be several seconds of speech"
+    assert float(stats["playedMs"]) >= 0.9 * audio_ms
+    assert stats["underruns"] == "0"
+    assert stats["ttfaMs"] != "" and float(stats["ttfaMs"]) > 0
+
+    n_words = client.page.eval_on_selector_all(".word", "ws => ws.length")
+    assert n_words >= 30, "word timings should cover the paragraph"
+    moved = [i for i in seen if i >= 0]
+    assert moved, "the current-word highlight never appeared"
+    assert max(moved) >= n_words - 3, "the highlight should reach the last words"
+    assert len(set(moved)) >= n_words // 2, "the highlight should step through the words"
+    assert moved == sorted(moved), "the highlight should only move forward"
+    assert client.alert() == ""
+    assert client.errors == []
+
+
+def test_stop_goes_silent_within_100_ms(client: Client) -> None:
+    client.login()
+    client.wait_voices()
+    client.speak(LONG_TEXT, wps=0)
+    client.wait_played_ms(1500)
+
+    # Click Stop inside the page and sample the worklet's counters against the page's clock.
+    samples = client.page.evaluate(
+        """async () => {
+          const stats = document.querySelector('#stats');
+          const t0 = performance.now();
+          document.querySelector('#stop').click();
+          const out = [];
+          while (performance.now() - t0 < 1000) {
+            out.push({t: performance.now() - t0, played: Number(stats.dataset.playedMs),
+                      peak: Number(stats.dataset.outputPeak), state: stats.dataset.state});
+            await new Promise((r) => setTimeout(r, 5));
+          }
+          return out;
+        }"""
+    )
+    last_change = max(
+        (s["t"] for prev, s in zip(samples, samples[1:]) if s["played"] != prev["played"]),
+        default=0.0,
+    )
+    assert last_change <= 100, f"played position still advanced {last_change:.0f} ms after Stop"
+    assert samples[-1]["state"] == "idle"
+    loud = [s for s in samples if s["t"] > 150 and s["peak"] > 0]
+    assert not loud, f"audio output after Stop: {loud[:3]}"
+
+    # No late audio: audio the server had already sent for the cancelled stream is not played.
+    frozen = samples[-1]["played"]
+    assert "Cancelled" in client.page.inner_text("#notice")
+    time.sleep(1.0)
+    stats = client.stats()
+    assert float(stats["playedMs"]) == frozen
+    assert stats["bufferedMs"] == "0"
+    assert stats["state"] == "idle"
+    assert client.alert() == ""
+    assert client.errors == []
+
+
+def test_full_server_shows_capacity_message(
+    browser: Any, client: Client, server: Server, tmp_path: Path,
+) -> None:
+    # Another listener holds the only stream: slow typing keeps it open for a long time.
+    holder = Client(browser.new_page(viewport={"width": 1100, "height": 1000}), server)
+    try:
+        holder.login()
+        holder.wait_voices()
+        holder.speak(LONG_TEXT, wps=1)
+        holder.wait_played_ms(200)
+
+        client.login()
+        client.wait_voices()
+        client.speak(PARAGRAPH, wps=0)
+        client.page.wait_for_function(
+            "() => document.querySelector('#message').textContent !== ''", timeout=20_000,
+        )
+        client.page.screenshot(path=str(tmp_path / "refused.png"), full_page=True)
+        assert CAPACITY_RE.fullmatch(client.alert()), client.alert()
+        assert client.page.get_attribute("#message", "role") == "alert"
+        assert client.page.is_visible("#message")
+        assert client.stats()["state"] == "error"
+        assert holder.stats()["state"] == "streaming", "the held stream must be unaffected"
+    finally:
+        holder.page.click("#stop")
+        holder.page.close()
+
+
+def test_wrong_token_says_authentication_failed(client: Client) -> None:
+    client.login("not-the-key")
+    client.speak("Hello there.", wps=0)
+    client.page.wait_for_function(
+        "() => document.querySelector('#stats').dataset.state === 'error'", timeout=10_000,
+    )
+    assert client.alert() == AUTH_MESSAGE
+    assert client.page.is_visible("#message")

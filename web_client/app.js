@@ -1,0 +1,1023 @@
+// Browser client for the streaming TTS server (protocol v1, see docs/protocol.md).
+//
+// Served by the server itself: the page at GET /, this directory under /static/ (so this file is
+// /static/app.js and the msgpack package is /static/node_modules/@msgpack/msgpack/...). No
+// bundler: modules are imported relative to this file.
+//
+// HTTP endpoints this page uses (same origin; `?token=` added when an API token is entered,
+// because browsers cannot set an Authorization header on a WebSocket):
+//   GET /v1/voices  -> [{id, language, sample_rate, speakers, quality, loaded}, ...]
+//                      also the auth check before opening the socket: 401 means a bad token.
+//   GET /v1/status  -> {active_streams, max_streams, capacity_load, vram_used_bytes,
+//                       vram_total_bytes, gpu_power_w}; any field may be null when unknown.
+//                      capacity_load is a fraction (1.0 = full). Polled every 2 s for the server
+//                      panel, and read to explain a refused connection (503 before the upgrade
+//                      is invisible to the WebSocket API).
+//   WS  /v1/stream  -> binary msgpack frames: start/text/end/cancel out; ready/audio/phrase/
+//                      words/done/cancelled/error in.
+//
+// Data path: socket -> (Opus: WebCodecs AudioDecoder | PCM: s16le -> f32) -> AudioWorklet ring
+// buffer -> speakers. The worklet reports what it actually rendered; that clock drives the
+// captions' current word and the "played" statistic.
+
+import { decode, encode } from "./node_modules/@msgpack/msgpack/dist.esm/index.mjs";
+
+const SAMPLE_RATE = 48000; // requested from both the AudioContext and the server
+const STARTUP_BUFFER_MS = 80; // cushion the worklet fills before it starts playing
+const STATUS_POLL_MS = 2000;
+const OPUS_CONFIG = { codec: "opus", sampleRate: SAMPLE_RATE, numberOfChannels: 1 };
+const MSG_AUTH = "Authentication failed: check the API token";
+
+const $ = (id) => document.getElementById(id);
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+/** A same-origin URL with the API token (if any) as ?token=. */
+function apiUrl(path, token, protocol) {
+  const url = new URL(path, window.location.href);
+  if (protocol) url.protocol = protocol;
+  if (token) url.searchParams.set("token", token);
+  return url.toString();
+}
+
+function streamUrl(token) {
+  return apiUrl("/v1/stream", token, window.location.protocol === "https:" ? "wss:" : "ws:");
+}
+
+function capacityMessage(retryAfterS) {
+  const n = Number.isFinite(retryAfterS) ? Math.max(1, Math.ceil(retryAfterS)) : null;
+  return n === null
+    ? "Server is at capacity — try again in a few seconds"
+    : `Server is at capacity — try again in ${n} s`;
+}
+
+function fmt(value, digits, unit) {
+  if (value === null || value === undefined || Number.isNaN(value)) return "n/a";
+  return `${Number(value).toFixed(digits)}${unit}`;
+}
+
+/** Split text into LLM-like tokens: each word with its trailing whitespace. */
+function tokenize(text) {
+  const tokens = text.match(/\S+\s*/g) || [];
+  const lead = text.match(/^\s*/)[0];
+  if (tokens.length && lead) tokens[0] = lead + tokens[0];
+  return tokens;
+}
+
+function pcmToFloat32(bytes) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = new Float32Array(bytes.byteLength >> 1);
+  for (let i = 0; i < out.length; i++) out[i] = view.getInt16(i * 2, true) / 32768;
+  return out;
+}
+
+/** Linear resampler, only used if the AudioContext could not run at the stream's rate. */
+class LinearResampler {
+  constructor(fromRate, toRate) {
+    this.step = fromRate / toRate;
+    this.pos = 0; // fractional read position into [last, ...input]
+    this.last = 0;
+  }
+
+  process(input) {
+    const src = new Float32Array(input.length + 1);
+    src[0] = this.last;
+    src.set(input, 1);
+    const out = [];
+    while (this.pos + 1 < src.length) {
+      const i = Math.floor(this.pos);
+      const f = this.pos - i;
+      out.push(src[i] * (1 - f) + src[i + 1] * f);
+      this.pos += this.step;
+    }
+    this.pos -= input.length;
+    this.last = input[input.length - 1] ?? this.last;
+    return Float32Array.from(out);
+  }
+}
+
+async function opusSupported() {
+  if (typeof AudioDecoder === "undefined") return false;
+  try {
+    return (await AudioDecoder.isConfigSupported(OPUS_CONFIG)).supported === true;
+  } catch {
+    return false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Player: AudioContext + the worklet's ring buffer
+
+class Player {
+  constructor(onReport) {
+    this.onReport = onReport;
+    this.ctx = null;
+    this.node = null;
+    this.last = null; // the latest worklet report of the current stream
+  }
+
+  /** Create the AudioContext (call from a user gesture) and load the worklet once. */
+  async init() {
+    if (!this.ctx) {
+      if (!window.isSecureContext || !window.AudioWorkletNode) {
+        throw new Error("Audio playback needs a secure page (https:// or localhost)");
+      }
+      this.ctx = new AudioContext({ sampleRate: SAMPLE_RATE, latencyHint: "interactive" });
+      await this.ctx.audioWorklet.addModule(new URL("./player-worklet.js", import.meta.url));
+      this.node = new AudioWorkletNode(this.ctx, "player-processor", {
+        numberOfInputs: 0,
+        numberOfOutputs: 1,
+        outputChannelCount: [1],
+      });
+      this.node.port.onmessage = (event) => this.handleReport(event.data);
+      this.node.connect(this.ctx.destination);
+    }
+    if (this.ctx.state !== "running") await this.ctx.resume();
+  }
+
+  get sampleRate() {
+    return this.ctx ? this.ctx.sampleRate : SAMPLE_RATE;
+  }
+
+  handleReport(report) {
+    if (report.gen !== this.gen) return;
+    this.last = report;
+    this.onReport(report);
+  }
+
+  reset(gen) {
+    this.gen = gen;
+    this.last = null;
+    const startupSamples = Math.round((this.sampleRate * STARTUP_BUFFER_MS) / 1000);
+    this.node.port.postMessage({ type: "reset", gen, startupSamples });
+  }
+
+  push(gen, samples) {
+    this.node.port.postMessage({ type: "push", gen, samples }, [samples.buffer]);
+  }
+
+  draining(gen) {
+    this.node.port.postMessage({ type: "draining", gen });
+  }
+
+  end(gen) {
+    this.node.port.postMessage({ type: "end", gen });
+  }
+
+  clear(gen) {
+    this.node.port.postMessage({ type: "clear", gen });
+  }
+
+  /** Stream position (ms) the listener hears now: rendered samples, extrapolated, minus latency. */
+  heardMs() {
+    const r = this.last;
+    if (!r || !this.ctx) return 0;
+    let samples = r.played;
+    if (r.state === "playing") {
+      const since = Math.max(0, this.ctx.currentTime - r.time) * this.sampleRate;
+      samples += Math.min(since, r.buffered);
+    }
+    const latency = (this.ctx.outputLatency || 0) + (this.ctx.baseLatency || 0);
+    samples -= latency * this.sampleRate;
+    return (Math.max(0, samples) * 1000) / this.sampleRate;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opus decoding with WebCodecs
+
+class OpusStreamDecoder {
+  /** onSamples(float32, ptsMs) gets decoded audio in order. */
+  constructor(onSamples, onError) {
+    this.decoder = new AudioDecoder({
+      output: (data) => this.output(data, onSamples),
+      error: (err) => onError(err),
+    });
+    this.decoder.configure(OPUS_CONFIG);
+  }
+
+  output(data, onSamples) {
+    try {
+      const samples = new Float32Array(data.numberOfFrames);
+      data.copyTo(samples, { planeIndex: 0, format: "f32-planar" });
+      onSamples(samples, data.timestamp / 1000);
+    } finally {
+      data.close();
+    }
+  }
+
+  /** packets: raw Opus packets, 20 ms each, starting at ptsMs. */
+  decode(packets, ptsMs, frameMs) {
+    packets.forEach((packet, i) => {
+      const timestamp = Math.round((ptsMs + i * frameMs) * 1000); // microseconds
+      this.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp, data: packet }));
+    });
+  }
+
+  async flush() {
+    if (this.decoder.state === "configured") await this.decoder.flush();
+  }
+
+  close() {
+    if (this.decoder.state !== "closed") this.decoder.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection: one WebSocket, reused across utterances (each is its own `ctx`)
+
+class Connection {
+  constructor(token, onMessage, onClose) {
+    this.token = token;
+    this.onMessage = onMessage;
+    this.onClose = onClose;
+    this.ws = null;
+  }
+
+  get isOpen() {
+    return this.ws !== null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  /** Resolves when open; rejects if the server refuses or is unreachable. */
+  open() {
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(streamUrl(this.token));
+      ws.binaryType = "arraybuffer";
+      let opened = false;
+      ws.onopen = () => {
+        opened = true;
+        resolve();
+      };
+      ws.onmessage = (event) => this.receive(event.data);
+      ws.onclose = (event) => {
+        if (this.ws === ws) this.ws = null;
+        if (opened) this.onClose(event);
+        else reject(new Error(`connection failed (close code ${event.code})`));
+      };
+      this.ws = ws;
+    });
+  }
+
+  receive(data) {
+    if (!(data instanceof ArrayBuffer)) {
+      console.warn("ignoring a text frame; the protocol is binary msgpack only");
+      return;
+    }
+    let msg;
+    try {
+      msg = decode(new Uint8Array(data));
+    } catch (err) {
+      console.warn("undecodable frame", err);
+      return;
+    }
+    if (msg && typeof msg === "object" && typeof msg.type === "string") this.onMessage(msg);
+  }
+
+  send(msg) {
+    if (this.isOpen) this.ws.send(encode(msg));
+  }
+
+  close() {
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      ws.close(1000);
+    }
+  }
+}
+
+/** Why did the WebSocket upgrade fail? The browser hides the HTTP status, so ask over HTTP. */
+async function explainRefusal(token) {
+  try {
+    // A server that refuses before the upgrade answers a plain GET the same way (401 / 503).
+    const probe = await fetch(apiUrl("/v1/stream", token), { cache: "no-store" });
+    if (probe.status === 401 || probe.status === 403) return MSG_AUTH;
+    if (probe.status === 503) {
+      const body = await probe.json().catch(() => ({}));
+      const header = probe.headers.get("Retry-After");
+      const retry = body?.error?.retry_after_s ?? (header === null ? NaN : Number(header));
+      return capacityMessage(retry);
+    }
+  } catch {
+    // fall through to the status endpoint
+  }
+  try {
+    const status = await (await fetch(apiUrl("/v1/status", token), { cache: "no-store" })).json();
+    const full =
+      (status.max_streams !== null && status.active_streams >= status.max_streams) ||
+      (status.capacity_load !== null && status.capacity_load >= 1);
+    if (full) return capacityMessage(status.retry_after_s);
+  } catch {
+    return "Cannot reach the server";
+  }
+  return "Could not open the stream connection to the server";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Captions: phrases as they are scheduled, words highlighted by playback position
+
+class Captions {
+  constructor(root) {
+    this.root = root;
+    this.reset();
+  }
+
+  reset() {
+    const placeholder = document.createElement("p");
+    placeholder.className = "placeholder";
+    placeholder.textContent = "Captions appear here as the speech plays.";
+    this.root.replaceChildren(placeholder);
+    this.phrases = new Map(); // phrase id -> {el, start, end}
+    this.words = []; // word spans sorted by start time
+    this.current = -1;
+    this.heard = 0; // furthest position shown, so jitter in the estimate never steps back
+    this.root.dataset.currentIndex = "-1";
+    this.root.dataset.currentWord = "";
+  }
+
+  phraseElement(id, text, start, end) {
+    let p = this.phrases.get(id);
+    if (!p) {
+      this.root.querySelector(".placeholder")?.remove();
+      const el = document.createElement("span");
+      el.className = "phrase";
+      el.dataset.phraseId = String(id);
+      el.textContent = text;
+      p = { el, start, end, text };
+      this.phrases.set(id, p);
+      // Keep phrases in timeline order even if messages interleave.
+      const later = [...this.phrases.values()].find((q) => q !== p && q.start > start);
+      this.root.insertBefore(el, later ? later.el : null);
+    }
+    return p;
+  }
+
+  addPhrase(msg) {
+    const p = this.phraseElement(msg.id, String(msg.text ?? ""), msg.start_ms, msg.end_ms);
+    p.start = msg.start_ms;
+    p.end = msg.end_ms;
+  }
+
+  /** Wrap each timed word in a span, keeping the phrase's own punctuation and spacing. */
+  addWords(msg) {
+    const items = msg.items || [];
+    const start = items.length ? items[0][1] : 0;
+    const end = items.length ? items[items.length - 1][2] : 0;
+    const fallback = items.map((it) => it[0]).join(" ");
+    const p = this.phraseElement(msg.phrase_id, fallback, start, end);
+    const text = p.text;
+    const frag = document.createDocumentFragment();
+    let cursor = 0;
+    for (const [word, wStart, wEnd] of items) {
+      const at = text.indexOf(word, cursor);
+      if (at < 0) {
+        frag.append(" ");
+      } else if (at > cursor) {
+        frag.append(text.slice(cursor, at));
+      }
+      const span = document.createElement("span");
+      span.className = "word";
+      span.textContent = word;
+      span.dataset.start = String(wStart);
+      span.dataset.end = String(wEnd);
+      frag.append(span);
+      this.words.push(span);
+      if (at >= 0) cursor = at + word.length;
+    }
+    frag.append(text.slice(cursor));
+    p.el.replaceChildren(frag);
+    p.el.classList.add("timed");
+    this.words.sort((a, b) => Number(a.dataset.start) - Number(b.dataset.start));
+    this.words.forEach((w, i) => (w.dataset.index = String(i)));
+    this.current = -1; // indexes may have moved: recompute on the next update
+  }
+
+  /** Highlight what is heard at stream time `ms`. */
+  update(ms) {
+    ms = Math.max(ms, this.heard);
+    this.heard = ms;
+    const idx = this.lastStartedBefore(ms);
+    if (idx !== this.current) {
+      this.words.forEach((w, i) => {
+        w.classList.toggle("current", i === idx);
+        w.classList.toggle("spoken", i < idx);
+      });
+      this.current = idx;
+      this.root.dataset.currentIndex = String(idx);
+      this.root.dataset.currentWord = idx >= 0 ? this.words[idx].textContent : "";
+      if (idx >= 0) this.words[idx].scrollIntoView({ block: "nearest", inline: "nearest" });
+    }
+    for (const p of this.phrases.values()) {
+      p.el.classList.toggle("current", ms >= p.start && ms < p.end);
+      p.el.classList.toggle("spoken", ms >= p.end);
+    }
+  }
+
+  lastStartedBefore(ms) {
+    let lo = 0;
+    let hi = this.words.length - 1;
+    let found = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      if (Number(this.words[mid].dataset.start) <= ms) {
+        found = mid;
+        lo = mid + 1;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return found;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Utterance: one `ctx` on the socket, from `start` to `done`/`cancelled`/`error`
+
+class Utterance {
+  constructor(gen, settings) {
+    this.gen = gen;
+    this.ctx = `u${gen}`;
+    this.settings = settings; // {text, voice, speaker, speed, wps, format}
+    this.phase = "starting"; // starting -> streaming -> draining -> done | cancelled | error
+    this.startSentAt = 0;
+    this.ttfaMs = null;
+    this.audioBytes = 0;
+    this.audioMs = 0;
+    this.pushedSamples = 0; // where the next decoded sample sits on the stream timeline
+    this.decoder = null;
+    this.resampler = null;
+    this.feedTimer = null;
+    this.usage = null;
+    this.ready = false; // the server accepted the stream
+    this.format = settings.format;
+    this.streamRate = SAMPLE_RATE;
+    this.frameMs = 20;
+  }
+
+  get active() {
+    return this.phase === "starting" || this.phase === "streaming" || this.phase === "draining";
+  }
+
+  stopFeeding() {
+    if (this.feedTimer !== null) clearTimeout(this.feedTimer);
+    this.feedTimer = null;
+  }
+
+  release() {
+    this.stopFeeding();
+    if (this.decoder) this.decoder.close();
+    this.decoder = null;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The page
+
+class App {
+  constructor() {
+    this.el = {
+      text: $("text"),
+      voice: $("voice"),
+      speaker: $("speaker"),
+      speakerControl: $("speaker-control"),
+      speed: $("speed"),
+      speedValue: $("speed-value"),
+      wps: $("wps"),
+      token: $("token"),
+      format: $("format"),
+      speak: $("speak"),
+      stop: $("stop"),
+      notice: $("notice"),
+      message: $("message"),
+      captions: $("captions"),
+      stats: $("stats"),
+    };
+    this.player = new Player((report) => this.onWorkletReport(report));
+    this.captions = new Captions(this.el.captions);
+    this.conn = null;
+    this.utt = null;
+    this.gen = 0;
+    this.voices = [];
+    this.opusOk = null;
+  }
+
+  start() {
+    // Speak is the form's submit button, so Enter in a field speaks too.
+    $("compose").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.speak();
+    });
+    this.el.stop.addEventListener("click", () => this.stop());
+    this.el.text.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) this.speak();
+    });
+    this.el.speed.addEventListener("input", () => this.showSpeed());
+    this.el.voice.addEventListener("change", () => this.showSpeakers());
+    this.el.token.addEventListener("change", () => this.loadVoices());
+    this.showSpeed();
+    this.renderStats("idle");
+    this.loadVoices();
+    this.pollStatus();
+    const tick = () => {
+      this.updateCaptions();
+      requestAnimationFrame(tick);
+    };
+    requestAnimationFrame(tick);
+  }
+
+  get token() {
+    return this.el.token.value.trim();
+  }
+
+  // --- messages -------------------------------------------------------------------------------
+
+  showError(text) {
+    this.el.message.textContent = text;
+    this.el.message.hidden = !text;
+  }
+
+  showNotice(text) {
+    this.el.notice.textContent = text;
+  }
+
+  // --- voices and the server panel --------------------------------------------------------------
+
+  async loadVoices() {
+    let resp;
+    try {
+      resp = await fetch(apiUrl("/v1/voices", this.token), { cache: "no-store" });
+    } catch {
+      this.showError("Cannot reach the server");
+      return false;
+    }
+    if (resp.status === 401 || resp.status === 403) {
+      this.showError(this.token ? MSG_AUTH : "This server needs an API token: enter it above");
+      return false;
+    }
+    if (!resp.ok) {
+      this.showError(`Could not load voices (HTTP ${resp.status})`);
+      return false;
+    }
+    this.voices = await resp.json();
+    this.fillVoices();
+    if (/token|authentication/i.test(this.el.message.textContent)) this.showError("");
+    return true;
+  }
+
+  fillVoices() {
+    const previous = this.el.voice.value;
+    const options = this.voices.map((v) => {
+      const opt = document.createElement("option");
+      opt.value = v.id;
+      // Piper ids already name language and quality (en_US-joe-medium): repeat only what is not.
+      const parts = [v.language, v.quality].filter((p) => p && !String(v.id).includes(p));
+      const n = this.speakerList(v).length;
+      if (n > 1) parts.push(`${n} speakers`);
+      opt.textContent = `${v.id}${parts.length ? ` (${parts.join(", ")})` : ""}${
+        v.loaded === false ? " — not loaded" : ""
+      }`;
+      return opt;
+    });
+    if (!options.length) {
+      const opt = document.createElement("option");
+      opt.value = "";
+      opt.textContent = "Server default";
+      options.push(opt);
+    }
+    this.el.voice.replaceChildren(...options);
+    const keep = this.voices.find((v) => v.id === previous);
+    const firstLoaded = this.voices.find((v) => v.loaded !== false);
+    this.el.voice.value = (keep || firstLoaded || this.voices[0] || { id: "" }).id;
+    this.showSpeakers();
+  }
+
+  /** speakers may be a count, a list of names or a {name: id} map. Returns [[label, value]]. */
+  speakerList(voice) {
+    const s = voice?.speakers;
+    if (Array.isArray(s)) return s.map((name, i) => [String(name), i]);
+    if (s && typeof s === "object") return Object.entries(s).map(([name, id]) => [name, id]);
+    const n = Number(s) || 0;
+    return Array.from({ length: n }, (_, i) => [`Speaker ${i}`, i]);
+  }
+
+  showSpeakers() {
+    const voice = this.voices.find((v) => v.id === this.el.voice.value);
+    const list = this.speakerList(voice);
+    this.el.speakerControl.hidden = list.length <= 1;
+    this.el.speaker.replaceChildren(
+      ...list.map(([label, value]) => new Option(label, String(value))),
+    );
+  }
+
+  showSpeed() {
+    this.el.speedValue.textContent = `${Number(this.el.speed.value).toFixed(2)}×`;
+  }
+
+  async pollStatus() {
+    if (!document.hidden) await this.refreshStatus();
+    setTimeout(() => this.pollStatus(), STATUS_POLL_MS);
+  }
+
+  async refreshStatus() {
+    try {
+      const resp = await fetch(apiUrl("/v1/status", this.token), { cache: "no-store" });
+      if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+      this.renderServer(await resp.json());
+    } catch {
+      this.renderServer(null);
+    }
+  }
+
+  renderServer(s) {
+    const streams = $("server-streams");
+    const capacity = $("server-capacity");
+    const vram = $("server-vram");
+    const power = $("server-power");
+    if (!s) {
+      streams.textContent = "status unavailable";
+      capacity.textContent = "";
+      vram.hidden = power.hidden = true;
+      return;
+    }
+    const max = s.max_streams ?? "?";
+    streams.textContent = `${s.active_streams ?? "?"}/${max} streams`;
+    capacity.textContent =
+      s.capacity_load == null ? "capacity n/a" : `capacity ${Math.round(s.capacity_load * 100)}%`;
+    vram.hidden = s.vram_used_bytes == null;
+    if (!vram.hidden) {
+      const gib = (b) => (b / 2 ** 30).toFixed(1);
+      const total = s.vram_total_bytes == null ? "" : ` / ${gib(s.vram_total_bytes)}`;
+      vram.textContent = `VRAM ${gib(s.vram_used_bytes)}${total} GiB`;
+    }
+    power.hidden = s.gpu_power_w == null;
+    if (!power.hidden) power.textContent = `GPU ${Math.round(s.gpu_power_w)} W`;
+  }
+
+  // --- speaking --------------------------------------------------------------------------------
+
+  readSettings() {
+    const wps = Math.max(0, Number(this.el.wps.value) || 0);
+    const speed = Math.min(2, Math.max(0.5, Number(this.el.speed.value) || 1));
+    const speakerVisible = !this.el.speakerControl.hidden;
+    return {
+      text: this.el.text.value,
+      voice: this.el.voice.value || null,
+      speaker: speakerVisible ? this.speakerValue() : null,
+      speed,
+      wps,
+      format: this.el.format.value,
+    };
+  }
+
+  speakerValue() {
+    const v = this.el.speaker.value;
+    return /^\d+$/.test(v) ? Number(v) : v;
+  }
+
+  async speak() {
+    const settings = this.readSettings();
+    if (!settings.text.trim()) {
+      this.showError("Type some text to speak");
+      return;
+    }
+    if (this.utt && this.utt.active) this.stop({ quiet: true });
+    this.showError("");
+    this.showNotice("");
+    const utt = new Utterance(++this.gen, settings);
+    this.utt = utt;
+    this.captions.reset();
+    this.clearUsage();
+    this.renderStats("streaming", "connecting…");
+    this.el.stop.disabled = false;
+    try {
+      await this.player.init(); // inside the click: browsers only start audio from a gesture
+      this.player.reset(utt.gen);
+      utt.format = await this.chooseFormat(settings.format);
+      await this.ensureConnection();
+    } catch (err) {
+      if (this.utt === utt) this.fail(utt, err.message || String(err));
+      return;
+    }
+    if (this.utt !== utt || !utt.active) return; // stopped while connecting
+    this.sendStart(utt);
+  }
+
+  async chooseFormat(choice) {
+    if (this.opusOk === null) this.opusOk = await opusSupported();
+    if (choice === "opus" && !this.opusOk) throw new Error("This browser cannot decode Opus");
+    if (choice === "auto") return this.opusOk ? "opus" : "pcm_s16le";
+    return choice;
+  }
+
+  async ensureConnection() {
+    if (this.conn && this.conn.isOpen && this.conn.token === this.token) return;
+    if (this.conn) this.conn.close();
+    this.conn = null;
+    // A 401 before the upgrade looks like any other failed connection, so check the token first.
+    const resp = await fetch(apiUrl("/v1/voices", this.token), { cache: "no-store" }).catch(
+      () => null,
+    );
+    if (!resp) throw new Error("Cannot reach the server");
+    if (resp.status === 401 || resp.status === 403) throw new Error(MSG_AUTH);
+    const conn = new Connection(
+      this.token,
+      (msg) => this.onMessage(msg),
+      (ev) => this.onSocketClosed(conn, ev),
+    );
+    try {
+      await conn.open();
+    } catch {
+      throw new Error(await explainRefusal(this.token));
+    }
+    this.conn = conn;
+  }
+
+  sendStart(utt) {
+    const s = utt.settings;
+    const start = {
+      type: "start",
+      ctx: utt.ctx,
+      format: utt.format,
+      sample_rate: SAMPLE_RATE,
+      speed: s.speed,
+      words: true,
+    };
+    if (s.voice) start.voice = s.voice;
+    if (s.speaker !== null && s.speaker !== "") start.speaker = s.speaker;
+    utt.startSentAt = performance.now();
+    this.conn.send(start);
+    this.renderStats("streaming", "waiting for the server…");
+  }
+
+  /** Send the text: all at once, or word by word at `wps` like an LLM streaming tokens. */
+  feed(utt) {
+    const { text, wps } = utt.settings;
+    if (wps <= 0) {
+      this.conn.send({ type: "text", ctx: utt.ctx, text });
+      this.conn.send({ type: "end", ctx: utt.ctx });
+      return;
+    }
+    const tokens = tokenize(text);
+    const interval = 1000 / wps;
+    const t0 = performance.now();
+    let i = 0;
+    const next = () => {
+      utt.feedTimer = null;
+      if (this.utt !== utt || !utt.active || !this.conn) return;
+      this.conn.send({ type: "text", ctx: utt.ctx, text: tokens[i] });
+      i += 1;
+      if (i >= tokens.length) {
+        this.conn.send({ type: "end", ctx: utt.ctx });
+        return;
+      }
+      // Schedule against the start time so timer jitter does not accumulate.
+      utt.feedTimer = setTimeout(next, Math.max(0, t0 + i * interval - performance.now()));
+    };
+    next();
+  }
+
+  stop({ quiet = false } = {}) {
+    const utt = this.utt;
+    if (!utt || !utt.active) return;
+    this.player.clear(utt.gen); // silence first: the worklet drops its buffer at once
+    utt.phase = "cancelled";
+    utt.release();
+    if (this.conn) this.conn.send({ type: "cancel", ctx: utt.ctx });
+    this.el.stop.disabled = true;
+    this.renderStats("idle");
+    if (!quiet) this.showNotice("Cancelled");
+  }
+
+  fail(utt, text) {
+    if (utt.active) this.player.clear(utt.gen);
+    utt.phase = "error";
+    utt.release();
+    this.el.stop.disabled = true;
+    this.showError(text);
+    this.renderStats("error");
+    this.refreshStatus(); // a refusal is often about load: show the current numbers now
+  }
+
+  onSocketClosed(conn, event) {
+    if (this.conn === conn) this.conn = null;
+    const utt = this.utt;
+    if (utt && (utt.phase === "starting" || utt.phase === "streaming")) {
+      const why = event.code === 1013 ? capacityMessage(null) : "Connection to the server was lost";
+      this.fail(utt, why);
+    }
+  }
+
+  // --- server messages -------------------------------------------------------------------------
+
+  onMessage(msg) {
+    const utt = this.utt;
+    const ctx = msg.ctx ?? "default";
+    if (msg.type === "error") {
+      this.onServerError(msg);
+      return;
+    }
+    if (!utt || ctx !== utt.ctx) return; // a stream we already left behind
+    if (msg.type === "cancelled") {
+      this.showNotice("Cancelled");
+      return;
+    }
+    if (!utt.active) return;
+    switch (msg.type) {
+      case "ready":
+        this.onReady(utt, msg);
+        break;
+      case "audio":
+        this.onAudio(utt, msg);
+        break;
+      case "phrase":
+        this.captions.addPhrase(msg);
+        break;
+      case "words":
+        this.captions.addWords(msg);
+        break;
+      case "done":
+        this.onDone(utt, msg);
+        break;
+      default:
+        break; // additions to the protocol are allowed; ignore what we do not know
+    }
+  }
+
+  describeError(msg) {
+    const m = msg.message ? `: ${msg.message}` : "";
+    switch (msg.code) {
+      case "overloaded":
+        return capacityMessage(msg.retry_after_s);
+      case "unauthorized":
+        return MSG_AUTH;
+      case "unknown_voice":
+        return `Unknown voice${m}`;
+      case "text_too_long":
+        return `The text is too long for one stream${m}`;
+      case "too_many_contexts":
+        return `Too many streams on this connection${m}`;
+      default:
+        return `Server error (${msg.code ?? "unknown"})${m}`;
+    }
+  }
+
+  onServerError(msg) {
+    const utt = this.utt;
+    const mine = utt && utt.active && (msg.ctx === undefined || msg.ctx === utt.ctx);
+    if (msg.ctx !== undefined && utt && msg.ctx !== utt.ctx) return; // an old stream
+    if (mine) this.fail(utt, this.describeError(msg));
+    else this.showError(this.describeError(msg));
+  }
+
+  onReady(utt, msg) {
+    utt.phase = "streaming";
+    utt.ready = true;
+    utt.format = msg.format || utt.format;
+    utt.streamRate = msg.sample_rate || SAMPLE_RATE;
+    utt.frameMs = msg.frame_ms || 20;
+    if (utt.streamRate !== this.player.sampleRate) {
+      utt.resampler = new LinearResampler(utt.streamRate, this.player.sampleRate);
+    }
+    if (utt.format === "opus") {
+      utt.decoder = new OpusStreamDecoder(
+        (samples, ptsMs) => this.enqueue(utt, samples, ptsMs),
+        (err) => {
+          if (this.utt !== utt || !utt.active) return; // closed on Stop or at the end
+          this.fail(utt, `Audio decoder error: ${err.message || err}`);
+        },
+      );
+    }
+    this.renderStats("streaming", "speaking");
+    this.feed(utt);
+  }
+
+  onAudio(utt, msg) {
+    if (utt.ttfaMs === null) {
+      utt.ttfaMs = performance.now() - utt.startSentAt;
+    }
+    const pts = Number(msg.pts_ms) || 0;
+    if (utt.format === "opus") {
+      const packets = Array.isArray(msg.data) ? msg.data : [msg.data];
+      for (const p of packets) utt.audioBytes += p.byteLength;
+      utt.audioMs += packets.length * utt.frameMs;
+      utt.decoder.decode(packets, pts, utt.frameMs);
+    } else {
+      const bytes = msg.data;
+      utt.audioBytes += bytes.byteLength;
+      utt.audioMs += (bytes.byteLength / 2 / utt.streamRate) * 1000;
+      this.enqueue(utt, pcmToFloat32(bytes), pts);
+    }
+    this.renderStats();
+  }
+
+  /** Hand decoded audio to the worklet, keeping it on the stream's timeline. */
+  enqueue(utt, samples, ptsMs) {
+    if (this.utt !== utt || !utt.active) return;
+    const rate = this.player.sampleRate;
+    let data = utt.resampler ? utt.resampler.process(samples) : samples;
+    const expected = Math.round((ptsMs * rate) / 1000);
+    const gap = expected - utt.pushedSamples;
+    if (gap > rate * 0.005) {
+      // The timeline is contractually gap-free; if audio is missing anyway, keep captions in sync.
+      console.warn(`audio gap of ${((gap / rate) * 1000).toFixed(1)} ms filled with silence`);
+      this.player.push(utt.gen, new Float32Array(gap));
+      utt.pushedSamples += gap;
+    }
+    if (data.buffer.byteLength !== data.byteLength) data = data.slice(); // transferable alone
+    utt.pushedSamples += data.length;
+    this.player.push(utt.gen, data);
+  }
+
+  async onDone(utt, msg) {
+    utt.usage = msg.usage || {};
+    utt.phase = "draining";
+    this.player.draining(utt.gen);
+    this.renderUsage(utt.usage);
+    this.renderStats("streaming", "playing the rest…");
+    try {
+      if (utt.decoder) await utt.decoder.flush();
+    } catch (err) {
+      console.warn("decoder flush failed", err);
+    }
+    if (this.utt === utt && utt.phase === "draining") this.player.end(utt.gen);
+  }
+
+  onWorkletReport(report) {
+    const utt = this.utt;
+    if (!utt || report.gen !== utt.gen) return;
+    if (report.type === "ended" && utt.phase === "draining") {
+      utt.phase = "done";
+      utt.release();
+      this.el.stop.disabled = true;
+      this.updateCaptions();
+      this.renderStats("done");
+      return;
+    }
+    this.renderStats();
+    this.updateCaptions();
+  }
+
+  updateCaptions() {
+    const utt = this.utt;
+    if (!utt || utt.phase === "cancelled" || utt.phase === "error") return;
+    this.captions.update(this.player.heardMs());
+  }
+
+  // --- statistics ------------------------------------------------------------------------------
+
+  renderStats(state, label) {
+    const stats = this.el.stats;
+    if (state) {
+      stats.dataset.state = state;
+      $("stat-state").textContent = label || state;
+      if (state !== "streaming") this.showNotice(state === "done" ? "Finished" : "");
+    }
+    const utt = this.utt;
+    const r = this.player.last;
+    const rate = this.player.sampleRate;
+    const playedMs = r ? (r.played * 1000) / rate : 0;
+    const bufferedMs = r ? (r.buffered * 1000) / rate : 0;
+    stats.dataset.playedMs = String(Math.round(playedMs));
+    stats.dataset.bufferedMs = String(Math.round(bufferedMs));
+    stats.dataset.underruns = String(r ? r.underruns : 0);
+    stats.dataset.outputPeak = String(r ? Number(r.peak.toFixed(4)) : 0);
+    stats.dataset.ttfaMs = utt && utt.ttfaMs !== null ? String(Math.round(utt.ttfaMs)) : "";
+    $("stat-played").textContent = `${(playedMs / 1000).toFixed(2)} s`;
+    $("stat-buffered").textContent = `${Math.round(bufferedMs)} ms`;
+    const silentMs = r ? Math.round((r.underrunSamples * 1000) / rate) : 0;
+    $("stat-underruns").textContent =
+      r && r.underruns ? `${r.underruns} (${silentMs} ms silent)` : "0";
+    $("stat-ttfa").textContent =
+      utt && utt.ttfaMs !== null ? `${Math.round(utt.ttfaMs)} ms` : "–";
+    $("stat-format").textContent = this.formatLabel(utt);
+    $("stat-kbps").textContent =
+      utt && utt.audioMs > 0 ? `${((utt.audioBytes * 8) / utt.audioMs).toFixed(1)} kbps` : "–";
+  }
+
+  formatLabel(utt) {
+    if (!utt || !utt.ready) return "–";
+    const khz = `${utt.streamRate / 1000} kHz`;
+    return utt.format === "opus" ? `Opus ${khz}` : `PCM ${khz}`;
+  }
+
+  clearUsage() {
+    this.el.stats.dataset.audioMs = "";
+    for (const id of ["chars", "audio", "compute", "energy", "cost", "ttfa"]) {
+      $(`usage-${id}`).textContent = "–";
+    }
+  }
+
+  /** Usage from `done`; null fields (no GPU power meter, no tariff) show as n/a. */
+  renderUsage(u) {
+    this.el.stats.dataset.audioMs = u.audio_ms == null ? "" : String(u.audio_ms);
+    $("usage-chars").textContent = u.chars == null ? "n/a" : String(u.chars);
+    $("usage-audio").textContent = fmt(u.audio_ms == null ? null : u.audio_ms / 1000, 2, " s");
+    $("usage-compute").textContent = fmt(u.compute_ms, 0, " ms");
+    $("usage-energy").textContent = fmt(u.energy_j, 2, " J");
+    $("usage-cost").textContent = u.cost == null ? "n/a" : Number(u.cost).toPrecision(3);
+    $("usage-ttfa").textContent = fmt(u.ttfa_ms, 0, " ms");
+  }
+}
+
+new App().start();
