@@ -11,6 +11,7 @@ Calls block; the scheduler runs them in its one worker thread, never on the even
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
+
+# oneDNN builds (JIT-compiles) a kernel per input shape, ~50-150 ms each for the generator on
+# CPU. Shapes here are bucketed, but (chunk size x batch size) still needs more than oneDNN's
+# default cache of 1024 kernels; read when the first kernel is built, so set before any runs.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
+
+import torch  # noqa: E402
 
 from .models.loader import load_vits
 from .models.vits import VitsModel
@@ -26,6 +33,7 @@ from .models.vits import VitsModel
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WHOLE_PAD_FRAMES = 32   # whole-phrase decodes are padded to a multiple of this (shape reuse)
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ class Engine:
         for i, job in enumerate(jobs):
             if not 0 <= job.start < job.end <= job.z.shape[1]:
                 raise ValueError(f"bad decode range [{job.start}, {job.end}) of {job.z.shape[1]} frames")
-            groups.setdefault(self._bucket(job.end - job.start), []).append(i)
+            groups.setdefault(self.bucket(job.end - job.start), []).append(i)
         for size, idx in groups.items():
             audio = self._decode_group([jobs[i] for i in idx], size)
             for k, i in enumerate(idx):
@@ -173,23 +181,31 @@ class Engine:
 
     @torch.inference_mode()
     def decode_whole(self, z: torch.Tensor, speaker: int = 0) -> np.ndarray:
+        """A whole latent in one pass; padded (exactly, by the masks) to reuse kernel shapes."""
         T = z.shape[1]
+        padded = -(-T // _WHOLE_PAD_FRAMES) * _WHOLE_PAD_FRAMES
+        zp = torch.zeros(1, z.shape[0], padded, device=self.device, dtype=self.dtype)
+        zp[0, :, :T] = z
         spk = torch.tensor([speaker], device=self.device) if self.model.emb_g is not None else None
-        return self.model.decode(z[None], [0], [T], (0, T), speakers=spk)[0].float().cpu().numpy()
+        audio = self.model.decode(zp, [0], [T], (0, padded), speakers=spk)[0]
+        return audio[:T * self.hop_length].float().cpu().numpy()
 
-    def warmup(self) -> float:
-        """Run every chunk size once (kernels, allocator); returns seconds taken."""
+    def warmup(self, max_batch: int = 1) -> float:
+        """Build the kernels of every chunk size at every batch size up to max_batch, so no
+        stream pays for a first use later; returns seconds taken."""
         t0 = time.perf_counter()
         ids = [1, 0] + [20, 0, 35, 0, 50, 0, 62, 0] * 6 + [2]
         res = self.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0)])[0]
         for size in self.buckets:
             end = min(size, res.num_frames)
-            self.decode([DecodeJob(z=res.z, start=0, end=end)])
+            for batch in range(1, max_batch + 1):
+                self.decode([DecodeJob(z=res.z, start=0, end=end)] * batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-    def _bucket(self, n: int) -> int:
+    def bucket(self, n: int) -> int:
+        """The padded chunk size a range of n frames is decoded at."""
         for size in self.buckets:
             if n <= size:
                 return size

@@ -1,0 +1,146 @@
+"""Engine benchmark: our PyTorch VITS against onnxruntime, in one run, same ids and threads.
+
+Prints one JSON line with --json. Figures:
+- rtf_torch_cpu / rtf_onnxruntime_cpu: compute seconds per second of audio, whole phrases,
+  batch 1, the two runtimes interleaved repetition by repetition (median of repetitions).
+- chunked_overhead: streaming decode (the chunk schedule, batch 1) over whole-phrase decode, - 1.
+- batched: audio seconds made per wall second at batch 1/4/8/16 (acoustic + chunked decode).
+- on CUDA (--device cuda): fp16 throughput at batch 1..256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.texts import SENTENCES  # noqa: E402
+from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams  # noqa: E402
+from streaming_tts.text.phonemes import Phonemizer  # noqa: E402
+from streaming_tts.voices import VoiceRegistry  # noqa: E402
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_whole(engine: Engine, ort_session, id_lists, params, reps: int) -> dict:
+    """Median RTF of each runtime over `reps` interleaved passes over all sentences."""
+    scales = np.array([params.noise_scale, params.length_scale, params.noise_w], dtype=np.float32)
+    ort_rtf, torch_rtf = [], []
+    for _ in range(reps):
+        if ort_session is not None:
+            t, n = 0.0, 0
+            for ids in id_lists:
+                feed = {"input": np.array([ids], dtype=np.int64),
+                        "input_lengths": np.array([len(ids)], dtype=np.int64), "scales": scales}
+                t0 = time.perf_counter()
+                n += ort_session.run(None, feed)[0].size
+                t += time.perf_counter() - t0
+            ort_rtf.append(t / (n / engine.sample_rate))
+        t, n = 0.0, 0
+        for ids in id_lists:
+            t0 = time.perf_counter()
+            n += engine.synthesize(ids, params, seed=1).size
+            t += time.perf_counter() - t0
+        torch_rtf.append(t / (n / engine.sample_rate))
+    return {"rtf_torch_cpu": statistics.median(torch_rtf),
+            "rtf_onnxruntime_cpu": statistics.median(ort_rtf) if ort_rtf else None}
+
+
+def bench_chunked(engine: Engine, id_lists, params, reps: int) -> dict:
+    results = engine.acoustic([AcousticJob(ids, params, seed=1) for ids in id_lists])
+    whole = chunked = 0.0
+    for _ in range(reps):
+        for r in results:
+            whole += _timed(lambda: engine.decode_whole(r.z))
+            plan = engine.chunk_plan(r.num_frames)
+            chunked += _timed(lambda: [engine.decode([DecodeJob(r.z, a, b)]) for a, b in plan])
+    return {"chunked_overhead": chunked / whole - 1.0}
+
+
+def bench_batched(engine: Engine, id_lists, params, batch: int) -> float:
+    """Audio seconds per wall second for `batch` phrases made together, chunk by chunk."""
+    ids = [id_lists[i % len(id_lists)] for i in range(batch)]
+    t0 = time.perf_counter()
+    results = engine.acoustic([AcousticJob(x, params, seed=i) for i, x in enumerate(ids)])
+    plans = [engine.chunk_plan(r.num_frames) for r in results]
+    for step in range(max(len(p) for p in plans)):
+        jobs = [DecodeJob(r.z, *p[step]) for r, p in zip(results, plans) if step < len(p)]
+        engine.decode(jobs)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    wall = time.perf_counter() - t0
+    audio_s = sum(r.num_frames for r in results) * engine.hop_length / engine.sample_rate
+    return audio_s / wall
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    ap.add_argument("--voice", default=None, help="voice id or .onnx path (default voice)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    voice = VoiceRegistry().resolve(args.voice) if args.voice else VoiceRegistry().default()
+    phonemizer = Phonemizer(voice.config)
+    id_lists = [phonemizer.phonemize(s).ids for s in SENTENCES]
+    params = SynthesisParams(noise_scale=voice.config.noise_scale, length_scale=voice.config.length_scale,
+                             noise_w=voice.config.noise_w)
+    out: dict = {"machine": platform.node(), "cpu_threads": args.threads, "voice": voice.id,
+                 "device": args.device, "sentences": len(SENTENCES), "torch": torch.__version__}
+    cpu = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate,
+                           config=EngineConfig(device="cpu", threads=args.threads))
+    cpu.warmup()
+    ort_session = None
+    if not args.no_ort:
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        so.inter_op_num_threads = 1
+        ort_session = ort.InferenceSession(str(voice.onnx_path), so, providers=["CPUExecutionProvider"])
+        out["onnxruntime"] = ort.__version__
+    out.update(bench_whole(cpu, ort_session, id_lists, params, args.reps))
+    if out.get("rtf_onnxruntime_cpu"):
+        out["torch_over_onnxruntime"] = out["rtf_torch_cpu"] / out["rtf_onnxruntime_cpu"]
+    out["chunk_schedule"] = list(cpu.config.chunk_schedule)
+    out.update(bench_chunked(cpu, id_lists, params, max(1, args.reps - 1)))
+    out["batched_audio_s_per_s_cpu"] = {b: bench_batched(cpu, id_lists, params, int(b))
+                                        for b in args.batches.split(",")}
+    if args.device.startswith("cuda"):
+        out.update(bench_cuda(voice, id_lists, params))
+    out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+    print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+    return 0
+
+
+def bench_cuda(voice, id_lists, params) -> dict:
+    res = {}
+    for dtype in ("float32", "float16"):
+        eng = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate,
+                               config=EngineConfig(device="cuda", dtype=dtype, chunk_schedule=(16, 64, 128)))
+        eng.warmup()
+        res[f"batched_audio_s_per_s_cuda_{dtype}"] = {
+            b: round(bench_batched(eng, id_lists, params, b), 2) for b in (1, 8, 32, 64, 128, 256)}
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Text processing: incremental phrase splitting and phonemization to Piper ids."""
