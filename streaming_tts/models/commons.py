@@ -35,3 +35,22 @@ def same_conv(cin: int, cout: int, kernel: int, dilation: int = 1, groups: int =
     """A Conv1d that keeps the length (symmetric 'same' padding, odd kernels)."""
     return nn.Conv1d(cin, cout, kernel, dilation=dilation, groups=groups, bias=bias,
                      padding=(kernel - 1) * dilation // 2)
+
+
+# Channels-last 2-D convolution: oneDNN's 2-D kernels on [B, C, 1, T] channels-last tensors are
+# several times faster on CPU than its 1-D ones for this model's shapes (measured), and cuDNN
+# prefers that layout for fp16. Parameters stay Conv1d-shaped so they load from voice files.
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, T] -> [B, C, 1, T] channels-last."""
+    return x.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
+def conv(x: torch.Tensor, layer: nn.Conv1d) -> torch.Tensor:
+    """Apply a Conv1d to a [B, C, 1, T] channels-last activation."""
+    return F.conv2d(x, layer.weight.unsqueeze(2), layer.bias, padding=(0, layer.padding[0]),
+                    dilation=(1, layer.dilation[0]), groups=layer.groups)
+
+
+def conv_transpose(x: torch.Tensor, layer: nn.ConvTranspose1d) -> torch.Tensor:
+    return F.conv_transpose2d(x, layer.weight.unsqueeze(2), layer.bias, stride=(1, layer.stride[0]),
+                              padding=(0, layer.padding[0]))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .commons import LRELU_SLOPE, same_conv
+from .commons import LRELU_SLOPE, conv, conv_transpose, same_conv
 from .hparams import VitsHParams
 
 
@@ -34,11 +34,16 @@ class ResBlock1(nn.Module):
         self.convs2 = nn.ModuleList(same_conv(ch, ch, kernel, 1) for _ in dilations)
         self.halo = sum((kernel - 1) * d // 2 + (kernel - 1) // 2 for d in dilations)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        for c1, c2 in zip(self.convs1, self.convs2):
-            xt = _masked(F.leaky_relu(x, LRELU_SLOPE), mask)
-            xt = _masked(F.leaky_relu(conv(xt, c1), LRELU_SLOPE), mask)
-            x = conv(xt, c2) + x
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                first_input: torch.Tensor) -> torch.Tensor:
+        """first_input = masked leaky_relu(x), shared by the parallel blocks of a stage."""
+        xt = first_input
+        for i, (c1, c2) in enumerate(zip(self.convs1, self.convs2)):
+            if i:
+                xt = _masked(F.leaky_relu(x, LRELU_SLOPE), mask)
+            xt = _masked(F.leaky_relu(conv(xt, c1), LRELU_SLOPE, inplace=True), mask)
+            y = conv(xt, c2)
+            x = y.add_(x)            # fresh conv output: add the residual in place
         return x
 
 
@@ -50,9 +55,14 @@ class ResBlock2(nn.Module):
         self.convs = nn.ModuleList(same_conv(ch, ch, kernel, d) for d in dilations)
         self.halo = sum((kernel - 1) * d // 2 for d in dilations)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        for c in self.convs:
-            x = conv(_masked(F.leaky_relu(x, LRELU_SLOPE), mask), c) + x
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                first_input: torch.Tensor) -> torch.Tensor:
+        """first_input = masked leaky_relu(x), shared by the parallel blocks of a stage."""
+        xt = first_input
+        for i, c in enumerate(self.convs):
+            if i:
+                xt = _masked(F.leaky_relu(x, LRELU_SLOPE), mask)
+            x = conv(xt, c).add_(x)  # fresh conv output: add the residual in place
         return x
 
 
@@ -60,15 +70,6 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x * mask
 
 
-def conv(x: torch.Tensor, layer: nn.Conv1d) -> torch.Tensor:
-    """Apply a Conv1d to a [B, C, 1, T] channels-last activation."""
-    return F.conv2d(x, layer.weight.unsqueeze(2), layer.bias, padding=(0, layer.padding[0]),
-                    dilation=(1, layer.dilation[0]))
-
-
-def conv_transpose(x: torch.Tensor, layer: nn.ConvTranspose1d) -> torch.Tensor:
-    return F.conv_transpose2d(x, layer.weight.unsqueeze(2), layer.bias, stride=(1, layer.stride[0]),
-                              padding=(0, layer.padding[0]))
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,11 @@ class Generator(nn.Module):
             off *= self.strides[i]
             mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-            xs = blocks[0](x, mask)
+            first = _masked(F.leaky_relu(x, LRELU_SLOPE), mask)
+            xs = blocks[0](x, mask, first)
             for block in blocks[1:]:
-                xs = xs + block(x, mask)
-            x = xs / self.num_kernels
+                xs.add_(block(x, mask, first))
+            x = xs.mul_(1.0 / self.num_kernels)
         x, off = self._crop(x, off, u, keep, self.halos[-1])
         mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
         x = torch.tanh(conv(_masked(F.leaky_relu(x), mask), self.conv_post))
