@@ -1,0 +1,73 @@
+"""`python -m streaming_tts synth|voices` as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streaming_tts.cli import main, split_sentences
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_wav(path: Path) -> tuple[int, np.ndarray]:
+    with wave.open(str(path)) as w:
+        assert w.getnchannels() == 1 and w.getsampwidth() == 2
+        return w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+
+
+@pytest.fixture()
+def text_file(tmp_path: Path) -> Path:
+    p = tmp_path / "in.txt"
+    p.write_text("Good morning. The weather is calm today, with light wind from the west.")
+    return p
+
+
+def test_synth_writes_a_16_bit_wav_at_the_voice_rate(tmp_path: Path, text_file: Path) -> None:
+    out = tmp_path / "out.wav"
+    assert main(["synth", "--text-file", str(text_file), "--out", str(out), "--seed", "1"]) == 0
+    rate, pcm = read_wav(out)
+    assert rate == 22050
+    assert 2.5 < len(pcm) / rate < 8.0          # two short sentences
+    assert np.abs(pcm).max() > 3000             # speech, not silence
+
+
+def test_speed_and_noise_options_change_the_audio(tmp_path: Path, text_file: Path) -> None:
+    base, fast = tmp_path / "a.wav", tmp_path / "b.wav"
+    common = ["--text-file", str(text_file), "--noise-scale", "0", "--noise-w", "0"]
+    assert main(["synth", *common, "--out", str(base)]) == 0
+    assert main(["synth", *common, "--out", str(fast), "--speed", "2.0"]) == 0
+    _, a = read_wav(base)
+    _, b = read_wav(fast)
+    assert len(b) < 0.65 * len(a)
+
+
+def test_clear_errors(tmp_path: Path, text_file: Path, capsys) -> None:
+    out = str(tmp_path / "x.wav")
+    assert main(["synth", "--text-file", str(tmp_path / "missing.txt"), "--out", out]) == 2
+    assert "text file not found" in capsys.readouterr().err
+    assert main(["synth", "--text-file", str(text_file), "--out", out, "--voice", "nobody"]) == 2
+    assert "unknown voice 'nobody'" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    assert main(["synth", "--text-file", str(empty), "--out", out]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["synth", "--text-file", str(text_file), "--out", out, "--speed", "5"]) == 2
+    assert "--speed" in capsys.readouterr().err
+
+
+def test_voices_lists_the_default_voice() -> None:
+    proc = subprocess.run([sys.executable, "-m", "streaming_tts", "voices"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "en_US-joe-medium" in proc.stdout and "(default)" in proc.stdout
+
+
+def test_sentences_are_split_at_sentence_ends_only() -> None:
+    assert split_sentences("Dr. Smith paid 3.14 dollars. Then he left!") == [
+        "Dr. Smith paid 3.14 dollars.", "Then he left!"]
