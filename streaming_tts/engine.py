@@ -59,6 +59,7 @@ class AcousticJob:
     ids: Sequence[int]
     params: SynthesisParams
     seed: int | None = None                      # None: a fresh random seed
+    head_only: bool = False                      # run the flow only as far as the first chunk needs
 
 
 @dataclass
@@ -66,6 +67,12 @@ class AcousticResult:
     z: torch.Tensor                              # [C, T] latent on the engine's device
     durations: np.ndarray                        # [len(ids)] frames per id
     num_frames: int                              # T
+    z_prior: torch.Tensor | None = None          # set when z is only final up to first_chunk_end
+    speaker: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.z_prior is None
 
 
 @dataclass
@@ -74,6 +81,7 @@ class DecodeJob:
     start: int                                   # first frame to output
     end: int                                     # one past the last frame
     speaker: int = 0
+    phrase_frames: int | None = None             # the phrase's length when z is only a head
 
 
 class Engine:
@@ -118,8 +126,31 @@ class Engine:
             start, i = end, i + 1
         return plan
 
-    @torch.inference_mode()
+    @property
+    def head_frames(self) -> int:
+        """Frames of z the first chunk of a phrase reads: the chunk plus its right context."""
+        return self.config.chunk_schedule[0] + self.context_frames
+
     def acoustic(self, jobs: Sequence[AcousticJob]) -> list[AcousticResult]:
+        """Phrase latents; head_only jobs get z final only for the first chunk (see finish_flow)."""
+        out: list[AcousticResult | None] = [None] * len(jobs)
+        for head in (True, False):
+            idx = [i for i, j in enumerate(jobs) if j.head_only == head]
+            for i, res in zip(idx, self._acoustic([jobs[i] for i in idx], head)):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def finish_flow(self, res: AcousticResult) -> AcousticResult:
+        """Complete a head-only result: the flow over the whole phrase."""
+        if res.complete:
+            return res
+        spk = torch.tensor([res.speaker], device=self.device) if self.model.emb_g is not None else None
+        z = self.model.finish_flow(res.z_prior, res.num_frames, speakers=spk).to(self.dtype)
+        return AcousticResult(z=z, durations=res.durations, num_frames=res.num_frames, speaker=res.speaker)
+
+    @torch.inference_mode()
+    def _acoustic(self, jobs: Sequence[AcousticJob], head_only: bool) -> list[AcousticResult]:
         if not jobs:
             return []
         lengths = [len(j.ids) for j in jobs]
@@ -133,12 +164,19 @@ class Engine:
         gens = [self._generator(j.seed) for j in jobs]
         out = self.model.acoustic(ids.to(self.device), torch.tensor(lengths, device=self.device),
                                   scales.to(self.device), speakers=self._speakers(jobs),
-                                  generators=gens)
+                                  generators=gens, head_frames=self.head_frames if head_only else None)
         frames = out.frames.tolist()
         durations = out.durations.cpu().numpy()
         z = out.z.to(self.dtype)
-        return [AcousticResult(z=z[b, :, :frames[b]].clone(), durations=durations[b, :lengths[b]],
-                               num_frames=frames[b]) for b in range(len(jobs))]
+        results = []
+        for b, job in enumerate(jobs):
+            n = frames[b]
+            partial = out.z_prior is not None and n > z.shape[2]
+            results.append(AcousticResult(
+                z=z[b, :, :min(n, z.shape[2])].clone(), durations=durations[b, :lengths[b]],
+                num_frames=n, z_prior=out.z_prior[b, :, :n].clone() if partial else None,
+                speaker=job.params.speaker))
+        return results
 
     @torch.inference_mode()
     def decode(self, jobs: Sequence[DecodeJob]) -> list[np.ndarray]:
@@ -148,6 +186,9 @@ class Engine:
         for i, job in enumerate(jobs):
             if not 0 <= job.start < job.end <= job.z.shape[1]:
                 raise ValueError(f"bad decode range [{job.start}, {job.end}) of {job.z.shape[1]} frames")
+            head_only = job.phrase_frames is not None and job.z.shape[1] < job.phrase_frames
+            if head_only and job.end + self.context_frames > self.head_frames:
+                raise ValueError(f"decode range [{job.start}, {job.end}) needs the whole flow (finish_flow)")
             groups.setdefault(self.bucket(job.end - job.start), []).append(i)
         for size, idx in groups.items():
             audio = self._decode_group([jobs[i] for i in idx], size)
@@ -165,6 +206,7 @@ class Engine:
         lo, hi = [], []
         for b, job in enumerate(jobs):
             w0 = job.start - ctx                      # phrase frame at window index 0
+            # A head-only z is final only up to head_frames, which covers this window.
             a, e = max(0, w0), min(job.z.shape[1], w0 + width)
             window[b, :, a - w0:e - w0] = job.z[:, a:e]
             lo.append(a - w0)

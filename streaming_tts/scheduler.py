@@ -39,6 +39,7 @@ class SchedulerConfig:
     max_batch_phrases: int = 8         # acoustic jobs per step
     max_batch_chunks: int = 16         # decode jobs per step
     silence_fill_ms: float = 100.0     # keep a listener fed with silence while text is pending
+    head_only_below_ms: float = 500.0  # listener this close to dry: first chunk before the whole flow
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
 
 
@@ -65,14 +66,16 @@ class LoadEstimate:
 # per frame it produces (measured on CPU), and English speech runs ~6.6 frames per character.
 _ACOUSTIC_COST_PER_FRAME = 0.3
 _ACOUSTIC_COST_PER_CHAR = _ACOUSTIC_COST_PER_FRAME * 6.6
+_FLOW_COST_PER_FRAME = 0.15        # the flow is about half of the acoustic stage
 
 
 @dataclass
 class _Batch:
     """Plain data handed to the worker thread: it never reads scheduler state."""
 
-    acoustic: list[tuple[str, str, SynthesisParams]] = field(default_factory=list)  # (sid, text, params)
-    decode: list[tuple[str, DecodeJob]] = field(default_factory=list)
+    acoustic: list[tuple[str, str, SynthesisParams, bool]] = field(default_factory=list)  # sid, text, params, head_only
+    decode: list[tuple[str, DecodeJob, AcousticResult | None]] = field(default_factory=list)  # + flow to finish first
+    owners: list[ActivePhrase] = field(default_factory=list)   # loop side only: phrase of each decode
 
 
 @dataclass
@@ -88,6 +91,7 @@ class _NewPhrase:
 class _Result:
     phrases: dict[str, _NewPhrase | None] = field(default_factory=dict)  # None: nothing speakable
     audio: dict[str, np.ndarray] = field(default_factory=dict)           # next chunks of active phrases
+    finished_z: dict[str, object] = field(default_factory=dict)          # completed latents
     seconds: float = 0.0
     frames: float = 0.0                  # work done, in decode-frame equivalents
 
@@ -268,12 +272,17 @@ class Scheduler:
             if stream.active is not None and stream.active.remaining:
                 if len(batch.decode) >= self.config.max_batch_chunks:
                     continue
-                a, b = stream.active.plan[stream.active.next_chunk]
+                active = stream.active
+                a, b = active.plan[active.next_chunk]
                 cost = self.engine.bucket(b - a)
+                if active.unfinished is not None:
+                    cost += _FLOW_COST_PER_FRAME * active.unfinished.num_frames
                 if used and used + cost > budget:
                     break
-                batch.decode.append((stream.id, DecodeJob(z=stream.active.z, start=a, end=b,
-                                                          speaker=stream.options.params.speaker)))
+                batch.decode.append((stream.id, DecodeJob(z=active.z, start=a, end=b,
+                                                          speaker=stream.options.params.speaker),
+                                     active.unfinished))
+                batch.owners.append(active)
             else:
                 if len(batch.acoustic) >= self.config.max_batch_phrases:
                     continue
@@ -283,7 +292,8 @@ class Scheduler:
                 if used and used + cost > budget:
                     break
                 stream.phrases.popleft()
-                batch.acoustic.append((stream.id, text, stream.options.params))
+                head_only = stream.buffered_ms(now, self.frame_ms) < self.config.head_only_below_ms
+                batch.acoustic.append((stream.id, text, stream.options.params, head_only))
             used += cost
         return batch
 
@@ -307,21 +317,27 @@ class Scheduler:
         t0 = time.perf_counter()
         result = _Result()
         jobs, keys = [], []
-        for sid, text, params in batch.acoustic:
+        for sid, text, params, head_only in batch.acoustic:
             try:
                 ph = self.phonemizer.phonemize(text)
             except ValueError:
                 result.phrases[sid] = None      # nothing speakable (e.g. only punctuation)
                 continue
-            jobs.append(AcousticJob(ids=ph.ids, params=params))
+            jobs.append(AcousticJob(ids=ph.ids, params=params, head_only=head_only))
             keys.append((sid, text, ph))
         acoustic = self.engine.acoustic(jobs)
         firsts = [self.engine.chunk_plan(r.num_frames)[0] for r in acoustic]
-        decode = [job for _, job in batch.decode]
-        decode += [DecodeJob(z=r.z, start=a, end=b, speaker=j.params.speaker)
+        decode = []
+        for sid, job, unfinished in batch.decode:
+            if unfinished is not None:
+                full = self.engine.finish_flow(unfinished)
+                result.finished_z[sid] = full.z
+                job = DecodeJob(z=full.z, start=job.start, end=job.end, speaker=job.speaker)
+            decode.append(job)
+        decode += [DecodeJob(z=r.z, start=a, end=b, speaker=j.params.speaker, phrase_frames=r.num_frames)
                    for r, (a, b), j in zip(acoustic, firsts, jobs)]
         audio = self.engine.decode(decode)
-        for (sid, _), chunk in zip(batch.decode, audio):
+        for (sid, _, _), chunk in zip(batch.decode, audio):
             result.audio[sid] = chunk
         for (sid, text, ph), res, first, chunk in zip(keys, acoustic, firsts, audio[len(batch.decode):]):
             result.phrases[sid] = _NewPhrase(text, ph, res, first, chunk)
@@ -338,11 +354,13 @@ class Scheduler:
         self._meter_step(batch, result)
         if self.observer:
             self.observer.on_step(result.seconds, len(batch.acoustic), len(batch.decode), result.frames)
-        for sid, job in batch.decode:
+        for (sid, job, _), owner in zip(batch.decode, batch.owners):
             stream = self._streams.get(sid)
             # Only if the chunk still belongs to this stream's phrase (not cancelled meanwhile).
-            if stream is not None and stream.active is not None and stream.active.z is job.z:
-                stream.active.next_chunk += 1
+            if stream is not None and stream.active is owner:
+                if sid in result.finished_z:
+                    owner.z, owner.unfinished = result.finished_z[sid], None
+                owner.next_chunk += 1
                 self._emit_audio(stream, result.audio[sid], job.end - job.start)
         for sid, new in result.phrases.items():
             stream = self._streams.get(sid)
@@ -355,7 +373,7 @@ class Scheduler:
     def _meter_step(self, batch: _Batch, result: _Result) -> None:
         """Split the step's time and energy by the frames each stream had computed."""
         shares: dict[str, float] = {}
-        for sid, job in batch.decode:
+        for sid, job, _ in batch.decode:
             shares[sid] = shares.get(sid, 0.0) + (job.end - job.start)
         for sid, new in result.phrases.items():
             if new is not None:
@@ -371,7 +389,8 @@ class Scheduler:
         start = stream.emitted_frames
         res = new.acoustic
         plan = self.engine.chunk_plan(res.num_frames)
-        stream.active = ActivePhrase(id=stream.next_phrase_id, z=res.z, plan=plan, next_chunk=1)
+        stream.active = ActivePhrase(id=stream.next_phrase_id, z=res.z, plan=plan, next_chunk=1,
+                                     unfinished=None if res.complete else res)
         stream.next_phrase_id += 1
         words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms)
                  if stream.options.words else [])
@@ -403,7 +422,7 @@ class Scheduler:
         log.info("stream %s done: %s", stream.id, usage)
 
     def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
-        sids = {sid for sid, *_ in batch.acoustic} | {sid for sid, _ in batch.decode}
+        sids = {sid for sid, *_ in batch.acoustic} | {sid for sid, *_ in batch.decode}
         for sid in sids:
             stream = self._streams.get(sid)
             if stream is not None:

@@ -59,6 +59,7 @@ class ActivePhrase:
     z: torch.Tensor
     plan: list[tuple[int, int]]
     next_chunk: int = 0
+    unfinished: object | None = None   # head-only AcousticResult whose flow the next step completes
 
     @property
     def remaining(self) -> bool:

@@ -177,3 +177,23 @@ def test_cuda_matches_cpu(engine: Engine, dtype: str, tol: float) -> None:
     whole = gpu.decode_whole(res.z)
     chunks = np.concatenate(gpu.decode([DecodeJob(res.z, a, b) for a, b in gpu.chunk_plan(res.num_frames)]))
     assert np.abs(chunks - whole).max() <= tol
+
+
+@pytest.mark.parametrize("n_phonemes", [8, 40, 90])
+def test_head_only_flow_gives_the_same_first_chunk_and_then_the_same_phrase(engine: Engine, n_phonemes: int) -> None:
+    ids = make_ids(n_phonemes, seed=n_phonemes)
+    full = engine.acoustic([AcousticJob(ids, SynthesisParams(), seed=3)])[0]
+    head = engine.acoustic([AcousticJob(ids, SynthesisParams(), seed=3, head_only=True)])[0]
+    assert head.num_frames == full.num_frames
+    plan = engine.chunk_plan(full.num_frames)
+    a, b = plan[0]
+    first = engine.decode([DecodeJob(head.z, a, b, phrase_frames=head.num_frames)])[0]
+    assert np.abs(first - engine.decode([DecodeJob(full.z, a, b)])[0]).max() <= 1e-4
+    done = engine.finish_flow(head)
+    assert done.complete and torch.allclose(done.z, full.z, atol=1e-4)
+    rest = engine.decode([DecodeJob(done.z, s, e) for s, e in plan[1:]]) if len(plan) > 1 else []
+    stitched = np.concatenate([first, *rest])
+    assert np.abs(stitched - engine.decode_whole(full.z)).max() <= 1e-4
+    if not head.complete and len(plan) > 1:
+        with pytest.raises(ValueError, match="finish_flow"):
+            engine.decode([DecodeJob(head.z, *plan[1], phrase_frames=head.num_frames)])

@@ -42,6 +42,8 @@ class FakeEngine:
         self.calls: list[tuple[str, int]] = []
         self.tags = 0
         self.thread_ids: set[int] = set()
+        self.head_results = 0
+        self.finished = 0
 
     frame_ms = property(lambda self: 1000.0 * HOP / RATE)
     chunk_plan = Engine.chunk_plan
@@ -56,8 +58,23 @@ class FakeEngine:
             self.tags += 1
             n = len(job.ids) * FRAMES_PER_ID
             z = torch.full((1, n), float(self.tags))
-            out.append(AcousticResult(z=z, durations=np.full(len(job.ids), FRAMES_PER_ID), num_frames=n))
+            durations = np.full(len(job.ids), FRAMES_PER_ID)
+            if job.head_only and n > self.head_frames:
+                # Like the real engine: only the head of z is usable until finish_flow.
+                self.head_results += 1
+                out.append(AcousticResult(z=z[:, :self.head_frames].clone(), durations=durations,
+                                          num_frames=n, z_prior=z))
+            else:
+                out.append(AcousticResult(z=z, durations=durations, num_frames=n))
         return out
+
+    @property
+    def head_frames(self) -> int:
+        return self.config.chunk_schedule[0]
+
+    def finish_flow(self, res):
+        self.finished += 1
+        return AcousticResult(z=res.z_prior, durations=res.durations, num_frames=res.num_frames)
 
     def decode(self, jobs):
         self.thread_ids.add(threading.get_ident())
@@ -65,6 +82,8 @@ class FakeEngine:
             raise RuntimeError("boom")
         self.calls.append(("decode", len(jobs)))
         time.sleep(self.delay_s)
+        for job in jobs:
+            assert job.end <= job.z.shape[1], "decoded past the final part of a head-only latent"
         return [np.repeat(job.z[0, job.start:job.end].numpy() * 1000 + np.arange(job.start, job.end), HOP)
                 .astype(np.float32) for job in jobs]
 
@@ -164,6 +183,8 @@ async def test_one_stream_speaks_all_text_in_order_then_done():
     spoken = " ".join(p.text for p in sink.phrases())
     assert spoken.split() == "Hello there world. Second sentence here. Third.".split()
     check_timeline(sink)
+    # The first phrase (nothing buffered yet) went out before its whole flow was computed.
+    assert engine.head_results >= 1 and engine.finished == engine.head_results
     usage = sink.events[-1][1]
     assert usage["phrases"] == len(sink.phrases())
     assert usage["audio_ms"] == pytest.approx(sum(len(s) for s, _ in sink.audio()) / RATE * 1000, abs=1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .commons import ChannelLayerNorm, same_conv
+from .commons import ChannelLayerNorm, depthwise_conv, same_conv
 from .hparams import VitsHParams
 
 _MIN_BIN = 1e-3          # minimum bin width/height and derivative, as in VITS' transforms
@@ -36,7 +36,7 @@ class DDSConv(nn.Module):
         if g is not None:
             x = x + g
         for sep, n1, c1, n2 in zip(self.convs_sep, self.norms_1, self.convs_1x1, self.norms_2):
-            y = F.gelu(n1(sep(x * mask)))
+            y = F.gelu(n1(depthwise_conv(x * mask, sep)))
             x = x + F.gelu(n2(c1(y)))
         return x * mask
 

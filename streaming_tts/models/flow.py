@@ -66,6 +66,10 @@ class ResidualCouplingBlock(nn.Module):
         super().__init__()
         self.flows = nn.ModuleDict({str(i): ResidualCouplingLayer(hp) for i in hp.flow_ids})
         self.order = sorted(hp.flow_ids, reverse=True)
+        # Frames of input either side that one output frame depends on: each coupling's
+        # WaveNet widens it by the half-width of every dilated conv (the rest are 1x1).
+        self.halo = sum(sum((c.kernel_size[0] - 1) * c.dilation[0] // 2 for c in layer.enc.in_layers)
+                        for layer in self.flows.values())
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None = None):
         for i in self.order:

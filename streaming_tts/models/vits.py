@@ -25,6 +25,8 @@ class AcousticBatch:
     z: torch.Tensor          # [B, C, Ty] latent, zero beyond each item's frames
     frames: torch.Tensor     # [B] frame counts (long)
     durations: torch.Tensor  # [B, Tx] frames per phoneme id (long), zero on padding
+    z_prior: torch.Tensor | None = None  # [B, C, Ty] prior sample, when z is only a head
+    z_valid: int | None = None           # frames of z that are final (None: all)
 
 
 class VitsModel(nn.Module):
@@ -46,8 +48,14 @@ class VitsModel(nn.Module):
 
     def acoustic(self, ids: torch.Tensor, lengths: torch.Tensor, scales: torch.Tensor,
                  speakers: torch.Tensor | None = None,
-                 generators: list[torch.Generator | None] | None = None) -> AcousticBatch:
-        """ids [B, Tx] long, lengths [B], scales [B, 3] = (noise_scale, length_scale, noise_w)."""
+                 generators: list[torch.Generator | None] | None = None,
+                 head_frames: int | None = None) -> AcousticBatch:
+        """ids [B, Tx] long, lengths [B], scales [B, 3] = (noise_scale, length_scale, noise_w).
+
+        With head_frames, the flow runs only over the window that the first head_frames of z
+        depend on; z is final for `z_valid` frames and `finish_flow` completes it later. The
+        first audio of a phrase then waits for a fraction of the flow.
+        """
         B, Tx = ids.shape
         g = self.speaker_embedding(speakers)
         x, m, logs, x_mask = self.enc_p(ids, lengths)
@@ -66,8 +74,21 @@ class VitsModel(nn.Module):
         m_y, logs_y = m.gather(2, idx), logs.gather(2, idx)
         z_noise = _per_item_noise(frames.tolist(), m.shape[1], Ty, generators, x)
         z_p = (m_y + z_noise * torch.exp(logs_y) * noise_scale) * y_mask
-        z = self.flow(z_p, y_mask, g=g) * y_mask
-        return AcousticBatch(z=z, frames=frames, durations=w_ceil.long())
+        window = Ty if head_frames is None else head_frames + self.flow.halo
+        if window >= Ty:
+            z = self.flow(z_p, y_mask, g=g) * y_mask
+            return AcousticBatch(z=z, frames=frames, durations=w_ceil.long())
+        # Past the window the flow sees zero padding instead of the phrase: its last `halo`
+        # frames are wrong, the first head_frames are exact.
+        z = self.flow(z_p[:, :, :window], y_mask[:, :, :window], g=g) * y_mask[:, :, :window]
+        return AcousticBatch(z=z, frames=frames, durations=w_ceil.long(), z_prior=z_p,
+                             z_valid=head_frames)
+
+    def finish_flow(self, z_prior: torch.Tensor, frames: int,
+                    speakers: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole latent of one phrase from its prior sample [C, T]."""
+        mask = torch.ones(1, 1, frames, device=z_prior.device, dtype=z_prior.dtype)
+        return self.flow(z_prior[None, :, :frames], mask, g=self.speaker_embedding(speakers))[0]
 
     def decode(self, z: torch.Tensor, lo: list[int], hi: list[int], keep: tuple[int, int],
                speakers: torch.Tensor | None = None) -> torch.Tensor:
