@@ -88,9 +88,15 @@ class SchedulerConfig:
     max_batch_phrases: int = 4  # phrases per acoustic step
     max_batch_chunks: int = 8  # chunks per decode step
     start_buffer_ms: float = 200.0  # margin: a stream less than this ahead of playback is urgent
+    target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
+    silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
 
     def __post_init__(self) -> None:
         _require(self.lookahead_ms > 0, "scheduler.lookahead_ms", "must be > 0", self.lookahead_ms)
+        _require(self.target_step_ms > 0, "scheduler.target_step_ms", "must be > 0",
+                 self.target_step_ms)
+        _require(0 < self.silence_fill_ms <= self.lookahead_ms, "scheduler.silence_fill_ms",
+                 "must be in (0, lookahead_ms]", self.silence_fill_ms)
         _require(self.max_batch_phrases >= 1, "scheduler.max_batch_phrases", "must be >= 1",
                  self.max_batch_phrases)
         _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",
@@ -109,15 +115,30 @@ class LimitsConfig:
     idle_timeout_s: float = 60.0  # close a socket with no live stream and no frame this long
     max_send_lag_s: float = 5.0  # close a client that stops reading for this long
     send_queue_messages: int = 256  # per-socket outgoing queue bound
+    heartbeat_s: float = 20.0  # WebSocket ping interval; no pong within half of it: dead peer
 
     def __post_init__(self) -> None:
         for key in ("max_text_chars", "max_frame_bytes", "contexts_per_socket",
                     "send_queue_messages"):
             value = getattr(self, key)
             _require(value >= 1, f"limits.{key}", "must be >= 1", value)
-        for key in ("idle_timeout_s", "max_send_lag_s"):
+        for key in ("idle_timeout_s", "max_send_lag_s", "heartbeat_s"):
             value = getattr(self, key)
             _require(value > 0, f"limits.{key}", "must be > 0", value)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """[audio]: encoding the voice's audio for the wire."""
+
+    opus_complexity: int = 5  # libopus effort 0..10: 5 is near-best quality at half the CPU of 10
+    encode_threads: int = 2  # threads shared by all streams for resampling and encoding
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.opus_complexity <= 10, "audio.opus_complexity", "must be 0..10",
+                 self.opus_complexity)
+        _require(self.encode_threads >= 1, "audio.encode_threads", "must be >= 1",
+                 self.encode_threads)
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -184,11 +184,11 @@ class Engine:
         results: list[np.ndarray | None] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
-            if not 0 <= job.start < job.end <= job.z.shape[1]:
-                raise ValueError(f"bad decode range [{job.start}, {job.end}) of {job.z.shape[1]} frames")
             head_only = job.phrase_frames is not None and job.z.shape[1] < job.phrase_frames
             if head_only and job.end + self.context_frames > self.head_frames:
                 raise ValueError(f"decode range [{job.start}, {job.end}) needs the whole flow (finish_flow)")
+            if not 0 <= job.start < job.end <= job.z.shape[1]:
+                raise ValueError(f"bad decode range [{job.start}, {job.end}) of {job.z.shape[1]} frames")
             groups.setdefault(self.bucket(job.end - job.start), []).append(i)
         for size, idx in groups.items():
             audio = self._decode_group([jobs[i] for i in idx], size)

@@ -163,28 +163,33 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                self._wake.clear()
-                self._apply_commands()
-                now = time.monotonic()
-                self._tick_streams(now)
-                batch = self._schedule(now)
-                if batch.acoustic or batch.decode:
-                    try:
-                        result = await loop.run_in_executor(self._pool, self._execute, batch)
-                    except Exception as exc:  # a failed step must not take the server down
-                        log.exception("scheduler step failed")
-                        self._fail_batch(batch, exc)
-                        continue
-                    self._apply_commands()   # cancels that raced the step win over its output
-                    self._update(batch, result)
-                    continue
-                timeout = self._next_wakeup(now)
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
+                    await self._iteration(loop)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug in one iteration must not silence every stream
+                    log.exception("scheduler iteration failed; continuing")
+                    await asyncio.sleep(0.05)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _iteration(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One schedule -> execute -> update step, or a wait for something to do."""
+        self._wake.clear()
+        self._apply_commands()
+        now = time.monotonic()
+        self._tick_streams(now)
+        batch = self._schedule(now)
+        if batch.acoustic or batch.decode:
+            result, failed = await loop.run_in_executor(self._pool, self._execute_isolated, batch)
+            self._apply_commands()   # cancels that raced the step win over its output
+            self._fail_streams(failed)
+            self._update(batch, result)
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), self._next_wakeup(now))
+        except asyncio.TimeoutError:
+            pass
 
     def _apply_commands(self) -> None:
         while self._commands:
@@ -205,10 +210,10 @@ class Scheduler:
             elif cmd == "cancel":
                 self._drop(sid)
                 stream.sink.on_cancelled()
-                log.info("stream %s cancelled", sid)
+                log.debug("stream %s cancelled", sid)
             elif cmd == "close":
                 self._drop(sid)
-                log.info("stream %s closed by disconnect", sid)
+                log.debug("stream %s closed by disconnect", sid)
 
     def _open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
         if sid in self._streams:
@@ -217,7 +222,7 @@ class Scheduler:
         self._streams[sid] = StreamState(id=sid, options=options, sink=sink,
                                          splitter=self.splitter_factory())
         self.meter.open(sid)
-        log.info("stream %s opened", sid)
+        log.debug("stream %s opened", sid)
 
     def _drop(self, sid: str) -> None:
         self._streams.pop(sid, None)
@@ -313,6 +318,32 @@ class Scheduler:
         return max(nxt, 0.002)
 
     # ---- execute (worker thread: plain data only) ----
+    def _execute_isolated(self, batch: _Batch) -> tuple[_Result, dict[str, str]]:
+        """Run the step; if it fails, run each stream's part alone so only the culprit fails."""
+        try:
+            return self._execute(batch), {}
+        except Exception as exc:
+            sids = list(dict.fromkeys([a[0] for a in batch.acoustic] + [d[0] for d in batch.decode]))
+            if len(sids) == 1:
+                log.exception("synthesis failed for stream %s", sids[0])
+                return _Result(), {sids[0]: type(exc).__name__}
+        merged, failed = _Result(), {}
+        for sid in sids:
+            part = _Batch(acoustic=[a for a in batch.acoustic if a[0] == sid],
+                          decode=[d for d in batch.decode if d[0] == sid])
+            try:
+                res = self._execute(part)
+            except Exception as exc:
+                log.exception("synthesis failed for stream %s", sid)
+                failed[sid] = type(exc).__name__
+                continue
+            merged.phrases.update(res.phrases)
+            merged.audio.update(res.audio)
+            merged.finished_z.update(res.finished_z)
+            merged.seconds += res.seconds
+            merged.frames += res.frames
+        return merged, failed
+
     def _execute(self, batch: _Batch) -> _Result:
         t0 = time.perf_counter()
         result = _Result()
@@ -357,7 +388,7 @@ class Scheduler:
         for (sid, job, _), owner in zip(batch.decode, batch.owners):
             stream = self._streams.get(sid)
             # Only if the chunk still belongs to this stream's phrase (not cancelled meanwhile).
-            if stream is not None and stream.active is owner:
+            if stream is not None and stream.active is owner and sid in result.audio:
                 if sid in result.finished_z:
                     owner.z, owner.unfinished = result.finished_z[sid], None
                 owner.next_chunk += 1
@@ -416,15 +447,19 @@ class Scheduler:
         stream.sink.on_audio(audio, pts)
 
     def _finish(self, stream: StreamState) -> None:
-        usage = self.meter.close(stream.id) or {}
+        usage = self.meter.close(stream.id) or self._empty_usage()
         self._streams.pop(stream.id, None)
         stream.sink.on_done(usage)
-        log.info("stream %s done: %s", stream.id, usage)
+        log.debug("stream %s done: %s", stream.id, usage)
 
-    def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
-        sids = {sid for sid, *_ in batch.acoustic} | {sid for sid, *_ in batch.decode}
-        for sid in sids:
+    @staticmethod
+    def _empty_usage() -> dict:
+        return {"chars": 0, "phrases": 0, "audio_ms": 0, "compute_ms": 0.0, "energy_j": None,
+                "cost": None, "ttfa_ms": None}
+
+    def _fail_streams(self, failed: dict[str, str]) -> None:
+        for sid, error in failed.items():
             stream = self._streams.get(sid)
             if stream is not None:
                 self._drop(sid)
-                stream.sink.on_error("internal", f"synthesis failed: {type(exc).__name__}")
+                stream.sink.on_error("internal", f"synthesis failed: {error}")

@@ -44,6 +44,7 @@ class FakeEngine:
         self.thread_ids: set[int] = set()
         self.head_results = 0
         self.finished = 0
+        self.poison_ids = -1            # acoustic fails for any phrase with this many ids
 
     frame_ms = property(lambda self: 1000.0 * HOP / RATE)
     chunk_plan = Engine.chunk_plan
@@ -51,6 +52,8 @@ class FakeEngine:
 
     def acoustic(self, jobs):
         self.thread_ids.add(threading.get_ident())
+        if any(len(job.ids) == self.poison_ids for job in jobs):
+            raise RuntimeError("poisoned phrase")
         if jobs:
             self.calls.append(("acoustic", len(jobs)))
         out = []
@@ -372,3 +375,22 @@ async def test_silence_keeps_the_listener_fed_while_text_is_pending():
     # The timeline kept pace with the wall clock: no gap a player would hear as an underrun.
     end = sink.audio()[-1][1] + len(sink.audio()[-1][0]) / RATE * 1000
     assert end >= (sink.audio_at[-1] - sink.audio_at[0]) * 1000 - 60
+
+
+async def test_a_failing_stream_does_not_take_its_batch_neighbours_down():
+    engine = FakeEngine()
+    poison = "Zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz."
+    engine.poison_ids = len(FakePhonemizer().phonemize(poison).ids)
+    sched, task = await running(engine, initial_frames_per_s=1e6)   # both in one step
+    bad, good = Sink(), Sink()
+    sched.open("bad", OPTS, bad)
+    sched.open("good", OPTS, good)
+    sched.text("bad", poison)
+    sched.text("good", "Fine words here.")
+    sched.end("bad")
+    sched.end("good")
+    await asyncio.wait_for(asyncio.gather(bad.done.wait(), good.done.wait()), 5)
+    await stop(task)
+    assert bad.events[-1][:2] == ("error", "internal")
+    assert good.kinds()[-1] == "done" and good.audio()
+    check_timeline(good)

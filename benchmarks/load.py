@@ -1,0 +1,205 @@
+"""Load benchmark: N concurrent streams against a running server, as real listeners.
+
+Each stream sends a paragraph word by word at --wps words per second (0: all at once), then
+`end`, and plays what comes back in a simulated real-time player that starts once it holds
+--start-buffer-ms of audio. Reports, over admitted streams: TTFA (first text sent -> first audio
+received) p50/p95/max, messages late for that player (arrived after their play time), player
+underruns, timeline gaps (pts not contiguous), refusals, aggregate compute RTF from `done`
+usage, and event-loop lag p99 from the server's /metrics.
+
+    python benchmarks/load.py --url ws://127.0.0.1:8000/v1/stream --streams 12 --wps 15 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import msgpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.texts import PARAGRAPH  # noqa: E402
+
+
+@dataclass
+class StreamReport:
+    refused: bool = False
+    error: str | None = None
+    ttfa_ms: float | None = None
+    late: int = 0
+    underruns: int = 0
+    gaps: int = 0
+    audio_ms: float = 0.0
+    compute_ms: float = 0.0
+    messages: int = 0
+
+
+@dataclass
+class Player:
+    """Real-time playback model: starts after start_buffer_ms, plays at wall-clock speed."""
+
+    start_buffer_ms: float
+    started_at: float | None = None      # wall time at which timeline 0 plays
+    stall_ms: float = 0.0                # total time the player waited with nothing to play
+    received_ms: float = 0.0             # end of the timeline received so far
+    late: int = 0
+    underruns: int = 0
+    first_arrival: float | None = None
+
+    def receive(self, pts_ms: float, dur_ms: float, now: float) -> None:
+        if self.first_arrival is None:
+            self.first_arrival = now
+        if self.started_at is None:
+            if pts_ms + dur_ms >= self.start_buffer_ms:
+                self.started_at = now
+        elif now > self.started_at + (pts_ms + self.stall_ms) / 1000.0:
+            # Needed earlier than it came: the player ran dry, stalls until now.
+            self.late += 1
+            self.underruns += 1
+            self.stall_ms += (now - self.started_at) * 1000.0 - (pts_ms + self.stall_ms)
+        self.received_ms = pts_ms + dur_ms
+
+
+def _duration_ms(msg: dict, fmt: str, rate: int) -> float:
+    if fmt == "opus":
+        return 20.0 * len(msg["data"])
+    return len(msg["data"]) / 2 / rate * 1000.0
+
+
+async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int) -> StreamReport:
+    rep = StreamReport()
+    try:
+        ws = await session.ws_connect(url, max_msg_size=0)
+    except aiohttp.WSServerHandshakeError as exc:
+        rep.refused = exc.status == 503
+        rep.error = None if rep.refused else f"handshake {exc.status}"
+        return rep
+    fmt, rate, ctx = args.format, 48000, f"c{idx}"
+    await ws.send_bytes(msgpack.packb({"type": "start", "ctx": ctx, "format": fmt, "sample_rate": rate}))
+    ready = msgpack.unpackb((await ws.receive()).data)
+    if ready.get("type") != "ready":
+        rep.refused = ready.get("code") == "overloaded"
+        rep.error = None if rep.refused else str(ready)
+        await ws.close()
+        return rep
+    player = Player(args.start_buffer_ms)
+    t_first_text = time.monotonic()
+    sender = asyncio.create_task(_send_text(ws, args, ctx))
+    next_pts = 0.0
+    try:
+        async for raw in ws:
+            if raw.type != aiohttp.WSMsgType.BINARY:
+                break
+            msg = msgpack.unpackb(raw.data)
+            rep.messages += 1
+            now = time.monotonic()
+            if msg["type"] == "audio":
+                if rep.ttfa_ms is None:
+                    rep.ttfa_ms = (now - t_first_text) * 1000.0
+                dur = _duration_ms(msg, fmt, rate)
+                if abs(msg["pts_ms"] - next_pts) > 1.0:
+                    rep.gaps += 1
+                next_pts = msg["pts_ms"] + dur
+                player.receive(msg["pts_ms"], dur, now)
+            elif msg["type"] == "done":
+                rep.audio_ms = msg["usage"]["audio_ms"]
+                rep.compute_ms = msg["usage"]["compute_ms"]
+                break
+            elif msg["type"] == "error":
+                rep.error = f"{msg['code']}: {msg['message']}"
+                rep.refused = msg["code"] == "overloaded"
+                break
+    finally:
+        sender.cancel()
+        await ws.close()
+    rep.late, rep.underruns = player.late, player.underruns
+    return rep
+
+
+async def _send_text(ws, args, ctx: str) -> None:
+    words = PARAGRAPH.split(" ")[: args.words]
+    if args.wps <= 0:
+        await ws.send_bytes(msgpack.packb({"type": "text", "ctx": ctx, "text": " ".join(words)}))
+    else:
+        for w in words:
+            await ws.send_bytes(msgpack.packb({"type": "text", "ctx": ctx, "text": w + " "}))
+            await asyncio.sleep(1.0 / args.wps)
+    await ws.send_bytes(msgpack.packb({"type": "end", "ctx": ctx}))
+
+
+async def metric_quantile(session: aiohttp.ClientSession, base: str, name: str, q: float) -> float | None:
+    """Quantile of a Prometheus histogram from /metrics (bucket upper bound)."""
+    async with session.get(base + "/metrics") as r:
+        text = await r.text()
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    for le, count in buckets:
+        if count >= q * total:
+            return le
+    return None
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def main_async(args) -> dict:
+    base = args.url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/", 1)[0]
+    async with aiohttp.ClientSession() as session:
+        t0 = time.monotonic()
+        tasks = []
+        for i in range(args.streams):
+            tasks.append(asyncio.create_task(run_stream(session, args.url, args, i)))
+            await asyncio.sleep(args.stagger_ms / 1000.0)
+        reports = await asyncio.gather(*tasks)
+        wall = time.monotonic() - t0
+        lag = await metric_quantile(session, base, "tts_event_loop_lag_seconds", 0.99)
+    ok = [r for r in reports if not r.refused and r.error is None]
+    ttfa = [r.ttfa_ms for r in ok if r.ttfa_ms is not None]
+    audio = sum(r.audio_ms for r in ok)
+    return {
+        "streams": args.streams, "wps": args.wps, "words": args.words, "format": args.format,
+        "admitted": len(ok), "refused": sum(r.refused for r in reports),
+        "errors": [r.error for r in reports if r.error and not r.refused][:5],
+        "ttfa_ms_p50": percentile(ttfa, 0.5), "ttfa_ms_p95": percentile(ttfa, 0.95),
+        "ttfa_ms_max": max(ttfa) if ttfa else None,
+        "late_messages": sum(r.late for r in ok), "underruns": sum(r.underruns for r in ok),
+        "timeline_gaps": sum(r.gaps for r in ok), "audio_s": round(audio / 1000, 2),
+        "compute_rtf": round(sum(r.compute_ms for r in ok) / audio, 4) if audio else None,
+        "wall_s": round(wall, 2), "loop_lag_p99_ms": None if lag is None else lag * 1000,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default="ws://127.0.0.1:8000/v1/stream")
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--wps", type=float, default=15.0, help="words per second; 0 = all at once")
+    ap.add_argument("--words", type=int, default=60, help="words of the benchmark paragraph per stream")
+    ap.add_argument("--format", default="opus", choices=["opus", "pcm_s16le"])
+    ap.add_argument("--start-buffer-ms", type=float, default=60.0)
+    ap.add_argument("--stagger-ms", type=float, default=0.0, help="delay between stream starts")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

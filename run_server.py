@@ -1,0 +1,79 @@
+"""Run the streaming TTS server: `python run_server.py [--config FILE] [--port N] ...`.
+
+The server listens at once and loads the voice in the background; /healthz turns 200 and the
+log says "serving on ..." once it is warmed up. SIGINT (Ctrl-C) or SIGTERM shut it down
+gracefully: live streams get an `error` (internal, "server shutting down") and their sockets
+close with 1001.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Final
+
+import uvloop
+from aiohttp import web
+
+from server.app import create_app
+from server.config import (
+    ConfigError,
+    ServerConfig,
+    add_config_arguments,
+    load_config,
+    overrides_from_args,
+)
+from streaming_tts.voices import UnknownVoiceError
+
+log = logging.getLogger("run_server")
+
+LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# Time for in-flight HTTP requests after the sockets have been closed at shutdown.
+SHUTDOWN_TIMEOUT_S: Final = 10.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Streaming text-to-speech server (WebSocket).")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides_from_args(args))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    setup_logging(cfg.server.log_level)
+    log.debug("effective config: %s", cfg.as_dict())
+    try:
+        serve(cfg)
+    except UnknownVoiceError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:  # e.g. the port is taken
+        log.error("cannot serve on %s:%d: %s", cfg.server.host, cfg.server.port, exc)
+        return 1
+    return 0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    if level != "DEBUG":
+        # One line per HTTP request (the browser polls /v1/status every 2 s) drowns the stream
+        # lifecycle lines; keep the access log for debugging.
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def serve(cfg: ServerConfig) -> None:
+    """Run until SIGINT/SIGTERM, on uvloop."""
+    url = f"http://{cfg.server.host}:{cfg.server.port}"
+    app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url))
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    log.info("listening on %s; loading voice %s on %s", url, cfg.engine.voice, cfg.engine.device)
+    web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=None,
+                shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=True)
+    log.info("server stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The aiohttp application: shared state, background tasks and routes.
+
+`create_app` builds everything cheap at once (config, metrics, admission, the voice list) and
+leaves the slow part to background tasks owned by cleanup contexts:
+  * model: load the voice and engine and warm up in a worker thread (/healthz is 503 until
+    then), measure the per-stream VRAM on CUDA, then run the scheduler (the one coroutine that
+    owns the engine) until the app stops;
+  * loop lag: a 50 ms sleep probe feeding the event-loop lag metrics;
+  * GPU: NVML readings every `metrics.sample_interval_s`, when a GPU is there.
+On shutdown every live socket gets its streams failed with `error` (internal) and close 1001.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from server import http
+from server.admission import AdmissionController, LoadEstimate
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.model import EngineLoader, build_scheduler, load_engine, prepare_model
+from server.monitors import sample_gpu, watch_loop_lag
+from server.observer import MetricsObserver
+from server.state import STATE, ModelSlot, ServerState
+from streaming_tts.engine import Engine
+from streaming_tts.gpu import GpuMonitor
+from streaming_tts.voices import VoiceRegistry
+
+log = logging.getLogger(__name__)
+
+# How long shutdown waits for all sockets to take their `error` and close.
+SHUTDOWN_TIMEOUT_S: Final = 5.0
+# Admission's view of load before the scheduler exists (nothing measured, nothing running).
+_NO_LOAD: Final = LoadEstimate(active_streams=0, demand_audio_s_per_s=0.0,
+                               capacity_audio_s_per_s=None)
+
+LoadSource = Callable[[], Any]  # returns an admission.LoadEstimate-like object
+
+
+def create_app(
+    cfg: ServerConfig,
+    *,
+    engine: Engine | None = None,
+    engine_loader: EngineLoader | None = None,
+    warm_up: bool = True,
+    gpu: GpuMonitor | None = None,
+    load_source: LoadSource | None = None,
+    on_ready: Callable[[], None] | None = None,
+    web_client_dir: Path = http.WEB_CLIENT_DIR,
+) -> web.Application:
+    """The server app for `cfg`.
+
+    Injection points (tests, tools): `engine` serves this engine instead of loading the voice
+    file, and `engine_loader` builds one in the loading thread (e.g. a slow or failing one);
+    `warm_up=False` skips the warm-up of an engine that is already warm; `gpu` replaces the
+    NVML monitor (e.g. `GpuMonitor.fake(...)`); `load_source` replaces the scheduler's measured
+    load in admission; `on_ready` runs once the server has turned healthy.
+    """
+    voices = VoiceRegistry(cfg.engine.voices_dir)
+    model = ModelSlot(voice=voices.resolve(cfg.engine.voice))
+    if engine is not None:
+        engine_loader = _given(engine)
+    metrics = Metrics()
+    monitor = gpu if gpu is not None else GpuMonitor()
+    available = monitor if monitor.available else None
+    admission = AdmissionController(
+        cfg.admission,
+        load_source=load_source or (lambda: _scheduler_load(model)),
+        gpu_reader=available.sample if available is not None else None,
+        on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),
+    )
+    state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
+                        model=model, gpu=available, on_ready=on_ready)
+    app = web.Application()
+    app[STATE] = state
+    app.cleanup_ctx.append(_audio_pool)
+    app.cleanup_ctx.append(_background("loop-lag", _loop_lag))
+    if available is not None:
+        app.cleanup_ctx.append(_background("gpu-sampler", _gpu_sampler))
+    loader = engine_loader or load_engine
+    app.cleanup_ctx.append(_background("model", lambda a: _model(a, loader, warm_up=warm_up)))
+    app.on_shutdown.append(_close_sessions)
+    if gpu is None:  # we opened NVML, we close it
+        app.on_cleanup.append(lambda _app: _close_monitor(monitor))
+    http.add_routes(app, web_client_dir=web_client_dir)
+    return app
+
+
+def _given(engine: Engine) -> EngineLoader:
+    def loader(_voice: Any, _cfg: ServerConfig) -> Engine:
+        return engine
+    return loader
+
+
+def _scheduler_load(model: ModelSlot) -> Any:
+    return _NO_LOAD if model.scheduler is None else model.scheduler.load()
+
+
+async def _close_monitor(monitor: GpuMonitor) -> None:
+    monitor.close()
+
+
+# ---------------------------------------------------------------------------- cleanup contexts
+
+TaskBody = Callable[[web.Application], Coroutine[Any, Any, None]]
+
+
+def _background(name: str, body: TaskBody) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that runs `body` as a task for the app's lifetime: create, yield,
+    cancel, await."""
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(body(app), name=name)
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return ctx
+
+
+async def _audio_pool(app: web.Application) -> AsyncIterator[None]:
+    """The threads that resample and encode audio for every stream."""
+    state = app[STATE]
+    pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=state.cfg.audio.encode_threads, thread_name_prefix="tts-audio")
+    state.audio_pool = pool
+    yield
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _loop_lag(app: web.Application) -> None:
+    state = app[STATE]
+
+    def gauges() -> None:
+        scheduler = state.model.scheduler
+        if scheduler is not None:
+            state.metrics.queue_depth.set(scheduler.queue_depth)
+
+    await watch_loop_lag(state.metrics, window_s=state.cfg.metrics.sample_interval_s,
+                         on_window=gauges)
+
+
+async def _gpu_sampler(app: web.Application) -> None:
+    state = app[STATE]
+    assert state.gpu is not None
+    try:
+        await sample_gpu(state, state.gpu)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # monitoring must never take the server down
+        log.exception("GPU sampler stopped")
+
+
+async def _model(app: web.Application, loader: EngineLoader, *, warm_up: bool) -> None:
+    """Load and warm up (in a thread), then run the scheduler until the app stops."""
+    state = app[STATE]
+    model = state.model
+    try:
+        loaded = await asyncio.to_thread(prepare_model, model.voice, state.cfg, loader=loader,
+                                         warm_up=warm_up)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.exception("loading voice %s failed; /healthz stays 503", model.voice.id)
+        model.failure = f"loading failed: {exc!r}"
+        return
+    observer = MetricsObserver(state.metrics, frame_ms=loaded.engine.frame_ms)
+    scheduler = build_scheduler(loaded, state.cfg, observer=observer,
+                                power_reader=state.power_w)
+    if loaded.stream_vram_bytes is not None:
+        state.admission.set_stream_vram_cost(loaded.stream_vram_bytes)
+    model.engine, model.scheduler = loaded.engine, scheduler
+    if state.on_ready is not None:
+        state.on_ready()
+    await _run_scheduler(model, scheduler)
+
+
+async def _run_scheduler(model: ModelSlot, scheduler: Any) -> None:
+    try:
+        await scheduler.run()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        # Nothing can speak any more: report unhealthy so an orchestrator restarts us.
+        log.critical("the scheduler stopped", exc_info=exc)
+        model.failure = f"scheduler stopped: {exc!r}"
+
+
+async def _close_sessions(app: web.Application) -> None:
+    """on_shutdown: no new streams; live ones get `error` (internal) and close 1001."""
+    state = app[STATE]
+    state.shutting_down = True
+    sessions = list(state.sessions)
+    if sessions:
+        log.info("shutting down: closing %d socket(s)", len(sessions))
+    try:
+        async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+            await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
+    except TimeoutError:
+        log.warning("shutdown: sockets still open after %.0f s", SHUTDOWN_TIMEOUT_S)

@@ -1,0 +1,241 @@
+"""One live context of a socket: the scheduler's sink for its stream, turned into messages.
+
+The scheduler calls the sink methods on the event loop and they only enqueue an event. One task
+per stream (`_pump`) takes the events in the order the scheduler produced them, encodes audio in
+the shared audio thread pool (resampling and Opus are CPU work that must stay off the event
+loop) and appends the messages to the socket's outbox. Keeping one ordered path per stream means
+a phrase's `phrase` precedes its audio, the timeline has no gaps, and `done` follows the last
+`audio` without any extra bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import numpy as np
+
+from server.metrics import Metrics
+from server.outbox import Outbox
+from server.protocol import (
+    OPUS_FRAME_MS,
+    USAGE_FIELDS,
+    AudioFormat,
+    ErrorCode,
+    encode_audio,
+    encode_cancelled,
+    encode_done,
+    encode_error,
+    encode_phrase,
+    encode_words,
+)
+from streaming_tts.audio import Payload, StreamEncoder
+from streaming_tts.stream import PhraseEvent
+
+log = logging.getLogger(__name__)
+
+# pcm is cut into whole 20 ms frames like opus (the last message of a stream may be shorter), so
+# `ready.frame_ms` means the same thing for both formats; it holds back at most 20 ms.
+PCM_FRAME_MS: Final = OPUS_FRAME_MS
+PCM_BYTES_PER_SAMPLE: Final = 2
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What `start` settled for one context."""
+
+    ctx: str
+    stream_id: str
+    format: AudioFormat
+    sample_rate: int  # of the audio sent (after resampling)
+    words: bool
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """How a stream ended; the session frees the context on it."""
+
+    outcome: str  # "done", "cancelled" or "failed"
+    detail: str = ""
+    scheduler_knows: bool = True  # False: the failure is ours, tell the scheduler to close it
+
+
+@dataclass(frozen=True)
+class _Event:
+    kind: str  # "phrase", "audio", "done", "cancelled", "error"
+    value: Any = None
+
+
+class ContextStream:
+    """Sink (streaming_tts.stream.StreamSink) for one stream plus its encoder task."""
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        *,
+        encoder: StreamEncoder,
+        outbox: Outbox,
+        pool: concurrent.futures.Executor,
+        metrics: Metrics,
+        on_end: Callable[[ContextStream, StreamEnd], None],
+    ) -> None:
+        self.spec = spec
+        self.chars = 0  # text accepted so far, for limits.max_text_chars
+        self.ended = False  # the client sent `end`
+        self._encoder = encoder
+        self._outbox = outbox
+        self._pool = pool
+        self._metrics = metrics
+        self._on_end = on_end
+        self._events: asyncio.Queue[_Event] = asyncio.Queue()  # bounded by the lookahead
+        self._task: asyncio.Task[None] | None = None
+        self._detached = False
+        self._seq = 0
+        self._sent_samples = 0  # the stream's timeline so far, in samples at sample_rate
+        self._pcm_held = b""  # pcm bytes waiting to complete a 20 ms frame
+        self._frame_samples = max(1, round(spec.sample_rate * PCM_FRAME_MS / 1000))
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._pump(), name=f"stream-{self.spec.stream_id}")
+
+    def detach(self) -> asyncio.Task[None] | None:
+        """Stop now (cancel, disconnect): nothing more is queued for this stream, and its
+        messages still in the outbox are dropped. Returns the task to await, if any."""
+        self._detached = True
+        self._outbox.purge(self.spec.stream_id)
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            return task
+        return None
+
+    # --- StreamSink: called by the scheduler on the event loop; never blocks, never raises ---
+
+    def on_phrase(self, phrase: PhraseEvent) -> None:
+        self._push(_Event("phrase", phrase))
+
+    def on_audio(self, samples: np.ndarray, pts_ms: float) -> None:
+        # pts_ms is on the voice-rate timeline; the wire pts comes from what was actually sent.
+        self._push(_Event("audio", samples))
+
+    def on_done(self, usage: dict[str, Any]) -> None:
+        self._push(_Event("done", usage))
+
+    def on_cancelled(self) -> None:
+        self._push(_Event("cancelled"))
+
+    def on_error(self, code: str, message: str) -> None:
+        self._push(_Event("error", (code, message)))
+
+    def _push(self, event: _Event) -> None:
+        if not self._detached:
+            self._events.put_nowait(event)
+
+    # --- the pump ---
+
+    async def _pump(self) -> None:
+        try:
+            while not await self._handle(await self._events.get()):
+                pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an encoder fault ends this stream, not the socket
+            log.exception("stream %s ctx=%r: output failed", self.spec.stream_id, self.spec.ctx)
+            self._put_error(ErrorCode.INTERNAL, f"audio encoding failed: {type(exc).__name__}")
+            self._end(StreamEnd("failed", f"encoding: {exc!r}", scheduler_knows=False))
+
+    async def _handle(self, event: _Event) -> bool:
+        """Queue the messages for one event; True when the stream has ended."""
+        if event.kind == "phrase":
+            self._send_phrase(event.value)
+        elif event.kind == "audio":
+            self._send_audio(await self._in_pool(self._encoder.encode, event.value), final=False)
+        elif event.kind == "done":
+            self._send_audio(await self._in_pool(self._encoder.finish), final=True)
+            self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(event.value)))
+            self._end(StreamEnd("done", _usage_summary(event.value)))
+            return True
+        elif event.kind == "cancelled":
+            self._put(encode_cancelled(ctx=self.spec.ctx))
+            self._end(StreamEnd("cancelled", "by the scheduler"))
+            return True
+        elif event.kind == "error":
+            code, message = event.value
+            self._put_error(_error_code(code), message)
+            self._end(StreamEnd("failed", f"{code}: {message}"))
+            return True
+        return False
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _send_phrase(self, phrase: PhraseEvent) -> None:
+        ctx, sid = self.spec.ctx, self.spec.stream_id
+        self._put(encode_phrase(ctx=ctx, phrase_id=phrase.id, text=phrase.text,
+                                start_ms=phrase.start_ms, end_ms=phrase.end_ms), stream_id=sid)
+        if self.spec.words and phrase.words:
+            self._put(encode_words(ctx=ctx, phrase_id=phrase.id, items=phrase.words),
+                      stream_id=sid)
+
+    def _send_audio(self, payload: Payload, *, final: bool) -> None:
+        if isinstance(payload, list):  # opus: whole 20 ms packets
+            samples = len(payload) * self._frame_samples
+        else:
+            payload = self._pcm_frames(payload, final=final)
+            samples = len(payload) // PCM_BYTES_PER_SAMPLE
+        if not samples:
+            return  # opus holds back partial frames; nothing to send yet
+        rate = self.spec.sample_rate
+        pts_ms = self._sent_samples * 1000.0 / rate
+        self._put(encode_audio(ctx=self.spec.ctx, seq=self._seq, pts_ms=pts_ms, data=payload),
+                  stream_id=self.spec.stream_id)
+        self._seq += 1
+        self._sent_samples += samples
+        self._metrics.audio_seconds.inc(samples / rate)
+
+    def _pcm_frames(self, data: bytes, *, final: bool) -> bytes:
+        """Whole 20 ms frames of the pcm so far; the rest waits (all of it goes at the end)."""
+        data = self._pcm_held + data
+        keep = 0 if final else len(data) % (self._frame_samples * PCM_BYTES_PER_SAMPLE)
+        self._pcm_held = data[len(data) - keep:] if keep else b""
+        return data[:len(data) - keep]
+
+    def _put(self, data: bytes, *, stream_id: str | None = None) -> None:
+        self._outbox.put(data, stream_id=stream_id)
+
+    def _put_error(self, code: ErrorCode, message: str) -> None:
+        self._metrics.protocol_errors.labels(code=code.value).inc()
+        self._put(encode_error(code=code, message=message, ctx=self.spec.ctx))
+
+    def _end(self, end: StreamEnd) -> None:
+        self._task = None  # ending from inside the pump: nothing left to cancel
+        self._detached = True
+        self._on_end(self, end)
+
+
+def _error_code(code: str) -> ErrorCode:
+    """The scheduler reports codes as strings; anything unknown is our fault: `internal`."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+def _wire_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """`done.usage` with exactly the protocol's fields (a metering gap becomes null, not a
+    crash that would swallow the `done`)."""
+    missing = [k for k in USAGE_FIELDS if k not in usage]
+    if missing:
+        log.warning("usage lacks %s; sending null", missing)
+    return {k: usage.get(k) for k in USAGE_FIELDS}
+
+
+def _usage_summary(usage: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={usage.get(k)}" for k in ("chars", "phrases", "audio_ms",
+                                                      "compute_ms", "ttfa_ms"))

@@ -1,0 +1,197 @@
+"""HTTP endpoints: the WebSocket upgrade (auth, origin, admission first), status, voices,
+health, metrics and the browser client.
+
+Refusals happen before the upgrade, as plain HTTP with a JSON `error_body`, so a client learns
+why without opening a socket: 403 (Origin not allowed), 401 (API key), 503 + `Retry-After`
+(capacity, loading, shutting down). A plain GET on /v1/stream answers the same way, which is how
+the browser client explains a failed WebSocket (browsers hide the upgrade's HTTP status).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import web
+
+from server.metrics import CONTENT_TYPE
+from server.protocol import ErrorCode, error_body
+from server.session import Session
+from server.state import STATE, ServerState
+
+log = logging.getLogger(__name__)
+
+WEB_CLIENT_DIR: Final = Path(__file__).resolve().parent.parent / "web_client"
+# aiohttp closes a socket (1009) on a frame over max_msg_size instead of handing it to us; with
+# twice the protocol limit, frames up to that size are answered with `bad_request` instead.
+FRAME_SIZE_HEADROOM: Final = 2
+
+
+def add_routes(app: web.Application, *, web_client_dir: Path = WEB_CLIENT_DIR) -> None:
+    app.router.add_get("/v1/stream", stream)
+    app.router.add_get("/v1/voices", voices)
+    app.router.add_get("/v1/status", status)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", _index(web_client_dir / "index.html"))
+    app.router.add_static("/static/", web_client_dir)
+
+
+# ---------------------------------------------------------------------------- the socket
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """GET /v1/stream: refuse over HTTP when we must, else upgrade and serve a Session."""
+    state = request.app[STATE]
+    refusal = _access_refusal(request, state, check_origin=True) or _capacity_refusal(state)
+    if refusal is not None:
+        return refusal
+    limits = state.cfg.limits
+    ws = web.WebSocketResponse(
+        max_msg_size=FRAME_SIZE_HEADROOM * limits.max_frame_bytes,
+        heartbeat=limits.heartbeat_s,
+        compress=False,  # audio does not deflate; compressing it would only burn loop CPU
+    )
+    if not ws.can_prepare(request).ok:
+        return _error(426, ErrorCode.BAD_REQUEST, "this endpoint is a WebSocket (upgrade "
+                      "required)", headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+                      state=state)
+    await ws.prepare(request)
+    session = Session(ws, request, state)
+    state.sessions.add(session)
+    try:
+        await session.run()
+    finally:
+        state.sessions.discard(session)
+    return ws
+
+
+def _capacity_refusal(state: ServerState) -> web.Response | None:
+    """503 before the upgrade when a `start` would be refused anyway."""
+    retry = state.cfg.admission.retry_after_s
+    if state.shutting_down:
+        return _overloaded(state, "server is shutting down", retry)
+    if not state.model.ready:
+        return _overloaded(state, "server is not ready (loading the voice)", retry)
+    decision = state.admission.check()
+    if decision.ok:
+        return None
+    return _overloaded(state, decision.message, decision.retry_after_s or retry)
+
+
+def _overloaded(state: ServerState, message: str, retry_after_s: int) -> web.Response:
+    body = error_body(ErrorCode.OVERLOADED, message, retry_after_s=retry_after_s)
+    state.count_error(ErrorCode.OVERLOADED.value)
+    return web.json_response(body, status=503, headers={"Retry-After": str(retry_after_s)})
+
+
+# ---------------------------------------------------------------------------- auth
+
+
+def _access_refusal(
+    request: web.Request, state: ServerState, *, check_origin: bool,
+) -> web.Response | None:
+    """403 for a browser Origin not allowed, 401 for a missing or wrong API key."""
+    cfg = state.cfg.server
+    origin = request.headers.get("Origin")
+    origin_checked = check_origin and cfg.allowed_origins and origin is not None
+    if origin_checked and origin not in cfg.allowed_origins:
+        return _error(403, ErrorCode.UNAUTHORIZED, "origin not allowed", state=state)
+    if cfg.api_keys and not _key_ok(_presented_key(request), cfg.api_keys):
+        return _error(401, ErrorCode.UNAUTHORIZED,
+                      "missing or wrong API key (Authorization: Bearer KEY, or ?token=KEY)",
+                      headers={"WWW-Authenticate": "Bearer"}, state=state)
+    return None
+
+
+def _presented_key(request: web.Request) -> str | None:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    return request.query.get("token")
+
+
+def _key_ok(key: str | None, keys: tuple[str, ...]) -> bool:
+    if not key:
+        return False
+    given = key.encode()
+    # Compare with every key, without stopping early: timing must not tell which key is close.
+    return any([hmac.compare_digest(given, k.encode()) for k in keys])
+
+
+def _error(
+    status: int, code: ErrorCode, message: str, *, state: ServerState,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    state.count_error(code.value)
+    return web.json_response(error_body(code, message), status=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------- endpoints
+
+
+async def voices(request: web.Request) -> web.Response:
+    """GET /v1/voices: every known voice; `loaded` is true for the one that can speak now."""
+    state = request.app[STATE]
+    refusal = _access_refusal(request, state, check_origin=False)
+    if refusal is not None:
+        return refusal
+    served = state.model.voice
+    listed = {v.id: v for v in state.voices.voices()}
+    listed.setdefault(served.id, served)  # the engine.voice config may be a path
+    return web.json_response([
+        {"id": v.id, "language": v.language, "sample_rate": v.sample_rate,
+         "speakers": v.speakers, "quality": v.quality,
+         "loaded": v.id == served.id and state.model.ready}
+        for v in sorted(listed.values(), key=lambda v: v.id)
+    ])
+
+
+async def status(request: web.Request) -> web.Response:
+    """GET /v1/status: load at a glance (the browser client polls it); null when unknown."""
+    state = request.app[STATE]
+    refusal = _access_refusal(request, state, check_origin=False)
+    if refusal is not None:
+        return refusal
+    return web.json_response(status_body(state))
+
+
+def status_body(state: ServerState) -> dict[str, Any]:
+    scheduler = state.model.scheduler
+    load = None if scheduler is None else round(scheduler.load().utilisation, 4)
+    gpu = state.gpu_sample
+    return {
+        "active_streams": state.admission.active_streams,
+        "max_streams": state.cfg.admission.max_streams,
+        "capacity_load": load,
+        "vram_used_bytes": None if gpu is None else gpu.vram_used_bytes,
+        "vram_total_bytes": None if gpu is None else gpu.vram_total_bytes,
+        "gpu_power_w": None if gpu is None else gpu.power_w,
+        "retry_after_s": state.cfg.admission.retry_after_s,
+        "ready": state.model.ready,
+    }
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: 200 once the voice is loaded and warmed up; 503 before (or if it failed)."""
+    model = request.app[STATE].model
+    if model.ready:
+        return web.json_response({"status": "ok", "voice": model.voice.id})
+    if model.failure is not None:
+        return web.json_response({"status": "failed", "error": model.failure}, status=503)
+    return web.json_response({"status": "loading", "voice": model.voice.id}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text exposition (no auth: scrapers usually have no key)."""
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def _index(path: Path) -> Any:
+    async def index(request: web.Request) -> web.FileResponse:
+        """GET /: the browser client."""
+        return web.FileResponse(path)
+    return index

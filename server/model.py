@@ -1,0 +1,117 @@
+"""Loading the served voice: engine, warm-up, per-stream VRAM cost, and the scheduler over it.
+
+`prepare_model` blocks for seconds (weights, espeak, warm-up) and runs in a worker thread
+(`asyncio.to_thread`) so the event loop keeps answering /healthz meanwhile. `build_scheduler`
+runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from server.config import ServerConfig
+from streaming_tts import engine as tts_engine
+from streaming_tts.engine import AcousticJob, DecodeJob, Engine, SynthesisParams
+from streaming_tts.metering import Meter, Tariff
+from streaming_tts.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from streaming_tts.text.phonemes import Phonemizer
+from streaming_tts.text.splitter import PhraseSplitter
+from streaming_tts.voices import VoiceInfo
+
+log = logging.getLogger(__name__)
+
+# Builds the engine for a voice (blocking); tests inject small, slow or failing ones.
+EngineLoader = Callable[[VoiceInfo, ServerConfig], Engine]
+
+# Phoneme ids of a long phrase (~ the splitter's longest) for the VRAM measurement: pad, BOS,
+# then alternating phoneme / pad ids, EOS. The ids exist in every Piper phoneme map.
+_PROBE_IDS = [1, 0] + [20, 0, 35, 0, 50, 0, 62, 0] * 50 + [2]
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    phonemizer: Phonemizer
+    stream_vram_bytes: int | None  # measured on CUDA only
+
+
+def load_engine(voice: VoiceInfo, cfg: ServerConfig) -> Engine:
+    """The default loader: the voice's Piper `.onnx` into our PyTorch VITS."""
+    e = cfg.engine
+    config = tts_engine.EngineConfig(
+        device=e.device, dtype=e.dtype, chunk_schedule=e.chunk_schedule,
+        threads=e.threads or None,  # 0 in the config means torch's default
+    )
+    return Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate, config=config)
+
+
+def prepare_model(
+    voice: VoiceInfo, cfg: ServerConfig, *, loader: EngineLoader, warm_up: bool = True,
+) -> LoadedModel:
+    """Load, warm up and measure (blocking: call in a worker thread)."""
+    t0 = time.perf_counter()
+    engine = loader(voice, cfg)
+    phonemizer = Phonemizer(voice.config)
+    phonemizer.phonemize("Warm up.")  # the first call starts espeak-ng
+    loaded_s = time.perf_counter() - t0
+    warm_s = engine.warmup() if warm_up else 0.0
+    vram = None
+    if engine.device.type == "cuda":
+        vram = measure_stream_vram(engine, batch=cfg.engine.max_batch)
+    log.info("voice %s loaded in %.1f s, warmed up in %.1f s on %s",
+             voice.id, loaded_s, warm_s, cfg.engine.device)
+    return LoadedModel(engine=engine, phonemizer=phonemizer, stream_vram_bytes=vram)
+
+
+def measure_stream_vram(engine: Engine, *, batch: int) -> int:
+    """GPU memory one stream adds: the peak of a full batch (acoustic + decode of a long
+    phrase), divided by the batch size. Also warms up the largest batch shapes."""
+    device = engine.device
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    jobs = [AcousticJob(ids=_PROBE_IDS, params=SynthesisParams(), seed=i) for i in range(batch)]
+    results = engine.acoustic(jobs)
+    biggest = max(engine.buckets)
+    engine.decode([DecodeJob(z=r.z, start=0, end=min(biggest, r.num_frames)) for r in results])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    per_stream = -(-peak // batch)  # round up
+    log.info("VRAM: batch of %d streams peaks at %.1f MiB, %.1f MiB per stream",
+             batch, peak / 2**20, per_stream / 2**20)
+    return int(per_stream)
+
+
+def build_scheduler(
+    loaded: LoadedModel, cfg: ServerConfig, *,
+    observer: SchedulerObserver | None, power_reader: Callable[[], float | None],
+) -> Scheduler:
+    """The scheduler that will own `loaded.engine` (construct on the event loop)."""
+    s = cfg.scheduler
+    config = SchedulerConfig(
+        lookahead_ms=s.lookahead_ms, target_step_ms=s.target_step_ms,
+        max_batch_phrases=s.max_batch_phrases, max_batch_chunks=s.max_batch_chunks,
+        silence_fill_ms=s.silence_fill_ms,
+    )
+    return Scheduler(
+        loaded.engine, phonemizer=loaded.phonemizer, splitter_factory=PhraseSplitter,
+        meter=Meter(make_tariff(cfg)), config=config, observer=observer,
+        power_reader=power_reader,
+    )
+
+
+def make_tariff(cfg: ServerConfig) -> Tariff | None:
+    """Both prices 0 means no tariff (`usage.cost` is null); a single 0 price is not charged."""
+    m = cfg.metering
+    if not m.has_tariff:
+        return None
+    return Tariff(
+        price_per_kwh=m.price_per_kwh or None,
+        price_per_gpu_hour=m.price_per_gpu_hour or None,
+        currency=m.currency,
+    )

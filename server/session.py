@@ -1,0 +1,368 @@
+"""One WebSocket session: frames in -> contexts (streams) -> the scheduler; messages out.
+
+A session runs two tasks: the read loop (decode each frame, dispatch it; nothing in it awaits
+a send) and the outbox writer (the only sender on this socket). Each live context is a
+`ContextStream` with its own encoder task. Whatever ends the session - the client leaving,
+idle, a slow consumer, server shutdown - every live stream is closed in the scheduler, its
+admission slot released and its tasks cancelled, so nothing of a closed socket survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Final
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from server.context_stream import ContextStream, StreamEnd, StreamSpec
+from server.outbox import Outbox, SlowConsumer
+from server.protocol import (
+    OPUS_FRAME_MS,
+    CancelMsg,
+    ClientMsg,
+    EndMsg,
+    ErrorCode,
+    FlushMsg,
+    ProtocolError,
+    StartMsg,
+    TextMsg,
+    check_sample_rate,
+    decode_client_frame,
+    encode_cancelled,
+    encode_ready,
+    text_frame_error,
+)
+from server.state import ServerState
+from streaming_tts.audio import make_encoder
+from streaming_tts.engine import SynthesisParams
+from streaming_tts.scheduler import Scheduler
+from streaming_tts.stream import StreamOptions
+from streaming_tts.voices import VoiceInfo
+
+log = logging.getLogger(__name__)
+
+# A close handshake with a client that does not answer must not hold the session for long.
+CLOSE_TIMEOUT_S: Final = 2.0
+# At shutdown, how long the `error` messages may take to reach the clients before the close.
+SHUTDOWN_DRAIN_S: Final = 1.0
+# Smallest receive timeout while waiting for the idle deadline (avoid a busy loop).
+_MIN_WAIT_S: Final = 0.05
+
+CloseRequest = tuple[int, str]  # WebSocket close code, reason
+
+
+class Session:
+    """Serves one accepted WebSocket until it closes; see the module docstring."""
+
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, state: ServerState) -> None:
+        self._ws = ws
+        self._request = request
+        self._state = state
+        self._limits = state.cfg.limits
+        self.peer = request.remote or "?"
+        self._outbox = Outbox(ws.send_bytes, max_messages=self._limits.send_queue_messages,
+                              max_lag_s=self._limits.max_send_lag_s)
+        self._streams: dict[str, ContextStream] = {}  # live contexts by ctx
+        self._stopping: set[asyncio.Task[None]] = set()  # cancelled stream tasks to await
+        self._last_activity = asyncio.get_running_loop().time()
+        self._closing = False
+        self._finished = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the socket until it is closed, then leave nothing behind."""
+        writer = asyncio.create_task(self._outbox.run(), name=f"ws-writer {self.peer}")
+        reader = asyncio.create_task(self._read_loop(), name=f"ws-reader {self.peer}")
+        try:
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            if writer.done():
+                await self._writer_stopped(writer)
+            else:
+                await self._reader_stopped(reader)
+        finally:
+            reader.cancel()
+            writer.cancel()
+            self._drop_streams("socket closed")
+            await asyncio.gather(reader, writer, *self._stopping, return_exceptions=True)
+            self._stopping.clear()
+            self._finished.set()
+
+    async def shutdown(self) -> None:
+        """Server shutdown: live streams get `error` (internal), then close 1001."""
+        if not self._closing:
+            self._closing = True
+            live = list(self._streams.values())
+            self._drop_streams("server shutting down")
+            for stream in live:
+                self._send_error(ProtocolError(ErrorCode.INTERNAL, "server shutting down",
+                                               stream.spec.ctx))
+            await self._outbox.drained(SHUTDOWN_DRAIN_S)
+            await self._close(WSCloseCode.GOING_AWAY, "server shutting down")
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._finished.wait()
+        except TimeoutError:
+            log.warning("socket %s did not finish closing", self.peer)
+
+    async def _reader_stopped(self, reader: asyncio.Task[CloseRequest | None]) -> None:
+        exc = reader.exception()
+        if exc is not None:  # a bug in dispatch: close this socket, keep the server up
+            log.error("socket %s failed", self.peer, exc_info=exc)
+            self._drop_streams("server error")
+            await self._close(WSCloseCode.INTERNAL_ERROR, "internal error")
+            return
+        close = reader.result()
+        if close is not None:
+            await self._outbox.drained(self._limits.max_send_lag_s)
+            await self._close(*close)
+
+    async def _writer_stopped(self, writer: asyncio.Task[None]) -> None:
+        exc = writer.exception()
+        if isinstance(exc, SlowConsumer):
+            log.info("socket %s: slow consumer (%s); closing", self.peer, exc)
+            self._drop_streams("slow consumer")
+            await self._close(WSCloseCode.POLICY_VIOLATION, "slow consumer")
+        elif exc is not None:  # the connection broke under a send: the reader sees it too
+            log.debug("socket %s: send failed: %r", self.peer, exc)
+
+    async def _close(self, code: int, reason: str) -> None:
+        self._closing = True
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._ws.close(code=code, message=reason.encode())
+        except TimeoutError:
+            transport = self._request.transport
+            if transport is not None:  # the client does not answer: drop the connection
+                transport.abort()
+        log.debug("socket %s closed by the server: %d %s", self.peer, code, reason)
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> CloseRequest | None:
+        """Frames until the client goes away (None) or the session should close (code, why)."""
+        while True:
+            try:
+                msg = await self._ws.receive(timeout=self._receive_timeout())
+            except TimeoutError:
+                if self._is_idle():
+                    log.info("socket %s idle for %g s; closing", self.peer,
+                             self._limits.idle_timeout_s)
+                    return WSCloseCode.OK, "idle"
+                continue
+            if msg.type is WSMsgType.BINARY:
+                self._on_frame(msg.data)
+            elif msg.type is WSMsgType.TEXT:
+                self._send_error(text_frame_error())
+            else:  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp has answered the close already)
+                return None
+
+    def _receive_timeout(self) -> float:
+        idle = self._limits.idle_timeout_s
+        if self._streams:
+            return idle  # only to wake up now and then; a live stream is never idle
+        deadline = self._last_activity + idle
+        return max(_MIN_WAIT_S, deadline - asyncio.get_running_loop().time())
+
+    def _is_idle(self) -> bool:
+        quiet = asyncio.get_running_loop().time() - self._last_activity
+        return not self._streams and quiet >= self._limits.idle_timeout_s
+
+    def _on_frame(self, data: bytes) -> None:
+        self._last_activity = asyncio.get_running_loop().time()
+        try:
+            self._dispatch(decode_client_frame(data, limits=self._limits))
+        except ProtocolError as err:
+            self._send_error(err)
+
+    def _dispatch(self, msg: ClientMsg) -> None:
+        match msg:
+            case StartMsg():
+                self._start(msg)
+            case TextMsg():
+                self._text(msg)
+            case FlushMsg():
+                self._scheduler().flush(self._writable(msg.ctx, "flush").spec.stream_id)
+            case EndMsg():
+                stream = self._writable(msg.ctx, "end")
+                stream.ended = True
+                self._scheduler().end(stream.spec.stream_id)
+            case CancelMsg():
+                self._cancel(msg.ctx)
+
+    # ------------------------------------------------------------------ messages
+
+    def _start(self, msg: StartMsg) -> None:
+        try:
+            spec, options, voice = self._validate_start(msg)
+        except ProtocolError as err:
+            if err.code is not ErrorCode.BAD_REQUEST:
+                log_level = logging.INFO if err.code is ErrorCode.OVERLOADED else logging.DEBUG
+                log.log(log_level, "stream refused ctx=%r peer=%s: %s (%s)",
+                        msg.ctx, self.peer, err.code.value, err.message)
+            raise
+        scheduler = self._scheduler()
+        stream = self._open_stream(spec, msg, voice)
+        self._streams[msg.ctx] = stream
+        self._outbox.put(encode_ready(
+            ctx=msg.ctx, stream_id=spec.stream_id, voice=voice.id, format=spec.format,
+            sample_rate=spec.sample_rate, frame_ms=OPUS_FRAME_MS))
+        scheduler.open(spec.stream_id, options, stream)
+        stream.start()
+        log.info("stream %s opened ctx=%r peer=%s voice=%s format=%s/%d", spec.stream_id,
+                 msg.ctx, self.peer, voice.id, spec.format.value, spec.sample_rate)
+
+    def _validate_start(self, msg: StartMsg) -> tuple[StreamSpec, StreamOptions, VoiceInfo]:
+        """Every check of `start`, ending with the admission slot (held on success)."""
+        if msg.ctx in self._streams:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "this ctx is already live", msg.ctx)
+        voice = self._voice(msg)
+        params = _params(voice, msg)
+        check_sample_rate(msg, native_rate=voice.sample_rate)
+        limit = self._limits.contexts_per_socket
+        if len(self._streams) >= limit:
+            raise ProtocolError(ErrorCode.TOO_MANY_CONTEXTS,
+                                f"at most {limit} live contexts per socket", msg.ctx)
+        self._admit(msg.ctx)
+        spec = StreamSpec(ctx=msg.ctx, stream_id=uuid.uuid4().hex, format=msg.format,
+                          sample_rate=msg.sample_rate, words=msg.words)
+        options = StreamOptions(params=params, max_buffer_delay_ms=msg.max_buffer_delay_ms,
+                                words=msg.words)
+        return spec, options, voice
+
+    def _admit(self, ctx: str) -> None:
+        """Hold an admission slot for `ctx`, or raise `overloaded`."""
+        retry = self._state.cfg.admission.retry_after_s
+        if self._closing or self._state.shutting_down:
+            raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down", ctx,
+                                retry_after_s=retry)
+        if not self._state.model.ready:
+            raise ProtocolError(ErrorCode.OVERLOADED, "server is not ready (loading the voice)",
+                                ctx, retry_after_s=retry)
+        decision = self._state.admit()
+        if not decision.ok:
+            raise ProtocolError(ErrorCode.OVERLOADED, decision.message, ctx,
+                                retry_after_s=decision.retry_after_s or retry)
+
+    def _open_stream(self, spec: StreamSpec, msg: StartMsg, voice: VoiceInfo) -> ContextStream:
+        try:
+            encoder = make_encoder(spec.format.value, in_rate=voice.sample_rate,
+                                   out_rate=spec.sample_rate, bitrate=msg.bitrate,
+                                   complexity=self._state.cfg.audio.opus_complexity)
+        except ValueError as exc:  # the decoder's checks should make this unreachable
+            self._state.release()
+            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), msg.ctx) from exc
+        pool = self._state.audio_pool
+        assert pool is not None, "the audio pool lives as long as the app"
+        return ContextStream(spec, encoder=encoder, outbox=self._outbox, pool=pool,
+                             metrics=self._state.metrics, on_end=self._stream_ended)
+
+    def _voice(self, msg: StartMsg) -> VoiceInfo:
+        """Only the voice the server loaded can speak (other installed voices are listed by
+        /v1/voices with `loaded: false`)."""
+        voice = self._state.model.voice
+        if msg.voice is None or msg.voice == voice.id:
+            return voice
+        why = "is not loaded on this server" if msg.voice in self._state.voices else "is unknown"
+        raise ProtocolError(ErrorCode.UNKNOWN_VOICE,
+                            f"voice {msg.voice!r} {why}; available: {voice.id}", msg.ctx)
+
+    def _text(self, msg: TextMsg) -> None:
+        stream = self._writable(msg.ctx, "text")
+        limit = self._limits.max_text_chars
+        if stream.chars + len(msg.text) > limit:
+            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"this text would take the stream over "
+                                f"its limit of {limit} characters", msg.ctx)
+        stream.chars += len(msg.text)
+        if msg.text:
+            self._scheduler().text(stream.spec.stream_id, msg.text)
+
+    def _cancel(self, ctx: str) -> None:
+        """Barge-in: stop the stream's output now and acknowledge; idempotent per ctx."""
+        stream = self._streams.pop(ctx, None)
+        if stream is not None:
+            self._stop_stream(stream)
+            self._scheduler().cancel(stream.spec.stream_id)
+            self._state.release()
+            self._last_activity = asyncio.get_running_loop().time()
+            log.info("stream %s cancelled ctx=%r", stream.spec.stream_id, ctx)
+        self._outbox.put(encode_cancelled(ctx=ctx))
+
+    def _writable(self, ctx: str, kind: str) -> ContextStream:
+        """The live stream `ctx` that may still take `text`/`flush`/`end`."""
+        stream = self._streams.get(ctx)
+        if stream is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"'{kind}' for a ctx that is not live (send 'start' first)", ctx)
+        if stream.ended:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"'{kind}' after 'end'", ctx)
+        return stream
+
+    def _send_error(self, err: ProtocolError) -> None:
+        self._state.count_error(err.code.value)
+        self._outbox.put(err.to_frame())
+
+    # ------------------------------------------------------------------ stream endings
+
+    def _stream_ended(self, stream: ContextStream, end: StreamEnd) -> None:
+        """A stream finished on its own (done, failed): free its context and slot."""
+        ctx, sid = stream.spec.ctx, stream.spec.stream_id
+        if self._streams.get(ctx) is stream:
+            del self._streams[ctx]
+        if not end.scheduler_knows:
+            self._scheduler().close(sid)
+        self._state.release()
+        self._last_activity = asyncio.get_running_loop().time()
+        level = logging.INFO if end.outcome != "failed" else logging.WARNING
+        log.log(level, "stream %s %s ctx=%r %s", sid, end.outcome, ctx, end.detail)
+
+    def _drop_streams(self, reason: str) -> None:
+        """Close every live stream at once (disconnect, shutdown): no output, slots freed."""
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            self._stop_stream(stream)
+            scheduler = self._state.model.scheduler
+            if scheduler is not None:
+                scheduler.close(stream.spec.stream_id)
+            self._state.release()
+            log.info("stream %s closed ctx=%r (%s)", stream.spec.stream_id, stream.spec.ctx,
+                     reason)
+
+    def _stop_stream(self, stream: ContextStream) -> None:
+        task = stream.detach()
+        if task is not None:
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    def _scheduler(self) -> Scheduler:
+        scheduler = self._state.model.scheduler
+        if scheduler is None:  # only before warm-up, when `start` is refused anyway
+            raise ProtocolError(ErrorCode.OVERLOADED, "server is not ready")
+        return scheduler
+
+
+def _params(voice: VoiceInfo, msg: StartMsg) -> SynthesisParams:
+    """Per-request settings over the voice's defaults; speed is relative to the voice's pace."""
+    cfg = voice.config
+    return SynthesisParams(
+        speaker=_speaker_id(voice, msg),
+        noise_scale=cfg.noise_scale if msg.noise_scale is None else msg.noise_scale,
+        length_scale=cfg.length_scale / msg.speed,
+        noise_w=cfg.noise_w if msg.noise_w is None else msg.noise_w,
+    )
+
+
+def _speaker_id(voice: VoiceInfo, msg: StartMsg) -> int:
+    speaker = msg.speaker
+    cfg = voice.config
+    if speaker is None:
+        return 0
+    if isinstance(speaker, str):
+        if speaker in cfg.speaker_id_map:
+            return cfg.speaker_id_map[speaker]
+    elif speaker < max(1, cfg.num_speakers):
+        return speaker
+    raise ProtocolError(ErrorCode.UNKNOWN_VOICE,
+                        f"voice {voice.id} has no speaker {speaker!r}", msg.ctx)

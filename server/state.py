@@ -1,0 +1,90 @@
+"""The server's shared state, stored on the aiohttp app under one typed key.
+
+Everything here lives on the event loop. The model slot starts empty and is filled by the
+background loading task (server/app.py); until then the server answers /healthz with 503 and
+refuses streams as `overloaded`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from aiohttp import web
+
+from server.admission import Admission, AdmissionController
+from server.config import ServerConfig
+from server.metrics import Metrics
+from streaming_tts.engine import Engine
+from streaming_tts.gpu import GpuMonitor, GpuSample
+from streaming_tts.voices import VoiceInfo, VoiceRegistry
+
+if TYPE_CHECKING:
+    from streaming_tts.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Closable(Protocol):
+    """What shutdown needs from a live socket session (server/session.py)."""
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass
+class ModelSlot:
+    """The voice being served and, once warmed up, the scheduler that owns its engine."""
+
+    voice: VoiceInfo
+    engine: Engine | None = None
+    scheduler: Scheduler | None = None
+    failure: str | None = None  # why loading (or the scheduler) stopped; the server stays 503
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None and self.failure is None
+
+
+@dataclass
+class ServerState:
+    """Shared by the HTTP handlers, the sessions and the background tasks."""
+
+    cfg: ServerConfig
+    metrics: Metrics
+    admission: AdmissionController
+    voices: VoiceRegistry
+    model: ModelSlot
+    gpu: GpuMonitor | None = None  # None: no NVML (CPU), GPU fields report null
+    gpu_sample: GpuSample | None = None  # the latest reading of the GPU sampler task
+    audio_pool: concurrent.futures.ThreadPoolExecutor | None = None  # set by cleanup_ctx
+    sessions: set[Closable] = field(default_factory=set)
+    shutting_down: bool = False
+    on_ready: Callable[[], None] | None = None  # called once the model is warmed up
+
+    def admit(self) -> Admission:
+        """Hold an admission slot for one new stream (release it with `release`)."""
+        decision = self.admission.admit()
+        if decision.ok:
+            self.metrics.streams_started.inc()
+            self.metrics.active_streams.set(self.admission.active_streams)
+        return decision
+
+    def release(self) -> None:
+        """One admitted stream ended (done, cancelled, failed or disconnected)."""
+        self.admission.release()
+        self.metrics.active_streams.set(self.admission.active_streams)
+
+    def count_error(self, code: str) -> None:
+        self.metrics.protocol_errors.labels(code=code).inc()
+
+    def power_w(self) -> float | None:
+        """GPU power from the sampler's latest reading: the scheduler meters energy with it
+        after every step, so it must not call NVML on the event loop itself."""
+        sample = self.gpu_sample
+        return None if sample is None else sample.power_w
+
+
+STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)

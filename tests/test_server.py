@@ -1,0 +1,779 @@
+"""The server end to end: a real aiohttp WebSocket client against an in-process server that
+speaks with the real engine and the default voice (loaded once for the module).
+
+What a client would notice: the `ready` it gets, audio that decodes and lines up with the
+captions on a gap-free timeline, every error code of the protocol, refusals before the upgrade,
+barge-in that goes silent, neighbours that are never disturbed, and a server that keeps nothing
+of a socket once it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgpack
+import opuslib
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.admission import LoadEstimate
+from server.app import create_app
+from server.config import load_config
+from server.outbox import Outbox, SlowConsumer
+from server.protocol import USAGE_FIELDS
+from server.state import STATE, ServerState
+from streaming_tts.engine import Engine
+from streaming_tts.gpu import GpuMonitor, GpuSample
+from streaming_tts.voices import VoiceRegistry
+from tests.helpers.ws_client import ProtocolClient, Utterance, audio_duration_ms
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+VOICE = "en_US-joe-medium"
+SHORT = "Hello there! How are you today?"
+LONG = ("This sentence is long enough to keep the voice busy for several seconds, so that "
+        "there is plenty of audio still to come. And then another one follows it.")
+# Small limits so each limit can be reached cheaply; generous ones elsewhere.
+BASE = {"limits.contexts_per_socket": 3, "limits.max_text_chars": 200}
+# Admission by measured load depends on how busy this (shared, 2-core) machine is; the tests
+# here are about the protocol, so capacity is reported as not yet measured (max_streams rules).
+UNMEASURED = LoadEstimate(active_streams=0, demand_audio_s_per_s=0.0, capacity_audio_s_per_s=None)
+POISON_NOISE = 1.234  # FailingEngine fails every phrase asked with this noise_scale
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    voice = VoiceRegistry().default()
+    eng = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate)
+    eng.warmup()
+    return eng
+
+
+@dataclass
+class Running:
+    server: TestServer
+
+    @property
+    def state(self) -> ServerState:
+        return self.server.app[STATE]
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+
+@contextlib.asynccontextmanager
+async def running(
+    engine: Engine | None, overrides: dict[str, Any] | None = None, *, ready: bool = True,
+    **kwargs: Any,
+) -> AsyncIterator[Running]:
+    cfg = load_config(None, {**BASE, **(overrides or {})})
+    kwargs.setdefault("load_source", lambda: UNMEASURED)
+    if engine is not None:
+        kwargs["engine"] = engine
+    app = create_app(cfg, warm_up=False, **kwargs)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        if ready:
+            await wait_for(lambda: app[STATE].model.ready, what="the model to load")
+        yield Running(server)
+    finally:
+        await server.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def srv(engine: Engine) -> AsyncIterator[Running]:
+    async with running(engine) as r:
+        yield r
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def wait_for(cond: Callable[[], bool], *, what: str, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+    assert cond(), what
+
+
+async def connect(http: aiohttp.ClientSession, r: Running, query: str = "",
+                  **kwargs: Any) -> ProtocolClient:
+    return await ProtocolClient.connect(http, r.url("/v1/stream") + query, **kwargs)
+
+
+async def clean(r: Running) -> None:
+    """Nothing of closed sockets is left: no sessions, no streams, no admission slots."""
+    s = r.state
+    await wait_for(lambda: not s.sessions and s.admission.active_streams == 0
+                   and s.model.scheduler is not None and s.model.scheduler.stream_count == 0,
+                   what="server back to idle")
+
+
+# ---------------------------------------------------------------------------------- checks
+
+
+def check_timeline(u: Utterance, *, sample_rate: int) -> float:
+    """seq 0,1,2..; each pts = previous pts + previous duration; returns the total in ms."""
+    assert [a["seq"] for a in u.audio] == list(range(len(u.audio)))
+    pts = 0.0
+    for msg in u.audio:
+        assert msg["pts_ms"] == pytest.approx(pts, abs=0.002)
+        pts += audio_duration_ms(msg, sample_rate=sample_rate)
+    return pts
+
+
+def check_phrases_before_audio(u: Utterance, *, sample_rate: int) -> None:
+    """A phrase is announced before any of its audio is sent."""
+    sent_ms, audio_i, phrase_i = 0.0, 0, 0
+    for kind in u.order:
+        if kind == "audio":
+            sent_ms += audio_duration_ms(u.audio[audio_i], sample_rate=sample_rate)
+            audio_i += 1
+        elif kind == "phrase":
+            assert sent_ms <= u.phrases[phrase_i]["start_ms"] + 0.01, u.order
+            phrase_i += 1
+
+
+def check_done(u: Utterance, *, chars: int) -> dict[str, Any]:
+    assert u.errors == [] and u.cancelled is None
+    assert u.order[0] == "ready" and u.order[-1] == "done" and u.done is not None
+    usage = u.done["usage"]
+    assert set(usage) == set(USAGE_FIELDS)
+    assert usage["chars"] == chars
+    assert usage["phrases"] == len(u.phrases)
+    assert usage["compute_ms"] > 0 and usage["ttfa_ms"] > 0
+    assert usage["energy_j"] is None and usage["cost"] is None  # CPU, no tariff
+    return usage
+
+
+# ---------------------------------------------------------------------------------- streaming
+
+
+async def test_ready_reports_the_stream_settings(srv: Running, http: aiohttp.ClientSession) -> None:
+    client = await connect(http, srv)
+    await client.send({"type": "start"})
+    await client.send({"type": "start", "ctx": "b", "format": "pcm_s16le", "sample_rate": 22050})
+    first, second = await client.recv(), await client.recv()
+    assert first == {"type": "ready", "ctx": "default", "stream_id": first["stream_id"],
+                     "voice": VOICE, "format": "opus", "sample_rate": 48000, "channels": 1,
+                     "frame_ms": 20}
+    assert second["format"] == "pcm_s16le" and second["sample_rate"] == 22050
+    assert second["frame_ms"] == 20  # pcm is sent in whole 20 ms frames too
+    ids = {first["stream_id"], second["stream_id"]}
+    assert len(ids) == 2 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    for ctx in ("default", "b"):
+        await client.send({"type": "cancel", "ctx": ctx})
+    assert {m["ctx"] for m in await client.recv_until(lambda m: m.get("ctx") == "b")} <= {
+        "default", "b"}
+    await client.close()
+    await clean(srv)
+
+
+async def test_opus_utterance_decodes_and_lines_up_with_the_captions(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    fragments = ["Hello the", "re! How are", " you today?"]  # split like LLM tokens
+    u = await client.speak(fragments)
+    usage = check_done(u, chars=len(SHORT))
+    assert [p["id"] for p in u.phrases] == list(range(len(u.phrases))) and u.phrases
+    assert "".join(p["text"] for p in u.phrases).replace(" ", "") == SHORT.replace(" ", "")
+    for prev, nxt in zip(u.phrases, u.phrases[1:]):
+        assert nxt["start_ms"] == prev["end_ms"]  # all text came at once: no silence between
+    check_phrases_before_audio(u, sample_rate=48000)
+    total_ms = check_timeline(u, sample_rate=48000)
+    phrases_ms = sum(p["end_ms"] - p["start_ms"] for p in u.phrases)
+    assert abs(total_ms - phrases_ms) <= 60  # opus pads the last frame (and its codec delay)
+    assert abs(usage["audio_ms"] - phrases_ms) <= 1
+    decoder = opuslib.Decoder(48000, 1)
+    for msg in u.audio:
+        assert isinstance(msg["data"], list) and msg["data"]
+        for packet in msg["data"]:
+            assert len(decoder.decode(packet, 960)) == 960 * 2  # one 20 ms frame of s16
+    # Word timings from the model: in order, inside their phrase.
+    assert {w["phrase_id"] for w in u.words} == {p["id"] for p in u.phrases}
+    for words in u.words:
+        phrase = u.phrases[words["phrase_id"]]
+        times = [t for _, start, end in words["items"] for t in (start, end)]
+        assert times == sorted(times)
+        assert phrase["start_ms"] <= times[0] and times[-1] <= phrase["end_ms"]
+    spoken = [w for words in u.words for w, _, _ in words["items"]]
+    assert spoken == ["Hello", "there!", "How", "are", "you", "today?"]
+    await client.close()
+
+
+@pytest.mark.parametrize("rate", [22050, 16000])
+async def test_pcm_is_gap_free_in_whole_frames(
+    srv: Running, http: aiohttp.ClientSession, rate: int,
+) -> None:
+    client = await connect(http, srv)
+    u = await client.speak(SHORT, format="pcm_s16le", sample_rate=rate, words=False)
+    check_done(u, chars=len(SHORT))
+    assert u.words == []  # words: false
+    total_ms = check_timeline(u, sample_rate=rate)
+    frame_bytes = rate // 50 * 2
+    assert all(len(a["data"]) % frame_bytes == 0 for a in u.audio[:-1])
+    assert total_ms == pytest.approx(u.phrases[-1]["end_ms"], abs=2)  # pcm adds no padding
+    await client.close()
+
+
+async def test_two_contexts_and_three_sockets_all_complete(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    clients = [await connect(http, srv) for _ in range(3)]
+
+    async def two_contexts(client: ProtocolClient) -> dict[str, Utterance]:
+        for ctx, text in (("one", "Good morning."), ("two", "Good evening.")):
+            await client.send({"type": "start", "ctx": ctx, "format": "pcm_s16le",
+                               "sample_rate": 16000})
+            await client.send({"type": "text", "ctx": ctx, "text": text})
+            await client.send({"type": "end", "ctx": ctx})
+        return await client.collect(["one", "two"])
+
+    async def one_context(client: ProtocolClient) -> dict[str, Utterance]:
+        return {"default": await client.speak("See you tomorrow.")}
+
+    results = await asyncio.gather(two_contexts(clients[0]), one_context(clients[1]),
+                                   one_context(clients[2]))
+    for utterances in results:
+        for u in utterances.values():
+            assert u.done is not None, u.errors
+            assert u.audio and u.phrases and u.ready is not None
+            check_timeline(u, sample_rate=u.ready["sample_rate"])
+    for client in clients:
+        await client.close()
+    await clean(srv)
+
+
+async def test_cancel_goes_silent_and_the_context_can_be_reused(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    await client.send({"type": "start", "ctx": "talk"})
+    await client.send({"type": "text", "ctx": "talk", "text": LONG})
+    await client.recv_until(lambda m: m["type"] == "audio")
+    await client.send({"type": "cancel", "ctx": "talk"})
+    await client.recv_until(lambda m: m["type"] == "cancelled")
+    # Nothing more for that stream: no audio, phrase, words or done after `cancelled`.
+    with contextlib.suppress(TimeoutError):
+        late = await client.recv(timeout=0.8)
+        pytest.fail(f"message after cancelled: {late}")
+    await wait_for(lambda: srv.state.admission.active_streams == 0, what="slot released")
+    # Cancel is idempotent, and the ctx name is free again.
+    await client.send({"type": "cancel", "ctx": "talk"})
+    assert await client.recv() == {"type": "cancelled", "ctx": "talk"}
+    u = await client.speak("Back again.", ctx="talk")
+    assert u.done is not None and u.audio
+    await client.close()
+    await clean(srv)
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def retry_after(err: aiohttp.WSServerHandshakeError) -> str | None:
+    return None if err.headers is None else err.headers.get("Retry-After")
+
+
+def packb(msg: Any) -> bytes:
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+async def test_bad_requests_are_answered_and_harmless(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    limit = srv.state.cfg.limits.max_frame_bytes
+    cases: list[tuple[str, Any, str | None]] = [
+        ("text frame", "hello", None),
+        ("garbage", b"\xc1\xff\x00", None),
+        ("not a map", packb([1, 2, 3]), None),
+        ("unknown type", packb({"type": "sing"}), "default"),
+        ("bad field", packb({"type": "start", "ctx": "s", "speed": 5}), "s"),
+        ("bool is not a number", packb({"type": "start", "ctx": "s", "words": 1}), "s"),
+        ("pcm rate", packb({"type": "start", "ctx": "s", "format": "pcm_s16le",
+                            "sample_rate": 44100}), "s"),
+        ("unknown ctx", packb({"type": "text", "ctx": "nope", "text": "hi"}), "nope"),
+        ("end for unknown ctx", packb({"type": "end", "ctx": "nope"}), "nope"),
+        ("oversize", packb({"type": "text", "text": "x" * (limit + 10)}), None),
+    ]
+    for name, frame, ctx in cases:
+        if isinstance(frame, str):
+            await client.ws.send_str(frame)
+        else:
+            await client.ws.send_bytes(frame)
+        reply = await client.recv()
+        assert reply["type"] == "error" and reply["code"] == "bad_request", name
+        assert reply.get("ctx") == ctx, name
+        assert reply["message"], name
+    # A live ctx: duplicate start, text after end, double end.
+    await client.send({"type": "start", "ctx": "live"})
+    assert (await client.recv())["type"] == "ready"
+    await client.send({"type": "start", "ctx": "live"})
+    assert (await client.recv())["code"] == "bad_request"
+    await client.send({"type": "end", "ctx": "live"})
+    await client.send({"type": "text", "ctx": "live", "text": "too late"})
+    msgs = await client.recv_until(lambda m: m["type"] == "done")
+    assert [m["code"] for m in msgs if m["type"] == "error"] in (["bad_request"], [])
+    # The socket still works after all of that.
+    await client.send({"type": "cancel", "ctx": "probe"})
+    assert await client.recv() == {"type": "cancelled", "ctx": "probe"}
+    await client.close()
+    await clean(srv)
+
+
+async def test_a_frame_over_twice_the_limit_closes_only_that_socket(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    other = await connect(http, srv)
+    await client.ws.send_bytes(b"\x00" * (2 * srv.state.cfg.limits.max_frame_bytes + 1))
+    frame = await client.ws.receive(timeout=10)
+    assert frame.type is aiohttp.WSMsgType.CLOSE and frame.data == 1009
+    u = await other.speak("Still here.")
+    assert u.done is not None
+    await other.close()
+    await clean(srv)
+
+
+async def test_unknown_voice_and_speaker(srv: Running, http: aiohttp.ClientSession) -> None:
+    client = await connect(http, srv)
+    for start in ({"voice": "xx_XX-nobody-low"}, {"speaker": 3}, {"speaker": "alice"}):
+        await client.send({"type": "start", "ctx": "v", **start})
+        reply = await client.recv()
+        assert (reply["type"], reply["code"], reply["ctx"]) == ("error", "unknown_voice", "v")
+    await client.send({"type": "start", "ctx": "v", "voice": VOICE, "speaker": 0})
+    assert (await client.recv())["type"] == "ready"
+    await client.send({"type": "cancel", "ctx": "v"})
+    await client.recv_until(lambda m: m["type"] == "cancelled")
+    await client.close()
+    await clean(srv)
+
+
+async def test_text_too_long_drops_only_that_text(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    limit = srv.state.cfg.limits.max_text_chars
+    await client.send({"type": "start", "ctx": "t"})
+    assert (await client.recv())["type"] == "ready"
+    # Whitespace counts towards the limit but speaks nothing: cheap to send.
+    await client.send({"type": "text", "ctx": "t", "text": " " * (limit - 10)})
+    await client.send({"type": "text", "ctx": "t", "text": " " * 20})  # crosses the limit
+    reply = await client.recv()
+    assert (reply["type"], reply["code"], reply["ctx"]) == ("error", "text_too_long", "t")
+    await client.send({"type": "text", "ctx": "t", "text": " " * (limit + 1)})  # one frame
+    assert (await client.recv())["code"] == "text_too_long"
+    await client.send({"type": "text", "ctx": "t", "text": "Fine."})  # still fits
+    await client.send({"type": "end", "ctx": "t"})
+    u = (await client.collect(["t"]))["t"]
+    assert u.done is not None and u.done["usage"]["chars"] == limit - 10 + len("Fine.")
+    await client.close()
+
+
+async def test_too_many_contexts(srv: Running, http: aiohttp.ClientSession) -> None:
+    client = await connect(http, srv)
+    limit = srv.state.cfg.limits.contexts_per_socket
+    for i in range(limit):
+        await client.send({"type": "start", "ctx": f"c{i}"})
+        assert (await client.recv())["type"] == "ready"
+    await client.send({"type": "start", "ctx": "extra"})
+    reply = await client.recv()
+    assert (reply["type"], reply["code"], reply["ctx"]) == ("error", "too_many_contexts", "extra")
+    await client.send({"type": "cancel", "ctx": "c0"})
+    assert (await client.recv())["type"] == "cancelled"
+    await client.send({"type": "start", "ctx": "extra"})
+    assert (await client.recv())["type"] == "ready"
+    await client.close()
+    await clean(srv)
+
+
+async def test_unauthorized_and_origin(engine: Engine, http: aiohttp.ClientSession) -> None:
+    overrides = {"server.api_keys": ["k-one", "k-two"],
+                 "server.allowed_origins": ["https://app.example"]}
+    async with running(engine, overrides) as r:
+        for query, headers in (("", {}), ("?token=wrong", {}),
+                               ("", {"Authorization": "Bearer wrong"})):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await connect(http, r, query, headers=headers)
+            assert info.value.status == 401
+        async with http.get(r.url("/v1/stream")) as resp:  # what a browser's probe sees
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "unauthorized"
+        for path in ("/v1/voices", "/v1/status"):
+            async with http.get(r.url(path)) as resp:
+                assert resp.status == 401
+            async with http.get(r.url(path) + "?token=k-two") as resp:
+                assert resp.status == 200
+        for path in ("/healthz", "/metrics", "/"):
+            async with http.get(r.url(path)) as resp:
+                assert resp.status == 200, path
+        by_header = await connect(http, r, headers={"Authorization": "Bearer k-one"})
+        by_token = await connect(http, r, "?token=k-two")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r, "?token=k-one", headers={"Origin": "https://evil.example"})
+        assert info.value.status == 403
+        browser = await connect(http, r, "?token=k-one", headers={"Origin": "https://app.example"})
+        for client in (by_header, by_token, browser):
+            await client.send({"type": "cancel"})
+            assert (await client.recv())["type"] == "cancelled"
+            await client.close()
+
+
+async def test_overloaded_before_and_after_the_upgrade(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine, {"admission.max_streams": 1}) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "a"})
+        assert (await client.recv())["type"] == "ready"
+        # Full: a new socket is refused with HTTP 503 before the upgrade ...
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r)
+        assert info.value.status == 503 and retry_after(info.value) == "2"
+        async with http.get(r.url("/v1/stream")) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "2"
+            body = await resp.json()
+        assert body["error"]["code"] == "overloaded" and body["error"]["retry_after_s"] == 2
+        assert "16" not in body["error"]["message"] and body["error"]["message"]
+        # ... and a second context on the open socket gets `error` overloaded.
+        await client.send({"type": "start", "ctx": "b"})
+        reply = await client.recv()
+        assert (reply["type"], reply["code"], reply["ctx"], reply["retry_after_s"]) == (
+            "error", "overloaded", "b", 2)
+        # The socket stays usable: free the slot, retry.
+        await client.send({"type": "cancel", "ctx": "a"})
+        assert (await client.recv())["type"] == "cancelled"
+        u = await client.speak("Now it fits.", ctx="b")
+        assert u.done is not None
+        async with http.get(r.url("/metrics")) as resp:
+            text = await resp.text()
+        assert 'tts_streams_refused_total{reason="max_streams"} 3.0' in text
+        await client.close()
+
+
+class FailingEngine:
+    """The real engine, except that every phrase asked with POISON_NOISE fails to synthesize."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def acoustic(self, jobs: Any) -> Any:
+        if any(job.params.noise_scale == POISON_NOISE for job in jobs):
+            raise RuntimeError("injected fault")
+        return self._engine.acoustic(jobs)
+
+
+async def test_internal_error_ends_one_stream_and_spares_the_neighbour(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(FailingEngine(engine)) as r:  # type: ignore[arg-type]
+        neighbour = await connect(http, r)
+        await neighbour.send({"type": "start", "ctx": "n", "format": "pcm_s16le",
+                              "sample_rate": 16000})
+        await neighbour.send({"type": "text", "ctx": "n", "text": "Good morning."})
+        await neighbour.send({"type": "flush", "ctx": "n"})
+        # The scheduler fails a whole batch when one of its phrases fails, so the neighbour's
+        # phrase is let finish first; its stream stays live (more text follows below).
+        got = await neighbour.recv_until(lambda m: m["type"] == "phrase")
+        end_ms, heard_ms = got[-1]["end_ms"], 0.0
+        # The last partial 20 ms frame (plus the resampler's delay) waits for more audio.
+        while heard_ms < end_ms - 50:
+            msg = await neighbour.recv()
+            if msg["type"] == "audio":
+                heard_ms = msg["pts_ms"] + audio_duration_ms(msg, sample_rate=16000)
+
+        victim = await connect(http, r)
+        await victim.send({"type": "start", "ctx": "v", "noise_scale": POISON_NOISE})
+        await victim.send({"type": "text", "ctx": "v", "text": "This will fail."})
+        await victim.send({"type": "end", "ctx": "v"})
+        u = (await victim.collect(["v"]))["v"]
+        assert [(e["code"], e["ctx"]) for e in u.errors] == [("internal", "v")]
+        assert u.done is None
+        await wait_for(lambda: r.state.admission.active_streams == 1, what="slot of v freed")
+        # The failing socket stays usable, and the neighbour's stream finishes normally.
+        assert (await victim.speak("This works.", ctx="v")).done is not None
+        await neighbour.send({"type": "text", "ctx": "n", "text": " See you later."})
+        await neighbour.send({"type": "end", "ctx": "n"})
+        n = (await neighbour.collect(["n"]))["n"]
+        assert n.done is not None and n.errors == []
+        assert n.done["usage"]["phrases"] == 2
+        await victim.close()
+        await neighbour.close()
+        await clean(r)
+
+
+async def test_idle_socket_is_closed_but_not_while_a_stream_is_live(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine, {"limits.idle_timeout_s": 0.4}) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start"})
+        assert (await client.recv())["type"] == "ready"
+        await asyncio.sleep(0.8)  # a live stream waiting for text is not idle
+        await client.send({"type": "cancel"})
+        assert (await client.recv())["type"] == "cancelled"
+        frame = await client.ws.receive(timeout=5)
+        assert (frame.type, frame.data, frame.extra) == (aiohttp.WSMsgType.CLOSE, 1000, "idle")
+        await clean(r)
+
+
+async def test_send_queue_overflow_closes_the_socket_as_a_slow_consumer(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # A queue of one message overflows as soon as a phrase and its words are queued together.
+    async with running(engine, {"limits.send_queue_messages": 1}) as r:
+        other = await connect(http, r)
+        await other.send({"type": "start", "ctx": "quiet"})
+        client = await connect(http, r)
+        await client.send({"type": "start"})
+        await client.send({"type": "text", "text": SHORT})
+        await client.send({"type": "end"})
+        while (frame := await client.ws.receive(timeout=10)).type is aiohttp.WSMsgType.BINARY:
+            pass
+        assert (frame.type, frame.data, frame.extra) == (
+            aiohttp.WSMsgType.CLOSE, 1008, "slow consumer")
+        await wait_for(lambda: r.state.admission.active_streams == 1, what="slot freed")
+        assert (await other.recv())["type"] == "ready"  # the other socket is untouched
+        await other.close()
+        await clean(r)
+
+
+async def test_outbox_detects_a_client_that_stops_reading() -> None:
+    never = asyncio.Event()
+
+    async def blocked_send(data: bytes) -> None:
+        await never.wait()  # a full TCP buffer: the send never completes
+
+    outbox = Outbox(blocked_send, max_messages=100, max_lag_s=0.2)
+    outbox.put(b"a")
+    async with asyncio.timeout(2):
+        with pytest.raises(SlowConsumer, match="blocked"):
+            await outbox.run()
+
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    outbox = Outbox(send, max_messages=100, max_lag_s=5)
+    outbox.put(b"ready")
+    outbox.put(b"audio 1", stream_id="s")
+    outbox.put(b"audio 2", stream_id="s")
+    assert outbox.purge("s") == 2  # barge-in drops the stream's unsent messages
+    outbox.put(b"cancelled")
+    writer = asyncio.create_task(outbox.run())
+    assert await outbox.drained(1.0)
+    writer.cancel()
+    assert sent == [b"ready", b"cancelled"]
+
+
+# ---------------------------------------------------------------------------------- lifecycle
+
+
+async def test_healthz_is_503_until_the_voice_is_warm(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    gate = threading.Event()
+
+    def slow_loader(voice: Any, cfg: Any) -> Engine:
+        gate.wait(30)  # the voice "loads" until the test says so
+        return engine
+
+    async with running(None, ready=False, engine_loader=slow_loader) as r:
+        async with http.get(r.url("/healthz")) as resp:
+            assert resp.status == 503 and (await resp.json())["status"] == "loading"
+        async with http.get(r.url("/v1/voices")) as resp:
+            assert [v["loaded"] for v in await resp.json()] == [False]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r)
+        assert info.value.status == 503 and retry_after(info.value) == "2"
+        gate.set()
+        await wait_for(lambda: r.state.model.ready, what="ready")
+        async with http.get(r.url("/healthz")) as resp:
+            assert resp.status == 200 and (await resp.json())["voice"] == VOICE
+        async with http.get(r.url("/v1/voices")) as resp:
+            assert [v["loaded"] for v in await resp.json()] == [True]
+
+
+async def test_shutdown_fails_live_streams_and_closes_1001(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "s"})
+        await client.send({"type": "text", "ctx": "s", "text": LONG})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        closing = asyncio.create_task(r.server.close())
+        msgs = []
+        while (frame := await client.ws.receive(timeout=10)).type is aiohttp.WSMsgType.BINARY:
+            msgs.append(msgpack.unpackb(frame.data))
+        assert (frame.type, frame.data, frame.extra) == (
+            aiohttp.WSMsgType.CLOSE, 1001, "server shutting down")
+        errors = [m for m in msgs if m["type"] == "error"]
+        assert [(e["code"], e["ctx"]) for e in errors] == [("internal", "s")]
+        assert msgs[-1] == errors[0]  # nothing after the error
+        await closing
+
+
+async def test_disconnect_mid_stream_leaves_nothing_behind(srv: Running) -> None:
+    await clean(srv)
+    baseline = len(asyncio.all_tasks())
+    for abrupt in (False, True):
+        async with aiohttp.ClientSession() as http:
+            client = await connect(http, srv)
+            for ctx in ("a", "b"):
+                await client.send({"type": "start", "ctx": ctx})
+                await client.send({"type": "text", "ctx": ctx, "text": LONG})
+            await client.recv_until(lambda m: m["type"] == "audio")
+            assert srv.state.admission.active_streams == 2
+            if not abrupt:
+                await client.close()
+            # else: the session closes the TCP connection without a WebSocket close
+        await clean(srv)
+        await wait_for(lambda: len(asyncio.all_tasks()) <= baseline, what="tasks back")
+
+
+# ---------------------------------------------------------------------------------- HTTP
+
+
+async def test_http_endpoints(srv: Running, http: aiohttp.ClientSession) -> None:
+    async with http.get(srv.url("/v1/voices")) as resp:
+        voices = await resp.json()
+    assert voices == [{"id": VOICE, "language": "en_US", "sample_rate": 22050, "speakers": [],
+                       "quality": "medium", "loaded": True}]
+    async with http.get(srv.url("/v1/status")) as resp:
+        status = await resp.json()
+    assert status["active_streams"] == 0 and status["max_streams"] == 16
+    assert isinstance(status["capacity_load"], float)
+    assert status["vram_used_bytes"] is None and status["gpu_power_w"] is None  # no NVML
+    async with http.get(srv.url("/metrics")) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    for name in ("tts_active_streams", "tts_streams_started_total", "tts_streams_refused_total",
+                 "tts_protocol_errors_total", "tts_ttfa_seconds_bucket",
+                 "tts_audio_seconds_total", "tts_scheduler_step_seconds_bucket",
+                 "tts_batch_size_bucket", "tts_event_loop_lag_seconds_bucket",
+                 "tts_event_loop_lag_max_seconds", "tts_real_time_factor",
+                 "tts_compute_seconds_total"):
+        assert f"\n{name}" in text, name
+    assert 'tts_protocol_errors_total{code="bad_request"}' in text
+    async with http.get(srv.url("/")) as resp:
+        assert resp.status == 200 and "<html" in (await resp.text()).lower()
+    for path in ("/static/app.js", "/static/node_modules/@msgpack/msgpack/dist.esm/index.mjs"):
+        async with http.get(srv.url(path)) as resp:
+            assert resp.status == 200, path
+
+
+async def test_gpu_readings_reach_status_metrics_and_admission(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    gib = 1 << 30
+    reading = GpuSample(vram_used_bytes=70 * gib, vram_total_bytes=80 * gib,
+                        vram_free_bytes=10 * gib, util_percent=50.0, power_w=300.0,
+                        temperature_c=60.0)
+    overrides = {"metrics.sample_interval_s": 0.05}
+    async with running(engine, overrides, gpu=GpuMonitor.fake(reading)) as r:
+        await wait_for(lambda: r.state.gpu_sample is not None, what="a GPU sample")
+        async with http.get(r.url("/v1/status")) as resp:
+            status = await resp.json()
+        assert (status["vram_used_bytes"], status["vram_total_bytes"], status["gpu_power_w"]) == (
+            70 * gib, 80 * gib, 300.0)
+        async with http.get(r.url("/metrics")) as resp:
+            assert "tts_gpu_power_watts 300.0" in await resp.text()
+        r.state.admission.set_stream_vram_cost(20 * gib)  # more than the 10 GiB free
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r)
+        assert info.value.status == 503
+
+
+# ---------------------------------------------------------------------------------- fuzz
+
+FIELDS = ["type", "ctx", "text", "voice", "speaker", "format", "sample_rate", "speed",
+          "noise_scale", "noise_w", "bitrate", "max_buffer_delay_ms", "words"]
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
+    st.text(max_size=12), st.binary(max_size=8), st.lists(st.integers(0, 9), max_size=3),
+    st.sampled_from(["start", "text", "flush", "end", "cancel", "opus", "pcm_s16le",
+                     "default", "a", VOICE]),
+)
+MAPS = st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=4)), VALUES,
+                       max_size=6)
+TYPED = st.builds(lambda kind, ctx, m: {**m, "type": kind, "ctx": ctx},
+                  st.sampled_from(["start", "text", "flush", "end", "cancel", "x"]),
+                  st.sampled_from(["a", "b", "c", "d"]), MAPS)
+CTXS = st.sampled_from(["a", "b", "c", "d"])
+# Well-formed messages too, so that streams really start and speak random text.
+VALID = st.one_of(
+    st.builds(lambda ctx: {"type": "start", "ctx": ctx}, CTXS),
+    st.builds(lambda ctx, text: {"type": "text", "ctx": ctx, "text": text}, CTXS,
+              st.text(max_size=24)),
+    st.builds(lambda kind, ctx: {"type": kind, "ctx": ctx},
+              st.sampled_from(["flush", "end", "cancel"]), CTXS),
+)
+FRAMES = st.one_of(st.binary(max_size=64), MAPS.map(packb), TYPED.map(packb),
+                   st.lists(VALUES, max_size=4).map(packb), VALID.map(packb), VALID.map(packb))
+
+
+def fuzz_frames(n: int) -> list[bytes]:
+    """Draw n frames with hypothesis (the socket is driven outside of @given, from asyncio)."""
+    frames: list[bytes] = []
+
+    @settings(max_examples=n, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(FRAMES)
+    def draw(frame: bytes) -> None:
+        frames.append(frame)
+
+    draw()
+    return frames
+
+
+async def test_fuzzed_frames_never_break_the_socket_or_a_neighbour(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    frames = fuzz_frames(30)
+    neighbour = await connect(http, srv)
+    fuzzed = await connect(http, srv)
+    replies: list[dict[str, Any]] = []
+
+    async def read_fuzzed() -> None:
+        while True:
+            replies.append(await fuzzed.recv(timeout=60))
+
+    reader = asyncio.create_task(read_fuzzed())
+    talk = asyncio.create_task(neighbour.speak(SHORT))
+    for frame in frames:
+        await fuzzed.ws.send_bytes(frame)
+    u = await talk
+    assert u.done is not None and u.errors == [], u.errors
+    # Still alive: a cancel for every ctx (frees what the fuzz started) is acknowledged.
+    for ctx in ("a", "b", "c", "d", "default", "probe"):
+        await fuzzed.send({"type": "cancel", "ctx": ctx})
+    await wait_for(lambda: any(m.get("ctx") == "probe" for m in replies), what="probe answer")
+    reader.cancel()
+    assert all(m["type"] in {"ready", "error", "phrase", "words", "audio", "done",
+                             "cancelled"} for m in replies)
+    assert all(m["code"] != "internal" for m in replies if m["type"] == "error")
+    await fuzzed.close()
+    await neighbour.close()
+    await clean(srv)
