@@ -87,7 +87,7 @@ class SchedulerConfig:
     lookahead_ms: float = 1500.0  # never send audio further than this ahead of playback
     max_batch_phrases: int = 4  # phrases per acoustic step
     max_batch_chunks: int = 8  # chunks per decode step
-    start_buffer_ms: float = 200.0  # margin: a stream less than this ahead of playback is urgent
+    eager_until_buffered_ms: float = 400.0  # cut short early phrases while less is buffered
     target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
 
@@ -101,8 +101,9 @@ class SchedulerConfig:
                  self.max_batch_phrases)
         _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",
                  self.max_batch_chunks)
-        _require(0 <= self.start_buffer_ms <= self.lookahead_ms, "scheduler.start_buffer_ms",
-                 "must be 0..lookahead_ms", self.start_buffer_ms)
+        _require(0 <= self.eager_until_buffered_ms <= self.lookahead_ms,
+                 "scheduler.eager_until_buffered_ms", "must be 0..lookahead_ms",
+                 self.eager_until_buffered_ms)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ runs on the event loop.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ from streaming_tts.engine import AcousticJob, DecodeJob, Engine, SynthesisParams
 from streaming_tts.metering import Meter, Tariff
 from streaming_tts.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
 from streaming_tts.text.phonemes import Phonemizer
-from streaming_tts.text.splitter import PhraseSplitter
+from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig
 from streaming_tts.voices import VoiceInfo
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ def prepare_model(
     phonemizer = Phonemizer(voice.config)
     phonemizer.phonemize("Warm up.")  # the first call starts espeak-ng
     loaded_s = time.perf_counter() - t0
-    warm_s = engine.warmup() if warm_up else 0.0
+    # Every (chunk size, batch size) the scheduler can ask for, so no stream pays kernel setup.
+    warm_s = engine.warmup(max_batch=cfg.scheduler.max_batch_chunks) if warm_up else 0.0
     vram = None
     if engine.device.type == "cuda":
         vram = measure_stream_vram(engine, batch=cfg.engine.max_batch)
@@ -99,7 +102,9 @@ def build_scheduler(
         silence_fill_ms=s.silence_fill_ms,
     )
     return Scheduler(
-        loaded.engine, phonemizer=loaded.phonemizer, splitter_factory=PhraseSplitter,
+        loaded.engine, phonemizer=loaded.phonemizer,
+        splitter_factory=functools.partial(
+            PhraseSplitter, SplitterConfig(eager_until_buffered_ms=s.eager_until_buffered_ms)),
         meter=Meter(make_tariff(cfg)), config=config, observer=observer,
         power_reader=power_reader,
     )

