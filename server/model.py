@@ -104,7 +104,8 @@ def build_scheduler(
     return Scheduler(
         loaded.engine, phonemizer=loaded.phonemizer,
         splitter_factory=functools.partial(
-            PhraseSplitter, SplitterConfig(eager_until_buffered_ms=s.eager_until_buffered_ms)),
+            PhraseSplitter, SplitterConfig(eager_until_buffered_ms=s.eager_until_buffered_ms,
+                                           first_phrase_max_words=s.first_phrase_max_words)),
         meter=Meter(make_tariff(cfg)), config=config, observer=observer,
         power_reader=power_reader,
     )

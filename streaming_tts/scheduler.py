@@ -40,6 +40,8 @@ class SchedulerConfig:
     max_batch_chunks: int = 16         # decode jobs per step
     silence_fill_ms: float = 100.0     # keep a listener fed with silence while text is pending
     head_only_below_ms: float = 500.0  # listener this close to dry: first chunk before the whole flow
+    new_stream_grace_ms: float = 150.0 # a newcomer's deadline: its first text plus this
+    pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
 
 
@@ -116,6 +118,10 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-model")
         self._fps = config.initial_frames_per_s
+        # Audio seconds made per second of step time, for the real mix of work (acoustic,
+        # flows, chunk context): what admission compares the streams' demand against.
+        self._audio_made = 0.0     # decayed totals: audio seconds made ...
+        self._busy = 0.0           # ... and step seconds spent making them
         self.steps = 0
 
     # ---- commands (event loop; applied between steps) ----
@@ -153,8 +159,9 @@ class Scheduler:
 
     def load(self, extra_streams: int = 0) -> LoadEstimate:
         n = self.stream_count + extra_streams
-        # Every second of audio needs its decode frames plus the acoustic work that made them.
-        capacity = self._fps / (1.0 + _ACOUSTIC_COST_PER_FRAME) * self.frame_ms / 1000.0
+        capacity = self._audio_made / self._busy if self._busy > 1.0 else None
+        if capacity is None:   # under a second measured: estimate from the work-frame rate
+            capacity = self._fps / (1.0 + _ACOUSTIC_COST_PER_FRAME) * self.frame_ms / 1000.0
         return LoadEstimate(active_streams=n, demand_audio_s_per_s=float(n),
                             capacity_audio_s_per_s=capacity)
 
@@ -230,6 +237,8 @@ class Scheduler:
 
     def _on_text(self, stream: StreamState, text: str, at: float) -> None:
         stream.last_text_at = at
+        if stream.first_text_at is None:
+            stream.first_text_at = at
         self.meter.add_text(stream.id, len(text), now=at)
         buffered = stream.buffered_ms(time.monotonic(), self.frame_ms)
         self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=buffered))  # type: ignore[attr-defined]
@@ -273,7 +282,8 @@ class Scheduler:
         used = 0.0
         ready = [s for s in self._streams.values()
                  if s.has_work() and s.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms]
-        for stream in sorted(ready, key=lambda s: s.deadline(self.frame_ms)):
+        grace, margin = self.config.new_stream_grace_ms / 1000.0, self.config.pipeline_margin_ms / 1000.0
+        for stream in sorted(ready, key=lambda s: s.deadline(self.frame_ms, new_grace_s=grace, margin_s=margin)):
             if stream.active is not None and stream.active.remaining:
                 if len(batch.decode) >= self.config.max_batch_chunks:
                     continue
@@ -382,6 +392,11 @@ class Scheduler:
         self.steps += 1
         if result.frames and result.seconds > 0:
             self._fps = 0.8 * self._fps + 0.2 * (result.frames / result.seconds)
+            samples = sum(len(a) for a in result.audio.values())
+            samples += sum(len(p.first_audio) for p in result.phrases.values() if p is not None)
+            decay = 0.98   # about the last 50 steps
+            self._audio_made = decay * self._audio_made + samples / self.engine.sample_rate
+            self._busy = decay * self._busy + result.seconds
         self._meter_step(batch, result)
         if self.observer:
             self.observer.on_step(result.seconds, len(batch.acoustic), len(batch.decode), result.frames)

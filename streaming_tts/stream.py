@@ -79,6 +79,7 @@ class StreamState:
     emitted_frames: int = 0                         # timeline end, in frames
     anchor: float | None = None                     # wall time of timeline 0 for the listener
     last_text_at: float | None = None               # for max_buffer_delay
+    first_text_at: float | None = None              # when the listener started waiting
     ended: bool = False                             # `end` received
     late_events: int = 0                            # times the listener would have run dry on us
     words_by_phrase: dict = field(default_factory=dict)
@@ -89,11 +90,18 @@ class StreamState:
             return 0.0
         return self.emitted_frames * frame_ms - (now - self.anchor) * 1000.0
 
-    def deadline(self, frame_ms: float) -> float:
-        """Wall time at which the listener runs dry; streams with no audio yet come first."""
+    def deadline(self, frame_ms: float, *, new_grace_s: float = 0.0, margin_s: float = 0.0) -> float:
+        """Wall time by which the stream needs its next audio.
+
+        A started stream: when its listener runs dry, less `margin_s` (audio the resampler and
+        encoder still hold, network). A stream with no audio yet: its first text plus
+        `new_grace_s`, so earliest-deadline-first lets a newcomer wait a little rather than
+        make a started listener stutter.
+        """
         if self.anchor is None:
-            return self.created - 1e9
-        return self.anchor + self.emitted_frames * frame_ms / 1000.0
+            waiting_since = self.first_text_at if self.first_text_at is not None else self.created
+            return waiting_since + new_grace_s
+        return self.anchor + self.emitted_frames * frame_ms / 1000.0 - margin_s
 
     def has_work(self) -> bool:
         return (self.active is not None and self.active.remaining) or bool(self.phrases)

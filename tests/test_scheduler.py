@@ -346,7 +346,8 @@ async def test_engine_failure_errors_its_streams_and_the_scheduler_survives():
 
 async def test_streams_share_capacity_fairly():
     engine = FakeEngine(schedule=(4,), delay_s=0.005)
-    sched, task = await running(engine, target_step_ms=1.0, initial_frames_per_s=1.0, lookahead_ms=10_000)
+    sched, task = await running(engine, target_step_ms=1.0, initial_frames_per_s=1.0, lookahead_ms=10_000,
+                                new_stream_grace_ms=0.0)
     sinks = [Sink() for _ in range(3)]
     for i, sink in enumerate(sinks):
         sched.open(f"s{i}", OPTS, sink)
