@@ -258,10 +258,8 @@ class Scheduler:
                 self._queue_phrases(stream, stream.splitter.flush())  # type: ignore[attr-defined]
             buffered = stream.buffered_ms(now, self.frame_ms)
             if stream.anchor is not None and buffered < 0:
-                if stream.has_work():
-                    stream.late_events += 1
-                    if self.observer:
-                        self.observer.on_late(stream.id)
+                if stream.has_work() and self.observer:
+                    self.observer.on_late(stream.id)   # ran dry while we still had its speech
                 # The listener's player stalls when dry and resumes with the next audio.
                 stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
                 buffered = 0.0

@@ -81,8 +81,6 @@ class StreamState:
     last_text_at: float | None = None               # for max_buffer_delay
     first_text_at: float | None = None              # when the listener started waiting
     ended: bool = False                             # `end` received
-    late_events: int = 0                            # times the listener would have run dry on us
-    words_by_phrase: dict = field(default_factory=dict)
 
     def buffered_ms(self, now: float, frame_ms: float) -> float:
         """Audio the listener has not played yet (negative: it ran dry that long ago)."""
