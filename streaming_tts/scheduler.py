@@ -40,7 +40,7 @@ class SchedulerConfig:
     max_batch_chunks: int = 16         # decode jobs per step
     silence_fill_ms: float = 100.0     # keep a listener fed with silence while text is pending
     head_only_below_ms: float = 500.0  # listener this close to dry: first chunk before the whole flow
-    new_stream_grace_ms: float = 150.0 # a newcomer's deadline: its first text plus this
+    new_stream_grace_ms: float = 400.0 # a newcomer's deadline: its first text plus this
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
 
