@@ -37,7 +37,6 @@ class StreamReport:
     gaps: int = 0
     audio_ms: float = 0.0
     compute_ms: float = 0.0
-    messages: int = 0
     late_at_ms: list = field(default_factory=list)
 
 
@@ -48,15 +47,11 @@ class Player:
     start_buffer_ms: float
     started_at: float | None = None      # wall time at which timeline 0 plays
     stall_ms: float = 0.0                # total time the player waited with nothing to play
-    received_ms: float = 0.0             # end of the timeline received so far
     late: int = 0
     underruns: int = 0
-    first_arrival: float | None = None
     late_at_ms: list = field(default_factory=list)   # timeline positions that came late
 
     def receive(self, pts_ms: float, dur_ms: float, now: float) -> None:
-        if self.first_arrival is None:
-            self.first_arrival = now
         if self.started_at is None:
             if pts_ms + dur_ms >= self.start_buffer_ms:
                 self.started_at = now
@@ -66,7 +61,6 @@ class Player:
             self.underruns += 1
             self.late_at_ms.append(round(pts_ms))
             self.stall_ms += (now - self.started_at) * 1000.0 - (pts_ms + self.stall_ms)
-        self.received_ms = pts_ms + dur_ms
 
 
 def _duration_ms(msg: dict, fmt: str, rate: int) -> float:
@@ -100,7 +94,6 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int) -
             if raw.type != aiohttp.WSMsgType.BINARY:
                 break
             msg = msgpack.unpackb(raw.data)
-            rep.messages += 1
             now = time.monotonic()
             if msg["type"] == "audio":
                 if rep.ttfa_ms is None:

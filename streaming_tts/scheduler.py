@@ -28,6 +28,7 @@ from .metering import Meter
 from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamSink,
                      StreamState, word_times)
 from .text.phonemes import PhonemizedText
+from .text.splitter import PhraseSplitter
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class _NewPhrase:
     text: str
     phonemized: PhonemizedText
     acoustic: AcousticResult
-    first_chunk: tuple[int, int]
+    plan: list[tuple[int, int]]          # the phrase's decode chunks; the first is decoded
     first_audio: np.ndarray
 
 
@@ -101,7 +102,7 @@ class _Result:
 class Scheduler:
     """Owns the engine; talk to it only through the command methods."""
 
-    def __init__(self, engine: Engine, *, phonemizer, splitter_factory: Callable[[], object],
+    def __init__(self, engine: Engine, *, phonemizer, splitter_factory: Callable[[], PhraseSplitter],
                  meter: Meter, config: SchedulerConfig = SchedulerConfig(),
                  observer: SchedulerObserver | None = None,
                  power_reader: Callable[[], float | None] | None = None):
@@ -210,10 +211,10 @@ class Scheduler:
             if cmd == "text":
                 self._on_text(stream, *args)
             elif cmd == "flush":
-                self._queue_phrases(stream, stream.splitter.flush())  # type: ignore[attr-defined]
+                self._queue_phrases(stream, stream.splitter.flush())
             elif cmd == "end":
                 stream.ended = True
-                self._queue_phrases(stream, stream.splitter.flush())  # type: ignore[attr-defined]
+                self._queue_phrases(stream, stream.splitter.flush())
             elif cmd == "cancel":
                 self._drop(sid)
                 stream.sink.on_cancelled()
@@ -241,7 +242,7 @@ class Scheduler:
             stream.first_text_at = at
         self.meter.add_text(stream.id, len(text), now=at)
         buffered = stream.buffered_ms(time.monotonic(), self.frame_ms)
-        self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=buffered))  # type: ignore[attr-defined]
+        self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=buffered))
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
         for text in phrases:
@@ -252,10 +253,10 @@ class Scheduler:
     def _tick_streams(self, now: float) -> None:
         """Timers: buffered-text deadline, listener clock, silence while text is pending."""
         for stream in list(self._streams.values()):
-            pending = stream.splitter.pending  # type: ignore[attr-defined]
+            pending = stream.splitter.pending
             delay = stream.options.max_buffer_delay_ms / 1000.0
             if pending and stream.last_text_at is not None and now - stream.last_text_at >= delay:
-                self._queue_phrases(stream, stream.splitter.flush())  # type: ignore[attr-defined]
+                self._queue_phrases(stream, stream.splitter.flush())
             buffered = stream.buffered_ms(now, self.frame_ms)
             if stream.anchor is not None and buffered < 0:
                 if stream.has_work() and self.observer:
@@ -264,7 +265,7 @@ class Scheduler:
                 stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
                 buffered = 0.0
             if (stream.anchor is not None and not stream.has_work()
-                    and stream.splitter.pending.strip()  # type: ignore[attr-defined]
+                    and stream.splitter.pending.strip()
                     and buffered < self.config.silence_fill_ms):
                 self._emit_silence(stream, self.config.silence_fill_ms)
             if stream.finished():
@@ -317,7 +318,7 @@ class Scheduler:
             buffered = s.buffered_ms(now, self.frame_ms)
             if s.has_work():
                 nxt = min(nxt, max(0.0, (buffered - self.config.lookahead_ms) / 1000.0))
-            if s.splitter.pending:  # type: ignore[attr-defined]
+            if s.splitter.pending:
                 if s.last_text_at is not None:
                     due = s.last_text_at + s.options.max_buffer_delay_ms / 1000.0 - now
                     nxt = min(nxt, max(0.0, due))
@@ -365,7 +366,7 @@ class Scheduler:
             jobs.append(AcousticJob(ids=ph.ids, params=params, head_only=head_only))
             keys.append((sid, text, ph))
         acoustic = self.engine.acoustic(jobs)
-        firsts = [self.engine.chunk_plan(r.num_frames)[0] for r in acoustic]
+        plans = [self.engine.chunk_plan(r.num_frames) for r in acoustic]
         decode = []
         for sid, job, unfinished in batch.decode:
             if unfinished is not None:
@@ -373,13 +374,13 @@ class Scheduler:
                 result.finished_z[sid] = full.z
                 job = DecodeJob(z=full.z, start=job.start, end=job.end, speaker=job.speaker)
             decode.append(job)
-        decode += [DecodeJob(z=r.z, start=a, end=b, speaker=j.params.speaker, phrase_frames=r.num_frames)
-                   for r, (a, b), j in zip(acoustic, firsts, jobs)]
+        decode += [DecodeJob(z=r.z, start=plan[0][0], end=plan[0][1], speaker=j.params.speaker,
+                             phrase_frames=r.num_frames) for r, plan, j in zip(acoustic, plans, jobs)]
         audio = self.engine.decode(decode)
         for (sid, _, _), chunk in zip(batch.decode, audio):
             result.audio[sid] = chunk
-        for (sid, text, ph), res, first, chunk in zip(keys, acoustic, firsts, audio[len(batch.decode):]):
-            result.phrases[sid] = _NewPhrase(text, ph, res, first, chunk)
+        for (sid, text, ph), res, plan, chunk in zip(keys, acoustic, plans, audio[len(batch.decode):]):
+            result.phrases[sid] = _NewPhrase(text, ph, res, plan, chunk)
         result.frames = (sum(j.end - j.start for j in decode)
                          + _ACOUSTIC_COST_PER_FRAME * sum(r.num_frames for r in acoustic))
         result.seconds = time.perf_counter() - t0
@@ -421,7 +422,7 @@ class Scheduler:
             shares[sid] = shares.get(sid, 0.0) + (job.end - job.start)
         for sid, new in result.phrases.items():
             if new is not None:
-                a, b = new.first_chunk
+                a, b = new.plan[0]
                 shares[sid] = (shares.get(sid, 0.0) + (b - a)
                                + _ACOUSTIC_COST_PER_FRAME * new.acoustic.num_frames)
         power = self.power_reader() if self.power_reader else None
@@ -432,8 +433,7 @@ class Scheduler:
         """A phrase's latent exists: announce where it sits, then emit its first chunk."""
         start = stream.emitted_frames
         res = new.acoustic
-        plan = self.engine.chunk_plan(res.num_frames)
-        stream.active = ActivePhrase(id=stream.next_phrase_id, z=res.z, plan=plan, next_chunk=1,
+        stream.active = ActivePhrase(id=stream.next_phrase_id, z=res.z, plan=new.plan, next_chunk=1,
                                      unfinished=None if res.complete else res)
         stream.next_phrase_id += 1
         words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms)
@@ -442,7 +442,7 @@ class Scheduler:
             id=stream.active.id, text=new.text, start_ms=round(start * self.frame_ms, 1),
             end_ms=round((start + res.num_frames) * self.frame_ms, 1), words=words))
         self.meter.add_phrase(stream.id)
-        a, b = new.first_chunk
+        a, b = new.plan[0]
         self._emit_audio(stream, new.first_audio, b - a)
 
     def _emit_audio(self, stream: StreamState, audio: np.ndarray, frames: int) -> None:
@@ -460,15 +460,10 @@ class Scheduler:
         stream.sink.on_audio(audio, pts)
 
     def _finish(self, stream: StreamState) -> None:
-        usage = self.meter.close(stream.id) or self._empty_usage()
+        usage = self.meter.close(stream.id) or {}   # every stream is opened in the meter
         self._streams.pop(stream.id, None)
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)
-
-    @staticmethod
-    def _empty_usage() -> dict:
-        return {"chars": 0, "phrases": 0, "audio_ms": 0, "compute_ms": 0.0, "energy_j": None,
-                "cost": None, "ttfa_ms": None}
 
     def _fail_streams(self, failed: dict[str, str]) -> None:
         for sid, error in failed.items():

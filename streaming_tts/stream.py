@@ -16,6 +16,7 @@ import torch
 
 from .engine import SynthesisParams
 from .text.phonemes import WordSpan
+from .text.splitter import PhraseSplitter
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class StreamState:
     id: str
     options: StreamOptions
     sink: StreamSink
-    splitter: object                                # PhraseSplitter (text/splitter.py)
+    splitter: PhraseSplitter
     created: float = field(default_factory=time.monotonic)
     phrases: collections.deque = field(default_factory=collections.deque)  # PendingPhrase
     active: ActivePhrase | None = None
@@ -105,7 +106,7 @@ class StreamState:
         return (self.active is not None and self.active.remaining) or bool(self.phrases)
 
     def finished(self) -> bool:
-        return self.ended and not self.has_work() and not self.splitter.pending  # type: ignore[attr-defined]
+        return self.ended and not self.has_work() and not self.splitter.pending
 
 
 def word_times(words: list[WordSpan], durations: np.ndarray, start_frame: int,
