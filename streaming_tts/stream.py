@@ -63,6 +63,10 @@ class ActivePhrase:
     unfinished: object | None = None   # head-only AcousticResult whose flow the next step completes
 
     @property
+    def total_frames(self) -> int:
+        return self.plan[-1][1]
+
+    @property
     def remaining(self) -> bool:
         return self.next_chunk < len(self.plan)
 
@@ -82,6 +86,17 @@ class StreamState:
     last_text_at: float | None = None               # for max_buffer_delay
     first_text_at: float | None = None              # when the listener started waiting
     ended: bool = False                             # `end` received
+    inflight_chars: int = 0                         # text of phrases in the running step
+
+    def ahead_ms(self, now: float, frame_ms: float, ms_per_char: float) -> float:
+        """Speech the listener has coming, played or not yet made: audio buffered, the rest
+        of the active phrase, and the phrases waiting or in the model (estimated from their
+        length). The splitter cuts short phrases only while this is small."""
+        ms = max(0.0, self.buffered_ms(now, frame_ms))
+        if self.active is not None and self.active.remaining:
+            ms += (self.active.total_frames - self.active.plan[self.active.next_chunk][0]) * frame_ms
+        chars = self.inflight_chars + sum(len(p.text) for p in self.phrases)
+        return ms + chars * ms_per_char
 
     def buffered_ms(self, now: float, frame_ms: float) -> float:
         """Audio the listener has not played yet (negative: it ran dry that long ago)."""

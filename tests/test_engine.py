@@ -69,6 +69,37 @@ def test_chunked_decode_equals_whole(engine: Engine, schedule, n_phonemes: int) 
     assert np.abs(stitched - whole).max() <= 1e-4
 
 
+@pytest.mark.parametrize("first", [0, 1, 2, 7])
+@pytest.mark.parametrize("bucket_step", [0, 8, 24])
+def test_plans_starting_later_and_finer_buckets_still_equal_whole(engine: Engine, first: int,
+                                                                  bucket_step: int) -> None:
+    res = engine.acoustic([AcousticJob(make_ids(40, seed=8), SynthesisParams(), seed=3)])[0]
+    whole = engine.decode_whole(res.z)
+    eng = Engine(engine.model, sample_rate=22050,
+                 config=EngineConfig(chunk_schedule=(12, 24, 48), bucket_step=bucket_step))
+    plan = eng.chunk_plan(res.num_frames, first=first)
+    sizes = [b - a for a, b in plan]
+    # The plan starts at schedule[first] (clamped to the last size), and grows from there.
+    assert sizes[0] == min(res.num_frames, (12, 24, 48)[min(first, 2)])
+    assert plan[-1][1] == res.num_frames
+    stitched = np.concatenate(eng.decode([DecodeJob(res.z, a, b) for a, b in plan]))
+    assert np.abs(stitched - whole).max() <= 1e-4
+
+
+def test_buckets_and_schedule_positions(engine: Engine) -> None:
+    def make(step: int) -> Engine:
+        return Engine(engine.model, sample_rate=22050,
+                      config=EngineConfig(chunk_schedule=(24, 48, 96), bucket_step=step))
+    coarse, fine = make(0), make(24)
+    assert coarse.buckets == (24, 48, 96) and fine.buckets == (24, 48, 72, 96)
+    # A 50-frame tail pads to 96 with schedule sizes only, to 72 with a 24-frame step.
+    assert coarse.bucket(50) == 96 and fine.bucket(50) == 72
+    # The largest scheduled chunk no longer than the listener's buffer.
+    assert [fine.schedule_index_for(f) for f in (0, 23, 24, 47, 48, 95, 96, 500)] == [0, 0, 0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="bucket_step"):
+        make(-1)
+
+
 def test_padded_batch_equals_items_alone(engine: Engine) -> None:
     jobs = [AcousticJob(make_ids(n, seed=n), SILENT) for n in (3, 50, 20)]
     batched = engine.acoustic(jobs)

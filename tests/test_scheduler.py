@@ -48,6 +48,7 @@ class FakeEngine:
 
     frame_ms = property(lambda self: 1000.0 * HOP / RATE)
     chunk_plan = Engine.chunk_plan
+    schedule_index_for = Engine.schedule_index_for
     bucket = Engine.bucket
 
     def acoustic(self, jobs):
@@ -395,3 +396,46 @@ async def test_a_failing_stream_does_not_take_its_batch_neighbours_down():
     assert bad.events[-1][:2] == ("error", "internal")
     assert good.kinds()[-1] == "done" and good.audio()
     check_timeline(good)
+
+
+async def test_text_arriving_before_first_audio_does_not_pile_up_short_phrases():
+    # Eager (short) phrases are for a listener with little speech coming. Words that arrive
+    # while the first phrase is still being made must not be cut into more short phrases:
+    # the first phrase already covers that wait (slow engine: no audio for a while).
+    engine = FakeEngine(schedule=(4, 400), delay_s=0.2)
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi.".split()
+    for w in words:
+        sched.text("s", w + " ")
+        await asyncio.sleep(0.01)
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 10)
+    await stop(task)
+    phrases = [p.text for p in sink.phrases()]
+    # The default splitter cuts the first phrase after at most 6 words; the rest is one sentence.
+    assert phrases == [" ".join(words[:6]), " ".join(words[6:])]
+    check_timeline(sink)
+
+
+async def test_a_listener_with_audio_buffered_gets_bigger_first_chunks():
+    engine = FakeEngine(schedule=(2, 4, 8))
+    sched, task = await running(engine, head_only_below_ms=50.0)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    sched.text("s", "Hello there. Defghij klmnop.")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    phrases = sink.phrases()
+    assert len(phrases) == 2
+    sizes = {ph.id: [] for ph in phrases}
+    for samples, pts in sink.audio():
+        ph = next(p for p in phrases if p.start_ms <= pts < p.end_ms)
+        sizes[ph.id].append(len(samples) // HOP)
+    # Nothing buffered: the plan starts small. ~500 ms buffered when the second phrase starts:
+    # its first chunk is the largest scheduled size that fits in that (8 frames = 80 ms).
+    assert sizes[phrases[0].id][:3] == [2, 4, 8]
+    assert sizes[phrases[1].id][0] == 8
+    check_timeline(sink)
