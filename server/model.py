@@ -1,14 +1,14 @@
 """Loading the served voice: engine, warm-up, per-stream VRAM cost, and the scheduler over it.
 
-`prepare_model` blocks for seconds (weights, espeak, warm-up) and runs in a worker thread
-(`asyncio.to_thread`) so the event loop keeps answering /healthz meanwhile. `build_scheduler`
-runs on the event loop.
+`prepare_model` blocks for seconds (weights, espeak, warm-up) and runs in the model thread (the
+same thread the scheduler later runs every model call in; see `new_model_thread`) so the event
+loop keeps answering /healthz meanwhile. `build_scheduler` runs on the event loop.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
-
 import logging
 import time
 from collections.abc import Callable
@@ -63,7 +63,10 @@ def prepare_model(
     phonemizer.phonemize("Warm up.")  # the first call starts espeak-ng
     loaded_s = time.perf_counter() - t0
     # Every (chunk size, batch size) the scheduler can ask for, so no stream pays kernel setup.
-    warm_s = engine.warmup(max_batch=cfg.scheduler.max_batch_chunks) if warm_up else 0.0
+    # On CPU a step's budget (target_step_ms of compute) holds only a few big chunks.
+    max_frames = None if engine.device.type == "cuda" else 2 * max(engine.buckets)
+    warm_s = (engine.warmup(max_batch=cfg.scheduler.max_batch_chunks, max_frames=max_frames)
+              if warm_up else 0.0)
     vram = None
     if engine.device.type == "cuda":
         vram = measure_stream_vram(engine, batch=cfg.engine.max_batch)
@@ -94,6 +97,7 @@ def measure_stream_vram(engine: Engine, *, batch: int) -> int:
 def build_scheduler(
     loaded: LoadedModel, cfg: ServerConfig, *,
     observer: SchedulerObserver | None, power_reader: Callable[[], float | None],
+    model_thread: concurrent.futures.ThreadPoolExecutor | None = None,
 ) -> Scheduler:
     """The scheduler that will own `loaded.engine` (construct on the event loop)."""
     s = cfg.scheduler
@@ -108,7 +112,7 @@ def build_scheduler(
             PhraseSplitter, SplitterConfig(eager_until_buffered_ms=s.eager_until_buffered_ms,
                                            first_phrase_max_words=s.first_phrase_max_words)),
         meter=Meter(make_tariff(cfg)), config=config, observer=observer,
-        power_reader=power_reader,
+        power_reader=power_reader, model_thread=model_thread,
     )
 
 

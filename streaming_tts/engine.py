@@ -244,16 +244,23 @@ class Engine:
         audio = self.model.decode(zp, [0], [T], (0, padded), speakers=spk)[0]
         return audio[:T * self.hop_length].float().cpu().numpy()
 
-    def warmup(self, max_batch: int = 1) -> float:
+    def warmup(self, max_batch: int = 1, max_frames: int | None = None) -> float:
         """Build the kernels of every chunk size at every batch size up to max_batch, so no
-        stream pays for a first use later; returns seconds taken."""
+        stream pays for a first use later; returns seconds taken. With `max_frames`, batches
+        of more frames than that are skipped (on CPU the scheduler's step budget keeps batches
+        of big chunks small, and warming them would cost many seconds)."""
         t0 = time.perf_counter()
         ids = [1, 0] + [20, 0, 35, 0, 50, 0, 62, 0] * 6 + [2]
         res = self.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0)])[0]
+        head = self.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0, head_only=True)])[0]
+        self.finish_flow(head)
+        # Every bucket at its own size (a real phrase may be shorter than the largest bucket).
+        z = res.z[:, :1].expand(-1, max(self.buckets)).contiguous()
         for size in self.buckets:
-            end = min(size, res.num_frames)
             for batch in range(1, max_batch + 1):
-                self.decode([DecodeJob(z=res.z, start=0, end=end)] * batch)
+                if batch > 1 and max_frames is not None and batch * size > max_frames:
+                    break
+                self.decode([DecodeJob(z=z, start=0, end=size)] * batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

@@ -101,13 +101,19 @@ class _Result:
     frames: float = 0.0                  # work done, in decode-frame equivalents
 
 
+def new_model_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The single worker thread in which an engine is built, warmed up and run."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-model")
+
+
 class Scheduler:
     """Owns the engine; talk to it only through the command methods."""
 
     def __init__(self, engine: Engine, *, phonemizer, splitter_factory: Callable[[], PhraseSplitter],
                  meter: Meter, config: SchedulerConfig = SchedulerConfig(),
                  observer: SchedulerObserver | None = None,
-                 power_reader: Callable[[], float | None] | None = None):
+                 power_reader: Callable[[], float | None] | None = None,
+                 model_thread: concurrent.futures.ThreadPoolExecutor | None = None):
         self.engine = engine
         self.phonemizer = phonemizer
         self.splitter_factory = splitter_factory
@@ -119,7 +125,11 @@ class Scheduler:
         self._streams: dict[str, StreamState] = {}
         self._commands: collections.deque = collections.deque()
         self._wake = asyncio.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-model")
+        # The one thread that runs model code. Pass the thread that loaded and warmed up the
+        # engine: PyTorch's CPU thread pool (OpenMP) belongs to the thread that calls into it,
+        # and a second calling thread leaves two pools fighting over the cores (on 2 cores every
+        # model call then took ~1.5x as long). The scheduler owns it and shuts it down.
+        self._pool = model_thread or new_model_thread()
         self._fps = config.initial_frames_per_s
         # Audio seconds made per second of step time, for the real mix of work (acoustic,
         # flows, chunk context): what admission compares the streams' demand against.

@@ -615,6 +615,44 @@ async def test_healthz_is_503_until_the_voice_is_warm(
             assert [v["loaded"] for v in await resp.json()] == [True]
 
 
+class ThreadRecordingEngine:
+    """The real engine, recording which thread makes each model call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.threads: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._engine, name)
+        if name in ("acoustic", "finish_flow", "decode", "warmup"):
+            def recorded(*args: Any, **kwargs: Any) -> Any:
+                self.threads.add(threading.get_ident())
+                return attr(*args, **kwargs)
+            return recorded
+        return attr
+
+
+async def test_the_voice_loads_warms_up_and_runs_in_one_thread(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # PyTorch's CPU thread pool belongs to the calling thread: a second thread calling the
+    # model would leave two pools fighting over the cores.
+    recording = ThreadRecordingEngine(engine)
+    loader_threads: set[int] = set()
+
+    def loader(voice: Any, cfg: Any) -> Engine:
+        loader_threads.add(threading.get_ident())
+        return recording  # type: ignore[return-value]
+
+    async with running(None, engine_loader=loader) as r:
+        client = await connect(http, r)
+        u = await client.speak(SHORT, format="pcm_s16le", sample_rate=16000, words=False)
+        check_done(u, chars=len(SHORT))
+        await client.close()
+    assert len(loader_threads) == 1 and recording.threads == loader_threads
+    assert threading.get_ident() not in loader_threads
+
+
 async def test_shutdown_fails_live_streams_and_closes_1001(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
