@@ -71,6 +71,7 @@ _ACOUSTIC_COST_PER_FRAME = 0.3
 _ACOUSTIC_COST_PER_CHAR = _ACOUSTIC_COST_PER_FRAME * 6.6
 _FLOW_COST_PER_FRAME = 0.15        # the flow is about half of the acoustic stage
 _INITIAL_FRAMES_PER_CHAR = 6.0     # speech length per character of text until measured
+_MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this do not set the capacity estimate
 
 
 @dataclass
@@ -136,6 +137,10 @@ class Scheduler:
         self._audio_made = 0.0     # decayed totals: audio seconds made ...
         self._busy = 0.0           # ... and step seconds spent making them
         self._frames_per_char = _INITIAL_FRAMES_PER_CHAR   # measured on the phrases made
+        # Compute seconds per audio second of recently finished streams, start to end: the
+        # cost of a real stream's mix (first phrases, head-only flows, small first chunks),
+        # steadier than the step mix, which swings between bursts of newcomers and idle tails.
+        self._stream_cost: float | None = None
         self.steps = 0
 
     # ---- commands (event loop; applied between steps) ----
@@ -173,8 +178,11 @@ class Scheduler:
 
     def load(self, extra_streams: int = 0) -> LoadEstimate:
         n = self.stream_count + extra_streams
-        capacity = self._audio_made / self._busy if self._busy > 1.0 else None
-        if capacity is None:   # under a second measured: estimate from the work-frame rate
+        if self._stream_cost:
+            capacity = 1.0 / self._stream_cost
+        elif self._busy > 1.0:   # no stream finished yet: the recent steps' output rate
+            capacity = self._audio_made / self._busy
+        else:                    # under a second measured: estimate from the work-frame rate
             capacity = self._fps / (1.0 + _ACOUSTIC_COST_PER_FRAME) * self.frame_ms / 1000.0
         return LoadEstimate(active_streams=n, demand_audio_s_per_s=float(n),
                             capacity_audio_s_per_s=capacity)
@@ -297,6 +305,9 @@ class Scheduler:
         ready = [s for s in self._streams.values()
                  if s.has_work() and s.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms]
         grace, margin = self.config.new_stream_grace_ms / 1000.0, self.config.pipeline_margin_ms / 1000.0
+        # Several listeners waiting for their first audio at once (a burst of new streams):
+        # each gets a longer first chunk, so its runway covers the others' first steps too.
+        burst = sum(1 for s in ready if s.anchor is None) > 1
         for stream in sorted(ready, key=lambda s: s.deadline(self.frame_ms, new_grace_s=grace, margin_s=margin)):
             if stream.active is not None and stream.active.remaining:
                 if len(batch.decode) >= self.config.max_batch_chunks:
@@ -319,8 +330,11 @@ class Scheduler:
                 buffered = stream.buffered_ms(now, self.frame_ms)
                 # Near dry: the first chunk before the flow over the whole phrase. Otherwise the
                 # phrase's plan starts at a chunk no longer than what the listener holds.
-                head_only = buffered < self.config.head_only_below_ms
-                first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
+                if burst and stream.anchor is None and len(self.engine.config.chunk_schedule) > 1:
+                    head_only, first = False, 1
+                else:
+                    head_only = buffered < self.config.head_only_below_ms
+                    first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
                 cost = (self.engine.bucket(self.engine.config.chunk_schedule[first])
                         + _ACOUSTIC_COST_PER_CHAR * len(text))
                 if used and used + cost > budget:
@@ -490,6 +504,10 @@ class Scheduler:
     def _finish(self, stream: StreamState) -> None:
         usage = self.meter.close(stream.id) or {}   # every stream is opened in the meter
         self._streams.pop(stream.id, None)
+        audio_ms, compute_ms = usage.get("audio_ms") or 0.0, usage.get("compute_ms")
+        if audio_ms >= _MIN_COSTED_AUDIO_MS and compute_ms is not None:
+            cost = compute_ms / audio_ms
+            self._stream_cost = cost if self._stream_cost is None else 0.8 * self._stream_cost + 0.2 * cost
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)
 

@@ -34,7 +34,7 @@ def test_default_toml_equals_the_built_in_defaults() -> None:
     cfg = load_config(DEFAULT_CONFIG_PATH, {})
     assert cfg == load_config() == ServerConfig()
     assert cfg.engine.device == "cpu" and cfg.engine.chunk_schedule == (24, 64, 128, 256)
-    assert cfg.admission.max_streams == 16 and cfg.admission.max_load == 0.7
+    assert cfg.admission.max_streams == 16 and cfg.admission.max_load == 0.75
     assert cfg.engine.voices_dir is None  # "" in TOML
     assert not cfg.metering.has_tariff
 

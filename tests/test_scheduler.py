@@ -439,3 +439,44 @@ async def test_a_listener_with_audio_buffered_gets_bigger_first_chunks():
     assert sizes[phrases[0].id][:3] == [2, 4, 8]
     assert sizes[phrases[1].id][0] == 8
     check_timeline(sink)
+
+
+async def test_capacity_comes_from_what_finished_streams_cost():
+    # Each decode takes 20 ms of "compute"; capacity is audio seconds per compute second of
+    # whole streams, once one has finished (before: an estimate from the steps).
+    engine = FakeEngine(schedule=(8, 64), delay_s=0.02)
+    sched, task = await running(engine)
+    assert sched.load().capacity_audio_s_per_s > 0
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    sched.text("s", "abcdefghij " * 12 + ".")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 10)
+    await stop(task)
+    usage = sink.events[-1][1]
+    assert usage["audio_ms"] >= 2000
+    load = sched.load(extra_streams=1)
+    assert load.active_streams == 1 and load.demand_audio_s_per_s == 1.0
+    assert load.capacity_audio_s_per_s == pytest.approx(usage["audio_ms"] / usage["compute_ms"], rel=0.01)
+
+
+async def test_streams_starting_together_get_longer_first_chunks():
+    # A lone newcomer gets the smallest first chunk (fastest first audio). Newcomers that
+    # arrive together get the next size: each one's runway must cover the others' first steps.
+    engine = FakeEngine(schedule=(2, 8, 16))
+    sched, task = await running(engine)
+    sinks = {sid: Sink() for sid in ("lone", "a", "b", "c")}
+    sched.open("lone", OPTS, sinks["lone"])
+    sched.text("lone", "Hello there.")
+    sched.end("lone")
+    await asyncio.wait_for(sinks["lone"].done.wait(), 5)
+    for sid in ("a", "b", "c"):
+        sched.open(sid, OPTS, sinks[sid])
+        sched.text(sid, "Hello there.")
+        sched.end(sid)
+    await asyncio.wait_for(asyncio.gather(*(sinks[s].done.wait() for s in "abc")), 5)
+    await stop(task)
+    first_chunk = {sid: len(sink.audio()[0][0]) // HOP for sid, sink in sinks.items()}
+    assert first_chunk == {"lone": 2, "a": 8, "b": 8, "c": 8}
+    for sink in sinks.values():
+        check_timeline(sink)
