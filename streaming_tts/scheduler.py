@@ -308,7 +308,9 @@ class Scheduler:
         # Several listeners waiting for their first audio at once (a burst of new streams):
         # each gets a longer first chunk, so its runway covers the others' first steps too.
         burst = sum(1 for s in ready if s.anchor is None) > 1
-        for stream in sorted(ready, key=lambda s: s.deadline(self.frame_ms, new_grace_s=grace, margin_s=margin)):
+        step = self.config.target_step_ms / 1000.0
+        for stream in sorted(ready, key=lambda s: s.deadline(self.frame_ms, now=now, new_grace_s=grace,
+                                                             margin_s=margin, step_s=step)):
             if stream.active is not None and stream.active.remaining:
                 if len(batch.decode) >= self.config.max_batch_chunks:
                     continue

@@ -104,17 +104,20 @@ class StreamState:
             return 0.0
         return self.emitted_frames * frame_ms - (now - self.anchor) * 1000.0
 
-    def deadline(self, frame_ms: float, *, new_grace_s: float = 0.0, margin_s: float = 0.0) -> float:
-        """Wall time by which the stream needs its next audio.
+    def deadline(self, frame_ms: float, *, now: float, new_grace_s: float = 0.0,
+                 margin_s: float = 0.0, step_s: float = 0.0) -> float:
+        """Wall time by which the stream needs its next audio (the scheduler's priority).
 
         A started stream: when its listener runs dry, less `margin_s` (audio the resampler and
         encoder still hold, network). A stream with no audio yet: its first text plus
         `new_grace_s`, so earliest-deadline-first lets a newcomer wait a little rather than
-        make a started listener stutter.
+        make a started listener stutter; and never earlier than one step (`step_s`) from now:
+        a newcomer's wait only delays its start, a started listener running dry is a glitch,
+        so an overdue newcomer still yields to a listener due within the next step.
         """
         if self.anchor is None:
             waiting_since = self.first_text_at if self.first_text_at is not None else self.created
-            return waiting_since + new_grace_s
+            return max(waiting_since + new_grace_s, now + step_s)
         return self.anchor + self.emitted_frames * frame_ms / 1000.0 - margin_s
 
     def has_work(self) -> bool:

@@ -480,3 +480,16 @@ async def test_streams_starting_together_get_longer_first_chunks():
     assert first_chunk == {"lone": 2, "a": 8, "b": 8, "c": 8}
     for sink in sinks.values():
         check_timeline(sink)
+
+
+def test_an_overdue_newcomer_yields_to_a_listener_due_within_a_step():
+    from streaming_tts.stream import StreamState
+    now = 100.0
+    waiting = StreamState(id="new", options=OPTS, sink=Sink(), splitter=PhraseSplitter(),
+                          first_text_at=now - 2.0)             # waiting 2 s: long overdue
+    playing = StreamState(id="old", options=OPTS, sink=Sink(), splitter=PhraseSplitter(),
+                          anchor=now - 1.0, emitted_frames=105)  # 1.05 s made: dry in 50 ms
+    relaxed = StreamState(id="ok", options=OPTS, sink=Sink(), splitter=PhraseSplitter(),
+                          anchor=now - 1.0, emitted_frames=200)  # dry in 1 s
+    key = {s.id: s.deadline(10.0, now=now, new_grace_s=0.4, step_s=0.12) for s in (waiting, playing, relaxed)}
+    assert key["old"] < key["new"] < key["ok"]
