@@ -42,6 +42,7 @@ class SchedulerConfig:
     silence_fill_ms: float = 100.0     # keep a listener fed with silence while text is pending
     head_only_below_ms: float = 250.0  # listener this close to dry: first chunk before the whole flow
     new_stream_grace_ms: float = 400.0 # a newcomer's deadline: its first text plus this
+    newcomer_step_ms: float = 60.0     # a step carrying first audio takes no more non-urgent work than this
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
 
@@ -309,8 +310,14 @@ class Scheduler:
         # each gets a longer first chunk, so its runway covers the others' first steps too.
         burst = sum(1 for s in ready if s.anchor is None) > 1
         step = self.config.target_step_ms / 1000.0
-        for stream in sorted(ready, key=lambda s: s.deadline(self.frame_ms, now=now, new_grace_s=grace,
-                                                             margin_s=margin, step_s=step)):
+        # A step that carries a stream's first audio stays short: work not due within the next
+        # step waits for the following one rather than delay that first audio.
+        newcomer_budget = self._fps * self.config.newcomer_step_ms / 1000.0
+        with_newcomer = False
+        keyed = [(s.deadline(self.frame_ms, now=now, new_grace_s=grace, margin_s=margin, step_s=step), s)
+                 for s in ready]
+        for due, stream in sorted(keyed, key=lambda ks: ks[0]):
+            limit = min(budget, newcomer_budget) if with_newcomer and due > now + step else budget
             if stream.active is not None and stream.active.remaining:
                 if len(batch.decode) >= self.config.max_batch_chunks:
                     continue
@@ -319,7 +326,7 @@ class Scheduler:
                 cost = self.engine.bucket(b - a)
                 if active.unfinished is not None:
                     cost += _FLOW_COST_PER_FRAME * active.unfinished.num_frames
-                if used and used + cost > budget:
+                if used and used + cost > limit:
                     break
                 batch.decode.append((stream.id, DecodeJob(z=active.z, start=a, end=b,
                                                           speaker=stream.options.params.speaker),
@@ -339,8 +346,9 @@ class Scheduler:
                     first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
                 cost = (self.engine.bucket(self.engine.config.chunk_schedule[first])
                         + _ACOUSTIC_COST_PER_CHAR * len(text))
-                if used and used + cost > budget:
+                if used and used + cost > limit:
                     break
+                with_newcomer = with_newcomer or stream.anchor is None
                 stream.phrases.popleft()
                 stream.inflight_chars += len(text)
                 batch.acoustic.append((stream.id, text, stream.options.params, head_only, first))

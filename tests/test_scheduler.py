@@ -493,3 +493,30 @@ def test_an_overdue_newcomer_yields_to_a_listener_due_within_a_step():
                           anchor=now - 1.0, emitted_frames=200)  # dry in 1 s
     key = {s.id: s.deadline(10.0, now=now, new_grace_s=0.4, step_s=0.12) for s in (waiting, playing, relaxed)}
     assert key["old"] < key["new"] < key["ok"]
+
+
+async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
+    from streaming_tts.stream import ActivePhrase, PendingPhrase
+    # Budget: 100 frames per step. The old listener holds 0.9 s: its next chunk is not due
+    # within the next step (100 ms), so it waits rather than delay the newcomer's first audio.
+    engine = FakeEngine(schedule=(4,))
+    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0, newcomer_step_ms=1.0,
+                                                            initial_frames_per_s=1000.0))
+    sched.open("old", OPTS, Sink())
+    sched.open("new", OPTS, Sink())
+    sched._apply_commands()
+    now = time.monotonic()
+    old, new = sched._streams["old"], sched._streams["new"]
+    z = torch.zeros(1, 400)
+    old.active = ActivePhrase(id=0, z=z, plan=engine.chunk_plan(400), next_chunk=25)
+    old.anchor, old.emitted_frames = now - 0.1, 100          # 1 s made, 0.1 s played
+    new.phrases.append(PendingPhrase("Hi there."))
+    new.first_text_at = now
+    batch = sched._schedule(now)
+    assert [a[0] for a in batch.acoustic] == ["new"] and batch.decode == []
+    # Once the old listener is due within the step, its chunk joins the newcomer's step.
+    old.anchor = now - 0.95
+    new.phrases.append(PendingPhrase("Hi there."))
+    batch = sched._schedule(now)
+    assert [d[0] for d in batch.decode] == ["old"] and [a[0] for a in batch.acoustic] == ["new"]
