@@ -152,6 +152,14 @@ async def running(engine: FakeEngine, **cfg):
     return sched, task
 
 
+async def speak(sched: Scheduler, sid: str, sink: Sink, text: str, timeout: float = 5.0) -> None:
+    """Open a stream, send all its text, end it and wait until it is done."""
+    sched.open(sid, OPTS, sink)
+    sched.text(sid, text)
+    sched.end(sid)
+    await asyncio.wait_for(sink.done.wait(), timeout)
+
+
 async def stop(task: asyncio.Task) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -337,10 +345,7 @@ async def test_engine_failure_errors_its_streams_and_the_scheduler_survives():
     assert bad.events[-1][:2] == ("error", "internal")
     engine.fail = False
     good = Sink()
-    sched.open("good", OPTS, good)
-    sched.text("good", "Still alive. ")
-    sched.end("good")
-    await asyncio.wait_for(good.done.wait(), 3)
+    await speak(sched, "good", good, "Still alive. ", timeout=3)
     await stop(task)
     assert good.kinds()[-1] == "done"
 
@@ -423,10 +428,7 @@ async def test_a_listener_with_audio_buffered_gets_bigger_first_chunks():
     engine = FakeEngine(schedule=(2, 4, 8))
     sched, task = await running(engine, head_only_below_ms=50.0)
     sink = Sink()
-    sched.open("s", OPTS, sink)
-    sched.text("s", "Hello there. Defghij klmnop.")
-    sched.end("s")
-    await asyncio.wait_for(sink.done.wait(), 5)
+    await speak(sched, "s", sink, "Hello there. Defghij klmnop.")
     await stop(task)
     phrases = sink.phrases()
     assert len(phrases) == 2
@@ -448,10 +450,7 @@ async def test_capacity_comes_from_what_finished_streams_cost():
     sched, task = await running(engine)
     assert sched.load().capacity_audio_s_per_s > 0
     sink = Sink()
-    sched.open("s", OPTS, sink)
-    sched.text("s", "abcdefghij " * 12 + ".")
-    sched.end("s")
-    await asyncio.wait_for(sink.done.wait(), 10)
+    await speak(sched, "s", sink, "abcdefghij " * 12 + ".", timeout=10)
     await stop(task)
     usage = sink.events[-1][1]
     assert usage["audio_ms"] >= 2000
@@ -466,10 +465,7 @@ async def test_streams_starting_together_get_longer_first_chunks():
     engine = FakeEngine(schedule=(2, 8, 16))
     sched, task = await running(engine)
     sinks = {sid: Sink() for sid in ("lone", "a", "b", "c")}
-    sched.open("lone", OPTS, sinks["lone"])
-    sched.text("lone", "Hello there.")
-    sched.end("lone")
-    await asyncio.wait_for(sinks["lone"].done.wait(), 5)
+    await speak(sched, "lone", sinks["lone"], "Hello there.")
     for sid in ("a", "b", "c"):
         sched.open(sid, OPTS, sinks[sid])
         sched.text(sid, "Hello there.")
