@@ -137,7 +137,7 @@ class Scheduler:
         # flows, chunk context): what admission compares the streams' demand against.
         self._audio_made = 0.0     # decayed totals: audio seconds made ...
         self._busy = 0.0           # ... and step seconds spent making them
-        self._frames_per_char = _INITIAL_FRAMES_PER_CHAR   # measured on the phrases made
+        self._frames_per_char = _INITIAL_FRAMES_PER_CHAR   # at speed 1, measured on the phrases made
         # Compute seconds per audio second of recently finished streams, start to end: the
         # cost of a real stream's mix (first phrases, head-only flows, small first chunks),
         # steadier than the step mix, which swings between bursts of newcomers and idle tails.
@@ -265,7 +265,8 @@ class Scheduler:
         self.meter.add_text(stream.id, len(text), now=at)
         # Eager (short) phrases only while the listener has little speech coming: audio it
         # holds plus phrases already cut, so a backlog of short phrases cannot build up.
-        ahead = stream.ahead_ms(time.monotonic(), self.frame_ms, self._frames_per_char * self.frame_ms)
+        ms_per_char = self._frames_per_char * stream.options.params.length_scale * self.frame_ms
+        ahead = stream.ahead_ms(time.monotonic(), self.frame_ms, ms_per_char)
         self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=ahead))
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
@@ -445,9 +446,10 @@ class Scheduler:
         for sid, *_ in batch.acoustic:
             if (stream := self._streams.get(sid)) is not None:
                 stream.inflight_chars = 0   # one step runs at a time: nothing is in the model now
-        for new in result.phrases.values():
-            if new is not None and new.text:
-                fpc = new.acoustic.num_frames / len(new.text)
+        for sid, text, params, *_ in batch.acoustic:
+            new = result.phrases.get(sid)
+            if new is not None and text and params.length_scale > 0:
+                fpc = new.acoustic.num_frames / len(text) / params.length_scale
                 self._frames_per_char = 0.9 * self._frames_per_char + 0.1 * fpc
         if self.observer:
             self.observer.on_step(result.seconds, len(batch.acoustic), len(batch.decode), result.frames)
