@@ -134,7 +134,7 @@ class Scheduler:
         self._pool = model_thread or new_model_thread()
         self._fps = config.initial_frames_per_s
         # Audio seconds made per second of step time, for the real mix of work (acoustic,
-        # flows, chunk context): what admission compares the streams' demand against.
+        # flows, chunk context): admission's capacity until a stream has finished.
         self._audio_made = 0.0     # decayed totals: audio seconds made ...
         self._busy = 0.0           # ... and step seconds spent making them
         self._frames_per_char = _INITIAL_FRAMES_PER_CHAR   # at speed 1, measured on the phrases made
