@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.texts import SENTENCES  # noqa: E402
 from server.config import EngineConfig as ServedEngineConfig  # noqa: E402
-from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams  # noqa: E402
+from streaming_tts.engine import (AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams,  # noqa: E402
+                                  cpu_has_native_bf16)
 from streaming_tts.text.phonemes import Phonemizer  # noqa: E402
 from streaming_tts.voices import VoiceRegistry  # noqa: E402
 
@@ -107,6 +108,8 @@ def main() -> int:
     ap.add_argument("--voice", default=None, help="voice id or .onnx path (default voice)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="CPU decoder precision (bfloat16: for CPUs with native bf16)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
@@ -124,9 +127,13 @@ def main() -> int:
     # The server's CPU defaults (configs/default.toml): chunk schedule and padding step.
     served = ServedEngineConfig()
     cpu = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate,
-                           config=EngineConfig(device="cpu", threads=args.threads,
+                           config=EngineConfig(device="cpu", threads=args.threads, dtype=args.dtype,
                                                chunk_schedule=served.chunk_schedule,
                                                bucket_step=served.bucket_step))
+    out["cpu_dtype"] = args.dtype
+    if args.dtype != "float32":
+        out["cpu_native_bf16"] = cpu_has_native_bf16()
+        out["snr_vs_float32_db"] = snr_vs_float32(voice, cpu, id_lists)
     cpu.warmup()
     ort_session = None
     if not args.no_ort:
@@ -148,6 +155,15 @@ def main() -> int:
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
     print(json.dumps(out) if args.json else json.dumps(out, indent=2))
     return 0
+
+
+def snr_vs_float32(voice, engine: Engine, id_lists) -> float:
+    """SNR (dB) of this engine's audio against a float32 engine's, noise off, all sentences."""
+    ref_engine = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate)
+    silent = SynthesisParams(noise_scale=0.0, noise_w=0.0)
+    ref = np.concatenate([ref_engine.synthesize(ids, silent) for ids in id_lists])
+    out = np.concatenate([engine.synthesize(ids, silent) for ids in id_lists])
+    return float(10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2)))
 
 
 def bench_cuda(voice, id_lists, params) -> dict:

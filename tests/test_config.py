@@ -50,6 +50,13 @@ def test_default_toml_lists_and_documents_every_key() -> None:
             assert lines[index - 1].startswith("#"), f"{section.name}.{name} has no comment"
 
 
+def test_cpu_bf16_profile_loads_and_keeps_unlisted_defaults() -> None:
+    cfg = load_config(CONFIGS / "cpu-bf16.toml", {})
+    assert (cfg.engine.device, cfg.engine.dtype) == ("cpu", "bfloat16")
+    assert cfg.admission.max_streams > ServerConfig().admission.max_streams
+    assert cfg.scheduler == ServerConfig().scheduler and cfg.limits == ServerConfig().limits
+
+
 def test_gpu_profile_loads_and_keeps_unlisted_defaults() -> None:
     cfg = load_config(GPU_PATH, {})
     assert (cfg.engine.device, cfg.engine.dtype) == ("cuda", "float16")
