@@ -91,6 +91,7 @@ class SchedulerConfig:
     max_batch_chunks: int = 8  # chunks per decode step
     eager_until_buffered_ms: float = 400.0  # cut short early phrases while less is buffered
     first_phrase_max_words: int = 3  # early phrases: cut at a word boundary after this many
+    first_phrase_wait_ms: float = 200.0  # no audio yet: speak the complete words come by then
     target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
 
@@ -98,6 +99,8 @@ class SchedulerConfig:
         _require(self.lookahead_ms > 0, "scheduler.lookahead_ms", "must be > 0", self.lookahead_ms)
         _require(self.target_step_ms > 0, "scheduler.target_step_ms", "must be > 0",
                  self.target_step_ms)
+        _require(self.first_phrase_wait_ms >= 0, "scheduler.first_phrase_wait_ms", "must be >= 0",
+                 self.first_phrase_wait_ms)
         _require(0 < self.silence_fill_ms <= self.lookahead_ms, "scheduler.silence_fill_ms",
                  "must be in (0, lookahead_ms]", self.silence_fill_ms)
         _require(self.max_batch_phrases >= 1, "scheduler.max_batch_phrases", "must be >= 1",

@@ -40,6 +40,7 @@ class SchedulerConfig:
     max_batch_phrases: int = 8         # acoustic jobs per step
     max_batch_chunks: int = 16         # decode jobs per step
     silence_fill_ms: float = 100.0     # keep a listener fed with silence while text is pending
+    first_phrase_wait_ms: float = 200.0  # a listener with nothing yet: speak the words come by then
     head_only_below_ms: float = 250.0  # listener this close to dry: first chunk before the whole flow
     new_stream_grace_ms: float = 400.0 # a newcomer's deadline: its first text plus this
     newcomer_step_ms: float = 60.0     # a step carrying first audio takes no more non-urgent work than this
@@ -278,10 +279,14 @@ class Scheduler:
     def _tick_streams(self, now: float) -> None:
         """Timers: buffered-text deadline, listener clock, silence while text is pending."""
         for stream in list(self._streams.values()):
-            pending = stream.splitter.pending
+            pending = stream.splitter.pending.strip()   # whitespace alone is never spoken
             delay = stream.options.max_buffer_delay_ms / 1000.0
             if pending and stream.last_text_at is not None and now - stream.last_text_at >= delay:
                 self._queue_phrases(stream, stream.splitter.flush())
+            elif pending and self._first_phrase_overdue(stream, now):
+                # Text trickles in slower than the eager cut's few words: speak the complete
+                # words that have come rather than keep a new listener waiting for more.
+                self._queue_phrases(stream, stream.splitter.cut_at_word())
             buffered = stream.buffered_ms(now, self.frame_ms)
             if stream.anchor is not None and buffered < 0:
                 if stream.has_work() and self.observer:
@@ -295,6 +300,12 @@ class Scheduler:
                 self._emit_silence(stream, self.config.silence_fill_ms)
             if stream.finished():
                 self._finish(stream)
+
+    def _first_phrase_overdue(self, stream: StreamState, now: float) -> bool:
+        """No audio yet, nothing cut or in the model, and the first text came a while ago."""
+        return (stream.anchor is None and not stream.has_work() and not stream.inflight_chars
+                and stream.first_text_at is not None
+                and now - stream.first_text_at >= self.config.first_phrase_wait_ms / 1000.0)
 
     def _emit_silence(self, stream: StreamState, ms: float) -> None:
         frames = max(1, round(ms / self.frame_ms))
@@ -363,10 +374,14 @@ class Scheduler:
             buffered = s.buffered_ms(now, self.frame_ms)
             if s.has_work():
                 nxt = min(nxt, max(0.0, (buffered - self.config.lookahead_ms) / 1000.0))
-            if s.splitter.pending:
+            if s.splitter.pending.strip():
                 if s.last_text_at is not None:
                     due = s.last_text_at + s.options.max_buffer_delay_ms / 1000.0 - now
                     nxt = min(nxt, max(0.0, due))
+                if s.anchor is None and s.first_text_at is not None and not s.has_work():
+                    due = s.first_text_at + self.config.first_phrase_wait_ms / 1000.0 - now
+                    if due > 0:
+                        nxt = min(nxt, due)
                 if s.anchor is not None:
                     nxt = min(nxt, max(0.0, (buffered - self.config.silence_fill_ms) / 1000.0))
         return max(nxt, 0.002)

@@ -124,7 +124,8 @@ class StreamState:
         return (self.active is not None and self.active.remaining) or bool(self.phrases)
 
     def finished(self) -> bool:
-        return self.ended and not self.has_work() and not self.splitter.pending
+        # Whitespace left after the last phrase is never spoken (the splitter keeps it pending).
+        return self.ended and not self.has_work() and not self.splitter.pending.strip()
 
 
 def word_times(words: list[WordSpan], durations: np.ndarray, start_frame: int,

@@ -516,3 +516,64 @@ async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
     new.phrases.append(PendingPhrase("Hi there."))
     batch = sched._schedule(now)
     assert [d[0] for d in batch.decode] == ["old"] and [a[0] for a in batch.acoustic] == ["new"]
+
+
+async def test_slowly_arriving_text_is_spoken_after_first_phrase_wait():
+    # Words every 150 ms (a slow LLM): the eager cut would wait for 6 words (~750 ms); after
+    # first_phrase_wait_ms the complete words that have come are spoken.
+    engine = FakeEngine()
+    sched, task = await running(engine, first_phrase_wait_ms=200.0)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0), sink)
+    t0 = time.monotonic()
+    words = "alpha beta gamma delta epsilon zeta eta theta".split()
+    for w in words:
+        sched.text("s", w + " ")
+        await asyncio.sleep(0.15)
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    first = sink.phrases()[0].text.split()
+    assert 1 <= len(first) < 6 and first == words[:len(first)]
+    assert sink.audio_at[0] - t0 < 0.45
+    assert " ".join(p.text for p in sink.phrases()).split() == words
+    check_timeline(sink)
+
+
+async def test_a_stream_whose_text_ends_in_whitespace_after_an_early_cut_finishes():
+    # The eager cut takes the 6 words as soon as the space after the last one arrives, leaving
+    # only that space pending; `end` must still finish the stream.
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0), sink)
+    for w in "one two three four five six".split():
+        sched.text("s", w + " ")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 3)
+    await stop(task)
+    assert [p.text for p in sink.phrases()] == ["one two three four five six"]
+    assert sink.kinds()[-1] == "done"
+
+
+async def test_whitespace_left_pending_does_not_spin_the_scheduler():
+    # After an early cut only a space is pending; the text timeout must not fire every tick.
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    ticks = 0
+    tick = sched._tick_streams
+
+    def counting(now: float) -> None:
+        nonlocal ticks
+        ticks += 1
+        tick(now)
+
+    sched._tick_streams = counting  # type: ignore[method-assign]
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    for w in "one two three four five six".split():
+        sched.text("s", w + " ")
+    await asyncio.sleep(1.5)
+    await stop(task)
+    assert sched._streams["s"].splitter.pending == " "
+    assert ticks < 100      # about one per chunk and timer; spinning gave ~460 per second

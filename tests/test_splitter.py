@@ -192,6 +192,18 @@ def test_cap_prefers_clause_marks_and_hard_cuts_text_without_spaces() -> None:
     assert split(["x" * 100], config=config) == ["x" * 40, "x" * 40, "x" * 20]
 
 
+def test_cut_at_word_speaks_complete_words_only() -> None:
+    splitter = PhraseSplitter()
+    assert splitter.push("Hello wor", buffered_ms=0.0) == []
+    assert splitter.cut_at_word() == ["Hello"]
+    assert splitter.pending == " wor"
+    assert splitter.cut_at_word() == []          # "wor" may go on: no space after it yet
+    assert splitter.push("ld and Dr. ", buffered_ms=0.0) == []
+    assert splitter.cut_at_word() == [" world and"]   # never between a title and the name
+    assert splitter.pending == " Dr. "
+    assert splitter.push("Smith", buffered_ms=0.0) == [] and splitter.cut_at_word() == []
+
+
 def test_push_is_microseconds_not_milliseconds() -> None:
     text = " ".join(s for s, _, _ in SENTENCE_CASES) * 20
     splitter = PhraseSplitter()
@@ -234,10 +246,12 @@ def fragmented(
 @given(
     case=fragmented(),
     buffered=st.lists(st.floats(0.0, 3000.0), min_size=1, max_size=8),
+    word_cuts=st.lists(st.booleans(), min_size=1, max_size=8),
     config=configs,
 )
 def test_phrases_are_exact_nonblank_capped_slices(
-    case: tuple[str, list[str]], buffered: list[float], config: SplitterConfig
+    case: tuple[str, list[str]], buffered: list[float], word_cuts: list[bool],
+    config: SplitterConfig,
 ) -> None:
     text, fragments = case
     splitter = PhraseSplitter(config)
@@ -246,6 +260,8 @@ def test_phrases_are_exact_nonblank_capped_slices(
     for i, fragment in enumerate(fragments):
         phrases += splitter.push(fragment, buffered_ms=buffered[i % len(buffered)])
         pushed += fragment
+        if word_cuts[i % len(word_cuts)]:   # a slow stream's first-phrase timeout, any time
+            phrases += splitter.cut_at_word()
         # Nothing lost or duplicated at any moment, not only at the end.
         assert "".join(phrases) + splitter.pending == pushed
     phrases += splitter.flush()

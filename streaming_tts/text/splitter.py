@@ -153,6 +153,27 @@ class PhraseSplitter:
         self._scan = 0
         return phrases
 
+    def cut_at_word(self) -> list[str]:
+        """Everything pending up to its last complete word (whitespace seen after it), as one
+        phrase; [] when no word is complete yet. For a listener kept waiting for its first
+        phrase by slowly arriving text: speak what has come rather than wait for more words."""
+        buf = self._buf
+        cs = _run_end(_LEADING_SPACE, buf, self._start)
+        limit = cs + self._cfg.max_phrase_chars
+        last = None
+        for w in _WORD.finditer(buf, cs, min(len(buf), limit)):
+            end = w.end()
+            if end == len(buf) or not buf[end].isspace():
+                continue
+            word = w.group()
+            if not (word.endswith(".") and self._is_abbreviation(word[:-1], True)):
+                last = end
+        if last is None:
+            return []
+        phrase = self._take(last)
+        self._compact()
+        return [phrase]
+
     def _take(self, cut: int) -> str:
         phrase, self._start = self._buf[self._start : cut], cut
         self._scan = max(self._scan, cut)
