@@ -28,7 +28,7 @@ from .metering import Meter
 from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamSink,
                      StreamState, word_times)
 from .text.phonemes import PhonemizedText
-from .text.splitter import PhraseSplitter
+from .text.splitter import PhraseSplitter, ends_sentence
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,7 @@ class Scheduler:
         for text in phrases:
             if text.strip():
                 stream.phrases.append(PendingPhrase(text=text.strip()))
+                stream.mid_sentence = not ends_sentence(text)
 
     # ---- schedule ----
     def _tick_streams(self, now: float) -> None:
@@ -294,8 +295,7 @@ class Scheduler:
                 # The listener's player stalls when dry and resumes with the next audio.
                 stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
                 buffered = 0.0
-            if (stream.anchor is not None and not stream.has_work()
-                    and stream.splitter.pending.strip()
+            if (stream.anchor is not None and not stream.has_work() and stream.awaiting_words(now)
                     and buffered < self.config.silence_fill_ms):
                 self._emit_silence(stream, self.config.silence_fill_ms)
             if stream.finished():
@@ -382,8 +382,8 @@ class Scheduler:
                     due = s.first_text_at + self.config.first_phrase_wait_ms / 1000.0 - now
                     if due > 0:
                         nxt = min(nxt, due)
-                if s.anchor is not None:
-                    nxt = min(nxt, max(0.0, (buffered - self.config.silence_fill_ms) / 1000.0))
+            if s.anchor is not None and s.awaiting_words(now):
+                nxt = min(nxt, max(0.0, (buffered - self.config.silence_fill_ms) / 1000.0))
         return max(nxt, 0.002)
 
     # ---- execute (worker thread: plain data only) ----

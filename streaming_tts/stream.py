@@ -19,6 +19,9 @@ from .text.phonemes import WordSpan
 from .text.splitter import PhraseSplitter
 
 
+MID_SENTENCE_WAIT_S = 2.0   # silence is sent mid-sentence for at most this long after a word
+
+
 @dataclass(frozen=True)
 class StreamOptions:
     """What a client chose at `start` that the scheduler needs."""
@@ -87,6 +90,7 @@ class StreamState:
     first_text_at: float | None = None              # when the listener started waiting
     ended: bool = False                             # `end` received
     inflight_chars: int = 0                         # text of phrases in the running step
+    mid_sentence: bool = False                      # the last phrase cut did not end a sentence
 
     def ahead_ms(self, now: float, frame_ms: float, ms_per_char: float) -> float:
         """Speech the listener has coming, played or not yet made: audio buffered, the rest
@@ -122,6 +126,16 @@ class StreamState:
 
     def has_work(self) -> bool:
         return (self.active is not None and self.active.remaining) or bool(self.phrases)
+
+    def awaiting_words(self, now: float) -> bool:
+        """More of a sentence is coming: text pending, or only the space after a phrase that
+        stopped mid-sentence while words still trickle in (the last came under
+        MID_SENTENCE_WAIT_S ago; a longer pause is the client's, and the listener may stall)."""
+        pending = self.splitter.pending
+        if pending.strip():
+            return True
+        recent = self.last_text_at is not None and now - self.last_text_at < MID_SENTENCE_WAIT_S
+        return bool(pending) and self.mid_sentence and not self.ended and recent
 
     def finished(self) -> bool:
         # Whitespace left after the last phrase is never spoken (the splitter keeps it pending).

@@ -577,3 +577,25 @@ async def test_whitespace_left_pending_does_not_spin_the_scheduler():
     await stop(task)
     assert sched._streams["s"].splitter.pending == " "
     assert ticks < 100      # about one per chunk and timer; spinning gave ~460 per second
+
+
+async def test_a_listener_is_kept_in_silence_between_words_of_a_sentence():
+    # "alpha" is spoken alone (first_phrase_wait_ms); its sentence goes on, so while only the
+    # space after it is pending the listener gets silence instead of running dry.
+    engine = FakeEngine()
+    sched, task = await running(engine, first_phrase_wait_ms=200.0)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0), sink)
+    sched.text("s", "alpha ")
+    await asyncio.sleep(0.6)
+    beta_at = time.monotonic()
+    sched.text("s", "beta.")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    first = sink.phrases()[0]
+    assert first.text == "alpha"
+    silence = [at for (samples, pts), at in zip(sink.audio(), sink.audio_at)
+               if pts >= first.end_ms and not samples.any()]
+    assert silence and silence[0] < beta_at
+    check_timeline(sink)

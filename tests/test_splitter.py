@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig
+from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig, ends_sentence
 
 SENTENCE_MODE_MS = 10_000.0  # far above eager_until_buffered_ms: cut at sentence ends only
 
@@ -202,6 +202,11 @@ def test_cut_at_word_speaks_complete_words_only() -> None:
     assert splitter.cut_at_word() == [" world and"]   # never between a title and the name
     assert splitter.pending == " Dr. "
     assert splitter.push("Smith", buffered_ms=0.0) == [] and splitter.cut_at_word() == []
+
+
+def test_ends_sentence_sees_terminals_through_closing_quotes() -> None:
+    assert [ends_sentence(p) for p in ("Hello.", 'He said "hi!"', "好。", "(see above.) ")] == [True] * 4
+    assert [ends_sentence(p) for p in ("Hello", "Wait,", "and Dr", " ", "")] == [False] * 5
 
 
 def test_push_is_microseconds_not_milliseconds() -> None:

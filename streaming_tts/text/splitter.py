@@ -37,6 +37,13 @@ _CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana + id
 _CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
 
 
+def ends_sentence(phrase: str) -> bool:
+    """Whether a phrase ends with sentence-final punctuation (closing quotes or brackets may
+    follow it): after one that does not, more of its sentence is still to come."""
+    stripped = phrase.rstrip().rstrip(_CLOSERS)
+    return bool(stripped) and stripped[-1] in _TERMINALS
+
+
 def _cls(chars: str) -> str:
     """Characters escaped for use inside a regex character class."""
     return "".join(re.escape(c) for c in chars)
