@@ -143,6 +143,7 @@ class Sink:
 
 
 OPTS = StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=50.0)
+SLOW_FLUSH = StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0)  # text waits 1 s
 
 
 async def running(engine: FakeEngine, **cfg):
@@ -524,7 +525,7 @@ async def test_slowly_arriving_text_is_spoken_after_first_phrase_wait():
     engine = FakeEngine()
     sched, task = await running(engine, first_phrase_wait_ms=200.0)
     sink = Sink()
-    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0), sink)
+    sched.open("s", SLOW_FLUSH, sink)
     t0 = time.monotonic()
     words = "alpha beta gamma delta epsilon zeta eta theta".split()
     for w in words:
@@ -546,7 +547,7 @@ async def test_a_stream_whose_text_ends_in_whitespace_after_an_early_cut_finishe
     engine = FakeEngine()
     sched, task = await running(engine)
     sink = Sink()
-    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0), sink)
+    sched.open("s", SLOW_FLUSH, sink)
     for w in "one two three four five six".split():
         sched.text("s", w + " ")
     sched.end("s")
@@ -585,7 +586,7 @@ async def test_a_listener_is_kept_in_silence_between_words_of_a_sentence():
     engine = FakeEngine()
     sched, task = await running(engine, first_phrase_wait_ms=200.0)
     sink = Sink()
-    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0), sink)
+    sched.open("s", SLOW_FLUSH, sink)
     sched.text("s", "alpha ")
     await asyncio.sleep(0.6)
     beta_at = time.monotonic()
