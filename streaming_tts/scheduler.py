@@ -284,7 +284,7 @@ class Scheduler:
             delay = stream.options.max_buffer_delay_ms / 1000.0
             if pending and stream.last_text_at is not None and now - stream.last_text_at >= delay:
                 self._queue_phrases(stream, stream.splitter.flush())
-            elif pending and self._first_phrase_overdue(stream, now):
+            elif pending and (due := self._first_phrase_due(stream)) is not None and now >= due:
                 # Text trickles in slower than the eager cut's few words: speak the complete
                 # words that have come rather than keep a new listener waiting for more.
                 self._queue_phrases(stream, stream.splitter.cut_at_word())
@@ -301,11 +301,13 @@ class Scheduler:
             if stream.finished():
                 self._finish(stream)
 
-    def _first_phrase_overdue(self, stream: StreamState, now: float) -> bool:
-        """No audio yet, nothing cut or in the model, and the first text came a while ago."""
-        return (stream.anchor is None and not stream.has_work() and not stream.inflight_chars
-                and stream.first_text_at is not None
-                and now - stream.first_text_at >= self.config.first_phrase_wait_ms / 1000.0)
+    def _first_phrase_due(self, stream: StreamState) -> float | None:
+        """When a listener with no audio, and nothing cut or in the model for it, gets the words
+        that have come so far (first text + first_phrase_wait_ms); None if not waiting so."""
+        if (stream.anchor is not None or stream.has_work() or stream.inflight_chars
+                or stream.first_text_at is None):
+            return None
+        return stream.first_text_at + self.config.first_phrase_wait_ms / 1000.0
 
     def _emit_silence(self, stream: StreamState, ms: float) -> None:
         frames = max(1, round(ms / self.frame_ms))
@@ -378,10 +380,8 @@ class Scheduler:
                 if s.last_text_at is not None:
                     due = s.last_text_at + s.options.max_buffer_delay_ms / 1000.0 - now
                     nxt = min(nxt, max(0.0, due))
-                if s.anchor is None and s.first_text_at is not None and not s.has_work():
-                    due = s.first_text_at + self.config.first_phrase_wait_ms / 1000.0 - now
-                    if due > 0:
-                        nxt = min(nxt, due)
+                if (due := self._first_phrase_due(s)) is not None and due > now:
+                    nxt = min(nxt, due - now)
             if s.anchor is not None and s.awaiting_words(now):
                 nxt = min(nxt, max(0.0, (buffered - self.config.silence_fill_ms) / 1000.0))
         return max(nxt, 0.002)
@@ -458,10 +458,9 @@ class Scheduler:
             self._audio_made = decay * self._audio_made + samples / self.engine.sample_rate
             self._busy = decay * self._busy + result.seconds
         self._meter_step(batch, result)
-        for sid, *_ in batch.acoustic:
+        for sid, text, params, *_ in batch.acoustic:
             if (stream := self._streams.get(sid)) is not None:
                 stream.inflight_chars = 0   # one step runs at a time: nothing is in the model now
-        for sid, text, params, *_ in batch.acoustic:
             new = result.phrases.get(sid)
             if new is not None and text and params.length_scale > 0:
                 fpc = new.acoustic.num_frames / len(text) / params.length_scale

@@ -23,6 +23,7 @@ import enum
 import logging
 import re
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
@@ -164,17 +165,10 @@ class PhraseSplitter:
         """Everything pending up to its last complete word (whitespace seen after it), as one
         phrase; [] when no word is complete yet. For a listener kept waiting for its first
         phrase by slowly arriving text: speak what has come rather than wait for more words."""
-        buf = self._buf
-        cs = _run_end(_LEADING_SPACE, buf, self._start)
-        limit = cs + self._cfg.max_phrase_chars
+        cs = _run_end(_LEADING_SPACE, self._buf, self._start)
         last = None
-        for w in _WORD.finditer(buf, cs, min(len(buf), limit)):
-            end = w.end()
-            if end == len(buf) or not buf[end].isspace():
-                continue
-            word = w.group()
-            if not (word.endswith(".") and self._is_abbreviation(word[:-1], True)):
-                last = end
+        for _, last in self._word_ends(cs, cs + self._cfg.max_phrase_chars):
+            pass
         if last is None:
             return []
         phrase = self._take(last)
@@ -273,19 +267,24 @@ class PhraseSplitter:
         return forced
 
     def _forced_cut(self, cs: int, horizon: int) -> int | None:
+        for count, end in self._word_ends(cs, horizon):
+            if count >= self._cfg.first_phrase_max_words:
+                return end
+        return None
+
+    def _word_ends(self, cs: int, horizon: int) -> Iterator[tuple[int, int]]:
+        """(words so far, end) at each proven word end before `horizon`: whitespace follows
+        the word, and it is not a title the next word continues."""
         buf, count = self._buf, 0
-        for w in _WORD.finditer(buf, cs, horizon):
+        for w in _WORD.finditer(buf, cs, min(horizon, len(buf))):
             count += 1
             end = w.end()
-            if count < self._cfg.first_phrase_max_words or end == len(buf):
+            if end == len(buf) or not buf[end].isspace():
                 continue
             word = w.group()
             # A space after "Dr." proves the word ended, not that the name did.
-            if buf[end].isspace() and not (
-                word.endswith(".") and self._is_abbreviation(word[:-1], True)
-            ):
-                return end
-        return None
+            if not (word.endswith(".") and self._is_abbreviation(word[:-1], True)):
+                yield count, end
 
     def _cap_cut(self, cs: int, limit: int) -> int:
         """Best cut with at most max_phrase_chars of content: a punctuation mark in the second
