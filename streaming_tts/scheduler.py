@@ -331,7 +331,10 @@ class Scheduler:
         keyed = [(s.deadline(self.frame_ms, now=now, new_grace_s=grace, margin_s=margin, step_s=step), s)
                  for s in ready]
         for due, stream in sorted(keyed, key=lambda ks: ks[0]):
-            limit = min(budget, newcomer_budget) if with_newcomer and due > now + step else budget
+            # Other newcomers are this step's urgent work: they batch with it (one model call
+            # for several first phrases costs far less than one call each).
+            limit = (min(budget, newcomer_budget)
+                     if with_newcomer and stream.anchor is not None and due > now + step else budget)
             if stream.active is not None and stream.active.remaining:
                 if len(batch.decode) >= self.config.max_batch_chunks:
                     continue

@@ -18,7 +18,7 @@ import torch
 from streaming_tts.engine import AcousticResult, Engine, EngineConfig, SynthesisParams
 from streaming_tts.metering import Meter
 from streaming_tts.scheduler import Scheduler, SchedulerConfig
-from streaming_tts.stream import PhraseEvent, StreamOptions
+from streaming_tts.stream import ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions
 from streaming_tts.text.phonemes import PhonemizedText, WordSpan
 from streaming_tts.text.splitter import PhraseSplitter
 
@@ -493,7 +493,6 @@ def test_an_overdue_newcomer_yields_to_a_listener_due_within_a_step():
 
 
 async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
-    from streaming_tts.stream import ActivePhrase, PendingPhrase
     # Budget: 100 frames per step. The old listener holds 0.9 s: its next chunk is not due
     # within the next step (100 ms), so it waits rather than delay the newcomer's first audio.
     engine = FakeEngine(schedule=(4,))
@@ -517,6 +516,25 @@ async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
     new.phrases.append(PendingPhrase("Hi there."))
     batch = sched._schedule(now)
     assert [d[0] for d in batch.decode] == ["old"] and [a[0] for a in batch.acoustic] == ["new"]
+
+
+def test_newcomers_waiting_together_share_the_step_that_carries_first_audio():
+    # The newcomer-step limit holds back started listeners' work that is not due, never the
+    # other newcomers: one acoustic call for several first phrases costs far less than one each.
+    engine = FakeEngine(schedule=(4,))
+    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0, newcomer_step_ms=1.0,
+                                                            initial_frames_per_s=1000.0))
+    now = time.monotonic()
+    for i in range(3):
+        sched.open(f"n{i}", OPTS, Sink())
+    sched._apply_commands()
+    for i in range(3):
+        stream = sched._streams[f"n{i}"]
+        stream.phrases.append(PendingPhrase("Hi."))
+        stream.first_text_at = now
+    batch = sched._schedule(now)
+    assert sorted(a[0] for a in batch.acoustic) == ["n0", "n1", "n2"]
 
 
 async def test_slowly_arriving_text_is_spoken_after_first_phrase_wait():
