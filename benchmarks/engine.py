@@ -7,6 +7,10 @@ Prints one JSON line with --json. Figures:
   decode, - 1: for a listener's first phrase (smallest chunks first) and, as
   chunked_overhead_buffered, for a phrase whose listener has audio buffered.
 - batched: audio seconds made per wall second at batch 1/4/8/16 (acoustic + chunked decode).
+- first_audio_batch_ms: the floor under first audio for N streams starting together, N = 1/4/12:
+  model time to make N first phrases (the load benchmark's first three words) and decode their
+  first chunks, all in one batch (best of --reps), with the flow over the whole phrase or only
+  its head (see the engine), and first chunks of the schedule's first and second sizes.
 - on CUDA (--device cuda): fp16 throughput at batch 1..256.
 """
 
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.texts import SENTENCES  # noqa: E402
+from benchmarks.texts import PARAGRAPH, SENTENCES  # noqa: E402
 from server.config import EngineConfig as ServedEngineConfig  # noqa: E402
 from streaming_tts.engine import (AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams,  # noqa: E402
                                   cpu_has_native_bf16)
@@ -102,6 +106,25 @@ def bench_batched(engine: Engine, id_lists, params, batch: int) -> float:
     return audio_s / wall
 
 
+def bench_first_audio(engine: Engine, ids, params, batch: int, reps: int) -> dict:
+    """Milliseconds of model time until `batch` first phrases all have their first chunk."""
+    out = {}
+    for head_only in (False, True):
+        for first in (0, 1):
+            if head_only and first:
+                continue          # head-only flow covers the first scheduled chunk only
+            def run():
+                res = engine.acoustic([AcousticJob(ids, params, seed=i, head_only=head_only)
+                                       for i in range(batch)])
+                engine.decode([DecodeJob(r.z, *engine.chunk_plan(r.num_frames, first)[0],
+                                         phrase_frames=r.num_frames) for r in res])
+            run()
+            size = engine.config.chunk_schedule[first]
+            key = f"{'head_only' if head_only else 'whole_flow'}_first_{size}"
+            out[key] = round(1000 * min(_timed(run) for _ in range(reps)), 1)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON line")
@@ -113,6 +136,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
+    ap.add_argument("--first-audio-batches", default="1,4,12")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -150,6 +174,9 @@ def main() -> int:
     out.update(bench_chunked(cpu, id_lists, params, args.reps))
     out["batched_audio_s_per_s_cpu"] = {b: bench_batched(cpu, id_lists, params, int(b))
                                         for b in args.batches.split(",")}
+    first_ids = phonemizer.phonemize(" ".join(PARAGRAPH.split()[:3])).ids
+    out["first_audio_batch_ms"] = {b: bench_first_audio(cpu, first_ids, params, int(b), args.reps)
+                                   for b in args.first_audio_batches.split(",")}
     if args.device.startswith("cuda"):
         out.update(bench_cuda(voice, id_lists, params))
     out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
