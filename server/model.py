@@ -1,4 +1,5 @@
-"""Loading the served voice: engine, warm-up, per-stream VRAM cost, and the scheduler over it.
+"""Loading the served voice: engine, warm-up, per-stream VRAM and compute cost, and the scheduler
+over it.
 
 `prepare_model` blocks for seconds (weights, espeak, warm-up) and runs in the model thread (the
 same thread the scheduler later runs every model call in; see `new_model_thread`) so the event
@@ -20,7 +21,7 @@ from server.config import ServerConfig
 from streaming_tts import engine as tts_engine
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, SynthesisParams
 from streaming_tts.metering import Meter, Tariff
-from streaming_tts.scheduler import Scheduler, SchedulerConfig, SchedulerObserver
+from streaming_tts.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, measure_stream_cost
 from streaming_tts.text.phonemes import Phonemizer
 from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig
 from streaming_tts.voices import VoiceInfo
@@ -40,6 +41,7 @@ class LoadedModel:
     engine: Engine
     phonemizer: Phonemizer
     stream_vram_bytes: int | None  # measured on CUDA only
+    stream_cost: float | None = None  # compute s per audio s of one stream, measured at warm-up
 
 
 def load_engine(voice: VoiceInfo, cfg: ServerConfig) -> Engine:
@@ -70,9 +72,11 @@ def prepare_model(
     vram = None
     if engine.device.type == "cuda":
         vram = measure_stream_vram(engine, batch=cfg.engine.max_batch)
-    log.info("voice %s loaded in %.1f s, warmed up in %.1f s on %s",
-             voice.id, loaded_s, warm_s, cfg.engine.device)
-    return LoadedModel(engine=engine, phonemizer=phonemizer, stream_vram_bytes=vram)
+    # Admission's capacity estimate until real streams have finished.
+    cost = measure_stream_cost(engine, phonemizer) if warm_up else None
+    log.info("voice %s loaded in %.1f s, warmed up in %.1f s on %s%s", voice.id, loaded_s, warm_s,
+             cfg.engine.device, "" if cost is None else f"; one stream costs {cost:.3f} s per audio s")
+    return LoadedModel(engine=engine, phonemizer=phonemizer, stream_vram_bytes=vram, stream_cost=cost)
 
 
 def measure_stream_vram(engine: Engine, *, batch: int) -> int:
@@ -112,7 +116,7 @@ def build_scheduler(
             PhraseSplitter, SplitterConfig(eager_until_buffered_ms=s.eager_until_buffered_ms,
                                            first_phrase_max_words=s.first_phrase_max_words)),
         meter=Meter(make_tariff(cfg)), config=config, observer=observer,
-        power_reader=power_reader, model_thread=model_thread,
+        power_reader=power_reader, model_thread=model_thread, initial_stream_cost=loaded.stream_cost,
     )
 
 

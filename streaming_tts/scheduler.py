@@ -104,6 +104,35 @@ class _Result:
     frames: float = 0.0                  # work done, in decode-frame equivalents
 
 
+# A stream's speech for measure_stream_cost: a short first phrase, then whole sentences.
+_COST_PROBE_PHRASES = (
+    "The first words",
+    "of a stream are spoken as a short phrase, so that its listener hears them at once.",
+    "The sentences after it follow the text's own punctuation, and are decoded in large chunks.",
+    "Together they cost about what a real stream costs, start to end.",
+)
+
+
+def measure_stream_cost(engine: Engine, phonemizer) -> float:
+    """Compute seconds per audio second of one stream made the way the scheduler makes it: a
+    first phrase with only its head's flow and the smallest first chunk, then sentences decoded
+    from the largest chunk (a listener with audio buffered), at batch 1. Run in the model thread
+    at warm-up: it is the capacity estimate until real streams have finished (the recent steps'
+    output rate under-counts, as it includes the costly starts of the streams being measured)."""
+    t0, frames = time.perf_counter(), 0
+    for i, text in enumerate(_COST_PROBE_PHRASES):
+        first = i == 0
+        res = engine.acoustic([AcousticJob(ids=phonemizer.phonemize(text).ids,
+                                           params=SynthesisParams(), head_only=first)])[0]
+        plan = engine.chunk_plan(res.num_frames, 0 if first else len(engine.config.chunk_schedule) - 1)
+        for k, (a, b) in enumerate(plan):
+            if k and not res.complete:
+                res = engine.finish_flow(res)
+            engine.decode([DecodeJob(z=res.z, start=a, end=b, phrase_frames=res.num_frames)])
+        frames += res.num_frames
+    return (time.perf_counter() - t0) / (frames * engine.frame_ms / 1000.0)
+
+
 def new_model_thread() -> concurrent.futures.ThreadPoolExecutor:
     """The single worker thread in which an engine is built, warmed up and run."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-model")
@@ -116,7 +145,8 @@ class Scheduler:
                  meter: Meter, config: SchedulerConfig = SchedulerConfig(),
                  observer: SchedulerObserver | None = None,
                  power_reader: Callable[[], float | None] | None = None,
-                 model_thread: concurrent.futures.ThreadPoolExecutor | None = None):
+                 model_thread: concurrent.futures.ThreadPoolExecutor | None = None,
+                 initial_stream_cost: float | None = None):
         self.engine = engine
         self.phonemizer = phonemizer
         self.splitter_factory = splitter_factory
@@ -142,7 +172,8 @@ class Scheduler:
         # Compute seconds per audio second of recently finished streams, start to end: the
         # cost of a real stream's mix (first phrases, head-only flows, small first chunks),
         # steadier than the step mix, which swings between bursts of newcomers and idle tails.
-        self._stream_cost: float | None = None
+        # Until one has finished: what a stream cost at warm-up (measure_stream_cost), if given.
+        self._stream_cost: float | None = initial_stream_cost
         self.steps = 0
 
     # ---- commands (event loop; applied between steps) ----

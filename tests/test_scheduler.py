@@ -17,7 +17,7 @@ import torch
 
 from streaming_tts.engine import AcousticResult, Engine, EngineConfig, SynthesisParams
 from streaming_tts.metering import Meter
-from streaming_tts.scheduler import Scheduler, SchedulerConfig
+from streaming_tts.scheduler import _COST_PROBE_PHRASES, Scheduler, SchedulerConfig, measure_stream_cost
 from streaming_tts.stream import ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions
 from streaming_tts.text.phonemes import PhonemizedText, WordSpan
 from streaming_tts.text.splitter import PhraseSplitter
@@ -458,6 +458,20 @@ async def test_capacity_comes_from_what_finished_streams_cost():
     load = sched.load(extra_streams=1)
     assert load.active_streams == 1 and load.demand_audio_s_per_s == 1.0
     assert load.capacity_audio_s_per_s == pytest.approx(usage["audio_ms"] / usage["compute_ms"], rel=0.01)
+
+
+def test_warm_up_stream_cost_is_the_capacity_until_a_stream_has_finished():
+    # Only decode "computes" here (20 ms a call): the measured cost is the decode calls' time
+    # over the audio made, and the first phrase is split like a newcomer's (head, then the rest).
+    engine = FakeEngine(schedule=(8, 64), delay_s=0.02)
+    cost = measure_stream_cost(engine, FakePhonemizer())
+    assert engine.head_results == 1 and engine.finished == 1
+    decodes = sum(1 for kind, _ in engine.calls if kind == "decode")
+    audio_s = sum(len(FakePhonemizer().phonemize(p).ids) for p in _COST_PROBE_PHRASES) * FRAMES_PER_ID * HOP / RATE
+    assert decodes * 0.02 / audio_s <= cost < decodes * 0.04 / audio_s
+    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), initial_stream_cost=cost)
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1.0 / cost)
 
 
 async def test_streams_starting_together_get_longer_first_chunks():

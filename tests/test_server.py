@@ -80,9 +80,10 @@ async def running(
 ) -> AsyncIterator[Running]:
     cfg = load_config(None, {**BASE, **(overrides or {})})
     kwargs.setdefault("load_source", lambda: UNMEASURED)
+    kwargs.setdefault("warm_up", False)
     if engine is not None:
         kwargs["engine"] = engine
-    app = create_app(cfg, warm_up=False, **kwargs)
+    app = create_app(cfg, **kwargs)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
@@ -644,7 +645,12 @@ async def test_the_voice_loads_warms_up_and_runs_in_one_thread(
         loader_threads.add(threading.get_ident())
         return recording  # type: ignore[return-value]
 
-    async with running(None, engine_loader=loader) as r:
+    async with running(None, engine_loader=loader, warm_up=True) as r:
+        # Warm-up also measured what one stream costs (in that thread too): admission's
+        # capacity before any stream has finished.
+        sched = r.state.model.scheduler
+        assert sched._stream_cost is not None and 0.001 < sched._stream_cost < 0.5
+        assert sched.load().capacity_audio_s_per_s == pytest.approx(1.0 / sched._stream_cost)
         client = await connect(http, r)
         u = await client.speak(SHORT, format="pcm_s16le", sample_rate=16000, words=False)
         check_done(u, chars=len(SHORT))
