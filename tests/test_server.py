@@ -659,6 +659,18 @@ async def test_the_voice_loads_warms_up_and_runs_in_one_thread(
     assert threading.get_ident() not in loader_threads
 
 
+async def test_a_failed_cost_measurement_at_warm_up_does_not_stop_the_voice(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def fail(*args: Any) -> float:
+        raise ValueError("the probe text has no phonemes in this voice")
+
+    monkeypatch.setattr("server.model.measure_stream_cost", fail)
+    async with running(engine, warm_up=True) as r:
+        assert r.state.model.ready and r.state.model.failure is None
+        assert r.state.model.scheduler._stream_cost is None   # estimated from the steps instead
+
+
 async def test_shutdown_fails_live_streams_and_closes_1001(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
