@@ -44,6 +44,7 @@ class SchedulerConfig:
     head_only_below_ms: float = 250.0  # listener this close to dry: first chunk before the whole flow
     new_stream_grace_ms: float = 400.0 # a newcomer's deadline: its first text plus this
     newcomer_step_ms: float = 60.0     # a step carrying first audio takes no more non-urgent work than this
+    behind_step_factor: float = 2.0    # 2+ started listeners due within a step: it may grow this much
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
 
@@ -361,6 +362,12 @@ class Scheduler:
         with_newcomer = False
         keyed = [(s.deadline(self.frame_ms, now=now, new_grace_s=grace, margin_s=margin, step_s=step), s)
                  for s in ready]
+        # Behind: two or more started listeners run dry within the next step. Then throughput
+        # comes first and the step grows, so its model calls batch more (each call has a fixed
+        # cost). A scheduler that keeps up never gets here, and keeps its steps short for the
+        # streams that arrive during one.
+        if sum(1 for due, s in keyed if s.anchor is not None and due <= now + step) >= 2:
+            budget *= self.config.behind_step_factor
         for due, stream in sorted(keyed, key=lambda ks: ks[0]):
             # Other newcomers are this step's urgent work: they batch with it (one model call
             # for several first phrases costs far less than one call each).

@@ -551,6 +551,28 @@ def test_newcomers_waiting_together_share_the_step_that_carries_first_audio():
     assert sorted(a[0] for a in batch.acoustic) == ["n0", "n1", "n2"]
 
 
+def test_a_scheduler_behind_its_listeners_takes_bigger_steps():
+    # Budget: 100 frames per step; each listener's next chunk is 40 frames. While at most one
+    # listener is due within the step, steps hold 2 chunks. Once two or more are due, the step
+    # may grow (behind_step_factor 2): 4 chunks in one batch instead of two steps of two.
+    engine = FakeEngine(schedule=(40,))
+    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0,
+                                                            initial_frames_per_s=1000.0))
+    now = time.monotonic()
+    for i in range(4):
+        sched.open(f"s{i}", OPTS, Sink())
+    sched._apply_commands()
+    for i in range(4):
+        stream = sched._streams[f"s{i}"]
+        stream.active = ActivePhrase(id=0, z=torch.zeros(1, 400), plan=engine.chunk_plan(400), next_chunk=1)
+        stream.anchor, stream.emitted_frames = now - 0.1, 50 + 10 * i   # 0.4 s buffered and more
+    assert len(sched._schedule(now).decode) == 2
+    for i in range(2):
+        sched._streams[f"s{i}"].emitted_frames = 10 + i               # these two run dry now
+    assert len(sched._schedule(now).decode) == 4
+
+
 async def test_slowly_arriving_text_is_spoken_after_first_phrase_wait():
     # Words every 150 ms (a slow LLM): the eager cut would wait for 6 words (~750 ms); after
     # first_phrase_wait_ms the complete words that have come are spoken.
