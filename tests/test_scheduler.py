@@ -506,16 +506,23 @@ def test_an_overdue_newcomer_yields_to_a_listener_due_within_a_step():
     assert key["old"] < key["new"] < key["ok"]
 
 
+def planning_scheduler(engine: FakeEngine, names: list[str], **config) -> Scheduler:
+    """A scheduler whose steps a test plans by hand (`_schedule`): 1000 frames/s measured, so
+    a step of `target_step_ms` 100 has a budget of 100 frames; the named streams are open."""
+    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0,
+                                                            initial_frames_per_s=1000.0, **config))
+    for name in names:
+        sched.open(name, OPTS, Sink())
+    sched._apply_commands()
+    return sched
+
+
 async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
     # Budget: 100 frames per step. The old listener holds 0.9 s: its next chunk is not due
     # within the next step (100 ms), so it waits rather than delay the newcomer's first audio.
     engine = FakeEngine(schedule=(4,))
-    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
-                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0, newcomer_step_ms=1.0,
-                                                            initial_frames_per_s=1000.0))
-    sched.open("old", OPTS, Sink())
-    sched.open("new", OPTS, Sink())
-    sched._apply_commands()
+    sched = planning_scheduler(engine, ["old", "new"], newcomer_step_ms=1.0)
     now = time.monotonic()
     old, new = sched._streams["old"], sched._streams["new"]
     z = torch.zeros(1, 400)
@@ -535,14 +542,8 @@ async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
 def test_newcomers_waiting_together_share_the_step_that_carries_first_audio():
     # The newcomer-step limit holds back started listeners' work that is not due, never the
     # other newcomers: one acoustic call for several first phrases costs far less than one each.
-    engine = FakeEngine(schedule=(4,))
-    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
-                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0, newcomer_step_ms=1.0,
-                                                            initial_frames_per_s=1000.0))
+    sched = planning_scheduler(FakeEngine(schedule=(4,)), ["n0", "n1", "n2"], newcomer_step_ms=1.0)
     now = time.monotonic()
-    for i in range(3):
-        sched.open(f"n{i}", OPTS, Sink())
-    sched._apply_commands()
     for i in range(3):
         stream = sched._streams[f"n{i}"]
         stream.phrases.append(PendingPhrase("Hi."))
@@ -556,13 +557,8 @@ def test_a_scheduler_behind_its_listeners_takes_bigger_steps():
     # listener is due within the step, steps hold 2 chunks. Once two or more are due, the step
     # may grow (behind_step_factor 2): 4 chunks in one batch instead of two steps of two.
     engine = FakeEngine(schedule=(40,))
-    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
-                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0,
-                                                            initial_frames_per_s=1000.0))
+    sched = planning_scheduler(engine, [f"s{i}" for i in range(4)])
     now = time.monotonic()
-    for i in range(4):
-        sched.open(f"s{i}", OPTS, Sink())
-    sched._apply_commands()
     for i in range(4):
         stream = sched._streams[f"s{i}"]
         stream.active = ActivePhrase(id=0, z=torch.zeros(1, 400), plan=engine.chunk_plan(400), next_chunk=1)
