@@ -33,13 +33,13 @@ from .models.vits import VitsModel
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WHOLE_PAD_FRAMES = 32   # whole-phrase decodes are padded to a multiple of this (shape reuse)
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): only there a bf16
     decoder is faster than float32 (on 2 AVX512-BF16 cores it took the RTF from 0.048 to 0.029)."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-_WHOLE_PAD_FRAMES = 32   # whole-phrase decodes are padded to a multiple of this (shape reuse)
 
 
 @dataclass(frozen=True)

@@ -146,11 +146,27 @@ OPTS = StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=50.0)
 SLOW_FLUSH = StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=1000.0)  # text waits 1 s
 
 
+def new_scheduler(engine: FakeEngine, *, initial_stream_cost: float | None = None,
+                  **cfg) -> Scheduler:
+    return Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                     meter=Meter(), config=SchedulerConfig(**cfg),
+                     initial_stream_cost=initial_stream_cost)
+
+
 async def running(engine: FakeEngine, **cfg):
-    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
-                      meter=Meter(), config=SchedulerConfig(**cfg))
+    sched = new_scheduler(engine, **cfg)
     task = asyncio.create_task(sched.run())
     return sched, task
+
+
+def planning_scheduler(engine: FakeEngine, names: list[str], **cfg) -> Scheduler:
+    """A scheduler whose steps a test plans by hand (`_schedule`): 1000 frames/s measured, so
+    a step of `target_step_ms` 100 has a budget of 100 frames; the named streams are open."""
+    sched = new_scheduler(engine, target_step_ms=100.0, initial_frames_per_s=1000.0, **cfg)
+    for name in names:
+        sched.open(name, OPTS, Sink())
+    sched._apply_commands()
+    return sched
 
 
 async def speak(sched: Scheduler, sid: str, sink: Sink, text: str, timeout: float = 5.0) -> None:
@@ -469,8 +485,7 @@ def test_warm_up_stream_cost_is_the_capacity_until_a_stream_has_finished():
     decodes = sum(1 for kind, _ in engine.calls if kind == "decode")
     audio_s = sum(len(FakePhonemizer().phonemize(p).ids) for p in _COST_PROBE_PHRASES) * FRAMES_PER_ID * HOP / RATE
     assert decodes * 0.02 / audio_s <= cost < decodes * 0.04 / audio_s
-    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
-                      meter=Meter(), initial_stream_cost=cost)
+    sched = new_scheduler(engine, initial_stream_cost=cost)
     assert sched.load().capacity_audio_s_per_s == pytest.approx(1.0 / cost)
 
 
@@ -504,18 +519,6 @@ def test_an_overdue_newcomer_yields_to_a_listener_due_within_a_step():
                           anchor=now - 1.0, emitted_frames=200)  # dry in 1 s
     key = {s.id: s.deadline(10.0, now=now, new_grace_s=0.4, step_s=0.12) for s in (waiting, playing, relaxed)}
     assert key["old"] < key["new"] < key["ok"]
-
-
-def planning_scheduler(engine: FakeEngine, names: list[str], **config) -> Scheduler:
-    """A scheduler whose steps a test plans by hand (`_schedule`): 1000 frames/s measured, so
-    a step of `target_step_ms` 100 has a budget of 100 frames; the named streams are open."""
-    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
-                      meter=Meter(), config=SchedulerConfig(target_step_ms=100.0,
-                                                            initial_frames_per_s=1000.0, **config))
-    for name in names:
-        sched.open(name, OPTS, Sink())
-    sched._apply_commands()
-    return sched
 
 
 async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
