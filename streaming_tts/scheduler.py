@@ -352,8 +352,7 @@ class Scheduler:
         ready = [s for s in self._streams.values()
                  if s.has_work() and s.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms]
         grace, margin = self.config.new_stream_grace_ms / 1000.0, self.config.pipeline_margin_ms / 1000.0
-        # Several listeners waiting for their first audio at once (a burst of new streams):
-        # each gets a longer first chunk, so its runway covers the others' first steps too.
+        # Several listeners waiting for their first audio at once (a burst of new streams).
         burst = sum(1 for s in ready if s.anchor is None) > 1
         step = self.config.target_step_ms / 1000.0
         # A step that carries a stream's first audio stays short: work not due within the next
@@ -394,6 +393,8 @@ class Scheduler:
                 buffered = stream.buffered_ms(now, self.frame_ms)
                 # Near dry: the first chunk before the flow over the whole phrase. Otherwise the
                 # phrase's plan starts at a chunk no longer than what the listener holds.
+                # Newcomers of a burst get a longer first chunk (whole flow): their next chunks
+                # fall due together, and the runway must cover the steps that make them.
                 if burst and stream.anchor is None and len(self.engine.config.chunk_schedule) > 1:
                     head_only, first = False, 1
                 else:
@@ -401,7 +402,11 @@ class Scheduler:
                     first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
                 cost = (self.engine.bucket(self.engine.config.chunk_schedule[first])
                         + _ACOUSTIC_COST_PER_CHAR * len(text))
-                if used and used + cost > limit:
+                # Newcomers waiting together share the step that carries the first of them,
+                # whatever the budget (up to max_batch_phrases): one acoustic call for several
+                # first phrases costs far less than a step each, and each step they wait for is
+                # time before every later one of them hears anything.
+                if used and used + cost > limit and not (with_newcomer and stream.anchor is None):
                     break
                 with_newcomer = with_newcomer or stream.anchor is None
                 stream.phrases.popleft()

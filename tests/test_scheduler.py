@@ -555,6 +555,20 @@ def test_newcomers_waiting_together_share_the_step_that_carries_first_audio():
     assert sorted(a[0] for a in batch.acoustic) == ["n0", "n1", "n2"]
 
 
+def test_newcomers_waiting_together_are_not_split_across_steps_by_the_budget():
+    # Budget: 100 frames per step; each first phrase costs ~80 (a 40-frame first chunk plus its
+    # acoustic work), so a budget-bound step would take one newcomer per step. They share the
+    # step of the first, up to max_batch_phrases.
+    sched = planning_scheduler(FakeEngine(schedule=(40,)), ["n0", "n1", "n2"], max_batch_phrases=2)
+    now = time.monotonic()
+    for i in range(3):
+        stream = sched._streams[f"n{i}"]
+        stream.phrases.append(PendingPhrase("twenty chars of text"))
+        stream.first_text_at = now
+    assert sorted(a[0] for a in sched._schedule(now).acoustic) == ["n0", "n1"]
+    assert [a[0] for a in sched._schedule(now).acoustic] == ["n2"]
+
+
 def test_a_scheduler_behind_its_listeners_takes_bigger_steps():
     # Budget: 100 frames per step; each listener's next chunk is 40 frames. While at most one
     # listener is due within the step, steps hold 2 chunks. Once two or more are due, the step
