@@ -542,17 +542,21 @@ async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
     assert [d[0] for d in batch.decode] == ["old"] and [a[0] for a in batch.acoustic] == ["new"]
 
 
+def newcomers_waiting(sched: Scheduler, text: str) -> float:
+    """Every open stream of a planning scheduler has `text` cut and no audio yet; returns now."""
+    now = time.monotonic()
+    for stream in sched._streams.values():
+        stream.phrases.append(PendingPhrase(text))
+        stream.first_text_at = now
+    return now
+
+
 def test_newcomers_waiting_together_share_the_step_that_carries_first_audio():
     # The newcomer-step limit holds back started listeners' work that is not due, never the
     # other newcomers: one acoustic call for several first phrases costs far less than one each.
     sched = planning_scheduler(FakeEngine(schedule=(4,)), ["n0", "n1", "n2"], newcomer_step_ms=1.0)
-    now = time.monotonic()
-    for i in range(3):
-        stream = sched._streams[f"n{i}"]
-        stream.phrases.append(PendingPhrase("Hi."))
-        stream.first_text_at = now
-    batch = sched._schedule(now)
-    assert sorted(a[0] for a in batch.acoustic) == ["n0", "n1", "n2"]
+    now = newcomers_waiting(sched, "Hi.")
+    assert sorted(a[0] for a in sched._schedule(now).acoustic) == ["n0", "n1", "n2"]
 
 
 def test_newcomers_waiting_together_are_not_split_across_steps_by_the_budget():
@@ -560,11 +564,7 @@ def test_newcomers_waiting_together_are_not_split_across_steps_by_the_budget():
     # acoustic work), so a budget-bound step would take one newcomer per step. They share the
     # step of the first, up to max_batch_phrases.
     sched = planning_scheduler(FakeEngine(schedule=(40,)), ["n0", "n1", "n2"], max_batch_phrases=2)
-    now = time.monotonic()
-    for i in range(3):
-        stream = sched._streams[f"n{i}"]
-        stream.phrases.append(PendingPhrase("twenty chars of text"))
-        stream.first_text_at = now
+    now = newcomers_waiting(sched, "twenty chars of text")
     assert sorted(a[0] for a in sched._schedule(now).acoustic) == ["n0", "n1"]
     assert [a[0] for a in sched._schedule(now).acoustic] == ["n2"]
 
