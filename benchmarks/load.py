@@ -9,6 +9,12 @@ underruns, timeline gaps (pts not contiguous), refusals, aggregate compute RTF f
 usage, and event-loop lag p99 from the server's /metrics.
 
     python benchmarks/load.py --url ws://127.0.0.1:8000/v1/stream --streams 12 --wps 15 --json
+
+Sustained load: --arrival-rate R starts the --streams at random (Poisson) times, R per second on
+average, as independent users would arrive; with each stream lasting W seconds the server holds
+about R x W at once. `live_max` reports the most admitted streams live at one time.
+
+    python benchmarks/load.py --streams 60 --arrival-rate 0.6 --json
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,7 +78,35 @@ def _duration_ms(msg: dict, fmt: str, rate: int) -> float:
     return len(msg["data"]) / 2 / rate * 1000.0
 
 
-async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int) -> StreamReport:
+@dataclass
+class Live:
+    """Admitted streams between `ready` and their end, and the most at one time."""
+
+    now: int = 0
+    most: int = 0
+
+    def enter(self) -> None:
+        self.now += 1
+        self.most = max(self.most, self.now)
+
+    def leave(self) -> None:
+        self.now -= 1
+
+
+def start_times(n: int, *, stagger_ms: float, arrival_rate: float, seed: int) -> list[float]:
+    """Seconds after the run's start at which each stream starts: evenly `stagger_ms` apart, or
+    at Poisson arrivals of `arrival_rate` per second (the first at 0)."""
+    if arrival_rate <= 0:
+        return [i * stagger_ms / 1000.0 for i in range(n)]
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(arrival_rate)
+    return out
+
+
+async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
+                     live: Live | None = None) -> StreamReport:
     rep = StreamReport()
     try:
         ws = await session.ws_connect(url, max_msg_size=0)
@@ -88,6 +123,8 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int) -
         await ws.close()
         return rep
     player = Player(args.start_buffer_ms)
+    if live is not None:
+        live.enter()
     t_first_text = time.monotonic()
     sender = asyncio.create_task(_send_text(ws, args, ctx))
     next_pts = 0.0
@@ -117,6 +154,8 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int) -
     finally:
         sender.cancel()
         await ws.close()
+        if live is not None:
+            live.leave()
     rep.late, rep.underruns, rep.late_at_ms = player.late, player.underruns, player.late_at_ms[:5]
     return rep
 
@@ -161,10 +200,11 @@ async def main_async(args) -> dict:
     base = args.url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/", 1)[0]
     async with aiohttp.ClientSession() as session:
         t0 = time.monotonic()
-        tasks = []
-        for i in range(args.streams):
-            tasks.append(asyncio.create_task(run_stream(session, args.url, args, i)))
-            await asyncio.sleep(args.stagger_ms / 1000.0)
+        tasks, live = [], Live()
+        for i, at in enumerate(start_times(args.streams, stagger_ms=args.stagger_ms,
+                                           arrival_rate=args.arrival_rate, seed=args.seed)):
+            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            tasks.append(asyncio.create_task(run_stream(session, args.url, args, i, live)))
         reports = await asyncio.gather(*tasks)
         wall = time.monotonic() - t0
         lag = await metric_quantile(session, base, "tts_event_loop_lag_seconds", 0.99)
@@ -178,7 +218,9 @@ async def main_async(args) -> dict:
         "ttfa_ms_p50": percentile(ttfa, 0.5), "ttfa_ms_p95": percentile(ttfa, 0.95),
         "ttfa_ms_max": max(ttfa) if ttfa else None,
         "server_ttfa_ms_p50": percentile([r.server_ttfa_ms for r in ok if r.server_ttfa_ms is not None], 0.5),
+        "arrival_rate": args.arrival_rate, "live_max": live.most,
         "late_messages": sum(r.late for r in ok), "underruns": sum(r.underruns for r in ok),
+        "streams_with_late": sum(1 for r in ok if r.late),
         "late_at_ms": [r.late_at_ms for r in ok if r.late_at_ms][:6],
         "timeline_gaps": sum(r.gaps for r in ok), "audio_s": round(audio / 1000, 2),
         "compute_rtf": round(sum(r.compute_ms for r in ok) / audio, 4) if audio else None,
@@ -195,6 +237,9 @@ def main() -> int:
     ap.add_argument("--format", default="opus", choices=["opus", "pcm_s16le"])
     ap.add_argument("--start-buffer-ms", type=float, default=60.0)
     ap.add_argument("--stagger-ms", type=float, default=0.0, help="delay between stream starts")
+    ap.add_argument("--arrival-rate", type=float, default=0.0,
+                    help="streams per second arriving at random (Poisson) times; 0 = --stagger-ms")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the random arrival times")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result = asyncio.run(main_async(args))

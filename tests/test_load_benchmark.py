@@ -1,0 +1,41 @@
+"""The load benchmark's own arithmetic: when a real-time player counts audio as late, and when
+streams start. Its figures are only as good as these."""
+
+import statistics
+
+import pytest
+
+from benchmarks.load import Player, percentile, start_times
+
+
+def test_a_player_fed_ahead_of_time_is_never_late():
+    player = Player(start_buffer_ms=60.0)
+    for k in range(50):                      # 20 ms frames, each sent 10 ms before it plays
+        player.receive(20.0 * k, 20.0, now=0.02 * k - 0.01 if k > 3 else 0.0)
+    assert player.late == 0 and player.started_at == 0.0
+
+
+def test_a_player_counts_audio_that_comes_after_its_play_time_and_stalls_once():
+    player = Player(start_buffer_ms=60.0)
+    player.receive(0.0, 60.0, now=10.0)      # starts at 10.0 holding 60 ms
+    player.receive(60.0, 20.0, now=10.05)    # due at 10.06: on time
+    player.receive(80.0, 20.0, now=10.3)     # due at 10.08: 220 ms late, the player stalls
+    player.receive(100.0, 20.0, now=10.31)   # after the stall, due at 10.32: on time
+    assert player.late == 1 and player.late_at_ms == [80]
+    assert player.stall_ms == pytest.approx(220.0)
+
+
+def test_streams_start_evenly_or_at_random_arrivals():
+    assert start_times(3, stagger_ms=250.0, arrival_rate=0.0, seed=1) == [0.0, 0.25, 0.5]
+    times = start_times(2000, stagger_ms=0.0, arrival_rate=0.5, seed=7)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0.0 and all(g >= 0 for g in gaps)
+    assert statistics.mean(gaps) == pytest.approx(2.0, rel=0.1)          # 0.5 per second
+    assert statistics.pstdev(gaps) == pytest.approx(2.0, rel=0.15)       # exponential gaps
+    assert times == start_times(2000, stagger_ms=0.0, arrival_rate=0.5, seed=7)
+
+
+def test_percentile_takes_the_nearest_rank():
+    assert percentile([], 0.95) is None
+    assert percentile([5.0, 1.0, 3.0], 0.5) == 3.0
+    assert percentile(list(range(1, 13)), 0.95) == 11
