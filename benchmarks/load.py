@@ -153,9 +153,9 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
                 break
     finally:
         sender.cancel()
-        await ws.close()
         if live is not None:
             live.leave()
+        await ws.close()
     rep.late, rep.underruns, rep.late_at_ms = player.late, player.underruns, player.late_at_ms[:5]
     return rep
 
