@@ -402,12 +402,11 @@ class Scheduler:
                     first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
                 cost = (self.engine.bucket(self.engine.config.chunk_schedule[first])
                         + _ACOUSTIC_COST_PER_CHAR * len(text))
-                # Phrases waiting together share one acoustic call: once the step makes one
-                # phrase's latent, the others that are ready join it whatever the budget (up to
-                # max_batch_phrases). A call has a fixed cost (~17 ms on 2 CPU cores), so 12
-                # first phrases cost ~13 ms each together against ~30 ms each alone; and each
-                # step a newcomer waits for is time before it hears anything.
-                if used and used + cost > limit and not batch.acoustic:
+                # Newcomers waiting together share the step that carries the first of them,
+                # whatever the budget (up to max_batch_phrases): one acoustic call for several
+                # first phrases costs far less than a step each, and each step they wait for is
+                # time before every later one of them hears anything.
+                if used and used + cost > limit and not (with_newcomer and stream.anchor is None):
                     break
                 with_newcomer = with_newcomer or stream.anchor is None
                 stream.phrases.popleft()

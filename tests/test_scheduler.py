@@ -559,21 +559,14 @@ def test_newcomers_waiting_together_share_the_step_that_carries_first_audio():
     assert sorted(a[0] for a in sched._schedule(now).acoustic) == ["n0", "n1", "n2"]
 
 
-def test_phrases_waiting_together_share_one_acoustic_call_whatever_the_budget():
-    # Budget: 100 frames per step; each phrase costs ~80 (a 40-frame first chunk plus its
-    # acoustic work), so a budget-bound step would make one phrase per step. Newcomers' first
-    # phrases and started listeners' next ones share the call of the first, up to
-    # max_batch_phrases; the rest go in the next step.
-    engine = FakeEngine(schedule=(40,))
-    sched = planning_scheduler(engine, ["n0", "n1", "s0", "s1"], max_batch_phrases=3)
+def test_newcomers_waiting_together_are_not_split_across_steps_by_the_budget():
+    # Budget: 100 frames per step; each first phrase costs ~80 (a 40-frame first chunk plus its
+    # acoustic work), so a budget-bound step would take one newcomer per step. They share the
+    # step of the first, up to max_batch_phrases.
+    sched = planning_scheduler(FakeEngine(schedule=(40,)), ["n0", "n1", "n2"], max_batch_phrases=2)
     now = newcomers_waiting(sched, "twenty chars of text")
-    for sid in ("s0", "s1"):
-        started = sched._streams[sid]
-        started.anchor, started.emitted_frames = now - 0.2, 70   # 0.5 s of audio buffered
-    first = sched._schedule(now).acoustic
-    assert len(first) == 3 and {"n0", "n1"} <= {a[0] for a in first}
-    second = sched._schedule(now).acoustic
-    assert len(second) == 1 and {a[0] for a in first + second} == {"n0", "n1", "s0", "s1"}
+    assert sorted(a[0] for a in sched._schedule(now).acoustic) == ["n0", "n1"]
+    assert [a[0] for a in sched._schedule(now).acoustic] == ["n2"]
 
 
 def test_a_scheduler_behind_its_listeners_takes_bigger_steps():
