@@ -483,7 +483,9 @@ def test_warm_up_stream_cost_is_the_capacity_until_a_stream_has_finished():
     cost = measure_stream_cost(engine, FakePhonemizer())
     assert engine.head_results == 1 and engine.finished == 1
     decodes = sum(1 for kind, _ in engine.calls if kind == "decode")
-    audio_s = sum(len(FakePhonemizer().phonemize(p).ids) for p in _COST_PROBE_PHRASES) * FRAMES_PER_ID * HOP / RATE
+    phonemizer = FakePhonemizer()
+    ids = sum(len(phonemizer.phonemize(p).ids) for p in _COST_PROBE_PHRASES)
+    audio_s = ids * FRAMES_PER_ID * HOP / RATE
     assert decodes * 0.02 / audio_s <= cost < decodes * 0.04 / audio_s
     sched = new_scheduler(engine, initial_stream_cost=cost)
     assert sched.load().capacity_audio_s_per_s == pytest.approx(1.0 / cost)

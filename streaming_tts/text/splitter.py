@@ -22,8 +22,8 @@ from __future__ import annotations
 import enum
 import logging
 import re
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
