@@ -131,7 +131,7 @@ async def _audio_pool(app: web.Application) -> AsyncIterator[None]:
     """The threads that resample and encode audio for every stream."""
     state = app[STATE]
     pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=state.cfg.audio.encode_threads, thread_name_prefix="tts-audio")
+        max_workers=state.cfg.audio.encode_workers, thread_name_prefix="tts-audio")
     state.audio_pool = pool
     yield
     pool.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ built-in defaults, CLI overrides win, and mistakes are errors that name the key.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 from pathlib import Path
 
@@ -64,6 +65,16 @@ def test_gpu_profile_loads_and_keeps_unlisted_defaults() -> None:
     assert cfg.scheduler.max_batch_chunks > ServerConfig().scheduler.max_batch_chunks
     assert cfg.limits == ServerConfig().limits
     assert cfg.server == ServerConfig().server
+    assert cfg.audio.encode_threads == 0      # auto: a GPU serves more streams than 2 threads encode
+
+
+def test_encode_threads_zero_means_the_usable_cores_less_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_config(None, {"audio.encode_threads": 3}).audio.encode_workers == 3
+    auto = load_config(None, {"audio.encode_threads": 0}).audio
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert auto.encode_workers == 14
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert auto.encode_workers == 1
 
 
 def test_overrides_win_over_the_file() -> None:
@@ -124,6 +135,7 @@ def test_wrong_types_are_named(tmp_path: Path, toml: str, needle: str) -> None:
     ({"admission.max_load": 1.5}, r"admission.max_load must be in \(0, 1\]"),
     ({"log_level": "LOUD"}, "server.log_level must be one of"),
     ({"scheduler.max_batch_chunks": 9}, r"must be <= engine.max_batch \(8\)"),
+    ({"audio.encode_threads": -1}, r"audio.encode_threads must be >= 0 \(0: auto\)"),
 ])
 def test_out_of_range_values_are_named(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
