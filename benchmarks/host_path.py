@@ -1,0 +1,347 @@
+"""Host-path benchmark: what the server's CPU spends per stream besides the model.
+
+On a GPU the model is cheap per stream and the host's own work decides how many streams one
+server process can feed: WebSocket frames, phrase splitting, phonemizing (espeak-ng),
+scheduling, resampling and Opus encoding. This benchmark runs the real server with every part
+real except the model calls: `ReplayEngine` answers them at once with speech the real voice made
+at start-up (so the encoders see real speech), phrase lengths from a fixed frames-per-phoneme
+rate. It then drives the server with `benchmarks/load.py` and reads each server thread's CPU
+time from /proc before and after each run.
+
+    python benchmarks/host_path.py --streams 50 100 200 --stagger-ms 20 --json
+
+Reports per run: the load figures (admitted, late messages, TTFA), the server's CPU time per
+second of audio delivered by thread (event loop, model thread, audio encoders, others), and how
+many real-time streams one core of each kind would carry at that rate. It measures nothing of
+the model's own speed: that is `benchmarks/engine.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from streaming_tts.engine import AcousticJob, AcousticResult, DecodeJob, Engine, SynthesisParams  # noqa: E402
+
+# Frames of speech per phoneme id (ids alternate phonemes and pads): 2.2 on average, the default
+# voice's rate (the load benchmark's paragraph: 218 s of audio for 12 streams, as the real voice).
+FRAMES_PER_ID = (3, 2, 2, 2, 2)
+RECORDING_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs into the woods "
+                  "to find a quiet place where nobody will ever bother it again.")
+
+
+class ReplayEngine(Engine):
+    """The real engine's shapes and chunk plan, with model calls answered instantly from a
+    recording of real speech. For measuring the host path only: it is no speech synthesizer."""
+
+    def __init__(self, real: Engine, recording: np.ndarray, latent_channels: int) -> None:
+        self.__dict__.update(real.__dict__)
+        self._recording = recording.astype(np.float32)
+        self._latent_channels = latent_channels
+        self._zeros = torch.zeros(latent_channels, 4096, dtype=self.dtype)   # latents are views of it
+
+    def _acoustic(self, jobs, head_only):
+        out = []
+        for job in jobs:
+            durations = np.resize(np.array(FRAMES_PER_ID, dtype=np.int64), len(job.ids))
+            n = int(durations.sum())
+            out.append(AcousticResult(z=self._latent(n), durations=durations, num_frames=n,
+                                      speaker=job.params.speaker))
+        return out
+
+    def _latent(self, n: int) -> torch.Tensor:
+        if n > self._zeros.shape[1]:
+            return torch.zeros(self._latent_channels, n, dtype=self.dtype)
+        return self._zeros[:, :n]   # no fill per call: that would wake torch's CPU thread pool
+
+    def finish_flow(self, res: AcousticResult) -> AcousticResult:
+        return res
+
+    def _decode_group(self, jobs: list[DecodeJob], size: int) -> np.ndarray:
+        n = size * self.hop_length
+        return np.stack([np.take(self._recording, np.arange(n) + job.start * self.hop_length, mode="wrap")
+                         for job in jobs])
+
+    def decode_whole(self, z, speaker: int = 0) -> np.ndarray:
+        return self._decode_group([DecodeJob(z=z, start=0, end=z.shape[1])], z.shape[1])[0]
+
+
+def replay_loader(voice, cfg):
+    """The server's engine loader for the benchmark: load the real voice, record one passage of
+    its speech, then serve the replay."""
+    from server.model import load_engine
+    from streaming_tts.text.phonemes import Phonemizer
+
+    real = load_engine(voice, cfg)
+    ids = Phonemizer(voice.config).phonemize(RECORDING_TEXT).ids
+    recording = real.synthesize(ids, seed=0)
+    channels = real.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0)])[0].z.shape[0]
+    return ReplayEngine(real, recording, channels)
+
+
+# -- the server process --------------------------------------------------------------------
+
+def serve(port: int, max_streams: int, encode_threads: int, config: str | None,
+          profile: str | None = None) -> None:
+    import uvloop
+    from aiohttp import web
+
+    from server.app import create_app
+    from server.config import load_config
+
+    cfg = load_config(Path(config) if config else None, {
+        "server.port": port, "admission.max_streams": max_streams, "admission.max_load": 1.0,
+        "audio.encode_threads": encode_threads})
+    app = create_app(cfg, engine_loader=replay_loader)
+
+    async def threads(_request):
+        return web.json_response({str(t.native_id): t.name for t in threading.enumerate()})
+
+    app.router.add_get("/bench/threads", threads)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    if not profile:
+        web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None)
+        return
+    import cProfile  # the event loop's thread only (cProfile profiles the thread it runs in)
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None)
+    finally:
+        prof.disable()
+        prof.dump_stats(profile)
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+def _cpu_by_thread(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of `pid`, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[tid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _group(tid: str, pid: int, names: dict[str, str]) -> str:
+    if tid == str(pid):
+        return "event_loop"
+    name = names.get(tid, "")
+    if name.startswith("tts-model"):
+        return "model_thread"
+    if name.startswith("tts-audio"):
+        return "audio_encode"
+    if name.startswith("tts-text"):
+        return "text_thread"
+    return "other"   # OpenMP workers, libuv, the loading thread
+
+
+def _per_audio_second(groups: dict[str, float], audio_s: float) -> dict:
+    per = {g: round(1000 * s / audio_s, 2) for g, s in sorted(groups.items())}
+    return {"cpu_ms_per_audio_s": per, "cpu_ms_per_audio_s_total": round(sum(per.values()), 2),
+            "streams_per_core": {g: round(1000 / v) if v > 0 else None for g, v in per.items()}}
+
+
+def run_scheduler_only(args) -> list[dict]:
+    """The scheduler alone, in this process: no sockets, no encoding. Streams feed it words at
+    --wps and drop their audio; what is measured is the event loop's thread (scheduler, splitter
+    and the feeding) and the model thread (phonemizing, batching; the model itself replays)."""
+    import functools
+
+    from server.config import load_config
+    from server.model import LoadedModel, build_scheduler
+    from streaming_tts.scheduler import new_model_thread
+    from streaming_tts.stream import StreamOptions
+    from streaming_tts.voices import VoiceRegistry
+    from benchmarks.texts import PARAGRAPH
+
+    # The replay runs on the CPU whatever the profile says (its model calls do no arithmetic).
+    cfg = load_config(Path(args.config) if args.config else None,
+                      {"engine.device": "cpu", "engine.dtype": "float32"})
+    voice = VoiceRegistry(cfg.engine.voices_dir).resolve(cfg.engine.voice)
+    words = PARAGRAPH.split()[:args.words]
+
+    class Listener:   # a stream's sink: keeps when its first audio came and its usage
+        def __init__(self) -> None:
+            self.done, self.first, self.audio_ms = asyncio.Event(), None, 0.0
+
+        def on_audio(self, samples, pts_ms) -> None:
+            self.first = self.first or time.monotonic()
+
+        def on_done(self, usage) -> None:
+            self.audio_ms = usage["audio_ms"]
+            self.done.set()
+
+        def on_phrase(self, phrase) -> None:
+            pass
+
+        def on_cancelled(self) -> None:
+            self.done.set()
+
+        def on_error(self, code, message) -> None:
+            raise RuntimeError(f"{code}: {message}")
+
+    class Observer:
+        late = 0
+
+        def on_step(self, *_): pass
+        def on_ttfa(self, _ms): pass
+        def on_late(self, _sid): Observer.late += 1
+
+    async def one_run(n: int) -> dict:
+        pool = new_model_thread()   # the scheduler owns it and shuts it down when it stops
+        loop = asyncio.get_running_loop()
+        engine, phonemizer = await loop.run_in_executor(pool, functools.partial(_replay_and_phonemizer, voice, cfg))
+        sched = build_scheduler(LoadedModel(engine, phonemizer, None), cfg, observer=Observer(),
+                                power_reader=lambda: None, model_thread=pool)
+        task = asyncio.create_task(sched.run())
+
+        async def stream(i: int) -> tuple[float, float]:
+            await asyncio.sleep(i * args.stagger_ms / 1000)
+            t0, sid, listener = time.monotonic(), f"s{i}", Listener()
+            sched.open(sid, StreamOptions(params=SynthesisParams()), listener)
+            for k, word in enumerate(words):
+                sched.text(sid, word + " ")
+                await asyncio.sleep(max(0.0, t0 + (k + 1) / args.wps - time.monotonic()))
+            sched.end(sid)
+            await listener.done.wait()
+            return 1000 * (listener.first - t0), listener.audio_ms
+
+        Observer.late = 0
+        before = _cpu_by_thread(os.getpid())
+        out = await asyncio.gather(*[stream(i) for i in range(n)])
+        after = _cpu_by_thread(os.getpid())
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        names = {str(t.native_id): t.name for t in threading.enumerate()}
+        groups: dict[str, float] = {}
+        for tid, cpu in after.items():
+            g = _group(tid, os.getpid(), names)
+            groups[g] = groups.get(g, 0.0) + cpu - before.get(tid, 0.0)
+        ttfa = sorted(t for t, _ in out)
+        audio_s = sum(a for _, a in out) / 1000
+        return {"streams": n, "late_steps": Observer.late, "ttfa_ms_p50": round(ttfa[len(ttfa) // 2]),
+                "ttfa_ms_p95": round(ttfa[int(round(0.95 * (len(ttfa) - 1)))]), "ttfa_ms_max": round(ttfa[-1]),
+                "audio_s": round(audio_s, 1), "steps": sched.steps, **_per_audio_second(groups, audio_s)}
+
+    async def main() -> list[dict]:
+        results = []
+        for n in args.streams:
+            results.append(await one_run(n))
+            print(json.dumps(results[-1]) if args.json else json.dumps(results[-1], indent=2), flush=True)
+        return results
+
+    return asyncio.run(main())
+
+
+def _replay_and_phonemizer(voice, cfg):
+    from streaming_tts.text.phonemes import Phonemizer
+    return replay_loader(voice, cfg), Phonemizer(voice.config)
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read()
+
+
+def run(args) -> list[dict]:
+    base = f"http://127.0.0.1:{args.port}"
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--port", str(args.port),
+         "--max-streams", str(max(args.streams)), "--encode-threads", str(args.encode_threads)]
+        + (["--config", args.config] if args.config else [])
+        + (["--profile", args.profile] if args.profile else []),
+        stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"))
+    try:
+        for _ in range(240):
+            try:
+                if _get(base + "/healthz"):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise SystemExit(f"server did not turn healthy; see {args.server_log}")
+        results = []
+        for n in args.streams:
+            before = _cpu_by_thread(server.pid)
+            t0 = time.monotonic()
+            load = subprocess.run(
+                [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--url", f"ws://127.0.0.1:{args.port}/v1/stream",
+                 "--json", "--streams", str(n), "--wps", str(args.wps), "--words", str(args.words),
+                 "--stagger-ms", str(args.stagger_ms)],
+                capture_output=True, text=True, check=True)
+            wall = time.monotonic() - t0
+            after = _cpu_by_thread(server.pid)
+            names = json.loads(_get(base + "/bench/threads"))
+            report = json.loads(load.stdout.strip().splitlines()[-1])
+            groups: dict[str, float] = {}
+            if args.verbose:
+                for tid, cpu in sorted(after.items()):
+                    print(tid, names.get(tid), round(cpu - before.get(tid, 0.0), 2), file=sys.stderr)
+            for tid, cpu in after.items():
+                g = _group(tid, server.pid, names)
+                groups[g] = groups.get(g, 0.0) + cpu - before.get(tid, 0.0)
+            results.append({
+                "streams": n, "admitted": report["admitted"], "refused": report["refused"],
+                "late_messages": report["late_messages"], "timeline_gaps": report["timeline_gaps"],
+                "ttfa_ms_p50": report["ttfa_ms_p50"], "ttfa_ms_p95": report["ttfa_ms_p95"],
+                "live_max": report["live_max"], "audio_s": report["audio_s"], "wall_s": round(wall, 1),
+                "loop_lag_p99_ms": report["loop_lag_p99_ms"],
+                **_per_audio_second(groups, report["audio_s"] or float("nan")),
+            })
+            print(json.dumps(results[-1]) if args.json else json.dumps(results[-1], indent=2), flush=True)
+            time.sleep(2)
+        return results
+    finally:
+        server.send_signal(signal.SIGINT)   # a clean stop, so a --profile gets written
+        server.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, nargs="+", default=[50, 100])
+    ap.add_argument("--wps", type=float, default=15.0)
+    ap.add_argument("--words", type=int, default=60)
+    ap.add_argument("--stagger-ms", type=float, default=20.0)
+    ap.add_argument("--port", type=int, default=8140)
+    ap.add_argument("--encode-threads", type=int, default=2)
+    ap.add_argument("--config", help="server config file (default: configs/default.toml)")
+    ap.add_argument("--server-log", default="/tmp/host_path_server.log")
+    ap.add_argument("--max-streams", type=int, default=1000, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--verbose", action="store_true", help="CPU seconds of every server thread")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the event loop's thread into FILE")
+    ap.add_argument("--scheduler-only", action="store_true",
+                    help="drive the scheduler in this process: no server, sockets or encoding")
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.port, args.max_streams, args.encode_threads, args.config, args.profile)
+        return 0
+    run_scheduler_only(args) if args.scheduler_only else run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

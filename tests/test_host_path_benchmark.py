@@ -1,0 +1,62 @@
+"""The host-path benchmark's stand-in model and its CPU accounting: its figures (server CPU per
+audio second, by thread) are only as good as these."""
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from benchmarks.host_path import FRAMES_PER_ID, ReplayEngine, _cpu_by_thread, _group
+from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams
+
+
+@pytest.fixture(scope="module")
+def replay(default_voice) -> ReplayEngine:
+    real = Engine.from_file(default_voice.onnx_path, sample_rate=default_voice.sample_rate,
+                            config=EngineConfig(chunk_schedule=(16, 64, 128)))
+    recording = np.sin(np.arange(5000, dtype=np.float32) / 7.0)
+    return ReplayEngine(real, recording, latent_channels=192)
+
+
+def test_replay_engine_keeps_the_real_engines_shapes_and_answers_with_the_recording(replay):
+    ids = list(range(1, 42))
+    [res] = replay.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), head_only=True)])
+    assert res.complete and res.num_frames == res.z.shape[1] == int(res.durations.sum())
+    assert res.num_frames == pytest.approx(len(ids) * np.mean(FRAMES_PER_ID), abs=1)
+    plan = replay.chunk_plan(res.num_frames)
+    assert plan[0] == (0, 16) and plan[1] == (16, 80)      # the real engine's chunk schedule
+    hop = replay.hop_length
+    audio = replay.decode([DecodeJob(z=res.z, start=a, end=b) for a, b in plan])
+    assert [len(x) for x in audio] == [(b - a) * hop for a, b in plan]
+    # Real samples of the recording (wrapping round it), never silence or made-up noise.
+    second = audio[1]
+    expected = np.take(replay._recording, np.arange(len(second)) + 16 * hop, mode="wrap")
+    np.testing.assert_array_equal(second, expected)
+
+
+def test_cpu_time_is_read_per_thread_and_grouped_by_thread_name():
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    worker = threading.Thread(target=spin, name="tts-audio_0")
+    worker.start()
+    try:
+        before = _cpu_by_thread(os.getpid())
+        time.sleep(0.3)
+        after = _cpu_by_thread(os.getpid())
+    finally:
+        stop.set()
+        worker.join()
+    tid = str(worker.native_id)
+    assert after[tid] - before.get(tid, 0.0) > 0.05          # a busy thread shows its CPU time
+    names = {tid: worker.name, "7": "tts-model_0", "8": "Thread-3", "9": "tts-text_0"}
+    assert _group(tid, os.getpid(), names) == "audio_encode"
+    assert _group(str(os.getpid()), os.getpid(), names) == "event_loop"
+    assert _group("7", os.getpid(), names) == "model_thread"
+    assert _group("8", os.getpid(), names) == "other"
+    assert _group("9", os.getpid(), names) == "text_thread"
