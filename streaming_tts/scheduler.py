@@ -5,7 +5,9 @@ Each step is schedule -> execute -> update:
   deadline (the moment each listener would run dry; a stream with no audio yet comes first),
   within a per-step frame budget sized from measured throughput, so a new stream waits at most
   one short step. Acoustic jobs for new phrases, decode jobs for next chunks, batched.
-- execute (one worker thread): phonemize, acoustic batch, decode batch; plain data in and out.
+- execute (one worker thread): acoustic batch, decode batch; plain data in and out. Phrases are
+  phonemized in a second thread as soon as they are cut, so the model thread (the one feeding a
+  GPU) spends its time on the model.
 - update (event loop): turn results into phrase/words/audio events for each stream's sink.
 Commands (text, flush, end, cancel, close) queue up and apply between steps, so a cancelled or
 closed stream never gets audio from a step that finishes after the cancel.
@@ -81,8 +83,10 @@ _MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this do not set the ca
 class _Batch:
     """Plain data handed to the worker thread: it never reads scheduler state."""
 
-    # sid, text, params, head_only, index in the chunk schedule where the phrase's plan starts
-    acoustic: list[tuple[str, str, SynthesisParams, bool, int]] = field(default_factory=list)
+    # sid, text, params, head_only, index in the chunk schedule where the phrase's plan starts,
+    # the phonemes being made in the text thread (None: phonemize in the step)
+    acoustic: list[tuple[str, str, SynthesisParams, bool, int, concurrent.futures.Future | None]] = \
+        field(default_factory=list)
     decode: list[tuple[str, DecodeJob, AcousticResult | None]] = field(default_factory=list)  # + flow to finish first
     owners: list[ActivePhrase] = field(default_factory=list)   # loop side only: phrase of each decode
 
@@ -164,6 +168,10 @@ class Scheduler:
         # and a second calling thread leaves two pools fighting over the cores (on 2 cores every
         # model call then took ~1.5x as long). The scheduler owns it and shuts it down.
         self._pool = model_thread or new_model_thread()
+        # Phonemizing (espeak-ng, ~0.5 ms a phrase) runs here, one phrase at a time in cut order,
+        # off the model thread: at hundreds of streams it was a third of that thread's time.
+        # One thread, since espeak-ng keeps global state.
+        self._text_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-text")
         self._fps = config.initial_frames_per_s
         # Audio seconds made per second of step time, for the real mix of work (acoustic,
         # flows, chunk context): admission's capacity until a stream has finished.
@@ -235,6 +243,7 @@ class Scheduler:
                     await asyncio.sleep(0.05)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._text_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _iteration(self, loop: asyncio.AbstractEventLoop) -> None:
         """One schedule -> execute -> update step, or a wait for something to do."""
@@ -305,7 +314,8 @@ class Scheduler:
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
         for text in phrases:
             if text.strip():
-                stream.phrases.append(PendingPhrase(text=text.strip()))
+                phonemized = self._text_pool.submit(self.phonemizer.phonemize, text.strip())
+                stream.phrases.append(PendingPhrase(text=text.strip(), phonemized=phonemized))
                 stream.mid_sentence = not ends_sentence(text)
 
     # ---- schedule ----
@@ -389,7 +399,7 @@ class Scheduler:
             else:
                 if len(batch.acoustic) >= self.config.max_batch_phrases:
                     continue
-                text = stream.phrases[0].text
+                text, phonemized = stream.phrases[0].text, stream.phrases[0].phonemized
                 buffered = stream.buffered_ms(now, self.frame_ms)
                 # Near dry: the first chunk before the flow over the whole phrase. Otherwise the
                 # phrase's plan starts at a chunk no longer than what the listener holds.
@@ -411,7 +421,7 @@ class Scheduler:
                 with_newcomer = with_newcomer or stream.anchor is None
                 stream.phrases.popleft()
                 stream.inflight_chars += len(text)
-                batch.acoustic.append((stream.id, text, stream.options.params, head_only, first))
+                batch.acoustic.append((stream.id, text, stream.options.params, head_only, first, phonemized))
             used += cost
         return batch
 
@@ -463,9 +473,9 @@ class Scheduler:
         t0 = time.perf_counter()
         result = _Result()
         jobs, keys, firsts = [], [], []
-        for sid, text, params, head_only, first in batch.acoustic:
+        for sid, text, params, head_only, first, phonemized in batch.acoustic:
             try:
-                ph = self.phonemizer.phonemize(text)
+                ph = phonemized.result() if phonemized is not None else self.phonemizer.phonemize(text)
             except ValueError:
                 result.phrases[sid] = None      # nothing speakable (e.g. only punctuation)
                 continue

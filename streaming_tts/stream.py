@@ -7,6 +7,7 @@ audio positions, phrase and word times all come from the same integer clock.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,6 +54,9 @@ class StreamSink(Protocol):
 @dataclass
 class PendingPhrase:
     text: str
+    # Its phonemes, made in the scheduler's text thread as soon as the phrase was cut, so the
+    # model thread only waits for them when they are late (None: phonemized in the step).
+    phonemized: concurrent.futures.Future | None = None
 
 
 @dataclass
