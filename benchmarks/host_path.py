@@ -8,12 +8,17 @@ at start-up (so the encoders see real speech), phrase lengths from a fixed frame
 rate. It then drives the server with `benchmarks/load.py` and reads each server thread's CPU
 time from /proc before and after each run.
 
-    python benchmarks/host_path.py --streams 50 100 200 --stagger-ms 20 --json
+    python benchmarks/host_path.py --streams 12 50 100 --json
+    python benchmarks/host_path.py --scheduler-only --streams 1000 --stagger-ms 10 --config configs/gpu.toml
+    python benchmarks/host_path.py --encoders
 
 Reports per run: the load figures (admitted, late messages, TTFA), the server's CPU time per
-second of audio delivered by thread (event loop, model thread, audio encoders, others), and how
-many real-time streams one core of each kind would carry at that rate. It measures nothing of
-the model's own speed: that is `benchmarks/engine.py`.
+second of audio delivered by thread (event loop, model thread, text thread, audio encoders,
+others), and how many real-time streams one core of each kind would carry at that rate.
+`--scheduler-only` drives the scheduler in this process instead (no sockets, no encoding: the
+event loop's share is the scheduler, the splitter and the feeding of words); `--encoders` times
+one stream's resampling and Opus by output rate and complexity. Nothing here measures the
+model's own speed: that is `benchmarks/engine.py`.
 """
 
 from __future__ import annotations
@@ -255,6 +260,58 @@ def run_scheduler_only(args) -> list[dict]:
     return asyncio.run(main())
 
 
+def run_encoder_cost(args) -> list[dict]:
+    """CPU time of one stream's resampling and Opus encoding, per second of the voice's speech,
+    by output rate and Opus complexity (best of 5, fed in 128-frame chunks as the server does)."""
+    from server.config import load_config
+    from streaming_tts.audio.encode import OpusStreamEncoder
+    from streaming_tts.audio.resample import StreamResampler
+    from streaming_tts.voices import VoiceRegistry
+
+    cfg = load_config(Path(args.config) if args.config else None, {"engine.device": "cpu", "engine.dtype": "float32"})
+    voice = VoiceRegistry(cfg.engine.voices_dir).resolve(cfg.engine.voice)
+    engine = replay_loader(voice, cfg)
+    speech = engine._recording
+    seconds = len(speech) / voice.sample_rate
+    chunks = np.array_split(speech, max(1, len(speech) // (128 * engine.hop_length)))
+
+    def cost(make) -> float:
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.thread_time()
+            make()
+            best = min(best, time.thread_time() - t0)
+        return round(1000 * best / seconds, 2)
+
+    def opus(rate: int, complexity: int) -> None:
+        enc = OpusStreamEncoder(in_rate=voice.sample_rate, out_rate=rate, complexity=complexity)
+        for c in chunks:
+            enc.encode(c)
+        enc.finish()
+
+    results = []
+    for rate in (48000, 24000, 16000):
+        row = {"out_rate": rate, "resample_ms_per_audio_s": cost(
+            lambda: [StreamResampler(voice.sample_rate, rate).process(c) for c in chunks])}
+        for complexity in (0, 2, 5, 8, 10):
+            row[f"opus_c{complexity}_ms_per_audio_s"] = cost(lambda: opus(rate, complexity))
+        results.append(row)
+        print(json.dumps(row) if args.json else json.dumps(row, indent=2), flush=True)
+    # Threads: libopus and soxr release the GIL, so streams encode in parallel.
+    import concurrent.futures
+    cores = len(os.sched_getaffinity(0))
+    row = {"cores": cores}
+    for threads in sorted({1, cores}):
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda _: opus(48000, 5), range(threads)))          # start the threads
+            t0 = time.perf_counter()
+            list(pool.map(lambda _: opus(48000, 5), range(4 * cores)))
+            row[f"audio_s_per_s_{threads}_threads"] = round(4 * cores * seconds / (time.perf_counter() - t0))
+    results.append(row)
+    print(json.dumps(row) if args.json else json.dumps(row, indent=2), flush=True)
+    return results
+
+
 def _replay_and_phonemizer(voice, cfg):
     from streaming_tts.text.phonemes import Phonemizer
     return replay_loader(voice, cfg), Phonemizer(voice.config)
@@ -335,11 +392,18 @@ def main() -> int:
     ap.add_argument("--profile", metavar="FILE", help="cProfile the event loop's thread into FILE")
     ap.add_argument("--scheduler-only", action="store_true",
                     help="drive the scheduler in this process: no server, sockets or encoding")
+    ap.add_argument("--encoders", action="store_true",
+                    help="CPU per audio second of resampling and Opus, by rate and complexity")
     args = ap.parse_args()
     if args.serve:
         serve(args.port, args.max_streams, args.encode_threads, args.config, args.profile)
         return 0
-    run_scheduler_only(args) if args.scheduler_only else run(args)
+    if args.encoders:
+        run_encoder_cost(args)
+    elif args.scheduler_only:
+        run_scheduler_only(args)
+    else:
+        run(args)
     return 0
 
 
