@@ -221,20 +221,6 @@ async def test_one_stream_speaks_all_text_in_order_then_done():
     assert sched.stream_count == 0
 
 
-async def test_model_runs_in_one_worker_thread_off_the_loop():
-    engine = FakeEngine()
-    sched, task = await running(engine)
-    sinks = [Sink() for _ in range(3)]
-    for i, sink in enumerate(sinks):
-        sched.open(f"s{i}", OPTS, sink)
-        sched.text(f"s{i}", "One two three. Four five.")
-        sched.end(f"s{i}")
-    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in sinks)), 5)
-    await stop(task)
-    assert len(engine.thread_ids) == 1
-    assert threading.get_ident() not in engine.thread_ids
-
-
 class ThreadRecordingPhonemizer(FakePhonemizer):
     def __init__(self) -> None:
         self.thread_ids: set[int] = set()
@@ -244,14 +230,7 @@ class ThreadRecordingPhonemizer(FakePhonemizer):
         return super().phonemize(text)
 
 
-async def test_phrases_are_phonemized_in_their_own_thread_as_soon_as_cut():
-    # Cut but not yet scheduled: its phonemes are already being made, with no step running.
-    planned = planning_scheduler(FakeEngine(), ["s"])
-    planned.text("s", "Hello there. Next")
-    planned._apply_commands()
-    [pending] = planned._streams["s"].phrases
-    assert pending.phonemized.result(timeout=5) == FakePhonemizer().phonemize("Hello there.")
-    # Through whole streams: one text thread, neither the model thread nor the event loop.
+async def test_model_runs_in_one_worker_thread_and_phonemizing_in_another_off_the_loop():
     engine, phonemizer = FakeEngine(), ThreadRecordingPhonemizer()
     sched = Scheduler(engine, phonemizer=phonemizer, splitter_factory=PhraseSplitter, meter=Meter())
     task = asyncio.create_task(sched.run())
@@ -263,8 +242,19 @@ async def test_phrases_are_phonemized_in_their_own_thread_as_soon_as_cut():
     await asyncio.wait_for(asyncio.gather(*(s.done.wait() for s in sinks)), 5)
     await stop(task)
     assert all(s.kinds()[-1] == "done" for s in sinks)
-    assert len(phonemizer.thread_ids) == 1
-    assert phonemizer.thread_ids.isdisjoint(engine.thread_ids | {threading.get_ident()})
+    assert len(engine.thread_ids) == 1 and len(phonemizer.thread_ids) == 1
+    loop_thread = {threading.get_ident()}
+    assert engine.thread_ids.isdisjoint(loop_thread | phonemizer.thread_ids)
+    assert phonemizer.thread_ids.isdisjoint(loop_thread)
+
+
+def test_a_phrase_is_phonemized_as_soon_as_it_is_cut():
+    # Cut but not yet scheduled: its phonemes are already being made, with no step running.
+    sched = planning_scheduler(FakeEngine(), ["s"])
+    sched.text("s", "Hello there. Next")
+    sched._apply_commands()
+    [pending] = sched._streams["s"].phrases
+    assert pending.phonemized.result(timeout=5) == FakePhonemizer().phonemize("Hello there.")
 
 
 async def test_new_streams_are_batched_together():
