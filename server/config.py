@@ -154,7 +154,7 @@ class AudioConfig:
     def encode_workers(self) -> int:
         """`encode_threads`, with 0 resolved to the usable cores less two (the event loop and the
         model thread), at least one. libopus and soxr release the GIL, so encoding scales
-        with threads (2 threads on 2 cores: 1.97x the throughput of one)."""
+        with threads (2 threads on 2 cores: 1.98x the throughput of one; BENCHMARKS.md)."""
         if self.encode_threads:
             return self.encode_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -5,9 +5,9 @@ Each step is schedule -> execute -> update:
   deadline (the moment each listener would run dry; a stream with no audio yet comes first),
   within a per-step frame budget sized from measured throughput, so a new stream waits at most
   one short step. Acoustic jobs for new phrases, decode jobs for next chunks, batched.
-- execute (one worker thread): acoustic batch, decode batch; plain data in and out. Phrases are
-  phonemized in a second thread as soon as they are cut, so the model thread (the one feeding a
-  GPU) spends its time on the model.
+- execute (one worker thread): acoustic batch, decode batch; plain data in and out. Each stream's
+  next phrase is phonemized in a second thread ahead of its step, so the model thread (the one
+  feeding a GPU) spends its time on the model.
 - update (event loop): turn results into phrase/words/audio events for each stream's sink.
 Commands (text, flush, end, cancel, close) queue up and apply between steps, so a cancelled or
 closed stream never gets audio from a step that finishes after the cancel.
@@ -168,9 +168,10 @@ class Scheduler:
         # and a second calling thread leaves two pools fighting over the cores (on 2 cores every
         # model call then took ~1.5x as long). The scheduler owns it and shuts it down.
         self._pool = model_thread or new_model_thread()
-        # Phonemizing (espeak-ng, ~0.5 ms a phrase) runs here, one phrase at a time in cut order,
-        # off the model thread: at hundreds of streams it was a third of that thread's time.
-        # One thread, since espeak-ng keeps global state.
+        # Phonemizing (espeak-ng, ~0.5 ms a phrase) runs here, off the model thread: at 1000
+        # streams it was two thirds of that thread's own CPU. Each stream's next phrase only
+        # (see _prefetch), so a long text cut into many phrases at once cannot queue ahead of
+        # other streams' next phrases. One thread, since espeak-ng keeps global state.
         self._text_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tts-text")
         self._fps = config.initial_frames_per_s
         # Audio seconds made per second of step time, for the real mix of work (acoustic,
@@ -314,9 +315,15 @@ class Scheduler:
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
         for text in phrases:
             if text.strip():
-                phonemized = self._text_pool.submit(self.phonemizer.phonemize, text.strip())
-                stream.phrases.append(PendingPhrase(text=text.strip(), phonemized=phonemized))
+                stream.phrases.append(PendingPhrase(text=text.strip()))
                 stream.mid_sentence = not ends_sentence(text)
+        self._prefetch(stream)
+
+    def _prefetch(self, stream: StreamState) -> None:
+        """Start phonemizing the stream's next phrase in the text thread, if not yet started."""
+        if stream.phrases and stream.phrases[0].phonemized is None:
+            head = stream.phrases[0]
+            head.phonemized = self._text_pool.submit(self.phonemizer.phonemize, head.text)
 
     # ---- schedule ----
     def _tick_streams(self, now: float) -> None:
@@ -420,6 +427,7 @@ class Scheduler:
                     break
                 with_newcomer = with_newcomer or stream.anchor is None
                 stream.phrases.popleft()
+                self._prefetch(stream)
                 stream.inflight_chars += len(text)
                 batch.acoustic.append((stream.id, text, stream.options.params, head_only, first, phonemized))
             used += cost

@@ -54,8 +54,8 @@ class StreamSink(Protocol):
 @dataclass
 class PendingPhrase:
     text: str
-    # Its phonemes, made in the scheduler's text thread as soon as the phrase was cut, so the
-    # model thread only waits for them when they are late (None: phonemized in the step).
+    # Its phonemes, made in the scheduler's text thread once it is its stream's next phrase, so
+    # the model thread only waits for them when they are late (None: phonemized in the step).
     phonemized: concurrent.futures.Future | None = None
 
 

@@ -248,13 +248,19 @@ async def test_model_runs_in_one_worker_thread_and_phonemizing_in_another_off_th
     assert phonemizer.thread_ids.isdisjoint(loop_thread)
 
 
-def test_a_phrase_is_phonemized_as_soon_as_it_is_cut():
-    # Cut but not yet scheduled: its phonemes are already being made, with no step running.
+def test_a_streams_next_phrase_is_phonemized_ahead_of_its_step():
+    # Cut but not yet scheduled: the next phrase's phonemes are already being made, with no step
+    # running; the one after it waits its turn (a long text cut at once must not queue ahead of
+    # other streams' next phrases).
     sched = planning_scheduler(FakeEngine(), ["s"])
-    sched.text("s", "Hello there. Next")
+    sched.text("s", "Hello there. How are you? Next")
     sched._apply_commands()
-    [pending] = sched._streams["s"].phrases
-    assert pending.phonemized.result(timeout=5) == FakePhonemizer().phonemize("Hello there.")
+    first, second = sched._streams["s"].phrases
+    assert first.phonemized.result(timeout=5) == FakePhonemizer().phonemize("Hello there.")
+    assert second.phonemized is None
+    batch = sched._schedule(time.monotonic())
+    assert [a[1] for a in batch.acoustic] == ["Hello there."]
+    assert second.phonemized.result(timeout=5) == FakePhonemizer().phonemize("How are you?")
 
 
 async def test_new_streams_are_batched_together():
