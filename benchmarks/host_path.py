@@ -103,7 +103,7 @@ def replay_loader(voice, cfg):
 # -- the server process --------------------------------------------------------------------
 
 def serve(port: int, max_streams: int, encode_threads: int, config: str | None,
-          profile: str | None = None) -> None:
+          profile: str | None = None, max_loop_busy: float = 1.0) -> None:
     import uvloop
     from aiohttp import web
 
@@ -112,7 +112,7 @@ def serve(port: int, max_streams: int, encode_threads: int, config: str | None,
 
     cfg = load_config(Path(config) if config else None, {
         "server.port": port, "admission.max_streams": max_streams, "admission.max_load": 1.0,
-        "audio.encode_threads": encode_threads})
+        "admission.max_loop_busy": max_loop_busy, "audio.encode_threads": encode_threads})
     app = create_app(cfg, engine_loader=replay_loader)
 
     async def threads(_request):
@@ -328,7 +328,8 @@ def run(args) -> list[dict]:
         [sys.executable, __file__, "--serve", "--port", str(args.port),
          "--max-streams", str(max(args.streams)), "--encode-threads", str(args.encode_threads)]
         + (["--config", args.config] if args.config else [])
-        + (["--profile", args.profile] if args.profile else []),
+        + (["--profile", args.profile] if args.profile else [])
+        + ["--max-loop-busy", str(args.max_loop_busy)],
         stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"))
     try:
         for _ in range(240):
@@ -383,6 +384,8 @@ def main() -> int:
     ap.add_argument("--stagger-ms", type=float, default=20.0)
     ap.add_argument("--port", type=int, default=8140)
     ap.add_argument("--encode-threads", type=int, default=2)
+    ap.add_argument("--max-loop-busy", type=float, default=1.0,
+                    help="the server's admission.max_loop_busy (default 1.0: never refuse for it)")
     ap.add_argument("--config", help="server config file (default: configs/default.toml)")
     ap.add_argument("--server-log", default="/tmp/host_path_server.log")
     ap.add_argument("--max-streams", type=int, default=1000, help=argparse.SUPPRESS)
@@ -396,7 +399,8 @@ def main() -> int:
                     help="CPU per audio second of resampling and Opus, by rate and complexity")
     args = ap.parse_args()
     if args.serve:
-        serve(args.port, args.max_streams, args.encode_threads, args.config, args.profile)
+        serve(args.port, args.max_streams, args.encode_threads, args.config, args.profile,
+              args.max_loop_busy)
         return 0
     if args.encoders:
         run_encoder_cost(args)

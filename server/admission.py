@@ -5,10 +5,13 @@ A stream is refused when any of these holds (checked cheapest first):
   2. free GPU memory minus `vram_reserve_mb` is below the per-stream VRAM cost measured at
      warm-up (only with a GPU reader and a measured cost);
   3. the projected load, (demand of live streams + one more real-time stream) / measured
-     capacity, exceeds `max_load` (only once capacity has been measured).
+     capacity, exceeds `max_load` (only once capacity has been measured);
+  4. the event loop's thread was busy (CPU time over wall time, last sample interval) beyond
+     `max_loop_busy`: the host's own work, not the model's, is at its limit (with a reading).
 
 Pure logic: no aiohttp, no NVML, no scheduler import. Readings come in through callables so tests
-inject them and the app wires `streaming_tts.gpu` and the scheduler's throughput meter.
+inject them and the app wires `streaming_tts.gpu`, the scheduler's throughput meter and the
+event-loop monitor.
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class RefusalReason(StrEnum):
     MAX_STREAMS = "max_streams"
     VRAM = "vram"
     LOAD = "load"
+    EVENT_LOOP = "event_loop"
 
 
 @dataclass(frozen=True)
@@ -103,11 +107,13 @@ class AdmissionController:
         *,
         load_source: Callable[[], LoadEstimate],
         gpu_reader: Callable[[], GpuSampleLike | None] | None = None,
+        loop_busy_reader: Callable[[], float | None] | None = None,
         on_refused: Callable[[RefusalReason], None] | None = None,
     ) -> None:
         self._cfg = cfg
         self._load_source = load_source
         self._gpu_reader = gpu_reader
+        self._loop_busy_reader = loop_busy_reader
         self._on_refused = on_refused
         self._stream_vram_cost: int | None = None
         self._active = 0
@@ -139,7 +145,8 @@ class AdmissionController:
 
     def check(self) -> Admission:
         """Would one more stream be admitted now? Holds no slot."""
-        refusal = self._max_streams_refusal() or self._vram_refusal() or self._load_refusal()
+        refusal = (self._max_streams_refusal() or self._vram_refusal() or self._load_refusal()
+                   or self._loop_refusal())
         if refusal is None:
             return ADMITTED
         reason, message = refusal
@@ -204,4 +211,12 @@ class AdmissionController:
         return RefusalReason.LOAD, (
             f"server is at capacity (projected load {projected:.0%}, "
             f"limit {self._cfg.max_load:.0%})"
+        )
+
+    def _loop_refusal(self) -> _Refusal | None:
+        busy = self._loop_busy_reader() if self._loop_busy_reader is not None else None
+        if busy is None or busy <= self._cfg.max_loop_busy:
+            return None
+        return RefusalReason.EVENT_LOOP, (
+            f"server is at capacity (event loop busy {busy:.0%}, limit {self._cfg.max_loop_busy:.0%})"
         )

@@ -55,6 +55,7 @@ def create_app(
     warm_up: bool = True,
     gpu: GpuMonitor | None = None,
     load_source: LoadSource | None = None,
+    loop_busy_source: Callable[[], float | None] | None = None,
     on_ready: Callable[[], None] | None = None,
     web_client_dir: Path = http.WEB_CLIENT_DIR,
 ) -> web.Application:
@@ -64,7 +65,8 @@ def create_app(
     file, and `engine_loader` builds one in the loading thread (e.g. a slow or failing one);
     `warm_up=False` skips the warm-up of an engine that is already warm; `gpu` replaces the
     NVML monitor (e.g. `GpuMonitor.fake(...)`); `load_source` replaces the scheduler's measured
-    load in admission; `on_ready` runs once the server has turned healthy.
+    load in admission and `loop_busy_source` the event loop's measured busy fraction;
+    `on_ready` runs once the server has turned healthy.
     """
     voices = VoiceRegistry(cfg.engine.voices_dir)
     model = ModelSlot(voice=voices.resolve(cfg.engine.voice))
@@ -77,6 +79,7 @@ def create_app(
         cfg.admission,
         load_source=load_source or (lambda: _scheduler_load(model)),
         gpu_reader=available.sample if available is not None else None,
+        loop_busy_reader=loop_busy_source or (lambda: state.loop_busy),
         on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),
     )
     state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
@@ -145,8 +148,11 @@ async def _loop_lag(app: web.Application) -> None:
         if scheduler is not None:
             state.metrics.queue_depth.set(scheduler.queue_depth)
 
+    def busy(fraction: float) -> None:
+        state.loop_busy = fraction
+
     await watch_loop_lag(state.metrics, window_s=state.cfg.metrics.sample_interval_s,
-                         on_window=gauges)
+                         on_window=gauges, on_busy=busy)
 
 
 async def _gpu_sampler(app: web.Application) -> None:

@@ -169,11 +169,14 @@ class AdmissionConfig:
     max_load: float = 0.75  # projected demand / measured capacity (CPU shares cores with Opus)
     vram_reserve_mb: int = 512  # VRAM kept free for allocator slack and other processes
     retry_after_s: int = 2  # suggested in `Retry-After` and `retry_after_s`
+    max_loop_busy: float = 0.85  # event-loop thread CPU / wall time, last sample interval
 
     def __post_init__(self) -> None:
         _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)
         _require(0 < self.max_load <= 1.0, "admission.max_load", "must be in (0, 1]",
                  self.max_load)
+        _require(0 < self.max_loop_busy <= 1.0, "admission.max_loop_busy", "must be in (0, 1]",
+                 self.max_loop_busy)
         _require(self.vram_reserve_mb >= 0, "admission.vram_reserve_mb", "must be >= 0",
                  self.vram_reserve_mb)
         _require(self.retry_after_s >= 1, "admission.retry_after_s", "must be >= 1",

@@ -74,6 +74,9 @@ class Metrics:
         self.loop_lag_max_seconds = Gauge("event_loop_lag_max_seconds",
                                           "Largest event-loop lag in the last sample interval",
                                           namespace=ns, registry=r)
+        self.loop_busy_ratio = Gauge("event_loop_busy_ratio", "Event-loop thread CPU time over "
+                                     "wall time in the last sample interval (admission refuses "
+                                     "above admission.max_loop_busy)", namespace=ns, registry=r)
         self.real_time_factor = Gauge("real_time_factor", "Compute seconds per audio second "
                                       "(recent; < 1 is faster than real time)", namespace=ns,
                                       registry=r)

@@ -1,4 +1,5 @@
-"""Background sampling loops for /metrics: event-loop lag and the GPU (NVML).
+"""Background sampling loops for /metrics and admission: event-loop lag and busy time, and the
+GPU (NVML).
 
 Both run as tasks owned by the app's cleanup contexts and run until cancelled.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from server.metrics import Metrics
@@ -21,15 +23,19 @@ LAG_PROBE_S = 0.05
 
 async def watch_loop_lag(
     metrics: Metrics, *, window_s: float, on_window: Callable[[], None] | None = None,
+    on_busy: Callable[[float], None] | None = None,
 ) -> None:
     """Sleep `LAG_PROBE_S` again and again; how late each wake-up comes is the loop's lag.
 
-    Every `window_s` the worst lag of the window goes to the max gauge and `on_window` runs
-    (other cheap gauges ride on this clock instead of needing a task of their own).
+    Every `window_s` the worst lag of the window goes to the max gauge, the loop thread's busy
+    fraction (its CPU time over the window's wall time; this coroutine runs on that thread) to
+    the busy gauge and `on_busy`, and `on_window` runs (other cheap gauges ride on this clock
+    instead of needing a task of their own).
     """
     loop = asyncio.get_running_loop()
     worst = 0.0
     window_end = loop.time() + window_s
+    window_start, cpu_start = loop.time(), time.thread_time()
     while True:
         start = loop.time()
         await asyncio.sleep(LAG_PROBE_S)
@@ -39,10 +45,16 @@ async def watch_loop_lag(
         worst = max(worst, lag)
         if now >= window_end:
             metrics.loop_lag_max_seconds.set(worst)
+            cpu = time.thread_time()
+            busy = min(1.0, (cpu - cpu_start) / max(now - window_start, 1e-9))
+            metrics.loop_busy_ratio.set(busy)
+            if on_busy is not None:
+                on_busy(busy)
             if on_window is not None:
                 on_window()
             worst = 0.0
             window_end = now + window_s
+            window_start, cpu_start = now, cpu
 
 
 async def sample_gpu(state: ServerState, monitor: GpuMonitor) -> None:

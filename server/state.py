@@ -59,6 +59,7 @@ class ServerState:
     model: ModelSlot
     gpu: GpuMonitor | None = None  # None: no NVML (CPU), GPU fields report null
     gpu_sample: GpuSample | None = None  # the latest reading of the GPU sampler task
+    loop_busy: float | None = None  # event-loop thread CPU / wall time, last sample interval
     audio_pool: concurrent.futures.ThreadPoolExecutor | None = None  # set by cleanup_ctx
     sessions: set[Closable] = field(default_factory=set)
     shutting_down: bool = False

@@ -1,5 +1,6 @@
-"""Admission control with injected GPU and load readings: a new stream is refused, with a reason
-and a retry hint, exactly when VRAM, compute load or the stream limit would be exceeded."""
+"""Admission control with injected GPU, load and event-loop readings: a new stream is refused,
+with a reason and a retry hint, exactly when VRAM, compute load, the event loop or the stream
+limit would be exceeded."""
 
 from __future__ import annotations
 
@@ -32,12 +33,16 @@ class Readings:
     def __init__(self) -> None:
         self.gpu: FakeGpu | None = None
         self.load = IDLE
+        self.loop_busy: float | None = None
 
     def read_gpu(self) -> FakeGpu | None:
         return self.gpu
 
     def read_load(self) -> LoadEstimate:
         return self.load
+
+    def read_loop_busy(self) -> float | None:
+        return self.loop_busy
 
 
 def make(
@@ -46,7 +51,26 @@ def make(
     config = AdmissionConfig(max_streams=max_streams, max_load=max_load, vram_reserve_mb=512,
                              retry_after_s=3)
     return AdmissionController(config, load_source=readings.read_load,
-                               gpu_reader=readings.read_gpu if gpu else None)
+                               gpu_reader=readings.read_gpu if gpu else None,
+                               loop_busy_reader=readings.read_loop_busy)
+
+
+# --------------------------------------------------------------------------- event loop
+
+
+def test_a_busy_event_loop_refuses_new_streams_until_it_calms_down() -> None:
+    r = Readings()
+    ctl = make(r)                                     # max_loop_busy: the default, 0.85
+    assert ctl.admit().ok                             # no reading yet: not checked
+    r.loop_busy = 0.85
+    assert ctl.admit().ok                             # at the limit is still within it
+    r.loop_busy = 0.9
+    decision = ctl.admit()
+    assert (decision.ok, decision.reason, decision.retry_after_s) == (False, RefusalReason.EVENT_LOOP, 3)
+    assert "event loop busy 90%, limit 85%" in decision.message
+    assert ctl.active_streams == 2
+    r.loop_busy = 0.3
+    assert ctl.admit().ok
 
 
 # --------------------------------------------------------------------------- VRAM
@@ -182,5 +206,5 @@ def test_refusals_are_counted_by_reason_and_reported() -> None:
     assert ctl.admit().ok
     assert ctl.check().retry_after_s == 5
     assert ctl.refused_counts() == {RefusalReason.MAX_STREAMS: 1, RefusalReason.VRAM: 1,
-                                    RefusalReason.LOAD: 0}
+                                    RefusalReason.LOAD: 0, RefusalReason.EVENT_LOOP: 0}
     assert seen == [RefusalReason.VRAM, RefusalReason.MAX_STREAMS]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -466,6 +467,30 @@ async def test_overloaded_before_and_after_the_upgrade(
         async with http.get(r.url("/metrics")) as resp:
             text = await resp.text()
         assert 'tts_streams_refused_total{reason="max_streams"} 3.0' in text
+        await client.close()
+
+
+async def test_a_saturated_event_loop_refuses_new_streams_until_it_calms_down(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    overrides = {"metrics.sample_interval_s": 0.5, "admission.max_loop_busy": 0.5}
+    async with running(engine, overrides) as r:
+        # Work that keeps the loop's thread busy (as a thousand sockets would), measured as CPU.
+        until = time.perf_counter() + 0.6
+        while time.perf_counter() < until:
+            pass
+        await wait_for(lambda: (r.state.loop_busy or 0.0) > 0.5, what="the busy loop measured")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r)
+        assert info.value.status == 503 and retry_after(info.value) == "2"
+        async with http.get(r.url("/metrics")) as resp:
+            text = await resp.text()
+        assert 'tts_streams_refused_total{reason="event_loop"} 1.0' in text
+        assert "tts_event_loop_busy_ratio" in text
+        # Idle again: the next sample admits.
+        await wait_for(lambda: (r.state.loop_busy or 1.0) < 0.5, what="the loop to calm down")
+        client = await connect(http, r)
+        assert (await client.speak("Hello again.")).done is not None
         await client.close()
 
 
