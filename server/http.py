@@ -45,7 +45,8 @@ def add_routes(app: web.Application, *, web_client_dir: Path = WEB_CLIENT_DIR) -
 async def stream(request: web.Request) -> web.StreamResponse:
     """GET /v1/stream: refuse over HTTP when we must, else upgrade and serve a Session."""
     state = request.app[STATE]
-    refusal = _access_refusal(request, state, check_origin=True) or _capacity_refusal(state)
+    refusal = (_access_refusal(request, state, check_origin=True)
+               or _capacity_refusal(state, peer=request.remote))
     if refusal is not None:
         return refusal
     limits = state.cfg.limits
@@ -68,8 +69,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _capacity_refusal(state: ServerState) -> web.Response | None:
-    """503 before the upgrade when a `start` would be refused anyway."""
+def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:
+    """503 before the upgrade when a `start` would be refused anyway (one log line: a stream
+    that could not start is a lifecycle event like the `start` refused after the upgrade)."""
     retry = state.cfg.admission.retry_after_s
     if state.shutting_down:
         return _overloaded(state, "server is shutting down", retry)
@@ -78,6 +80,7 @@ def _capacity_refusal(state: ServerState) -> web.Response | None:
     decision = state.admission.check()
     if decision.ok:
         return None
+    log.info("stream refused before the upgrade peer=%s: overloaded (%s)", peer, decision.message)
     return _overloaded(state, decision.message, decision.retry_after_s or retry)
 
 

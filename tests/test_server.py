@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -471,8 +472,9 @@ async def test_overloaded_before_and_after_the_upgrade(
 
 
 async def test_a_saturated_event_loop_refuses_new_streams_until_it_calms_down(
-    engine: Engine, http: aiohttp.ClientSession,
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="server.http")
     overrides = {"metrics.sample_interval_s": 0.5, "admission.max_loop_busy": 0.5}
     async with running(engine, overrides) as r:
         # Work that keeps the loop's thread busy (as a thousand sockets would), measured as CPU.
@@ -483,6 +485,8 @@ async def test_a_saturated_event_loop_refuses_new_streams_until_it_calms_down(
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await connect(http, r)
         assert info.value.status == 503 and retry_after(info.value) == "2"
+        assert any("stream refused before the upgrade" in m and "event loop busy" in m
+                   for m in caplog.messages)
         async with http.get(r.url("/metrics")) as resp:
             text = await resp.text()
         assert 'tts_streams_refused_total{reason="event_loop"} 1.0' in text
