@@ -77,6 +77,10 @@ _ACOUSTIC_COST_PER_CHAR = _ACOUSTIC_COST_PER_FRAME * 6.6
 _FLOW_COST_PER_FRAME = 0.15        # the flow is about half of the acoustic stage
 _INITIAL_FRAMES_PER_CHAR = 6.0     # speech length per character of text until measured
 _MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this do not set the capacity estimate
+# Timers (text deadlines, silence, a listener run dry, finished streams) are checked at most this
+# often, or when one falls due: each check visits every stream, and with hundreds of streams
+# and short model steps, checking at every step was the largest part of the scheduler's time.
+_TICK_MIN_S = 0.01
 
 
 @dataclass
@@ -184,6 +188,9 @@ class Scheduler:
         # steadier than the step mix, which swings between bursts of newcomers and idle tails.
         # Until one has finished: what a stream cost at warm-up (measure_stream_cost), if given.
         self._stream_cost: float | None = initial_stream_cost
+        self._last_tick = float("-inf")
+        self._timer_due = False          # the last wait ended at a timer: tick now
+        self._work_changed = True        # phrases cut or a step done since the last plan
         self.steps = 0
 
     # ---- commands (event loop; applied between steps) ----
@@ -251,18 +258,29 @@ class Scheduler:
         self._wake.clear()
         self._apply_commands()
         now = time.monotonic()
-        self._tick_streams(now)
-        batch = self._schedule(now)
+        ticked = self._timer_due or now - self._last_tick >= _TICK_MIN_S
+        if ticked:
+            self._tick_streams(now)
+            self._last_tick, self._timer_due = now, False
+        # A plan can change only with new phrases, a finished step or time (the tick): most
+        # wake-ups with many streams are words arriving mid-sentence, which change nothing.
+        batch = _Batch()
+        if ticked or self._work_changed:
+            self._work_changed = False
+            batch = self._schedule(now)
         if batch.acoustic or batch.decode:
             result, failed = await loop.run_in_executor(self._pool, self._execute_isolated, batch)
             self._apply_commands()   # cancels that raced the step win over its output
             self._fail_streams(failed)
             self._update(batch, result)
+            self._work_changed = True
             return
+        # Without a tick the timers were not looked at: wait no longer than until the next one.
+        timeout = self._next_wakeup(now) if ticked else self._last_tick + _TICK_MIN_S - now
         try:
-            await asyncio.wait_for(self._wake.wait(), self._next_wakeup(now))
+            await asyncio.wait_for(self._wake.wait(), max(timeout, 0.0))
         except asyncio.TimeoutError:
-            pass
+            self._timer_due = True
 
     def _apply_commands(self) -> None:
         while self._commands:
@@ -317,6 +335,7 @@ class Scheduler:
             if text.strip():
                 stream.phrases.append(PendingPhrase(text=text.strip()))
                 stream.mid_sentence = not ends_sentence(text)
+                self._work_changed = True
         self._prefetch(stream)
 
     def _prefetch(self, stream: StreamState) -> None:
@@ -543,8 +562,10 @@ class Scheduler:
             stream = self._streams.get(sid)
             if stream is not None and new is not None:
                 self._start_phrase(stream, new)
-        for stream in list(self._streams.values()):
-            if stream.finished():
+        # Streams this step served may be finished now (the others' turn comes at the next tick).
+        for sid in dict.fromkeys([a[0] for a in batch.acoustic] + [d[0] for d in batch.decode]):
+            stream = self._streams.get(sid)
+            if stream is not None and stream.finished():
                 self._finish(stream)
 
     def _meter_step(self, batch: _Batch, result: _Result) -> None:
