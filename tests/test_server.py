@@ -482,6 +482,8 @@ async def test_a_saturated_event_loop_refuses_new_streams_until_it_calms_down(
         while time.perf_counter() < until:
             pass
         await wait_for(lambda: (r.state.loop_busy or 0.0) > 0.5, what="the busy loop measured")
+        async with http.get(r.url("/v1/status")) as resp:
+            assert (await resp.json())["event_loop_busy"] > 0.5
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await connect(http, r)
         assert info.value.status == 503 and retry_after(info.value) == "2"

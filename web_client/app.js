@@ -9,7 +9,8 @@
 //   GET /v1/voices  -> [{id, language, sample_rate, speakers, quality, loaded}, ...]
 //                      also the auth check before opening the socket: 401 means a bad token.
 //   GET /v1/status  -> {active_streams, max_streams, capacity_load, vram_used_bytes,
-//                       vram_total_bytes, gpu_power_w}; any field may be null when unknown.
+//                       vram_total_bytes, gpu_power_w, event_loop_busy, ...}; any field may be
+//                       null when unknown.
 //                      capacity_load is a fraction (1.0 = full). Polled every 2 s for the server
 //                      panel, and read to explain a refused connection (503 before the upgrade
 //                      is invisible to the WebSocket API).
