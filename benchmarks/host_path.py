@@ -217,7 +217,8 @@ def run_scheduler_only(args) -> list[dict]:
     async def one_run(n: int) -> dict:
         pool = new_model_thread()   # the scheduler owns it and shuts it down when it stops
         loop = asyncio.get_running_loop()
-        engine, phonemizer = await loop.run_in_executor(pool, functools.partial(_replay_and_phonemizer, voice, cfg))
+        engine, phonemizer = await loop.run_in_executor(
+            pool, functools.partial(_replay_and_phonemizer, voice, cfg))
         sched = build_scheduler(LoadedModel(engine, phonemizer, None), cfg, observer=Observer(),
                                 power_reader=lambda: None, model_thread=pool)
         task = asyncio.create_task(sched.run())
@@ -268,7 +269,8 @@ def run_encoder_cost(args) -> list[dict]:
     from streaming_tts.audio.resample import StreamResampler
     from streaming_tts.voices import VoiceRegistry
 
-    cfg = load_config(Path(args.config) if args.config else None, {"engine.device": "cpu", "engine.dtype": "float32"})
+    cfg = load_config(Path(args.config) if args.config else None,
+                      {"engine.device": "cpu", "engine.dtype": "float32"})
     voice = VoiceRegistry(cfg.engine.voices_dir).resolve(cfg.engine.voice)
     engine = replay_loader(voice, cfg)
     speech = engine._recording
@@ -345,7 +347,8 @@ def run(args) -> list[dict]:
             before = _cpu_by_thread(server.pid)
             t0 = time.monotonic()
             load = subprocess.run(
-                [sys.executable, str(ROOT / "benchmarks" / "load.py"), "--url", f"ws://127.0.0.1:{args.port}/v1/stream",
+                [sys.executable, str(ROOT / "benchmarks" / "load.py"),
+                 "--url", f"ws://127.0.0.1:{args.port}/v1/stream",
                  "--json", "--streams", str(n), "--wps", str(args.wps), "--words", str(args.words),
                  "--stagger-ms", str(args.stagger_ms)],
                 capture_output=True, text=True, check=True)

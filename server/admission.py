@@ -217,6 +217,7 @@ class AdmissionController:
         busy = self._loop_busy_reader() if self._loop_busy_reader is not None else None
         if busy is None or busy <= self._cfg.max_loop_busy:
             return None
+        limit = self._cfg.max_loop_busy
         return RefusalReason.EVENT_LOOP, (
-            f"server is at capacity (event loop busy {busy:.0%}, limit {self._cfg.max_loop_busy:.0%})"
+            f"server is at capacity (event loop busy {busy:.0%}, limit {limit:.0%})"
         )

@@ -115,7 +115,8 @@ def write_half_precision_voice(src: Path, dst: Path) -> int:
     for i, init in enumerate(model.graph.initializer):
         array = numpy_helper.to_array(init)
         if array.dtype == np.float32 and array.size > _MAX_CONSTANT_ELEMENTS:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(np.float16), init.name))
+            half = numpy_helper.from_array(array.astype(np.float16), init.name)
+            model.graph.initializer[i].CopyFrom(half)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(dst))
     return dst.stat().st_size
