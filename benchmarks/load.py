@@ -196,9 +196,15 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def new_session() -> aiohttp.ClientSession:
+    """One client session for every stream, without aiohttp's default cap of 100 connections
+    (each WebSocket holds one for its whole life: the cap would queue streams 101 and on)."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
 async def main_async(args) -> dict:
     base = args.url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/", 1)[0]
-    async with aiohttp.ClientSession() as session:
+    async with new_session() as session:
         t0 = time.monotonic()
         tasks, live = [], Live()
         for i, at in enumerate(start_times(args.streams, stagger_ms=args.stagger_ms,

@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from benchmarks.load import Player, percentile, start_times
+from benchmarks.load import Player, new_session, percentile, start_times
 
 
 def test_a_player_fed_ahead_of_time_is_never_late():
@@ -39,3 +39,10 @@ def test_percentile_takes_the_nearest_rank():
     assert percentile([], 0.95) is None
     assert percentile([5.0, 1.0, 3.0], 0.5) == 3.0
     assert percentile(list(range(1, 13)), 0.95) == 11
+
+
+async def test_the_client_session_does_not_cap_concurrent_streams():
+    # aiohttp's default connector holds at most 100 connections; a WebSocket keeps its one for
+    # the whole stream, so streams beyond 100 would wait for earlier ones to end.
+    async with new_session() as session:
+        assert session.connector is not None and session.connector.limit == 0
