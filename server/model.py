@@ -76,12 +76,14 @@ def prepare_model(
     cost = None
     if warm_up:
         try:
-            cost = measure_stream_cost(engine, phonemizer)
+            cost = measure_stream_cost(engine, phonemizer, streams=cfg.admission.cost_probe_streams)
         except Exception:  # e.g. a voice whose phonemizer cannot speak the English probe text
             log.warning("could not measure a stream's cost at warm-up; admission estimates "
                         "capacity from the first steps instead", exc_info=True)
     log.info("voice %s loaded in %.1f s, warmed up in %.1f s on %s%s", voice.id, loaded_s, warm_s,
-             cfg.engine.device, "" if cost is None else f"; one stream costs {cost:.3f} s per audio s")
+             cfg.engine.device, "" if cost is None else
+             f"; one stream costs {cost:.3f} s per audio s (in a batch of "
+             f"{cfg.admission.cost_probe_streams})")
     return LoadedModel(engine=engine, phonemizer=phonemizer, stream_vram_bytes=vram, stream_cost=cost)
 
 

@@ -122,23 +122,31 @@ _COST_PROBE_PHRASES = (
 )
 
 
-def measure_stream_cost(engine: Engine, phonemizer) -> float:
+def measure_stream_cost(engine: Engine, phonemizer, streams: int = 1) -> float:
     """Compute seconds per audio second of one stream made the way the scheduler makes it: a
     first phrase with only its head's flow and the smallest first chunk, then sentences decoded
-    from the largest chunk (a listener with audio buffered), at batch 1. Run in the model thread
-    at warm-up: it is the capacity estimate until real streams have finished (the recent steps'
-    output rate under-counts, as it includes the costly starts of the streams being measured)."""
+    from the largest chunk (a listener with audio buffered). `streams` copies of that stream are
+    made together, each model call batched across them, and the time is shared out: on a GPU a
+    stream's cost falls with the batch, and near capacity the scheduler batches many streams; on
+    a CPU batching buys nothing, so 1 is right there. Run in the model thread at warm-up: it is
+    the capacity estimate until real streams have finished (the recent steps' output rate
+    under-counts, as it includes the costly starts of the streams being measured)."""
+    if streams < 1:
+        raise ValueError(f"streams must be >= 1, got {streams}")
     t0, frames = time.perf_counter(), 0
     for i, text in enumerate(_COST_PROBE_PHRASES):
         first = i == 0
-        res = engine.acoustic([AcousticJob(ids=phonemizer.phonemize(text).ids,
-                                           params=SynthesisParams(), head_only=first)])[0]
-        plan = engine.chunk_plan(res.num_frames, 0 if first else len(engine.config.chunk_schedule) - 1)
+        ids = phonemizer.phonemize(text).ids
+        # One seed for all copies: the same durations, so one chunk plan fits every copy.
+        results = engine.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), head_only=first, seed=0)
+                                   for _ in range(streams)])
+        plan = engine.chunk_plan(results[0].num_frames, 0 if first else len(engine.config.chunk_schedule) - 1)
         for k, (a, b) in enumerate(plan):
-            if k and not res.complete:
-                res = engine.finish_flow(res)
-            engine.decode([DecodeJob(z=res.z, start=a, end=b, phrase_frames=res.num_frames)])
-        frames += res.num_frames
+            if k:
+                results = [res if res.complete else engine.finish_flow(res) for res in results]
+            engine.decode([DecodeJob(z=res.z, start=a, end=b, phrase_frames=res.num_frames)
+                           for res in results])
+        frames += results[0].num_frames * streams
     return (time.perf_counter() - t0) / (frames * engine.frame_ms / 1000.0)
 
 

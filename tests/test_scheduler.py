@@ -519,6 +519,19 @@ def test_warm_up_stream_cost_is_the_capacity_until_a_stream_has_finished():
     assert sched.load().capacity_audio_s_per_s == pytest.approx(1.0 / cost)
 
 
+def test_warm_up_cost_measured_in_a_batch_shares_each_calls_time_out():
+    # Each model call costs the same whatever its batch (a GPU's launch-bound calls): four
+    # streams measured together cost a quarter each, and every call carried all four.
+    alone = measure_stream_cost(FakeEngine(schedule=(8, 64), delay_s=0.02), FakePhonemizer())
+    engine = FakeEngine(schedule=(8, 64), delay_s=0.02)
+    together = measure_stream_cost(engine, FakePhonemizer(), streams=4)
+    assert together == pytest.approx(alone / 4, rel=0.3)
+    assert {batch for _, batch in engine.calls} == {4}
+    assert engine.head_results == 4 and engine.finished == 4
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        measure_stream_cost(engine, FakePhonemizer(), streams=0)
+
+
 async def test_streams_starting_together_get_longer_first_chunks():
     # A lone newcomer gets the smallest first chunk (fastest first audio). Newcomers that
     # arrive together get the next size: each one's runway must cover the others' first steps.
