@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import os
 import signal
@@ -95,9 +96,8 @@ def replay_loader(voice, cfg):
 
     real = load_engine(voice, cfg)
     ids = Phonemizer(voice.config).phonemize(RECORDING_TEXT).ids
-    recording = real.synthesize(ids, seed=0)
-    channels = real.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0)])[0].z.shape[0]
-    return ReplayEngine(real, recording, channels)
+    latent = real.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0)])[0].z
+    return ReplayEngine(real, real.decode_whole(latent), latent.shape[0])
 
 
 # -- the server process --------------------------------------------------------------------
@@ -121,17 +121,15 @@ def serve(port: int, max_streams: int, encode_threads: int, config: str | None,
     app.router.add_get("/bench/threads", threads)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    if not profile:
-        web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None)
-        return
-    import cProfile  # the event loop's thread only (cProfile profiles the thread it runs in)
-    prof = cProfile.Profile()
-    prof.enable()
+    prof = cProfile.Profile() if profile else None   # profiles the event loop's thread only
+    if prof is not None:
+        prof.enable()
     try:
         web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None)
     finally:
-        prof.disable()
-        prof.dump_stats(profile)
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(profile)
 
 
 # -- the driver ----------------------------------------------------------------------------

@@ -215,9 +215,9 @@ class AdmissionController:
 
     def _loop_refusal(self) -> _Refusal | None:
         busy = self._loop_busy_reader() if self._loop_busy_reader is not None else None
-        if busy is None or busy <= self._cfg.max_loop_busy:
-            return None
         limit = self._cfg.max_loop_busy
+        if busy is None or busy <= limit:
+            return None
         return RefusalReason.EVENT_LOOP, (
             f"server is at capacity (event loop busy {busy:.0%}, limit {limit:.0%})"
         )

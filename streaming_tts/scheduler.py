@@ -88,11 +88,15 @@ class _Batch:
     """Plain data handed to the worker thread: it never reads scheduler state."""
 
     # sid, text, params, head_only, index in the chunk schedule where the phrase's plan starts,
-    # the phonemes being made in the text thread (None: phonemize in the step)
-    acoustic: list[tuple[str, str, SynthesisParams, bool, int, concurrent.futures.Future | None]] = \
+    # the phonemes being made in the text thread
+    acoustic: list[tuple[str, str, SynthesisParams, bool, int, concurrent.futures.Future]] = \
         field(default_factory=list)
     decode: list[tuple[str, DecodeJob, AcousticResult | None]] = field(default_factory=list)  # + flow to finish first
     owners: list[ActivePhrase] = field(default_factory=list)   # loop side only: phrase of each decode
+
+    def stream_ids(self) -> list[str]:
+        """The streams this step serves, each once, in batch order."""
+        return list(dict.fromkeys([a[0] for a in self.acoustic] + [d[0] for d in self.decode]))
 
 
 @dataclass
@@ -483,7 +487,7 @@ class Scheduler:
         try:
             return self._execute(batch), {}
         except Exception as exc:
-            sids = list(dict.fromkeys([a[0] for a in batch.acoustic] + [d[0] for d in batch.decode]))
+            sids = batch.stream_ids()
             if len(sids) == 1:
                 log.exception("synthesis failed for stream %s", sids[0])
                 return _Result(), {sids[0]: type(exc).__name__}
@@ -510,7 +514,7 @@ class Scheduler:
         jobs, keys, firsts = [], [], []
         for sid, text, params, head_only, first, phonemized in batch.acoustic:
             try:
-                ph = phonemized.result() if phonemized is not None else self.phonemizer.phonemize(text)
+                ph = phonemized.result()
             except ValueError:
                 result.phrases[sid] = None      # nothing speakable (e.g. only punctuation)
                 continue
@@ -571,7 +575,7 @@ class Scheduler:
             if stream is not None and new is not None:
                 self._start_phrase(stream, new)
         # Streams this step served may be finished now (the others' turn comes at the next tick).
-        for sid in dict.fromkeys([a[0] for a in batch.acoustic] + [d[0] for d in batch.decode]):
+        for sid in batch.stream_ids():
             stream = self._streams.get(sid)
             if stream is not None and stream.finished():
                 self._finish(stream)

@@ -55,7 +55,7 @@ class StreamSink(Protocol):
 class PendingPhrase:
     text: str
     # Its phonemes, made in the scheduler's text thread once it is its stream's next phrase, so
-    # the model thread only waits for them when they are late (None: phonemized in the step).
+    # the model thread only waits for them when they are late (None: not its stream's next yet).
     phonemized: concurrent.futures.Future | None = None
 
 

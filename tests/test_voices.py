@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from streaming_tts.voices import (
+    DEFAULT_VOICE_ENV,
     UnknownVoiceError,
     VoiceConfig,
     VoiceConfigError,
@@ -237,7 +238,7 @@ def test_a_half_precision_copy_is_half_the_size_and_speaks_the_same(
     shutil.copy(default_voice.config_path, tmp_path / f"{DEFAULT_ID}.onnx.json")
     assert size < 0.55 * default_voice.onnx_path.stat().st_size
     # A machine without the voice package names the copy as its default voice.
-    monkeypatch.setenv("STREAMING_TTS_DEFAULT_VOICE", str(half))
+    monkeypatch.setenv(DEFAULT_VOICE_ENV, str(half))
     assert VoiceRegistry().default().onnx_path == half
     ids = Phonemizer(default_voice.config).phonemize("A copy at half the size.").ids
     quiet = SynthesisParams(noise_scale=0.0, noise_w=0.0)
