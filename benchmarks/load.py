@@ -32,7 +32,7 @@ import aiohttp
 import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.texts import PARAGRAPH  # noqa: E402
+from benchmarks.texts import SENTENCES  # noqa: E402
 
 
 @dataclass
@@ -126,7 +126,7 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
     if live is not None:
         live.enter()
     t_first_text = time.monotonic()
-    sender = asyncio.create_task(_send_text(ws, args, ctx))
+    sender = asyncio.create_task(_send_text(ws, args, ctx, stream_words(args, idx)))
     next_pts = 0.0
     try:
         async for raw in ws:
@@ -160,8 +160,18 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
     return rep
 
 
-async def _send_text(ws, args, ctx: str) -> None:
-    words = PARAGRAPH.split(" ")[: args.words]
+def stream_words(args, idx: int) -> list[str]:
+    """The words stream `idx` speaks: the benchmark paragraph's first --words words, or with
+    --texts rotate, the paragraph from its (idx mod count)-th sentence on, wrapping around, so
+    streams that start together do not reach their phrase boundaries together."""
+    first = idx % len(SENTENCES) if args.texts == "rotate" else 0
+    words = " ".join(SENTENCES[first:] + SENTENCES[:first]).split(" ")
+    while len(words) < args.words:
+        words += words
+    return words[: args.words]
+
+
+async def _send_text(ws, args, ctx: str, words: list[str]) -> None:
     if args.wps <= 0:
         await ws.send_bytes(msgpack.packb({"type": "text", "ctx": ctx, "text": " ".join(words)}))
     else:
@@ -218,7 +228,7 @@ async def main_async(args) -> dict:
     ttfa = [r.ttfa_ms for r in ok if r.ttfa_ms is not None]
     audio = sum(r.audio_ms for r in ok)
     return {
-        "streams": args.streams, "wps": args.wps, "words": args.words, "format": args.format,
+        "streams": args.streams, "wps": args.wps, "words": args.words, "texts": args.texts, "format": args.format,
         "admitted": len(ok), "refused": sum(r.refused for r in reports),
         "errors": [r.error for r in reports if r.error and not r.refused][:5],
         "ttfa_ms_p50": percentile(ttfa, 0.5), "ttfa_ms_p95": percentile(ttfa, 0.95),
@@ -240,6 +250,9 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--wps", type=float, default=15.0, help="words per second; 0 = all at once")
     ap.add_argument("--words", type=int, default=60, help="words of the benchmark paragraph per stream")
+    ap.add_argument("--texts", choices=("same", "rotate"), default="same",
+                    help="same: every stream speaks the same words, so streams that start together "
+                         "stay in step (the worst case); rotate: stream i starts at sentence i")
     ap.add_argument("--format", default="opus", choices=["opus", "pcm_s16le"])
     ap.add_argument("--start-buffer-ms", type=float, default=60.0)
     ap.add_argument("--stagger-ms", type=float, default=0.0, help="delay between stream starts")

@@ -5,7 +5,10 @@ import statistics
 
 import pytest
 
-from benchmarks.load import Player, new_session, percentile, start_times
+import argparse
+
+from benchmarks.load import Player, new_session, percentile, start_times, stream_words
+from benchmarks.texts import SENTENCES
 
 
 def test_a_player_fed_ahead_of_time_is_never_late():
@@ -33,6 +36,18 @@ def test_streams_start_evenly_or_at_random_arrivals():
     assert statistics.mean(gaps) == pytest.approx(2.0, rel=0.1)          # 0.5 per second
     assert statistics.pstdev(gaps) == pytest.approx(2.0, rel=0.15)       # exponential gaps
     assert times == start_times(2000, stagger_ms=0.0, arrival_rate=0.5, seed=7)
+
+
+def test_streams_speak_the_same_words_or_each_start_at_its_own_sentence():
+    same = argparse.Namespace(texts="same", words=12)
+    assert stream_words(same, 0) == stream_words(same, 5) == " ".join(SENTENCES).split(" ")[:12]
+    rotate = argparse.Namespace(texts="rotate", words=400)
+    first, second = stream_words(rotate, 0), stream_words(rotate, 1)
+    assert len(first) == 400 and first[: len(SENTENCES[0].split())] == SENTENCES[0].split()
+    assert second[: len(SENTENCES[1].split())] == SENTENCES[1].split()
+    # The words wrap around: stream 16 starts at the second sentence again, every word kept.
+    assert stream_words(rotate, len(SENTENCES) + 1) == second
+    assert sorted(first[:205]) == sorted(" ".join(SENTENCES).split(" "))
 
 
 def test_percentile_takes_the_nearest_rank():
