@@ -4,8 +4,9 @@ A stream is refused when any of these holds (checked cheapest first):
   1. `max_streams` live streams already exist;
   2. free GPU memory minus `vram_reserve_mb` is below the per-stream VRAM cost measured at
      warm-up (only with a GPU reader and a measured cost);
-  3. the projected load, (demand of live streams + one more real-time stream) / measured
-     capacity, exceeds `max_load` (only once capacity has been measured);
+  3. the projected load, (demand of live streams + one more real-time stream, plus
+     `startup_extra` for each stream still building its runway, the new one included) /
+     measured capacity, exceeds `max_load` (only once capacity has been measured);
   4. the event loop's thread was busy (CPU time over wall time, last sample interval) beyond
      `max_loop_busy`: the host's own work, not the model's, is at its limit (with a reading).
 
@@ -53,11 +54,14 @@ class LoadEstimate:
     that is speaking; a stream waiting for text may count less). `capacity_audio_s_per_s` is the
     measured throughput at the current batch sizes (audio seconds produced per second of model
     time); None until the scheduler has measured it (warm-up usually does).
+    `starting_streams` of the active ones have not yet built a runway of audio ahead of their
+    listener: until they have, they need more than real time.
     """
 
     active_streams: int
     demand_audio_s_per_s: float
     capacity_audio_s_per_s: float | None
+    starting_streams: int = 0
 
     @property
     def utilisation(self) -> float | None:
@@ -203,9 +207,13 @@ class AdmissionController:
         if capacity is None or capacity <= 0:
             return None  # not measured yet: max_streams alone bounds the start-up phase
         # Streams admitted here but not yet registered with the scheduler carry no demand in
-        # its estimate; count them as real-time streams, plus the one asking now.
+        # its estimate; count them as real-time streams, plus the one asking now. Those, and
+        # the streams still building a runway, carry the start-up surcharge: streams that start
+        # together all need their first phrases and a runway at once.
         unseen = max(0, self._active - load.active_streams)
-        projected = (load.demand_audio_s_per_s + (unseen + 1) * REALTIME_DEMAND) / capacity
+        starting = load.starting_streams + unseen + 1
+        projected = (load.demand_audio_s_per_s + (unseen + 1) * REALTIME_DEMAND
+                     + starting * self._cfg.startup_extra) / capacity
         if projected <= self._cfg.max_load:
             return None
         return RefusalReason.LOAD, (

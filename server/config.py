@@ -171,6 +171,7 @@ class AdmissionConfig:
     retry_after_s: int = 2  # suggested in `Retry-After` and `retry_after_s`
     max_loop_busy: float = 0.85  # event-loop thread CPU / wall time, last sample interval
     cost_probe_streams: int = 1  # streams batched together when warm-up measures a stream's cost
+    startup_extra: float = 0.25  # extra real-time demand of a stream still building its runway
 
     def __post_init__(self) -> None:
         _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)
@@ -180,6 +181,8 @@ class AdmissionConfig:
                  self.max_loop_busy)
         _require(1 <= self.cost_probe_streams <= 256, "admission.cost_probe_streams",
                  "must be 1..256", self.cost_probe_streams)
+        _require(0 <= self.startup_extra <= 4.0, "admission.startup_extra", "must be in [0, 4]",
+                 self.startup_extra)
         _require(self.vram_reserve_mb >= 0, "admission.vram_reserve_mb", "must be >= 0",
                  self.vram_reserve_mb)
         _require(self.retry_after_s >= 1, "admission.retry_after_s", "must be >= 1",

@@ -49,6 +49,7 @@ class SchedulerConfig:
     behind_step_factor: float = 2.0    # 2+ started listeners due within a step: it may grow this much
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
+    runway_ms: float = 1000.0          # a stream with work whose listener holds less is starting up
 
 
 class SchedulerObserver(Protocol):
@@ -64,6 +65,7 @@ class LoadEstimate:
     active_streams: int
     demand_audio_s_per_s: float        # real-time audio the open streams need
     capacity_audio_s_per_s: float      # audio seconds the engine makes per second of compute
+    starting_streams: int = 0          # still building a runway (see SchedulerConfig.runway_ms)
 
     @property
     def utilisation(self) -> float:
@@ -200,6 +202,7 @@ class Scheduler:
         # steadier than the step mix, which swings between bursts of newcomers and idle tails.
         # Until one has finished: what a stream cost at warm-up (measure_stream_cost), if given.
         self._stream_cost: float | None = initial_stream_cost
+        self._starting_count = (float("-inf"), 0, 0)   # when, how many starting, of how many
         self._last_tick = float("-inf")
         self._timer_due = False          # the last wait ended at a timer: tick now
         self._work_changed = True        # phrases cut or a step done since the last plan
@@ -247,7 +250,27 @@ class Scheduler:
         else:                    # under a second measured: estimate from the work-frame rate
             capacity = self._fps / (1.0 + _ACOUSTIC_COST_PER_FRAME) * self.frame_ms / 1000.0
         return LoadEstimate(active_streams=n, demand_audio_s_per_s=float(n),
-                            capacity_audio_s_per_s=capacity)
+                            capacity_audio_s_per_s=capacity,
+                            starting_streams=self._starting_streams() + extra_streams)
+
+    def _starting_streams(self) -> int:
+        """Streams still building their runway: not yet speaking (or not yet opened), or with
+        work queued while their listener holds under `runway_ms`. Streams that start together
+        need more than real time until then, all at once. A stream only waiting for text is not
+        counted: more compute would not help it."""
+        now = time.monotonic()
+        opening = sum(1 for c in self._commands if c[0] == "open")
+        # Admission asks once per new stream; with hundreds of streams a burst would visit
+        # every stream for each of its arrivals. Counted at most every _TICK_MIN_S; streams
+        # registered since then count as starting.
+        at, counted, registered = self._starting_count
+        if now - at >= _TICK_MIN_S:
+            frame_ms, runway = self.frame_ms, self.config.runway_ms
+            counted = sum(1 for s in self._streams.values()
+                          if s.anchor is None or (s.has_work() and s.buffered_ms(now, frame_ms) < runway))
+            registered = len(self._streams)
+            self._starting_count = (now, counted, registered)
+        return opening + counted + max(0, len(self._streams) - registered)
 
     # ---- the loop ----
     async def run(self) -> None:

@@ -46,10 +46,11 @@ class Readings:
 
 
 def make(
-    readings: Readings, *, gpu: bool = True, max_streams: int = 100, max_load: float = 0.85
+    readings: Readings, *, gpu: bool = True, max_streams: int = 100, max_load: float = 0.85,
+    startup_extra: float = 0.0,
 ) -> AdmissionController:
     config = AdmissionConfig(max_streams=max_streams, max_load=max_load, vram_reserve_mb=512,
-                             retry_after_s=3)
+                             retry_after_s=3, startup_extra=startup_extra)
     return AdmissionController(config, load_source=readings.read_load,
                                gpu_reader=readings.read_gpu if gpu else None,
                                loop_busy_reader=readings.read_loop_busy)
@@ -150,6 +151,42 @@ def test_streams_admitted_but_unseen_by_the_scheduler_count_as_load() -> None:
     r.load = LoadEstimate(active_streams=0, demand_audio_s_per_s=0, capacity_audio_s_per_s=4)
     assert [ctl.admit().ok for _ in range(5)] == [True, True, True, True, False]
     assert ctl.active_streams == 4
+
+
+def test_streams_building_a_runway_count_more_than_real_time() -> None:
+    r = Readings()
+    ctl = make(r, max_load=1.0, startup_extra=0.5)
+    # Capacity for exactly 6 real-time streams. 3 speak with a runway; with the new one at 1.5,
+    # one more starting stream (1.5) would make 6.0: admitted. Two starting ones: 6.5, refused.
+    r.load = LoadEstimate(active_streams=4, demand_audio_s_per_s=4, capacity_audio_s_per_s=6,
+                          starting_streams=1)
+    assert ctl.check().ok
+    r.load = LoadEstimate(active_streams=4, demand_audio_s_per_s=4, capacity_audio_s_per_s=6,
+                          starting_streams=2)
+    decision = ctl.check()
+    assert (decision.ok, decision.reason) == (False, RefusalReason.LOAD)
+    assert "108%" in decision.message
+    # Once everyone holds a runway, the same four streams leave room for one more.
+    r.load = LoadEstimate(active_streams=4, demand_audio_s_per_s=4, capacity_audio_s_per_s=6)
+    assert ctl.check().ok
+
+
+def test_a_burst_admits_fewer_than_the_same_streams_arriving_one_by_one() -> None:
+    r = Readings()
+    ctl = make(r, max_load=1.0, startup_extra=0.25)
+    # A burst: every admitted stream is still unseen by the scheduler, so each one is starting.
+    r.load = LoadEstimate(active_streams=0, demand_audio_s_per_s=0, capacity_audio_s_per_s=10)
+    burst = sum(ctl.admit().ok for _ in range(12))
+    assert burst == 8          # 8 x 1.25 = 10
+    # The same capacity when the others already hold their runway: 10 in all.
+    r2 = Readings()
+    one_by_one = make(r2, max_load=1.0, startup_extra=0.25)
+    admitted = 0
+    for _ in range(12):
+        r2.load = LoadEstimate(active_streams=admitted, demand_audio_s_per_s=admitted,
+                               capacity_audio_s_per_s=10)
+        admitted += one_by_one.admit().ok
+    assert admitted == 9       # 9 + 1.25 = 10.25 > 10 for the tenth: it is starting
 
 
 def test_utilisation_fraction() -> None:

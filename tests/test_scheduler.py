@@ -710,3 +710,18 @@ async def test_a_listener_is_kept_in_silence_between_words_of_a_sentence():
                if pts >= first.end_ms and not samples.any()]
     assert silence and silence[0] < beta_at
     check_timeline(sink)
+
+
+def test_streams_still_building_a_runway_are_counted_for_admission():
+    sched = planning_scheduler(FakeEngine(), ["new", "thin", "safe", "idle"], runway_ms=1000.0)
+    now, ms = time.monotonic(), sched.frame_ms
+    s = sched._streams
+    for sid, held_ms in (("thin", 300.0), ("safe", 1500.0), ("idle", 100.0)):
+        s[sid].anchor, s[sid].emitted_frames = now - 2.0, int((2000.0 + held_ms) / ms)
+    s["thin"].phrases.append(PendingPhrase("more words"))   # work queued, listener holds 0.3 s
+    s["safe"].phrases.append(PendingPhrase("more words"))   # work queued, 1.5 s held
+    # "idle" holds 0.1 s but has nothing to compute: it waits for text, more compute won't help.
+    sched.open("opening", OPTS, Sink())                     # not yet applied: starting too
+    load = sched.load()
+    assert (load.active_streams, load.starting_streams) == (5, 3)
+    assert sched.load(extra_streams=1).starting_streams == 4

@@ -475,6 +475,36 @@ async def test_overloaded_before_and_after_the_upgrade(
         await client.close()
 
 
+async def test_compute_admission_counts_the_streams_still_starting(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # The real scheduler's load: capacity pinned at 4 audio s per s (a stream costs 0.25 s of
+    # compute per audio s), so the test does not depend on this machine's speed.
+    overrides = {"admission.max_load": 1.0, "admission.startup_extra": 0.25,
+                 "limits.contexts_per_socket": 8}
+    async with running(engine, overrides, load_source=None) as r:
+        sched = r.state.model.scheduler
+        sched._stream_cost = 0.25
+        client = await connect(http, r)
+        # Streams that have not spoken yet are all starting: 1.25 each, so 3 fit in 4, not 4.
+        replies = []
+        for i in range(4):
+            await client.send({"type": "start", "ctx": f"c{i}"})
+            replies.append(await client.recv())
+        assert [m["type"] for m in replies] == ["ready", "ready", "ready", "error"]
+        assert (replies[3]["code"], replies[3]["ctx"]) == ("overloaded", "c3")
+        assert "projected load" in replies[3]["message"]
+        async with http.get(r.url("/metrics")) as resp:
+            assert 'tts_streams_refused_total{reason="load"} 1.0' in await resp.text()
+        # A starting stream that goes away makes room again.
+        await client.send({"type": "cancel", "ctx": "c0"})
+        assert (await client.recv())["type"] == "cancelled"
+        await client.send({"type": "start", "ctx": "c3"})
+        assert (await client.recv())["type"] == "ready"
+        await client.close()
+        await clean(r)
+
+
 async def test_a_saturated_event_loop_refuses_new_streams_until_it_calms_down(
     engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
