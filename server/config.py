@@ -171,7 +171,7 @@ class AdmissionConfig:
     retry_after_s: int = 2  # suggested in `Retry-After` and `retry_after_s`
     max_loop_busy: float = 0.85  # event-loop thread CPU / wall time, last sample interval
     cost_probe_streams: int = 1  # streams batched together when warm-up measures a stream's cost
-    startup_extra: float = 0.25  # extra real-time demand of a stream still building its runway
+    startup_extra: float = 0.4  # extra real-time demand of a stream still building its runway
 
     def __post_init__(self) -> None:
         _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)
