@@ -15,6 +15,11 @@ average, as independent users would arrive; with each stream lasting W seconds t
 about R x W at once. `live_max` reports the most admitted streams live at one time.
 
     python benchmarks/load.py --streams 60 --arrival-rate 0.6 --json
+
+Clients that retry: --retries K makes a refused stream wait as the server says (Retry-After,
+`retry_after_s`) and try again, up to K times; `admitted_after_retry` and
+`admission_wait_ms_max` (arrival to admission) report what that cost them. TTFA still counts
+from the first text, sent once admitted.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class StreamReport:
     compute_ms: float = 0.0
     server_ttfa_ms: float | None = None   # the server's own TTFA (`usage.ttfa_ms`): model side only
     late_at_ms: list = field(default_factory=list)
+    attempts: int = 1                     # starts tried (refusals retried with --retries)
+    wait_ms: float = 0.0                  # arrival -> admitted, retries included
 
 
 @dataclass
@@ -105,23 +112,43 @@ def start_times(n: int, *, stagger_ms: float, arrival_rate: float, seed: int) ->
     return out
 
 
-async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
-                     live: Live | None = None) -> StreamReport:
-    rep = StreamReport()
+async def _open(session: aiohttp.ClientSession, url: str, args, ctx: str,
+                rep: StreamReport) -> tuple[aiohttp.ClientWebSocketResponse | None, float | None]:
+    """Connect and start `ctx`: the socket, or None and the server's retry hint when refused
+    (`rep` then says refused or why it failed)."""
+    rep.refused, rep.error = False, None
     try:
         ws = await session.ws_connect(url, max_msg_size=0)
     except aiohttp.WSServerHandshakeError as exc:
         rep.refused = exc.status == 503
         rep.error = None if rep.refused else f"handshake {exc.status}"
-        return rep
-    fmt, rate, ctx = args.format, 48000, f"c{idx}"
-    await ws.send_bytes(msgpack.packb({"type": "start", "ctx": ctx, "format": fmt, "sample_rate": rate}))
+        hint = (exc.headers or {}).get("Retry-After")
+        return None, float(hint) if hint else None
+    await ws.send_bytes(msgpack.packb({"type": "start", "ctx": ctx, "format": args.format,
+                                       "sample_rate": 48000}))
     ready = msgpack.unpackb((await ws.receive()).data)
-    if ready.get("type") != "ready":
-        rep.refused = ready.get("code") == "overloaded"
-        rep.error = None if rep.refused else str(ready)
-        await ws.close()
+    if ready.get("type") == "ready":
+        return ws, None
+    rep.refused = ready.get("code") == "overloaded"
+    rep.error = None if rep.refused else str(ready)
+    await ws.close()
+    return None, ready.get("retry_after_s")
+
+
+async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
+                     live: Live | None = None) -> StreamReport:
+    rep = StreamReport()
+    fmt, rate, ctx = args.format, 48000, f"c{idx}"
+    arrived = time.monotonic()
+    ws, hint = await _open(session, url, args, ctx, rep)
+    # A refused client that retries as told (Retry-After / retry_after_s), up to --retries times.
+    while ws is None and rep.refused and rep.attempts <= args.retries:
+        await asyncio.sleep(hint if hint else 1.0)
+        rep.attempts += 1
+        ws, hint = await _open(session, url, args, ctx, rep)
+    if ws is None:
         return rep
+    rep.wait_ms = (time.monotonic() - arrived) * 1000.0
     player = Player(args.start_buffer_ms)
     if live is not None:
         live.enter()
@@ -230,6 +257,8 @@ async def main_async(args) -> dict:
     return {
         "streams": args.streams, "wps": args.wps, "words": args.words, "texts": args.texts, "format": args.format,
         "admitted": len(ok), "refused": sum(r.refused for r in reports),
+        "admitted_after_retry": sum(1 for r in ok if r.attempts > 1),
+        "admission_wait_ms_max": round(max((r.wait_ms for r in ok), default=0.0)),
         "errors": [r.error for r in reports if r.error and not r.refused][:5],
         "ttfa_ms_p50": percentile(ttfa, 0.5), "ttfa_ms_p95": percentile(ttfa, 0.95),
         "ttfa_ms_max": max(ttfa) if ttfa else None,
@@ -259,6 +288,9 @@ def main() -> int:
     ap.add_argument("--arrival-rate", type=float, default=0.0,
                     help="streams per second arriving at random (Poisson) times; 0 = --stagger-ms")
     ap.add_argument("--seed", type=int, default=1, help="seed of the random arrival times")
+    ap.add_argument("--retries", type=int, default=0,
+                    help="a refused stream tries again after the server's Retry-After, this many "
+                         "times (0: a refusal is final)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     result = asyncio.run(main_async(args))

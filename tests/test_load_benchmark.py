@@ -1,13 +1,14 @@
 """The load benchmark's own arithmetic: when a real-time player counts audio as late, and when
 streams start. Its figures are only as good as these."""
 
+import argparse
 import statistics
+import time
 
+import msgpack
 import pytest
 
-import argparse
-
-from benchmarks.load import Player, new_session, percentile, start_times, stream_words
+from benchmarks.load import Player, new_session, percentile, run_stream, start_times, stream_words
 from benchmarks.texts import SENTENCES
 
 
@@ -61,3 +62,56 @@ async def test_the_client_session_does_not_cap_concurrent_streams():
     # the whole stream, so streams beyond 100 would wait for earlier ones to end.
     async with new_session() as session:
         assert session.connector is not None and session.connector.limit == 0
+
+
+async def test_a_refused_stream_retries_after_the_servers_hint():
+    # A stand-in server: the first handshake gets 503 with Retry-After, the second `start` gets
+    # `overloaded` with retry_after_s, the third is served (20 ms of audio, then `done`).
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    tries: list[float] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        if "full" in request.query:     # always full
+            return web.json_response({"error": {"code": "overloaded"}}, status=503,
+                                     headers={"Retry-After": "0.05"})
+        tries.append(time.monotonic())
+        if len(tries) == 1:
+            return web.json_response({"error": {"code": "overloaded"}}, status=503,
+                                     headers={"Retry-After": "0.05"})
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for raw in ws:
+            msg = msgpack.unpackb(raw.data)
+            if msg["type"] == "start" and len(tries) == 2:
+                await ws.send_bytes(msgpack.packb({"type": "error", "code": "overloaded",
+                                                   "ctx": msg["ctx"], "retry_after_s": 0.05}))
+            elif msg["type"] == "start":
+                await ws.send_bytes(msgpack.packb({"type": "ready", "ctx": msg["ctx"]}))
+            elif msg["type"] == "end":
+                await ws.send_bytes(msgpack.packb({"type": "audio", "ctx": msg["ctx"], "pts_ms": 0.0,
+                                                   "data": [b"x"]}))
+                await ws.send_bytes(msgpack.packb({"type": "done", "ctx": msg["ctx"], "usage": {
+                    "audio_ms": 20.0, "compute_ms": 1.0, "ttfa_ms": 1.0}}))
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    args = argparse.Namespace(format="opus", retries=2, start_buffer_ms=60.0, texts="same",
+                              words=3, wps=0)
+    try:
+        async with new_session() as session:
+            url = str(server.make_url("/v1/stream")).replace("http", "ws", 1)
+            rep = await run_stream(session, url, args, 0)
+            gave_up = await run_stream(session, url + "?full=1",
+                                       argparse.Namespace(**{**vars(args), "retries": 1}), 1)
+    finally:
+        await server.close()
+    assert (rep.refused, rep.error, rep.attempts, rep.audio_ms) == (False, None, 3, 20.0)
+    assert tries[1] - tries[0] >= 0.05 and tries[2] - tries[1] >= 0.05
+    assert rep.wait_ms >= 100.0 and rep.ttfa_ms is not None
+    # Still full after its one retry: refused in the end, no audio.
+    assert (gave_up.refused, gave_up.error, gave_up.attempts, gave_up.ttfa_ms) == (True, None, 2, None)
