@@ -147,6 +147,9 @@ async def _loop_lag(app: web.Application) -> None:
         scheduler = state.model.scheduler
         if scheduler is not None:
             state.metrics.queue_depth.set(scheduler.queue_depth)
+            load = scheduler.load()
+            state.metrics.capacity_load.set(load.utilisation)
+            state.metrics.streams_starting.set(load.starting_streams)
 
     def busy(fraction: float) -> None:
         state.loop_busy = fraction

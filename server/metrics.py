@@ -69,6 +69,13 @@ class Metrics:
                                     namespace=ns, registry=r, buckets=BATCH_BUCKETS)
         self.queue_depth = Gauge("scheduler_queue_depth", "Jobs waiting for the model",
                                  namespace=ns, registry=r)
+        self.capacity_load = Gauge("capacity_load_ratio", "Live streams' real-time demand over "
+                                   "the measured capacity (admission refuses above "
+                                   "admission.max_load, streams starting counted more)",
+                                   namespace=ns, registry=r)
+        self.streams_starting = Gauge("streams_starting", "Live streams still building a runway "
+                                      "of audio (admission counts them above real time)",
+                                      namespace=ns, registry=r)
         self.loop_lag_seconds = Histogram("event_loop_lag_seconds", "Event-loop wake-up delay",
                                           namespace=ns, registry=r, buckets=LOOP_LAG_BUCKETS)
         self.loop_lag_max_seconds = Gauge("event_loop_lag_max_seconds",

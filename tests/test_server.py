@@ -481,7 +481,7 @@ async def test_compute_admission_counts_the_streams_still_starting(
     # The real scheduler's load: capacity pinned at 4 audio s per s (a stream costs 0.25 s of
     # compute per audio s), so the test does not depend on this machine's speed.
     overrides = {"admission.max_load": 1.0, "admission.startup_extra": 0.25,
-                 "limits.contexts_per_socket": 8}
+                 "limits.contexts_per_socket": 8, "metrics.sample_interval_s": 0.5}
     async with running(engine, overrides, load_source=None) as r:
         sched = r.state.model.scheduler
         sched._stream_cost = 0.25
@@ -494,8 +494,13 @@ async def test_compute_admission_counts_the_streams_still_starting(
         assert [m["type"] for m in replies] == ["ready", "ready", "ready", "error"]
         assert (replies[3]["code"], replies[3]["ctx"]) == ("overloaded", "c3")
         assert "projected load" in replies[3]["message"]
+        await asyncio.sleep(0.6)   # one metrics sample interval (0.5 s here)
         async with http.get(r.url("/metrics")) as resp:
-            assert 'tts_streams_refused_total{reason="load"} 1.0' in await resp.text()
+            text = await resp.text()
+        assert 'tts_streams_refused_total{reason="load"} 1.0' in text
+        assert "tts_streams_starting 3.0" in text
+        # 3 streams demand 3 audio s per s of the 4 pinned (the surcharge is admission's only).
+        assert "tts_capacity_load_ratio 0.75" in text
         # A starting stream that goes away makes room again.
         await client.send({"type": "cancel", "ctx": "c0"})
         assert (await client.recv())["type"] == "cancelled"
