@@ -1,20 +1,22 @@
 #!/bin/bash
 # The GPU checks in one call of the device tool (about 6-8 minutes on a warm H100/H200):
 # CUDA tests, the engine benchmark on CUDA (fp16 throughput by batch size), and the load
-# benchmark against the GPU profile at increasing stream counts. Build `.device` first
+# benchmark against the GPU profile at increasing stream counts, then a burst of streams at
+# once (how many admission lets in, and whether they stay on time). Build `.device` first
 # (`.venv/bin/python scripts/device_bundle.py`) and carry it; results land in $OUT.
 #
 #   run: bash scripts/device_check.sh          carry: [".device"]      timeout_s: 600
 #
 # A dry run of the same steps on a CPU machine (no install, the CPU profile, few streams):
 #   PYTHON=.venv/bin/python SKIP_INSTALL=1 DEVICE=cpu CONFIG=configs/default.toml \
-#       LOAD_STREAMS="2 4" OUT=/tmp/device-dry bash scripts/device_check.sh
+#       LOAD_STREAMS="2 4" BURST_STREAMS=4 OUT=/tmp/device-dry bash scripts/device_check.sh
 set -u
 OUT=${OUT:-/tmp/device-out}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 CONFIG=${CONFIG:-configs/gpu.toml}
 LOAD_STREAMS=${LOAD_STREAMS:-"100 400 1000"}
+BURST_STREAMS=${BURST_STREAMS:-400}   # then this many at once, refused ones retrying (admission.startup_extra)
 PORT=${PORT:-8200}
 mkdir -p "$OUT"
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/steps.txt"; }
@@ -58,6 +60,10 @@ for n in $LOAD_STREAMS; do
         --streams "$n" --wps 15 --words 60 --stagger-ms 10 >> "$OUT/load.jsonl" 2>> "$OUT/load.log"
     curl -s "http://127.0.0.1:$PORT/metrics" > "$OUT/metrics_$n.txt"
 done
+log "load: a burst of $BURST_STREAMS streams at once, refused ones retrying 3 times"
+timeout 150 "$PYTHON" benchmarks/load.py --url "ws://127.0.0.1:$PORT/v1/stream" --json \
+    --streams "$BURST_STREAMS" --wps 15 --words 60 --retries 3 >> "$OUT/load.jsonl" 2>> "$OUT/load.log"
+curl -s "http://127.0.0.1:$PORT/metrics" > "$OUT/metrics_burst.txt"
 kill -INT $server
 wait $server
 log "done"
