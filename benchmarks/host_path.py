@@ -160,6 +160,16 @@ def _group(tid: str, pid: int, names: dict[str, str]) -> str:
     return "other"   # OpenMP workers, libuv, the loading thread
 
 
+def _cpu_groups(before: dict[str, float], after: dict[str, float], pid: int,
+                names: dict[str, str]) -> dict[str, float]:
+    """CPU seconds each group of threads spent between two `_cpu_by_thread` readings."""
+    groups: dict[str, float] = {}
+    for tid, cpu in after.items():
+        g = _group(tid, pid, names)
+        groups[g] = groups.get(g, 0.0) + cpu - before.get(tid, 0.0)
+    return groups
+
+
 def _per_audio_second(groups: dict[str, float], audio_s: float) -> dict:
     per = {g: round(1000 * s / audio_s, 2) for g, s in sorted(groups.items())}
     return {"cpu_ms_per_audio_s": per, "cpu_ms_per_audio_s_total": round(sum(per.values()), 2),
@@ -239,10 +249,7 @@ def run_scheduler_only(args) -> list[dict]:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         names = {str(t.native_id): t.name for t in threading.enumerate()}
-        groups: dict[str, float] = {}
-        for tid, cpu in after.items():
-            g = _group(tid, os.getpid(), names)
-            groups[g] = groups.get(g, 0.0) + cpu - before.get(tid, 0.0)
+        groups = _cpu_groups(before, after, os.getpid(), names)
         ttfa = sorted(t for t, _ in out)
         audio_s = sum(a for _, a in out) / 1000
         return {"streams": n, "late_steps": Observer.late, "ttfa_ms_p50": round(ttfa[len(ttfa) // 2]),
@@ -354,13 +361,10 @@ def run(args) -> list[dict]:
             after = _cpu_by_thread(server.pid)
             names = json.loads(_get(base + "/bench/threads"))
             report = json.loads(load.stdout.strip().splitlines()[-1])
-            groups: dict[str, float] = {}
             if args.verbose:
                 for tid, cpu in sorted(after.items()):
                     print(tid, names.get(tid), round(cpu - before.get(tid, 0.0), 2), file=sys.stderr)
-            for tid, cpu in after.items():
-                g = _group(tid, server.pid, names)
-                groups[g] = groups.get(g, 0.0) + cpu - before.get(tid, 0.0)
+            groups = _cpu_groups(before, after, server.pid, names)
             results.append({
                 "streams": n, "admitted": report["admitted"], "refused": report["refused"],
                 "late_messages": report["late_messages"], "timeline_gaps": report["timeline_gaps"],

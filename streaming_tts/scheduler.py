@@ -235,14 +235,19 @@ class Scheduler:
     # ---- introspection ----
     @property
     def stream_count(self) -> int:
-        return len(self._streams) + sum(1 for c in self._commands if c[0] == "open")
+        return len(self._streams) + self._opening()
+
+    def _opening(self) -> int:
+        """Streams opened but not yet applied (their `open` command still queued)."""
+        return sum(1 for c in self._commands if c[0] == "open")
 
     @property
     def queue_depth(self) -> int:
         return sum(len(s.phrases) for s in self._streams.values())
 
     def load(self, extra_streams: int = 0) -> LoadEstimate:
-        n = self.stream_count + extra_streams
+        opening = self._opening()
+        n = len(self._streams) + opening + extra_streams
         if self._stream_cost:
             capacity = 1.0 / self._stream_cost
         elif self._busy > 1.0:   # no stream finished yet: the recent steps' output rate
@@ -251,15 +256,14 @@ class Scheduler:
             capacity = self._fps / (1.0 + _ACOUSTIC_COST_PER_FRAME) * self.frame_ms / 1000.0
         return LoadEstimate(active_streams=n, demand_audio_s_per_s=float(n),
                             capacity_audio_s_per_s=capacity,
-                            starting_streams=self._starting_streams() + extra_streams)
+                            starting_streams=opening + self._starting_streams() + extra_streams)
 
     def _starting_streams(self) -> int:
-        """Streams still building their runway: not yet speaking (or not yet opened), or with
-        work queued while their listener holds under `runway_ms`. Streams that start together
+        """Registered streams still building their runway: not yet speaking, or with work
+        queued while their listener holds under `runway_ms`. Streams that start together
         need more than real time until then, all at once. A stream only waiting for text is not
         counted: more compute would not help it."""
         now = time.monotonic()
-        opening = sum(1 for c in self._commands if c[0] == "open")
         # Admission asks once per new stream; with hundreds of streams a burst would visit
         # every stream for each of its arrivals. Counted at most every _TICK_MIN_S; streams
         # registered since then count as starting.
@@ -270,7 +274,7 @@ class Scheduler:
                           if s.anchor is None or (s.has_work() and s.buffered_ms(now, frame_ms) < runway))
             registered = len(self._streams)
             self._starting_count = (now, counted, registered)
-        return opening + counted + max(0, len(self._streams) - registered)
+        return counted + max(0, len(self._streams) - registered)
 
     # ---- the loop ----
     async def run(self) -> None:
