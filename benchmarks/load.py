@@ -54,6 +54,7 @@ class StreamReport:
     late_at_ms: list = field(default_factory=list)
     attempts: int = 1                     # starts tried (refusals retried with --retries)
     wait_ms: float = 0.0                  # arrival -> admitted, retries included
+    admitted_at: float = 0.0              # time.monotonic() when admitted
 
 
 @dataclass
@@ -148,7 +149,8 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
         ws, hint = await _open(session, url, args, ctx, rep)
     if ws is None:
         return rep
-    rep.wait_ms = (time.monotonic() - arrived) * 1000.0
+    rep.admitted_at = time.monotonic()
+    rep.wait_ms = (rep.admitted_at - arrived) * 1000.0
     player = Player(args.start_buffer_ms)
     if live is not None:
         live.enter()
@@ -267,6 +269,10 @@ async def main_async(args) -> dict:
         "late_messages": sum(r.late for r in ok), "underruns": sum(r.underruns for r in ok),
         "streams_with_late": sum(1 for r in ok if r.late),
         "late_at_ms": [r.late_at_ms for r in ok if r.late_at_ms][:6],
+        # When the streams with late messages were admitted (ms after the first arrival), and
+        # how many of them only after a retry: a burst's own streams, or the ones that came back?
+        "late_admitted_at_ms": [round((r.admitted_at - t0) * 1000) for r in ok if r.late_at_ms][:6],
+        "late_streams_after_retry": sum(1 for r in ok if r.late and r.attempts > 1),
         "timeline_gaps": sum(r.gaps for r in ok), "audio_s": round(audio / 1000, 2),
         "compute_rtf": round(sum(r.compute_ms for r in ok) / audio, 4) if audio else None,
         "wall_s": round(wall, 2), "loop_lag_p99_ms": None if lag is None else lag * 1000,
