@@ -10,6 +10,11 @@ A stream is refused when any of these holds (checked cheapest first):
   4. the event loop's thread was busy (CPU time over wall time, last sample interval) beyond
      `max_loop_busy`: the host's own work, not the model's, is at its limit (with a reading).
 
+A refusal carries a retry hint in whole seconds (HTTP's Retry-After has no fractions):
+`retry_after_s`, or 1 s when only the start-up surcharge refused it (runways are built within a
+second or two, so room comes back soon), plus a random 0..`retry_jitter_s`, so that clients
+refused in the same burst do not all come back in the same instant and meet the surcharge again.
+
 Pure logic: no aiohttp, no NVML, no scheduler import. Readings come in through callables so tests
 inject them and the app wires `streaming_tts.gpu`, the scheduler's throughput meter and the
 event-loop monitor.
@@ -18,11 +23,12 @@ event-loop monitor.
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, Protocol, TypeAlias
+from typing import Final, NamedTuple, Protocol
 
 from server.config import AdmissionConfig
 
@@ -31,6 +37,9 @@ log = logging.getLogger(__name__)
 MIB: Final = 1 << 20
 # A stream that is speaking needs one second of audio per second of wall time to stay real-time.
 REALTIME_DEMAND: Final = 1.0
+# Retry hint when only streams still building their runway caused a refusal: they have built
+# it a second or two later (a burst of 10 on 2 cores: within ~2 s; BENCHMARKS.md).
+STARTING_RETRY_S: Final = 1
 
 
 class GpuSampleLike(Protocol):
@@ -93,7 +102,11 @@ class Admission:
 
 ADMITTED: Final = Admission(ok=True)
 
-_Refusal: TypeAlias = tuple[RefusalReason, str]  # reason, message for the client
+
+class _Refusal(NamedTuple):
+    reason: RefusalReason
+    message: str  # for the client
+    frees_soon: bool = False  # only streams still starting refused it: room comes back soon
 
 
 class AdmissionController:
@@ -113,12 +126,14 @@ class AdmissionController:
         gpu_reader: Callable[[], GpuSampleLike | None] | None = None,
         loop_busy_reader: Callable[[], float | None] | None = None,
         on_refused: Callable[[RefusalReason], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._cfg = cfg
         self._load_source = load_source
         self._gpu_reader = gpu_reader
         self._loop_busy_reader = loop_busy_reader
         self._on_refused = on_refused
+        self._rng = rng or random.Random()
         self._stream_vram_cost: int | None = None
         self._active = 0
         self._admitted_total = 0
@@ -153,14 +168,21 @@ class AdmissionController:
                    or self._loop_refusal())
         if refusal is None:
             return ADMITTED
-        reason, message = refusal
+        reason = refusal.reason
         self._refused[reason] += 1
         if self._on_refused is not None:
             self._on_refused(reason)
-        log.debug("admission refused: %s (%s)", reason, message)
-        return Admission(
-            ok=False, reason=reason, retry_after_s=self._cfg.retry_after_s, message=message
-        )
+        log.debug("admission refused: %s (%s)", reason, refusal.message)
+        return Admission(ok=False, reason=reason, retry_after_s=self.retry_hint(refusal.frees_soon),
+                         message=refusal.message)
+
+    def retry_hint(self, frees_soon: bool = False) -> int:
+        """Seconds a refused client should wait: `retry_after_s` (1 s when room `frees_soon`)
+        plus a random 0..`retry_jitter_s`, spreading the clients of one burst over time."""
+        base = self._cfg.retry_after_s
+        if frees_soon:
+            base = min(STARTING_RETRY_S, base)
+        return base + self._rng.randint(0, self._cfg.retry_jitter_s)
 
     def admit(self) -> Admission:
         """Decide for one new stream; on success it holds a slot until `release()`."""
@@ -182,7 +204,8 @@ class AdmissionController:
         limit = self._cfg.max_streams
         if self._active < limit:
             return None
-        return RefusalReason.MAX_STREAMS, f"server is at its limit of {limit} concurrent streams"
+        return _Refusal(RefusalReason.MAX_STREAMS,
+                        f"server is at its limit of {limit} concurrent streams")
 
     def _vram_refusal(self) -> _Refusal | None:
         cost = self._stream_vram_cost
@@ -196,10 +219,9 @@ class AdmissionController:
         headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB
         if headroom >= cost:
             return None
-        return RefusalReason.VRAM, (
+        return _Refusal(RefusalReason.VRAM, (
             f"not enough GPU memory for another stream ({max(headroom, 0) / MIB:.0f} MiB free "
-            f"beyond the reserve, {cost / MIB:.0f} MiB needed)"
-        )
+            f"beyond the reserve, {cost / MIB:.0f} MiB needed)"))
 
     def _load_refusal(self) -> _Refusal | None:
         load = self._load_source()
@@ -212,20 +234,18 @@ class AdmissionController:
         # together all need their first phrases and a runway at once.
         unseen = max(0, self._active - load.active_streams)
         starting = load.starting_streams + unseen + 1
-        projected = (load.demand_audio_s_per_s + (unseen + 1) * REALTIME_DEMAND
-                     + starting * self._cfg.startup_extra) / capacity
+        steady = (load.demand_audio_s_per_s + (unseen + 1) * REALTIME_DEMAND) / capacity
+        projected = steady + starting * self._cfg.startup_extra / capacity
         if projected <= self._cfg.max_load:
             return None
-        return RefusalReason.LOAD, (
+        return _Refusal(RefusalReason.LOAD, (
             f"server is at capacity (projected load {projected:.0%}, "
-            f"limit {self._cfg.max_load:.0%})"
-        )
+            f"limit {self._cfg.max_load:.0%})"), frees_soon=steady <= self._cfg.max_load)
 
     def _loop_refusal(self) -> _Refusal | None:
         busy = self._loop_busy_reader() if self._loop_busy_reader is not None else None
         limit = self._cfg.max_loop_busy
         if busy is None or busy <= limit:
             return None
-        return RefusalReason.EVENT_LOOP, (
-            f"server is at capacity (event loop busy {busy:.0%}, limit {limit:.0%})"
-        )
+        return _Refusal(RefusalReason.EVENT_LOOP,
+                        f"server is at capacity (event loop busy {busy:.0%}, limit {limit:.0%})")

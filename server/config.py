@@ -169,6 +169,7 @@ class AdmissionConfig:
     max_load: float = 0.75  # projected demand / measured capacity (CPU shares cores with Opus)
     vram_reserve_mb: int = 512  # VRAM kept free for allocator slack and other processes
     retry_after_s: int = 2  # suggested in `Retry-After` and `retry_after_s`
+    retry_jitter_s: int = 2  # plus a random 0..this many seconds, to spread a burst's retries
     max_loop_busy: float = 0.85  # event-loop thread CPU / wall time, last sample interval
     cost_probe_streams: int = 1  # streams batched together when warm-up measures a stream's cost
     startup_extra: float = 0.4  # extra real-time demand of a stream still building its runway
@@ -187,6 +188,8 @@ class AdmissionConfig:
                  self.vram_reserve_mb)
         _require(self.retry_after_s >= 1, "admission.retry_after_s", "must be >= 1",
                  self.retry_after_s)
+        _require(0 <= self.retry_jitter_s <= 60, "admission.retry_jitter_s", "must be 0..60",
+                 self.retry_jitter_s)
 
 
 @dataclass(frozen=True)

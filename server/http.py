@@ -72,19 +72,20 @@ async def stream(request: web.Request) -> web.StreamResponse:
 def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:
     """503 before the upgrade when a `start` would be refused anyway (one log line: a stream
     that could not start is a lifecycle event like the `start` refused after the upgrade)."""
-    retry = state.cfg.admission.retry_after_s
     if state.shutting_down:
-        return _overloaded(state, "server is shutting down", retry)
+        return _overloaded(state, "server is shutting down")
     if not state.model.ready:
-        return _overloaded(state, "server is not ready (loading the voice)", retry)
+        return _overloaded(state, "server is not ready (loading the voice)")
     decision = state.admission.check()
     if decision.ok:
         return None
     log.info("stream refused before the upgrade peer=%s: overloaded (%s)", peer, decision.message)
-    return _overloaded(state, decision.message, decision.retry_after_s or retry)
+    return _overloaded(state, decision.message, decision.retry_after_s)
 
 
-def _overloaded(state: ServerState, message: str, retry_after_s: int) -> web.Response:
+def _overloaded(state: ServerState, message: str, retry_after_s: int | None = None) -> web.Response:
+    if retry_after_s is None:
+        retry_after_s = state.admission.retry_hint()
     body = error_body(ErrorCode.OVERLOADED, message, retry_after_s=retry_after_s)
     state.count_error(ErrorCode.OVERLOADED.value)
     return web.json_response(body, status=503, headers={"Retry-After": str(retry_after_s)})

@@ -234,17 +234,16 @@ class Session:
 
     def _admit(self, ctx: str) -> None:
         """Hold an admission slot for `ctx`, or raise `overloaded`."""
-        retry = self._state.cfg.admission.retry_after_s
         if self._closing or self._state.shutting_down:
             raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down", ctx,
-                                retry_after_s=retry)
+                                retry_after_s=self._state.admission.retry_hint())
         if not self._state.model.ready:
             raise ProtocolError(ErrorCode.OVERLOADED, "server is not ready (loading the voice)",
-                                ctx, retry_after_s=retry)
+                                ctx, retry_after_s=self._state.admission.retry_hint())
         decision = self._state.admit()
         if not decision.ok:
             raise ProtocolError(ErrorCode.OVERLOADED, decision.message, ctx,
-                                retry_after_s=decision.retry_after_s or retry)
+                                retry_after_s=decision.retry_after_s)
 
     def _open_stream(self, spec: StreamSpec, msg: StartMsg, voice: VoiceInfo) -> ContextStream:
         try:

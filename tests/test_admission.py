@@ -4,6 +4,8 @@ limit would be exceeded."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -47,10 +49,11 @@ class Readings:
 
 def make(
     readings: Readings, *, gpu: bool = True, max_streams: int = 100, max_load: float = 0.85,
-    startup_extra: float = 0.0,
+    startup_extra: float = 0.0, retry_jitter_s: int = 0,
 ) -> AdmissionController:
     config = AdmissionConfig(max_streams=max_streams, max_load=max_load, vram_reserve_mb=512,
-                             retry_after_s=3, startup_extra=startup_extra)
+                             retry_after_s=3, retry_jitter_s=retry_jitter_s,
+                             startup_extra=startup_extra)
     return AdmissionController(config, load_source=readings.read_load,
                                gpu_reader=readings.read_gpu if gpu else None,
                                loop_busy_reader=readings.read_loop_busy)
@@ -171,6 +174,35 @@ def test_streams_building_a_runway_count_more_than_real_time() -> None:
     assert ctl.check().ok
 
 
+def test_a_refusal_only_the_start_up_surcharge_caused_suggests_a_short_retry() -> None:
+    r = Readings()
+    ctl = make(r, max_load=1.0, startup_extra=0.5)
+    # Capacity for 4 real-time streams; 3 live, one of them starting. One more fits at real
+    # time (4 of 4) but not with the surcharge (4 + 2 x 0.5): refused, and room comes back as
+    # soon as the starting ones hold a runway, so the hint is 1 s, not retry_after_s (3).
+    r.load = LoadEstimate(active_streams=3, demand_audio_s_per_s=3, capacity_audio_s_per_s=4,
+                          starting_streams=1)
+    decision = ctl.check()
+    assert (decision.ok, decision.reason, decision.retry_after_s) == (False, RefusalReason.LOAD, 1)
+    # With 4 live, one more would not fit even at real time: only an ending stream makes room.
+    r.load = LoadEstimate(active_streams=4, demand_audio_s_per_s=4, capacity_audio_s_per_s=4,
+                          starting_streams=1)
+    decision = ctl.check()
+    assert (decision.ok, decision.reason, decision.retry_after_s) == (False, RefusalReason.LOAD, 3)
+
+
+def test_retry_hints_are_spread_so_a_refused_burst_does_not_come_back_at_once() -> None:
+    config = AdmissionConfig(max_streams=1, retry_after_s=3, retry_jitter_s=2)
+    ctl = AdmissionController(config, load_source=lambda: IDLE, rng=random.Random(7))
+    assert ctl.admit().ok
+    hints = Counter(ctl.check().retry_after_s for _ in range(300))
+    # Whole seconds from 3 to 5, each of them used (roughly a third each).
+    assert set(hints) == {3, 4, 5} and min(hints.values()) > 60
+    # Hints not tied to a decision (shutting down, still loading) are spread the same way.
+    assert {ctl.retry_hint() for _ in range(100)} == {3, 4, 5}
+    assert {ctl.retry_hint(frees_soon=True) for _ in range(100)} == {1, 2, 3}
+
+
 def test_a_burst_admits_fewer_than_the_same_streams_arriving_one_by_one() -> None:
     r = Readings()
     ctl = make(r, max_load=1.0, startup_extra=0.25)
@@ -233,7 +265,7 @@ def test_admitted_streams_carry_no_retry_hint() -> None:
 def test_refusals_are_counted_by_reason_and_reported() -> None:
     r = Readings()
     seen: list[RefusalReason] = []
-    config = AdmissionConfig(max_streams=1, retry_after_s=5)
+    config = AdmissionConfig(max_streams=1, retry_after_s=5, retry_jitter_s=0)
     ctl = AdmissionController(config, load_source=r.read_load, gpu_reader=r.read_gpu,
                               on_refused=seen.append)
     ctl.set_stream_vram_cost(MIB)
