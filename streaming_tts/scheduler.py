@@ -259,10 +259,8 @@ class Scheduler:
                             starting_streams=opening + self._starting_streams() + extra_streams)
 
     def _starting_streams(self) -> int:
-        """Registered streams still building their runway: not yet speaking, or with work
-        queued while their listener holds under `runway_ms`. Streams that start together
-        need more than real time until then, all at once. A stream only waiting for text is not
-        counted: more compute would not help it."""
+        """Registered streams still building their runway (`StreamState.starting`). Streams
+        that start together need more than real time until then, all at once."""
         now = time.monotonic()
         # Admission asks once per new stream; with hundreds of streams a burst would visit
         # every stream for each of its arrivals. Counted at most every _TICK_MIN_S; streams
@@ -270,8 +268,7 @@ class Scheduler:
         at, counted, registered = self._starting_count
         if now - at >= _TICK_MIN_S:
             frame_ms, runway = self.frame_ms, self.config.runway_ms
-            counted = sum(1 for s in self._streams.values()
-                          if s.anchor is None or (s.has_work() and s.buffered_ms(now, frame_ms) < runway))
+            counted = sum(1 for s in self._streams.values() if s.starting(now, frame_ms, runway))
             registered = len(self._streams)
             self._starting_count = (now, counted, registered)
         return counted + max(0, len(self._streams) - registered)

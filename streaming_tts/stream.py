@@ -131,6 +131,19 @@ class StreamState:
     def has_work(self) -> bool:
         return (self.active is not None and self.active.remaining) or bool(self.phrases)
 
+    def starting(self, now: float, frame_ms: float, runway_ms: float) -> bool:
+        """Still building its runway, so it needs more than real time: no audio yet; or still
+        on its first phrase with more to say; or with work queued while its listener holds
+        under `runway_ms`. The first phrase is cut short for time to first audio, so what it
+        buffers is no runway: the next phrase, a whole sentence, is still to compute (for every
+        stream of a burst at once). A stream only waiting for text is not starting: more
+        compute would not help it."""
+        if self.anchor is None:
+            return True
+        if self.next_phrase_id < 2:
+            return self.has_work() or self.inflight_chars > 0 or bool(self.splitter.pending.strip())
+        return self.has_work() and self.buffered_ms(now, frame_ms) < runway_ms
+
     def awaiting_words(self, now: float) -> bool:
         """More of a sentence is coming: text pending, or only the space after a phrase that
         stopped mid-sentence while words still trickle in (the last came under

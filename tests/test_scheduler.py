@@ -713,15 +713,23 @@ async def test_a_listener_is_kept_in_silence_between_words_of_a_sentence():
 
 
 def test_streams_still_building_a_runway_are_counted_for_admission():
-    sched = planning_scheduler(FakeEngine(), ["new", "thin", "safe", "idle"], runway_ms=1000.0)
+    ids = ["new", "thin", "safe", "idle", "first", "first-text", "first-only"]
+    sched = planning_scheduler(FakeEngine(), ids, runway_ms=1000.0)
     now, ms = time.monotonic(), sched.frame_ms
     s = sched._streams
-    for sid, held_ms in (("thin", 300.0), ("safe", 1500.0), ("idle", 100.0)):
+    for sid, held_ms in (("thin", 300.0), ("safe", 1500.0), ("idle", 100.0), ("first", 1500.0),
+                         ("first-text", 1500.0), ("first-only", 1500.0)):
         s[sid].anchor, s[sid].emitted_frames = now - 2.0, int((2000.0 + held_ms) / ms)
+        s[sid].next_phrase_id = 1 if sid.startswith("first") else 5
     s["thin"].phrases.append(PendingPhrase("more words"))   # work queued, listener holds 0.3 s
     s["safe"].phrases.append(PendingPhrase("more words"))   # work queued, 1.5 s held
     # "idle" holds 0.1 s but has nothing to compute: it waits for text, more compute won't help.
+    # Still on their short first phrase with more to say, 1.5 s held is no runway: a phrase is
+    # queued, or words wait in the splitter for the sentence's end.
+    s["first"].phrases.append(PendingPhrase("the whole next sentence"))
+    assert s["first-text"].splitter.push("and the rest of the sent", buffered_ms=1500.0) == []
+    # Said all it has been given in one phrase: waiting for text, like "idle".
     sched.open("opening", OPTS, Sink())                     # not yet applied: starting too
     load = sched.load()
-    assert (load.active_streams, load.starting_streams) == (5, 3)
-    assert sched.load(extra_streams=1).starting_streams == 4
+    assert (load.active_streams, load.starting_streams) == (8, 5)
+    assert sched.load(extra_streams=1).starting_streams == 6
