@@ -2,7 +2,8 @@
 
 What a listener would notice: the paragraph is spoken to the end without a gap while it is still
 being typed in (words per second), the caption highlight follows the voice, Stop goes silent at
-once, and a full server or a wrong API token says so in words.
+once, a full server is waited for and retried as the server suggests (or, with `?retry_s=0`,
+said in words at once), and a wrong API token says so in words.
 
 Runs only where /usr/bin/chromium (Debian's package) and the `playwright` Python package exist;
 Playwright never downloads a browser here. Headless Chromium has no sound card, but its
@@ -57,6 +58,8 @@ API_KEY = "browser-test-key"
 STARTUP_TIMEOUT_S = 120.0
 AUTH_MESSAGE = "Authentication failed: check the API token"
 CAPACITY_RE = re.compile(r"Server is at capacity — try again in (\d+ s|a few seconds)")
+WAITING_RE = re.compile(r"Server is at capacity — retrying in \d+ s")
+RETRY_HINT_MAX_S = 4  # the server's default hints: admission.retry_after_s 2 + jitter 0..2
 
 # ~40 words, several sentences: several phrases, each with word timings.
 PARAGRAPH = (
@@ -332,17 +335,86 @@ def test_stop_goes_silent_within_100_ms(client: Client) -> None:
     assert client.errors == []
 
 
-def test_full_server_shows_capacity_message(
+def _hold_the_only_stream(browser: Any, server: Server) -> Client:
+    """Another listener takes the server's one stream; slow typing keeps it open a long time."""
+    holder = Client(browser.new_page(viewport={"width": 1100, "height": 1000}), server)
+    holder.login()
+    holder.wait_voices()
+    holder.speak(LONG_TEXT, wps=1)
+    holder.wait_played_ms(200)
+    return holder
+
+
+def _release(holder: Client) -> None:
+    holder.page.click("#stop")
+    holder.page.close()
+
+
+def _wait_state(client: Client, state: str, timeout_ms: int = 20_000, retries: int = 0) -> None:
+    client.page.wait_for_function(
+        f"() => {{ const d = document.querySelector('#stats').dataset;"
+        f" return d.state === '{state}' && Number(d.retries) >= {retries}; }}",
+        timeout=timeout_ms,
+    )
+
+
+def test_full_server_is_retried_until_a_stream_frees(
     browser: Any, client: Client, server: Server, tmp_path: Path,
 ) -> None:
-    # Another listener holds the only stream: slow typing keeps it open for a long time.
-    holder = Client(browser.new_page(viewport={"width": 1100, "height": 1000}), server)
+    holder = _hold_the_only_stream(browser, server)
     try:
-        holder.login()
-        holder.wait_voices()
-        holder.speak(LONG_TEXT, wps=1)
-        holder.wait_played_ms(200)
+        client.login()
+        client.wait_voices()
+        client.speak(PARAGRAPH, wps=0)  # refused before the upgrade (HTTP 503)
+        _wait_state(client, "waiting")
+        client.page.screenshot(path=str(tmp_path / "waiting.png"), full_page=True)
+        assert WAITING_RE.fullmatch(client.page.inner_text("#notice").strip())
+        assert client.alert() == "", "a refusal that will be retried is not an error"
+        assert not client.page.is_disabled("#stop")
+        # It tries again after the server's hint, is refused again, and keeps waiting.
+        _wait_state(client, "waiting", timeout_ms=15_000, retries=1)
+        assert holder.stats()["state"] == "streaming", "the held stream must be unaffected"
+    finally:
+        _release(holder)
+    # The slot is free: the next try gets it and the paragraph plays.
+    client.wait_played_ms(500, timeout_ms=30_000)
+    assert client.alert() == ""
+    assert int(client.stats()["retries"]) >= 1
+    assert client.errors == []
 
+
+def test_stop_while_waiting_cancels_the_retry(
+    browser: Any, client: Client, server: Server,
+) -> None:
+    client.login()
+    client.wait_voices()
+    client.speak("Hello.", wps=0)  # opens the page's socket, which later starts reuse
+    _wait_state(client, "done", timeout_ms=30_000)
+    holder = _hold_the_only_stream(browser, server)
+    try:
+        client.speak(PARAGRAPH, wps=0)  # refused after the upgrade: `error` overloaded
+        _wait_state(client, "waiting")
+        assert WAITING_RE.fullmatch(client.page.inner_text("#notice").strip())
+        client.page.click("#stop")
+        assert client.stats()["state"] == "idle"
+        assert client.page.inner_text("#notice").strip() == "Cancelled"
+    finally:
+        _release(holder)
+    server.wait_idle()
+    time.sleep(RETRY_HINT_MAX_S + 1)  # past any retry the page could have had pending
+    stats = client.stats()
+    assert stats["state"] == "idle" and stats["retries"] == "0"
+    assert (server.status() or {}).get("active_streams") == 0, "a cancelled wait must not start"
+    assert client.alert() == ""
+    assert client.errors == []
+
+
+def test_full_server_without_retries_shows_capacity_message(
+    browser: Any, client: Client, server: Server, tmp_path: Path,
+) -> None:
+    client.page.goto(server.url + "/?retry_s=0")  # the page gives up at the first refusal
+    holder = _hold_the_only_stream(browser, server)
+    try:
         client.login()
         client.wait_voices()
         client.speak(PARAGRAPH, wps=0)
@@ -356,8 +428,7 @@ def test_full_server_shows_capacity_message(
         assert client.stats()["state"] == "error"
         assert holder.stats()["state"] == "streaming", "the held stream must be unaffected"
     finally:
-        holder.page.click("#stop")
-        holder.page.close()
+        _release(holder)
 
 
 def test_wrong_token_says_authentication_failed(client: Client) -> None:

@@ -28,6 +28,13 @@ const STARTUP_BUFFER_MS = 80; // cushion the worklet fills before it starts play
 const STATUS_POLL_MS = 2000;
 const OPUS_CONFIG = { codec: "opus", sampleRate: SAMPLE_RATE, numberOfChannels: 1 };
 const MSG_AUTH = "Authentication failed: check the API token";
+// A full server is retried after the wait it suggests (`retry_after_s` / Retry-After; the
+// server spreads its hints so refused clients do not all come back at once), for up to
+// RETRY_FOR_S seconds from the first refusal. `?retry_s=N` in the page's URL changes that;
+// `?retry_s=0` shows the refusal at once.
+const RETRY_FOR_S = retryWindowS(new URLSearchParams(window.location.search).get("retry_s"), 60);
+const RETRY_DEFAULT_S = 2; // when the server gave no hint
+const RETRY_MAX_WAIT_S = 30; // never wait longer than this for one hint
 
 const $ = (id) => document.getElementById(id);
 
@@ -44,6 +51,19 @@ function apiUrl(path, token, protocol) {
 
 function streamUrl(token) {
   return apiUrl("/v1/stream", token, window.location.protocol === "https:" ? "wss:" : "ws:");
+}
+
+function retryWindowS(param, fallback) {
+  const n = param === null ? NaN : Number(param);
+  return Number.isFinite(n) && n >= 0 ? n : fallback;
+}
+
+/** The server refused a stream for capacity; `retryAfterS` is its hint (NaN if none). */
+class CapacityError extends Error {
+  constructor(retryAfterS) {
+    super(capacityMessage(retryAfterS));
+    this.retryAfterS = retryAfterS;
+  }
 }
 
 function capacityMessage(retryAfterS) {
@@ -288,17 +308,20 @@ class Connection {
   }
 }
 
-/** Why did the WebSocket upgrade fail? The browser hides the HTTP status, so ask over HTTP. */
+/**
+ * Why did the WebSocket upgrade fail? The browser hides the HTTP status, so ask over HTTP.
+ * Returns the error to show: a CapacityError (with the server's retry hint) for a full server.
+ */
 async function explainRefusal(token) {
   try {
     // A server that refuses before the upgrade answers a plain GET the same way (401 / 503).
     const probe = await fetch(apiUrl("/v1/stream", token), { cache: "no-store" });
-    if (probe.status === 401 || probe.status === 403) return MSG_AUTH;
+    if (probe.status === 401 || probe.status === 403) return new Error(MSG_AUTH);
     if (probe.status === 503) {
       const body = await probe.json().catch(() => ({}));
       const header = probe.headers.get("Retry-After");
       const retry = body?.error?.retry_after_s ?? (header === null ? NaN : Number(header));
-      return capacityMessage(retry);
+      return new CapacityError(Number(retry));
     }
   } catch {
     // fall through to the status endpoint
@@ -308,11 +331,11 @@ async function explainRefusal(token) {
     const full =
       (status.max_streams !== null && status.active_streams >= status.max_streams) ||
       (status.capacity_load !== null && status.capacity_load >= 1);
-    if (full) return capacityMessage(status.retry_after_s);
+    if (full) return new CapacityError(Number(status.retry_after_s ?? NaN));
   } catch {
-    return "Cannot reach the server";
+    return new Error("Cannot reach the server");
   }
-  return "Could not open the stream connection to the server";
+  return new Error("Could not open the stream connection to the server");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,7 +463,13 @@ class Utterance {
     this.gen = gen;
     this.ctx = `u${gen}`;
     this.settings = settings; // {text, voice, speaker, speed, wps, format}
-    this.phase = "starting"; // starting -> streaming -> draining -> done | cancelled | error
+    // starting -> streaming -> draining -> done | cancelled | error;
+    // starting -> waiting (server full) -> starting ... until RETRY_FOR_S has passed
+    this.phase = "starting";
+    this.retries = 0;
+    this.firstRefusedAt = null; // performance.now() of the first capacity refusal
+    this.retryAt = 0;
+    this.retryTimer = null;
     this.startSentAt = 0;
     this.ttfaMs = null;
     this.audioBytes = 0;
@@ -457,7 +486,12 @@ class Utterance {
   }
 
   get active() {
-    return this.phase === "starting" || this.phase === "streaming" || this.phase === "draining";
+    return (
+      this.phase === "starting" ||
+      this.phase === "waiting" ||
+      this.phase === "streaming" ||
+      this.phase === "draining"
+    );
   }
 
   stopFeeding() {
@@ -465,8 +499,14 @@ class Utterance {
     this.feedTimer = null;
   }
 
+  stopWaiting() {
+    if (this.retryTimer !== null) clearInterval(this.retryTimer);
+    this.retryTimer = null;
+  }
+
   release() {
     this.stopFeeding();
+    this.stopWaiting();
     if (this.decoder) this.decoder.close();
     this.decoder = null;
   }
@@ -695,13 +735,55 @@ class App {
       await this.player.init(); // inside the click: browsers only start audio from a gesture
       this.player.reset(utt.gen);
       utt.format = await this.chooseFormat(settings.format);
-      await this.ensureConnection();
     } catch (err) {
       if (this.utt === utt) this.fail(utt, err.message || String(err));
       return;
     }
+    await this.connectAndStart(utt);
+  }
+
+  async connectAndStart(utt) {
+    try {
+      await this.ensureConnection();
+    } catch (err) {
+      if (this.utt !== utt || !utt.active) return; // stopped while connecting
+      if (err instanceof CapacityError) this.refused(utt, err.retryAfterS);
+      else this.fail(utt, err.message || String(err));
+      return;
+    }
     if (this.utt !== utt || !utt.active) return; // stopped while connecting
     this.sendStart(utt);
+  }
+
+  /** The server is full: wait as long as it suggests and try again, or give up. */
+  refused(utt, retryAfterS) {
+    const now = performance.now();
+    if (utt.firstRefusedAt === null) utt.firstRefusedAt = now;
+    const hinted = Number.isFinite(retryAfterS) && retryAfterS > 0 ? retryAfterS : RETRY_DEFAULT_S;
+    const waitMs = Math.min(hinted, RETRY_MAX_WAIT_S) * 1000;
+    if (now + waitMs - utt.firstRefusedAt > RETRY_FOR_S * 1000) {
+      this.fail(utt, capacityMessage(retryAfterS));
+      return;
+    }
+    utt.phase = "waiting";
+    utt.retryAt = now + waitMs;
+    this.renderStats("waiting", "waiting for room");
+    const tick = () => {
+      if (this.utt !== utt || utt.phase !== "waiting") return;
+      const left = utt.retryAt - performance.now();
+      if (left > 0) {
+        this.showNotice(`Server is at capacity — retrying in ${Math.ceil(left / 1000)} s`);
+        return;
+      }
+      utt.stopWaiting();
+      utt.retries += 1;
+      utt.ctx = `u${utt.gen}.${utt.retries}`; // late messages about the refused try are ignored
+      utt.phase = "starting";
+      this.renderStats("streaming", "connecting…");
+      this.connectAndStart(utt);
+    };
+    utt.retryTimer = setInterval(tick, 200);
+    tick();
   }
 
   async chooseFormat(choice) {
@@ -729,7 +811,7 @@ class App {
     try {
       await conn.open();
     } catch {
-      throw new Error(await explainRefusal(this.token));
+      throw await explainRefusal(this.token);
     }
     this.conn = conn;
   }
@@ -782,9 +864,10 @@ class App {
     const utt = this.utt;
     if (!utt || !utt.active) return;
     this.player.clear(utt.gen); // silence first: the worklet drops its buffer at once
+    const live = utt.phase !== "waiting"; // a refused stream has nothing to cancel
     utt.phase = "cancelled";
     utt.release();
-    if (this.conn) this.conn.send({ type: "cancel", ctx: utt.ctx });
+    if (this.conn && live) this.conn.send({ type: "cancel", ctx: utt.ctx });
     this.el.stop.disabled = true;
     this.renderStats("idle");
     if (!quiet) this.showNotice("Cancelled");
@@ -867,6 +950,10 @@ class App {
     const utt = this.utt;
     const mine = utt && utt.active && (msg.ctx === undefined || msg.ctx === utt.ctx);
     if (msg.ctx !== undefined && utt && msg.ctx !== utt.ctx) return; // an old stream
+    if (mine && msg.code === "overloaded" && utt.phase === "starting") {
+      this.refused(utt, Number(msg.retry_after_s ?? NaN)); // the socket stays usable: retry on it
+      return;
+    }
     if (mine) this.fail(utt, this.describeError(msg));
     else this.showError(this.describeError(msg));
   }
@@ -984,6 +1071,7 @@ class App {
     stats.dataset.underruns = String(r ? r.underruns : 0);
     stats.dataset.outputPeak = String(r ? Number(r.peak.toFixed(4)) : 0);
     stats.dataset.ttfaMs = utt && utt.ttfaMs !== null ? String(Math.round(utt.ttfaMs)) : "";
+    stats.dataset.retries = String(utt ? utt.retries : 0);
     $("stat-played").textContent = `${(playedMs / 1000).toFixed(2)} s`;
     $("stat-buffered").textContent = `${Math.round(bufferedMs)} ms`;
     const silentMs = r ? Math.round((r.underrunSamples * 1000) / rate) : 0;
