@@ -173,6 +173,7 @@ class AdmissionConfig:
     max_loop_busy: float = 0.85  # event-loop thread CPU / wall time, last sample interval
     cost_probe_streams: int = 1  # streams batched together when warm-up measures a stream's cost
     startup_extra: float = 0.4  # extra real-time demand of a stream still building its runway
+    refusal_log_lines: int = 20  # refused streams logged one by one per 10 s; the rest summed up
 
     def __post_init__(self) -> None:
         _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)
@@ -190,6 +191,8 @@ class AdmissionConfig:
                  self.retry_after_s)
         _require(0 <= self.retry_jitter_s <= 60, "admission.retry_jitter_s", "must be 0..60",
                  self.retry_jitter_s)
+        _require(self.refusal_log_lines >= 0, "admission.refusal_log_lines", "must be >= 0",
+                 self.refusal_log_lines)
 
 
 @dataclass(frozen=True)

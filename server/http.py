@@ -10,7 +10,6 @@ the browser client explains a failed WebSocket (browsers hide the upgrade's HTTP
 from __future__ import annotations
 
 import hmac
-import logging
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,7 +20,6 @@ from server.protocol import ErrorCode, error_body
 from server.session import Session
 from server.state import STATE, ServerState
 
-log = logging.getLogger(__name__)
 
 WEB_CLIENT_DIR: Final = Path(__file__).resolve().parent.parent / "web_client"
 # aiohttp closes a socket (1009) on a frame over max_msg_size instead of handing it to us; with
@@ -70,8 +68,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:
-    """503 before the upgrade when a `start` would be refused anyway (one log line: a stream
-    that could not start is a lifecycle event like the `start` refused after the upgrade)."""
+    """503 before the upgrade when a `start` would be refused anyway (one log line, rate-limited:
+    a stream that could not start is a lifecycle event like the `start` refused after the
+    upgrade)."""
     if state.shutting_down:
         return _overloaded(state, "server is shutting down")
     if not state.model.ready:
@@ -79,7 +78,8 @@ def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response |
     decision = state.admission.check()
     if decision.ok:
         return None
-    log.info("stream refused before the upgrade peer=%s: overloaded (%s)", peer, decision.message)
+    state.refusal_log.refused(decision.reason or "", "stream refused before the upgrade peer=%s: "
+                              "overloaded (%s)", peer, decision.message)
     return _overloaded(state, decision.message, decision.retry_after_s)
 
 

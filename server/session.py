@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Final
+from typing import Final, NoReturn
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -198,10 +198,10 @@ class Session:
         try:
             spec, options, voice = self._validate_start(msg)
         except ProtocolError as err:
-            if err.code is not ErrorCode.BAD_REQUEST:
-                log_level = logging.INFO if err.code is ErrorCode.OVERLOADED else logging.DEBUG
-                log.log(log_level, "stream refused ctx=%r peer=%s: %s (%s)",
-                        msg.ctx, self.peer, err.code.value, err.message)
+            # `overloaded` is logged where admission refused it (_admit), rate-limited.
+            if err.code not in (ErrorCode.BAD_REQUEST, ErrorCode.OVERLOADED):
+                log.debug("stream refused ctx=%r peer=%s: %s (%s)",
+                          msg.ctx, self.peer, err.code.value, err.message)
             raise
         scheduler = self._scheduler()
         stream = self._open_stream(spec, msg, voice)
@@ -233,17 +233,22 @@ class Session:
         return spec, options, voice
 
     def _admit(self, ctx: str) -> None:
-        """Hold an admission slot for `ctx`, or raise `overloaded`."""
+        """Hold an admission slot for `ctx`, or raise `overloaded` (with its log line)."""
         if self._closing or self._state.shutting_down:
-            raise ProtocolError(ErrorCode.OVERLOADED, "server is shutting down", ctx,
-                                retry_after_s=self._state.admission.retry_hint())
+            self._refuse(ctx, "shutting_down", "server is shutting down")
         if not self._state.model.ready:
-            raise ProtocolError(ErrorCode.OVERLOADED, "server is not ready (loading the voice)",
-                                ctx, retry_after_s=self._state.admission.retry_hint())
+            self._refuse(ctx, "not_ready", "server is not ready (loading the voice)")
         decision = self._state.admit()
         if not decision.ok:
-            raise ProtocolError(ErrorCode.OVERLOADED, decision.message, ctx,
-                                retry_after_s=decision.retry_after_s)
+            self._refuse(ctx, decision.reason or "", decision.message, decision.retry_after_s)
+
+    def _refuse(self, ctx: str, reason: str, message: str,
+                retry_after_s: int | None = None) -> NoReturn:
+        self._state.refusal_log.refused(reason, "stream refused ctx=%r peer=%s: overloaded (%s)",
+                                        ctx, self.peer, message)
+        if retry_after_s is None:
+            retry_after_s = self._state.admission.retry_hint()
+        raise ProtocolError(ErrorCode.OVERLOADED, message, ctx, retry_after_s=retry_after_s)
 
     def _open_stream(self, spec: StreamSpec, msg: StartMsg, voice: VoiceInfo) -> ContextStream:
         try:

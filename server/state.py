@@ -18,6 +18,7 @@ from aiohttp import web
 from server.admission import Admission, AdmissionController
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.refusal_log import RefusalLog
 from streaming_tts.engine import Engine
 from streaming_tts.gpu import GpuMonitor, GpuSample
 from streaming_tts.voices import VoiceInfo, VoiceRegistry
@@ -64,6 +65,11 @@ class ServerState:
     sessions: set[Closable] = field(default_factory=set)
     shutting_down: bool = False
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up
+    refusal_log: RefusalLog = field(init=False)  # one line per refused stream, rate-limited
+
+    def __post_init__(self) -> None:
+        self.refusal_log = RefusalLog(logging.getLogger("server.admission"),
+                                      self.cfg.admission.refusal_log_lines)
 
     def admit(self) -> Admission:
         """Hold an admission slot for one new stream (release it with `release`)."""

@@ -480,6 +480,35 @@ async def test_overloaded_before_and_after_the_upgrade(
         await client.close()
 
 
+async def test_a_flood_of_refusals_is_logged_within_the_limit(
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.admission")
+    monkeypatch.setattr("server.refusal_log.WINDOW_S", 0.5)
+    overrides = {"admission.max_streams": 1, "admission.refusal_log_lines": 2}
+    async with running(engine, overrides) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "a"})
+        assert (await client.recv())["type"] == "ready"
+        for _ in range(3):   # before the upgrade
+            with pytest.raises(aiohttp.WSServerHandshakeError):
+                await connect(http, r)
+        for i in range(2):   # after it
+            await client.send({"type": "start", "ctx": f"b{i}"})
+            assert (await client.recv())["code"] == "overloaded"
+        refused = [m for m in caplog.messages if "stream refused" in m]
+        assert len(refused) == 2 and all("before the upgrade" in m for m in refused)
+        await wait_for(lambda: any("more stream(s) refused" in m for m in caplog.messages),
+                       what="the summary line")
+        summary = [m for m in caplog.messages if "more stream(s) refused" in m]
+        assert len(summary) == 1
+        assert summary[0].startswith("3 more") and "max_streams 3" in summary[0]
+        async with http.get(r.url("/metrics")) as resp:   # every refusal is counted
+            assert 'tts_streams_refused_total{reason="max_streams"} 5.0' in await resp.text()
+        await client.close()
+
+
 async def test_compute_admission_counts_the_streams_still_starting(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
@@ -521,7 +550,7 @@ async def test_compute_admission_counts_the_streams_still_starting(
 async def test_a_saturated_event_loop_refuses_new_streams_until_it_calms_down(
     engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.http")
+    caplog.set_level(logging.INFO, logger="server.admission")
     overrides = {"metrics.sample_interval_s": 0.5, "admission.max_loop_busy": 0.5}
     async with running(engine, overrides, loop_busy_source=None) as r:
         # Work that keeps the loop's thread busy (as a thousand sockets would), measured as CPU.
