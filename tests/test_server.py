@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.admission import LoadEstimate
+from server.admission import Admission, LoadEstimate, RefusalReason
 from server.app import create_app
 from server.config import load_config
 from server.outbox import Outbox, SlowConsumer
@@ -940,3 +941,73 @@ async def test_fuzzed_frames_never_break_the_socket_or_a_neighbour(
     await fuzzed.close()
     await neighbour.close()
     await clean(srv)
+
+
+# ---------------------------------------------------------------- docs/protocol.md's example
+
+def protocol_doc_example() -> dict[str, Any]:
+    """The Python client of docs/protocol.md §8, run as written (its definitions only)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = doc.split("### Python (aiohttp)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "protocol_doc_example"}
+    exec(compile(code, "docs/protocol.md", "exec"), namespace)
+    return namespace
+
+
+def pcm_s(pcm: bytes) -> float:
+    return len(pcm) / 2 / 24000
+
+
+async def test_the_documented_client_speaks(engine: Engine) -> None:
+    speak = protocol_doc_example()["speak"]
+    async with running(engine) as r:
+        pcm = await speak(["Hello the", "re! How are", " you today?"], url=r.url("/v1/stream"))
+        assert 1.0 < pcm_s(pcm) < 4.0
+        await clean(r)
+
+
+async def test_the_documented_client_waits_for_a_full_server(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    speak = protocol_doc_example()["speak"]
+    overrides = {"admission.max_streams": 1, "admission.retry_after_s": 1,
+                 "admission.retry_jitter_s": 0}
+    async with running(engine, overrides) as r:
+        holder = await connect(http, r)
+        await holder.send({"type": "start", "ctx": "held"})
+        assert (await holder.recv())["type"] == "ready"
+
+        async def release_soon() -> None:
+            await asyncio.sleep(1.5)
+            await holder.send({"type": "cancel", "ctx": "held"})
+            assert (await holder.recv())["type"] == "cancelled"
+
+        # Refused before the upgrade (503) once or twice, then the slot frees.
+        releasing = asyncio.create_task(release_soon())
+        pcm = await speak(["It waited ", "its turn."], url=r.url("/v1/stream"))
+        await releasing
+        assert pcm_s(pcm) > 0.5
+        # Refused after the upgrade (`error` overloaded): admission passes the upgrade's check,
+        # then refuses the `start` once, as when another stream takes the slot in between.
+        admit = r.state.admission.admit
+        refusals = []
+
+        def refuse_once() -> Admission:
+            if not refusals:
+                refusals.append(1)
+                return Admission(ok=False, reason=RefusalReason.LOAD, retry_after_s=1,
+                                 message="server is at capacity (test)")
+            return admit()
+
+        r.state.admission.admit = refuse_once
+        pcm = await speak(["And again."], url=r.url("/v1/stream"))
+        assert refusals == [1] and pcm_s(pcm) > 0.3
+        # Still full after its last try: it gives up with the refusal.
+        await holder.send({"type": "start", "ctx": "held"})
+        assert (await holder.recv())["type"] == "ready"
+        t0 = time.monotonic()
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await speak(["No room."], url=r.url("/v1/stream"), tries=2)
+        assert info.value.status == 503 and time.monotonic() - t0 >= 1.0   # waited once
+        await holder.close()
