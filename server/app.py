@@ -144,6 +144,8 @@ async def _loop_lag(app: web.Application) -> None:
     state = app[STATE]
 
     def gauges() -> None:
+        state.metrics.open_sockets.set(len(state.sessions))
+        state.metrics.loop_tasks.set(len(asyncio.all_tasks()))
         scheduler = state.model.scheduler
         if scheduler is not None:
             state.metrics.queue_depth.set(scheduler.queue_depth)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from server.admission import GpuSampleLike, RefusalReason
@@ -43,6 +44,10 @@ class Metrics:
         self._define_stream_metrics(namespace)
         self._define_scheduler_metrics(namespace)
         self._define_gpu_metrics(namespace)
+        # The process (resident memory, CPU seconds, open fds) and Python's garbage collector,
+        # as prometheus_client's default registry would export them: what shows a leak.
+        self.registry.register(PROCESS_COLLECTOR)
+        self.registry.register(GC_COLLECTOR)
 
     def _define_stream_metrics(self, ns: str) -> None:
         r = self.registry
@@ -60,6 +65,11 @@ class Metrics:
                                       "first audio message", namespace=ns, registry=r,
                                       buckets=TTFA_BUCKETS)
         self.audio_seconds = Counter("audio_seconds", "Audio produced", namespace=ns, registry=r)
+        self.open_sockets = Gauge("open_sockets", "Open stream WebSockets", namespace=ns,
+                                  registry=r)
+        self.loop_tasks = Gauge("event_loop_tasks", "asyncio tasks alive on the event loop "
+                                "(sampled; a steady rise with streams coming and going is a leak)",
+                                namespace=ns, registry=r)
 
     def _define_scheduler_metrics(self, ns: str) -> None:
         r = self.registry

@@ -848,6 +848,49 @@ async def test_http_endpoints(srv: Running, http: aiohttp.ClientSession) -> None
             assert resp.status == 200, path
 
 
+def metric_value(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_metrics_show_sockets_tasks_and_process_memory(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine, {"metrics.sample_interval_s": 0.1}) as r:
+        async def scrape() -> str:
+            async with http.get(r.url("/metrics")) as resp:
+                return await resp.text()
+
+        await asyncio.sleep(0.3)
+        idle = await scrape()
+        assert metric_value(idle, "tts_open_sockets") == 0
+        idle_tasks = metric_value(idle, "tts_event_loop_tasks")
+        assert idle_tasks >= 1   # at least the sampler itself
+        assert metric_value(idle, "process_resident_memory_bytes") > 50e6   # the model is in it
+        assert metric_value(idle, "process_open_fds") > 0
+        assert 'python_gc_objects_collected_total{generation="0"}' in idle
+        clients = [await connect(http, r) for _ in range(3)]
+        for c in clients:
+            await c.send({"type": "start"})
+            assert (await c.recv())["type"] == "ready"
+            await c.send({"type": "text", "text": LONG})
+        await asyncio.sleep(0.3)
+        busy = await scrape()
+        assert metric_value(busy, "tts_open_sockets") == 3
+        assert metric_value(busy, "tts_event_loop_tasks") >= idle_tasks + 3   # a socket: tasks
+        for c in clients:
+            await c.close()
+        await clean(r)
+        await asyncio.sleep(0.3)
+        after = await scrape()
+        assert metric_value(after, "tts_open_sockets") == 0
+        # Back to idle. The test's client shares the loop, and an HTTP keep-alive connection's
+        # handler may or may not be alive when the gauge is sampled: one task of slack.
+        assert metric_value(after, "tts_event_loop_tasks") <= idle_tasks + 1
+
+
 async def test_gpu_readings_reach_status_metrics_and_admission(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
