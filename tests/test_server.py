@@ -9,6 +9,7 @@ of a socket once it is gone.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -28,6 +29,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks import soak
 from server.admission import Admission, LoadEstimate, RefusalReason
 from server.app import create_app
 from server.config import load_config
@@ -889,6 +891,25 @@ async def test_metrics_show_sockets_tasks_and_process_memory(
         # Back to idle. The test's client shares the loop, and an HTTP keep-alive connection's
         # handler may or may not be alive when the gauge is sampled: one task of slack.
         assert metric_value(after, "tts_event_loop_tasks") <= idle_tasks + 1
+
+
+async def test_streams_coming_and_going_leave_the_server_as_it_was(engine: Engine) -> None:
+    """benchmarks/soak.py's scenarios, two rounds of each: complete, cancel, close, vanish (TCP
+    dropped), bad frames, two contexts. No contract broken, and the idle server has no more
+    tasks, sockets or streams than before."""
+    args = argparse.Namespace(clients=3, rounds=2, minutes=0.0, sample_s=0.5, settle_s=0.0,
+                              seed=3, pid=None, verbose=False)
+    overrides = {"metrics.sample_interval_s": 0.2, "limits.max_text_chars": 10_000}
+    async with running(engine, overrides) as r:
+        args.url = r.url("/v1/stream")
+        report = await soak.main_async(args)
+    assert report["violation_examples"] == [] and report["violations"] == 0
+    assert report["rounds"] == {name: 1 for name in soak.SCENARIOS}
+    assert report["streams_done"] >= 5 and report["audio_s"] > 5
+    before, after = report["idle_before"], report["idle_after"]
+    assert after["sockets"] == 0 and after["streams"] == 0
+    assert after["tasks"] <= before["tasks"] + 1   # one keep-alive HTTP handler of slack
+    assert after["fds"] <= before["fds"] + 2
 
 
 async def test_gpu_readings_reach_status_metrics_and_admission(
