@@ -95,6 +95,7 @@ class SchedulerConfig:
     first_phrase_wait_ms: float = 200.0  # no audio yet: speak the complete words come by then
     target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
+    heap_trim_interval_s: float = 30.0  # give the C heap's free pages back this often (0: never)
 
     def __post_init__(self) -> None:
         _require(self.lookahead_ms > 0, "scheduler.lookahead_ms", "must be > 0", self.lookahead_ms)
@@ -104,6 +105,8 @@ class SchedulerConfig:
                  self.first_phrase_wait_ms)
         _require(0 < self.silence_fill_ms <= self.lookahead_ms, "scheduler.silence_fill_ms",
                  "must be in (0, lookahead_ms]", self.silence_fill_ms)
+        _require(self.heap_trim_interval_s >= 0, "scheduler.heap_trim_interval_s", "must be >= 0",
+                 self.heap_trim_interval_s)
         _require(self.max_batch_phrases >= 1, "scheduler.max_batch_phrases", "must be >= 1",
                  self.max_batch_phrases)
         _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",

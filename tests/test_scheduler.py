@@ -733,3 +733,35 @@ def test_streams_still_building_a_runway_are_counted_for_admission():
     load = sched.load()
     assert (load.active_streams, load.starting_streams) == (8, 5)
     assert sched.load(extra_streams=1).starting_streams == 6
+
+
+async def test_free_heap_is_given_back_in_the_model_thread_between_steps(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr("streaming_tts.heap.release_free_heap",
+                        lambda: calls.append(threading.get_ident()) or True)
+    engine = FakeEngine()
+    sched, task = await running(engine, heap_trim_interval_s=0.05)
+    await asyncio.sleep(0.2)
+    assert calls == [], "an idle scheduler that has made nothing has nothing to give back"
+    sinks = [Sink() for _ in range(3)]
+    for i, sink in enumerate(sinks):   # one after the other: the trims fall between steps
+        await speak(sched, f"s{i}", sink, "One two three. Four five six. Seven eight.")
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
+    n = len(calls)
+    await asyncio.sleep(0.3)
+    await stop(task)
+    assert 1 <= n <= sched.steps, "at most one trim per step, and some"
+    assert len(calls) == n, "idle again: no trim without new steps"
+    assert set(calls) == engine.thread_ids, "in the model thread, where the memory was freed"
+
+
+async def test_heap_trims_can_be_turned_off(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr("streaming_tts.heap.release_free_heap", lambda: calls.append(1) or True)
+    engine = FakeEngine()
+    sched, task = await running(engine, heap_trim_interval_s=0.0)
+    await speak(sched, "s", Sink(), "One two three. Four five six.")
+    await asyncio.sleep(0.2)
+    await stop(task)
+    assert calls == []
