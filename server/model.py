@@ -19,6 +19,7 @@ import torch
 
 from server.config import ServerConfig
 from streaming_tts import engine as tts_engine
+from streaming_tts import heap
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, SynthesisParams
 from streaming_tts.metering import Meter, Tariff
 from streaming_tts.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, measure_stream_cost
@@ -80,6 +81,7 @@ def prepare_model(
         except Exception:  # e.g. a voice whose phonemizer cannot speak the English probe text
             log.warning("could not measure a stream's cost at warm-up; admission estimates "
                         "capacity from the first steps instead", exc_info=True)
+    heap.release_free_heap()   # what loading and warm-up freed (hundreds of MB on CPU)
     log.info("voice %s loaded in %.1f s, warmed up in %.1f s on %s%s", voice.id, loaded_s, warm_s,
              cfg.engine.device, "" if cost is None else
              f"; one stream costs {cost:.3f} s per audio s (in a batch of "

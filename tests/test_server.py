@@ -33,6 +33,7 @@ from benchmarks import soak
 from server.admission import Admission, LoadEstimate, RefusalReason
 from server.app import create_app
 from server.config import load_config
+from server.model import prepare_model
 from server.outbox import Outbox, SlowConsumer
 from server.protocol import USAGE_FIELDS
 from server.state import STATE, ServerState
@@ -1075,3 +1076,13 @@ async def test_the_documented_client_waits_for_a_full_server(
             await speak(["No room."], url=r.url("/v1/stream"), tries=2)
         assert info.value.status == 503 and time.monotonic() - t0 >= 1.0   # waited once
         await holder.close()
+
+
+async def test_loading_gives_what_warm_up_freed_back_to_the_system(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+    monkeypatch.setattr("streaming_tts.heap.release_free_heap", lambda: calls.append(1) or True)
+    voice = VoiceRegistry().default()
+    loaded = prepare_model(voice, load_config(None, {}), loader=lambda v, c: engine, warm_up=False)
+    assert loaded.engine is engine and calls == [1]
