@@ -20,8 +20,9 @@ collector), its live event-loop tasks, open sockets and active streams, and its 
 the server is given time to go idle, and the report gives: resident memory after --settle-s
 and at the end, its least-squares slope over the samples after --settle-s (MB per hour), the
 idle server before and after (tasks, fds, threads, sockets, streams), what each scenario did,
-and every protocol violation seen: a timeline gap, audio after `cancelled`, a `done` whose
-audio_ms does not match the audio received, an unexpected error.
+and every violation seen: a timeline gap, audio after `cancelled`, a `done` whose audio_ms
+does not match the audio received, an unexpected error, a round that did not end within
+MAX_ROUND_S (e.g. a client refused for that long by a server with room).
 
     python run_server.py --port 8150 &
     python benchmarks/soak.py --url ws://127.0.0.1:8150/v1/stream --pid $! --minutes 20 --json

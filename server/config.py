@@ -177,6 +177,7 @@ class AdmissionConfig:
     cost_probe_streams: int = 1  # streams batched together when warm-up measures a stream's cost
     startup_extra: float = 0.4  # extra real-time demand of a stream still building its runway
     refusal_log_lines: int = 20  # refused streams logged one by one per 10 s; the rest summed up
+    cost_half_life_s: float = 30.0  # no stream finishing: the stream cost returns to warm-up's
 
     def __post_init__(self) -> None:
         _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)
@@ -196,6 +197,8 @@ class AdmissionConfig:
                  self.retry_jitter_s)
         _require(self.refusal_log_lines >= 0, "admission.refusal_log_lines", "must be >= 0",
                  self.refusal_log_lines)
+        _require(self.cost_half_life_s >= 0, "admission.cost_half_life_s", "must be >= 0",
+                 self.cost_half_life_s)
 
 
 @dataclass(frozen=True)

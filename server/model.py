@@ -120,6 +120,7 @@ def build_scheduler(
         max_batch_phrases=s.max_batch_phrases, max_batch_chunks=s.max_batch_chunks,
         silence_fill_ms=s.silence_fill_ms, first_phrase_wait_ms=s.first_phrase_wait_ms,
         heap_trim_interval_s=s.heap_trim_interval_s,
+        cost_half_life_s=cfg.admission.cost_half_life_s,
     )
     return Scheduler(
         loaded.engine, phonemizer=loaded.phonemizer,

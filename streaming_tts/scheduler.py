@@ -52,6 +52,7 @@ class SchedulerConfig:
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
     runway_ms: float = 1000.0          # a stream with work whose listener holds less is starting up
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
+    cost_half_life_s: float = 30.0     # with no stream finishing, the cost returns to warm-up's
 
 
 class SchedulerObserver(Protocol):
@@ -211,6 +212,9 @@ class Scheduler:
         # steadier than the step mix, which swings between bursts of newcomers and idle tails.
         # Until one has finished: what a stream cost at warm-up (measure_stream_cost), if given.
         self._stream_cost: float | None = initial_stream_cost
+        # While no stream finishes, the estimate returns to warm-up's cost (see _current_cost).
+        self._warm_cost = initial_stream_cost
+        self._costed_at = time.monotonic()
         self._starting_count = (float("-inf"), 0, 0)   # when, how many starting, of how many
         self._last_tick = float("-inf")
         self._timer_due = False          # the last wait ended at a timer: tick now
@@ -259,8 +263,9 @@ class Scheduler:
     def load(self, extra_streams: int = 0) -> LoadEstimate:
         opening = self._opening()
         n = len(self._streams) + opening + extra_streams
-        if self._stream_cost:
-            capacity = 1.0 / self._stream_cost
+        cost = self._current_cost(time.monotonic())
+        if cost:
+            capacity = 1.0 / cost
         elif self._busy > 1.0:   # no stream finished yet: the recent steps' output rate
             capacity = self._audio_made / self._busy
         else:                    # under a second measured: estimate from the work-frame rate
@@ -268,6 +273,20 @@ class Scheduler:
         return LoadEstimate(active_streams=n, demand_audio_s_per_s=float(n),
                             capacity_audio_s_per_s=capacity,
                             starting_streams=opening + self._starting_streams() + extra_streams)
+
+    def _current_cost(self, now: float) -> float | None:
+        """The finished streams' cost, drawn back to warm-up's cost with a half-life of
+        `cost_half_life_s` since a stream last finished. Costs measured while the host was
+        slow (another process took the cores) would otherwise refuse streams at a fraction of
+        the real capacity for as long as no stream finishes to correct them, and refusing
+        streams keeps them from finishing: on 2 cores, 25 s of a neighbour's load left a server
+        refusing at 3 live streams of ~13 for minutes (BENCHMARKS.md, "Streams coming and
+        going"). Streams finish every few seconds under load, so there the pull is small."""
+        cost, warm = self._stream_cost, self._warm_cost
+        half_life = self.config.cost_half_life_s
+        if cost is None or warm is None or half_life <= 0:
+            return cost
+        return warm + (cost - warm) * 0.5 ** ((now - self._costed_at) / half_life)
 
     def _starting_streams(self) -> int:
         """Registered streams still building their runway (`StreamState.starting`). Streams
@@ -678,7 +697,10 @@ class Scheduler:
         audio_ms, compute_ms = usage.get("audio_ms") or 0.0, usage.get("compute_ms")
         if audio_ms >= _MIN_COSTED_AUDIO_MS and compute_ms is not None:
             cost = compute_ms / audio_ms
-            self._stream_cost = cost if self._stream_cost is None else 0.8 * self._stream_cost + 0.2 * cost
+            now = time.monotonic()
+            current = self._current_cost(now)
+            self._stream_cost = cost if current is None else 0.8 * current + 0.2 * cost
+            self._costed_at = now
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)
 

@@ -18,7 +18,7 @@ import torch
 from streaming_tts.engine import AcousticResult, Engine, EngineConfig, SynthesisParams
 from streaming_tts.metering import Meter
 from streaming_tts.scheduler import _COST_PROBE_PHRASES, Scheduler, SchedulerConfig, measure_stream_cost
-from streaming_tts.stream import ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions
+from streaming_tts.stream import ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamState
 from streaming_tts.text.phonemes import PhonemizedText, WordSpan
 from streaming_tts.text.splitter import PhraseSplitter
 
@@ -765,3 +765,31 @@ async def test_heap_trims_can_be_turned_off(monkeypatch):
     await asyncio.sleep(0.2)
     await stop(task)
     assert calls == []
+
+
+def test_a_cost_measured_while_slow_returns_to_warm_ups_while_no_stream_finishes():
+    sched = new_scheduler(FakeEngine(), initial_stream_cost=0.05, cost_half_life_s=30.0)
+    now = time.monotonic()
+    # Streams that finished while a neighbour held the cores cost 0.25 s per audio s.
+    sched._stream_cost, sched._costed_at = 0.25, now
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(4.0, rel=0.01)
+    sched._costed_at = now - 30.0    # one half-life without a stream finishing
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.15, rel=0.01)
+    sched._costed_at = now - 300.0
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(20.0, rel=0.01)
+    # The next finished stream updates the drawn-back cost, not the stale one.
+    sched._costed_at = now - 30.0
+    sched.meter.open("s")
+    sched.meter.add_audio("s", 4000.0, now=now)
+    sched.meter.record_batch(0.4, {"s": 1.0}, None)    # 400 ms of compute for 4 s of audio
+    sched._finish(StreamState("s", OPTS, Sink(), PhraseSplitter()))
+    assert sched._stream_cost == pytest.approx(0.8 * 0.15 + 0.2 * 0.1, rel=0.01)
+
+
+def test_without_a_warm_up_cost_or_a_half_life_the_cost_stays():
+    sched = new_scheduler(FakeEngine(), cost_half_life_s=30.0)   # no warm-up measurement
+    sched._stream_cost, sched._costed_at = 0.25, time.monotonic() - 300.0
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(4.0)
+    sched = new_scheduler(FakeEngine(), initial_stream_cost=0.05, cost_half_life_s=0.0)
+    sched._stream_cost, sched._costed_at = 0.25, time.monotonic() - 300.0
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(4.0)
