@@ -235,6 +235,11 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def http_base(ws_url: str) -> str:
+    """The server's HTTP root for a stream URL: ws://host:port/v1/stream -> http://host:port."""
+    return ws_url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/", 1)[0]
+
+
 def new_session() -> aiohttp.ClientSession:
     """One client session for every stream, without aiohttp's default cap of 100 connections
     (each WebSocket holds one for its whole life: the cap would queue streams 101 and on)."""
@@ -242,7 +247,7 @@ def new_session() -> aiohttp.ClientSession:
 
 
 async def main_async(args) -> dict:
-    base = args.url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/", 1)[0]
+    base = http_base(args.url)
     async with new_session() as session:
         t0 = time.monotonic()
         tasks, live = [], Live()

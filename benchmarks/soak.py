@@ -44,13 +44,14 @@ import aiohttp
 import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.load import new_session, percentile  # noqa: E402
+from benchmarks.load import http_base, new_session, percentile  # noqa: E402
 from benchmarks.texts import SENTENCES  # noqa: E402
 
 SCENARIOS = ("complete", "cancel", "close", "vanish", "bad", "contexts")
 WORDS = " ".join(SENTENCES).split(" ")
 FRAME_MS = 20.0   # one Opus packet
 MAX_ROUND_S = 120.0   # a round that takes longer is stuck: a violation
+IDLE_KEYS = ("rss_mb", "fds", "tasks", "threads", "sockets", "streams")
 GAUGES = {
     "rss_mb": "process_resident_memory_bytes",
     "fds": "process_open_fds",
@@ -147,15 +148,14 @@ class Client:
         first = self.rng.randrange(len(WORDS))
         return " ".join((WORDS[first:] + WORDS)[:n])
 
-    async def feed(self, ws, ctx: str, text: str, *, end: bool = True) -> None:
+    async def feed(self, ws, ctx: str, text: str) -> None:
         if self.rng.random() < 0.5:
             await self.send(ws, {"type": "text", "ctx": ctx, "text": text})
         else:   # word by word at 15 words/s, like an LLM
             for word in text.split(" "):
                 await self.send(ws, {"type": "text", "ctx": ctx, "text": word + " "})
                 await asyncio.sleep(1 / 15)
-        if end:
-            await self.send(ws, {"type": "end", "ctx": ctx})
+        await self.send(ws, {"type": "end", "ctx": ctx})
 
     async def read_to_done(self, ws, checks: dict[str, StreamCheck],
                            until: float | None = None) -> None:
@@ -188,18 +188,17 @@ class Client:
         await self.read_to_done(ws, {"s": check})
         await sender
 
-    async def _midway(self, ws) -> None:
-        """Start a stream and read it for 0.2-2 s."""
+    async def _midway(self, ws) -> StreamCheck:
+        """Start a stream, read it for 0.2-2 s, and stop sending its text."""
         check = await self.start(ws, "s")
-        self._sender = asyncio.create_task(self.feed(ws, "s", self.words()))
+        sender = asyncio.create_task(self.feed(ws, "s", self.words()))
         await self.read_to_done(ws, {"s": check}, until=time.monotonic() + self.rng.uniform(0.2, 2))
-        self._check = check
+        sender.cancel()
+        return check
 
     async def cancel(self, ws) -> None:
-        await self._midway(ws)
-        self._sender.cancel()
+        check = await self._midway(ws)
         await self.send(ws, {"type": "cancel", "ctx": "s"})
-        check = self._check
         while True:   # audio sent before the cancel may still arrive; none after `cancelled`
             msg = await self.recv(ws)
             if msg["type"] == "cancelled":
@@ -218,7 +217,6 @@ class Client:
 
     async def close(self, ws) -> None:
         await self._midway(ws)
-        self._sender.cancel()
         await ws.close()
 
     async def bad(self, ws) -> None:
@@ -250,7 +248,6 @@ class Client:
             ws = await self.connect(session)
             if scenario == "vanish":   # closing the session below drops the TCP connection
                 await self._midway(ws)
-                self._sender.cancel()
             else:
                 await getattr(self, scenario)(ws)
                 await ws.close()
@@ -327,7 +324,7 @@ async def wait_idle(session, base: str, pid: int | None, timeout: float) -> dict
 
 
 async def main_async(args) -> dict:
-    base = args.url.replace("ws://", "http://").replace("wss://", "https://").rsplit("/v1/", 1)[0]
+    base = http_base(args.url)
     tally, samples = Tally(), []
     async with aiohttp.ClientSession() as http:
         before = await wait_idle(http, base, args.pid, timeout=30)
@@ -363,8 +360,8 @@ async def main_async(args) -> dict:
         "rss_mb_max": max((v for _, v in rss), default=None),
         "rss_mb_per_hour": None if slope is None else round(slope, 1),
         "tasks_p50_busy": percentile(tasks_seen, 0.5),
-        "idle_before": {k: before[k] for k in ("rss_mb", "fds", "tasks", "threads", "sockets", "streams")},
-        "idle_after": {k: after[k] for k in ("rss_mb", "fds", "tasks", "threads", "sockets", "streams")},
+        "idle_before": {k: before[k] for k in IDLE_KEYS},
+        "idle_after": {k: after[k] for k in IDLE_KEYS},
     }
 
 
