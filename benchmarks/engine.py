@@ -11,7 +11,8 @@ Prints one JSON line with --json. Figures:
   model time to make N first phrases (the load benchmark's first three words) and decode their
   first chunks, all in one batch (best of --reps), with the flow over the whole phrase or only
   its head (see the engine), and first chunks of the schedule's first and second sizes.
-- on CUDA (--device cuda): fp16 throughput at batch 1..256.
+- on CUDA (--device cuda): throughput at batch 1..256 in fp32, fp16, and fp16 with CUDA graphs;
+  one decode step's time at batch 1..64, fp16 eager against CUDA graphs.
 """
 
 from __future__ import annotations
@@ -194,14 +195,40 @@ def snr_vs_float32(voice, engine: Engine, id_lists) -> float:
 
 
 def bench_cuda(voice, id_lists, params) -> dict:
+    """Throughput by batch size in float32 and float16, and float16 with the decoder replayed
+    as CUDA graphs (the GPU profile); the time of one decode step, eager against graphs."""
     res = {}
-    for dtype in ("float32", "float16"):
+    variants = {"float32": ("float32", False), "float16": ("float16", False),
+                "float16_graphs": ("float16", True)}
+    for name, (dtype, graphs) in variants.items():
         eng = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate,
-                               config=EngineConfig(device="cuda", dtype=dtype, chunk_schedule=(16, 64, 128)))
-        eng.warmup()
-        res[f"batched_audio_s_per_s_cuda_{dtype}"] = {
+                               config=EngineConfig(device="cuda", dtype=dtype, chunk_schedule=(16, 64, 128),
+                                                   cuda_graphs=graphs))
+        t0 = time.perf_counter()
+        eng.warmup(max_batch=64)
+        res[f"warmup_s_cuda_{name}"] = round(time.perf_counter() - t0, 2)
+        res[f"batched_audio_s_per_s_cuda_{name}"] = {
             b: round(bench_batched(eng, id_lists, params, b), 2) for b in (1, 8, 32, 64, 128, 256)}
+        if dtype == "float16":
+            res[f"decode_step_ms_cuda_{name}"] = bench_decode_steps(eng, (1, 8, 32, 64))
+            if eng.graphs is not None:
+                res["cuda_graphs_recorded"] = len(eng.graphs)
     return res
+
+
+def bench_decode_steps(engine: Engine, batches, reps: int = 30) -> dict:
+    """Median ms of one decode step of B chunks of the schedule's first and last sizes (the
+    call the scheduler makes each step), host to host."""
+    z = engine.acoustic([AcousticJob([1, 0] + [20, 0, 35, 0] * 40 + [2], SynthesisParams(), seed=0)])[0].z
+    z = z[:, :1].expand(-1, max(engine.config.chunk_schedule)).contiguous()
+    out = {}
+    for size in (engine.config.chunk_schedule[0], engine.config.chunk_schedule[-1]):
+        for b in batches:
+            jobs = [DecodeJob(z, 0, size)] * b
+            engine.decode(jobs)
+            out[f"{size}x{b}"] = round(1000 * statistics.median(
+                _timed(lambda: engine.decode(jobs)) for _ in range(reps)), 3)
+    return out
 
 
 if __name__ == "__main__":

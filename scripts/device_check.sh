@@ -1,9 +1,9 @@
 #!/bin/bash
 # The GPU checks in one call of the device tool (about 6-8 minutes on a warm H100/H200):
-# CUDA tests, the engine benchmark on CUDA (fp16 throughput by batch size), and the load
-# benchmark against the GPU profile at increasing stream counts, then a burst of streams at
-# once (how many admission lets in, and whether they stay on time). Build `.device` first
-# (`.venv/bin/python scripts/device_bundle.py`) and carry it; results land in $OUT.
+# CUDA tests, the engine benchmark on CUDA (throughput by batch size; fp16 eager against CUDA
+# graphs), and the load benchmark against the GPU profile at increasing stream counts, then a
+# burst of streams at once (how many admission lets in, and whether they stay on time). Build
+# `.device` first (`.venv/bin/python scripts/device_bundle.py`) and carry it; results land in $OUT.
 #
 #   run: bash scripts/device_check.sh          carry: [".device"]      timeout_s: 600
 #
@@ -38,7 +38,7 @@ fi
     "import torch; print(torch.__version__, torch.cuda.is_available())") > "$OUT/machine.txt" 2>&1
 
 log "CUDA tests"
-timeout 150 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_engine.py \
+timeout 150 "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_engine.py tests/test_cuda_graphs.py \
     > "$OUT/pytest_cuda.txt" 2>&1
 echo "rc=$?" >> "$OUT/pytest_cuda.txt"
 

@@ -52,6 +52,7 @@ def load_engine(voice: VoiceInfo, cfg: ServerConfig) -> Engine:
         device=e.device, dtype=e.dtype, chunk_schedule=e.chunk_schedule,
         bucket_step=e.bucket_step,
         threads=e.threads or None,  # 0 in the config means torch's default
+        cuda_graphs=e.cuda_graphs,
     )
     return Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate, config=config)
 

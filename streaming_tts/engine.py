@@ -27,6 +27,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
 import torch  # noqa: E402
 
+from .cuda_graphs import DecoderGraphs, Recorder, batch_buckets
 from .models.loader import load_vits
 from .models.vits import VitsModel
 
@@ -49,6 +50,7 @@ class EngineConfig:
     chunk_schedule: tuple[int, ...] = (16, 48, 96)  # frames per decode chunk: first, next, ..., last repeats
     bucket_step: int = 0                         # also pad chunks to multiples of this (0: schedule sizes only)
     threads: int | None = None                   # torch CPU threads (None: torch's default)
+    cuda_graphs: bool = False                    # replay recorded decodes (cuda only; see cuda_graphs.py)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class Engine:
         self.dtype = _DTYPES[config.dtype]
         if self.dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError(f"dtype {config.dtype} needs a CUDA device (got {config.device})")
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device (got {config.device})")
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and not cpu_has_native_bf16():
             log.warning("bfloat16 on a CPU without native bf16 (AVX512-BF16 or AMX) is emulated "
                         "and slower than float32")
@@ -124,6 +128,23 @@ class Engine:
         if config.bucket_step:
             sizes.update(range(config.bucket_step, max(sizes), config.bucket_step))
         self.buckets = tuple(sorted(sizes))
+        self.graphs: DecoderGraphs | None = None     # recorded decodes, once captured
+
+    def capture_graphs(self, max_batch: int, recorder: Recorder | None = None) -> DecoderGraphs:
+        """Record the decode of every chunk bucket at batch sizes up to max_batch (see
+        cuda_graphs.py) and check each against the eager decoder; decode uses them from then on.
+        `recorder` replaces CUDA's (tests on CPU)."""
+        graphs = DecoderGraphs(self.model.decode, channels=self.model.hp.inter,
+                               context_frames=self.context_frames, device=self.device,
+                               dtype=self.dtype, multi_speaker=self.model.emb_g is not None,
+                               recorder=recorder)
+        took = graphs.capture(self.buckets, batch_buckets(max_batch))
+        # Recordings replay the eager kernels: a graph off by more than rounding is broken.
+        graphs.verify(tolerance=1e-3 if self.dtype == torch.float32 else 2e-2)
+        self.graphs = graphs
+        log.info("recorded %d decoder graphs (%d chunk sizes x batches up to %d) in %.1f s",
+                 len(graphs), len(self.buckets), max_batch, took)
+        return graphs
 
     @classmethod
     def from_file(cls, onnx_path: Path, *, sample_rate: int, config: EngineConfig = EngineConfig()):
@@ -233,7 +254,12 @@ class Engine:
             lo.append(a - w0)
             # Frames past `end` inside the window are real context; past the phrase they are not.
             hi.append(e - w0)
-        audio = self.model.decode(window, lo, hi, (ctx, ctx + size), speakers=self._speakers(jobs))
+        speakers = self._speakers(jobs)
+        if self.graphs is not None:
+            audio = self.graphs.run(window, lo, hi, speakers, size)
+            if audio is not None:
+                return audio.float().cpu().numpy()
+        audio = self.model.decode(window, lo, hi, (ctx, ctx + size), speakers=speakers)
         return audio.float().cpu().numpy()
 
     def synthesize(self, ids: Sequence[int], params: SynthesisParams = SynthesisParams(),
@@ -257,8 +283,11 @@ class Engine:
         """Build the kernels of every chunk size at every batch size up to max_batch, so no
         stream pays for a first use later; returns seconds taken. With `max_frames`, batches
         of more frames than that are skipped (on CPU the scheduler's step budget keeps batches
-        of big chunks small, and warming them would cost many seconds)."""
+        of big chunks small, and warming them would cost many seconds). With `cuda_graphs`,
+        the decodes are recorded first, and the loop below replays each recording."""
         t0 = time.perf_counter()
+        if self.config.cuda_graphs and self.graphs is None:
+            self.capture_graphs(max_batch)
         ids = [1, 0] + [20, 0, 35, 0, 50, 0, 62, 0] * 6 + [2]
         res = self.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0)])[0]
         head = self.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), seed=0, head_only=True)])[0]

@@ -124,25 +124,36 @@ class Generator(nn.Module):
         halos.insert(0, Halo(halos[0].left + pre, halos[0].right + pre))
         return halos
 
-    def forward(self, z: torch.Tensor, lo: list[int], hi: list[int], keep: tuple[int, int],
-                g: torch.Tensor | None = None) -> torch.Tensor:
-        """z [B, C, T] window; lo/hi valid frames per item; keep (start, end) frames to return."""
+    def forward(self, z: torch.Tensor, lo: list[int] | torch.Tensor, hi: list[int] | torch.Tensor,
+                keep: tuple[int, int], g: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, C, T] window; lo/hi valid frames per item; keep (start, end) frames to return.
+
+        lo/hi given as [B] tensors on z's device: every stage is masked, whatever they hold, and
+        nothing reads them on the host, so the whole call is one fixed sequence of kernels for a
+        given shape (what a CUDA graph records; see cuda_graphs.py). As lists, windows that are
+        all phrase skip the masks."""
         B, C, T = z.shape
-        need_mask = any(v > 0 for v in lo) or any(v < T for v in hi)
+        if isinstance(lo, torch.Tensor):
+            bounds = (lo.view(B, 1), hi.view(B, 1))
+        elif any(v > 0 for v in lo) or any(v < T for v in hi):
+            bounds = (torch.tensor(lo, device=z.device).view(B, 1),
+                      torch.tensor(hi, device=z.device).view(B, 1))
+        else:
+            bounds = None
         x = z.unsqueeze(2).contiguous(memory_format=torch.channels_last)          # [B, C, 1, T]
         x, off = self._crop(x, 0, 1, keep, self.halos[0])
-        mask = self._mask(lo, hi, 1, off, x.shape[3], x) if need_mask else None
+        mask = self._mask(bounds, 1, off, x.shape[3], x)
         x = conv(_masked(x, mask), self.conv_pre)
         if self.cond is not None and g is not None:
             x = x + self.cond(g).unsqueeze(2)
         u = 1
         for i, up in enumerate(self.ups):
             x, off = self._crop(x, off, u, keep, self.halos[i + 1])
-            mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
+            mask = self._mask(bounds, u, off, x.shape[3], x)
             x = conv_transpose(_masked(F.leaky_relu(x, LRELU_SLOPE), mask), up)
             u *= self.strides[i]
             off *= self.strides[i]
-            mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
+            mask = self._mask(bounds, u, off, x.shape[3], x)
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
             first = _masked(F.leaky_relu(x, LRELU_SLOPE), mask)
             xs = blocks[0](x, mask, first)
@@ -150,7 +161,7 @@ class Generator(nn.Module):
                 xs.add_(block(x, mask, first))
             x = xs.mul_(1.0 / self.num_kernels)
         x, off = self._crop(x, off, u, keep, self.halos[-1])
-        mask = self._mask(lo, hi, u, off, x.shape[3], x) if need_mask else None
+        mask = self._mask(bounds, u, off, x.shape[3], x)
         x = torch.tanh(conv(_masked(F.leaky_relu(x), mask), self.conv_post))
         start = keep[0] * u - off
         return x[:, 0, 0, start:start + (keep[1] - keep[0]) * u]
@@ -165,9 +176,11 @@ class Generator(nn.Module):
         return x[..., start - off:end - off], start
 
     @staticmethod
-    def _mask(lo: list[int], hi: list[int], u: int, off: int, length: int,
-              like: torch.Tensor) -> torch.Tensor:
+    def _mask(bounds: tuple[torch.Tensor, torch.Tensor] | None, u: int, off: int, length: int,
+              like: torch.Tensor) -> torch.Tensor | None:
+        """[B, 1, 1, L] 1 inside each item's [lo, hi) frames (at u samples per frame), else 0."""
+        if bounds is None:
+            return None
         pos = torch.arange(off, off + length, device=like.device)[None, :]          # [1, L]
-        lo_t = torch.tensor(lo, device=like.device)[:, None] * u
-        hi_t = torch.tensor(hi, device=like.device)[:, None] * u
-        return ((pos >= lo_t) & (pos < hi_t)).to(like.dtype)[:, None, None, :]    # [B, 1, 1, L]
+        lo, hi = bounds
+        return ((pos >= lo * u) & (pos < hi * u)).to(like.dtype)[:, None, None, :]
