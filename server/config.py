@@ -180,7 +180,7 @@ class AdmissionConfig:
     cost_probe_streams: int = 1  # streams batched together when warm-up measures a stream's cost
     startup_extra: float = 0.4  # extra real-time demand of a stream still building its runway
     refusal_log_lines: int = 20  # refused streams logged one by one per 10 s; the rest summed up
-    cost_half_life_s: float = 30.0  # no stream finishing: the stream cost returns to warm-up's
+    cost_half_life_s: float = 30.0  # no stream finishing: the cost settles back (scheduler)
 
     def __post_init__(self) -> None:
         _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)

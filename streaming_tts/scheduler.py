@@ -19,6 +19,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -52,7 +53,7 @@ class SchedulerConfig:
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
     runway_ms: float = 1000.0          # a stream with work whose listener holds less is starting up
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
-    cost_half_life_s: float = 30.0     # with no stream finishing, the cost returns to warm-up's
+    cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
 
 
 class SchedulerObserver(Protocol):
@@ -82,6 +83,8 @@ _ACOUSTIC_COST_PER_CHAR = _ACOUSTIC_COST_PER_FRAME * 6.6
 _FLOW_COST_PER_FRAME = 0.15        # the flow is about half of the acoustic stage
 _INITIAL_FRAMES_PER_CHAR = 6.0     # speech length per character of text until measured
 _MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this do not set the capacity estimate
+_SETTLED_COSTS = 64                # with no stream finishing, the cost estimate settles back to the
+_SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have (before: warm-up's)
 # Timers (text deadlines, silence, a listener run dry, finished streams) are checked at most this
 # often, or when one falls due: each check visits every stream, and with hundreds of streams
 # and short model steps, checking at every step was the largest part of the scheduler's time.
@@ -212,8 +215,10 @@ class Scheduler:
         # steadier than the step mix, which swings between bursts of newcomers and idle tails.
         # Until one has finished: what a stream cost at warm-up (measure_stream_cost), if given.
         self._stream_cost: float | None = initial_stream_cost
-        # While no stream finishes, the estimate returns to warm-up's cost (see _current_cost).
-        self._warm_cost = initial_stream_cost
+        # While no stream finishes, the estimate returns to what streams have cost here: the
+        # median of the last finished ones, or warm-up's cost before enough have (_current_cost).
+        self._recent_costs: collections.deque[float] = collections.deque(maxlen=_SETTLED_COSTS)
+        self._settled_cost = initial_stream_cost
         self._costed_at = time.monotonic()
         self._starting_count = (float("-inf"), 0, 0)   # when, how many starting, of how many
         self._last_tick = float("-inf")
@@ -275,18 +280,22 @@ class Scheduler:
                             starting_streams=opening + self._starting_streams() + extra_streams)
 
     def _current_cost(self, now: float) -> float | None:
-        """The finished streams' cost, drawn back to warm-up's cost with a half-life of
-        `cost_half_life_s` since a stream last finished. Costs measured while the host was
-        slow (another process took the cores) would otherwise refuse streams at a fraction of
-        the real capacity for as long as no stream finishes to correct them, and refusing
-        streams keeps them from finishing: on 2 cores, 25 s of a neighbour's load left a server
-        refusing at 3 live streams of ~13 for minutes (BENCHMARKS.md, "Streams coming and
-        going"). Streams finish every few seconds under load, so there the pull is small."""
-        cost, warm = self._stream_cost, self._warm_cost
+        """The finished streams' cost, drawn back to the settled cost (the median of the last
+        _SETTLED_COSTS finished streams, or warm-up's cost before _SETTLED_MIN have finished)
+        with a half-life of `cost_half_life_s` since a stream last finished. Costs measured
+        while the host was slow (another process took the cores) would otherwise refuse streams
+        at a fraction of the real capacity for as long as no stream finishes to correct them,
+        and refusing streams keeps them from finishing: on 2 cores, 25 s of a neighbour's load
+        left a server refusing at 3 live streams of ~13 for minutes (BENCHMARKS.md, "Streams
+        coming and going"). The median shrugs off such a spell, and after a quiet one the next
+        burst is judged by what streams cost under load here, not by warm-up's single probe
+        (10-18% lower on 2 cores). Streams finish every few seconds under load, so there the
+        pull is small."""
+        cost, settled = self._stream_cost, self._settled_cost
         half_life = self.config.cost_half_life_s
-        if cost is None or warm is None or half_life <= 0:
+        if cost is None or settled is None or half_life <= 0:
             return cost
-        return warm + (cost - warm) * 0.5 ** ((now - self._costed_at) / half_life)
+        return settled + (cost - settled) * 0.5 ** ((now - self._costed_at) / half_life)
 
     def _starting_streams(self) -> int:
         """Registered streams still building their runway (`StreamState.starting`). Streams
@@ -701,6 +710,9 @@ class Scheduler:
             current = self._current_cost(now)
             self._stream_cost = cost if current is None else 0.8 * current + 0.2 * cost
             self._costed_at = now
+            self._recent_costs.append(cost)
+            if len(self._recent_costs) >= _SETTLED_MIN:
+                self._settled_cost = statistics.median(self._recent_costs)
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)
 

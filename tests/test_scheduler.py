@@ -767,6 +767,14 @@ async def test_heap_trims_can_be_turned_off(monkeypatch):
     assert calls == []
 
 
+def finish_costed(sched: Scheduler, sid: str, cost: float, now: float) -> None:
+    """A stream of 4 s of audio that cost `cost` s per audio s finishes."""
+    sched.meter.open(sid)
+    sched.meter.add_audio(sid, 4000.0, now=now)
+    sched.meter.record_batch(4.0 * cost, {sid: 1.0}, None)
+    sched._finish(StreamState(sid, OPTS, Sink(), PhraseSplitter()))
+
+
 def test_a_cost_measured_while_slow_returns_to_warm_ups_while_no_stream_finishes():
     sched = new_scheduler(FakeEngine(), initial_stream_cost=0.05, cost_half_life_s=30.0)
     now = time.monotonic()
@@ -779,11 +787,31 @@ def test_a_cost_measured_while_slow_returns_to_warm_ups_while_no_stream_finishes
     assert sched.load().capacity_audio_s_per_s == pytest.approx(20.0, rel=0.01)
     # The next finished stream updates the drawn-back cost, not the stale one.
     sched._costed_at = now - 30.0
-    sched.meter.open("s")
-    sched.meter.add_audio("s", 4000.0, now=now)
-    sched.meter.record_batch(0.4, {"s": 1.0}, None)    # 400 ms of compute for 4 s of audio
-    sched._finish(StreamState("s", OPTS, Sink(), PhraseSplitter()))
+    finish_costed(sched, "s", 0.1, now)
     assert sched._stream_cost == pytest.approx(0.8 * 0.15 + 0.2 * 0.1, rel=0.01)
+
+
+def test_once_streams_have_finished_the_cost_settles_back_to_their_median_not_warm_ups():
+    sched = new_scheduler(FakeEngine(), initial_stream_cost=0.05, cost_half_life_s=30.0)
+    now = time.monotonic()
+    for i in range(7):                   # under load streams cost more than warm-up's probe
+        finish_costed(sched, f"a{i}", 0.06, now)
+    sched._costed_at = now - 300.0       # too few yet: back to warm-up's
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(20.0, rel=0.01)
+    finish_costed(sched, "a7", 0.06, now)
+    sched._costed_at = now - 300.0       # a quiet spell after 8: back to what they cost
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.06, rel=0.01)
+    # A slow spell: a few streams at 5x barely move the median, and the estimate returns to it.
+    for i in range(5):
+        finish_costed(sched, f"slow{i}", 0.30, now)
+    assert sched.load().capacity_audio_s_per_s < 1 / 0.15
+    sched._costed_at = now - 300.0
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.06, rel=0.01)
+    # A lasting change (the host got slower for good) becomes the median in time.
+    for i in range(60):
+        finish_costed(sched, f"b{i}", 0.08, now)
+    sched._costed_at = now - 300.0
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.08, rel=0.01)
 
 
 def test_without_a_warm_up_cost_or_a_half_life_the_cost_stays():
