@@ -130,15 +130,21 @@ class Engine:
         self.buckets = tuple(sorted(sizes))
         self.graphs: DecoderGraphs | None = None     # recorded decodes, once captured
 
-    def capture_graphs(self, max_batch: int, recorder: Recorder | None = None) -> DecoderGraphs:
+    def capture_graphs(self, max_batch: int, recorder: Recorder | None = None) -> DecoderGraphs | None:
         """Record the decode of every chunk bucket at batch sizes up to max_batch (see
         cuda_graphs.py) and check each against the eager decoder; decode uses them from then on.
-        `recorder` replaces CUDA's (tests on CPU)."""
+        If recording fails, a warning, and decoding stays eager (None). `recorder` replaces
+        CUDA's (tests on CPU)."""
         graphs = DecoderGraphs(self.model.decode, channels=self.model.hp.inter,
                                context_frames=self.context_frames, device=self.device,
                                dtype=self.dtype, multi_speaker=self.model.emb_g is not None,
                                recorder=recorder)
-        took = graphs.capture(self.buckets, batch_buckets(max_batch))
+        try:
+            took = graphs.capture(self.buckets, batch_buckets(max_batch))
+        except Exception:   # e.g. a kernel that cannot be captured on this GPU or driver
+            log.warning("could not record the decoder as CUDA graphs; it runs eagerly",
+                        exc_info=True)
+            return None
         # Recordings replay the eager kernels: a graph off by more than rounding is broken.
         graphs.verify(tolerance=1e-3 if self.dtype == torch.float32 else 2e-2)
         self.graphs = graphs

@@ -139,6 +139,24 @@ def test_verification_drops_recordings_that_disagree_and_those_shapes_decode_eag
     assert graphs.replays == before
 
 
+def test_a_failed_recording_leaves_the_decoder_eager(model, phrases, caplog) -> None:
+    recorded = []
+
+    def failing(work):
+        if recorded:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        recorded.append(1)
+        return rerun_recorder(work)
+
+    eager, engine = new_engine(model), new_engine(model)
+    assert engine.capture_graphs(max_batch=2, recorder=failing) is None
+    assert engine.graphs is None
+    assert "could not record the decoder as CUDA graphs" in caplog.text
+    jobs = jobs_for(eager, phrases, 2)
+    for g, w in zip(engine.decode(jobs), eager.decode(jobs)):
+        assert np.abs(g - w).max() <= 1e-6
+
+
 def test_cuda_graphs_need_a_cuda_device(model) -> None:
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         new_engine(model, cuda_graphs=True)
