@@ -151,6 +151,7 @@ async def _loop_lag(app: web.Application) -> None:
             state.metrics.queue_depth.set(scheduler.queue_depth)
             load = scheduler.load()
             state.metrics.capacity_load.set(load.utilisation)
+            state.metrics.capacity.set(load.capacity_audio_s_per_s)
             state.metrics.streams_starting.set(load.starting_streams)
 
     def busy(fraction: float) -> None:

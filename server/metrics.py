@@ -83,6 +83,10 @@ class Metrics:
                                    "the measured capacity (admission refuses above "
                                    "admission.max_load, streams starting counted more)",
                                    namespace=ns, registry=r)
+        self.capacity = Gauge("capacity_audio_seconds_per_second", "Audio seconds the model "
+                              "makes per second, as admission estimates it: 1 / what recently "
+                              "finished streams cost (compute s per audio s)",
+                              namespace=ns, registry=r)
         self.streams_starting = Gauge("streams_starting", "Live streams still building a runway "
                                       "of audio (admission counts them above real time)",
                                       namespace=ns, registry=r)

@@ -542,6 +542,7 @@ async def test_compute_admission_counts_the_streams_still_starting(
         assert "tts_streams_starting 3.0" in text
         # 3 streams demand 3 audio s per s of the 4 pinned (the surcharge is admission's only).
         assert "tts_capacity_load_ratio 0.75" in text
+        assert "tts_capacity_audio_seconds_per_second 4.0" in text
         # A starting stream that goes away makes room again.
         await client.send({"type": "cancel", "ctx": "c0"})
         assert (await client.recv())["type"] == "cancelled"
