@@ -5,8 +5,9 @@ Each stream sends a paragraph word by word at --wps words per second (0: all at 
 --start-buffer-ms of audio. Reports, over admitted streams: TTFA (first text sent -> first audio
 received) p50/p95/max and the server's own TTFA (`usage.ttfa_ms`, text arrival to audio
 emitted) p50, messages late for that player (arrived after their play time), player
-underruns, timeline gaps (pts not contiguous), refusals, aggregate compute RTF from `done`
-usage, and event-loop lag p99 from the server's /metrics.
+underruns, timeline gaps (pts not contiguous), refusals, aggregate compute RTF and encoding
+CPU per audio second (`encode_rtf`) from `done` usage, and event-loop lag p99 from the
+server's /metrics.
 
     python benchmarks/load.py --url ws://127.0.0.1:8000/v1/stream --streams 12 --wps 15 --json
 
@@ -50,6 +51,7 @@ class StreamReport:
     gaps: int = 0
     audio_ms: float = 0.0
     compute_ms: float = 0.0
+    encode_ms: float = 0.0                # the server's CPU time encoding it (`usage.encode_ms`)
     server_ttfa_ms: float | None = None   # the server's own TTFA (`usage.ttfa_ms`): model side only
     late_at_ms: list = field(default_factory=list)
     attempts: int = 1                     # starts tried (refusals retried with --retries)
@@ -174,6 +176,7 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
             elif msg["type"] == "done":
                 rep.audio_ms = msg["usage"]["audio_ms"]
                 rep.compute_ms = msg["usage"]["compute_ms"]
+                rep.encode_ms = msg["usage"].get("encode_ms") or 0.0
                 rep.server_ttfa_ms = msg["usage"].get("ttfa_ms")
                 break
             elif msg["type"] == "error":
@@ -280,6 +283,7 @@ async def main_async(args) -> dict:
         "late_streams_after_retry": sum(1 for r in ok if r.late and r.attempts > 1),
         "timeline_gaps": sum(r.gaps for r in ok), "audio_s": round(audio / 1000, 2),
         "compute_rtf": round(sum(r.compute_ms for r in ok) / audio, 4) if audio else None,
+        "encode_rtf": round(sum(r.encode_ms for r in ok) / audio, 4) if audio else None,
         "wall_s": round(wall, 2), "loop_lag_p99_ms": None if lag is None else lag * 1000,
     }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -100,6 +101,7 @@ class ContextStream:
         self._sent_samples = 0  # the stream's timeline so far, in samples at sample_rate
         self._pcm_held = b""  # pcm bytes waiting to complete a 20 ms frame
         self._frame_samples = max(1, round(spec.sample_rate * PCM_FRAME_MS / 1000))
+        self._encode_s = 0.0  # CPU time of the encoder thread spent on this stream
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump(), name=f"stream-{self.spec.stream_id}")
@@ -155,11 +157,12 @@ class ContextStream:
         if event.kind == "phrase":
             self._send_phrase(event.value)
         elif event.kind == "audio":
-            self._send_audio(await self._in_pool(self._encoder.encode, event.value), final=False)
+            self._send_audio(await self._encode(self._encoder.encode, event.value), final=False)
         elif event.kind == "done":
-            self._send_audio(await self._in_pool(self._encoder.finish), final=True)
-            self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(event.value)))
-            self._end(StreamEnd("done", _usage_summary(event.value)))
+            self._send_audio(await self._encode(self._encoder.finish), final=True)
+            usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1)}
+            self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(usage)))
+            self._end(StreamEnd("done", _usage_summary(usage)))
             return True
         elif event.kind == "cancelled":
             self._put(encode_cancelled(ctx=self.spec.ctx))
@@ -172,8 +175,13 @@ class ContextStream:
             return True
         return False
 
-    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def _encode(self, fn: Callable[..., Payload], *args: Any) -> Payload:
+        """Resample and encode in the encoder threads, metering the thread's CPU time."""
+        payload, cpu_s = await asyncio.get_running_loop().run_in_executor(
+            self._pool, _cpu_timed, fn, *args)
+        self._encode_s += cpu_s
+        self._metrics.encode_seconds.inc(cpu_s)
+        return payload
 
     def _send_phrase(self, phrase: PhraseEvent) -> None:
         ctx, sid = self.spec.ctx, self.spec.stream_id
@@ -238,4 +246,11 @@ def _wire_usage(usage: dict[str, Any]) -> dict[str, Any]:
 
 def _usage_summary(usage: dict[str, Any]) -> str:
     return ", ".join(f"{k}={usage.get(k)}" for k in ("chars", "phrases", "audio_ms",
-                                                      "compute_ms", "ttfa_ms"))
+                                                      "compute_ms", "encode_ms", "ttfa_ms"))
+
+
+def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """fn(*args) and the CPU seconds this thread spent in it."""
+    t0 = time.thread_time()
+    result = fn(*args)
+    return result, time.thread_time() - t0

@@ -101,6 +101,9 @@ class Metrics:
         self.real_time_factor = Gauge("real_time_factor", "Compute seconds per audio second "
                                       "(recent; < 1 is faster than real time)", namespace=ns,
                                       registry=r)
+        self.encode_seconds = Counter("encode_seconds", "CPU time spent resampling and "
+                                      "encoding audio (Opus or PCM), in the encoder threads",
+                                      namespace=ns, registry=r)
         self.compute_seconds = Counter("compute_seconds", "Model compute time", namespace=ns,
                                        registry=r)
         self.energy_joules = Counter("energy_joules", "GPU energy (NVML)", namespace=ns,

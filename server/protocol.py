@@ -427,6 +427,7 @@ class Usage:
     energy_j: float | None
     cost: float | None
     ttfa_ms: float | None
+    encode_ms: float | None = None  # addition: CPU time resampling and encoding its audio
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -437,6 +438,7 @@ class Usage:
             "energy_j": self.energy_j,
             "cost": self.cost,
             "ttfa_ms": None if self.ttfa_ms is None else _ms(self.ttfa_ms),
+            "encode_ms": None if self.encode_ms is None else _ms(self.encode_ms),
         }
 
 
@@ -479,7 +481,7 @@ def encode_words(
 
 
 USAGE_FIELDS: Final = (
-    "chars", "phrases", "audio_ms", "compute_ms", "energy_j", "cost", "ttfa_ms",
+    "chars", "phrases", "audio_ms", "compute_ms", "energy_j", "cost", "ttfa_ms", "encode_ms",
 )
 
 

@@ -299,16 +299,16 @@ def test_done_usage_fields_with_and_without_nulls() -> None:
     msg = decode_server_frame(encode_done(ctx="a", usage=usage))
     assert msg == {"type": "done", "ctx": "a", "usage": {
         "chars": 12, "phrases": 1, "audio_ms": 900, "compute_ms": 35.25, "energy_j": None,
-        "cost": None, "ttfa_ms": 180}}
+        "cost": None, "ttfa_ms": 180, "encode_ms": None}}
     metered = Usage(chars=1, phrases=1, audio_ms=1, compute_ms=1, energy_j=2.5, cost=1e-6,
-                    ttfa_ms=None)
+                    ttfa_ms=None, encode_ms=4.25)
     got = decode_server_frame(encode_done(ctx="a", usage=metered))["usage"]
-    assert (got["energy_j"], got["cost"], got["ttfa_ms"]) == (2.5, 1e-6, None)
+    assert (got["energy_j"], got["cost"], got["ttfa_ms"], got["encode_ms"]) == (2.5, 1e-6, None, 4.25)
 
 
 def test_done_accepts_a_usage_map_with_exactly_the_spec_fields() -> None:
     wire = {"chars": 3, "phrases": 1, "audio_ms": 250, "compute_ms": 12.5, "energy_j": 0.4,
-            "cost": 2e-7, "ttfa_ms": 95.0}
+            "cost": 2e-7, "ttfa_ms": 95.0, "encode_ms": 3.5}
     assert decode_server_frame(encode_done(ctx="a", usage=wire))["usage"] == wire
     with pytest.raises(ValueError, match="usage must have exactly"):
         encode_done(ctx="a", usage={**wire, "extra": 1})

@@ -169,6 +169,8 @@ def check_done(u: Utterance, *, chars: int) -> dict[str, Any]:
     assert usage["chars"] == chars
     assert usage["phrases"] == len(u.phrases)
     assert usage["compute_ms"] > 0 and usage["ttfa_ms"] > 0
+    # The encoder threads' CPU time for this stream's audio: some, and far under real time.
+    assert 0 < usage["encode_ms"] < 0.5 * usage["audio_ms"]
     assert usage["energy_j"] is None and usage["cost"] is None  # CPU, no tariff
     return usage
 
@@ -842,7 +844,7 @@ async def test_http_endpoints(srv: Running, http: aiohttp.ClientSession) -> None
                  "tts_audio_seconds_total", "tts_scheduler_step_seconds_bucket",
                  "tts_batch_size_bucket", "tts_event_loop_lag_seconds_bucket",
                  "tts_event_loop_lag_max_seconds", "tts_real_time_factor",
-                 "tts_compute_seconds_total"):
+                 "tts_compute_seconds_total", "tts_encode_seconds_total"):
         assert f"\n{name}" in text, name
     assert 'tts_protocol_errors_total{code="bad_request"}' in text
     async with http.get(srv.url("/")) as resp:

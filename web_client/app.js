@@ -1092,7 +1092,7 @@ class App {
 
   clearUsage() {
     this.el.stats.dataset.audioMs = "";
-    for (const id of ["chars", "audio", "compute", "energy", "cost", "ttfa"]) {
+    for (const id of ["chars", "audio", "compute", "encode", "energy", "cost", "ttfa"]) {
       $(`usage-${id}`).textContent = "–";
     }
   }
@@ -1103,6 +1103,7 @@ class App {
     $("usage-chars").textContent = u.chars == null ? "n/a" : String(u.chars);
     $("usage-audio").textContent = fmt(u.audio_ms == null ? null : u.audio_ms / 1000, 2, " s");
     $("usage-compute").textContent = fmt(u.compute_ms, 0, " ms");
+    $("usage-encode").textContent = fmt(u.encode_ms, 1, " ms");
     $("usage-energy").textContent = fmt(u.energy_j, 2, " J");
     $("usage-cost").textContent = u.cost == null ? "n/a" : Number(u.cost).toPrecision(3);
     $("usage-ttfa").textContent = fmt(u.ttfa_ms, 0, " ms");
