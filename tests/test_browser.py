@@ -276,6 +276,10 @@ def test_streamed_paragraph_plays_to_the_end_with_captions(
     client.page.screenshot(path=str(tmp_path / "done.png"), full_page=True)
 
     assert stats["state"] == "done", f"state {stats['state']}: {client.alert()}"
+    # The usage panel shows `done.usage`: model time and the encoders' CPU time, measured.
+    for field in ("#usage-compute", "#usage-encode"):
+        shown = client.page.text_content(field) or ""
+        assert shown.endswith(" ms") and float(shown[:-3]) > 0, (field, shown)
     audio_ms = float(stats["audioMs"])  # usage.audio_ms from `done`
     assert audio_ms > 5_000, "a 40-word paragraph should be several seconds of speech"
     assert float(stats["playedMs"]) >= 0.9 * audio_ms
