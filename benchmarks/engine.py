@@ -137,6 +137,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("--no-ort", action="store_true", help="skip onnxruntime")
+    ap.add_argument("--cuda-only", action="store_true",
+                    help="with --device cuda: only the CUDA figures (no CPU engine)")
     ap.add_argument("--first-audio-batches", default="1,4,12")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -149,6 +151,12 @@ def main() -> int:
                              noise_w=voice.config.noise_w)
     out: dict = {"machine": platform.node(), "cpu_threads": args.threads, "voice": voice.id,
                  "device": args.device, "sentences": len(SENTENCES), "torch": torch.__version__}
+    if args.cuda_only:
+        if not args.device.startswith("cuda"):
+            ap.error("--cuda-only needs --device cuda")
+        out.update(bench_cuda(voice, id_lists, params))
+        print(json.dumps(out) if args.json else json.dumps(out, indent=2))
+        return 0
     # The server's CPU defaults (configs/default.toml): chunk schedule and padding step.
     served = ServedEngineConfig()
     cpu = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate,
