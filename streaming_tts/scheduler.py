@@ -289,7 +289,7 @@ class Scheduler:
         left a server refusing at 3 live streams of ~13 for minutes (BENCHMARKS.md, "Streams
         coming and going"). The median shrugs off such a spell, and after a quiet one the next
         burst is judged by what streams cost under load here, not by warm-up's single probe
-        (10-18% lower on 2 cores). Streams finish every few seconds under load, so there the
+        (4-23% lower on 2 cores). Streams finish every few seconds under load, so there the
         pull is small."""
         cost, settled = self._stream_cost, self._settled_cost
         half_life = self.config.cost_half_life_s
