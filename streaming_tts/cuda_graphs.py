@@ -15,8 +15,8 @@ a time on one thread (the model thread), and each output is copied off the GPU b
 replay. Graphs that disagree with the eager decoder when checked at capture (`verify`) are
 dropped, and their shapes decode eagerly, as do shapes never captured.
 
-Capture itself needs CUDA; `factory` takes another recorder so the bookkeeping here (padding,
-buffers, lookup, verification) runs on CPU in the tests.
+Capture itself needs CUDA; `DecoderGraphs(recorder=...)` takes another recorder so the
+bookkeeping here (padding, buffers, lookup, verification) runs on CPU in the tests.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -35,11 +36,11 @@ DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int], 
                     torch.Tensor]
 
 
-class Replayable:
-    """What a recorder returns: replay() reruns the recorded work into the same output."""
+class Replayable(Protocol):
+    """What a recorder returns (a torch.cuda.CUDAGraph): replay() reruns the recorded work
+    into the same output."""
 
-    def replay(self) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def replay(self) -> None: ...
 
 
 # A recorder takes the work (a function of the static buffers only) and returns the recording
@@ -114,8 +115,7 @@ class DecoderGraphs:
         self.dtype = dtype
         self.multi_speaker = multi_speaker
         self._recorder = recorder
-        self._graphs: dict[tuple[int, int], _Static] = {}
-        self._batches: dict[int, tuple[int, ...]] = {}   # chunk size -> captured batch sizes
+        self._graphs: dict[tuple[int, int], _Static] = {}   # (chunk size, batch size) -> recording
         self.replays = 0
 
     def __len__(self) -> int:
@@ -145,21 +145,12 @@ class DecoderGraphs:
                     lambda st=st, keep=keep: self._decode(st.z, st.bounds[0], st.bounds[1], keep,
                                                           st.speakers))
                 self._graphs[(size, batch)] = st
-        self._index()
         return time.perf_counter() - t0
-
-    def _index(self) -> None:
-        self._batches = {}
-        for size, batch in sorted(self._graphs):
-            self._batches.setdefault(size, ())
-            self._batches[size] += (batch,)
 
     def graph_for(self, size: int, batch: int) -> _Static | None:
         """The recording that decodes `batch` windows of `size` frames (padded), if any."""
-        for captured in self._batches.get(size, ()):
-            if captured >= batch:
-                return self._graphs[(size, captured)]
-        return None
+        fits = [b for s, b in self._graphs if s == size and b >= batch]
+        return self._graphs[(size, min(fits))] if fits else None
 
     @torch.inference_mode()
     def run(self, window: torch.Tensor, lo: Sequence[int], hi: Sequence[int],
@@ -195,7 +186,7 @@ class DecoderGraphs:
         ctx = self.context_frames
         dropped = []
         for (size, batch), st in list(self._graphs.items()):
-            n = max(1, batch - 1) if batch > 1 else 1      # padding rows in use where possible
+            n = max(1, batch - 1)             # a padding row in use where there can be one
             width = size + 2 * ctx
             window = torch.randn(n, self.channels, width, generator=gen).to(self.device, self.dtype)
             lo = [int(v) for v in torch.randint(0, ctx + 1, (n,), generator=gen)]
@@ -211,5 +202,4 @@ class DecoderGraphs:
                             batch, size, err, tolerance)
                 del self._graphs[(size, batch)]
                 dropped.append((size, batch))
-        self._index()
         return dropped
