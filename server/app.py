@@ -27,7 +27,7 @@ from server import http
 from server.admission import AdmissionController, LoadEstimate
 from server.config import ServerConfig
 from server.metrics import Metrics
-from server.model import EngineLoader, build_scheduler, load_engine, prepare_model
+from server.model import EngineLoader, ProbeEncoding, build_scheduler, load_engine, prepare_model
 from server.monitors import sample_gpu, watch_loop_lag
 from server.observer import MetricsObserver
 from server.state import STATE, ModelSlot, ServerState
@@ -178,15 +178,20 @@ async def _model(app: web.Application, loader: EngineLoader, *, warm_up: bool) -
     model = state.model
     # Load, warm up and later run the model in one thread (see new_model_thread).
     model_thread = new_model_thread()
+    assert state.audio_pool is not None, "the audio pool's context comes first"
+    probe = ProbeEncoding.for_config(state.cfg, model.voice, state.audio_pool)
     try:
         loaded = await asyncio.get_running_loop().run_in_executor(
             model_thread, functools.partial(prepare_model, model.voice, state.cfg, loader=loader,
-                                            warm_up=warm_up))
+                                            warm_up=warm_up, on_audio=probe.on_audio))
+        await probe.close()
     except asyncio.CancelledError:
         model_thread.shutdown(wait=False, cancel_futures=True)
+        await probe.cancel()
         raise
     except Exception as exc:
         model_thread.shutdown(wait=False)
+        await probe.cancel()
         log.exception("loading voice %s failed; /healthz stays 503", model.voice.id)
         model.failure = f"loading failed: {exc!r}"
         return

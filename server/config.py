@@ -172,7 +172,7 @@ class AdmissionConfig:
     """[admission]: when a new stream is refused instead of slowing everyone down."""
 
     max_streams: int = 16
-    max_load: float = 0.75  # projected demand / measured capacity (CPU shares cores with Opus)
+    max_load: float = 0.75  # projected demand / measured capacity (headroom: costs vary)
     vram_reserve_mb: int = 512  # VRAM kept free for allocator slack and other processes
     retry_after_s: int = 2  # suggested in `Retry-After` and `retry_after_s`
     retry_jitter_s: int = 2  # plus a random 0..this many seconds, to spread a burst's retries

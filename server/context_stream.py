@@ -178,7 +178,7 @@ class ContextStream:
     async def _encode(self, fn: Callable[..., Payload], *args: Any) -> Payload:
         """Resample and encode in the encoder threads, metering the thread's CPU time."""
         payload, cpu_s = await asyncio.get_running_loop().run_in_executor(
-            self._pool, _cpu_timed, fn, *args)
+            self._pool, cpu_timed, fn, *args)
         self._encode_s += cpu_s
         self._metrics.encode_seconds.inc(cpu_s)
         return payload
@@ -249,7 +249,7 @@ def _usage_summary(usage: dict[str, Any]) -> str:
                                                       "compute_ms", "encode_ms", "ttfa_ms"))
 
 
-def _cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+def cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
     """fn(*args) and the CPU seconds this thread spent in it."""
     t0 = time.thread_time()
     result = fn(*args)

@@ -8,18 +8,25 @@ loop keeps answering /healthz meanwhile. `build_scheduler` runs on the event loo
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import functools
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
+import numpy as np
 import torch
 
 from server.config import ServerConfig
+from server.context_stream import cpu_timed
+from server.protocol import StartMsg
 from streaming_tts import engine as tts_engine
 from streaming_tts import heap
+from streaming_tts.audio import StreamEncoder, make_encoder
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, SynthesisParams
 from streaming_tts.metering import Meter, Tariff
 from streaming_tts.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, measure_stream_cost
@@ -31,6 +38,10 @@ log = logging.getLogger(__name__)
 
 # Builds the engine for a voice (blocking); tests inject small, slow or failing ones.
 EngineLoader = Callable[[VoiceInfo, ServerConfig], Engine]
+
+# Warm-up measures a stream's cost this many times and keeps the median: on a shared host one
+# probe (~1 s on 2 cores) read 0.065-0.082 s per audio s in four starts within minutes.
+COST_PROBE_RUNS: Final = 3
 
 # Phoneme ids of a long phrase (~ the splitter's longest) for the VRAM measurement: pad, BOS,
 # then alternating phoneme / pad ids, EOS. The ids exist in every Piper phoneme map.
@@ -59,8 +70,10 @@ def load_engine(voice: VoiceInfo, cfg: ServerConfig) -> Engine:
 
 def prepare_model(
     voice: VoiceInfo, cfg: ServerConfig, *, loader: EngineLoader, warm_up: bool = True,
+    on_audio: Callable[[int, np.ndarray], None] | None = None,
 ) -> LoadedModel:
-    """Load, warm up and measure (blocking: call in a worker thread)."""
+    """Load, warm up and measure (blocking: call in a worker thread). `on_audio` gets the
+    cost probe's audio (see `measure_stream_cost` and `ProbeEncoding`)."""
     t0 = time.perf_counter()
     engine = loader(voice, cfg)
     phonemizer = Phonemizer(voice.config)
@@ -75,10 +88,12 @@ def prepare_model(
     if engine.device.type == "cuda":
         vram = measure_stream_vram(engine, batch=cfg.engine.max_batch)
     # Admission's capacity estimate until real streams have finished.
-    cost = None
+    cost, probes = None, []
     if warm_up:
         try:
-            cost = measure_stream_cost(engine, phonemizer, streams=cfg.admission.cost_probe_streams)
+            probes = [measure_stream_cost(engine, phonemizer, streams=cfg.admission.cost_probe_streams,
+                                          on_audio=on_audio) for _ in range(COST_PROBE_RUNS)]
+            cost = statistics.median(probes)
         except Exception:  # e.g. a voice whose phonemizer cannot speak the English probe text
             log.warning("could not measure a stream's cost at warm-up; admission estimates "
                         "capacity from the first steps instead", exc_info=True)
@@ -86,8 +101,87 @@ def prepare_model(
     log.info("voice %s loaded in %.1f s, warmed up in %.1f s on %s%s", voice.id, loaded_s, warm_s,
              cfg.engine.device, "" if cost is None else
              f"; one stream costs {cost:.3f} s per audio s (in a batch of "
-             f"{cfg.admission.cost_probe_streams})")
+             f"{cfg.admission.cost_probe_streams}; probes {', '.join(f'{p:.3f}' for p in probes)})")
     return LoadedModel(engine=engine, phonemizer=phonemizer, stream_vram_bytes=vram, stream_cost=cost)
+
+
+class ProbeEncoding:
+    """Encodes warm-up's cost probe audio the way live streams' audio is encoded: one task per
+    probe stream on the event loop hands its chunks, in order, to the encoder threads (what
+    `ContextStream` does), in the format a `start` gets by default. Where the model and the
+    encoders share CPU cores, a stream's cost then includes what encoding takes from the model,
+    as the costs of finished streams do.
+
+    `on_audio` is called from the model thread; everything else runs on the event loop. An
+    encoding failure is logged and ends that probe stream's encoding, nothing else.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: concurrent.futures.Executor,
+                 make: Callable[[], StreamEncoder]) -> None:
+        self._loop = loop
+        self._pool = pool
+        self._make = make
+        self._queues: dict[int, asyncio.Queue[np.ndarray | None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.encoded_s = 0.0  # CPU time the encoder threads spent on the probe
+
+    @classmethod
+    def for_config(cls, cfg: ServerConfig, voice: VoiceInfo, pool: concurrent.futures.Executor,
+                   ) -> ProbeEncoding:
+        start, audio = StartMsg(), cfg.audio
+        return cls(asyncio.get_running_loop(), pool, functools.partial(
+            make_encoder, start.format.value, in_rate=voice.sample_rate,
+            out_rate=start.sample_rate, bitrate=start.bitrate, complexity=audio.opus_complexity))
+
+    def on_audio(self, copy: int, samples: np.ndarray) -> None:
+        """A probe stream's next chunk (model thread)."""
+        if not self._closed:
+            self._loop.call_soon_threadsafe(self._put, copy, samples)
+
+    def _put(self, copy: int, samples: np.ndarray) -> None:
+        if self._closed:  # a probe left running by a cancelled start-up
+            return
+        queue = self._queues.get(copy)
+        if queue is None:
+            queue = self._queues[copy] = asyncio.Queue()
+            self._tasks.append(asyncio.create_task(self._pump(queue), name=f"cost-probe-{copy}"))
+        queue.put_nowait(samples)
+
+    async def _pump(self, queue: asyncio.Queue[np.ndarray | None]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            encoder = self._make()
+            while (samples := await queue.get()) is not None:
+                _, cpu_s = await loop.run_in_executor(self._pool, cpu_timed, encoder.encode, samples)
+                self.encoded_s += cpu_s
+        except Exception:
+            log.warning("cost probe: encoding failed; the probe goes on without it", exc_info=True)
+
+    async def close(self) -> None:
+        """Wait for everything handed over so far to be encoded (call once the probe has
+        returned), then end the tasks."""
+        # Hand-overs are callbacks on the loop, run in the order registered: once this one
+        # has run, so have all that were registered before close() was called.
+        barrier = self._loop.create_future()
+        self._loop.call_soon(barrier.set_result, None)
+        await barrier
+        for queue in self._queues.values():
+            queue.put_nowait(None)
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            await self.cancel()
+        log.debug("cost probe: its audio took %.0f ms of encoder CPU", self.encoded_s * 1000.0)
+
+    async def cancel(self) -> None:
+        """Stop encoding (loading failed or the app stops): no task is left behind."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._queues.clear()
 
 
 def measure_stream_vram(engine: Engine, *, batch: int) -> int:

@@ -540,6 +540,27 @@ def test_warm_up_cost_measured_in_a_batch_shares_each_calls_time_out():
         measure_stream_cost(engine, FakePhonemizer(), streams=0)
 
 
+def test_warm_up_cost_probe_hands_each_copys_audio_over_in_order():
+    # The server encodes what the probe decodes, as it would a stream's: every chunk of every
+    # copy, in the order of the copy's timeline, from the calling thread.
+    engine = FakeEngine(schedule=(8, 64))
+    got: dict[int, list[np.ndarray]] = {}
+    threads = set()
+
+    def on_audio(copy: int, samples: np.ndarray) -> None:
+        threads.add(threading.get_ident())
+        got.setdefault(copy, []).append(samples)
+
+    measure_stream_cost(engine, FakePhonemizer(), streams=3, on_audio=on_audio)
+    assert sorted(got) == [0, 1, 2] and threads == {threading.get_ident()}
+    ids = [len(FakePhonemizer().phonemize(p).ids) for p in _COST_PROBE_PHRASES]
+    for chunks in got.values():
+        # The fake's samples carry the frame index: each phrase's frames 0..n-1, in order.
+        frames = np.concatenate(chunks)[::HOP] % 1000
+        expected = np.concatenate([np.arange(n * FRAMES_PER_ID) for n in ids])
+        assert np.array_equal(frames, expected)
+
+
 async def test_streams_starting_together_get_longer_first_chunks():
     # A lone newcomer gets the smallest first chunk (fastest first audio). Newcomers that
     # arrive together get the next size: each one's runway must cover the others' first steps.

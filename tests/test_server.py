@@ -33,7 +33,8 @@ from benchmarks import soak
 from server.admission import Admission, LoadEstimate, RefusalReason
 from server.app import create_app
 from server.config import load_config
-from server.model import prepare_model
+import server.model
+from server.model import COST_PROBE_RUNS, prepare_model
 from server.outbox import Outbox, SlowConsumer
 from server.protocol import USAGE_FIELDS
 from server.state import STATE, ServerState
@@ -748,12 +749,26 @@ class ThreadRecordingEngine:
 
 
 async def test_the_voice_loads_warms_up_and_runs_in_one_thread(
-    engine: Engine, http: aiohttp.ClientSession,
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # PyTorch's CPU thread pool belongs to the calling thread: a second thread calling the
     # model would leave two pools fighting over the cores.
     recording = ThreadRecordingEngine(engine)
     loader_threads: set[int] = set()
+    # The cost probe's audio is encoded meanwhile, as Opus in the encoder threads (a real
+    # stream's encoding takes its share of the cores, so the probe's must too).
+    encoded: list[tuple[str, int]] = []
+    real_make_encoder = server.model.make_encoder
+
+    def make_encoder(*args: Any, **kwargs: Any) -> Any:
+        enc = real_make_encoder(*args, **kwargs)
+        encode = enc.encode
+        enc.encode = lambda samples: (encoded.append((threading.current_thread().name, len(samples)))
+                                      or encode(samples))
+        assert args[0] == "opus"
+        return enc
+
+    monkeypatch.setattr("server.model.make_encoder", make_encoder)
 
     def loader(voice: Any, cfg: Any) -> Engine:
         loader_threads.add(threading.get_ident())
@@ -765,6 +780,10 @@ async def test_the_voice_loads_warms_up_and_runs_in_one_thread(
         sched = r.state.model.scheduler
         assert sched._stream_cost is not None and 0.001 < sched._stream_cost < 0.5
         assert sched.load().capacity_audio_s_per_s == pytest.approx(1.0 / sched._stream_cost)
+        assert {name.split("_")[0] for name, _ in encoded} == {"tts-audio"}
+        probe_s = sum(n for _, n in encoded) / engine.sample_rate
+        assert 5.0 * COST_PROBE_RUNS < probe_s < 30.0 * COST_PROBE_RUNS
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("cost-probe")]
         client = await connect(http, r)
         u = await client.speak(SHORT, format="pcm_s16le", sample_rate=16000, words=False)
         check_done(u, chars=len(SHORT))
