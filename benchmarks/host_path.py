@@ -102,17 +102,18 @@ def replay_loader(voice, cfg):
 
 # -- the server process --------------------------------------------------------------------
 
-def serve(port: int, max_streams: int, encode_threads: int, config: str | None,
-          profile: str | None = None, max_loop_busy: float = 1.0) -> None:
+def serve(args: argparse.Namespace) -> None:
     import uvloop
     from aiohttp import web
 
     from server.app import create_app
     from server.config import load_config
 
-    cfg = load_config(Path(config) if config else None, {
-        "server.port": port, "admission.max_streams": max_streams, "admission.max_load": 1.0,
-        "admission.max_loop_busy": max_loop_busy, "audio.encode_threads": encode_threads})
+    port, profile = args.port, args.profile
+    cfg = load_config(Path(args.config) if args.config else None, {
+        "server.port": port, "admission.max_streams": args.max_streams, "admission.max_load": 1.0,
+        "admission.max_loop_busy": args.max_loop_busy, "admission.max_encode_busy": args.max_encode_busy,
+        "audio.encode_threads": args.encode_threads, "audio.opus_complexity": args.opus_complexity})
     app = create_app(cfg, engine_loader=replay_loader)
 
     async def threads(_request):
@@ -329,6 +330,21 @@ def _get(url: str) -> bytes:
         return r.read()
 
 
+def _refused_by_reason(base: str) -> dict[str, int]:
+    """tts_streams_refused_total by reason, from the server's /metrics."""
+    return refused_counts(_get(base + "/metrics").decode())
+
+
+def refused_counts(exposition: str) -> dict[str, int]:
+    """tts_streams_refused_total by reason, from a /metrics text."""
+    counts = {}
+    for line in exposition.splitlines():
+        if line.startswith("tts_streams_refused_total{"):
+            labels, value = line.rsplit(" ", 1)
+            counts[labels.split('reason="')[1].split('"')[0]] = int(float(value))
+    return counts
+
+
 def run(args) -> list[dict]:
     base = f"http://127.0.0.1:{args.port}"
     server = subprocess.Popen(
@@ -336,7 +352,8 @@ def run(args) -> list[dict]:
          "--max-streams", str(max(args.streams)), "--encode-threads", str(args.encode_threads)]
         + (["--config", args.config] if args.config else [])
         + (["--profile", args.profile] if args.profile else [])
-        + ["--max-loop-busy", str(args.max_loop_busy)],
+        + ["--max-loop-busy", str(args.max_loop_busy), "--max-encode-busy", str(args.max_encode_busy)]
+        + ([] if args.opus_complexity is None else ["--opus-complexity", str(args.opus_complexity)]),
         stdout=subprocess.DEVNULL, stderr=open(args.server_log, "w"))
     try:
         for _ in range(240):
@@ -349,6 +366,7 @@ def run(args) -> list[dict]:
             raise SystemExit(f"server did not turn healthy; see {args.server_log}")
         results = []
         for n in args.streams:
+            refused_before = _refused_by_reason(base)
             before = _cpu_by_thread(server.pid)
             t0 = time.monotonic()
             load = subprocess.run(
@@ -367,6 +385,8 @@ def run(args) -> list[dict]:
             groups = _cpu_groups(before, after, server.pid, names)
             results.append({
                 "streams": n, "admitted": report["admitted"], "refused": report["refused"],
+                "refused_by": {k: v - refused_before.get(k, 0)
+                               for k, v in _refused_by_reason(base).items() if v > refused_before.get(k, 0)},
                 "late_messages": report["late_messages"], "timeline_gaps": report["timeline_gaps"],
                 "ttfa_ms_p50": report["ttfa_ms_p50"], "ttfa_ms_p95": report["ttfa_ms_p95"],
                 "live_max": report["live_max"], "audio_s": report["audio_s"], "wall_s": round(wall, 1),
@@ -391,6 +411,9 @@ def main() -> int:
     ap.add_argument("--encode-threads", type=int, default=2)
     ap.add_argument("--max-loop-busy", type=float, default=1.0,
                     help="the server's admission.max_loop_busy (default 1.0: never refuse for it)")
+    ap.add_argument("--max-encode-busy", type=float, default=1.0,
+                    help="the server's admission.max_encode_busy (default 1.0: never refuse for it)")
+    ap.add_argument("--opus-complexity", type=int, help="the server's audio.opus_complexity")
     ap.add_argument("--config", help="server config file (default: configs/default.toml)")
     ap.add_argument("--server-log", default="/tmp/host_path_server.log")
     ap.add_argument("--max-streams", type=int, default=1000, help=argparse.SUPPRESS)
@@ -404,8 +427,7 @@ def main() -> int:
                     help="CPU per audio second of resampling and Opus, by rate and complexity")
     args = ap.parse_args()
     if args.serve:
-        serve(args.port, args.max_streams, args.encode_threads, args.config, args.profile,
-              args.max_loop_busy)
+        serve(args)
         return 0
     if args.encoders:
         run_encoder_cost(args)

@@ -8,7 +8,12 @@ A stream is refused when any of these holds (checked cheapest first):
      `startup_extra` for each stream still building its runway, the new one included) /
      measured capacity, exceeds `max_load` (only once capacity has been measured);
   4. the event loop's thread was busy (CPU time over wall time, last sample interval) beyond
-     `max_loop_busy`: the host's own work, not the model's, is at its limit (with a reading).
+     `max_loop_busy`: the host's own work, not the model's, is at its limit (with a reading);
+  5. the encoder threads (resampling, Opus) would be held beyond `max_encode_busy` of their
+     time: as measured over the last sample interval, or as projected for the live streams
+     plus the new one from the thread time a second of audio has recently taken (so a burst
+     is refused before it arrives in the measurement). Past it they fall behind and every
+     stream stutters, whatever the GPU has left (with a reading).
 
 A refusal carries a retry hint in whole seconds (HTTP's Retry-After has no fractions):
 `retry_after_s`, or 1 s when only the start-up surcharge refused it (runways are built within a
@@ -81,6 +86,20 @@ class LoadEstimate:
         return self.demand_audio_s_per_s / cap
 
 
+@dataclass(frozen=True)
+class EncoderLoad:
+    """The encoder threads as last sampled (server.encoders.EncoderPool.sample)."""
+
+    busy: float                      # fraction of their time held in the last interval
+    held_per_audio_s: float | None   # thread seconds per second of audio, recently; None: unknown
+    workers: int
+
+    def projected(self, streams: float) -> float | None:
+        """The fraction of their time `streams` real-time streams would hold."""
+        rate = self.held_per_audio_s
+        return None if rate is None else streams * REALTIME_DEMAND * rate / self.workers
+
+
 class RefusalReason(StrEnum):
     """Why a stream was refused; also the `reason` label of the refused-streams metric."""
 
@@ -88,6 +107,7 @@ class RefusalReason(StrEnum):
     VRAM = "vram"
     LOAD = "load"
     EVENT_LOOP = "event_loop"
+    ENCODERS = "encoders"
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,7 @@ class AdmissionController:
         load_source: Callable[[], LoadEstimate],
         gpu_reader: Callable[[], GpuSampleLike | None] | None = None,
         loop_busy_reader: Callable[[], float | None] | None = None,
+        encoder_reader: Callable[[], EncoderLoad | None] | None = None,
         on_refused: Callable[[RefusalReason], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -132,6 +153,7 @@ class AdmissionController:
         self._load_source = load_source
         self._gpu_reader = gpu_reader
         self._loop_busy_reader = loop_busy_reader
+        self._encoder_reader = encoder_reader
         self._on_refused = on_refused
         self._rng = rng or random.Random()
         self._stream_vram_cost: int | None = None
@@ -165,7 +187,7 @@ class AdmissionController:
     def check(self) -> Admission:
         """Would one more stream be admitted now? Holds no slot."""
         refusal = (self._max_streams_refusal() or self._vram_refusal() or self._load_refusal()
-                   or self._loop_refusal())
+                   or self._loop_refusal() or self._encoder_refusal())
         if refusal is None:
             return ADMITTED
         reason = refusal.reason
@@ -223,17 +245,21 @@ class AdmissionController:
             f"not enough GPU memory for another stream ({max(headroom, 0) / MIB:.0f} MiB free "
             f"beyond the reserve, {cost / MIB:.0f} MiB needed)"))
 
+    def _starting(self, load: LoadEstimate) -> tuple[int, int]:
+        """(streams admitted here but not yet registered with the scheduler, streams still
+        building a runway): the first carry no demand in the scheduler's estimate, so they count
+        as real-time streams, plus the one asking now. Those, and the streams still building a
+        runway, carry the start-up surcharge: streams that start together all need their first
+        phrases and a runway at once (and, behind the model, that runway encoded)."""
+        unseen = max(0, self._active - load.active_streams)
+        return unseen, load.starting_streams + unseen + 1
+
     def _load_refusal(self) -> _Refusal | None:
         load = self._load_source()
         capacity = load.capacity_audio_s_per_s
         if capacity is None or capacity <= 0:
             return None  # not measured yet: max_streams alone bounds the start-up phase
-        # Streams admitted here but not yet registered with the scheduler carry no demand in
-        # its estimate; count them as real-time streams, plus the one asking now. Those, and
-        # the streams still building a runway, carry the start-up surcharge: streams that start
-        # together all need their first phrases and a runway at once.
-        unseen = max(0, self._active - load.active_streams)
-        starting = load.starting_streams + unseen + 1
+        unseen, starting = self._starting(load)
         steady = (load.demand_audio_s_per_s + (unseen + 1) * REALTIME_DEMAND) / capacity
         projected = steady + starting * self._cfg.startup_extra / capacity
         if projected <= self._cfg.max_load:
@@ -249,3 +275,17 @@ class AdmissionController:
             return None
         return _Refusal(RefusalReason.EVENT_LOOP,
                         f"server is at capacity (event loop busy {busy:.0%}, limit {limit:.0%})")
+
+    def _encoder_refusal(self) -> _Refusal | None:
+        load = self._encoder_reader() if self._encoder_reader is not None else None
+        limit = self._cfg.max_encode_busy
+        if load is None or limit >= 1.0:   # 1.0: never (a projection can pass 100%)
+            return None
+        _, starting = self._starting(self._load_source())
+        projected = load.projected(self._active + 1 + starting * self._cfg.startup_extra)
+        if load.busy <= limit and (projected is None or projected <= limit):
+            return None
+        shown = "" if projected is None else f", {projected:.0%} projected with one more stream"
+        return _Refusal(RefusalReason.ENCODERS, (
+            f"server is at capacity (audio encoders busy {load.busy:.0%}{shown}, "
+            f"limit {limit:.0%})"))

@@ -13,7 +13,6 @@ On shutdown every live socket gets its streams failed with `error` (internal) an
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -24,8 +23,9 @@ from typing import Any, Final
 from aiohttp import web
 
 from server import http
-from server.admission import AdmissionController, LoadEstimate
+from server.admission import AdmissionController, EncoderLoad, LoadEstimate
 from server.config import ServerConfig
+from server.encoders import EncoderPool
 from server.metrics import Metrics
 from server.model import EngineLoader, ProbeEncoding, build_scheduler, load_engine, prepare_model
 from server.monitors import sample_gpu, watch_loop_lag
@@ -56,6 +56,7 @@ def create_app(
     gpu: GpuMonitor | None = None,
     load_source: LoadSource | None = None,
     loop_busy_source: Callable[[], float | None] | None = None,
+    encoder_source: Callable[[], EncoderLoad | None] | None = None,
     on_ready: Callable[[], None] | None = None,
     web_client_dir: Path = http.WEB_CLIENT_DIR,
 ) -> web.Application:
@@ -65,7 +66,8 @@ def create_app(
     file, and `engine_loader` builds one in the loading thread (e.g. a slow or failing one);
     `warm_up=False` skips the warm-up of an engine that is already warm; `gpu` replaces the
     NVML monitor (e.g. `GpuMonitor.fake(...)`); `load_source` replaces the scheduler's measured
-    load in admission and `loop_busy_source` the event loop's measured busy fraction;
+    load in admission, `loop_busy_source` the event loop's measured busy fraction and
+    `encoder_source` the encoder threads' load;
     `on_ready` runs once the server has turned healthy.
     """
     voices = VoiceRegistry(cfg.engine.voices_dir)
@@ -80,6 +82,7 @@ def create_app(
         load_source=load_source or (lambda: _scheduler_load(model)),
         gpu_reader=available.sample if available is not None else None,
         loop_busy_reader=loop_busy_source or (lambda: state.loop_busy),
+        encoder_reader=encoder_source or (lambda: state.encoders),
         on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),
     )
     state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
@@ -133,11 +136,10 @@ def _background(name: str, body: TaskBody) -> Callable[[web.Application], AsyncI
 async def _audio_pool(app: web.Application) -> AsyncIterator[None]:
     """The threads that resample and encode audio for every stream."""
     state = app[STATE]
-    pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=state.cfg.audio.encode_workers, thread_name_prefix="tts-audio")
+    pool = EncoderPool(state.cfg.audio.encode_workers, metrics=state.metrics)
     state.audio_pool = pool
     yield
-    pool.shutdown(wait=False, cancel_futures=True)
+    pool.shutdown()
 
 
 async def _loop_lag(app: web.Application) -> None:
@@ -153,6 +155,9 @@ async def _loop_lag(app: web.Application) -> None:
             state.metrics.capacity_load.set(load.utilisation)
             state.metrics.capacity.set(load.capacity_audio_s_per_s)
             state.metrics.streams_starting.set(load.starting_streams)
+        if state.audio_pool is not None:
+            state.encoders = state.audio_pool.sample()
+            state.metrics.encode_busy_ratio.set(state.encoders.busy)
 
     def busy(fraction: float) -> None:
         state.loop_busy = fraction

@@ -177,6 +177,7 @@ class AdmissionConfig:
     retry_after_s: int = 2  # suggested in `Retry-After` and `retry_after_s`
     retry_jitter_s: int = 2  # plus a random 0..this many seconds, to spread a burst's retries
     max_loop_busy: float = 0.85  # event-loop thread CPU / wall time, last sample interval
+    max_encode_busy: float = 0.85  # encoder threads' occupied time / their wall time, likewise
     cost_probe_streams: int = 1  # streams batched together when warm-up measures a stream's cost
     startup_extra: float = 0.4  # extra real-time demand of a stream still building its runway
     refusal_log_lines: int = 20  # refused streams logged one by one per 10 s; the rest summed up
@@ -188,6 +189,8 @@ class AdmissionConfig:
                  self.max_load)
         _require(0 < self.max_loop_busy <= 1.0, "admission.max_loop_busy", "must be in (0, 1]",
                  self.max_loop_busy)
+        _require(0 < self.max_encode_busy <= 1.0, "admission.max_encode_busy",
+                 "must be in (0, 1]", self.max_encode_busy)
         _require(1 <= self.cost_probe_streams <= 256, "admission.cost_probe_streams",
                  "must be 1..256", self.cost_probe_streams)
         _require(0 <= self.startup_extra <= 4.0, "admission.startup_extra", "must be in [0, 4]",

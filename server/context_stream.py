@@ -2,7 +2,7 @@
 
 The scheduler calls the sink methods on the event loop and they only enqueue an event. One task
 per stream (`_pump`) takes the events in the order the scheduler produced them, encodes audio in
-the shared audio thread pool (resampling and Opus are CPU work that must stay off the event
+the shared encoder threads (resampling and Opus are CPU work that must stay off the event
 loop) and appends the messages to the socket's outbox. Keeping one ordered path per stream means
 a phrase's `phrase` precedes its audio, the timeline has no gaps, and `done` follows the last
 `audio` without any extra bookkeeping.
@@ -11,15 +11,14 @@ a phrase's `phrase` precedes its audio, the timeline has no gaps, and `done` fol
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import numpy as np
 
+from server.encoders import EncoderPool
 from server.metrics import Metrics
 from server.outbox import Outbox
 from server.protocol import (
@@ -43,9 +42,6 @@ log = logging.getLogger(__name__)
 # `ready.frame_ms` means the same thing for both formats; it holds back at most 20 ms.
 PCM_FRAME_MS: Final = OPUS_FRAME_MS
 PCM_BYTES_PER_SAMPLE: Final = 2
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class StreamSpec:
@@ -82,7 +78,7 @@ class ContextStream:
         *,
         encoder: StreamEncoder,
         outbox: Outbox,
-        pool: concurrent.futures.Executor,
+        pool: EncoderPool,
         metrics: Metrics,
         on_end: Callable[[ContextStream, StreamEnd], None],
     ) -> None:
@@ -177,10 +173,9 @@ class ContextStream:
 
     async def _encode(self, fn: Callable[..., Payload], *args: Any) -> Payload:
         """Resample and encode in the encoder threads, metering the thread's CPU time."""
-        payload, cpu_s = await asyncio.get_running_loop().run_in_executor(
-            self._pool, cpu_timed, fn, *args)
+        audio_s = len(args[0]) / self._encoder.in_rate if args else 0.0
+        payload, cpu_s = await self._pool.run(fn, *args, audio_s=audio_s)
         self._encode_s += cpu_s
-        self._metrics.encode_seconds.inc(cpu_s)
         return payload
 
     def _send_phrase(self, phrase: PhraseEvent) -> None:
@@ -248,9 +243,3 @@ def _usage_summary(usage: dict[str, Any]) -> str:
     return ", ".join(f"{k}={usage.get(k)}" for k in ("chars", "phrases", "audio_ms",
                                                       "compute_ms", "encode_ms", "ttfa_ms"))
 
-
-def cpu_timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
-    """fn(*args) and the CPU seconds this thread spent in it."""
-    t0 = time.thread_time()
-    result = fn(*args)
-    return result, time.thread_time() - t0

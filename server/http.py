@@ -174,6 +174,7 @@ def status_body(state: ServerState) -> dict[str, Any]:
         "vram_total_bytes": None if gpu is None else gpu.vram_total_bytes,
         "gpu_power_w": None if gpu is None else gpu.power_w,
         "event_loop_busy": None if state.loop_busy is None else round(state.loop_busy, 4),
+        "encoders_busy": None if state.encoders is None else round(state.encoders.busy, 4),
         "retry_after_s": state.cfg.admission.retry_after_s,
         "ready": state.model.ready,
     }

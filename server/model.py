@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from server.config import ServerConfig
-from server.context_stream import cpu_timed
+from server.encoders import EncoderPool
 from server.protocol import StartMsg
 from streaming_tts import engine as tts_engine
 from streaming_tts import heap
@@ -116,7 +116,7 @@ class ProbeEncoding:
     encoding failure is logged and ends that probe stream's encoding, nothing else.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: concurrent.futures.Executor,
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: EncoderPool,
                  make: Callable[[], StreamEncoder]) -> None:
         self._loop = loop
         self._pool = pool
@@ -127,8 +127,7 @@ class ProbeEncoding:
         self.encoded_s = 0.0  # CPU time the encoder threads spent on the probe
 
     @classmethod
-    def for_config(cls, cfg: ServerConfig, voice: VoiceInfo, pool: concurrent.futures.Executor,
-                   ) -> ProbeEncoding:
+    def for_config(cls, cfg: ServerConfig, voice: VoiceInfo, pool: EncoderPool) -> ProbeEncoding:
         start, audio = StartMsg(), cfg.audio
         return cls(asyncio.get_running_loop(), pool, functools.partial(
             make_encoder, start.format.value, in_rate=voice.sample_rate,
@@ -149,11 +148,11 @@ class ProbeEncoding:
         queue.put_nowait(samples)
 
     async def _pump(self, queue: asyncio.Queue[np.ndarray | None]) -> None:
-        loop = asyncio.get_running_loop()
         try:
             encoder = self._make()
             while (samples := await queue.get()) is not None:
-                _, cpu_s = await loop.run_in_executor(self._pool, cpu_timed, encoder.encode, samples)
+                _, cpu_s = await self._pool.run(encoder.encode, samples,
+                                                audio_s=len(samples) / encoder.in_rate)
                 self.encoded_s += cpu_s
         except Exception:
             log.warning("cost probe: encoding failed; the probe goes on without it", exc_info=True)

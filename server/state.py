@@ -7,7 +7,6 @@ refuses streams as `overloaded`.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,8 +14,9 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from server.admission import Admission, AdmissionController
+from server.admission import Admission, AdmissionController, EncoderLoad
 from server.config import ServerConfig
+from server.encoders import EncoderPool
 from server.metrics import Metrics
 from server.refusal_log import RefusalLog
 from streaming_tts.engine import Engine
@@ -61,7 +61,8 @@ class ServerState:
     gpu: GpuMonitor | None = None  # None: no NVML (CPU), GPU fields report null
     gpu_sample: GpuSample | None = None  # the latest reading of the GPU sampler task
     loop_busy: float | None = None  # event-loop thread CPU / wall time, last sample interval
-    audio_pool: concurrent.futures.ThreadPoolExecutor | None = None  # set by cleanup_ctx
+    encoders: EncoderLoad | None = None  # the encoder threads' load, last sample interval
+    audio_pool: EncoderPool | None = None  # set by cleanup_ctx
     sessions: set[Closable] = field(default_factory=set)
     shutting_down: bool = False
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up

@@ -14,6 +14,7 @@ from server.admission import (
     MIB,
     Admission,
     AdmissionController,
+    EncoderLoad,
     LoadEstimate,
     RefusalReason,
 )
@@ -36,6 +37,7 @@ class Readings:
         self.gpu: FakeGpu | None = None
         self.load = IDLE
         self.loop_busy: float | None = None
+        self.encoders: EncoderLoad | None = None
 
     def read_gpu(self) -> FakeGpu | None:
         return self.gpu
@@ -46,17 +48,21 @@ class Readings:
     def read_loop_busy(self) -> float | None:
         return self.loop_busy
 
+    def read_encoders(self) -> EncoderLoad | None:
+        return self.encoders
+
 
 def make(
     readings: Readings, *, gpu: bool = True, max_streams: int = 100, max_load: float = 0.85,
-    startup_extra: float = 0.0, retry_jitter_s: int = 0,
+    startup_extra: float = 0.0, retry_jitter_s: int = 0, max_encode_busy: float = 0.85,
 ) -> AdmissionController:
     config = AdmissionConfig(max_streams=max_streams, max_load=max_load, vram_reserve_mb=512,
                              retry_after_s=3, retry_jitter_s=retry_jitter_s,
-                             startup_extra=startup_extra)
+                             startup_extra=startup_extra, max_encode_busy=max_encode_busy)
     return AdmissionController(config, load_source=readings.read_load,
                                gpu_reader=readings.read_gpu if gpu else None,
-                               loop_busy_reader=readings.read_loop_busy)
+                               loop_busy_reader=readings.read_loop_busy,
+                               encoder_reader=readings.read_encoders)
 
 
 # --------------------------------------------------------------------------- event loop
@@ -75,6 +81,52 @@ def test_a_busy_event_loop_refuses_new_streams_until_it_calms_down() -> None:
     assert ctl.active_streams == 2
     r.loop_busy = 0.3
     assert ctl.admit().ok
+
+
+def test_busy_encoder_threads_refuse_new_streams_until_they_catch_up() -> None:
+    r = Readings()
+    ctl = make(r)                                     # max_encode_busy: the default, 0.85
+    assert ctl.admit().ok                             # no reading yet: not checked
+    r.encoders = EncoderLoad(busy=0.85, held_per_audio_s=None, workers=2)
+    assert ctl.admit().ok                             # at the limit is still within it
+    r.encoders = EncoderLoad(busy=0.97, held_per_audio_s=None, workers=2)
+    decision = ctl.admit()
+    assert (decision.ok, decision.reason, decision.retry_after_s) == (False, RefusalReason.ENCODERS, 3)
+    assert "audio encoders busy 97%, limit 85%" in decision.message
+    r.loop_busy = 0.9                                 # both: the cheaper check names it
+    assert ctl.admit().reason is RefusalReason.EVENT_LOOP
+    r.encoders, r.loop_busy = EncoderLoad(busy=0.2, held_per_audio_s=None, workers=2), None
+    assert ctl.admit().ok and ctl.active_streams == 3
+
+
+def test_encoders_refuse_the_stream_that_would_overload_them_before_they_are_busy() -> None:
+    # A burst arrives within one sample interval: the threads are not busy yet, but what a
+    # second of audio has taken them says how many streams they can carry. 10 ms of a thread
+    # per audio second on 2 threads: 170 streams make 85%.
+    r = Readings()
+    ctl = make(r, max_streams=1000)
+    r.encoders = EncoderLoad(busy=0.1, held_per_audio_s=0.01, workers=2)
+    admitted = 0
+    while (decision := ctl.admit()).ok:
+        admitted += 1
+    assert admitted == 170
+    assert decision.reason is RefusalReason.ENCODERS
+    assert "busy 10%, 86% projected with one more stream, limit 85%" in decision.message
+    ctl.release()                                     # one ends: room for one
+    assert ctl.admit().ok and not ctl.admit().ok
+    assert EncoderLoad(busy=0.0, held_per_audio_s=None, workers=2).projected(5) is None
+    # Streams still building their runway need it encoded at once: they count startup_extra
+    # more. None registered with the scheduler yet, so all of them are starting: 1.5 x 10 ms.
+    starting = Readings()
+    starting.encoders = EncoderLoad(busy=0.0, held_per_audio_s=0.01, workers=1)
+    ctl = make(starting, max_streams=1000, startup_extra=0.5)
+    admitted = 0
+    while ctl.admit().ok:
+        admitted += 1
+    assert admitted == 56                             # 57 x 1.5 x 1% = 85.5% > 85%
+    # 1.0 turns the check off, projections beyond 100% included.
+    r.encoders = EncoderLoad(busy=1.0, held_per_audio_s=1.0, workers=1)
+    assert make(r, max_streams=1000, max_encode_busy=1.0).admit().ok
 
 
 # --------------------------------------------------------------------------- VRAM
@@ -275,5 +327,6 @@ def test_refusals_are_counted_by_reason_and_reported() -> None:
     assert ctl.admit().ok
     assert ctl.check().retry_after_s == 5
     assert ctl.refused_counts() == {RefusalReason.MAX_STREAMS: 1, RefusalReason.VRAM: 1,
-                                    RefusalReason.LOAD: 0, RefusalReason.EVENT_LOOP: 0}
+                                    RefusalReason.LOAD: 0, RefusalReason.EVENT_LOOP: 0,
+                                    RefusalReason.ENCODERS: 0}
     assert seen == [RefusalReason.VRAM, RefusalReason.MAX_STREAMS]

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks.host_path import FRAMES_PER_ID, ReplayEngine, _cpu_by_thread, _group
+from benchmarks.host_path import FRAMES_PER_ID, ReplayEngine, _cpu_by_thread, _group, refused_counts
+from server.metrics import Metrics
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams
 
 
@@ -60,3 +61,11 @@ def test_cpu_time_is_read_per_thread_and_grouped_by_thread_name():
     assert _group("7", os.getpid(), names) == "model_thread"
     assert _group("8", os.getpid(), names) == "other"
     assert _group("9", os.getpid(), names) == "text_thread"
+
+
+def test_refusals_are_read_by_reason_from_the_metrics_text():
+    metrics = Metrics()
+    metrics.streams_refused.labels(reason="encoders").inc(3)
+    metrics.streams_refused.labels(reason="load").inc()
+    counts = refused_counts(metrics.render().decode())
+    assert counts["encoders"] == 3 and counts["load"] == 1 and counts["vram"] == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 import time
 from collections.abc import Iterator
@@ -12,12 +11,15 @@ import numpy as np
 import pytest
 
 from server.config import load_config
+from server.encoders import EncoderPool
 from server.model import ProbeEncoding
 from streaming_tts.voices import VoiceRegistry
 
 
 class RecordingEncoder:
     """Records what it encodes, in which thread, and whether two threads ever used it at once."""
+
+    in_rate = 1000
 
     def __init__(self, fail_at: int | None = None) -> None:
         self.chunks: list[int] = []
@@ -42,10 +44,10 @@ class RecordingEncoder:
 
 
 @pytest.fixture
-def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=3, thread_name_prefix="tts-audio")
+def pool() -> Iterator[EncoderPool]:
+    pool = EncoderPool(3)
     yield pool
-    pool.shutdown(wait=True)
+    pool.shutdown()
 
 
 def feed(probe: ProbeEncoding, copies: int, chunks: int) -> None:

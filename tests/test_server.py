@@ -91,6 +91,7 @@ async def running(
     # fuzzing, several streams decoded at once): admission on the loop's busy time is tested
     # on its own (pass loop_busy_source=None to measure it for real).
     kwargs.setdefault("loop_busy_source", lambda: None)
+    kwargs.setdefault("encoder_source", lambda: None)   # likewise the encoder threads'
     kwargs.setdefault("warm_up", False)
     if engine is not None:
         kwargs["engine"] = engine
@@ -581,6 +582,35 @@ async def test_a_saturated_event_loop_refuses_new_streams_until_it_calms_down(
         await wait_for(lambda: (r.state.loop_busy or 1.0) < 0.5, what="the loop to calm down")
         client = await connect(http, r)
         assert (await client.speak("Hello again.")).done is not None
+        await client.close()
+
+
+async def test_saturated_encoder_threads_refuse_new_streams_until_they_catch_up(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    overrides = {"metrics.sample_interval_s": 0.5, "admission.max_encode_busy": 0.5,
+                 "audio.encode_threads": 1}
+    async with running(engine, overrides, encoder_source=None) as r:
+        pool = r.state.audio_pool
+        assert pool is not None and pool.workers == 1
+        # Hold the one encoder thread, as more streams' Opus than it can keep up with would.
+        await pool.run(time.sleep, 0.7)
+        await wait_for(lambda: r.state.encoders is not None and r.state.encoders.busy > 0.5,
+                       what="busy encoders measured")
+        async with http.get(r.url("/v1/status")) as resp:
+            assert (await resp.json())["encoders_busy"] > 0.5
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r)
+        assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
+        async with http.get(r.url("/metrics")) as resp:
+            text = await resp.text()
+        assert 'tts_streams_refused_total{reason="encoders"} 1.0' in text
+        assert "tts_encode_busy_ratio" in text
+        await wait_for(lambda: r.state.encoders is not None and r.state.encoders.busy < 0.5,
+                       what="the encoders to catch up")
+        client = await connect(http, r)
+        u = await client.speak("Hello again.")
+        assert u.done is not None and u.done["usage"]["encode_ms"] > 0
         await client.close()
 
 
