@@ -6,7 +6,8 @@ A stream is refused when any of these holds (checked cheapest first):
      warm-up (only with a GPU reader and a measured cost);
   3. the projected load, (demand of live streams + one more real-time stream, plus
      `startup_extra` for each stream still building its runway, the new one included) /
-     measured capacity, exceeds `max_load` (only once capacity has been measured);
+     measured capacity, exceeds `max_load` (only once capacity has been measured, and never
+     for the only stream: an idle server always tries one);
   4. the event loop's thread was busy (CPU time over wall time, last sample interval) beyond
      `max_loop_busy`: the host's own work, not the model's, is at its limit (with a reading);
   5. the encoder threads (resampling, Opus) would be held beyond `max_encode_busy` of their
@@ -259,6 +260,11 @@ class AdmissionController:
         capacity = load.capacity_audio_s_per_s
         if capacity is None or capacity <= 0:
             return None  # not measured yet: max_streams alone bounds the start-up phase
+        if self._active == 0 and load.active_streams == 0:
+            # Nobody to slow down. And only finished streams correct the estimate: a cost
+            # measured while the host stalled (warm-up's probe read 1.9 s per audio s once,
+            # 20x the usual) would otherwise refuse every stream, for good.
+            return None
         unseen, starting = self._starting(load)
         steady = (load.demand_audio_s_per_s + (unseen + 1) * REALTIME_DEMAND) / capacity
         projected = steady + starting * self._cfg.startup_extra / capacity

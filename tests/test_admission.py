@@ -191,6 +191,19 @@ def test_load_admits_up_to_max_load_and_refuses_beyond() -> None:
     assert "86%" in decision.message
 
 
+def test_an_idle_server_admits_one_stream_whatever_its_cost_estimate_says() -> None:
+    # A cost measured while the host stalled: not even one stream would fit. Refusing it would
+    # be for good, since only finished streams correct the estimate.
+    r = Readings()
+    ctl = make(r, max_load=0.75)
+    r.load = LoadEstimate(active_streams=0, demand_audio_s_per_s=0.0, capacity_audio_s_per_s=0.5)
+    assert ctl.admit().ok
+    assert ctl.admit().reason is RefusalReason.LOAD     # the second is judged as usual
+    r.load = LoadEstimate(active_streams=1, demand_audio_s_per_s=1.0, capacity_audio_s_per_s=0.5)
+    ctl.release()
+    assert ctl.admit().reason is RefusalReason.LOAD     # the scheduler still has one: not idle
+
+
 def test_load_is_not_checked_before_capacity_is_measured() -> None:
     r = Readings()
     ctl = make(r, max_load=0.5)
