@@ -112,3 +112,18 @@ async def test_cancelled_it_leaves_no_task_and_ignores_later_audio(pool) -> None
     feed(probe, 3, 2)          # a probe left running by a cancelled start-up
     await asyncio.sleep(0.05)
     assert not own_tasks() and len(encoders) <= 2
+
+
+async def test_the_cost_probe_benchmark_measures_both_ways_with_the_servers_code(tmp_path) -> None:
+    # benchmarks/cost_probe.py: the real voice, warmed up as the server does (for batches of
+    # up to 2 chunks only, to keep this short), one probe each way.
+    import argparse
+
+    from benchmarks.cost_probe import measure
+
+    config = tmp_path / "small.toml"
+    config.write_text("[scheduler]\nmax_batch_chunks = 2\nmax_batch_phrases = 2\n")
+    report = await measure(argparse.Namespace(rounds=1, runs=1, config=str(config)))
+    assert report["device"] == "cpu" and report["streams"] == 1 and report["encode_threads"] == 2
+    for mode in ("alone", "encoded"):
+        assert len(report[mode]) == 1 and 0.001 < report[f"{mode}_median"] < 5.0
