@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 # `ready.frame_ms` means the same thing for both formats; it holds back at most 20 ms.
 PCM_FRAME_MS: Final = OPUS_FRAME_MS
 PCM_BYTES_PER_SAMPLE: Final = 2
+# Audio is paced to one frame under `lookahead_ms` ahead: a client times it from the arrival
+# of the first message, and a later message that travels faster than that one would otherwise
+# look a fraction of a millisecond too early.
+PACE_MARGIN_S: Final = OPUS_FRAME_MS / 1000.0
 
 @dataclass(frozen=True)
 class StreamSpec:
@@ -52,6 +57,7 @@ class StreamSpec:
     format: AudioFormat
     sample_rate: int  # of the audio sent (after resampling)
     words: bool
+    lookahead_ms: float | None = None  # audio reaches the client at most this far ahead; None: no limit
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,12 @@ class ContextStream:
         self._pcm_held = b""  # pcm bytes waiting to complete a 20 ms frame
         self._frame_samples = max(1, round(spec.sample_rate * PCM_FRAME_MS / 1000))
         self._encode_s = 0.0  # CPU time of the encoder thread spent on this stream
+        # Sending ahead: at most lookahead_ms (protocol), in messages of at most half of it, so
+        # the listener holds between half and all of it while the server is on time.
+        lookahead = spec.lookahead_ms
+        self._lookahead_s = None if lookahead is None else lookahead / 1000.0
+        self._piece_frames = (1 << 30) if lookahead is None else max(1, int(lookahead / 2 // PCM_FRAME_MS))
+        self._started: float | None = None  # time.monotonic() of the first audio message
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump(), name=f"stream-{self.spec.stream_id}")
@@ -153,9 +165,9 @@ class ContextStream:
         if event.kind == "phrase":
             self._send_phrase(event.value)
         elif event.kind == "audio":
-            self._send_audio(await self._encode(self._encoder.encode, event.value), final=False)
+            await self._send_audio(await self._encode(self._encoder.encode, event.value), final=False)
         elif event.kind == "done":
-            self._send_audio(await self._encode(self._encoder.finish), final=True)
+            await self._send_audio(await self._encode(self._encoder.finish), final=True)
             usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1)}
             self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(usage)))
             self._end(StreamEnd("done", _usage_summary(usage)))
@@ -186,14 +198,37 @@ class ContextStream:
             self._put(encode_words(ctx=ctx, phrase_id=phrase.id, items=phrase.words),
                       stream_id=sid)
 
-    def _send_audio(self, payload: Payload, *, final: bool) -> None:
+    async def _send_audio(self, payload: Payload, *, final: bool) -> None:
+        """Send the audio in messages of at most `_piece_frames` 20 ms frames, each once the
+        listener would hold no more than `lookahead_ms` with it (`_pace`)."""
+        frame, n = self._frame_samples, self._piece_frames
         if isinstance(payload, list):  # opus: whole 20 ms packets
-            samples = len(payload) * self._frame_samples
+            pieces: list[Payload] = [payload[i:i + n] for i in range(0, len(payload), n)]
+            sizes = [len(p) * frame for p in pieces]
         else:
-            payload = self._pcm_frames(payload, final=final)
-            samples = len(payload) // PCM_BYTES_PER_SAMPLE
-        if not samples:
-            return  # opus holds back partial frames; nothing to send yet
+            data = self._pcm_frames(payload, final=final)
+            step = n * frame * PCM_BYTES_PER_SAMPLE
+            pieces = [data[i:i + step] for i in range(0, len(data), step)]
+            sizes = [len(p) // PCM_BYTES_PER_SAMPLE for p in pieces]
+        for piece, samples in zip(pieces, sizes):
+            if samples:  # opus holds back partial frames: maybe nothing to send yet
+                await self._pace(samples)
+                self._put_audio(piece, samples)
+
+    async def _pace(self, samples: int) -> None:
+        """Wait until a message of `samples` more would leave the listener at most
+        `lookahead_ms` ahead. The listener's clock starts with the first audio message (it
+        starts playing once that arrives, a little later, so it holds a little less)."""
+        if self._lookahead_s is None:
+            return
+        if self._started is None:
+            self._started = time.monotonic()
+        ahead = max(self._lookahead_s - PACE_MARGIN_S, self._lookahead_s / 2)
+        due = self._started + (self._sent_samples + samples) / self.spec.sample_rate - ahead
+        while (wait := due - time.monotonic()) > 0:
+            await asyncio.sleep(wait)   # again if it woke early (uvloop's timers are whole ms)
+
+    def _put_audio(self, payload: Payload, samples: int) -> None:
         rate = self.spec.sample_rate
         pts_ms = self._sent_samples * 1000.0 / rate
         self._put(encode_audio(ctx=self.spec.ctx, seq=self._seq, pts_ms=pts_ms, data=payload),

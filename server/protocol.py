@@ -94,16 +94,12 @@ class FrameLimits(Protocol):
     @property
     def max_frame_bytes(self) -> int: ...
 
-    @property
-    def max_text_chars(self) -> int: ...
-
 
 @dataclass(frozen=True)
 class DecodeLimits:
     """Stand-alone limits for callers without a config (tests, tools)."""
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
-    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
 
 
 # --------------------------------------------------------------------------- client messages
@@ -204,7 +200,7 @@ def decode_client_frame(data: bytes, *, limits: FrameLimits) -> ClientMsg:
     if kind == StartMsg.TYPE:
         return _decode_start(obj, ctx)
     if kind == TextMsg.TYPE:
-        return _decode_text(obj, ctx, max_chars=limits.max_text_chars)
+        return _decode_text(obj, ctx)
     if kind == FlushMsg.TYPE:
         return FlushMsg(ctx=ctx)
     if kind == EndMsg.TYPE:
@@ -259,19 +255,13 @@ def _decode_ctx(obj: Mapping[Any, Any]) -> str:
     return ctx
 
 
-def _decode_text(obj: Mapping[Any, Any], ctx: str, *, max_chars: int) -> TextMsg:
+def _decode_text(obj: Mapping[Any, Any], ctx: str) -> TextMsg:
+    # The per-stream text limit (`text_too_long`) is the session's: only a live context has one.
     text = obj.get("text")
     if text is None:
         raise _bad("missing field 'text'", ctx)
     if not isinstance(text, str):
         raise _bad(f"field 'text' must be str, got {_kind(text)}", ctx)
-    if len(text) > max_chars:
-        # One frame over the per-stream limit can never fit, so say so now.
-        raise ProtocolError(
-            ErrorCode.TEXT_TOO_LONG,
-            f"text of {len(text)} characters exceeds the limit of {max_chars} per stream",
-            ctx,
-        )
     return TextMsg(ctx=ctx, text=text)
 
 

@@ -227,7 +227,8 @@ class Session:
                                 f"at most {limit} live contexts per socket", msg.ctx)
         self._admit(msg.ctx)
         spec = StreamSpec(ctx=msg.ctx, stream_id=uuid.uuid4().hex, format=msg.format,
-                          sample_rate=msg.sample_rate, words=msg.words)
+                          sample_rate=msg.sample_rate, words=msg.words,
+                          lookahead_ms=self._state.cfg.scheduler.lookahead_ms)
         options = StreamOptions(params=params, max_buffer_delay_ms=msg.max_buffer_delay_ms,
                                 words=msg.words)
         return spec, options, voice

@@ -248,6 +248,41 @@ async def test_pcm_is_gap_free_in_whole_frames(
     await client.close()
 
 
+@pytest.mark.parametrize("fmt", ["opus", "pcm_s16le"])
+async def test_audio_reaches_the_client_at_most_lookahead_ms_ahead_of_playback(
+    engine: Engine, http: aiohttp.ClientSession, fmt: str,
+) -> None:
+    # Protocol: "The server may send audio ahead of real time, but not more than
+    # scheduler.lookahead_ms ahead." The model makes chunks of up to ~3 s, faster than real
+    # time; they go out in messages of at most half the lookahead, each once the listener
+    # (playing from the first audio's arrival) would hold no more than the lookahead with it.
+    lookahead = 600.0
+    async with running(engine, {"scheduler.lookahead_ms": lookahead,
+                                "scheduler.eager_until_buffered_ms": 300.0}) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "a", "format": fmt, "sample_rate": 16000})
+        assert (await client.recv())["type"] == "ready"
+        await client.send({"type": "text", "ctx": "a", "text": LONG})
+        await client.send({"type": "end", "ctx": "a"})
+        first, ahead, sizes = None, [], []
+        while (msg := await client.recv())["type"] != "done":
+            if msg["type"] != "audio":
+                continue
+            now = time.monotonic()
+            first = first or now
+            ms = (len(msg["data"]) * 20.0 if fmt == "opus" else len(msg["data"]) / 32.0)
+            sizes.append(ms)
+            ahead.append(msg["pts_ms"] + ms - (now - first) * 1000.0)
+        audio_ms = msg["usage"]["audio_ms"]
+        assert audio_ms > 3 * lookahead and sum(sizes) == pytest.approx(audio_ms, abs=25)
+        assert max(sizes) <= lookahead / 2
+        assert max(ahead) <= lookahead, ahead
+        # `done` came once the last audio was sent: within the lookahead of the end, not seconds
+        # before the listener would get there.
+        assert (time.monotonic() - first) * 1000.0 >= audio_ms - lookahead - 50
+        await client.close()
+
+
 async def test_two_contexts_and_three_sockets_all_complete(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
@@ -403,6 +438,11 @@ async def test_text_too_long_drops_only_that_text(
     await client.send({"type": "end", "ctx": "t"})
     u = (await client.collect(["t"]))["t"]
     assert u.done is not None and u.done["usage"]["chars"] == limit - 10 + len("Fine.")
+    # A context that is not live has no limit to exceed: the text itself is the mistake.
+    for ctx in ("t", "never-started"):
+        await client.send({"type": "text", "ctx": ctx, "text": " " * (limit + 1)})
+        reply = await client.recv()
+        assert (reply["type"], reply["code"], reply["ctx"]) == ("error", "bad_request", ctx)
     await client.close()
 
 
