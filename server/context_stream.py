@@ -47,6 +47,8 @@ PCM_BYTES_PER_SAMPLE: Final = 2
 # of the first message, and a later message that travels faster than that one would otherwise
 # look a fraction of a millisecond too early.
 PACE_MARGIN_S: Final = OPUS_FRAME_MS / 1000.0
+UNPACED_PIECE_FRAMES: Final = 1 << 30   # without a lookahead, a chunk goes out in one message
+
 
 @dataclass(frozen=True)
 class StreamSpec:
@@ -57,7 +59,7 @@ class StreamSpec:
     format: AudioFormat
     sample_rate: int  # of the audio sent (after resampling)
     words: bool
-    lookahead_ms: float | None = None  # audio reaches the client at most this far ahead; None: no limit
+    lookahead_ms: float | None = None  # most audio the client holds ahead; None: no limit
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ class ContextStream:
         # the listener holds between half and all of it while the server is on time.
         lookahead = spec.lookahead_ms
         self._lookahead_s = None if lookahead is None else lookahead / 1000.0
-        self._piece_frames = (1 << 30) if lookahead is None else max(1, int(lookahead / 2 // PCM_FRAME_MS))
+        self._piece_frames = (UNPACED_PIECE_FRAMES if lookahead is None
+                              else max(1, int(lookahead / 2 // PCM_FRAME_MS)))
         self._started: float | None = None  # time.monotonic() of the first audio message
 
     def start(self) -> None:
@@ -165,7 +168,8 @@ class ContextStream:
         if event.kind == "phrase":
             self._send_phrase(event.value)
         elif event.kind == "audio":
-            await self._send_audio(await self._encode(self._encoder.encode, event.value), final=False)
+            payload = await self._encode(self._encoder.encode, event.value)
+            await self._send_audio(payload, final=False)
         elif event.kind == "done":
             await self._send_audio(await self._encode(self._encoder.finish), final=True)
             usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1)}

@@ -91,8 +91,9 @@ def prepare_model(
     cost, probes = None, []
     if warm_up:
         try:
-            probes = [measure_stream_cost(engine, phonemizer, streams=cfg.admission.cost_probe_streams,
-                                          on_audio=on_audio) for _ in range(COST_PROBE_RUNS)]
+            streams = cfg.admission.cost_probe_streams
+            probes = [measure_stream_cost(engine, phonemizer, streams=streams, on_audio=on_audio)
+                      for _ in range(COST_PROBE_RUNS)]
             cost = statistics.median(probes)
         except Exception:  # e.g. a voice whose phonemizer cannot speak the English probe text
             log.warning("could not measure a stream's cost at warm-up; admission estimates "
