@@ -187,8 +187,11 @@ class AdmissionController:
 
     def check(self) -> Admission:
         """Would one more stream be admitted now? Holds no slot."""
-        refusal = (self._max_streams_refusal() or self._vram_refusal() or self._load_refusal()
-                   or self._loop_refusal() or self._encoder_refusal())
+        refusal = self._max_streams_refusal() or self._vram_refusal()
+        if refusal is None:
+            load = self._load_source()   # read once: the load and encoder checks both use it
+            refusal = (self._load_refusal(load) or self._loop_refusal()
+                       or self._encoder_refusal(load))
         if refusal is None:
             return ADMITTED
         reason = refusal.reason
@@ -255,8 +258,7 @@ class AdmissionController:
         unseen = max(0, self._active - load.active_streams)
         return unseen, load.starting_streams + unseen + 1
 
-    def _load_refusal(self) -> _Refusal | None:
-        load = self._load_source()
+    def _load_refusal(self, load: LoadEstimate) -> _Refusal | None:
         capacity = load.capacity_audio_s_per_s
         if capacity is None or capacity <= 0:
             return None  # not measured yet: max_streams alone bounds the start-up phase
@@ -282,16 +284,16 @@ class AdmissionController:
         return _Refusal(RefusalReason.EVENT_LOOP,
                         f"server is at capacity (event loop busy {busy:.0%}, limit {limit:.0%})")
 
-    def _encoder_refusal(self) -> _Refusal | None:
-        load = self._encoder_reader() if self._encoder_reader is not None else None
+    def _encoder_refusal(self, load: LoadEstimate) -> _Refusal | None:
+        encoders = self._encoder_reader() if self._encoder_reader is not None else None
         limit = self._cfg.max_encode_busy
-        if load is None or limit >= 1.0:   # 1.0: never (a projection can pass 100%)
+        if encoders is None or limit >= 1.0:   # 1.0: never (a projection can pass 100%)
             return None
-        _, starting = self._starting(self._load_source())
-        projected = load.projected(self._active + 1 + starting * self._cfg.startup_extra)
-        if load.busy <= limit and (projected is None or projected <= limit):
+        _, starting = self._starting(load)
+        projected = encoders.projected(self._active + 1 + starting * self._cfg.startup_extra)
+        if encoders.busy <= limit and (projected is None or projected <= limit):
             return None
         shown = "" if projected is None else f", {projected:.0%} projected with one more stream"
         return _Refusal(RefusalReason.ENCODERS, (
-            f"server is at capacity (audio encoders busy {load.busy:.0%}{shown}, "
+            f"server is at capacity (audio encoders busy {encoders.busy:.0%}{shown}, "
             f"limit {limit:.0%})"))

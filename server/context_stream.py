@@ -109,7 +109,9 @@ class ContextStream:
         # Sending ahead: at most lookahead_ms (protocol), in messages of at most half of it, so
         # the listener holds between half and all of it while the server is on time.
         lookahead = spec.lookahead_ms
-        self._lookahead_s = None if lookahead is None else lookahead / 1000.0
+        # How far ahead a message may take the listener (None: no limit; see PACE_MARGIN_S).
+        self._ahead_s = (None if lookahead is None
+                         else max(lookahead / 1000.0 - PACE_MARGIN_S, lookahead / 2000.0))
         self._piece_frames = (UNPACED_PIECE_FRAMES if lookahead is None
                               else max(1, int(lookahead / 2 // PCM_FRAME_MS)))
         self._started: float | None = None  # time.monotonic() of the first audio message
@@ -223,12 +225,11 @@ class ContextStream:
         """Wait until a message of `samples` more would leave the listener at most
         `lookahead_ms` ahead. The listener's clock starts with the first audio message (it
         starts playing once that arrives, a little later, so it holds a little less)."""
-        if self._lookahead_s is None:
+        if self._ahead_s is None:
             return
         if self._started is None:
             self._started = time.monotonic()
-        ahead = max(self._lookahead_s - PACE_MARGIN_S, self._lookahead_s / 2)
-        due = self._started + (self._sent_samples + samples) / self.spec.sample_rate - ahead
+        due = self._started + (self._sent_samples + samples) / self.spec.sample_rate - self._ahead_s
         while (wait := due - time.monotonic()) > 0:
             await asyncio.sleep(wait)   # again if it woke early (uvloop's timers are whole ms)
 

@@ -25,7 +25,6 @@ DEFAULT_CTX: Final = "default"
 MAX_CTX_CHARS: Final = 64
 MAX_NAME_CHARS: Final = 256  # voice ids and speaker names; real ones are far shorter
 DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20
-DEFAULT_MAX_TEXT_CHARS: Final = 100_000
 
 OPUS_SAMPLE_RATES: Final = (8000, 12000, 16000, 24000, 48000)
 OPUS_FRAME_MS: Final = 20

@@ -148,7 +148,7 @@ def measure_stream_cost(engine: Engine, phonemizer, streams: int = 1,
     `on_audio(copy, samples)` gets each decoded chunk as a stream's sink would, from this
     thread and without waiting for it: the server encodes it meanwhile, as it encodes live
     streams' audio, so the time counts what encoding takes from the model where the two share
-    CPU cores (on 2 cores, the probe measured 10-15% less without it)."""
+    CPU cores (on 2 cores, the probe measured 3-20% less without it)."""
     if streams < 1:
         raise ValueError(f"streams must be >= 1, got {streams}")
     t0, frames = time.perf_counter(), 0
