@@ -363,9 +363,12 @@ class Scheduler:
         self._trim_heap()   # idle: what the last steps freed goes back too
         # Without a tick the timers were not looked at: wait no longer than until the next one.
         timeout = self._next_wakeup(now) if ticked else self._last_tick + _TICK_MIN_S - now
+        # asyncio.timeout, not wait_for: no task is created for each wait (the scheduler waits
+        # between most steps under light load).
         try:
-            await asyncio.wait_for(self._wake.wait(), max(timeout, 0.0))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self._wake.wait()
+        except TimeoutError:
             self._timer_due = True
 
     def _trim_heap(self) -> None:

@@ -719,6 +719,25 @@ async def test_whitespace_left_pending_does_not_spin_the_scheduler():
     assert ticks < 100      # about one per chunk and timer; spinning gave ~460 per second
 
 
+async def test_an_idle_scheduler_waits_without_a_task_per_wait_and_wakes_on_a_command():
+    # Between steps the scheduler waits for a command or its next timer. That wait must not
+    # be a task of its own (asyncio.wait_for made one per wait: a live task more in every
+    # soak sample and a task created and destroyed per idle wake-up).
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    await asyncio.sleep(0.1)
+    seen = set()
+    for _ in range(20):                      # idle: waits end at timers and start again
+        seen |= {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+        await asyncio.sleep(0.01)
+    assert seen == {task}
+    sink = Sink()
+    t0 = time.monotonic()
+    await speak(sched, "s", sink, "Wake up now.")
+    assert time.monotonic() - t0 < 2.0       # generous: the wake-up, not a timer, started it
+    await stop(task)
+
+
 async def test_a_listener_is_kept_in_silence_between_words_of_a_sentence():
     # "alpha" is spoken alone (first_phrase_wait_ms); its sentence goes on, so while only the
     # space after it is pending the listener gets silence instead of running dry.
