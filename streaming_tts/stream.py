@@ -21,6 +21,9 @@ from .text.splitter import PhraseSplitter
 
 
 MID_SENTENCE_WAIT_S = 2.0   # silence is sent mid-sentence for at most this long after a word
+# A stream opened this long ago that has had no text is an idle context, not one starting: a
+# client that means to speak sends its text right after `start` (see StreamState.starting).
+IDLE_CONTEXT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,12 @@ class StreamState:
         under `runway_ms`. The first phrase is cut short for time to first audio, so what it
         buffers is no runway: the next phrase, a whole sentence, is still to compute (for every
         stream of a burst at once). A stream only waiting for text is not starting: more
-        compute would not help it."""
+        compute would not help it. Nor is a context opened over IDLE_CONTEXT_S ago that has had
+        no text yet (a client keeping contexts open for later turns): it counts as starting
+        again from its first text. One just opened counts, as its text is usually on the way."""
         if self.anchor is None:
-            return True
+            return (self.first_text_at is not None or self.has_work() or self.inflight_chars > 0
+                    or now - self.created < IDLE_CONTEXT_S)
         if self.next_phrase_id < 2:
             return self.has_work() or self.inflight_chars > 0 or bool(self.splitter.pending.strip())
         return self.has_work() and self.buffered_ms(now, frame_ms) < runway_ms

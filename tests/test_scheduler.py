@@ -18,7 +18,8 @@ import torch
 from streaming_tts.engine import AcousticResult, Engine, EngineConfig, SynthesisParams
 from streaming_tts.metering import Meter
 from streaming_tts.scheduler import _COST_PROBE_PHRASES, Scheduler, SchedulerConfig, measure_stream_cost
-from streaming_tts.stream import ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamState
+from streaming_tts.stream import (IDLE_CONTEXT_S, ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions,
+                                  StreamState)
 from streaming_tts.text.phonemes import PhonemizedText, WordSpan
 from streaming_tts.text.splitter import PhraseSplitter
 
@@ -781,6 +782,22 @@ def test_streams_still_building_a_runway_are_counted_for_admission():
     load = sched.load()
     assert (load.active_streams, load.starting_streams) == (8, 5)
     assert sched.load(extra_streams=1).starting_streams == 6
+
+
+def test_a_context_open_for_a_while_without_text_is_idle_not_starting():
+    # A client keeping contexts open for later turns: counted as streams, not as starting
+    # (which costs `startup_extra` more each), until its first text comes.
+    sched = planning_scheduler(FakeEngine(), ["fresh", "kept", "spoken-to"])
+    s = sched._streams
+    for sid in ("kept", "spoken-to"):
+        s[sid].created -= IDLE_CONTEXT_S + 0.5
+    sched._starting_count = (float("-inf"), 0, 0)
+    load = sched.load()
+    assert (load.active_streams, load.starting_streams) == (3, 1)     # "fresh" only
+    sched.text("spoken-to", "Now it speaks.")
+    sched._apply_commands()
+    sched._starting_count = (float("-inf"), 0, 0)
+    assert sched.load().starting_streams == 2
 
 
 async def test_free_heap_is_given_back_in_the_model_thread_between_steps(monkeypatch):
