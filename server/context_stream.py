@@ -199,7 +199,8 @@ class ContextStream:
     def _send_phrase(self, phrase: PhraseEvent) -> None:
         ctx, sid = self.spec.ctx, self.spec.stream_id
         self._put(encode_phrase(ctx=ctx, phrase_id=phrase.id, text=phrase.text,
-                                start_ms=phrase.start_ms, end_ms=phrase.end_ms), stream_id=sid)
+                                start_ms=phrase.start_ms, end_ms=phrase.end_ms,
+                                space_before=phrase.space_before), stream_id=sid)
         if self.spec.words and phrase.words:
             self._put(encode_words(ctx=ctx, phrase_id=phrase.id, items=phrase.words),
                       stream_id=sid)

@@ -452,12 +452,13 @@ def encode_audio(
 
 
 def encode_phrase(
-    *, ctx: str, phrase_id: int, text: str, start_ms: float, end_ms: float,
+    *, ctx: str, phrase_id: int, text: str, start_ms: float, end_ms: float, space_before: str = "",
 ) -> bytes:
-    """`phrase`: where a scheduled phrase's audio sits in the stream's timeline."""
+    """`phrase`: where a scheduled phrase's audio sits in the stream's timeline, and the
+    whitespace before its text in what the client sent (an addition to the contract)."""
     return _pack({
         "type": "phrase", "ctx": ctx, "id": phrase_id, "text": text,
-        "start_ms": _ms(start_ms), "end_ms": _ms(end_ms),
+        "start_ms": _ms(start_ms), "end_ms": _ms(end_ms), "space_before": space_before,
     })
 
 

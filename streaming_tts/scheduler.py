@@ -101,6 +101,7 @@ class _Batch:
         field(default_factory=list)
     decode: list[tuple[str, DecodeJob, AcousticResult | None]] = field(default_factory=list)  # + flow to finish first
     owners: list[ActivePhrase] = field(default_factory=list)   # loop side only: phrase of each decode
+    spaces: dict[str, str] = field(default_factory=dict)       # loop side only: each new phrase's space_before
 
     def stream_ids(self) -> list[str]:
         """The streams this step serves, each once, in batch order."""
@@ -432,8 +433,9 @@ class Scheduler:
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
         for text in phrases:
-            if text.strip():
-                stream.phrases.append(PendingPhrase(text=text.strip()))
+            if spoken := text.strip():
+                lead = text[:len(text) - len(text.lstrip())]
+                stream.phrases.append(PendingPhrase(text=spoken, space_before=lead))
                 stream.mid_sentence = not ends_sentence(text)
                 self._work_changed = True
         self._prefetch(stream)
@@ -545,7 +547,7 @@ class Scheduler:
                 if used and used + cost > limit and not (with_newcomer and stream.anchor is None):
                     break
                 with_newcomer = with_newcomer or stream.anchor is None
-                stream.phrases.popleft()
+                batch.spaces[stream.id] = stream.phrases.popleft().space_before
                 self._prefetch(stream)
                 stream.inflight_chars += len(text)
                 batch.acoustic.append((stream.id, text, stream.options.params, head_only, first, phonemized))
@@ -658,10 +660,15 @@ class Scheduler:
                     owner.z, owner.unfinished = result.finished_z[sid], None
                 owner.next_chunk += 1
                 self._emit_audio(stream, result.audio[sid], job.end - job.start)
-        for sid, new in result.phrases.items():
+        for sid, text, *_ in batch.acoustic:
             stream = self._streams.get(sid)
-            if stream is not None and new is not None:
-                self._start_phrase(stream, new)
+            if stream is None or sid not in result.phrases:   # gone, or its step failed
+                continue
+            new = result.phrases[sid]
+            if new is not None:
+                self._start_phrase(stream, new, batch.spaces.get(sid, ""))
+            else:
+                self._unspoken_phrase(stream, text, batch.spaces.get(sid, ""))
         # Streams this step served may be finished now (the others' turn comes at the next tick).
         for sid in batch.stream_ids():
             stream = self._streams.get(sid)
@@ -682,21 +689,32 @@ class Scheduler:
         live = {k: v for k, v in shares.items() if k in self._streams}
         self.meter.record_batch(result.seconds, live, power)
 
-    def _start_phrase(self, stream: StreamState, new: _NewPhrase) -> None:
+    def _start_phrase(self, stream: StreamState, new: _NewPhrase, space_before: str) -> None:
         """A phrase's latent exists: announce where it sits, then emit its first chunk."""
         start = stream.emitted_frames
         res = new.acoustic
         stream.active = ActivePhrase(id=stream.next_phrase_id, z=res.z, plan=new.plan, next_chunk=1,
                                      unfinished=None if res.complete else res)
         stream.next_phrase_id += 1
+        stream.spoken_phrases += 1
         words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms)
                  if stream.options.words else [])
         stream.sink.on_phrase(PhraseEvent(
             id=stream.active.id, text=new.text, start_ms=round(start * self.frame_ms, 1),
-            end_ms=round((start + res.num_frames) * self.frame_ms, 1), words=words))
+            end_ms=round((start + res.num_frames) * self.frame_ms, 1), words=words,
+            space_before=space_before))
         self.meter.add_phrase(stream.id)
         a, b = new.plan[0]
         self._emit_audio(stream, new.first_audio, b - a)
+
+    def _unspoken_phrase(self, stream: StreamState, text: str, space_before: str) -> None:
+        """A phrase with nothing to speak ("!!!", "---"): announced with no length where the
+        timeline stands, so captions built from phrases still hold every character sent."""
+        at = round(stream.emitted_frames * self.frame_ms, 1)
+        stream.sink.on_phrase(PhraseEvent(id=stream.next_phrase_id, text=text, start_ms=at, end_ms=at,
+                                          words=[], space_before=space_before))
+        stream.next_phrase_id += 1
+        self.meter.add_phrase(stream.id)
 
     def _emit_audio(self, stream: StreamState, audio: np.ndarray, frames: int) -> None:
         now = time.monotonic()

@@ -42,6 +42,9 @@ class PhraseEvent:
     start_ms: float
     end_ms: float
     words: list[tuple[str, float, float]]   # (word, start_ms, end_ms) on the stream timeline
+    # The whitespace that came before `text` in what the client sent ("" where a flush or a
+    # cut split a word): these plus the texts, in order, give the stream's text back.
+    space_before: str = ""
 
 
 class StreamSink(Protocol):
@@ -56,7 +59,8 @@ class StreamSink(Protocol):
 
 @dataclass
 class PendingPhrase:
-    text: str
+    text: str                            # stripped: what is spoken
+    space_before: str = ""               # the whitespace stripped from its start (see PhraseEvent)
     # Its phonemes, made in the scheduler's text thread once it is its stream's next phrase, so
     # the model thread only waits for them when they are late (None: not its stream's next yet).
     phonemized: concurrent.futures.Future | None = None
@@ -90,7 +94,8 @@ class StreamState:
     created: float = field(default_factory=time.monotonic)
     phrases: collections.deque = field(default_factory=collections.deque)  # PendingPhrase
     active: ActivePhrase | None = None
-    next_phrase_id: int = 0
+    next_phrase_id: int = 0                         # phrases announced, spoken or not
+    spoken_phrases: int = 0                         # phrases that had speech in them
     emitted_frames: int = 0                         # timeline end, in frames
     anchor: float | None = None                     # wall time of timeline 0 for the listener
     last_text_at: float | None = None               # for max_buffer_delay
@@ -146,7 +151,7 @@ class StreamState:
         if self.anchor is None:
             return (self.first_text_at is not None or self.has_work() or self.inflight_chars > 0
                     or now - self.created < IDLE_CONTEXT_S)
-        if self.next_phrase_id < 2:
+        if self.spoken_phrases < 2:
             return self.has_work() or self.inflight_chars > 0 or bool(self.splitter.pending.strip())
         return self.has_work() and self.buffered_ms(now, frame_ms) < runway_ms
 

@@ -283,9 +283,9 @@ def test_audio_opus_is_a_list_of_bin_packets_and_pcm_is_bin() -> None:
 
 def test_phrase_and_words_fields() -> None:
     phrase = decode_server_frame(encode_phrase(ctx="a", phrase_id=2, text="Hi.", start_ms=0,
-                                               end_ms=480))
+                                               end_ms=480, space_before="\n "))
     assert phrase == {"type": "phrase", "ctx": "a", "id": 2, "text": "Hi.", "start_ms": 0,
-                      "end_ms": 480}
+                      "end_ms": 480, "space_before": "\n "}
     words = decode_server_frame(encode_words(ctx="a", phrase_id=2,
                                              items=[("Hi", 40, 300.5), ("there", 300.5, 480)]))
     assert words == {"type": "words", "ctx": "a", "phrase_id": 2,

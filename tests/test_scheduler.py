@@ -192,6 +192,8 @@ def check_timeline(sink: Sink) -> None:
         t += len(samples) / RATE * 1000
     speech = np.concatenate([s for s, _ in sink.audio()])
     for ph in sink.phrases():
+        if ph.start_ms == ph.end_ms:    # nothing to speak in it
+            continue
         seg = speech[int(ph.start_ms * RATE / 1000):int(ph.end_ms * RATE / 1000)][::HOP]
         tag = seg[0] // 1000
         np.testing.assert_array_equal(seg, tag * 1000 + np.arange(len(seg)))
@@ -374,7 +376,7 @@ async def test_buffered_text_is_spoken_after_max_buffer_delay():
     assert [p.text for p in sink.phrases()] == ["no sentence end yet"]
 
 
-async def test_flush_speaks_now_and_unspeakable_text_is_skipped():
+async def test_flush_speaks_now_and_unspeakable_text_is_announced_with_no_length():
     engine = FakeEngine()
     sched, task = await running(engine)
     sink = Sink()
@@ -385,8 +387,35 @@ async def test_flush_speaks_now_and_unspeakable_text_is_skipped():
     sched.end("s")
     await asyncio.wait_for(sink.done.wait(), 3)
     await stop(task)
-    assert [p.text for p in sink.phrases()] == ["half a sente"]
-    assert sink.kinds()[-1] == "done"
+    spoken, *unspoken = sink.phrases()
+    assert [(p.space_before, p.text) for p in sink.phrases()] == [("", "half a sente"), (" ", "..."),
+                                                                 (" ", "!!!")]
+    # Nothing to speak: no audio, no words, placed where the timeline stands.
+    for k, p in enumerate(unspoken, 1):
+        assert p.start_ms == p.end_ms == spoken.end_ms and p.words == [] and p.id == spoken.id + k
+    assert sink.kinds()[-1] == "done" and sink.events[-1][1]["phrases"] == 3
+    check_timeline(sink)
+
+
+async def test_phrases_and_the_space_before_each_give_the_text_back():
+    # Captions built from phrases: every character sent, with its spacing, even where a flush
+    # split a word and where a phrase had nothing to speak.
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=10_000), sink)
+    text = ["  Hello there.", " !!!\n\n", "- a list item.", "\tHalf a wo"]
+    for piece in text:
+        sched.text("s", piece)
+    sched.flush("s")
+    sched.text("s", "rd and the end.  ")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 3)
+    await stop(task)
+    rebuilt = "".join(p.space_before + p.text for p in sink.phrases())
+    assert rebuilt == ("".join(text) + "rd and the end.  ").rstrip()
+    assert any(p.space_before == "" and p.text.startswith("rd") for p in sink.phrases())
+    check_timeline(sink)
 
 
 async def test_engine_failure_errors_its_streams_and_the_scheduler_survives():
@@ -769,7 +798,7 @@ def test_streams_still_building_a_runway_are_counted_for_admission():
     for sid, held_ms in (("thin", 300.0), ("safe", 1500.0), ("idle", 100.0), ("first", 1500.0),
                          ("first-text", 1500.0), ("first-only", 1500.0)):
         s[sid].anchor, s[sid].emitted_frames = now - 2.0, int((2000.0 + held_ms) / ms)
-        s[sid].next_phrase_id = 1 if sid.startswith("first") else 5
+        s[sid].next_phrase_id = s[sid].spoken_phrases = 1 if sid.startswith("first") else 5
     s["thin"].phrases.append(PendingPhrase("more words"))   # work queued, listener holds 0.3 s
     s["safe"].phrases.append(PendingPhrase("more words"))   # work queued, 1.5 s held
     # "idle" holds 0.1 s but has nothing to compute: it waits for text, more compute won't help.

@@ -208,7 +208,7 @@ async def test_opus_utterance_decodes_and_lines_up_with_the_captions(
     u = await client.speak(fragments)
     usage = check_done(u, chars=len(SHORT))
     assert [p["id"] for p in u.phrases] == list(range(len(u.phrases))) and u.phrases
-    assert "".join(p["text"] for p in u.phrases).replace(" ", "") == SHORT.replace(" ", "")
+    assert "".join(p["space_before"] + p["text"] for p in u.phrases) == SHORT
     for prev, nxt in zip(u.phrases, u.phrases[1:]):
         assert nxt["start_ms"] == prev["end_ms"]  # all text came at once: no silence between
     check_phrases_before_audio(u, sample_rate=48000)
@@ -230,6 +230,30 @@ async def test_opus_utterance_decodes_and_lines_up_with_the_captions(
         assert phrase["start_ms"] <= times[0] and times[-1] <= phrase["end_ms"]
     spoken = [w for words in u.words for w, _, _ in words["items"]]
     assert spoken == ["Hello", "there!", "How", "are", "you", "today?"]
+    await client.close()
+
+
+async def test_captions_hold_every_character_sent_even_unspoken_and_split_by_a_flush(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    await client.send({"type": "start", "max_buffer_delay_ms": 5000})
+    sent = ["Hello there. !!! ", "\n\n---\n\nA sen"]
+    for piece in sent:
+        await client.send({"type": "text", "text": piece})
+    await client.send({"type": "flush"})       # cuts "sentence" in two
+    sent.append("tence ends here.")
+    await client.send({"type": "text", "text": sent[-1]})
+    await client.send({"type": "end"})
+    u = (await client.collect(["default"]))["default"]
+    check_done(u, chars=len("".join(sent)))
+    assert "".join(p["space_before"] + p["text"] for p in u.phrases) == "".join(sent)
+    silent = [p for p in u.phrases if p["text"] in ("!!!", "---")]
+    assert len(silent) == 2 and all(p["start_ms"] == p["end_ms"] for p in silent)
+    assert {w["phrase_id"] for w in u.words}.isdisjoint(p["id"] for p in silent)
+    assert any(p["space_before"] == "" and p["text"].startswith("tence") for p in u.phrases)
+    check_phrases_before_audio(u, sample_rate=48000)
+    check_timeline(u, sample_rate=48000)
     await client.close()
 
 

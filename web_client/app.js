@@ -378,7 +378,11 @@ class Captions {
   }
 
   addPhrase(msg) {
-    const p = this.phraseElement(msg.id, String(msg.text ?? ""), msg.start_ms, msg.end_ms);
+    // space_before: the whitespace the text had before this phrase (line breaks included; ""
+    // where a flush cut a word), so the captions read as the text was written.
+    const space = typeof msg.space_before === "string" ? msg.space_before : " ";
+    const text = space + String(msg.text ?? "");
+    const p = this.phraseElement(msg.id, text, msg.start_ms, msg.end_ms);
     p.start = msg.start_ms;
     p.end = msg.end_ms;
   }
@@ -388,7 +392,7 @@ class Captions {
     const items = msg.items || [];
     const start = items.length ? items[0][1] : 0;
     const end = items.length ? items[items.length - 1][2] : 0;
-    const fallback = items.map((it) => it[0]).join(" ");
+    const fallback = " " + items.map((it) => it[0]).join(" ");
     const p = this.phraseElement(msg.phrase_id, fallback, start, end);
     const text = p.text;
     const frag = document.createDocumentFragment();
