@@ -128,8 +128,8 @@ class LimitsConfig:
     max_text_chars: int = 100_000  # text per stream, summed over its `text` messages
     max_frame_bytes: int = 1 << 20  # one client frame
     contexts_per_socket: int = 8
-    idle_timeout_s: float = 60.0  # close a socket with no live stream and no frame this long
-    max_send_lag_s: float = 5.0  # close a client that stops reading for this long
+    idle_timeout_s: float = 60.0  # close a socket with no live stream and no message this long
+    max_send_lag_s: float = 5.0  # close a client reading this far behind (ping round trip)
     send_queue_messages: int = 256  # per-socket outgoing queue bound
     heartbeat_s: float = 20.0  # WebSocket ping interval; no pong within half of it: dead peer
 

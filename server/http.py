@@ -51,6 +51,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(
         max_msg_size=FRAME_SIZE_HEADROOM * limits.max_frame_bytes,
         heartbeat=limits.heartbeat_s,
+        # The session answers pings itself and sees every pong: its lag probe times them, and
+        # its idle deadline holds (aiohttp's receive() swallows them and restarts its timeout).
+        autoping=False,
         compress=False,  # audio does not deflate; compressing it would only burn loop CPU
     )
     if not ws.can_prepare(request).ok:

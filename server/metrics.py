@@ -29,6 +29,9 @@ TTFA_BUCKETS: Final = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 
 # One scheduler step (one batched model call): sub-millisecond on GPU, a second on a busy CPU.
 STEP_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# How far behind a client reads (ping round trip behind its audio): a network round trip when
+# it keeps up; `limits.max_send_lag_s` (5 s) closes it.
+CLIENT_LAG_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Event-loop lag: anything above a few ms means something blocks the loop.
 LOOP_LAG_BUCKETS: Final = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -67,6 +70,10 @@ class Metrics:
         self.audio_seconds = Counter("audio_seconds", "Audio produced", namespace=ns, registry=r)
         self.open_sockets = Gauge("open_sockets", "Open stream WebSockets", namespace=ns,
                                   registry=r)
+        self.client_lag_seconds = Histogram("client_lag_seconds", "How far behind clients with "
+                                            "a live stream read: ping round trip, the ping sent "
+                                            "behind their audio", namespace=ns, registry=r,
+                                            buckets=CLIENT_LAG_BUCKETS)
         self.loop_tasks = Gauge("event_loop_tasks", "asyncio tasks alive on the event loop "
                                 "(sampled; a steady rise with streams coming and going is a leak)",
                                 namespace=ns, registry=r)

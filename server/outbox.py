@@ -2,9 +2,12 @@
 
 Producers (the read loop, each stream's encoder task, shutdown) only append, never await, so no
 coroutine ever waits for another peer's send. One writer task per socket (`Outbox.run`) sends
-the queue out. A client that stops reading is detected two ways: more than `max_messages` wait in
-the queue, or the oldest message has waited `max_lag_s` (including a send blocked on a full TCP
-buffer). Either raises `SlowConsumer` from the writer, and the session drops that one socket.
+the queue out, WebSocket pings and pongs included. A client that stops reading is detected
+three ways: more than `max_messages` wait in the queue, or the oldest message has waited
+`max_lag_s` (including a send blocked on a full TCP buffer); either raises `SlowConsumer` from
+the writer. And, as the kernel's buffers hide a stopped reader for minutes at Opus bitrates, a
+`LagProbe` times pings sent behind the audio: the read loop raises `SlowConsumer` when one goes
+unanswered for `max_lag_s`. The session drops that one socket.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class _Item:
     data: bytes
     queued_at: float  # clock seconds, to measure how far behind the client is
     stream_id: str | None  # set for a stream's phrase/words/audio, so a cancel can drop them
+    control: str | None = None  # "ping" or "pong": a control frame with `data` as its payload
 
 
 class Outbox:
@@ -36,9 +40,11 @@ class Outbox:
         *,
         max_messages: int,
         max_lag_s: float,
+        control: Callable[[str, bytes], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._send = send
+        self._control = control
         self._max_messages = max_messages
         self._max_lag_s = max_lag_s
         self._clock = clock
@@ -59,6 +65,14 @@ class Outbox:
         else:
             self._items.append(_Item(data, self._clock(), stream_id))
             self._idle.clear()
+        self._wake.set()
+
+    def put_control(self, kind: str, payload: bytes) -> None:
+        """Queue a ping or pong: sent in turn, behind what is queued (never blocks)."""
+        if self._control is None:
+            raise RuntimeError("this outbox sends no control frames")
+        self._items.append(_Item(payload, self._clock(), None, kind))
+        self._idle.clear()
         self._wake.set()
 
     def purge(self, stream_id: str) -> int:
@@ -96,6 +110,63 @@ class Outbox:
         try:
             # A client that does not read fills the TCP buffers, and then the send blocks.
             async with asyncio.timeout(budget):
-                await self._send(item.data)
+                if item.control is None:
+                    await self._send(item.data)
+                else:
+                    assert self._control is not None
+                    await self._control(item.control, item.data)
         except TimeoutError:
             raise SlowConsumer(f"a send stayed blocked for {budget:.1f} s") from None
+
+
+# How often a socket with a live stream is pinged to time how far behind its client reads.
+LAG_PROBE_INTERVAL_S = 1.0
+_PROBE_BYTES = 8
+
+
+class LagProbe:
+    """How far behind a client reads, timed with WebSocket pings queued behind its audio.
+
+    A ping's pong comes back only once the client has read everything sent before the ping
+    (clients answer pings as they read them: browsers in their network stack), so the age of
+    the oldest unanswered ping is how far behind the client is. Its payload is a sequence
+    number; pongs that carry another payload (aiohttp's heartbeat) are not this probe's.
+    Plain bookkeeping: the session sends the pings (`next_ping`) and feeds the pongs.
+    """
+
+    def __init__(self, *, interval_s: float = LAG_PROBE_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._sent: collections.deque[tuple[int, float]] = collections.deque()
+        self._seq = 0
+        self._last_sent = float("-inf")
+
+    def due(self, now: float) -> bool:
+        return now - self._last_sent >= self._interval_s
+
+    def next_ping(self, now: float) -> bytes:
+        """The payload of a new ping sent now."""
+        self._seq += 1
+        self._sent.append((self._seq, now))
+        self._last_sent = now
+        return self._seq.to_bytes(_PROBE_BYTES, "big")
+
+    def answered(self, payload: bytes, now: float) -> float | None:
+        """A pong came: the lag it measured (seconds), or None if it was not this probe's."""
+        if len(payload) != _PROBE_BYTES:
+            return None
+        seq = int.from_bytes(payload, "big")
+        sent_at = None
+        while self._sent and self._sent[0][0] <= seq:
+            _, sent_at = self._sent.popleft()   # earlier pings are answered by this one too
+        return None if sent_at is None else now - sent_at
+
+    def behind_s(self, now: float) -> float:
+        """How long the oldest ping has waited for its pong (0: none outstanding)."""
+        return now - self._sent[0][1] if self._sent else 0.0
+
+    def next_check(self, now: float, *, max_lag_s: float, pinging: bool = True) -> float:
+        """Seconds until the next ping is due (if `pinging`) or the oldest would be overdue."""
+        wait = self._last_sent + self._interval_s - now if pinging else float("inf")
+        if self._sent:
+            wait = min(wait, self._sent[0][1] + max_lag_s - now)
+        return wait

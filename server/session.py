@@ -17,7 +17,7 @@ from typing import Final, NoReturn
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from server.context_stream import ContextStream, StreamEnd, StreamSpec
-from server.outbox import Outbox, SlowConsumer
+from server.outbox import LagProbe, Outbox, SlowConsumer
 from server.protocol import (
     OPUS_FRAME_MS,
     CancelMsg,
@@ -63,7 +63,8 @@ class Session:
         self._limits = state.cfg.limits
         self.peer = request.remote or "?"
         self._outbox = Outbox(ws.send_bytes, max_messages=self._limits.send_queue_messages,
-                              max_lag_s=self._limits.max_send_lag_s)
+                              max_lag_s=self._limits.max_send_lag_s, control=self._send_control)
+        self._lag = LagProbe()
         self._streams: dict[str, ContextStream] = {}  # live contexts by ctx
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled stream tasks to await
         self._last_activity = asyncio.get_running_loop().time()
@@ -81,7 +82,7 @@ class Session:
             if writer.done():
                 await self._writer_stopped(writer)
             else:
-                await self._reader_stopped(reader)
+                await self._reader_stopped(reader, writer)
         finally:
             reader.cancel()
             writer.cancel()
@@ -107,8 +108,14 @@ class Session:
         except TimeoutError:
             log.warning("socket %s did not finish closing", self.peer)
 
-    async def _reader_stopped(self, reader: asyncio.Task[CloseRequest | None]) -> None:
+    async def _reader_stopped(self, reader: asyncio.Task[CloseRequest | None],
+                              writer: asyncio.Task[None]) -> None:
         exc = reader.exception()
+        if isinstance(exc, SlowConsumer):   # the lag probe: stop sending, then close
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await self._slow_consumer(exc)
+            return
         if exc is not None:  # a bug in dispatch: close this socket, keep the server up
             log.error("socket %s failed", self.peer, exc_info=exc)
             self._drop_streams("server error")
@@ -122,11 +129,21 @@ class Session:
     async def _writer_stopped(self, writer: asyncio.Task[None]) -> None:
         exc = writer.exception()
         if isinstance(exc, SlowConsumer):
-            log.info("socket %s: slow consumer (%s); closing", self.peer, exc)
-            self._drop_streams("slow consumer")
-            await self._close(WSCloseCode.POLICY_VIOLATION, "slow consumer")
+            await self._slow_consumer(exc)
         elif exc is not None:  # the connection broke under a send: the reader sees it too
             log.debug("socket %s: send failed: %r", self.peer, exc)
+
+    async def _slow_consumer(self, exc: SlowConsumer) -> None:
+        log.info("socket %s: slow consumer (%s); closing", self.peer, exc)
+        self._drop_streams("slow consumer")
+        await self._close(WSCloseCode.POLICY_VIOLATION, "slow consumer")
+
+    async def _send_control(self, kind: str, payload: bytes) -> None:
+        """The outbox's ping and pong frames."""
+        if kind == "ping":
+            await self._ws.ping(payload)
+        else:
+            await self._ws.pong(payload)
 
     async def _close(self, code: int, reason: str) -> None:
         self._closing = True
@@ -142,10 +159,13 @@ class Session:
     # ------------------------------------------------------------------ reading
 
     async def _read_loop(self) -> CloseRequest | None:
-        """Frames until the client goes away (None) or the session should close (code, why)."""
+        """Frames until the client goes away (None) or the session should close (code, why);
+        raises SlowConsumer when the lag probe finds the client too far behind."""
+        loop = asyncio.get_running_loop()
         while True:
+            self._probe_lag(loop.time())
             try:
-                msg = await self._ws.receive(timeout=self._receive_timeout())
+                msg = await self._ws.receive(timeout=self._receive_timeout(loop.time()))
             except TimeoutError:
                 if self._is_idle():
                     log.info("socket %s idle for %g s; closing", self.peer,
@@ -156,15 +176,34 @@ class Session:
                 self._on_frame(msg.data)
             elif msg.type is WSMsgType.TEXT:
                 self._send_error(text_frame_error())
+            elif msg.type is WSMsgType.PING:   # control frames: neither activity nor messages
+                self._outbox.put_control("pong", msg.data)
+            elif msg.type is WSMsgType.PONG:
+                if (lag := self._lag.answered(msg.data, loop.time())) is not None:
+                    self._state.metrics.client_lag_seconds.observe(lag)
             else:  # CLOSE, CLOSING, CLOSED, ERROR (aiohttp has answered the close already)
+                if msg.type is WSMsgType.ERROR:   # e.g. no pong to the heartbeat: say so
+                    log.info("socket %s: connection lost (%s)", self.peer, msg.data)
                 return None
 
-    def _receive_timeout(self) -> float:
+    def _probe_lag(self, now: float) -> None:
+        """While a stream is live, ping the client each second behind its audio; one ping
+        unanswered for `max_send_lag_s` means it reads that far behind: a slow consumer."""
+        behind, limit = self._lag.behind_s(now), self._limits.max_send_lag_s
+        if behind >= limit:
+            raise SlowConsumer(f"a ping sent behind its audio went unanswered for {behind:.1f} s")
+        if self._streams and self._lag.due(now) and not self._closing:
+            self._outbox.put_control("ping", self._lag.next_ping(now))
+
+    def _receive_timeout(self, now: float) -> float:
+        """Until the idle deadline (no live stream) or the lag probe's next check."""
         idle = self._limits.idle_timeout_s
-        if self._streams:
-            return idle  # only to wake up now and then; a live stream is never idle
-        deadline = self._last_activity + idle
-        return max(_MIN_WAIT_S, deadline - asyncio.get_running_loop().time())
+        # With a live stream the idle wait only wakes the loop now and then: never idle.
+        wait = idle if self._streams else self._last_activity + idle - now
+        if self._streams or self._lag.behind_s(now):
+            wait = min(wait, self._lag.next_check(now, max_lag_s=self._limits.max_send_lag_s,
+                                                  pinging=bool(self._streams)))
+        return max(_MIN_WAIT_S, wait)
 
     def _is_idle(self) -> bool:
         quiet = asyncio.get_running_loop().time() - self._last_activity

@@ -35,7 +35,7 @@ from server.app import create_app
 from server.config import load_config
 import server.model
 from server.model import COST_PROBE_RUNS, prepare_model
-from server.outbox import Outbox, SlowConsumer
+from server.outbox import LagProbe, Outbox, SlowConsumer
 from server.protocol import USAGE_FIELDS
 from server.state import STATE, ServerState
 from streaming_tts.engine import Engine
@@ -747,6 +747,64 @@ async def test_idle_socket_is_closed_but_not_while_a_stream_is_live(
         await clean(r)
 
 
+async def test_idle_close_holds_while_the_client_answers_heartbeats(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # The defaults ping every 20 s and close idle sockets after 60 s. Answering pings is not
+    # activity: aiohttp's receive() restarted its timeout at each pong, so no idle socket of
+    # a browser (which answers every ping) was ever closed.
+    async with running(engine, {"limits.idle_timeout_s": 0.6, "limits.heartbeat_s": 0.2}) as r:
+        client = await connect(http, r)
+        t0 = time.monotonic()
+        # (aiohttp's own receive timeout restarts at each ping as well: an outer one)
+        async with asyncio.timeout(5):
+            frame = await client.ws.receive()        # answers the server's pings meanwhile
+        assert (frame.type, frame.data, frame.extra) == (aiohttp.WSMsgType.CLOSE, 1000, "idle")
+        assert time.monotonic() - t0 < 3
+        await clean(r)
+
+
+async def test_a_client_that_stops_reading_its_opus_is_closed_as_a_slow_consumer(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # Opus at 32 kb/s, paced to real time, would take minutes to fill the TCP buffers, so
+    # the send queue never notices; the pings sent behind the audio do: their pongs stop.
+    async with running(engine, {"limits.max_send_lag_s": 1.5,
+                                "limits.max_text_chars": 10_000}) as r:
+        neighbour = await connect(http, r)
+        client = await connect(http, r)
+        await client.send({"type": "start"})
+        await client.send({"type": "text", "text": LONG * 4})
+        await client.send({"type": "end"})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        await asyncio.sleep(3.5)          # reads nothing: no pong goes back
+        u = await neighbour.speak(SHORT)  # meanwhile another socket is served as usual
+        check_done(u, chars=len(SHORT))
+        async with asyncio.timeout(10):
+            while (frame := await client.ws.receive()).type is aiohttp.WSMsgType.BINARY:
+                pass
+        assert (frame.type, frame.data, frame.extra) == (
+            aiohttp.WSMsgType.CLOSE, 1008, "slow consumer")
+        await neighbour.close()
+        await clean(r)
+    assert r.state.metrics.client_lag_seconds.collect()[0].samples   # pongs were timed
+
+
+async def test_a_client_that_reads_along_is_never_taken_for_a_slow_consumer(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine, {"limits.max_send_lag_s": 0.5,
+                                "limits.max_text_chars": 10_000}) as r:
+        client = await connect(http, r)
+        u = await client.speak(LONG)      # several seconds of audio, read as it comes
+        check_done(u, chars=len(LONG))
+        lag = r.state.metrics.client_lag_seconds.collect()[0]
+        count = next(s.value for s in lag.samples if s.name.endswith("_count"))
+        assert count >= 2                 # pinged each second while the stream was live
+        await client.close()
+        await clean(r)
+
+
 async def test_send_queue_overflow_closes_the_socket_as_a_slow_consumer(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
@@ -795,6 +853,40 @@ async def test_outbox_detects_a_client_that_stops_reading() -> None:
     assert await outbox.drained(1.0)
     writer.cancel()
     assert sent == [b"ready", b"cancelled"]
+
+
+async def test_pings_and_pongs_go_out_in_turn_behind_queued_messages() -> None:
+    out: list[tuple[str, bytes]] = []
+
+    async def send(data: bytes) -> None:
+        out.append(("binary", data))
+
+    async def control(kind: str, payload: bytes) -> None:
+        out.append((kind, payload))
+
+    outbox = Outbox(send, max_messages=10, max_lag_s=5, control=control)
+    outbox.put(b"audio", stream_id="s")
+    outbox.put_control("ping", b"1")
+    outbox.put_control("pong", b"x")
+    writer = asyncio.create_task(outbox.run())
+    assert await outbox.drained(1.0)
+    writer.cancel()
+    assert out == [("binary", b"audio"), ("ping", b"1"), ("pong", b"x")]
+
+
+async def test_lag_probe_times_the_oldest_unanswered_ping() -> None:
+    probe = LagProbe(interval_s=1.0)
+    assert probe.due(0.0) and probe.behind_s(0.0) == 0.0
+    first = probe.next_ping(0.0)
+    assert not probe.due(0.5) and probe.due(1.0)
+    second = probe.next_ping(1.0)
+    assert probe.behind_s(2.5) == 2.5              # the first is still unanswered
+    assert probe.next_check(2.5, max_lag_s=5.0) == pytest.approx(-0.5)   # a ping is due
+    assert probe.next_check(2.5, max_lag_s=5.0, pinging=False) == pytest.approx(2.5)
+    assert probe.answered(b"", 2.6) is None         # aiohttp's heartbeat pong: not ours
+    assert probe.answered(second, 3.0) == pytest.approx(2.0)   # answers the first as well
+    assert probe.behind_s(3.0) == 0.0
+    assert probe.answered(first, 3.1) is None       # late duplicate: already counted
 
 
 # ---------------------------------------------------------------------------------- lifecycle
