@@ -273,7 +273,7 @@ class AdmissionController:
         if projected <= self._cfg.max_load:
             return None
         return _Refusal(RefusalReason.LOAD, (
-            f"server is at capacity (projected load {projected:.0%}, "
+            f"server is at capacity (projected load {_above(projected, self._cfg.max_load)}, "
             f"limit {self._cfg.max_load:.0%})"), frees_soon=steady <= self._cfg.max_load)
 
     def _loop_refusal(self) -> _Refusal | None:
@@ -282,7 +282,8 @@ class AdmissionController:
         if busy is None or busy <= limit:
             return None
         return _Refusal(RefusalReason.EVENT_LOOP,
-                        f"server is at capacity (event loop busy {busy:.0%}, limit {limit:.0%})")
+                        f"server is at capacity (event loop busy {_above(busy, limit)}, "
+                        f"limit {limit:.0%})")
 
     def _encoder_refusal(self, load: LoadEstimate) -> _Refusal | None:
         encoders = self._encoder_reader() if self._encoder_reader is not None else None
@@ -293,7 +294,18 @@ class AdmissionController:
         projected = encoders.projected(self._active + 1 + starting * self._cfg.startup_extra)
         if encoders.busy <= limit and (projected is None or projected <= limit):
             return None
-        shown = "" if projected is None else f", {projected:.0%} projected with one more stream"
+        shown = ("" if projected is None
+                 else f", {_above(projected, limit)} projected with one more stream")
         return _Refusal(RefusalReason.ENCODERS, (
-            f"server is at capacity (audio encoders busy {encoders.busy:.0%}{shown}, "
+            f"server is at capacity (audio encoders busy {_above(encoders.busy, limit)}{shown}, "
             f"limit {limit:.0%})"))
+
+
+def _above(value: float, limit: float) -> str:
+    """`value` as a percentage with the digits that tell it from `limit` ("75.3%" against a
+    limit of 75%, never "75%, limit 75%")."""
+    for digits in range(4):
+        shown = f"{value:.{digits}%}"
+        if shown != f"{limit:.{digits}%}":
+            return shown
+    return shown

@@ -12,6 +12,7 @@ import pytest
 
 from server.admission import (
     MIB,
+    _above,
     Admission,
     AdmissionController,
     EncoderLoad,
@@ -343,3 +344,10 @@ def test_refusals_are_counted_by_reason_and_reported() -> None:
                                     RefusalReason.LOAD: 0, RefusalReason.EVENT_LOOP: 0,
                                     RefusalReason.ENCODERS: 0}
     assert seen == [RefusalReason.VRAM, RefusalReason.MAX_STREAMS]
+
+
+def test_a_refusal_never_reads_as_at_its_limit() -> None:
+    # "projected load 75%, limit 75%" read as a contradiction: the digits that tell them apart.
+    assert _above(0.7531, 0.75) == "75.3%"
+    assert _above(0.75004, 0.75) == "75.004%"
+    assert _above(0.9, 0.85) == "90%"
