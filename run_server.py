@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     setup_logging(cfg.server.log_level)
     log.debug("effective config: %s", cfg.as_dict())
+    if (problem := device_problem(cfg.engine.device)) is not None:
+        log.error("%s", problem)
+        return 2
     try:
         serve(cfg)
     except UnknownVoiceError as exc:
@@ -53,6 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot serve on %s:%d: %s", cfg.server.host, cfg.server.port, exc)
         return 1
     return 0
+
+
+def device_problem(device: str) -> str | None:
+    """Why the configured torch device cannot run here (one line), or None."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        why = ("this PyTorch is built without CUDA" if torch.version.cuda is None
+               else "no CUDA device is visible")
+        return f"device {device!r}: {why} (torch {torch.__version__}); use --device cpu"
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        return f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
 
 
 def setup_logging(level: str) -> None:
@@ -69,8 +88,12 @@ def serve(cfg: ServerConfig) -> None:
     app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url))
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    log.info("listening on %s; loading voice %s on %s", url, cfg.engine.voice, cfg.engine.device)
-    web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=None,
+    # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
+    def listening(_banner: str) -> None:
+        log.info("listening on %s; loading voice %s on %s", url, cfg.engine.voice,
+                 cfg.engine.device)
+
+    web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=listening,
                 shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=True)
     log.info("server stopped")
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
@@ -185,12 +186,14 @@ async def _model(app: web.Application, loader: EngineLoader, *, warm_up: bool) -
     model_thread = new_model_thread()
     assert state.audio_pool is not None, "the audio pool's context comes first"
     probe = ProbeEncoding.for_config(state.cfg, model.voice, state.audio_pool)
+    stop = threading.Event()
     try:
         loaded = await asyncio.get_running_loop().run_in_executor(
             model_thread, functools.partial(prepare_model, model.voice, state.cfg, loader=loader,
-                                            warm_up=warm_up, on_audio=probe.on_audio))
+                                            warm_up=warm_up, on_audio=probe.on_audio, stop=stop))
         await probe.close()
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:   # shutdown while loading: the thread stops at its next stage
+        stop.set()
         model_thread.shutdown(wait=False, cancel_futures=True)
         await probe.cancel()
         raise

@@ -9,6 +9,7 @@ silently ignored on a server.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import types
 import typing
@@ -292,14 +293,19 @@ def load_config(
     a None value means "flag not given" and is skipped.
     """
     raw = _read_toml(path) if path is not None else {}
-    source = str(path) if path is not None else "config"
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(raw, CLI_OVERRIDES.get(key, key), value)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if path is not None:   # the file alone first, so that its mistakes are blamed on it
+        try:
+            _build(copy.deepcopy(raw))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for key, value in given.items():
+        _set_dotted(raw, CLI_OVERRIDES.get(key, key), value)
     try:
         return _build(raw)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        source = "command line" if path is None else f"{path} with the command-line options"
+        raise ConfigError(f"{source if given else 'config'}: {exc}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import logging
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,22 +69,38 @@ def load_engine(voice: VoiceInfo, cfg: ServerConfig) -> Engine:
     return Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate, config=config)
 
 
+class LoadStopped(Exception):
+    """The server is stopping: loading or warming up ended early (nothing to report)."""
+
+
 def prepare_model(
     voice: VoiceInfo, cfg: ServerConfig, *, loader: EngineLoader, warm_up: bool = True,
     on_audio: Callable[[int, np.ndarray], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> LoadedModel:
     """Load, warm up and measure (blocking: call in a worker thread). `on_audio` gets the
-    cost probe's audio (see `measure_stream_cost` and `ProbeEncoding`)."""
+    cost probe's audio (see `measure_stream_cost` and `ProbeEncoding`). Once `stop` is set
+    (the server is shutting down) it raises LoadStopped at the next stage, so a shutdown
+    during warm-up does not wait seconds for it: the process exits only once this thread has."""
+    stop = stop or threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise LoadStopped
+
     t0 = time.perf_counter()
     engine = loader(voice, cfg)
+    check()
     phonemizer = Phonemizer(voice.config)
     phonemizer.phonemize("Warm up.")  # the first call starts espeak-ng
     loaded_s = time.perf_counter() - t0
     # Every (chunk size, batch size) the scheduler can ask for, so no stream pays kernel setup.
     # On CPU a step's budget (target_step_ms of compute) holds only a few big chunks.
     max_frames = None if engine.device.type == "cuda" else 2 * max(engine.buckets)
-    warm_s = (engine.warmup(max_batch=cfg.scheduler.max_batch_chunks, max_frames=max_frames)
+    warm_s = (engine.warmup(max_batch=cfg.scheduler.max_batch_chunks, max_frames=max_frames,
+                            stop=stop.is_set)
               if warm_up else 0.0)
+    check()
     vram = None
     if engine.device.type == "cuda":
         vram = measure_stream_vram(engine, batch=cfg.engine.max_batch)
@@ -92,9 +109,13 @@ def prepare_model(
     if warm_up:
         try:
             streams = cfg.admission.cost_probe_streams
-            probes = [measure_stream_cost(engine, phonemizer, streams=streams, on_audio=on_audio)
-                      for _ in range(COST_PROBE_RUNS)]
+            for _ in range(COST_PROBE_RUNS):
+                check()
+                probes.append(measure_stream_cost(engine, phonemizer, streams=streams,
+                                                  on_audio=on_audio))
             cost = statistics.median(probes)
+        except LoadStopped:
+            raise
         except Exception:  # e.g. a voice whose phonemizer cannot speak the English probe text
             log.warning("could not measure a stream's cost at warm-up; admission estimates "
                         "capacity from the first steps instead", exc_info=True)

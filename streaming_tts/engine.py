@@ -16,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -285,12 +285,14 @@ class Engine:
         audio = self.model.decode(zp, [0], [T], (0, padded), speakers=spk)[0]
         return audio[:T * self.hop_length].float().cpu().numpy()
 
-    def warmup(self, max_batch: int = 1, max_frames: int | None = None) -> float:
+    def warmup(self, max_batch: int = 1, max_frames: int | None = None,
+               stop: Callable[[], bool] | None = None) -> float:
         """Build the kernels of every chunk size at every batch size up to max_batch, so no
         stream pays for a first use later; returns seconds taken. With `max_frames`, batches
         of more frames than that are skipped (on CPU the scheduler's step budget keeps batches
         of big chunks small, and warming them would cost many seconds). With `cuda_graphs`,
-        the decodes are recorded first, and the loop below replays each recording."""
+        the decodes are recorded first, and the loop below replays each recording. `stop`
+        is asked between chunk sizes: when it says so, the warm-up ends early (shutdown)."""
         t0 = time.perf_counter()
         if self.config.cuda_graphs and self.graphs is None:
             self.capture_graphs(max_batch)
@@ -301,6 +303,8 @@ class Engine:
         # Every bucket at its own size (a real phrase may be shorter than the largest bucket).
         z = res.z[:, :1].expand(-1, max(self.buckets)).contiguous()
         for size in self.buckets:
+            if stop is not None and stop():
+                break
             for batch in range(1, max_batch + 1):
                 if batch > 1 and max_frames is not None and batch * size > max_frames:
                     break

@@ -160,3 +160,25 @@ def test_as_dict_masks_api_keys() -> None:
     cfg = load_config(None, {"api_keys": ["secret"]})
     assert cfg.as_dict()["server"]["api_keys"] == ["***"]
     assert cfg.as_dict(redact=False)["server"]["api_keys"] == ("secret",)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+def test_cuda_without_a_gpu_is_one_clear_error_and_exit_2(caplog: pytest.LogCaptureFixture) -> None:
+    import run_server
+
+    assert run_server.device_problem("cpu") is None
+    with caplog.at_level("ERROR", logger="run_server"):
+        assert run_server.main(["--device", "cuda", "--port", "0"]) == 2
+    [record] = [r for r in caplog.records if r.name == "run_server"]
+    assert "use --device cpu" in record.getMessage() and record.exc_info is None
+
+
+def test_a_bad_flag_is_blamed_on_the_command_line_and_a_bad_file_on_the_file(tmp_path: Path) -> None:
+    good = write(tmp_path, "[server]\nport = 8001\n")
+    with pytest.raises(ConfigError, match=r"^command line: server\.port"):
+        load_config(None, {"port": 70000})
+    with pytest.raises(ConfigError, match=r"with the command-line options: server\.port"):
+        load_config(good, {"port": 70000})
+    bad = write(tmp_path, "[server]\nport = 70000\n")
+    with pytest.raises(ConfigError, match=rf"^{bad}: server\.port"):
+        load_config(bad, {"port": 8001})   # the flag would fix it, but the file is wrong

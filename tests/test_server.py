@@ -917,6 +917,34 @@ async def test_healthz_is_503_until_the_voice_is_warm(
             assert [v["loaded"] for v in await resp.json()] == [True]
 
 
+async def test_a_shutdown_during_warm_up_stops_the_loading_thread_at_its_next_stage(
+    engine: Engine,
+) -> None:
+    # The process exits only once the model thread has: it must not go on warming up for
+    # seconds after "server stopped" (an operator saw 11 s on 2 cores).
+    gate, finished = threading.Event(), threading.Event()
+    recording = ThreadRecordingEngine(engine)
+    loading: list[threading.Thread] = []
+
+    def loader(voice: Any, cfg: Any) -> Engine:
+        loading.append(threading.current_thread())
+        try:
+            gate.wait(30)
+            return recording  # type: ignore[return-value]
+        finally:
+            finished.set()
+
+    async with running(None, ready=False, engine_loader=loader, warm_up=True) as r:
+        await wait_for(lambda: bool(loading), what="loading to start")
+        assert not r.state.model.ready
+    gate.set()                        # the server stopped while the voice was loading
+    assert finished.wait(5)
+    [thread] = loading                # it ends at the next stage, without warming up
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert recording.threads == set()
+
+
 class ThreadRecordingEngine:
     """The real engine, recording which thread makes each model call."""
 
