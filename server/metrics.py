@@ -117,25 +117,35 @@ class Metrics:
                                       namespace=ns, registry=r)
         self.compute_seconds = Counter("compute_seconds", "Model compute time", namespace=ns,
                                        registry=r)
+        # Registered with its first reading (`add_energy`), like the GPU gauges below.
         self.energy_joules = Counter("energy_joules", "GPU energy (NVML)", namespace=ns,
-                                     registry=r)
+                                     registry=None)
         for stage in BATCH_STAGES:  # export both series from the start, not on first use
             self.batch_size.labels(stage=stage)
 
     def _define_gpu_metrics(self, ns: str) -> None:
-        r = self.registry
+        # Not registered until their first reading: a CPU server (or NVML lacking a reading)
+        # exports no GPU series at all, rather than zeros that look like real readings.
+        self._shown: set[int] = set()
         self.vram_used_bytes = Gauge("gpu_vram_used_bytes", "GPU memory used", namespace=ns,
-                                     registry=r)
+                                     registry=None)
         self.vram_total_bytes = Gauge("gpu_vram_total_bytes", "GPU memory total", namespace=ns,
-                                      registry=r)
+                                      registry=None)
         self.vram_pressure = Gauge("gpu_vram_pressure_ratio", "GPU memory used / total",
-                                   namespace=ns, registry=r)
+                                   namespace=ns, registry=None)
         self.gpu_utilization = Gauge("gpu_utilization_ratio", "GPU busy fraction (NVML)",
-                                     namespace=ns, registry=r)
+                                     namespace=ns, registry=None)
         self.gpu_power_watts = Gauge("gpu_power_watts", "GPU power draw", namespace=ns,
-                                     registry=r)
+                                     registry=None)
         self.gpu_temperature_celsius = Gauge("gpu_temperature_celsius", "GPU temperature",
-                                             namespace=ns, registry=r)
+                                             namespace=ns, registry=None)
+
+    def _show(self, metric: Gauge | Counter) -> Gauge | Counter:
+        """Register a GPU series with the first reading it gets."""
+        if id(metric) not in self._shown:
+            self._shown.add(id(metric))
+            self.registry.register(metric)
+        return metric
 
     # ------------------------------------------------------------------ helpers
 
@@ -155,19 +165,24 @@ class Metrics:
         temperature_celsius: float | None = None,
         warn_fraction: float = 1.0,
     ) -> None:
-        """Record one GPU sample; None leaves a gauge as it was (NVML lacks some readings)."""
-        self.vram_used_bytes.set(vram_used_bytes)
-        self.vram_total_bytes.set(vram_total_bytes)
+        """Record one GPU sample; None leaves a gauge as it was (NVML lacks some readings),
+        or absent until a reading comes."""
+        self._show(self.vram_used_bytes).set(vram_used_bytes)
+        self._show(self.vram_total_bytes).set(vram_total_bytes)
         if vram_total_bytes > 0:
             fraction = vram_used_bytes / vram_total_bytes
-            self.vram_pressure.set(fraction)
+            self._show(self.vram_pressure).set(fraction)
             self.vram_pressure_check(fraction, warn_fraction)
         if utilization is not None:
-            self.gpu_utilization.set(utilization)
+            self._show(self.gpu_utilization).set(utilization)
         if power_watts is not None:
-            self.gpu_power_watts.set(power_watts)
+            self._show(self.gpu_power_watts).set(power_watts)
         if temperature_celsius is not None:
-            self.gpu_temperature_celsius.set(temperature_celsius)
+            self._show(self.gpu_temperature_celsius).set(temperature_celsius)
+
+    def add_energy(self, joules: float) -> None:
+        """GPU energy (NVML's counter) used since the last reading."""
+        self._show(self.energy_joules).inc(joules)
 
     def record_gpu_sample(self, sample: GpuSampleLike, *, warn_fraction: float) -> None:
         """Record a `streaming_tts.gpu.GpuSample` (duck-typed: vram_used_bytes,

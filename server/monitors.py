@@ -72,7 +72,9 @@ async def sample_gpu(state: ServerState, monitor: GpuMonitor) -> None:
             state.metrics.record_gpu_sample(sample, warn_fraction=warn)
         energy = await asyncio.to_thread(monitor.energy_j)
         if energy is not None:
-            if last_energy is not None and energy > last_energy:
-                state.metrics.energy_joules.inc(energy - last_energy)
+            if last_energy is None:
+                state.metrics.add_energy(0.0)    # the series appears with the first reading
+            elif energy > last_energy:
+                state.metrics.add_energy(energy - last_energy)
             last_energy = energy
         await asyncio.sleep(interval)

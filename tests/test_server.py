@@ -1072,6 +1072,8 @@ async def test_http_endpoints(srv: Running, http: aiohttp.ClientSession) -> None
     async with http.get(srv.url("/metrics")) as resp:
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
+    # No GPU readings: no GPU series, rather than zeros that read as measurements.
+    assert "tts_gpu_" not in text and "tts_energy_joules" not in text
     for name in ("tts_active_streams", "tts_streams_started_total", "tts_streams_refused_total",
                  "tts_protocol_errors_total", "tts_ttfa_seconds_bucket",
                  "tts_audio_seconds_total", "tts_scheduler_step_seconds_bucket",
@@ -1164,7 +1166,10 @@ async def test_gpu_readings_reach_status_metrics_and_admission(
         assert (status["vram_used_bytes"], status["vram_total_bytes"], status["gpu_power_w"]) == (
             70 * gib, 80 * gib, 300.0)
         async with http.get(r.url("/metrics")) as resp:
-            assert "tts_gpu_power_watts 300.0" in await resp.text()
+            text = await resp.text()
+        for line in ("tts_gpu_power_watts 300.0", "tts_gpu_vram_pressure_ratio 0.875",
+                     "tts_gpu_utilization_ratio 0.5", "tts_gpu_temperature_celsius 60.0"):
+            assert line in text
         r.state.admission.set_stream_vram_cost(20 * gib)  # more than the 10 GiB free
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await connect(http, r)
