@@ -120,6 +120,7 @@ class StartMsg:
     bitrate: int = 32000  # opus only; ignored for pcm
     max_buffer_delay_ms: float = 300.0
     words: bool = True
+    markdown: bool = True  # addition: read text as Markdown (markup is not spoken)
 
     @property
     def length_scale(self) -> float:
@@ -285,6 +286,7 @@ def _decode_start(obj: Mapping[Any, Any], ctx: str) -> StartMsg:
             default=d.max_buffer_delay_ms, bounds=MAX_BUFFER_DELAY_MS_BOUNDS,
         ),
         words=_boolean(obj, "words", ctx, default=d.words),
+        markdown=_boolean(obj, "markdown", ctx, default=d.markdown),
     )
 
 

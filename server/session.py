@@ -269,7 +269,7 @@ class Session:
                           sample_rate=msg.sample_rate, words=msg.words,
                           lookahead_ms=self._state.cfg.scheduler.lookahead_ms)
         options = StreamOptions(params=params, max_buffer_delay_ms=msg.max_buffer_delay_ms,
-                                words=msg.words)
+                                words=msg.words, markdown=msg.markdown)
         return spec, options, voice
 
     def _admit(self, ctx: str) -> None:

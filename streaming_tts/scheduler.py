@@ -31,6 +31,7 @@ from .engine import AcousticJob, AcousticResult, DecodeJob, Engine, SynthesisPar
 from .metering import Meter
 from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamSink,
                      StreamState, word_times)
+from .text.markdown import speakable
 from .text.phonemes import PhonemizedText
 from .text.splitter import PhraseSplitter, ends_sentence
 
@@ -444,7 +445,12 @@ class Scheduler:
         """Start phonemizing the stream's next phrase in the text thread, if not yet started."""
         if stream.phrases and stream.phrases[0].phonemized is None:
             head = stream.phrases[0]
-            head.phonemized = self._text_pool.submit(self.phonemizer.phonemize, head.text)
+            head.phonemized = self._text_pool.submit(self._phonemize, head.text,
+                                                     stream.options.markdown)
+
+    def _phonemize(self, text: str, markdown: bool) -> PhonemizedText:
+        """(text thread) The phrase's phonemes; Markdown markup blanked first if asked."""
+        return self.phonemizer.phonemize(speakable(text) if markdown else text)
 
     # ---- schedule ----
     def _tick_streams(self, now: float) -> None:

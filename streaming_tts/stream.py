@@ -33,6 +33,7 @@ class StreamOptions:
     params: SynthesisParams
     max_buffer_delay_ms: float = 300.0   # synthesize buffered text after this long without text
     words: bool = True                   # send word timings
+    markdown: bool = True                # Markdown markup is not spoken (text/markdown.py)
 
 
 @dataclass(frozen=True)

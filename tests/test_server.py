@@ -257,6 +257,25 @@ async def test_captions_hold_every_character_sent_even_unspoken_and_split_by_a_f
     await client.close()
 
 
+async def test_markdown_markup_is_not_read_aloud_unless_asked(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    text = "## Plan\n- **Bold** step, then `code`."
+    read = await client.speak(text, ctx="md")
+    literal = await client.speak(text, ctx="plain", markdown=False)
+    await client.close()
+    for u in (read, literal):
+        check_done(u, chars=len(text))
+        # Captions show the text as written either way.
+        assert "".join(p["space_before"] + p["text"] for p in u.phrases) == text
+    spoken = [w for words in read.words for w, _, _ in words["items"]]
+    assert spoken == ["Plan", "Bold", "step,", "then", "code."]
+    assert any("**" in w for words in literal.words for w, _, _ in words["items"])
+    # "hash hash", "asterisk asterisk ..." take time to say.
+    assert read.done["usage"]["audio_ms"] < 0.8 * literal.done["usage"]["audio_ms"]
+
+
 @pytest.mark.parametrize("rate", [22050, 16000])
 async def test_pcm_is_gap_free_in_whole_frames(
     srv: Running, http: aiohttp.ClientSession, rate: int,
