@@ -11,6 +11,9 @@ client plays one scenario, in turn:
              field of the wrong type): each must get `bad_request`, then speak to `done` on the
              same socket
   contexts   two contexts on one socket, interleaved, both to `done`
+  stall      speak 40 words, read the first audio, then read nothing for --stall-s: the server
+             must close the socket 1008 "slow consumer" (it is more than `max_send_lag_s`
+             behind), though the TCP buffers would take minutes to fill at Opus bitrates
 
 A refused client waits as long as the server says and tries again.
 
@@ -47,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.load import http_base, new_session, percentile  # noqa: E402
 from benchmarks.texts import SENTENCES  # noqa: E402
 
-SCENARIOS = ("complete", "cancel", "close", "vanish", "bad", "contexts")
+SCENARIOS = ("complete", "cancel", "close", "vanish", "bad", "contexts", "stall")
 WORDS = " ".join(SENTENCES).split(" ")
 FRAME_MS = 20.0   # one Opus packet
 MAX_ROUND_S = 120.0   # a round that takes longer is stuck: a violation
@@ -106,8 +109,8 @@ class Tally:
 class Client:
     """One simulated user: a socket at a time, scenarios in turn."""
 
-    def __init__(self, url: str, tally: Tally, rng: random.Random) -> None:
-        self.url, self.tally, self.rng = url, tally, rng
+    def __init__(self, url: str, tally: Tally, rng: random.Random, stall_s: float) -> None:
+        self.url, self.tally, self.rng, self.stall_s = url, tally, rng, stall_s
 
     # ---- plumbing
     async def connect(self, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
@@ -126,7 +129,10 @@ class Client:
 
     @staticmethod
     async def recv(ws, timeout: float | None = None) -> dict:
-        frame = await ws.receive(timeout)
+        # An absolute timeout: aiohttp's own restarts at every ping it answers (the server
+        # pings each second while a stream is live).
+        async with asyncio.timeout(timeout):
+            frame = await ws.receive()
         if frame.type != aiohttp.WSMsgType.BINARY:
             raise Violation(f"socket ended unexpectedly ({frame.type.name})")
         return msgpack.unpackb(frame.data)
@@ -241,6 +247,24 @@ class Client:
         await self.read_to_done(ws, checks)
         await asyncio.gather(*senders)
 
+    async def stall(self, ws) -> None:
+        check = await self.start(ws, "s")
+        first = self.rng.randrange(len(WORDS))
+        await self.send(ws, {"type": "text", "ctx": "s", "text": " ".join((WORDS[first:] + WORDS)[:40])})
+        await self.send(ws, {"type": "end", "ctx": "s"})
+        while (msg := await self.recv(ws))["type"] != "audio":
+            pass
+        check.audio(msg)
+        await asyncio.sleep(self.stall_s)          # reads nothing, answers no ping
+        async with asyncio.timeout(30):            # what was sent before the close, then it
+            while (frame := await ws.receive()).type is aiohttp.WSMsgType.BINARY:
+                msg = msgpack.unpackb(frame.data)
+                if msg["type"] == "audio":
+                    check.audio(msg)
+        got = (frame.type.name, frame.data, frame.extra)
+        if got != ("CLOSE", 1008, "slow consumer"):
+            raise Violation(f"after {self.stall_s:g} s unread: {got}, not a slow-consumer close")
+
     async def round(self, scenario: str) -> None:
         # Each round has its own session, so `vanish` can drop its connection by closing it.
         session = new_session()
@@ -330,7 +354,8 @@ async def main_async(args) -> dict:
         before = await wait_idle(http, base, args.pid, timeout=30)
         stop = asyncio.Event()
         rng = random.Random(args.seed)
-        clients = [Client(args.url, tally, random.Random(rng.random())) for _ in range(args.clients)]
+        clients = [Client(args.url, tally, random.Random(rng.random()), args.stall_s)
+                   for _ in range(args.clients)]
         step = max(1, len(SCENARIOS) // max(1, args.clients))
         t0 = time.monotonic()
         tasks = [asyncio.create_task(c.run(i * step, stop, args.rounds))
@@ -377,6 +402,9 @@ def main() -> int:
     ap.add_argument("--settle-s", type=float, default=120.0,
                     help="memory before this is warm-up (allocator, caches), not a trend")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--stall-s", type=float, default=9.0,
+                    help="how long the stall scenario reads nothing (above the server's "
+                    "limits.max_send_lag_s, 5, plus its 1 s ping interval)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="every sample on stderr")
     args = ap.parse_args()

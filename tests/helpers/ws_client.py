@@ -70,8 +70,11 @@ class ProtocolClient:
         await self.ws.send_bytes(msgpack.packb(msg, use_bin_type=True))
 
     async def recv(self, timeout: float = 20.0) -> Msg:
-        """The next server message; raises ConnectionError when the socket closed instead."""
-        frame = await self.ws.receive(timeout=timeout)
+        """The next server message; raises ConnectionError when the socket closed instead.
+        The timeout is absolute: aiohttp's own restarts at every ping it answers (the server
+        pings each second while a stream is live)."""
+        async with asyncio.timeout(timeout):
+            frame = await self.ws.receive()
         if frame.type is not aiohttp.WSMsgType.BINARY:
             raise ConnectionError(f"socket closed: {frame.type.name} {frame.data!r} "
                                   f"{frame.extra!r}")
