@@ -113,10 +113,11 @@ class Client:
         self.url, self.tally, self.rng, self.stall_s = url, tally, rng, stall_s
 
     # ---- plumbing
-    async def connect(self, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+    async def connect(self, session: aiohttp.ClientSession,
+                      **options: bool) -> aiohttp.ClientWebSocketResponse:
         while True:
             try:
-                return await session.ws_connect(self.url, max_msg_size=0)
+                return await session.ws_connect(self.url, max_msg_size=0, **options)
             except aiohttp.WSServerHandshakeError as exc:
                 if exc.status != 503:
                     raise Violation(f"handshake refused with {exc.status}") from exc
@@ -132,7 +133,8 @@ class Client:
         # An absolute timeout: aiohttp's own restarts at every ping it answers (the server
         # pings each second while a stream is live).
         async with asyncio.timeout(timeout):
-            frame = await ws.receive()
+            while (frame := await ws.receive()).type is aiohttp.WSMsgType.PING:
+                pass   # the stall scenario's socket answers no ping
         if frame.type != aiohttp.WSMsgType.BINARY:
             raise Violation(f"socket ended unexpectedly ({frame.type.name})")
         return msgpack.unpackb(frame.data)
@@ -257,9 +259,10 @@ class Client:
         check.audio(msg)
         await asyncio.sleep(self.stall_s)          # reads nothing, answers no ping
         async with asyncio.timeout(30):            # what was sent before the close, then it
-            while (frame := await ws.receive()).type is aiohttp.WSMsgType.BINARY:
-                msg = msgpack.unpackb(frame.data)
-                if msg["type"] == "audio":
+            while (frame := await ws.receive()).type in (aiohttp.WSMsgType.BINARY,
+                                                         aiohttp.WSMsgType.PING):
+                msg = msgpack.unpackb(frame.data) if frame.type is aiohttp.WSMsgType.BINARY else {}
+                if msg.get("type") == "audio":
                     check.audio(msg)
         got = (frame.type.name, frame.data, frame.extra)
         if got != ("CLOSE", 1008, "slow consumer"):
@@ -269,9 +272,15 @@ class Client:
         # Each round has its own session, so `vanish` can drop its connection by closing it.
         session = new_session()
         try:
-            ws = await self.connect(session)
+            # The stalled client answers nothing when it reads again: by then the server has
+            # given up on the close handshake and dropped the connection, and a pong or close
+            # reply to what was buffered would fail to send.
+            stalled = {"autoping": False, "autoclose": False} if scenario == "stall" else {}
+            ws = await self.connect(session, **stalled)
             if scenario == "vanish":   # closing the session below drops the TCP connection
                 await self._midway(ws)
+            elif scenario == "stall":  # the server has closed it (the session drops it)
+                await self.stall(ws)
             else:
                 await getattr(self, scenario)(ws)
                 await ws.close()
