@@ -783,6 +783,19 @@ async def test_idle_close_holds_while_the_client_answers_heartbeats(
         await clean(r)
 
 
+async def test_a_client_that_answers_no_heartbeat_is_dropped_and_the_log_says_why(
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running(engine, {"limits.heartbeat_s": 0.2}) as r:
+        with caplog.at_level(logging.INFO, logger="server.session"):
+            ws = await http.ws_connect(r.url("/v1/stream"), autoping=False)
+            await wait_for(lambda: not r.state.sessions, what="the socket dropped")
+        await ws.close()
+        await clean(r)
+    assert any("connection lost" in rec.getMessage() and "PONG" in rec.getMessage()
+               for rec in caplog.records), [rec.getMessage() for rec in caplog.records]
+
+
 async def test_a_client_that_stops_reading_its_opus_is_closed_as_a_slow_consumer(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
