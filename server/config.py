@@ -296,9 +296,11 @@ def load_config(
     given = {key: value for key, value in (overrides or {}).items() if value is not None}
     if path is not None:   # the file alone first, so that its mistakes are blamed on it
         try:
-            _build(copy.deepcopy(raw))
+            from_file = _build(copy.deepcopy(raw) if given else raw)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        if not given:
+            return from_file
     for key, value in given.items():
         _set_dotted(raw, CLI_OVERRIDES.get(key, key), value)
     try:

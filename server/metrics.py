@@ -44,6 +44,7 @@ class Metrics:
     def __init__(self, *, namespace: str = "tts") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._vram_warned = False
+        self._shown: set[Gauge | Counter] = set()   # GPU series registered (see _show)
         self._define_stream_metrics(namespace)
         self._define_scheduler_metrics(namespace)
         self._define_gpu_metrics(namespace)
@@ -126,7 +127,6 @@ class Metrics:
     def _define_gpu_metrics(self, ns: str) -> None:
         # Not registered until their first reading: a CPU server (or NVML lacking a reading)
         # exports no GPU series at all, rather than zeros that look like real readings.
-        self._shown: set[int] = set()
         self.vram_used_bytes = Gauge("gpu_vram_used_bytes", "GPU memory used", namespace=ns,
                                      registry=None)
         self.vram_total_bytes = Gauge("gpu_vram_total_bytes", "GPU memory total", namespace=ns,
@@ -142,8 +142,8 @@ class Metrics:
 
     def _show(self, metric: Gauge | Counter) -> Gauge | Counter:
         """Register a GPU series with the first reading it gets."""
-        if id(metric) not in self._shown:
-            self._shown.add(id(metric))
+        if metric not in self._shown:
+            self._shown.add(metric)
             self.registry.register(metric)
         return metric
 

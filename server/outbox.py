@@ -62,16 +62,18 @@ class Outbox:
         if len(self._items) >= self._max_messages:
             # Keep nothing more: the writer raises SlowConsumer as soon as it wakes.
             self._overflow = True
+            self._wake.set()
         else:
-            self._items.append(_Item(data, self._clock(), stream_id))
-            self._idle.clear()
-        self._wake.set()
+            self._append(_Item(data, self._clock(), stream_id))
 
     def put_control(self, kind: str, payload: bytes) -> None:
         """Queue a ping or pong: sent in turn, behind what is queued (never blocks)."""
         if self._control is None:
             raise RuntimeError("this outbox sends no control frames")
-        self._items.append(_Item(payload, self._clock(), None, kind))
+        self._append(_Item(payload, self._clock(), None, kind))
+
+    def _append(self, item: _Item) -> None:
+        self._items.append(item)
         self._idle.clear()
         self._wake.set()
 

@@ -699,28 +699,31 @@ class Scheduler:
         """A phrase's latent exists: announce where it sits, then emit its first chunk."""
         start = stream.emitted_frames
         res = new.acoustic
-        stream.active = ActivePhrase(id=stream.next_phrase_id, z=res.z, plan=new.plan, next_chunk=1,
-                                     unfinished=None if res.complete else res)
-        stream.next_phrase_id += 1
-        stream.spoken_phrases += 1
         words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms)
                  if stream.options.words else [])
-        stream.sink.on_phrase(PhraseEvent(
-            id=stream.active.id, text=new.text, start_ms=round(start * self.frame_ms, 1),
-            end_ms=round((start + res.num_frames) * self.frame_ms, 1), words=words,
-            space_before=space_before))
-        self.meter.add_phrase(stream.id)
+        pid = self._announce(stream, new.text, res.num_frames, words, space_before)
+        stream.active = ActivePhrase(id=pid, z=res.z, plan=new.plan, next_chunk=1,
+                                     unfinished=None if res.complete else res)
+        stream.spoken_phrases += 1
         a, b = new.plan[0]
         self._emit_audio(stream, new.first_audio, b - a)
 
     def _unspoken_phrase(self, stream: StreamState, text: str, space_before: str) -> None:
         """A phrase with nothing to speak ("!!!", "---"): announced with no length where the
         timeline stands, so captions built from phrases still hold every character sent."""
-        at = round(stream.emitted_frames * self.frame_ms, 1)
-        stream.sink.on_phrase(PhraseEvent(id=stream.next_phrase_id, text=text, start_ms=at, end_ms=at,
-                                          words=[], space_before=space_before))
+        self._announce(stream, text, 0, [], space_before)
+
+    def _announce(self, stream: StreamState, text: str, frames: int,
+                  words: list[tuple[str, float, float]], space_before: str) -> int:
+        """Send a `phrase` for the next `frames` of the timeline; returns its id."""
+        pid, start = stream.next_phrase_id, stream.emitted_frames
         stream.next_phrase_id += 1
+        stream.sink.on_phrase(PhraseEvent(
+            id=pid, text=text, start_ms=round(start * self.frame_ms, 1),
+            end_ms=round((start + frames) * self.frame_ms, 1), words=words,
+            space_before=space_before))
         self.meter.add_phrase(stream.id)
+        return pid
 
     def _emit_audio(self, stream: StreamState, audio: np.ndarray, frames: int) -> None:
         now = time.monotonic()

@@ -12,7 +12,7 @@ words as they are written ("**bold**," becomes "bold,", so word timings name "bo
   lone ` * ` stay as written; link and image syntax (`[text](url)` reads "text"); table pipes
   (a space each) and table rules.
 
-Only what Markdown would not show is blanked: text that is not Markdown comes through as is,
+Only what Markdown would not show is removed: text that is not Markdown comes through as is,
 apart from those symbols, which espeak would only spell out.
 """
 
