@@ -83,7 +83,8 @@ _ACOUSTIC_COST_PER_FRAME = 0.3
 _ACOUSTIC_COST_PER_CHAR = _ACOUSTIC_COST_PER_FRAME * 6.6
 _FLOW_COST_PER_FRAME = 0.15        # the flow is about half of the acoustic stage
 _INITIAL_FRAMES_PER_CHAR = 6.0     # speech length per character of text until measured
-_MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this do not set the capacity estimate
+_MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this set the capacity estimate together:
+                                   # their totals are pooled until they hold this much audio
 _SETTLED_COSTS = 64                # with no stream finishing, the cost estimate settles back to the
 _SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have (before: warm-up's)
 # Timers (text deadlines, silence, a listener run dry, finished streams) are checked at most this
@@ -231,6 +232,8 @@ class Scheduler:
         self._recent_costs: collections.deque[float] = collections.deque(maxlen=_SETTLED_COSTS)
         self._settled_cost = initial_stream_cost
         self._costed_at = time.monotonic()
+        # Finished streams too short to cost alone (a one-line reply): audio ms, compute ms.
+        self._short_pool = (0.0, 0.0)
         self._starting_count = (float("-inf"), 0, 0)   # when, how many starting, of how many
         self._last_tick = float("-inf")
         self._timer_due = False          # the last wait ended at a timer: tick now
@@ -742,18 +745,35 @@ class Scheduler:
     def _finish(self, stream: StreamState) -> None:
         usage = self.meter.close(stream.id) or {}   # every stream is opened in the meter
         self._streams.pop(stream.id, None)
-        audio_ms, compute_ms = usage.get("audio_ms") or 0.0, usage.get("compute_ms")
-        if audio_ms >= _MIN_COSTED_AUDIO_MS and compute_ms is not None:
-            cost = compute_ms / audio_ms
-            now = time.monotonic()
-            current = self._current_cost(now)
-            self._stream_cost = cost if current is None else 0.8 * current + 0.2 * cost
-            self._costed_at = now
-            self._recent_costs.append(cost)
-            if len(self._recent_costs) >= _SETTLED_MIN:
-                self._settled_cost = statistics.median(self._recent_costs)
+        self._add_cost(usage.get("audio_ms") or 0.0, usage.get("compute_ms"))
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)
+
+    def _add_cost(self, audio_ms: float, compute_ms: float | None) -> None:
+        """A finished stream's cost. One of at least _MIN_COSTED_AUDIO_MS counts alone; shorter
+        ones are pooled until their audio adds up to that, then count as one. A short stream
+        alone is too noisy (a 0.3 s reply is mostly its first step), but left out, a server
+        serving only short replies never corrects warm-up's probe: one warmed up while another
+        process held the cores read 0.92 s per audio s and refused a second stream after
+        nine short ones had shown the real cost. Short streams carry their first phrase's
+        overhead over less audio, so the pooled cost errs high, i.e. towards refusing."""
+        if compute_ms is None or audio_ms <= 0:
+            return
+        if audio_ms < _MIN_COSTED_AUDIO_MS:
+            pooled_audio, pooled_compute = self._short_pool
+            audio_ms, compute_ms = pooled_audio + audio_ms, pooled_compute + compute_ms
+            if audio_ms < _MIN_COSTED_AUDIO_MS:
+                self._short_pool = (audio_ms, compute_ms)
+                return
+            self._short_pool = (0.0, 0.0)
+        cost = compute_ms / audio_ms
+        now = time.monotonic()
+        current = self._current_cost(now)
+        self._stream_cost = cost if current is None else 0.8 * current + 0.2 * cost
+        self._costed_at = now
+        self._recent_costs.append(cost)
+        if len(self._recent_costs) >= _SETTLED_MIN:
+            self._settled_cost = statistics.median(self._recent_costs)
 
     def _fail_streams(self, failed: dict[str, str]) -> None:
         for sid, error in failed.items():

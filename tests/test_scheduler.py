@@ -861,12 +861,39 @@ async def test_heap_trims_can_be_turned_off(monkeypatch):
     assert calls == []
 
 
-def finish_costed(sched: Scheduler, sid: str, cost: float, now: float) -> None:
-    """A stream of 4 s of audio that cost `cost` s per audio s finishes."""
+def finish_costed(sched: Scheduler, sid: str, cost: float, now: float,
+                  audio_ms: float = 4000.0) -> None:
+    """A stream of `audio_ms` of audio that cost `cost` s per audio s finishes."""
     sched.meter.open(sid)
-    sched.meter.add_audio(sid, 4000.0, now=now)
-    sched.meter.record_batch(4.0 * cost, {sid: 1.0}, None)
+    sched.meter.add_audio(sid, audio_ms, now=now)
+    sched.meter.record_batch(audio_ms / 1000 * cost, {sid: 1.0}, None)
     sched._finish(StreamState(sid, OPTS, Sink(), PhraseSplitter()))
+
+
+def test_short_streams_correct_a_pessimistic_warm_up_cost_together():
+    # Warm-up ran while another process held the cores: 0.92 s per audio s. A server serving
+    # one-line replies (under 2 s of audio each) must still learn what streams cost here.
+    sched = new_scheduler(FakeEngine(), initial_stream_cost=0.92, cost_half_life_s=0.0)
+    now = time.monotonic()
+    finish_costed(sched, "a", 0.15, now, audio_ms=800.0)
+    finish_costed(sched, "b", 0.15, now, audio_ms=900.0)
+    # 1.7 s pooled: not yet a cost of its own.
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.92, rel=0.01)
+    finish_costed(sched, "c", 0.30, now, audio_ms=300.0)     # 2.0 s pooled: one cost
+    pooled = (0.8 * 0.15 + 0.9 * 0.15 + 0.3 * 0.30) / 2.0
+    assert sched._stream_cost == pytest.approx(0.8 * 0.92 + 0.2 * pooled, rel=0.01)
+    for i in range(12):
+        finish_costed(sched, f"s{i}", 0.15, now, audio_ms=1000.0)
+    assert sched.load().capacity_audio_s_per_s > 3.0     # was 1.09: one stream, no second
+    # A stream that made no audio (cancelled before its first chunk) adds no cost, and the
+    # pool restarts after each cost: a long stream counts alone, as before.
+    cost = sched._stream_cost
+    sched.meter.open("silent")
+    sched.meter.record_batch(0.05, {"silent": 1.0}, None)
+    sched._finish(StreamState("silent", OPTS, Sink(), PhraseSplitter()))
+    assert sched._stream_cost == cost and sched._short_pool == (0.0, 0.0)
+    finish_costed(sched, "long", 0.1, now)
+    assert sched._stream_cost == pytest.approx(0.8 * cost + 0.2 * 0.1, rel=0.01)
 
 
 def test_a_cost_measured_while_slow_returns_to_warm_ups_while_no_stream_finishes():
