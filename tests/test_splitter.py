@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import pairwise
 
 import pytest
@@ -209,14 +209,45 @@ def test_ends_sentence_sees_terminals_through_closing_quotes() -> None:
     assert [ends_sentence(p) for p in ("Hello", "Wait,", "and Dr", " ", "")] == [False] * 5
 
 
-def test_push_is_microseconds_not_milliseconds() -> None:
-    text = " ".join(s for s, _, _ in SENTENCE_CASES) * 20
-    splitter = PhraseSplitter()
-    start = time.perf_counter()
-    for ch in text:
-        splitter.push(ch, buffered_ms=float(len(text) % 3000))
-    per_push_s = (time.perf_counter() - start) / len(text)
-    assert per_push_s < 200e-6  # generous: a busy 2-core CI box still passes
+class CountingPattern:
+    """Wraps the splitter's sentence-candidate regex and counts the characters its scans
+    cross: a measure of work that does not depend on the machine's speed."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        self.pattern, self.scanned = pattern, 0
+
+    def finditer(self, buf: str, pos: int = 0, endpos: int | None = None) -> Iterator[re.Match[str]]:
+        end, last = (len(buf) if endpos is None else endpos), pos
+        for m in self.pattern.finditer(buf, pos, end):
+            self.scanned, last = self.scanned + m.end() - last, m.end()
+            yield m
+        self.scanned += end - last      # exhausted: the rest was crossed without a match
+
+
+UNBROKEN = {
+    "no whitespace": "a" * 20_000,
+    "base64": "QUJD" * 5_000,
+    "CJK without punctuation": "漢字" * 10_000,
+    "one space at the far end": "x" * 19_990 + " tail",
+    "prose": " ".join(s for s, _, _ in SENTENCE_CASES) * 40,
+}
+
+
+@pytest.mark.parametrize("text", UNBROKEN.values(), ids=UNBROKEN.keys())
+@pytest.mark.parametrize("fragment", [20_000_000, 7, 1], ids=["whole", "7 chars", "1 char"])
+def test_splitting_scans_each_character_a_bounded_number_of_times(
+        monkeypatch: pytest.MonkeyPatch, text: str, fragment: int) -> None:
+    # The splitter runs on the event loop. A 100k-character frame of text without a sentence
+    # boundary (a URL, base64, CJK) was rescanned from its start for each 400-character cap
+    # cut: quadratic, about a second of a stalled loop for every stream on the server.
+    import streaming_tts.text.splitter as module
+    counting = CountingPattern(module._CANDIDATE)
+    monkeypatch.setattr(module, "_CANDIDATE", counting)
+    for ms in (0.0, SENTENCE_MODE_MS):
+        counting.scanned = 0
+        phrases = split([text[i:i + fragment] for i in range(0, len(text), fragment)], ms)
+        assert "".join(phrases) == text
+        assert counting.scanned <= 3 * len(text)
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -149,10 +149,11 @@ class PhraseSplitter:
         """Return everything pending as phrases (split only at the cap); whitespace-only stays."""
         phrases: list[str] = []
         self._compact()
+        end = len(self._buf.rstrip())  # once: the cuts below leave _buf as it is
         while True:
             cs = _run_end(_LEADING_SPACE, self._buf, self._start)
             limit = cs + self._cfg.max_phrase_chars
-            if len(self._buf.rstrip()) <= limit:
+            if end <= limit:
                 break
             phrases.append(self._take(self._cap_cut(cs, limit)))
         if self._buf[self._start :].strip():
@@ -202,11 +203,15 @@ class PhraseSplitter:
         return self._cap_cut(cs, limit) if len(buf) > limit else None
 
     def _scan_sentences(self, cs: int, limit: int) -> _Scan:
-        """Judge candidates in order; NO verdicts are final, so the scan resumes after them."""
+        """Judge candidates in order; NO verdicts are final, so the scan resumes after them.
+        Text with no candidate is passed for good as well: a cap cut follows, and rescanning it
+        for each of a long unbroken run's cuts (a URL, base64, CJK without punctuation) would
+        make a 100k-character push quadratic (about a second on the event loop)."""
         for m in _CANDIDATE.finditer(self._buf, self._scan):
             gap = m.group("gap") is not None
             pos = m.start() if gap else m.end()  # a line break's space leads the next phrase
             if pos > limit:
+                self._scan = m.start()  # nothing before it to judge
                 return _Scan(None, limit, waiting=False)
             verdict = self._judge_gap(m) if gap else self._judge_terminal(m)
             if verdict is _Verdict.WAIT:
@@ -214,6 +219,7 @@ class PhraseSplitter:
             if verdict is _Verdict.CUT and pos > cs:
                 return _Scan(pos, pos, waiting=False)
             self._scan = m.end()
+        self._scan = len(self._buf)  # no candidate can start in what was scanned
         return _Scan(None, len(self._buf), waiting=False)
 
     def _judge_gap(self, m: re.Match[str]) -> _Verdict:
