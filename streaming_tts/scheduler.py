@@ -439,7 +439,7 @@ class Scheduler:
         for text in phrases:
             if spoken := text.strip():
                 lead = text[:len(text) - len(text.lstrip())]
-                stream.phrases.append(PendingPhrase(text=spoken, space_before=lead))
+                stream.queue_phrase(PendingPhrase(text=spoken, space_before=lead))
                 stream.mid_sentence = not ends_sentence(text)
                 self._work_changed = True
         self._prefetch(stream)
@@ -556,7 +556,7 @@ class Scheduler:
                 if used and used + cost > limit and not (with_newcomer and stream.anchor is None):
                     break
                 with_newcomer = with_newcomer or stream.anchor is None
-                batch.spaces[stream.id] = stream.phrases.popleft().space_before
+                batch.spaces[stream.id] = stream.next_phrase().space_before
                 self._prefetch(stream)
                 stream.inflight_chars += len(text)
                 batch.acoustic.append((stream.id, text, stream.options.params, head_only, first, phonemized))

@@ -103,6 +103,7 @@ class StreamState:
     first_text_at: float | None = None              # when the listener started waiting
     ended: bool = False                             # `end` received
     inflight_chars: int = 0                         # text of phrases in the running step
+    queued_chars: int = 0                           # text of the phrases in `phrases`
     mid_sentence: bool = False                      # the last phrase cut did not end a sentence
 
     def ahead_ms(self, now: float, frame_ms: float, ms_per_char: float) -> float:
@@ -112,8 +113,19 @@ class StreamState:
         ms = max(0.0, self.buffered_ms(now, frame_ms))
         if self.active is not None and self.active.remaining:
             ms += (self.active.total_frames - self.active.plan[self.active.next_chunk][0]) * frame_ms
-        chars = self.inflight_chars + sum(len(p.text) for p in self.phrases)
-        return ms + chars * ms_per_char
+        # A running count: this is asked at every text frame, and a client sending text far
+        # ahead of speech can queue thousands of phrases (summing them made a text flood
+        # quadratic on the event loop: 40k characters in 2-character frames stalled it 5 s).
+        return ms + (self.inflight_chars + self.queued_chars) * ms_per_char
+
+    def queue_phrase(self, phrase: PendingPhrase) -> None:
+        self.phrases.append(phrase)
+        self.queued_chars += len(phrase.text)
+
+    def next_phrase(self) -> PendingPhrase:
+        phrase = self.phrases.popleft()
+        self.queued_chars -= len(phrase.text)
+        return phrase
 
     def buffered_ms(self, now: float, frame_ms: float) -> float:
         """Audio the listener has not played yet (negative: it ran dry that long ago)."""

@@ -7,6 +7,7 @@ check that a stream's audio is complete, in order and never mixed with another s
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -633,13 +634,13 @@ async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
     z = torch.zeros(1, 400)
     old.active = ActivePhrase(id=0, z=z, plan=engine.chunk_plan(400), next_chunk=25)
     old.anchor, old.emitted_frames = now - 0.1, 100          # 1 s made, 0.1 s played
-    new.phrases.append(PendingPhrase("Hi there."))
+    new.queue_phrase(PendingPhrase("Hi there."))
     new.first_text_at = now
     batch = sched._schedule(now)
     assert [a[0] for a in batch.acoustic] == ["new"] and batch.decode == []
     # Once the old listener is due within the step, its chunk joins the newcomer's step.
     old.anchor = now - 0.95
-    new.phrases.append(PendingPhrase("Hi there."))
+    new.queue_phrase(PendingPhrase("Hi there."))
     batch = sched._schedule(now)
     assert [d[0] for d in batch.decode] == ["old"] and [a[0] for a in batch.acoustic] == ["new"]
 
@@ -648,7 +649,7 @@ def newcomers_waiting(sched: Scheduler, text: str) -> float:
     """Every open stream of a planning scheduler has `text` cut and no audio yet; returns now."""
     now = time.monotonic()
     for stream in sched._streams.values():
-        stream.phrases.append(PendingPhrase(text))
+        stream.queue_phrase(PendingPhrase(text))
         stream.first_text_at = now
     return now
 
@@ -799,12 +800,12 @@ def test_streams_still_building_a_runway_are_counted_for_admission():
                          ("first-text", 1500.0), ("first-only", 1500.0)):
         s[sid].anchor, s[sid].emitted_frames = now - 2.0, int((2000.0 + held_ms) / ms)
         s[sid].next_phrase_id = s[sid].spoken_phrases = 1 if sid.startswith("first") else 5
-    s["thin"].phrases.append(PendingPhrase("more words"))   # work queued, listener holds 0.3 s
-    s["safe"].phrases.append(PendingPhrase("more words"))   # work queued, 1.5 s held
+    s["thin"].queue_phrase(PendingPhrase("more words"))   # work queued, listener holds 0.3 s
+    s["safe"].queue_phrase(PendingPhrase("more words"))   # work queued, 1.5 s held
     # "idle" holds 0.1 s but has nothing to compute: it waits for text, more compute won't help.
     # Still on their short first phrase with more to say, 1.5 s held is no runway: a phrase is
     # queued, or words wait in the splitter for the sentence's end.
-    s["first"].phrases.append(PendingPhrase("the whole next sentence"))
+    s["first"].queue_phrase(PendingPhrase("the whole next sentence"))
     assert s["first-text"].splitter.push("and the rest of the sent", buffered_ms=1500.0) == []
     # Said all it has been given in one phrase: waiting for text, like "idle".
     sched.open("opening", OPTS, Sink())                     # not yet applied: starting too
@@ -942,3 +943,34 @@ def test_without_a_warm_up_cost_or_a_half_life_the_cost_stays():
     sched = new_scheduler(FakeEngine(), initial_stream_cost=0.05, cost_half_life_s=0.0)
     sched._stream_cost, sched._costed_at = 0.25, time.monotonic() - 300.0
     assert sched.load().capacity_audio_s_per_s == pytest.approx(4.0)
+
+
+class WalkCountingDeque(collections.deque):
+    walks = 0
+
+    def __iter__(self):
+        self.walks += 1
+        return super().__iter__()
+
+
+def test_text_far_ahead_of_speech_is_counted_not_summed_at_each_frame():
+    # A client may send text far faster than it is spoken (an LLM's whole answer at once, in
+    # tiny frames): thousands of phrases queue. Each text frame asks how much speech the
+    # listener has coming; that count is kept as phrases are queued and taken, so a frame
+    # costs the same with 10 phrases queued or 2000 (walking them made 40k characters in
+    # 2-character frames stall the event loop for 5 s).
+    sched = planning_scheduler(FakeEngine(schedule=(8, 64)), ["s"])
+    stream = sched._streams["s"]
+    stream.phrases = WalkCountingDeque()
+    text = "Hi. " * 2000
+    for i in range(0, len(text), 2):
+        sched.text("s", text[i:i + 2])
+    sched._apply_commands()
+    assert len(stream.phrases) >= 1900 and stream.phrases.walks == 0
+    assert stream.queued_chars == 3 * len(stream.phrases)
+    now = time.monotonic()
+    for _ in range(20):                 # phrases taken into steps leave the count
+        sched._schedule(now)
+        stream.inflight_chars, stream.active = 0, None
+    assert len(stream.phrases) < 1990
+    assert stream.queued_chars == 3 * len(stream.phrases)
