@@ -158,6 +158,10 @@ class AdmissionController:
         self._on_refused = on_refused
         self._rng = rng or random.Random()
         self._stream_vram_cost: int | None = None
+        # The GPU reading last judged, and the admissions counted when it was first seen:
+        # streams admitted since are not in its free memory yet (see _vram_refusal).
+        self._vram_sample: GpuSampleLike | None = None
+        self._admitted_at_sample = 0
         self._active = 0
         self._admitted_total = 0
         self._refused: Counter[RefusalReason] = Counter()
@@ -237,17 +241,26 @@ class AdmissionController:
         cost = self._stream_vram_cost
         if self._gpu_reader is None or not cost:
             return None
+        # The GPU sampler's latest reading (NVML is a driver round trip: not on the event loop,
+        # where this runs). Streams admitted since that reading have not shown in it, and a new
+        # stream allocates only at its first step anyway, so each one admitted since is charged
+        # its cost here; otherwise a burst between two readings would all see the same memory.
+        # Streams that end are credited by the next reading (if the allocator gives it back).
         sample = self._gpu_reader()
         if sample is None:
             # No reading (NVML hiccup): refusing on missing data would turn a monitoring
             # glitch into an outage; max_streams and load still apply.
             return None
-        headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB
+        if sample is not self._vram_sample:
+            self._vram_sample, self._admitted_at_sample = sample, self._admitted_total
+        since = self._admitted_total - self._admitted_at_sample
+        headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB - since * cost
         if headroom >= cost:
             return None
+        pending = f" and {since} stream(s) admitted since the last reading" if since else ""
         return _Refusal(RefusalReason.VRAM, (
             f"not enough GPU memory for another stream ({max(headroom, 0) / MIB:.0f} MiB free "
-            f"beyond the reserve, {cost / MIB:.0f} MiB needed)"))
+            f"beyond the reserve{pending}, {cost / MIB:.0f} MiB needed)"))
 
     def _starting(self, load: LoadEstimate) -> tuple[int, int]:
         """(streams admitted here but not yet registered with the scheduler, streams still

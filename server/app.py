@@ -81,7 +81,8 @@ def create_app(
     admission = AdmissionController(
         cfg.admission,
         load_source=load_source or (lambda: _scheduler_load(model)),
-        gpu_reader=available.sample if available is not None else None,
+        # The sampler's latest reading, not a fresh one: admission runs on the event loop.
+        gpu_reader=(lambda: state.gpu_sample) if available is not None else None,
         loop_busy_reader=loop_busy_source or (lambda: state.loop_busy),
         encoder_reader=encoder_source or (lambda: state.encoders),
         on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),

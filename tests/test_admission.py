@@ -155,6 +155,30 @@ def test_vram_refuses_when_free_minus_reserve_is_below_the_stream_cost() -> None
     assert ctl.admit().ok
 
 
+def test_vram_charges_streams_admitted_since_the_reading() -> None:
+    # Readings come from the GPU sampler about once a second, and a new stream allocates only
+    # at its first step: a burst between two readings must not all see the same free memory.
+    r = Readings()
+    ctl = make(r)
+    ctl.set_stream_vram_cost(100 * MIB)
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 250) * MIB)     # room for two
+    assert ctl.admit().ok and ctl.admit().ok
+    decision = ctl.admit()
+    assert decision.reason is RefusalReason.VRAM
+    assert "2 stream(s) admitted since the last reading" in decision.message
+    # The next reading shows what they took; judged from there on.
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 150) * MIB)
+    assert ctl.admit().ok
+    assert ctl.admit().reason is RefusalReason.VRAM
+    # Streams that end are credited by the next reading, not before.
+    ctl.release()
+    ctl.release()
+    assert ctl.admit().reason is RefusalReason.VRAM
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 350) * MIB)
+    assert ctl.admit().ok and ctl.admit().ok and ctl.admit().ok
+    assert ctl.admit().reason is RefusalReason.VRAM
+
+
 def test_vram_is_not_checked_before_the_cost_is_measured_or_without_a_reading() -> None:
     r = Readings()
     r.gpu = FakeGpu(vram_free_bytes=0)

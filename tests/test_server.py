@@ -1209,6 +1209,30 @@ async def test_gpu_readings_reach_status_metrics_and_admission(
         assert info.value.status == 503
 
 
+async def test_admission_reads_the_gpu_samplers_reading_not_nvml_on_the_event_loop(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # An NVML reading is a driver round trip (four calls): every upgrade and `start` making
+    # one on the event loop stalled every stream. Only the sampler's thread reads the GPU.
+    gib = 1 << 30
+    threads: list[str] = []
+
+    def reader() -> GpuSample:
+        threads.append(threading.current_thread().name)
+        return GpuSample(vram_used_bytes=10 * gib, vram_total_bytes=80 * gib,
+                         vram_free_bytes=70 * gib)
+
+    async with running(engine, {"metrics.sample_interval_s": 0.05},
+                       gpu=GpuMonitor(reader=reader)) as r:
+        await wait_for(lambda: r.state.gpu_sample is not None, what="a GPU sample")
+        r.state.admission.set_stream_vram_cost(gib)
+        client = await connect(http, r)
+        utterance = await client.speak("Hello.")
+        assert utterance.done is not None
+        await client.close()
+        assert threads and threading.main_thread().name not in threads
+
+
 # ---------------------------------------------------------------------------------- fuzz
 
 FIELDS = ["type", "ctx", "text", "voice", "speaker", "format", "sample_rate", "speed",
