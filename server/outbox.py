@@ -53,6 +53,7 @@ class Outbox:
         self._idle = asyncio.Event()  # set while nothing is queued or being sent
         self._idle.set()
         self._overflow = False
+        self._pong: _Item | None = None  # a pong queued and not sent yet
 
     def __len__(self) -> int:
         return len(self._items)
@@ -67,10 +68,22 @@ class Outbox:
             self._append(_Item(data, self._clock(), stream_id))
 
     def put_control(self, kind: str, payload: bytes) -> None:
-        """Queue a ping or pong: sent in turn, behind what is queued (never blocks)."""
+        """Queue a ping or pong: sent in turn, behind what is queued (never blocks).
+
+        At most one pong waits: a ping that comes while one does updates its payload, as RFC
+        6455 5.5.3 allows (a pong for the most recent ping only). The message limit cannot
+        count pongs, since pings need answers whatever is queued; unmerged, a client sending
+        pings and reading nothing would grow the queue without bound until the lag check
+        closed it."""
         if self._control is None:
             raise RuntimeError("this outbox sends no control frames")
-        self._append(_Item(payload, self._clock(), None, kind))
+        if kind == "pong" and self._pong is not None:
+            self._pong.data = payload
+            return
+        item = _Item(payload, self._clock(), None, kind)
+        if kind == "pong":
+            self._pong = item
+        self._append(item)
 
     def _append(self, item: _Item) -> None:
         self._items.append(item)
@@ -103,7 +116,10 @@ class Outbox:
             if self._overflow:
                 raise SlowConsumer(f"more than {self._max_messages} messages queued")
             if self._items:
-                await self._send_one(self._items.popleft())
+                item = self._items.popleft()
+                if item is self._pong:
+                    self._pong = None
+                await self._send_one(item)
 
     async def _send_one(self, item: _Item) -> None:
         budget = self._max_lag_s - (self._clock() - item.queued_at)

@@ -906,6 +906,31 @@ async def test_pings_and_pongs_go_out_in_turn_behind_queued_messages() -> None:
     assert out == [("binary", b"audio"), ("ping", b"1"), ("pong", b"x")]
 
 
+async def test_a_ping_flood_keeps_one_pong_waiting_not_one_per_ping() -> None:
+    # A client that sends pings and reads nothing: the pongs cannot count against the message
+    # limit (pings need answers), so they merge: one waits, answering the latest ping.
+    out: list[tuple[str, bytes]] = []
+
+    async def send(data: bytes) -> None:
+        out.append(("binary", data))
+
+    async def control(kind: str, payload: bytes) -> None:
+        out.append((kind, payload))
+
+    outbox = Outbox(send, max_messages=4, max_lag_s=5, control=control)
+    outbox.put(b"audio", stream_id="s")
+    for i in range(10_000):
+        outbox.put_control("pong", str(i).encode())
+    outbox.put_control("ping", b"probe")             # the server's own pings are not merged
+    assert len(outbox) == 3
+    writer = asyncio.create_task(outbox.run())
+    assert await outbox.drained(1.0)
+    outbox.put_control("pong", b"after")             # the waiting pong went out: a new one
+    assert await outbox.drained(1.0)
+    writer.cancel()
+    assert out == [("binary", b"audio"), ("pong", b"9999"), ("ping", b"probe"), ("pong", b"after")]
+
+
 async def test_lag_probe_times_the_oldest_unanswered_ping() -> None:
     probe = LagProbe(interval_s=1.0)
     assert probe.due(0.0) and probe.behind_s(0.0) == 0.0
