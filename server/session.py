@@ -242,8 +242,12 @@ class Session:
                 log.debug("stream refused ctx=%r peer=%s: %s (%s)",
                           msg.ctx, self.peer, err.code.value, err.message)
             raise
-        scheduler = self._scheduler()
-        stream = self._open_stream(spec, msg, voice)
+        try:   # the slot is held: until the stream is registered, nothing else releases it
+            scheduler = self._scheduler()
+            stream = self._open_stream(spec, msg, voice)
+        except BaseException:
+            self._state.release()
+            raise
         self._streams[msg.ctx] = stream
         self._outbox.put(encode_ready(
             ctx=msg.ctx, stream_id=spec.stream_id, voice=voice.id, format=spec.format,
@@ -296,7 +300,6 @@ class Session:
                                    out_rate=spec.sample_rate, bitrate=msg.bitrate,
                                    complexity=self._state.cfg.audio.opus_complexity)
         except ValueError as exc:  # the decoder's checks should make this unreachable
-            self._state.release()
             raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), msg.ctx) from exc
         pool = self._state.audio_pool
         assert pool is not None, "the audio pool lives as long as the app"

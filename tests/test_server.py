@@ -766,6 +766,26 @@ async def test_idle_socket_is_closed_but_not_while_a_stream_is_live(
         await clean(r)
 
 
+async def test_a_failure_opening_a_stream_releases_its_admission_slot(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The slot is taken at the end of start's checks; anything failing before the stream is
+    # registered (here the encoder, e.g. an OpusError) must give it back, or admission counts
+    # a stream that does not exist until the server restarts.
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr("server.session.make_encoder", broken)
+    async with running(engine) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start"})
+        async with asyncio.timeout(5):
+            frame = await client.ws.receive()
+        assert (frame.type, frame.data) == (aiohttp.WSMsgType.CLOSE, 1011)
+        await clean(r)
+        assert r.state.admission.admitted_total == 1
+
+
 async def test_idle_close_holds_while_the_client_answers_heartbeats(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
