@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.handlers
+import queue
 import sys
-from typing import Final
+from typing import Final, TextIO
 
 import uvloop
 from aiohttp import web
@@ -32,6 +34,9 @@ log = logging.getLogger("run_server")
 LOG_FORMAT: Final = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # Time for in-flight HTTP requests after the sockets have been closed at shutdown.
 SHUTDOWN_TIMEOUT_S: Final = 10.0
+# Log lines waiting for the writer thread at most (then lines are dropped, never waited for).
+LOG_QUEUE_LINES: Final = 10_000
+LOG_STOP_WAIT_S: Final = 5.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides_from_args(args))
     except ConfigError as exc:
         parser.error(str(exc))
-    setup_logging(cfg.server.log_level)
+    writer = setup_logging(cfg.server.log_level)
+    try:
+        return _run(cfg)
+    finally:
+        writer.stop()   # writes out what is queued
+
+
+def _run(cfg: ServerConfig) -> int:
     log.debug("effective config: %s", cfg.as_dict())
     if (problem := device_problem(cfg.engine.device)) is not None:
         log.error("%s", problem)
@@ -74,12 +86,61 @@ def device_problem(device: str) -> str | None:
     return None
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Hands records to the writer thread; never waits. If the queue is full (stderr has not
+    been drained for LOG_QUEUE_LINES lines), a line is dropped and counted rather than
+    stalling the event loop and every stream with it."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(q)
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:   # say so in the log, as soon as there is room again
+                self.queue.put_nowait(logging.makeLogRecord({
+                    "name": __name__, "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": f"{self.dropped} log line(s) dropped: stderr was not read"}))
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _LogWriter(logging.handlers.QueueListener):
+    """The thread that writes log lines. `stop()` writes out what is queued, waiting at most
+    LOG_STOP_WAIT_S for room in the queue (stderr may still not be read at exit)."""
+
+    def enqueue_sentinel(self) -> None:
+        self.queue.put(self._sentinel, timeout=LOG_STOP_WAIT_S)
+
+    def stop(self) -> None:
+        try:
+            self.enqueue_sentinel()
+        except queue.Full:
+            return   # the thread is a daemon: what is still queued is lost with the process
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def setup_logging(level: str, stream: TextIO | None = None) -> logging.handlers.QueueListener:
+    """Log lines are written by a thread of their own: a write to stderr blocks when whoever
+    reads it (a terminal, a pipe to a log collector) falls behind, and the event loop logs
+    each stream's lifecycle. Returns the writer; `stop()` it to write out what is queued."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_LINES)
+    root = logging.getLogger()
+    root.handlers[:] = [_QueueHandler(q)]
+    root.setLevel(level)
+    writer = _LogWriter(q, handler)
+    writer.start()
     if level != "DEBUG":
         # One line per HTTP request (the browser polls /v1/status every 2 s) drowns the stream
         # lifecycle lines; keep the access log for debugging.
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return writer
 
 
 def serve(cfg: ServerConfig) -> None:

@@ -71,3 +71,55 @@ def test_voices_lists_the_default_voice() -> None:
 def test_sentences_are_split_at_sentence_ends_only() -> None:
     assert split_sentences("Dr. Smith paid 3.14 dollars. Then he left!") == [
         "Dr. Smith paid 3.14 dollars.", "Then he left!"]
+
+
+def test_server_logging_never_waits_for_a_stalled_stderr() -> None:
+    # The event loop logs every stream's lifecycle; a write to a pipe nobody drains blocks.
+    # Lines go through a bounded queue to a writer thread; when it is full they are dropped
+    # and counted, and the count is logged once there is room again.
+    import logging
+    import threading
+    import time
+
+    import run_server
+
+    class Stalled:
+        def __init__(self) -> None:
+            self.go, self.lines = threading.Event(), []
+
+        def write(self, text: str) -> None:
+            self.go.wait()
+            self.lines.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stalled = Stalled()
+    writer = run_server.setup_logging("INFO", stream=stalled)
+    try:
+        log = logging.getLogger("server.session")
+        done = threading.Event()
+
+        def burst() -> None:
+            for i in range(run_server.LOG_QUEUE_LINES + 50):
+                log.info("stream s%d opened", i)
+            done.set()
+
+        threading.Thread(target=burst, daemon=True).start()
+        assert done.wait(30), "logging blocked on a stalled stderr"
+        stalled.go.set()                      # stderr is read again
+        queued = root.handlers[0].queue
+        for _ in range(3000):
+            if queued.empty():
+                break
+            time.sleep(0.01)
+        log.info("after")
+    finally:
+        writer.stop()
+        root.handlers[:], root.level = saved
+    text = "".join(stalled.lines)
+    assert "stream s0 opened" in text and "after" in text
+    assert "log line(s) dropped: stderr was not read" in text
+    assert text.count("opened") < run_server.LOG_QUEUE_LINES + 50
