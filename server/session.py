@@ -49,6 +49,10 @@ CLOSE_TIMEOUT_S: Final = 2.0
 SHUTDOWN_DRAIN_S: Final = 1.0
 # Smallest receive timeout while waiting for the idle deadline (avoid a busy loop).
 _MIN_WAIT_S: Final = 0.05
+# Frames handled before the read loop lets other tasks run. aiohttp hands over frames already
+# received without suspending, so a client that sent 20,000 small frames at once had them all
+# handled in one go (~0.4 s of a stalled loop for every stream); 64 take about 1-2 ms.
+_FRAMES_PER_SLICE: Final = 64
 
 CloseRequest = tuple[int, str]  # WebSocket close code, reason
 
@@ -162,7 +166,11 @@ class Session:
         """Frames until the client goes away (None) or the session should close (code, why);
         raises SlowConsumer when the lag probe finds the client too far behind."""
         loop = asyncio.get_running_loop()
+        handled = 0
         while True:
+            handled += 1
+            if handled % _FRAMES_PER_SLICE == 0:
+                await asyncio.sleep(0)
             self._probe_lag(loop.time())
             try:
                 msg = await self._ws.receive(timeout=self._receive_timeout(loop.time()))

@@ -91,6 +91,7 @@ _SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have
 # often, or when one falls due: each check visits every stream, and with hundreds of streams
 # and short model steps, checking at every step was the largest part of the scheduler's time.
 _TICK_MIN_S = 0.01
+_COMMANDS_PER_SLICE = 256          # commands applied before the event loop is let go (~2-5 ms)
 
 
 @dataclass
@@ -345,7 +346,7 @@ class Scheduler:
     async def _iteration(self, loop: asyncio.AbstractEventLoop) -> None:
         """One schedule -> execute -> update step, or a wait for something to do."""
         self._wake.clear()
-        self._apply_commands()
+        await self._apply_all_commands()
         now = time.monotonic()
         ticked = self._timer_due or now - self._last_tick >= _TICK_MIN_S
         if ticked:
@@ -359,7 +360,7 @@ class Scheduler:
             batch = self._schedule(now)
         if batch.acoustic or batch.decode:
             result, failed = await loop.run_in_executor(self._pool, self._execute_isolated, batch)
-            self._apply_commands()   # cancels that raced the step win over its output
+            await self._apply_all_commands()   # cancels that raced the step win over its output
             self._fail_streams(failed)
             self._update(batch, result)
             self._work_changed = True
@@ -387,8 +388,24 @@ class Scheduler:
         self._trimmed_at, self._steps_at_trim = now, self.steps
         self._pool.submit(_release_free_heap)
 
-    def _apply_commands(self) -> None:
-        while self._commands:
+    async def _apply_all_commands(self) -> None:
+        """The commands queued now, in order, `_COMMANDS_PER_SLICE` at a time with the event
+        loop let go in between: a client that sends its text in 20,000 tiny frames queues as
+        many commands, and applying them in one go stalled the loop (and every stream) ~0.5 s.
+        Commands queued meanwhile wait for the next call, so a flood cannot hold steps off.
+        (A stream cancelled meanwhile gets nothing more: the session has detached its sink.)"""
+        left = len(self._commands)
+        while left > 0:
+            n = min(left, _COMMANDS_PER_SLICE)
+            self._apply_commands(n)
+            left -= n
+            if left > 0:
+                await asyncio.sleep(0)
+
+    def _apply_commands(self, limit: int | None = None) -> None:
+        applied = 0
+        while self._commands and (limit is None or applied < limit):
+            applied += 1
             cmd, sid, *args = self._commands.popleft()
             if cmd == "open":
                 self._open(sid, *args)

@@ -11,6 +11,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -974,3 +975,22 @@ def test_text_far_ahead_of_speech_is_counted_not_summed_at_each_frame():
         stream.inflight_chars, stream.active = 0, None
     assert len(stream.phrases) < 1990
     assert stream.queued_chars == 3 * len(stream.phrases)
+
+
+async def test_a_flood_of_commands_is_applied_in_slices_that_let_the_loop_run():
+    # 2000 text frames queued at once (an LLM's answer in tiny tokens): applying them in one
+    # go held the event loop, and every other stream on it, for the whole flood.
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sched.open("s", OPTS, Sink())
+    await asyncio.sleep(0.05)
+    for _ in range(2000):
+        sched.text("s", "Hi. ")
+    seen = []
+    while sched._commands and len(seen) < 10_000:
+        seen.append(len(sched._commands))
+        await asyncio.sleep(0)
+    await stop(task)
+    assert not sched._commands
+    assert any(0 < n < 2000 for n in seen), "the loop ran between slices"
+    assert all(a - b <= 256 for a, b in pairwise(seen)), "at most a slice at a time"

@@ -34,6 +34,7 @@ from server.admission import Admission, LoadEstimate, RefusalReason
 from server.app import create_app
 from server.config import load_config
 import server.model
+import server.session
 from server.model import COST_PROBE_RUNS, prepare_model
 from server.outbox import LagProbe, Outbox, SlowConsumer
 from server.protocol import USAGE_FIELDS
@@ -784,6 +785,40 @@ async def test_a_failure_opening_a_stream_releases_its_admission_slot(
         assert (frame.type, frame.data) == (aiohttp.WSMsgType.CLOSE, 1011)
         await clean(r)
         assert r.state.admission.admitted_total == 1
+
+
+async def test_a_socket_flooding_small_frames_lets_the_event_loop_run_between_slices(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aiohttp hands over frames already received without suspending: 20,000 tiny text frames
+    # sent at once were all handled in one go, the loop (every stream) held for the lot.
+    handled = 0
+    real = server.session.Session._on_frame
+
+    def counting(self: Any, data: bytes) -> None:
+        nonlocal handled
+        handled += 1
+        real(self, data)
+
+    monkeypatch.setattr(server.session.Session, "_on_frame", counting)
+    async with running(engine) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start"})
+        assert (await client.recv())["type"] == "ready"
+        frames = 5000
+        for _ in range(frames):
+            await client.send({"type": "text", "text": "Hi "})
+        runs: list[int] = []          # frames handled between two turns of this task
+        last = handled
+        async with asyncio.timeout(30):
+            while handled < frames + 1:
+                await asyncio.sleep(0)
+                runs.append(handled - last)
+                last = handled
+        assert max(runs) <= 2 * server.session._FRAMES_PER_SLICE, max(runs)
+        await client.send({"type": "cancel"})
+        await client.close()
+        await clean(r)
 
 
 async def test_idle_close_holds_while_the_client_answers_heartbeats(
