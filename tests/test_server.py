@@ -942,7 +942,8 @@ async def test_outbox_detects_a_client_that_stops_reading() -> None:
     assert sent == [b"ready", b"cancelled"]
 
 
-async def test_pings_and_pongs_go_out_in_turn_behind_queued_messages() -> None:
+def recording_outbox(max_messages: int) -> tuple[Outbox, list[tuple[str, bytes]]]:
+    """An outbox whose messages and control frames are recorded as (kind, payload) once sent."""
     out: list[tuple[str, bytes]] = []
 
     async def send(data: bytes) -> None:
@@ -951,7 +952,11 @@ async def test_pings_and_pongs_go_out_in_turn_behind_queued_messages() -> None:
     async def control(kind: str, payload: bytes) -> None:
         out.append((kind, payload))
 
-    outbox = Outbox(send, max_messages=10, max_lag_s=5, control=control)
+    return Outbox(send, max_messages=max_messages, max_lag_s=5, control=control), out
+
+
+async def test_pings_and_pongs_go_out_in_turn_behind_queued_messages() -> None:
+    outbox, out = recording_outbox(max_messages=10)
     outbox.put(b"audio", stream_id="s")
     outbox.put_control("ping", b"1")
     outbox.put_control("pong", b"x")
@@ -964,15 +969,7 @@ async def test_pings_and_pongs_go_out_in_turn_behind_queued_messages() -> None:
 async def test_a_ping_flood_keeps_one_pong_waiting_not_one_per_ping() -> None:
     # A client that sends pings and reads nothing: the pongs cannot count against the message
     # limit (pings need answers), so they merge: one waits, answering the latest ping.
-    out: list[tuple[str, bytes]] = []
-
-    async def send(data: bytes) -> None:
-        out.append(("binary", data))
-
-    async def control(kind: str, payload: bytes) -> None:
-        out.append((kind, payload))
-
-    outbox = Outbox(send, max_messages=4, max_lag_s=5, control=control)
+    outbox, out = recording_outbox(max_messages=4)
     outbox.put(b"audio", stream_id="s")
     for i in range(10_000):
         outbox.put_control("pong", str(i).encode())
