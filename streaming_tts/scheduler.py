@@ -206,6 +206,8 @@ class Scheduler:
         self.frame_ms = engine.frame_ms
         self._streams: dict[str, StreamState] = {}
         self._commands: collections.deque = collections.deque()
+        self._opening_ids: set[str] = set()   # `open` queued, not applied yet
+        self._leaving: set[str] = set()       # `cancel` or `close` queued, not applied yet
         self._wake = asyncio.Event()
         # The one thread that runs model code. Pass the thread that loaded and warmed up the
         # engine: PyTorch's CPU thread pool (OpenMP) belongs to the thread that calls into it,
@@ -245,6 +247,7 @@ class Scheduler:
 
     # ---- commands (event loop; applied between steps) ----
     def open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
+        self._opening_ids.add(sid)
         self._command(("open", sid, options, sink))
 
     def text(self, sid: str, text: str) -> None:
@@ -257,10 +260,12 @@ class Scheduler:
         self._command(("end", sid))
 
     def cancel(self, sid: str) -> None:
+        self._leaving.add(sid)
         self._command(("cancel", sid))
 
     def close(self, sid: str) -> None:
         """Forget a stream at once (disconnect): no output, nothing kept."""
+        self._leaving.add(sid)
         self._command(("close", sid))
 
     def _command(self, cmd: tuple) -> None:
@@ -270,19 +275,26 @@ class Scheduler:
     # ---- introspection ----
     @property
     def stream_count(self) -> int:
-        return len(self._streams) + self._opening()
+        return len(self._streams) + len(self._opening_ids)
 
-    def _opening(self) -> int:
-        """Streams opened but not yet applied (their `open` command still queued)."""
-        return sum(1 for c in self._commands if c[0] == "open")
+    def _live_count(self) -> tuple[int, int]:
+        """(streams opened and not cancelled or closed, of which still to be registered): as
+        the commands will leave things, not as the last applied ones did. A stream cancelled
+        during a step is the scheduler's until the step ends; counting it meanwhile had
+        admission refuse the very next `start` on an idle server (`overloaded`, retry in 2 s:
+        a broken barge-in)."""
+        opening = len(self._opening_ids)
+        leaving = sum(1 for sid in self._leaving if sid in self._streams or sid in self._opening_ids)
+        opening_left = opening - sum(1 for sid in self._leaving if sid in self._opening_ids)
+        return len(self._streams) + opening - leaving, opening_left
 
     @property
     def queue_depth(self) -> int:
         return sum(len(s.phrases) for s in self._streams.values())
 
     def load(self, extra_streams: int = 0) -> LoadEstimate:
-        opening = self._opening()
-        n = len(self._streams) + opening + extra_streams
+        live, opening = self._live_count()
+        n = live + extra_streams
         cost = self._current_cost(time.monotonic())
         if cost:
             capacity = 1.0 / cost
@@ -322,7 +334,8 @@ class Scheduler:
         at, counted, registered = self._starting_count
         if now - at >= _TICK_MIN_S:
             frame_ms, runway = self.frame_ms, self.config.runway_ms
-            counted = sum(1 for s in self._streams.values() if s.starting(now, frame_ms, runway))
+            counted = sum(1 for s in self._streams.values()
+                          if s.starting(now, frame_ms, runway) and s.id not in self._leaving)
             registered = len(self._streams)
             self._starting_count = (now, counted, registered)
         return counted + max(0, len(self._streams) - registered)
@@ -408,8 +421,11 @@ class Scheduler:
             applied += 1
             cmd, sid, *args = self._commands.popleft()
             if cmd == "open":
+                self._opening_ids.discard(sid)
                 self._open(sid, *args)
                 continue
+            if cmd in ("cancel", "close"):
+                self._leaving.discard(sid)
             stream = self._streams.get(sid)
             if stream is None:
                 continue

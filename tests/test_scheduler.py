@@ -994,3 +994,26 @@ async def test_a_flood_of_commands_is_applied_in_slices_that_let_the_loop_run():
     assert not sched._commands
     assert any(0 < n < 2000 for n in seen), "the loop ran between slices"
     assert all(a - b <= 256 for a, b in pairwise(seen)), "at most a slice at a time"
+
+
+def test_a_cancelled_stream_stops_counting_as_load_at_once_not_after_the_step():
+    # Barge-in: cancel, then at once `start` again. The cancel is applied between steps, and
+    # until then the stream still counted: an idle server refused the new start (`overloaded`,
+    # retry in 2-4 s), because it did not look idle. What counts is the commands' outcome.
+    sched = planning_scheduler(FakeEngine(), ["a"])
+    newcomers_waiting(sched, "Hello there.")
+    assert sched.load().active_streams == 1 and sched.load().starting_streams == 1
+    sched.cancel("a")                     # queued: a step is running
+    sched._starting_count = (float("-inf"), 0, 0)
+    load = sched.load()
+    assert (load.active_streams, load.starting_streams) == (0, 0)
+    sched.open("b", OPTS, Sink())         # the new start: opening, not yet registered
+    sched.open("c", OPTS, Sink())
+    sched.close("c")                      # and one gone before it was ever registered
+    sched._starting_count = (float("-inf"), 0, 0)
+    load = sched.load()
+    assert (load.active_streams, load.starting_streams) == (1, 1)
+    sched._apply_commands()
+    assert sorted(sched._streams) == ["b"] and sched.stream_count == 1
+    assert sched.load().active_streams == 1
+    assert not sched._leaving and not sched._opening_ids

@@ -821,6 +821,27 @@ async def test_a_socket_flooding_small_frames_lets_the_event_loop_run_between_sl
         await clean(r)
 
 
+async def test_barge_in_start_right_after_cancel_is_admitted_on_an_otherwise_idle_server(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # Admission on the scheduler's real load, with a ceiling no second stream fits under:
+    # only the idle-server rule admits. The cancel and the new start arrive together, before
+    # the scheduler has applied the cancel; the cancelled stream must not count.
+    async with running(engine, {"admission.max_load": 0.01}, load_source=None) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "a"})
+        await client.send({"type": "text", "ctx": "a", "text": "One two three. " * 12})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        await client.send({"type": "cancel", "ctx": "a"})
+        await client.send({"type": "start", "ctx": "a"})
+        replies = await client.recv_until(lambda m: m["type"] in ("ready", "error"))
+        kinds = [m["type"] for m in replies if m["type"] in ("cancelled", "ready", "error")]
+        assert kinds[-2:] == ["cancelled", "ready"], replies[-1]
+        await client.send({"type": "cancel", "ctx": "a"})
+        await client.close()
+        await clean(r)
+
+
 async def test_idle_close_holds_while_the_client_answers_heartbeats(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
