@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(cfg)
     finally:
-        writer.stop()   # writes out what is queued
+        if writer is not None:
+            writer.stop()   # writes out what is queued
 
 
 def _run(cfg: ServerConfig) -> int:
@@ -108,13 +109,20 @@ class _QueueHandler(logging.handlers.QueueHandler):
 
 
 class _LogWriter(logging.handlers.QueueListener):
-    """The thread that writes log lines. `stop()` writes out what is queued, waiting at most
-    LOG_STOP_WAIT_S for room in the queue (stderr may still not be read at exit)."""
+    """The thread that writes log lines. `stop()` takes its handler off the root logger and
+    writes out what is queued, waiting at most LOG_STOP_WAIT_S for room in the queue (stderr
+    may still not be read at exit)."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord], handler: logging.Handler, *,
+                 queued: _QueueHandler) -> None:
+        super().__init__(q, handler)
+        self._queued = queued
 
     def enqueue_sentinel(self) -> None:
         self.queue.put(self._sentinel, timeout=LOG_STOP_WAIT_S)
 
     def stop(self) -> None:
+        logging.getLogger().removeHandler(self._queued)
         try:
             self.enqueue_sentinel()
         except queue.Full:
@@ -124,22 +132,29 @@ class _LogWriter(logging.handlers.QueueListener):
             self._thread = None
 
 
-def setup_logging(level: str, stream: TextIO | None = None) -> logging.handlers.QueueListener:
+def setup_logging(level: str, stream: TextIO | None = None, *,
+                  force: bool = False) -> _LogWriter | None:
     """Log lines are written by a thread of their own: a write to stderr blocks when whoever
     reads it (a terminal, a pipe to a log collector) falls behind, and the event loop logs
-    each stream's lifecycle. Returns the writer; `stop()` it to write out what is queued."""
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_LINES)
+    each stream's lifecycle. Returns the writer; `stop()` it to write out what is queued.
+    Like `logging.basicConfig`, this leaves a root logger that already has handlers (the
+    process embeds the server, or a test captures its log) as it is, unless `force`; then
+    it only sets the level, and returns None."""
     root = logging.getLogger()
-    root.handlers[:] = [_QueueHandler(q)]
     root.setLevel(level)
-    writer = _LogWriter(q, handler)
-    writer.start()
     if level != "DEBUG":
         # One line per HTTP request (the browser polls /v1/status every 2 s) drowns the stream
         # lifecycle lines; keep the access log for debugging.
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if root.handlers and not force:
+        return None
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_LINES)
+    queued = _QueueHandler(q)
+    root.handlers[:] = [queued]
+    writer = _LogWriter(q, handler, queued=queued)
+    writer.start()
     return writer
 
 

@@ -97,7 +97,8 @@ def test_server_logging_never_waits_for_a_stalled_stderr() -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     stalled = Stalled()
-    writer = run_server.setup_logging("INFO", stream=stalled)
+    writer = run_server.setup_logging("INFO", stream=stalled, force=True)
+    assert writer is not None
     try:
         log = logging.getLogger("server.session")
         done = threading.Event()
@@ -118,6 +119,7 @@ def test_server_logging_never_waits_for_a_stalled_stderr() -> None:
         log.info("after")
     finally:
         writer.stop()
+        assert root.handlers == []          # its handler is off the root logger again
         root.handlers[:], root.level = saved
     text = "".join(stalled.lines)
     assert "stream s0 opened" in text and "after" in text
