@@ -99,6 +99,7 @@ class SchedulerConfig:
     first_phrase_wait_ms: float = 200.0  # no audio yet: speak the complete words come by then
     target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
+    buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while this much speech is coming
     heap_trim_interval_s: float = 30.0  # give the C heap's free pages back this often (0: never)
 
     def __post_init__(self) -> None:
@@ -111,6 +112,8 @@ class SchedulerConfig:
                  "must be in (0, lookahead_ms]", self.silence_fill_ms)
         _require(self.heap_trim_interval_s >= 0, "scheduler.heap_trim_interval_s", "must be >= 0",
                  self.heap_trim_interval_s)
+        _require(self.buffer_delay_hold_ms >= 0, "scheduler.buffer_delay_hold_ms", "must be >= 0",
+                 self.buffer_delay_hold_ms)
         _require(self.max_batch_phrases >= 1, "scheduler.max_batch_phrases", "must be >= 1",
                  self.max_batch_phrases)
         _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",

@@ -53,6 +53,7 @@ class SchedulerConfig:
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
     runway_ms: float = 1000.0          # a stream with work whose listener holds less is starting up
+    buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while the listener has this much coming
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
 
@@ -464,8 +465,7 @@ class Scheduler:
         self.meter.add_text(stream.id, len(text), now=at)
         # Eager (short) phrases only while the listener has little speech coming: audio it
         # holds plus phrases already cut, so a backlog of short phrases cannot build up.
-        ms_per_char = self._frames_per_char * stream.options.params.length_scale * self.frame_ms
-        ahead = stream.ahead_ms(time.monotonic(), self.frame_ms, ms_per_char)
+        ahead = self._ahead_ms(stream, time.monotonic())
         self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=ahead))
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
@@ -494,7 +494,8 @@ class Scheduler:
         for stream in list(self._streams.values()):
             pending = stream.splitter.pending.strip()   # whitespace alone is never spoken
             delay = stream.options.max_buffer_delay_ms / 1000.0
-            if pending and stream.last_text_at is not None and now - stream.last_text_at >= delay:
+            if (pending and stream.last_text_at is not None and now - stream.last_text_at >= delay
+                    and self._hold_s(stream, now) <= 0):
                 self._queue_phrases(stream, stream.splitter.flush())
             elif pending and (due := self._first_phrase_due(stream)) is not None and now >= due:
                 # Text trickles in slower than the eager cut's few words: speak the complete
@@ -512,6 +513,23 @@ class Scheduler:
                 self._emit_silence(stream, self.config.silence_fill_ms)
             if stream.finished():
                 self._finish(stream)
+
+    def _hold_s(self, stream: StreamState, now: float) -> float:
+        """How long text past its `max_buffer_delay_ms` may still wait: until the listener has
+        less than `buffer_delay_hold_ms` of speech coming (0: flush now). Spoken then, it is
+        still made before the listener runs dry, so it is heard no later, and it may complete
+        its sentence meanwhile. Flushed at once, text typed at 3 words/s (a gap over 300 ms
+        between words) became one phrase per word, each with a phrase's pauses around it:
+        42.8 s of audio for 88 words that take 28 s at 15 words/s, the listener 13.7 s
+        behind the text by the end of a paragraph."""
+        hold = self.config.buffer_delay_hold_ms
+        if hold <= 0:
+            return 0.0
+        return (self._ahead_ms(stream, now) - hold) / 1000.0
+
+    def _ahead_ms(self, stream: StreamState, now: float) -> float:
+        ms_per_char = self._frames_per_char * stream.options.params.length_scale * self.frame_ms
+        return stream.ahead_ms(now, self.frame_ms, ms_per_char)
 
     def _first_phrase_due(self, stream: StreamState) -> float | None:
         """When a listener with no audio, and nothing cut or in the model for it, gets the words
@@ -606,6 +624,8 @@ class Scheduler:
             if s.splitter.pending.strip():
                 if s.last_text_at is not None:
                     due = s.last_text_at + s.options.max_buffer_delay_ms / 1000.0 - now
+                    if due <= 0:   # past it, held while the listener has plenty coming
+                        due = self._hold_s(s, now)
                     nxt = min(nxt, max(0.0, due))
                 if (due := self._first_phrase_due(s)) is not None and due > now:
                     nxt = min(nxt, due - now)

@@ -1017,3 +1017,29 @@ def test_a_cancelled_stream_stops_counting_as_load_at_once_not_after_the_step():
     assert sorted(sched._streams) == ["b"] and sched.stream_count == 1
     assert sched.load().active_streams == 1
     assert not sched._leaving and not sched._opening_ids
+
+
+@pytest.mark.parametrize("hold_ms", [1000.0, 0.0])
+def test_text_past_its_buffer_delay_waits_while_the_listener_has_plenty_coming(hold_ms):
+    # Captions typed at 3 words/s: each gap between words passes max_buffer_delay_ms (300).
+    # While the listener has over buffer_delay_hold_ms of speech coming, the words wait (and
+    # may complete their sentence); once it has less, they are spoken, still before it runs
+    # dry. hold 0: the delay alone decides, as before.
+    sched = planning_scheduler(FakeEngine(), [], buffer_delay_hold_ms=hold_ms)
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=300.0), Sink())
+    sched._apply_commands()
+    stream = sched._streams["s"]
+    now = time.monotonic()
+    stream.anchor, stream.emitted_frames = now - 0.5, round(2000 / sched.frame_ms)  # 1.5 s left
+    sched.text("s", "and then the")
+    sched._apply_commands()
+    assert stream.splitter.pending.strip() == "and then the" and not stream.phrases
+    stream.last_text_at = now - 0.4                      # past the 300 ms delay
+    sched._tick_streams(now)
+    if hold_ms == 0:
+        assert [p.text for p in stream.phrases] == ["and then the"]
+        return
+    assert not stream.phrases, "held: 1.5 s of speech coming"
+    assert sched._next_wakeup(now) == pytest.approx(0.5, abs=0.02)   # when 1 s is left
+    sched._tick_streams(now + 0.51)
+    assert [p.text for p in stream.phrases] == ["and then the"]
