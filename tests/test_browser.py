@@ -310,6 +310,27 @@ def test_streamed_paragraph_plays_to_the_end_with_captions(
     assert client.errors == []
 
 
+def test_captions_show_markdown_text_as_written_with_each_word_once(client: Client) -> None:
+    # The voice reads "**bold**," as "bold," (start.markdown), and the words say what was read.
+    # The captions showed such a word twice: "Here is bold, **bold**, and ...".
+    text = "Here is **bold**, and _italic_ text. See [the docs](https://x.io/a) now."
+    client.login()
+    client.wait_voices()
+    client.speak(text, wps=30)
+    client.page.wait_for_function(
+        "() => ['done', 'error'].includes(document.querySelector('#stats').dataset.state)",
+        timeout=60_000)
+    assert client.stats()["state"] == "done", client.alert()
+    shown = client.page.inner_text("#captions")
+    assert " ".join(shown.split()) == text
+    words = client.page.eval_on_selector_all(
+        ".word", "ws => ws.map(w => [w.dataset.word, w.textContent])")
+    assert [w for w, _ in words][:5] == ["Here", "is", "bold,", "and", "italic"]
+    assert ("bold,", "bold") in [tuple(w) for w in words]          # highlighted inside the marks
+    assert sum(1 for _, t in words if "bold" in t) == 1
+    assert client.errors == []
+
+
 def test_stop_goes_silent_within_100_ms(client: Client) -> None:
     client.login()
     client.wait_voices()

@@ -341,6 +341,22 @@ async function explainRefusal(token) {
 // ---------------------------------------------------------------------------------------------
 // Captions: phrases as they are scheduled, words highlighted by playback position
 
+/**
+ * Where a timed word lies in its phrase's text, from `cursor`: [start, end) or null. Words name
+ * what was read, which is not always what was written: with Markdown on, "**bold**," is read as
+ * "bold,". Then the word's letters and digits are looked for, and the markup stays outside it.
+ */
+function locateWord(text, word, cursor) {
+  const at = text.indexOf(word, cursor);
+  if (at >= 0) return [at, at + word.length];
+  const core = word.replace(/^[^\p{L}\p{N}]+|[^\p{L}\p{N}]+$/gu, "");
+  if (core && core !== word) {
+    const inner = text.indexOf(core, cursor);
+    if (inner >= 0) return [inner, inner + core.length];
+  }
+  return null;
+}
+
 class Captions {
   constructor(root) {
     this.root = root;
@@ -398,20 +414,20 @@ class Captions {
     const frag = document.createDocumentFragment();
     let cursor = 0;
     for (const [word, wStart, wEnd] of items) {
-      const at = text.indexOf(word, cursor);
-      if (at < 0) {
-        frag.append(" ");
-      } else if (at > cursor) {
-        frag.append(text.slice(cursor, at));
-      }
+      const found = locateWord(text, word, cursor);
       const span = document.createElement("span");
       span.className = "word";
-      span.textContent = word;
+      span.dataset.word = word;
       span.dataset.start = String(wStart);
       span.dataset.end = String(wEnd);
+      if (found) {
+        const [at, after] = found;
+        if (at > cursor) frag.append(text.slice(cursor, at));
+        span.textContent = text.slice(at, after); // as written, markup around it kept outside
+        cursor = after;
+      } // else: not in the text as written; timed but not shown, never shown twice
       frag.append(span);
       this.words.push(span);
-      if (at >= 0) cursor = at + word.length;
     }
     frag.append(text.slice(cursor));
     p.el.replaceChildren(frag);
@@ -433,7 +449,7 @@ class Captions {
       });
       this.current = idx;
       this.root.dataset.currentIndex = String(idx);
-      this.root.dataset.currentWord = idx >= 0 ? this.words[idx].textContent : "";
+      this.root.dataset.currentWord = idx >= 0 ? this.words[idx].dataset.word : "";
       if (idx >= 0) this.words[idx].scrollIntoView({ block: "nearest", inline: "nearest" });
     }
     for (const p of this.phrases.values()) {
