@@ -418,6 +418,8 @@ def test_full_server_is_retried_until_a_stream_frees(
     client.wait_played_ms(500, timeout_ms=30_000)
     assert client.alert() == ""
     assert int(client.stats()["retries"]) >= 1
+    # Time to first audio counts from Speak, the waits for room included (>= 1 s each).
+    assert float(client.stats()["ttfaMs"]) >= 1000 * int(client.stats()["retries"])
     assert client.errors == []
 
 

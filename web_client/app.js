@@ -490,7 +490,9 @@ class Utterance {
     this.firstRefusedAt = null; // performance.now() of the first capacity refusal
     this.retryAt = 0;
     this.retryTimer = null;
-    this.startSentAt = 0;
+    // Time to first audio as the user lives it: from Speak, so a wait for room on a full
+    // server (each retry sends a new start) is counted, not hidden.
+    this.requestedAt = performance.now();
     this.ttfaMs = null;
     this.audioBytes = 0;
     this.audioMs = 0;
@@ -848,7 +850,6 @@ class App {
     };
     if (s.voice) start.voice = s.voice;
     if (s.speaker !== null && s.speaker !== "") start.speaker = s.speaker;
-    utt.startSentAt = performance.now();
     this.conn.send(start);
     this.renderStats("streaming", "waiting for the server…");
   }
@@ -1002,7 +1003,7 @@ class App {
 
   onAudio(utt, msg) {
     if (utt.ttfaMs === null) {
-      utt.ttfaMs = performance.now() - utt.startSentAt;
+      utt.ttfaMs = performance.now() - utt.requestedAt;
     }
     const pts = Number(msg.pts_ms) || 0;
     if (utt.format === "opus") {
