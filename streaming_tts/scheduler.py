@@ -775,8 +775,8 @@ class Scheduler:
         pid, start = stream.next_phrase_id, stream.emitted_frames
         stream.next_phrase_id += 1
         stream.sink.on_phrase(PhraseEvent(
-            id=pid, text=text, start_ms=round(start * self.frame_ms, 1),
-            end_ms=round((start + frames) * self.frame_ms, 1), words=words,
+            id=pid, text=text, start_ms=start * self.frame_ms,   # the wire rounds (0.001 ms)
+            end_ms=(start + frames) * self.frame_ms, words=words,
             space_before=space_before))
         self.meter.add_phrase(stream.id)
         return pid

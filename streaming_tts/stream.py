@@ -191,5 +191,5 @@ def word_times(words: list[WordSpan], durations: np.ndarray, start_frame: int,
     for w in words:
         a = start_frame + int(cum[w.first_id])
         b = start_frame + int(cum[min(w.end_id, len(durations))])
-        out.append((w.text, round(a * frame_ms, 1), round(b * frame_ms, 1)))
+        out.append((w.text, a * frame_ms, b * frame_ms))  # the wire rounds (0.001 ms)
     return out
