@@ -186,6 +186,7 @@ class AdmissionConfig:
     startup_extra: float = 0.4  # extra real-time demand of a stream still building its runway
     refusal_log_lines: int = 20  # refused streams logged one by one per 10 s; the rest summed up
     cost_half_life_s: float = 30.0  # no stream finishing: the cost settles back (scheduler)
+    recalibrate_idle_s: float = 60.0  # idle this long: probe a stream's cost again (0: never)
 
     def __post_init__(self) -> None:
         _require(self.max_streams >= 1, "admission.max_streams", "must be >= 1", self.max_streams)
@@ -209,6 +210,8 @@ class AdmissionConfig:
                  self.refusal_log_lines)
         _require(self.cost_half_life_s >= 0, "admission.cost_half_life_s", "must be >= 0",
                  self.cost_half_life_s)
+        _require(self.recalibrate_idle_s >= 0, "admission.recalibrate_idle_s", "must be >= 0",
+                 self.recalibrate_idle_s)
 
 
 @dataclass(frozen=True)

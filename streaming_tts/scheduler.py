@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import logging
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -56,6 +57,8 @@ class SchedulerConfig:
     buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while the listener has this much coming
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
+    recalibrate_idle_s: float = 60.0   # idle this long: probe the cost again (0: never)
+    probe_streams: int = 1             # copies of the probe stream made together (as at warm-up)
 
 
 class SchedulerObserver(Protocol):
@@ -93,6 +96,10 @@ _SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have
 # and short model steps, checking at every step was the largest part of the scheduler's time.
 _TICK_MIN_S = 0.01
 _COMMANDS_PER_SLICE = 256          # commands applied before the event loop is let go (~2-5 ms)
+# An idle server's probe runs the model alone; real streams cost more (first phrases, and on
+# shared CPU cores their encoding): 15-30% on 2 cores (BENCHMARKS.md, "The warm-up probe encodes
+# its audio"). A probe lowers the estimate to no less than this times what it read.
+_PROBE_PREMIUM = 1.3
 
 
 @dataclass
@@ -139,8 +146,13 @@ _COST_PROBE_PHRASES = (
 )
 
 
+class ProbeStopped(Exception):
+    """`measure_stream_cost` was told to stop (its `stop()` returned True)."""
+
+
 def measure_stream_cost(engine: Engine, phonemizer, streams: int = 1,
-                        on_audio: Callable[[int, np.ndarray], None] | None = None) -> float:
+                        on_audio: Callable[[int, np.ndarray], None] | None = None,
+                        stop: Callable[[], bool] | None = None) -> float:
     """Compute seconds per audio second of one stream made the way the scheduler makes it: a
     first phrase with only its head's flow and the smallest first chunk, then sentences decoded
     from the largest chunk (a listener with audio buffered). `streams` copies of that stream are
@@ -153,18 +165,23 @@ def measure_stream_cost(engine: Engine, phonemizer, streams: int = 1,
     `on_audio(copy, samples)` gets each decoded chunk as a stream's sink would, from this
     thread and without waiting for it: the server encodes it meanwhile, as it encodes live
     streams' audio, so the time counts what encoding takes from the model where the two share
-    CPU cores (on 2 cores, the probe measured 3-20% less without it)."""
+    CPU cores (on 2 cores, the probe measured 3-20% less without it).
+
+    `stop()` is asked before each model call; once it returns True, ProbeStopped is raised (an
+    idle server's probe gives way to a stream that arrives)."""
     if streams < 1:
         raise ValueError(f"streams must be >= 1, got {streams}")
     t0, frames = time.perf_counter(), 0
     for i, text in enumerate(_COST_PROBE_PHRASES):
         first = i == 0
         ids = phonemizer.phonemize(text).ids
+        _check_stop(stop)
         # One seed for all copies: the same durations, so one chunk plan fits every copy.
         results = engine.acoustic([AcousticJob(ids=ids, params=SynthesisParams(), head_only=first, seed=0)
                                    for _ in range(streams)])
         plan = engine.chunk_plan(results[0].num_frames, 0 if first else len(engine.config.chunk_schedule) - 1)
         for k, (a, b) in enumerate(plan):
+            _check_stop(stop)
             if k:
                 results = [res if res.complete else engine.finish_flow(res) for res in results]
             audio = engine.decode([DecodeJob(z=res.z, start=a, end=b, phrase_frames=res.num_frames)
@@ -174,6 +191,11 @@ def measure_stream_cost(engine: Engine, phonemizer, streams: int = 1,
                     on_audio(copy, samples)
         frames += results[0].num_frames * streams
     return (time.perf_counter() - t0) / (frames * engine.frame_ms / 1000.0)
+
+
+def _check_stop(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise ProbeStopped
 
 
 def _release_free_heap() -> None:
@@ -238,6 +260,12 @@ class Scheduler:
         self._costed_at = time.monotonic()
         # Finished streams too short to cost alone (a one-line reply): audio ms, compute ms.
         self._short_pool = (0.0, 0.0)
+        # The idle probe (_maybe_recalibrate): when the server last had nothing, the probe in
+        # the model thread, its stop flag, and whether this idle spell has had its probe.
+        self._idle_since: float | None = None
+        self._probe: asyncio.Future | None = None
+        self._probe_stop = threading.Event()
+        self._recalibrated = False
         self._starting_count = (float("-inf"), 0, 0)   # when, how many starting, of how many
         self._last_tick = float("-inf")
         self._timer_due = False          # the last wait ended at a timer: tick now
@@ -271,6 +299,7 @@ class Scheduler:
 
     def _command(self, cmd: tuple) -> None:
         self._commands.append(cmd)
+        self._probe_stop.set()     # an idle probe gives way at its next model call
         self._wake.set()
 
     # ---- introspection ----
@@ -354,12 +383,15 @@ class Scheduler:
                     log.exception("scheduler iteration failed; continuing")
                     await asyncio.sleep(0.05)
         finally:
+            self._probe_stop.set()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._text_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _iteration(self, loop: asyncio.AbstractEventLoop) -> None:
         """One schedule -> execute -> update step, or a wait for something to do."""
         self._wake.clear()
+        if self._probe is not None and self._probe.done():
+            self._probe_done(self._probe.result())
         await self._apply_all_commands()
         now = time.monotonic()
         ticked = self._timer_due or now - self._last_tick >= _TICK_MIN_S
@@ -381,6 +413,7 @@ class Scheduler:
             self._trim_heap()
             return
         self._trim_heap()   # idle: what the last steps freed goes back too
+        self._maybe_recalibrate(loop, now)
         # Without a tick the timers were not looked at: wait no longer than until the next one.
         timeout = self._next_wakeup(now) if ticked else self._last_tick + _TICK_MIN_S - now
         # asyncio.timeout, not wait_for: no task is created for each wait (the scheduler waits
@@ -390,6 +423,56 @@ class Scheduler:
                 await self._wake.wait()
         except TimeoutError:
             self._timer_due = True
+
+    def _maybe_recalibrate(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
+        """Once per idle spell, after `recalibrate_idle_s` with no stream: probe what a stream
+        costs now (`measure_stream_cost`, in the model thread, given way to at the first
+        command). The estimate comes from finished streams, and with none finishing it stays
+        where the last ones left it: streams that finished while another process held the
+        cores left an idle host refusing every second stream for 15 minutes and more."""
+        if self._streams or self._commands or self._opening_ids:
+            self._idle_since = None
+            return
+        if self._idle_since is None:
+            self._idle_since = now
+        wait = self.config.recalibrate_idle_s
+        if wait <= 0 or self._probe is not None or self._recalibrated or now - self._idle_since < wait:
+            return
+        self._recalibrated = True
+        self._probe_stop.clear()
+        stop, engine, phonemizer = self._probe_stop.is_set, self.engine, self.phonemizer
+        streams = self.config.probe_streams
+
+        def probe() -> float | None:
+            try:
+                return measure_stream_cost(engine, phonemizer, streams=streams, stop=stop)
+            except ProbeStopped:
+                return None
+            except Exception:   # a failed probe leaves the estimate as it was
+                log.warning("idle cost probe failed", exc_info=True)
+                return None
+
+        self._probe = loop.run_in_executor(self._pool, probe)
+        self._probe.add_done_callback(lambda _f: self._wake.set())
+
+    def _probe_done(self, cost: float | None) -> None:
+        """Lower the estimate to what the idle probe read (times _PROBE_PREMIUM), never raise
+        it: one probe is one moment, and finished streams show a slower host soon enough."""
+        self._probe = None
+        now = time.monotonic()
+        current = self._current_cost(now)
+        if cost is None or current is None:
+            return
+        target = cost * _PROBE_PREMIUM
+        if target >= current:
+            log.debug("idle cost probe: %.3f s per audio s; estimate %.3f stays", cost, current)
+            return
+        log.info("idle cost probe: %.3f s per audio s; the cost estimate goes from %.3f to %.3f",
+                 cost, current, target)
+        self._stream_cost = self._settled_cost = target
+        self._recent_costs.clear()
+        self._short_pool = (0.0, 0.0)
+        self._costed_at = now
 
     def _trim_heap(self) -> None:
         """Every `heap_trim_interval_s` (after a step, or idle), queue `release_free_heap` in
@@ -451,6 +534,7 @@ class Scheduler:
             return
         self._streams[sid] = StreamState(id=sid, options=options, sink=sink,
                                          splitter=self.splitter_factory())
+        self._recalibrated, self._idle_since = False, None   # the next idle spell may probe again
         self.meter.open(sid)
         log.debug("stream %s opened", sid)
 

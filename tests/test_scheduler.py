@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -1043,3 +1044,51 @@ def test_text_past_its_buffer_delay_waits_while_the_listener_has_plenty_coming(h
     assert sched._next_wakeup(now) == pytest.approx(0.5, abs=0.02)   # when 1 s is left
     sched._tick_streams(now + 0.51)
     assert [p.text for p in stream.phrases] == ["and then the"]
+
+
+async def test_an_idle_server_probes_its_cost_again_and_only_ever_lowers_the_estimate(caplog):
+    # Streams that finished while a neighbour held the cores left a high cost, and with no
+    # stream finishing nothing corrected it. Once idle for recalibrate_idle_s, the model thread
+    # probes again: the estimate drops to 1.3x what the probe read, once per idle spell.
+    engine = FakeEngine(schedule=(8, 64), delay_s=0.002)
+    probe = measure_stream_cost(FakeEngine(schedule=(8, 64), delay_s=0.002), FakePhonemizer())
+    sched, task = await running(engine, recalibrate_idle_s=0.05, initial_stream_cost=50 * probe)
+    with caplog.at_level(logging.INFO, logger="streaming_tts.scheduler"):
+        await wait_until(lambda: sched._recalibrated and sched._probe is None)
+    assert 1 / sched.load().capacity_audio_s_per_s == pytest.approx(1.3 * probe, rel=0.5)
+    assert any("idle cost probe" in r.getMessage() for r in caplog.records)
+    calls = len(engine.calls)
+    await asyncio.sleep(0.2)
+    assert len(engine.calls) == calls, "one probe per idle spell"
+    # A stream comes and goes: the next idle spell probes again, and a probe reading more
+    # than the estimate leaves it alone.
+    sched._stream_cost = sched._settled_cost = probe / 100
+    await speak(sched, "s", Sink(), "Hello there.")
+    await wait_until(lambda: sched._recalibrated and sched._probe is None)
+    assert len(engine.calls) > calls + 2
+    assert sched._current_cost(time.monotonic()) <= probe / 50
+    await stop(task)
+
+
+async def test_a_stream_arriving_stops_the_idle_probe_at_its_next_model_call():
+    full = FakeEngine(schedule=(8, 64))
+    measure_stream_cost(full, FakePhonemizer())
+    alone = FakeEngine(schedule=(8, 64))         # what the stream alone takes
+    sched, task = await running(alone)
+    await speak(sched, "s", Sink(), "Hi.")
+    await stop(task)
+    engine = FakeEngine(schedule=(8, 64), delay_s=0.05)   # the probe: many 50 ms calls
+    sched, task = await running(engine, recalibrate_idle_s=0.01, initial_stream_cost=10.0)
+    await wait_until(lambda: sched._probe is not None and engine.calls)
+    await speak(sched, "s", Sink(), "Hi.")
+    await wait_until(lambda: sched._probe is None)
+    assert len(engine.calls) <= len(alone.calls) + 2 < len(alone.calls) + len(full.calls), \
+        "the probe stopped at its next call"
+    assert sched._current_cost(time.monotonic()) == pytest.approx(10.0), "stopped: no reading"
+    await stop(task)
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
