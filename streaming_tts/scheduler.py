@@ -100,6 +100,8 @@ _COMMANDS_PER_SLICE = 256          # commands applied before the event loop is l
 # shared CPU cores their encoding): 15-30% on 2 cores (BENCHMARKS.md, "The warm-up probe encodes
 # its audio"). A probe lowers the estimate to no less than this times what it read.
 _PROBE_PREMIUM = 1.3
+_TRIM_SAFE_BUFFERED_MS = 300.0     # a heap trim waits while a listener owed audio holds less
+_TRIM_MAX_DEFER = 4                # ... for at most this many heap_trim_interval_s
 
 
 @dataclass
@@ -477,13 +479,27 @@ class Scheduler:
     def _trim_heap(self) -> None:
         """Every `heap_trim_interval_s` (after a step, or idle), queue `release_free_heap` in
         the model thread: it runs before the next step, outside any step's measured (metered)
-        time, and the loop does not wait for it (25-40 ms with ~500 MB free on 2 CPU cores)."""
+        time (25-40 ms with ~500 MB free on 2 CPU cores).
+
+        glibc holds each arena's lock while it trims it, and the event loop and the encoder
+        threads free memory the model thread allocated: now and then they wait for the trim
+        (a 36 ms loop stall measured, BENCHMARKS.md). So a due trim waits until no listener
+        owed audio holds less than _TRIM_SAFE_BUFFERED_MS (a newcomer's first audio, a
+        listener near dry), for up to _TRIM_MAX_DEFER intervals."""
         interval = self.config.heap_trim_interval_s
         now = time.monotonic()
         if interval <= 0 or now - self._trimmed_at < interval or self.steps == self._steps_at_trim:
             return   # off, too soon, or no step has freed anything since the last trim
+        if now - self._trimmed_at < _TRIM_MAX_DEFER * interval and not self._trim_harmless(now):
+            return
         self._trimmed_at, self._steps_at_trim = now, self.steps
         self._pool.submit(_release_free_heap)
+
+    def _trim_harmless(self, now: float) -> bool:
+        """Whether every listener the scheduler owes audio holds enough that a stall of a
+        trim's length cannot reach it."""
+        return all(s.buffered_ms(now, self.frame_ms) >= _TRIM_SAFE_BUFFERED_MS
+                   for s in self._streams.values() if s.has_work() or s.inflight_chars)
 
     async def _apply_all_commands(self) -> None:
         """The commands queued now, in order, `_COMMANDS_PER_SLICE` at a time with the event

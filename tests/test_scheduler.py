@@ -1092,3 +1092,28 @@ async def wait_until(condition, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+def test_a_due_heap_trim_waits_while_a_listener_owed_audio_holds_little(monkeypatch):
+    # A trim can stall the event loop for its length (glibc's arena lock): not while a
+    # newcomer waits for its first audio or a listener is near dry; at most 4 intervals.
+    submitted: list[str] = []
+    sched = planning_scheduler(FakeEngine(), ["new", "old"], heap_trim_interval_s=30.0)
+    monkeypatch.setattr(sched._pool, "submit", lambda fn: submitted.append(fn.__name__))
+    now = newcomers_waiting(sched, "Hello there.")
+    old = sched._streams["old"]
+    old.anchor, old.emitted_frames = now, round(1000 / sched.frame_ms)    # holds 1 s
+    sched.steps, sched._trimmed_at = 5, now - 31.0
+    sched._trim_heap()
+    assert submitted == [], "the newcomer has nothing yet"
+    new = sched._streams["new"]
+    new.anchor, new.emitted_frames = now, round(200 / sched.frame_ms)     # 0.2 s: near dry
+    sched._trim_heap()
+    assert submitted == []
+    new.emitted_frames = round(500 / sched.frame_ms)
+    sched._trim_heap()
+    assert submitted == ["_release_free_heap"]
+    new.emitted_frames = 0                                                # dry again
+    sched.steps, sched._trimmed_at = 6, time.monotonic() - 121.0          # 4 intervals late
+    sched._trim_heap()
+    assert len(submitted) == 2, "deferred at most 4 intervals"
