@@ -171,9 +171,10 @@ class Session:
             handled += 1
             if handled % _FRAMES_PER_SLICE == 0:
                 await asyncio.sleep(0)
-            self._probe_lag(loop.time())
+            now = loop.time()
+            self._probe_lag(now)
             try:
-                msg = await self._ws.receive(timeout=self._receive_timeout(loop.time()))
+                msg = await self._ws.receive(timeout=self._receive_timeout(now))
             except TimeoutError:
                 if self._is_idle():
                     log.info("socket %s idle for %g s; closing", self.peer,

@@ -315,10 +315,10 @@ class Scheduler:
         during a step is the scheduler's until the step ends; counting it meanwhile had
         admission refuse the very next `start` on an idle server (`overloaded`, retry in 2 s:
         a broken barge-in)."""
-        opening = len(self._opening_ids)
-        leaving = sum(1 for sid in self._leaving if sid in self._streams or sid in self._opening_ids)
-        opening_left = opening - sum(1 for sid in self._leaving if sid in self._opening_ids)
-        return len(self._streams) + opening - leaving, opening_left
+        registered_left = len(self._streams) - sum(1 for sid in self._leaving if sid in self._streams)
+        opening_left = len(self._opening_ids) - sum(1 for sid in self._leaving
+                                                    if sid in self._opening_ids)
+        return registered_left + opening_left, opening_left
 
     @property
     def queue_depth(self) -> int:
