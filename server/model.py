@@ -30,7 +30,9 @@ from streaming_tts import heap
 from streaming_tts.audio import StreamEncoder, make_encoder
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, SynthesisParams
 from streaming_tts.metering import Meter, Tariff
-from streaming_tts.scheduler import Scheduler, SchedulerConfig, SchedulerObserver, measure_stream_cost
+from streaming_tts.scheduler import (
+    ProbeStopped, Scheduler, SchedulerConfig, SchedulerObserver, measure_stream_cost,
+)
 from streaming_tts.text.phonemes import Phonemizer
 from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig
 from streaming_tts.voices import VoiceInfo
@@ -80,8 +82,8 @@ def prepare_model(
 ) -> LoadedModel:
     """Load, warm up and measure (blocking: call in a worker thread). `on_audio` gets the
     cost probe's audio (see `measure_stream_cost` and `ProbeEncoding`). Once `stop` is set
-    (the server is shutting down) it raises LoadStopped at the next stage, so a shutdown
-    during warm-up does not wait seconds for it: the process exits only once this thread has."""
+    (the server is shutting down) it raises LoadStopped at the next stage (within the cost
+    probe, at its next model call), so a shutdown during warm-up does not wait seconds for it: the process exits only once this thread has."""
     stop = stop or threading.Event()
 
     def check() -> None:
@@ -112,10 +114,12 @@ def prepare_model(
             for _ in range(COST_PROBE_RUNS):
                 check()
                 probes.append(measure_stream_cost(engine, phonemizer, streams=streams,
-                                                  on_audio=on_audio))
+                                                  on_audio=on_audio, stop=stop.is_set))
             cost = statistics.median(probes)
         except LoadStopped:
             raise
+        except ProbeStopped:   # stopped at its next model call, not at the end of a probe
+            raise LoadStopped from None
         except Exception:  # e.g. a voice whose phonemizer cannot speak the English probe text
             log.warning("could not measure a stream's cost at warm-up; admission estimates "
                         "capacity from the first steps instead", exc_info=True)

@@ -1078,6 +1078,36 @@ async def test_a_shutdown_during_warm_up_stops_the_loading_thread_at_its_next_st
     assert recording.threads == set()
 
 
+async def test_a_shutdown_during_the_cost_probe_stops_it_at_its_next_model_call(engine: Engine) -> None:
+    # A probe run is a dozen model calls (seconds on 2 cores): stopping only between runs kept
+    # a stopped server's process alive that long.
+    stop = threading.Event()
+
+    class StopsDuringProbe:
+        """The real engine, skipping warm-up; the probe's first model call stops the server."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(engine, name)
+
+        def warmup(self, **kwargs: Any) -> float:
+            return 0.0
+
+        def acoustic(self, jobs: Any) -> Any:
+            self.calls += 1
+            stop.set()
+            return engine.acoustic(jobs)
+
+    probing = StopsDuringProbe()
+    voice = VoiceRegistry().default()
+    with pytest.raises(server.model.LoadStopped):
+        await asyncio.to_thread(prepare_model, voice, load_config(None, {}),
+                                loader=lambda v, c: probing, warm_up=True, stop=stop)
+    assert probing.calls == 1
+
+
 class ThreadRecordingEngine:
     """The real engine, recording which thread makes each model call."""
 
