@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -10,6 +12,7 @@ import torch
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams
 from streaming_tts.models.loader import load_vits
 from streaming_tts.models.onnx_weights import VoiceFormatError
+from streaming_tts.models.vits import VitsModel
 from streaming_tts.voices import default_voice_path
 
 MODEL = default_voice_path()   # the voice package's, or $STREAMING_TTS_DEFAULT_VOICE
@@ -245,3 +248,37 @@ def test_head_only_flow_gives_the_same_first_chunk_and_then_the_same_phrase(engi
     if not head.complete and len(plan) > 1:
         with pytest.raises(ValueError, match="finish_flow"):
             engine.decode([DecodeJob(head.z, *plan[1], phrase_frames=head.num_frames)])
+
+
+def multi_speaker_model() -> VitsModel:
+    """The default voice's weights in a 4-speaker model (speaker table and conditioning
+    layers random): the shapes and dtypes of a multi-speaker Piper voice."""
+    base = load_vits(MODEL)
+    torch.manual_seed(0)
+    model = VitsModel(dataclasses.replace(base.hp, n_speakers=4, gin=64))
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in base.state_dict().items()
+                           if k in own and own[k].shape == v.shape}, strict=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_multi_speaker_voice_decodes_in_every_precision(dtype: str) -> None:
+    # The speaker table stays fp32 while the decoder may run in a half type (bf16 here, fp16
+    # on a GPU): its conditioning input must follow the decoder's precision.
+    ref = Engine(multi_speaker_model(), sample_rate=22050,
+                 config=EngineConfig(chunk_schedule=(16, 48)))
+    eng = Engine(multi_speaker_model(), sample_rate=22050,
+                 config=EngineConfig(dtype=dtype, chunk_schedule=(16, 48)))
+    ids = make_ids(20, seed=3)
+    audio = {}
+    for speaker in (1, 2):
+        params = SynthesisParams(noise_scale=0.0, noise_w=0.0, speaker=speaker)
+        res = ref.acoustic([AcousticJob(ids, params, seed=0)])[0]
+        n = min(res.num_frames, 48)
+        [want] = ref.decode([DecodeJob(res.z, 0, n, speaker=speaker)])
+        [got] = eng.decode([DecodeJob(res.z, 0, n, speaker=speaker)])
+        assert got.shape == want.shape and np.isfinite(got).all()
+        assert snr_db(want, got) > 20.0
+        audio[speaker] = got
+    assert not np.allclose(audio[1], audio[2], atol=1e-3)   # the speaker is heard

@@ -92,7 +92,12 @@ class VitsModel(nn.Module):
 
     def decode(self, z: torch.Tensor, lo: list[int], hi: list[int], keep: tuple[int, int],
                speakers: torch.Tensor | None = None) -> torch.Tensor:
-        return self.dec(z, lo, hi, keep, g=self.speaker_embedding(speakers))
+        # The speaker table stays fp32 (the flow and durations read it too); the decoder may
+        # run in a half type (Engine), so its conditioning is cast to the decoder's precision.
+        g = self.speaker_embedding(speakers)
+        if g is not None:
+            g = g.to(self.dec.conv_pre.weight.dtype)
+        return self.dec(z, lo, hi, keep, g=g)
 
 
 def _per_item_noise(lengths: list[int], channels: int, T: int,
