@@ -99,7 +99,7 @@ def prepare_model(
     # Every (chunk size, batch size) the scheduler can ask for, so no stream pays kernel setup.
     # On CPU a step's budget (target_step_ms of compute) holds only a few big chunks.
     max_frames = None if engine.device.type == "cuda" else 2 * max(engine.buckets)
-    warm_s = (engine.warmup(max_batch=cfg.scheduler.max_batch_chunks, max_frames=max_frames,
+    warm_s = (engine.warmup(max_batch=cfg.engine.max_batch, max_frames=max_frames,
                             stop=stop.is_set)
               if warm_up else 0.0)
     check()

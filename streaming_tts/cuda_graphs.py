@@ -122,6 +122,11 @@ class DecoderGraphs:
         return len(self._graphs)
 
     @property
+    def max_batch(self) -> int:
+        """The largest batch recorded (0 before capture)."""
+        return max((b for _, b in self._graphs), default=0)
+
+    @property
     def shapes(self) -> list[tuple[int, int]]:
         """Captured (chunk size, batch size) pairs."""
         return sorted(self._graphs)

@@ -129,6 +129,7 @@ class Engine:
             sizes.update(range(config.bucket_step, max(sizes), config.bucket_step))
         self.buckets = tuple(sorted(sizes))
         self.graphs: DecoderGraphs | None = None     # recorded decodes, once captured
+        self._warm_batch: int | None = None          # largest batch warmed up (see decode)
 
     def capture_graphs(self, max_batch: int, recorder: Recorder | None = None) -> DecoderGraphs | None:
         """Record the decode of every chunk bucket at batch sizes up to max_batch (see
@@ -238,12 +239,27 @@ class Engine:
             if not 0 <= job.start < job.end <= job.z.shape[1]:
                 raise ValueError(f"bad decode range [{job.start}, {job.end}) of {job.z.shape[1]} frames")
             groups.setdefault(self.bucket(job.end - job.start), []).append(i)
-        for size, idx in groups.items():
-            audio = self._decode_group([jobs[i] for i in idx], size)
-            for k, i in enumerate(idx):
-                n = (jobs[i].end - jobs[i].start) * self.hop_length
-                results[i] = audio[k, :n]
+        rows = self.rows_per_decode
+        for size, group in groups.items():
+            # One call decodes at most the batch warmed up (or recorded as a graph): a step's
+            # new phrases' first chunks and its continuing chunks can share a size and add up
+            # to more, which would decode eagerly and allocate past the VRAM measured.
+            step = rows or len(group)
+            for lo in range(0, len(group), step):
+                idx = group[lo:lo + step]
+                audio = self._decode_group([jobs[i] for i in idx], size)
+                for k, i in enumerate(idx):
+                    n = (jobs[i].end - jobs[i].start) * self.hop_length
+                    results[i] = audio[k, :n]
         return results  # type: ignore[return-value]
+
+    @property
+    def rows_per_decode(self) -> int | None:
+        """Most windows of one size decoded in one call: the largest batch recorded as a CUDA
+        graph, else the largest warmed up; None (no limit) before warm-up."""
+        if self.graphs is not None and self.graphs.max_batch:
+            return self.graphs.max_batch
+        return self._warm_batch
 
     def _decode_group(self, jobs: list[DecodeJob], size: int) -> np.ndarray:
         """Decode same-size windows [start - ctx, start + size + ctx) in one batch."""
@@ -288,12 +304,14 @@ class Engine:
     def warmup(self, max_batch: int = 1, max_frames: int | None = None,
                stop: Callable[[], bool] | None = None) -> float:
         """Build the kernels of every chunk size at every batch size up to max_batch, so no
-        stream pays for a first use later; returns seconds taken. With `max_frames`, batches
+        stream pays for a first use later; returns seconds taken. From then on a decode call
+        holds at most max_batch windows of a size (more are decoded in pieces). With `max_frames`, batches
         of more frames than that are skipped (on CPU the scheduler's step budget keeps batches
         of big chunks small, and warming them would cost many seconds). With `cuda_graphs`,
         the decodes are recorded first, and the loop below replays each recording. `stop`
         is asked between chunk sizes: when it says so, the warm-up ends early (shutdown)."""
         t0 = time.perf_counter()
+        self._warm_batch = max_batch
         if self.config.cuda_graphs and self.graphs is None:
             self.capture_graphs(max_batch)
         ids = [1, 0] + [20, 0, 35, 0, 50, 0, 62, 0] * 6 + [2]

@@ -282,3 +282,20 @@ def test_a_multi_speaker_voice_decodes_in_every_precision(dtype: str) -> None:
         assert snr_db(want, got) > 20.0
         audio[speaker] = got
     assert not np.allclose(audio[1], audio[2], atol=1e-3)   # the speaker is heard
+
+
+def test_a_decode_call_holds_at_most_the_batch_warmed_up() -> None:
+    # A step's new phrases' first chunks and its continuing chunks can share a size and add up
+    # to more than the warmed (and VRAM-measured) batch: they are decoded in pieces.
+    eng = Engine.from_file(MODEL, sample_rate=22050, config=EngineConfig(chunk_schedule=(16, 48)))
+    res = eng.acoustic([AcousticJob(make_ids(30, seed=5), SILENT, seed=0)])[0]
+    jobs = [DecodeJob(res.z, a, a + 16) for a in range(0, 80, 16)]   # 5 windows of one size
+    whole = eng.decode(jobs)
+    eng.warmup(max_batch=2, max_frames=48)
+    rows: list[int] = []
+    decode = eng.model.decode
+    eng.model.decode = lambda z, *a, **kw: rows.append(z.shape[0]) or decode(z, *a, **kw)
+    pieces = eng.decode(jobs)
+    assert rows == [2, 2, 1]
+    for a, b in zip(whole, pieces):
+        np.testing.assert_allclose(a, b, atol=1e-5)
