@@ -76,8 +76,9 @@ def create_app(
     if engine is not None:
         engine_loader = _given(engine)
     metrics = Metrics()
-    monitor = gpu if gpu is not None else GpuMonitor()
-    available = monitor if monitor.available else None
+    # The GPU the engine computes on (by its CUDA UUID); none for a CPU engine.
+    monitor = gpu if gpu is not None else GpuMonitor.for_device(cfg.engine.device)
+    available = monitor if monitor is not None and monitor.available else None
     admission = AdmissionController(
         cfg.admission,
         load_source=load_source or (lambda: _scheduler_load(model)),
@@ -98,7 +99,7 @@ def create_app(
     loader = engine_loader or load_engine
     app.cleanup_ctx.append(_background("model", lambda a: _model(a, loader, warm_up=warm_up)))
     app.on_shutdown.append(_close_sessions)
-    if gpu is None:  # we opened NVML, we close it
+    if gpu is None and monitor is not None:  # we opened NVML, we close it
         app.on_cleanup.append(lambda _app: _close_monitor(monitor))
     http.add_routes(app, web_client_dir=web_client_dir)
     return app

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 try:
     import pynvml
 except ImportError:  # nvidia-ml-py is a dependency, but a CPU-only install must still start
@@ -49,9 +51,11 @@ class GpuMonitor:
     """
 
     def __init__(
-        self, index: int = 0, *, reader: Reader | None = None, clock: Clock = time.monotonic
+        self, index: int = 0, *, uuid: str | None = None, reader: Reader | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.index = index
+        self.uuid = uuid       # found by UUID when given (see `for_device`), else by index
         self.name: str | None = None
         self._clock = clock
         self._lock = threading.Lock()
@@ -64,6 +68,19 @@ class GpuMonitor:
         self._unsupported: set[str] = set()
         if reader is None:
             self._open_nvml()
+
+    @classmethod
+    def for_device(cls, device: str) -> GpuMonitor | None:
+        """The monitor of the GPU that `device` ("cuda", "cuda:N") computes on; None for a CPU
+        device (a CPU server must not charge a GPU's power to its streams).
+
+        NVML numbers GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES, while CUDA's "cuda:N"
+        counts only the visible GPUs (fastest first, by default): the two indices differ on
+        many multi-GPU hosts. The GPU is found by the UUID CUDA reports for it, which also
+        names a MIG slice, so VRAM is that slice's, not the whole card's."""
+        if torch.device(device).type != "cuda":
+            return None
+        return cls(torch.device(device).index or 0, uuid=_cuda_uuid(device))
 
     @classmethod
     def fake(
@@ -130,23 +147,40 @@ class GpuMonitor:
             logger.info("NVML unavailable (%s): GPU monitoring disabled", exc)
             return
         try:
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+            self._handle = self._find_handle()
             self.name = _as_str(pynvml.nvmlDeviceGetName(self._handle))
         except pynvml.NVMLError as exc:
-            logger.warning("GPU %d not usable through NVML (%s)", self.index, exc)
+            logger.warning("GPU %s not usable through NVML (%s)", self._label, exc)
             pynvml.nvmlShutdown()
             return
         self._nvml_open = True
         self._energy_base_mj = self._nvml_optional(
             "energy", pynvml.nvmlDeviceGetTotalEnergyConsumption
         )
-        logger.info("GPU %d (%s): NVML monitoring on", self.index, self.name)
+        logger.info("GPU %s (%s): NVML monitoring on", self._label, self.name)
+
+    @property
+    def _label(self) -> str:
+        return f"{self.index} ({self.uuid})" if self.uuid else str(self.index)
+
+    def _find_handle(self) -> Any:
+        if self.uuid is None:
+            return pynvml.nvmlDeviceGetHandleByIndex(self.index)
+        # CUDA gives the bare UUID; NVML names a whole GPU "GPU-..." and a MIG slice "MIG-...".
+        names = ([self.uuid] if self.uuid.startswith(("GPU-", "MIG-"))
+                 else [f"GPU-{self.uuid}", f"MIG-{self.uuid}"])
+        for name in names[:-1]:
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(name)
+            except pynvml.NVMLError:
+                continue
+        return pynvml.nvmlDeviceGetHandleByUUID(names[-1])
 
     def _read_nvml(self) -> GpuSample | None:
         try:
             mem = pynvml.nvmlDeviceGetMemoryInfo(self._handle)
         except pynvml.NVMLError as exc:
-            logger.warning("NVML memory read failed on GPU %d: %s", self.index, exc)
+            logger.warning("NVML memory read failed on GPU %s: %s", self._label, exc)
             return None
         util = self._nvml_optional("util", pynvml.nvmlDeviceGetUtilizationRates)
         power_mw = self._nvml_optional("power", pynvml.nvmlDeviceGetPowerUsage)
@@ -170,7 +204,7 @@ class GpuMonitor:
             return fn(self._handle, *args)
         except pynvml.NVMLError as exc:
             self._unsupported.add(feature)
-            logger.info("GPU %d: %s not available through NVML (%s)", self.index, feature, exc)
+            logger.info("GPU %s: %s not available through NVML (%s)", self._label, feature, exc)
             return None
 
     def _integrate(self, power_w: float) -> None:
@@ -181,6 +215,15 @@ class GpuMonitor:
                 t0, p0 = self._last_power
                 self._energy_sum_j += (p0 + power_w) / 2.0 * max(0.0, now - t0)
             self._last_power = (now, power_w)
+
+
+def _cuda_uuid(device: str) -> str | None:
+    """The UUID CUDA reports for `device`, or None (no CUDA; the index is used then)."""
+    try:
+        return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+    except Exception as exc:   # no GPU or driver; NVML will say so in its own words
+        logger.debug("no CUDA UUID for %s (%s)", device, exc)
+        return None
 
 
 def _as_str(value: str | bytes) -> str:

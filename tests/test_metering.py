@@ -245,3 +245,39 @@ def test_nvml_path_reads_fields_and_energy_counter(monkeypatch: pytest.MonkeyPat
         nvml.energy_mj += 1500
         assert monitor.energy_j() == pytest.approx(1.5)  # since the monitor started
     assert nvml.shutdowns == 1 and not monitor.available
+
+
+class MigNvml(FakeNvml):
+    """A host whose GPUs NVML finds by UUID: a whole GPU and a MIG slice of another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inits = 0
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> str:
+        if uuid in ("GPU-aaaa", "MIG-bbbb"):
+            return uuid
+        raise self.NVMLError("Not Found")
+
+    def nvmlDeviceGetName(self, handle: str) -> str:
+        return f"device {handle}"
+
+
+def test_the_monitor_reads_the_gpu_cuda_computes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NVML counts GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES: "cuda:1" is often not
+    # NVML's GPU 1. The monitor finds the GPU by the UUID CUDA reports, a MIG slice included.
+    nvml = MigNvml()
+    monkeypatch.setattr(gpu_module, "pynvml", nvml)
+    uuids = {"cuda:0": "aaaa", "cuda:1": "bbbb", "cuda:2": "cccc"}
+    monkeypatch.setattr(gpu_module, "_cuda_uuid", lambda device: uuids[device])
+    whole, mig = GpuMonitor.for_device("cuda:0"), GpuMonitor.for_device("cuda:1")
+    assert whole.available and whole.name == "device GPU-aaaa"
+    assert mig.available and mig.name == "device MIG-bbbb"
+    lost = GpuMonitor.for_device("cuda:2")       # NVML does not know it: no readings, no crash
+    assert not lost.available and lost.sample() is None and lost.energy_j() is None
+    # A CPU engine has no GPU to monitor: NVML is not even opened.
+    before = nvml.inits
+    assert GpuMonitor.for_device("cpu") is None and nvml.inits == before

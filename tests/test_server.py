@@ -1315,6 +1315,22 @@ async def test_streams_coming_and_going_leave_the_server_as_it_was(engine: Engin
     assert after["fds"] <= before["fds"] + 2
 
 
+async def test_a_cpu_server_on_a_gpu_host_does_not_charge_the_gpu_to_its_streams(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # NVML would open GPU 0 and meter its power into a CPU stream's energy and cost.
+    opened: list[int] = []
+    nvml = type("Nvml", (), {"NVMLError": RuntimeError,
+                             "nvmlInit": lambda self: opened.append(1)})()
+    monkeypatch.setattr("streaming_tts.gpu.pynvml", nvml)
+    async with running(engine) as r:
+        assert r.state.gpu is None and opened == []
+        client = await connect(http, r)
+        u = await client.speak(SHORT, format="pcm_s16le", sample_rate=16000, words=False)
+        assert u.done["usage"]["energy_j"] is None
+        await client.close()
+
+
 async def test_gpu_readings_reach_status_metrics_and_admission(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
