@@ -113,6 +113,14 @@ class Engine:
             torch.set_num_threads(config.threads)
         if not config.chunk_schedule or min(config.chunk_schedule) < 1:
             raise ValueError("chunk_schedule needs at least one positive frame count")
+        if self.device.type == "cuda":
+            # cuDNN runs float32 convolutions as TF32 (10-bit mantissa) by default on Ampere and
+            # later: the fp32 text encoder, durations and flow would then round phoneme
+            # durations differently from the CPU (a frame gained or lost in 4 of 41 phrases,
+            # emulated) and a float32 decoder would fall to ~36 dB against it. The fp16
+            # decoder is unaffected; float32 means float32 here. (New API only: mixing it with
+            # `allow_tf32` makes torch raise.)
+            torch.backends.cudnn.conv.fp32_precision = "ieee"
         self.model = model.to(self.device).eval()
         # Text encoder, durations and flow stay fp32 (cheap, and durations are sensitive to
         # rounding); the generator, where the compute is, runs in the configured precision.
