@@ -74,10 +74,11 @@ def id_to_phoneme(voice: VoiceInfo) -> dict[int, str]:
 
 
 def spoken(result: PhonemizedText, voice: VoiceInfo, index: int) -> str:
-    """The phonemes of word `index`, read back from its ids (pads dropped)."""
+    """The phonemes of word `index`, read back from its ids (pads dropped, and the space
+    before it that its span starts at)."""
     names = id_to_phoneme(voice)
     span = result.words[index]
-    return "".join(names[i] for i in result.ids[span.first_id : span.end_id] if i != PAD_ID)
+    return "".join(names[i] for i in result.ids[span.first_id : span.end_id] if i != PAD_ID).lstrip(" ")
 
 
 def assert_well_formed(result: PhonemizedText, text: str) -> None:
@@ -234,3 +235,19 @@ def test_any_text_gives_well_formed_spans(default_phonemizer: Phonemizer,
         assert all(w in {"-", "—", "...", "?!"} for w in words)
         return
     assert_well_formed(result, text)
+
+
+def test_a_word_starts_at_the_space_before_it_unless_a_clause_mark_ends_the_word_before(
+        default_phonemizer: Phonemizer, default_voice: VoiceInfo) -> None:
+    # The voice speaks a word's onset in the space token before it (the /s/ of "the
+    # streaming"): words inside a clause touch, with no uncaptioned speech between them. After
+    # ", " the space belongs to the pause, and the word starts after it.
+    names = id_to_phoneme(default_voice)
+    result = default_phonemizer.phonemize("Hello there, the streaming voice.")
+    hello, there, the, streaming, voice = result.words
+    for before, word in ((hello, there), (the, streaming), (streaming, voice)):
+        assert word.first_id == before.end_id
+        assert names[result.ids[word.first_id]] == " "
+    assert names[result.ids[the.first_id]] != " "
+    between = [names[i] for i in result.ids[there.end_id:the.first_id] if i != PAD_ID]
+    assert between == [",", " "]

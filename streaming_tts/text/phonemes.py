@@ -157,7 +157,8 @@ class Phonemizer:
         units, cores = self._units(whole)
         ids, starts = self._ids(units)
         spans = _token_spans(tokens, pieces, cores, units)
-        words = [WordSpan(t, starts[lo], starts[hi]) for t, (lo, hi) in spans]
+        words = [WordSpan(t, starts[_onset(units, spans, k)], starts[hi])
+                 for k, (t, (lo, hi)) in enumerate(spans)]
         return PhonemizedText(phonemes="".join(units), ids=ids, words=words)
 
     def _phonemize_texts(self, texts: list[str]) -> list[list[str]]:
@@ -379,6 +380,18 @@ def _token_spans(
         spans.append([" ".join([*pending, token]), lo, hi])
         pending = []
     return [(text, (lo, hi)) for text, lo, hi in spans]
+
+
+def _onset(units: list[str], spans: list[tuple[str, tuple[int, int]]], k: int) -> int:
+    """Where word k starts: at the space before it when that space follows the previous word
+    directly. The voice speaks the next word's onset in the space between two words (the /s/
+    of "the streaming", the vowel of "is a", a stop's closure: 35-116 ms), so a word that
+    started after it was captioned late and the two words left a gap of speech between them.
+    After a clause mark (", ") the space is part of the pause and the word starts after it."""
+    lo = spans[k][1][0]
+    if k and lo >= 1 and units[lo - 1] == " " and spans[k - 1][1][1] == lo - 1:
+        return lo - 1
+    return lo
 
 
 def _piece_range(piece: _Piece, cores: list[tuple[int, int]], units: list[str]) -> tuple[int, int]:
