@@ -318,6 +318,8 @@ def _speaker(obj: Mapping[Any, Any], ctx: str) -> int | str | None:
     value = obj.get("speaker")
     if value is None or isinstance(value, str):
         return _name(obj, "speaker", ctx)
+    if isinstance(value, float) and value.is_integer():   # as every integer field (docs §1)
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise _bad(f"field 'speaker' must be >= 0, got {value}", ctx)

@@ -81,6 +81,7 @@ def test_start_with_every_field() -> None:
 
 def test_nil_means_omitted_and_js_style_numbers_are_accepted() -> None:
     # JS msgpack encoders send `undefined` as nil and 48000.0 / 1.0 as plain integers.
+    assert decode(type="start", speaker=2.0).speaker == 2   # a client that has only floats
     msg = decode(type="start", voice=None, speaker=3, speed=1, sample_rate=24000.0, words=None)
     assert (msg.voice, msg.speaker, msg.speed, msg.sample_rate, msg.words) == (
         None, 3, 1.0, 24000, True)
