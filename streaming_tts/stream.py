@@ -20,7 +20,10 @@ from .text.phonemes import WordSpan
 from .text.splitter import PhraseSplitter
 
 
-MID_SENTENCE_WAIT_S = 2.0   # silence is sent mid-sentence for at most this long after a word
+# With no text left waiting, silence is sent mid-sentence for at most this long after a word
+# (text still waiting in the splitter keeps the silence going until it is spoken: at most the
+# stream's max_buffer_delay_ms).
+MID_SENTENCE_WAIT_S = 2.0
 # A stream opened this long ago that has had no text is an idle context, not one starting: a
 # client that means to speak sends its text right after `start` (see StreamState.starting).
 IDLE_CONTEXT_S = 1.0
