@@ -121,6 +121,10 @@ class Engine:
             # decoder is unaffected; float32 means float32 here. (New API only: mixing it with
             # `allow_tf32` makes torch raise.)
             torch.backends.cudnn.conv.fp32_precision = "ieee"
+            # The calling thread (the server's model thread) works on this GPU: otherwise
+            # its current device stays GPU 0, where CUDA-graph capture synchronises, and a
+            # "cuda:1" engine would open a second context on GPU 0.
+            torch.cuda.set_device(self.device)
         self.model = model.to(self.device).eval()
         # Text encoder, durations and flow stay fp32 (cheap, and durations are sensitive to
         # rounding); the generator, where the compute is, runs in the configured precision.
