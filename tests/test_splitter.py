@@ -210,18 +210,32 @@ def test_ends_sentence_sees_terminals_through_closing_quotes() -> None:
 
 
 class CountingPattern:
-    """Wraps the splitter's sentence-candidate regex and counts the characters its scans
-    cross: a measure of work that does not depend on the machine's speed."""
+    """Wraps one of the splitter's regexes and counts the characters its scans cross: a
+    measure of work that does not depend on the machine's speed. Patterns can share a count."""
 
-    def __init__(self, pattern: re.Pattern[str]) -> None:
+    def __init__(self, pattern: re.Pattern[str], shared: CountingPattern | None = None) -> None:
         self.pattern, self.scanned = pattern, 0
+        self._total = shared or self
+
+    def _add(self, n: int) -> None:
+        self._total.scanned += n
+
+    def match(self, buf: str, pos: int = 0) -> re.Match[str] | None:
+        m = self.pattern.match(buf, pos)
+        self._add(1 if m is None else max(1, m.end() - pos))
+        return m
+
+    def fullmatch(self, buf: str, pos: int = 0) -> re.Match[str] | None:
+        self._add(max(1, len(buf) - pos))
+        return self.pattern.fullmatch(buf, pos)
 
     def finditer(self, buf: str, pos: int = 0, endpos: int | None = None) -> Iterator[re.Match[str]]:
         end, last = (len(buf) if endpos is None else endpos), pos
         for m in self.pattern.finditer(buf, pos, end):
-            self.scanned, last = self.scanned + m.end() - last, m.end()
+            self._add(m.end() - last)
+            last = m.end()
             yield m
-        self.scanned += end - last      # exhausted: the rest was crossed without a match
+        self._add(end - last)           # exhausted: the rest was crossed without a match
 
 
 UNBROKEN = {
@@ -248,6 +262,41 @@ def test_splitting_scans_each_character_a_bounded_number_of_times(
         phrases = split([text[i:i + fragment] for i in range(0, len(text), fragment)], ms)
         assert "".join(phrases) == text
         assert counting.scanned <= 3 * len(text)
+
+
+GROWING_RUNS = {
+    "only spaces": " " * 20_000,
+    "spaces after a word": "Hello" + " " * 20_000,
+    "line breaks after a sentence": "Hello there.\n" + "\n" * 20_000,
+    "openers after a sentence": "Hello there. " + "(" * 20_000,
+    "a run of dots": "Wait" + "." * 20_000,
+    "closers after a terminal": "Go!" + ")" * 20_000,
+}
+
+
+@pytest.mark.parametrize("text", GROWING_RUNS.values(), ids=GROWING_RUNS.keys())
+@pytest.mark.parametrize("fragment", [20_000_000, 1], ids=["whole", "1 char"])
+def test_an_undecided_run_that_grows_is_not_scanned_again_at_each_push(
+        monkeypatch: pytest.MonkeyPatch, text: str, fragment: int) -> None:
+    # A run at the end of the text leaves its candidate undecided (more spaces, dots or
+    # openers may follow) and blocked every cut after it; a client sending it a character per
+    # frame had the whole run matched again at every push: 30 s of a stalled event loop for
+    # 100k spaces, 58 s for openers after a sentence.
+    import streaming_tts.text.splitter as module
+    total = CountingPattern(module._CANDIDATE)
+    monkeypatch.setattr(module, "_CANDIDATE", total)
+    for name in ("_LEADING_SPACE", "_SKIP_OPENERS", "_KEEP_SPACE", "_KEEP_TERMINAL",
+                 "_KEEP_CLOSERS", "_KEEP_OPENING"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, CountingPattern(getattr(module, name), total))
+    for ms in (0.0, SENTENCE_MODE_MS):
+        total.scanned = 0
+        splitter = PhraseSplitter()
+        phrases = [p for i in range(0, len(text), fragment)
+                   for p in splitter.push(text[i:i + fragment], buffered_ms=ms)]
+        flushes = [splitter.flush() for _ in range(100)]   # what a timer or client may send
+        assert "".join(phrases) + "".join(sum(flushes, [])) + splitter.pending == text
+        assert total.scanned <= 10 * len(text) + 100 * 3
 
 
 # --- properties -----------------------------------------------------------------------------

@@ -69,6 +69,11 @@ _WORD = re.compile(rf"[{_CJK_CHARS}]|[^\s{_CJK_CHARS}{_CJK_PUNCT}]+")
 _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 _SKIP_OPENERS = re.compile(rf"[\s{_cls(_OPENERS)}]*")
 _LEADING_SPACE = re.compile(r"\s*")
+# Text appended after an undecided candidate that leaves it undecided (see _Wait).
+_KEEP_SPACE = re.compile(r"\s*")
+_KEEP_TERMINAL = re.compile(rf"[{_cls(_TERMINALS)}]*[{_cls(_CLOSERS)}]*")
+_KEEP_CLOSERS = re.compile(rf"[{_cls(_CLOSERS)}]*")
+_KEEP_OPENING = _SKIP_OPENERS
 _INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # "J", "e.g", "U.S", "a.m"
 
 
@@ -115,6 +120,18 @@ class _Scan(NamedTuple):  # a NamedTuple: built on every push, so cheaper than a
     waiting: bool  # an undecided candidate blocks later cuts (the cap included)
 
 
+class _Wait(NamedTuple):
+    """The first undecided candidate (at `_scan`) and what keeps it so: while the text appended
+    since (from `seen`) fullmatches `keep`, its verdict stays WAIT, so a push need not match
+    the candidate's run again. Without this a run that grows at the end (spaces, "....",
+    openers after a sentence: a client sending one character per frame) was matched whole on
+    every push: quadratic, 30 s of a stalled event loop for 100k characters."""
+
+    seen: int                 # the buffer's length when judged
+    keep: re.Pattern[str]
+    pos: int | None           # where a cut would fall (None: at the buffer's end, as it grows)
+
+
 class PhraseSplitter:
     """Splits one stream's text into phrases as fragments arrive; see the module docstring."""
 
@@ -124,6 +141,8 @@ class PhraseSplitter:
         self._start = 0  # _buf[_start:] is pending; one push may cut many phrases, so no
         # slicing per phrase (that would copy the rest of a big push each time)
         self._scan = 0  # candidates in _buf before this index are decided NO
+        self._lead = 0  # _buf[_start:_lead] is known to be whitespace (see _leading_end)
+        self._wait: _Wait | None = None  # the undecided candidate at _scan, if any
 
     @property
     def pending(self) -> str:
@@ -149,9 +168,11 @@ class PhraseSplitter:
         """Return everything pending as phrases (split only at the cap); whitespace-only stays."""
         phrases: list[str] = []
         self._compact()
+        if self._leading_end() == len(self._buf):
+            return phrases  # whitespace only: it stays pending (and is not scanned again)
         end = len(self._buf.rstrip())  # once: the cuts below leave _buf as it is
         while True:
-            cs = _run_end(_LEADING_SPACE, self._buf, self._start)
+            cs = self._leading_end()
             limit = cs + self._cfg.max_phrase_chars
             if end <= limit:
                 break
@@ -159,14 +180,14 @@ class PhraseSplitter:
         if self._buf[self._start :].strip():
             phrases.append(self._take(len(self._buf)))
         self._compact()
-        self._scan = 0
+        self._scan, self._wait = 0, None
         return phrases
 
     def cut_at_word(self) -> list[str]:
         """Everything pending up to its last complete word (whitespace seen after it), as one
         phrase; [] when no word is complete yet. For a listener kept waiting for its first
         phrase by slowly arriving text: speak what has come rather than wait for more words."""
-        cs = _run_end(_LEADING_SPACE, self._buf, self._start)
+        cs = self._leading_end()
         last = None
         for _, last in self._word_ends(cs, cs + self._cfg.max_phrase_chars):
             pass
@@ -178,18 +199,32 @@ class PhraseSplitter:
 
     def _take(self, cut: int) -> str:
         phrase, self._start = self._buf[self._start : cut], cut
-        self._scan = max(self._scan, cut)
+        if cut > self._scan:
+            self._scan, self._wait = cut, None
         return phrase
 
     def _compact(self) -> None:
-        self._buf = self._buf[self._start :]
-        self._scan -= self._start
+        if not self._start:
+            return
+        shift = self._start
+        self._buf = self._buf[shift:]
+        self._scan -= shift
+        self._lead = max(0, self._lead - shift)
+        if self._wait is not None:
+            w = self._wait
+            self._wait = w._replace(seen=w.seen - shift, pos=None if w.pos is None else w.pos - shift)
         self._start = 0
+
+    def _leading_end(self) -> int:
+        """Where the whitespace at the start of the pending text ends; a run seen before is
+        not scanned again (whitespace sent a character at a time stays pending)."""
+        self._lead = _run_end(_LEADING_SPACE, self._buf, max(self._start, self._lead))
+        return self._lead
 
     def _next_cut(self, eager: bool) -> int | None:
         """Where the next phrase ends (it is buf[_start:cut]), or None to wait for more text."""
         buf = self._buf
-        cs = _run_end(_LEADING_SPACE, buf, self._start)  # a cut must lie after this
+        cs = self._leading_end()  # a cut must lie after this
         if cs == len(buf):
             return None
         limit = cs + self._cfg.max_phrase_chars
@@ -207,20 +242,43 @@ class PhraseSplitter:
         Text with no candidate is passed for good as well: a cap cut follows, and rescanning it
         for each of a long unbroken run's cuts (a URL, base64, CJK without punctuation) would
         make a 100k-character push quadratic (about a second on the event loop)."""
-        for m in _CANDIDATE.finditer(self._buf, self._scan):
+        if (w := self._wait) is not None:
+            pos = len(self._buf) if w.pos is None else w.pos
+            if pos <= limit and w.keep.fullmatch(self._buf, w.seen) is not None:
+                self._wait = w._replace(seen=len(self._buf))
+                return _Scan(None, self._scan, waiting=True)
+            self._wait = None
+        # Only candidates that start within the cap's window can be cut at; one that runs
+        # past it ("....." over the whole push) would be matched whole again after each cap
+        # cut, so the scan stops at the window's edge.
+        end = min(len(self._buf), limit + 2)
+        for m in _CANDIDATE.finditer(self._buf, self._scan, end):
             gap = m.group("gap") is not None
+            if gap and m.end() == end < len(self._buf) and m.start() <= limit:
+                m = _CANDIDATE.match(self._buf, m.start())  # judged by all of it (a line break?)
             pos = m.start() if gap else m.end()  # a line break's space leads the next phrase
             if pos > limit:
                 self._scan = m.start()  # nothing before it to judge
                 return _Scan(None, limit, waiting=False)
             verdict = self._judge_gap(m) if gap else self._judge_terminal(m)
             if verdict is _Verdict.WAIT:
+                # No candidate starts before it, and none ends past it: resume from it.
+                self._scan, self._wait = m.start(), self._waiting(m, gap)
                 return _Scan(None, m.start(), waiting=True)
             if verdict is _Verdict.CUT and pos > cs:
                 return _Scan(pos, pos, waiting=False)
             self._scan = m.end()
-        self._scan = len(self._buf)  # no candidate can start in what was scanned
-        return _Scan(None, len(self._buf), waiting=False)
+        self._scan = end  # no candidate can start in what was scanned
+        return _Scan(None, end, waiting=False)
+
+    def _waiting(self, m: re.Match[str], gap: bool) -> _Wait:
+        """What keeps an undecided candidate undecided (see _Wait)."""
+        seen = len(self._buf)
+        if m.end() < seen:  # the next sentence's start is still to come: openers, spaces
+            return _Wait(seen, _KEEP_OPENING, m.start() if gap else m.end())
+        if gap:
+            return _Wait(seen, _KEEP_SPACE, m.start())
+        return _Wait(seen, _KEEP_CLOSERS if m.group("close") else _KEEP_TERMINAL, None)
 
     def _judge_gap(self, m: re.Match[str]) -> _Verdict:
         if m.end() == len(self._buf):
