@@ -101,6 +101,26 @@ def test_other_client_messages(fields: dict[str, Any], expected: Any) -> None:
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     assert decode(type="end", ctx="a", future_field=[1, 2], priority="high") == EndMsg(ctx="a")
+    assert decode(type="end", meta={"trace": ["a", "b"], "tags": {"x": 1}}) == EndMsg(ctx="default")
+
+
+def test_a_frame_of_many_containers_is_refused_before_it_is_built() -> None:
+    # A 1 MiB `cancel` carrying a million empty arrays in an ignored field is a valid frame
+    # under the size limit, but decoding it held the event loop and the GIL for 0.5-1.3 s: one
+    # client at ~1 MB/s silenced every stream. Maps and arrays are limited in size and number.
+    def refused_by_default(data: bytes) -> ProtocolError:
+        assert len(data) <= DecodeLimits().max_frame_bytes      # the server's default limit
+        with pytest.raises(ProtocolError) as info:
+            decode_client_frame(data, limits=DecodeLimits())
+        assert info.value.code is ErrorCode.BAD_REQUEST
+        return info.value
+
+    wide = frame(type="cancel", x=[[] for _ in range(1_000_000)])
+    assert "exceeds max_array_len(64)" in refused_by_default(wide).message
+    leaf = [[] for _ in range(64)]
+    tree = frame(type="cancel", x=[[leaf] * 64] * 64)      # every container small, 266k of them
+    assert "more than 16 maps and arrays" in refused_by_default(tree).message
+    assert "exceeds max_map_len(64)" in refused(frame(**{f"k{i}": i for i in range(65)})).message
 
 
 # --------------------------------------------------------------------------- bad frames
