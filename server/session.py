@@ -53,6 +53,12 @@ _MIN_WAIT_S: Final = 0.05
 # received without suspending, so a client that sent 20,000 small frames at once had them all
 # handled in one go (~0.4 s of a stalled loop for every stream); 64 take about 1-2 ms.
 _FRAMES_PER_SLICE: Final = 64
+# A ping found overdue may have its pong waiting unread: after a stall of this event loop
+# (or of the host), the pong of a client that kept up sits in the socket's buffer. Before it
+# is judged a slow consumer, the session reads what has come, waiting this long for it, up to
+# this many frames (a client that sends and never answers is still closed).
+_OVERDUE_WAIT_S: Final = 0.1
+_OVERDUE_FRAMES: Final = 256
 
 CloseRequest = tuple[int, str]  # WebSocket close code, reason
 
@@ -166,16 +172,21 @@ class Session:
         """Frames until the client goes away (None) or the session should close (code, why);
         raises SlowConsumer when the lag probe finds the client too far behind."""
         loop = asyncio.get_running_loop()
-        handled = 0
+        handled = overdue = 0
         while True:
             handled += 1
             if handled % _FRAMES_PER_SLICE == 0:
                 await asyncio.sleep(0)
             now = loop.time()
-            self._probe_lag(now)
+            overdue = overdue + 1 if self._probe_lag(now) else 0
+            if overdue > _OVERDUE_FRAMES:
+                self._overdue_ping(now)
             try:
-                msg = await self._ws.receive(timeout=self._receive_timeout(now))
+                msg = await self._ws.receive(
+                    timeout=_OVERDUE_WAIT_S if overdue else self._receive_timeout(now))
             except TimeoutError:
+                if overdue:   # nothing has come: the pong is not waiting unread
+                    self._overdue_ping(loop.time())
                 if self._is_idle():
                     log.info("socket %s idle for %g s; closing", self.peer,
                              self._limits.idle_timeout_s)
@@ -195,14 +206,19 @@ class Session:
                     log.info("socket %s: connection lost (%s)", self.peer, msg.data)
                 return None
 
-    def _probe_lag(self, now: float) -> None:
+    def _probe_lag(self, now: float) -> bool:
         """While a stream is live, ping the client each second behind its audio; one ping
-        unanswered for `max_send_lag_s` means it reads that far behind: a slow consumer."""
-        behind, limit = self._lag.behind_s(now), self._limits.max_send_lag_s
-        if behind >= limit:
-            raise SlowConsumer(f"a ping sent behind its audio went unanswered for {behind:.1f} s")
+        unanswered for `max_send_lag_s` means it reads that far behind: a slow consumer.
+        Returns whether one is overdue (the read loop then reads what has come first)."""
+        if self._lag.behind_s(now) >= self._limits.max_send_lag_s:
+            return True
         if self._streams and self._lag.due(now) and not self._closing:
             self._outbox.put_control("ping", self._lag.next_ping(now))
+        return False
+
+    def _overdue_ping(self, now: float) -> NoReturn:
+        behind = self._lag.behind_s(now)
+        raise SlowConsumer(f"a ping sent behind its audio went unanswered for {behind:.1f} s")
 
     def _receive_timeout(self, now: float) -> float:
         """Until the idle deadline (no live stream) or the lag probe's next check."""

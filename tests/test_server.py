@@ -916,6 +916,41 @@ async def test_a_client_that_reads_along_is_never_taken_for_a_slow_consumer(
         await clean(r)
 
 
+async def test_a_stall_of_the_server_does_not_make_a_client_that_kept_up_a_slow_consumer(
+    engine: Engine,
+) -> None:
+    # The client answers a ping at once, from its own thread, while the server's event loop
+    # stalls for longer than max_send_lag_s (another client's costly frame, a GC pause, the
+    # host). The pong waits unread in the socket: the client must not be closed for it.
+    async with running(engine, {"limits.max_send_lag_s": 0.5}) as r:
+        url, server_loop = r.url("/v1/stream"), asyncio.get_running_loop()
+
+        async def listen() -> list[str]:    # a client that reads along, on its own loop
+            stalls = 0
+            async with aiohttp.ClientSession() as http, http.ws_connect(url, autoping=False) as ws:
+                for msg in ({"type": "start"}, {"type": "text", "text": LONG}, {"type": "end"}):
+                    await ws.send_bytes(msgpack.packb(msg))
+                seen = []
+                while (frame := await ws.receive(timeout=60)).type in (
+                        aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.PING):
+                    if frame.type is aiohttp.WSMsgType.PING:
+                        if not stalls:      # the server stalls, then the pong goes
+                            stalls += 1
+                            server_loop.call_soon_threadsafe(time.sleep, 1.2)
+                            await asyncio.sleep(0.2)
+                        await ws.pong(frame.data)
+                        continue
+                    seen.append(msgpack.unpackb(frame.data)["type"])
+                    if seen[-1] == "done":
+                        break
+                assert stalls
+                return seen
+
+        seen = await asyncio.to_thread(asyncio.run, listen())
+        assert seen[-1] == "done" and "error" not in seen
+        await clean(r)
+
+
 async def test_send_queue_overflow_closes_the_socket_as_a_slow_consumer(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
