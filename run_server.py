@@ -18,6 +18,7 @@ from typing import Final, TextIO
 
 import uvloop
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from server.app import create_app
 from server.config import (
@@ -132,6 +133,23 @@ class _LogWriter(logging.handlers.QueueListener):
             self._thread = None
 
 
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs an HTTP request it cannot parse (a header line over 8 KiB, too many
+    headers) at ERROR with a traceback quoting the client's bytes, a URL's `?token=` among
+    them: any client could fill the log for free. It is the client's error, refused with 400:
+    one INFO line naming the error, without its bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.msg, record.args = "%s: %s (%s), refused", (
+            record.getMessage(), type(exc).__name__, exc.code)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
 def setup_logging(level: str, stream: TextIO | None = None, *,
                   force: bool = False) -> _LogWriter | None:
     """Log lines are written by a thread of their own: a write to stderr blocks when whoever
@@ -146,6 +164,9 @@ def setup_logging(level: str, stream: TextIO | None = None, *,
         # One line per HTTP request (the browser polls /v1/status every 2 s) drowns the stream
         # lifecycle lines; keep the access log for debugging.
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _BadRequestFilter) for f in server_log.filters):
+        server_log.addFilter(_BadRequestFilter())
     if root.handlers and not force:
         return None
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)

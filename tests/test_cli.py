@@ -125,3 +125,39 @@ def test_server_logging_never_waits_for_a_stalled_stderr() -> None:
     assert "stream s0 opened" in text and "after" in text
     assert "log line(s) dropped: stderr was not read" in text
     assert text.count("opened") < run_server.LOG_QUEUE_LINES + 50
+
+
+def test_an_unparsable_http_request_is_one_info_line_without_the_clients_bytes() -> None:
+    # aiohttp logged each at ERROR with a traceback quoting the request's first 100 bytes (a
+    # URL's ?token= among them): free log flooding for any client.
+    import io
+    import logging
+
+    from aiohttp.http_exceptions import LineTooLong
+
+    import run_server
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    writer = run_server.setup_logging("INFO", stream=out, force=True)
+    assert writer is not None
+    try:
+        aio = logging.getLogger("aiohttp.server")
+        try:
+            raise LineTooLong(b"/v1/stream?token=SECRET" + b"a" * 9000, 8190)
+        except LineTooLong as exc:
+            aio.error("Error handling request from %s", "10.0.0.7", exc_info=exc)
+        try:
+            raise RuntimeError("a bug in a handler")
+        except RuntimeError as exc:
+            aio.error("Error handling request from %s", "10.0.0.8", exc_info=exc)
+    finally:
+        writer.stop()
+        root.handlers[:], root.level = saved
+    lines = out.getvalue().splitlines()
+    bad = [line for line in lines if "10.0.0.7" in line]
+    assert len(bad) == 1 and " INFO " in bad[0] and "LineTooLong (400), refused" in bad[0]
+    assert "SECRET" not in out.getvalue()
+    assert any("10.0.0.8" in line and " ERROR " in line for line in lines)   # bugs stay errors
+    assert "RuntimeError: a bug in a handler" in out.getvalue()
