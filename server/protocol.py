@@ -388,7 +388,8 @@ def _optional_number(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(f"field {field!r} must be a number, got {_kind(value)}", ctx)
     # float() of a huge msgpack int would overflow; such a value is out of range anyway.
-    number = float(value) if isinstance(value, float) or abs(value) < 2**53 else math.inf
+    number = (float(value) if isinstance(value, float) or abs(value) < 2**53
+              else math.copysign(math.inf, value))
     _check_bounds(field, number, bounds, ctx)
     return number
 
