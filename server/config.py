@@ -132,6 +132,7 @@ class LimitsConfig:
     max_text_chars: int = 100_000  # text per stream, summed over its `text` messages
     max_frame_bytes: int = 1 << 20  # one client frame
     contexts_per_socket: int = 8
+    contexts_per_client: int = 0  # live contexts of one API key (or address, without keys); 0: no limit
     idle_timeout_s: float = 60.0  # close a socket with no live stream and no message this long
     max_send_lag_s: float = 5.0  # close a client reading this far behind (ping round trip)
     send_queue_messages: int = 256  # per-socket outgoing queue bound
@@ -142,6 +143,8 @@ class LimitsConfig:
                     "send_queue_messages"):
             value = getattr(self, key)
             _require(value >= 1, f"limits.{key}", "must be >= 1", value)
+        _require(self.contexts_per_client >= 0, "limits.contexts_per_client", "must be >= 0",
+                 self.contexts_per_client)
         for key in ("idle_timeout_s", "max_send_lag_s", "heartbeat_s"):
             value = getattr(self, key)
             _require(value > 0, f"limits.{key}", "must be > 0", value)

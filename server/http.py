@@ -9,6 +9,7 @@ the browser client explains a failed WebSocket (browsers hide the upgrade's HTTP
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 from typing import Any, Final
@@ -61,7 +62,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                       "required)", headers={"Upgrade": "websocket", "Connection": "Upgrade"},
                       state=state)
     await ws.prepare(request)
-    session = Session(ws, request, state)
+    session = Session(ws, request, state, client=client_of(request, state))
     state.sessions.add(session)
     try:
         await session.run()
@@ -111,6 +112,15 @@ def _access_refusal(
                       "missing or wrong API key (Authorization: Bearer KEY, or ?token=KEY)",
                       headers={"WWW-Authenticate": "Bearer"}, state=state)
     return None
+
+
+def client_of(request: web.Request, state: ServerState) -> str:
+    """Who a socket's contexts count for (`limits.contexts_per_client`): the API key presented
+    (checked before the upgrade) where keys are configured, else the peer's address."""
+    key = _presented_key(request) if state.cfg.server.api_keys else None
+    if key:
+        return "key " + hashlib.sha256(key.encode()).hexdigest()[:16]   # never the key itself
+    return f"address {request.remote}"
 
 
 def _presented_key(request: web.Request) -> str | None:

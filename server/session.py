@@ -66,8 +66,10 @@ CloseRequest = tuple[int, str]  # WebSocket close code, reason
 class Session:
     """Serves one accepted WebSocket until it closes; see the module docstring."""
 
-    def __init__(self, ws: web.WebSocketResponse, request: web.Request, state: ServerState) -> None:
+    def __init__(self, ws: web.WebSocketResponse, request: web.Request, state: ServerState,
+                 *, client: str) -> None:
         self._ws = ws
+        self.client = client   # whose contexts count against limits.contexts_per_client
         self._request = request
         self._state = state
         self._limits = state.cfg.limits
@@ -271,7 +273,7 @@ class Session:
             scheduler = self._scheduler()
             stream = self._open_stream(spec, msg, voice)
         except BaseException:
-            self._state.release()
+            self._state.release(self.client)
             raise
         self._streams[msg.ctx] = stream
         self._outbox.put(encode_ready(
@@ -293,6 +295,11 @@ class Session:
         if len(self._streams) >= limit:
             raise ProtocolError(ErrorCode.TOO_MANY_CONTEXTS,
                                 f"at most {limit} live contexts per socket", msg.ctx)
+        per_client = self._limits.contexts_per_client
+        if per_client and self._state.client_contexts[self.client] >= per_client:
+            who = "API key" if self._state.cfg.server.api_keys else "address"
+            raise ProtocolError(ErrorCode.TOO_MANY_CONTEXTS,
+                                f"at most {per_client} live contexts per {who}", msg.ctx)
         self._admit(msg.ctx)
         spec = StreamSpec(ctx=msg.ctx, stream_id=uuid.uuid4().hex, format=msg.format,
                           sample_rate=msg.sample_rate, words=msg.words,
@@ -307,7 +314,7 @@ class Session:
             self._refuse(ctx, "shutting_down", "server is shutting down")
         if not self._state.model.ready:
             self._refuse(ctx, "not_ready", "server is not ready (loading the voice)")
-        decision = self._state.admit()
+        decision = self._state.admit(self.client)
         if not decision.ok:
             self._refuse(ctx, decision.reason or "", decision.message, decision.retry_after_s)
 
@@ -357,7 +364,7 @@ class Session:
         if stream is not None:
             self._stop_stream(stream)
             self._scheduler().cancel(stream.spec.stream_id)
-            self._state.release()
+            self._state.release(self.client)
             self._last_activity = asyncio.get_running_loop().time()
             log.info("stream %s cancelled ctx=%r", stream.spec.stream_id, ctx)
         self._outbox.put(encode_cancelled(ctx=ctx))
@@ -385,7 +392,7 @@ class Session:
             del self._streams[ctx]
         if not end.scheduler_knows:
             self._scheduler().close(sid)
-        self._state.release()
+        self._state.release(self.client)
         self._last_activity = asyncio.get_running_loop().time()
         level = logging.INFO if end.outcome != "failed" else logging.WARNING
         log.log(level, "stream %s %s ctx=%r %s", sid, end.outcome, ctx, end.detail)
@@ -398,7 +405,7 @@ class Session:
             scheduler = self._state.model.scheduler
             if scheduler is not None:
                 scheduler.close(stream.spec.stream_id)
-            self._state.release()
+            self._state.release(self.client)
             log.info("stream %s closed ctx=%r (%s)", stream.spec.stream_id, stream.spec.ctx,
                      reason)
 

@@ -8,6 +8,7 @@ refuses streams as `overloaded`.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -67,22 +68,27 @@ class ServerState:
     shutting_down: bool = False
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up
     refusal_log: RefusalLog = field(init=False)  # one line per refused stream, rate-limited
+    client_contexts: Counter[str] = field(default_factory=Counter)  # live contexts per client
 
     def __post_init__(self) -> None:
         self.refusal_log = RefusalLog(logging.getLogger("server.admission"),
                                       self.cfg.admission.refusal_log_lines)
 
-    def admit(self) -> Admission:
-        """Hold an admission slot for one new stream (release it with `release`)."""
+    def admit(self, client: str) -> Admission:
+        """Hold an admission slot for one new stream of `client` (release it with `release`)."""
         decision = self.admission.admit()
         if decision.ok:
+            self.client_contexts[client] += 1
             self.metrics.streams_started.inc()
             self.metrics.active_streams.set(self.admission.active_streams)
         return decision
 
-    def release(self) -> None:
-        """One admitted stream ended (done, cancelled, failed or disconnected)."""
+    def release(self, client: str) -> None:
+        """One admitted stream of `client` ended (done, cancelled, failed or disconnected)."""
         self.admission.release()
+        self.client_contexts[client] -= 1
+        if self.client_contexts[client] <= 0:
+            del self.client_contexts[client]
         self.metrics.active_streams.set(self.admission.active_streams)
 
     def count_error(self, code: str) -> None:

@@ -510,6 +510,37 @@ async def test_too_many_contexts(srv: Running, http: aiohttp.ClientSession) -> N
     await clean(srv)
 
 
+@pytest.mark.parametrize("keys", [[], ["k-one", "k-two"]], ids=["by address", "by API key"])
+async def test_one_client_cannot_hold_more_contexts_than_its_share(
+    engine: Engine, http: aiohttp.ClientSession, keys: list[str],
+) -> None:
+    # An idle context counts as a stream: a client that opened contexts on several sockets and
+    # sent no text held every admission slot, and a newcomer was refused for minutes.
+    async with running(engine, {"limits.contexts_per_client": 2, "server.api_keys": keys}) as r:
+        first = "?token=k-one" if keys else ""
+        a, b = await connect(http, r, first), await connect(http, r, first)
+        for client, ctx in ((a, "a1"), (b, "b1")):
+            await client.send({"type": "start", "ctx": ctx})
+            assert (await client.recv())["type"] == "ready"
+        await b.send({"type": "start", "ctx": "b2"})     # a third, on either socket
+        reply = await b.recv()
+        who = "API key" if keys else "address"
+        assert (reply["type"], reply["code"], reply["ctx"]) == ("error", "too_many_contexts", "b2")
+        assert reply["message"] == f"at most 2 live contexts per {who}"
+        if keys:                                          # another key has its own share
+            other = await connect(http, r, "?token=k-two")
+            await other.send({"type": "start", "ctx": "o1"})
+            assert (await other.recv())["type"] == "ready"
+            await other.close()
+        await a.close()                                   # a disconnect gives its share back
+        await wait_for(lambda: sum(r.state.client_contexts.values()) == 1, what="a's share freed")
+        await b.send({"type": "start", "ctx": "b2"})
+        assert (await b.recv())["type"] == "ready"
+        await b.close()
+        await clean(r)
+        assert not r.state.client_contexts               # nothing left counted
+
+
 async def test_unauthorized_and_origin(engine: Engine, http: aiohttp.ClientSession) -> None:
     overrides = {"server.api_keys": ["k-one", "k-two"],
                  "server.allowed_origins": ["https://app.example"]}
