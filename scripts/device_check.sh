@@ -26,7 +26,7 @@ CONFIG=${CONFIG:-configs/gpu.toml}
 LOAD_STREAMS=${LOAD_STREAMS:-"100 400 1000"}
 BURST_STREAMS=${BURST_STREAMS:-400}   # then this many at once, refused ones retrying (admission.startup_extra)
 PORT=${PORT:-8200}
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK" && : > "$WORK/steps.txt"
 log() { echo "== $(date -u +%H:%M:%S) +$((SECONDS - START))s $*" | tee -a "$WORK/steps.txt"; }
 pack() { tar czf "$OUT/results.tgz" -C "$WORK" . && cp "$WORK/steps.txt" "$OUT/steps.txt"; }
 # The timeout for a step: at most $1 s, and no more than what is left before the deadline.
