@@ -3,21 +3,29 @@ text at once, against a running server.
 
 The phrase splitter and the scheduler's bookkeeping of each `text` frame run on the event loop
 that every stream shares, so their cost per frame must not grow with the text already received.
-Each scenario opens one stream, sends its text, then reads the server's worst event-loop lag
+Each scenario opens one stream, sends its frames, and reads the server's worst event-loop lag
 (`tts_event_loop_lag_max_seconds`, the worst wake-up delay of each 1 s window) from /metrics
-every 0.25 s for `--watch-s` seconds, and cancels the stream:
+every 0.25 s until `--watch-s` seconds after the last frame went, then cancels the stream:
 
 - `unbroken`: one frame of 100,000 characters without whitespace or punctuation (base64, a
   pasted URL);
 - `cjk`: one frame of 100,000 CJK characters without punctuation;
 - `prose`: one frame of 100,000 characters of ordinary sentences;
 - `small-frames`: 40,000 characters of short sentences in 2-character frames (an LLM's answer
-  flushed token by token, far faster than speech).
+  flushed token by token, far faster than speech);
+- `space-frames`: 100,000 frames of one space each (text the splitter cannot cut yet; the
+  other runs that stay undecided, openers or dots after a sentence, need a listener with
+  audio buffered to be reached live, and are measured by count in tests/test_splitter.py);
+- `container-frames`: ten 1 MiB frames, each a `cancel` (for another ctx) carrying a million
+  empty arrays in a field the server ignores: within the frame size limit, costly to decode.
 
     python benchmarks/text_flood.py --url ws://127.0.0.1:8000/v1/stream --json
 
-Reports per scenario the worst loop lag seen (ms), and before the first scenario the idle
-baseline over the same watch time.
+Reports per scenario the worst loop lag seen (ms); the total of the loop's wake-up delays over
+the scenario (`loop_lag_sum_s`, the rise of `tts_event_loop_lag_seconds_sum`: a flood can
+stall the loop many times without one long stall); how long the stream's `cancel` took to be
+answered once the frames were sent and watched (`cancel_s`: it waits behind the frames still
+being handled); and before the first scenario the idle baseline over the same watch time.
 """
 
 from __future__ import annotations
@@ -37,9 +45,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.texts import SENTENCES  # noqa: E402
 
 _LAG_MAX = re.compile(r"^tts_event_loop_lag_max_seconds (\S+)$", re.M)
+_LAG_SUM = re.compile(r"^tts_event_loop_lag_seconds_sum (\S+)$", re.M)
 
 
-def _scenarios() -> dict[str, list[str]]:
+async def _lag_sum_s(http: aiohttp.ClientSession, metrics_url: str) -> float:
+    async with http.get(metrics_url) as resp:
+        m = _LAG_SUM.search(await resp.text())
+    return float(m.group(1)) if m is not None else float("nan")
+
+
+# A frame within the default 1 MiB limit: {"type": "cancel", "ctx": "other", "x": [[], [], ...]}.
+_EMPTY_ARRAYS = (1 << 20) - 64
+CONTAINER_FRAME = (b"\x83" + msgpack.packb("type") + msgpack.packb("cancel") + msgpack.packb("ctx")
+                   + msgpack.packb("other") + msgpack.packb("x") + b"\xdd"
+                   + _EMPTY_ARRAYS.to_bytes(4, "big") + b"\x90" * _EMPTY_ARRAYS)
+
+Frame = str | bytes   # text for the stream, or a whole frame as sent
+
+
+def _scenarios() -> dict[str, list[Frame]]:
     prose = " ".join(SENTENCES)
     prose = (prose + " ") * (100_000 // (len(prose) + 1) + 1)
     small = "Hi there. " * 4_000
@@ -48,51 +72,91 @@ def _scenarios() -> dict[str, list[str]]:
         "cjk": ["漢字" * 50_000],
         "prose": [prose[:100_000]],
         "small-frames": [small[i:i + 2] for i in range(0, len(small), 2)],
+        "space-frames": [" "] * 100_000,
+        "container-frames": [CONTAINER_FRAME] * 10,
     }
 
 
-async def _worst_lag_ms(http: aiohttp.ClientSession, metrics_url: str, watch_s: float) -> float:
-    worst = 0.0
-    end = time.monotonic() + watch_s
-    while time.monotonic() < end:
+async def _worst_lag_ms(http: aiohttp.ClientSession, metrics_url: str, watch_s: float,
+                        sent: asyncio.Event | None = None) -> float:
+    """The worst lag read until `watch_s` after `sent` is set (after now, without one)."""
+    worst, end = 0.0, None
+    while end is None or time.monotonic() < end:
         async with http.get(metrics_url) as resp:
             m = _LAG_MAX.search(await resp.text())
         if m is not None:
             worst = max(worst, float(m.group(1)) * 1000)
+        if end is None and (sent is None or sent.is_set()):
+            end = time.monotonic() + watch_s
         await asyncio.sleep(0.25)
     return worst
 
 
 async def _drain(ws: aiohttp.ClientWebSocketResponse) -> str | None:
-    """Read (and drop) what the server sends until the stream is over; its last type."""
+    """Read (and drop) what the server sends until the stream is over; its last type.
+    Replies to other frames (`container-frames`: errors without a ctx, or for another) are
+    skipped."""
     async for frame in ws:
         if frame.type is not aiohttp.WSMsgType.BINARY:
             return None
-        kind = msgpack.unpackb(frame.data)["type"]
-        if kind in ("cancelled", "done", "error"):
-            return kind
+        msg = msgpack.unpackb(frame.data)
+        if msg.get("ctx") != "default":   # another ctx, or a frame-level error (no ctx)
+            continue
+        if msg["type"] in ("cancelled", "done", "error"):
+            return msg["type"]
     return None
 
 
+async def _connect(http: aiohttp.ClientSession, url: str,
+                   tries: int = 40) -> aiohttp.ClientWebSocketResponse:
+    """Connect, waiting out refusals (a server still busy with the previous scenario's flood
+    refuses with 503 and Retry-After)."""
+    for _ in range(tries - 1):
+        try:
+            return await http.ws_connect(url)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status != 503:
+                raise
+            await asyncio.sleep(float((exc.headers or {}).get("Retry-After", 2)))
+    return await http.ws_connect(url)
+
+
 async def run_scenario(http: aiohttp.ClientSession, url: str, metrics_url: str,
-                       frames: list[str], watch_s: float) -> dict:
+                       frames: list[Frame], watch_s: float) -> dict:
     pack = msgpack.Packer(use_bin_type=True).pack
-    async with http.ws_connect(url) as ws:
+    lag_before = await _lag_sum_s(http, metrics_url)
+    async with await _connect(http, url) as ws:
         await ws.send_bytes(pack({"type": "start"}))
         ready = msgpack.unpackb((await ws.receive()).data)
         if ready["type"] != "ready":
             raise RuntimeError(f"stream refused: {ready}")
         reader = asyncio.create_task(_drain(ws))
-        watcher = asyncio.create_task(_worst_lag_ms(http, metrics_url, watch_s))
+        sent = asyncio.Event()
+        watcher = asyncio.create_task(_worst_lag_ms(http, metrics_url, watch_s, sent))
         t0 = time.monotonic()
-        for text in frames:
-            await ws.send_bytes(pack({"type": "text", "text": text}))
+        try:
+            for k, frame in enumerate(frames):
+                await ws.send_bytes(frame if isinstance(frame, bytes)
+                                    else pack({"type": "text", "text": frame}))
+                if k % 1000 == 999:
+                    await asyncio.sleep(0)   # let the reader and the watcher run
+        except aiohttp.ClientConnectionResetError:
+            pass                             # the server closed the socket: reported below
         sent_s = time.monotonic() - t0
+        sent.set()
         worst = await watcher
-        await ws.send_bytes(pack({"type": "cancel"}))
-        last = await asyncio.wait_for(reader, 30)
-    return {"frames": len(frames), "chars": sum(map(len, frames)), "send_s": round(sent_s, 2),
-            "loop_lag_max_ms": round(worst, 1), "ended_with": last}
+        t_cancel = time.monotonic()
+        if not ws.closed:
+            await ws.send_bytes(pack({"type": "cancel"}))
+        last = await asyncio.wait_for(reader, 120)
+        cancel_s = time.monotonic() - t_cancel
+        if last is None:
+            last = f"socket closed by the server ({ws.close_code})"
+    lag_sum = await _lag_sum_s(http, metrics_url) - lag_before
+    chars = sum(len(f) for f in frames if isinstance(f, str))
+    return {"frames": len(frames), "chars": chars, "send_s": round(sent_s, 2),
+            "loop_lag_max_ms": round(worst, 1), "loop_lag_sum_s": round(lag_sum, 2),
+            "cancel_s": round(cancel_s, 2), "ended_with": last}
 
 
 async def main_async(args: argparse.Namespace) -> dict:
