@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import sys
 import time
@@ -48,9 +49,10 @@ _LAG_MAX = re.compile(r"^tts_event_loop_lag_max_seconds (\S+)$", re.M)
 _LAG_SUM = re.compile(r"^tts_event_loop_lag_seconds_sum (\S+)$", re.M)
 
 
-async def _lag_sum_s(http: aiohttp.ClientSession, metrics_url: str) -> float:
+async def _metric(http: aiohttp.ClientSession, metrics_url: str, pattern: re.Pattern[str]) -> float:
+    """One sample from the server's /metrics (NaN if absent)."""
     async with http.get(metrics_url) as resp:
-        m = _LAG_SUM.search(await resp.text())
+        m = pattern.search(await resp.text())
     return float(m.group(1)) if m is not None else float("nan")
 
 
@@ -82,10 +84,9 @@ async def _worst_lag_ms(http: aiohttp.ClientSession, metrics_url: str, watch_s: 
     """The worst lag read until `watch_s` after `sent` is set (after now, without one)."""
     worst, end = 0.0, None
     while end is None or time.monotonic() < end:
-        async with http.get(metrics_url) as resp:
-            m = _LAG_MAX.search(await resp.text())
-        if m is not None:
-            worst = max(worst, float(m.group(1)) * 1000)
+        lag = await _metric(http, metrics_url, _LAG_MAX)
+        if not math.isnan(lag):
+            worst = max(worst, lag * 1000)
         if end is None and (sent is None or sent.is_set()):
             end = time.monotonic() + watch_s
         await asyncio.sleep(0.25)
@@ -124,7 +125,7 @@ async def _connect(http: aiohttp.ClientSession, url: str,
 async def run_scenario(http: aiohttp.ClientSession, url: str, metrics_url: str,
                        frames: list[Frame], watch_s: float) -> dict:
     pack = msgpack.Packer(use_bin_type=True).pack
-    lag_before = await _lag_sum_s(http, metrics_url)
+    lag_before = await _metric(http, metrics_url, _LAG_SUM)
     async with await _connect(http, url) as ws:
         await ws.send_bytes(pack({"type": "start"}))
         ready = msgpack.unpackb((await ws.receive()).data)
@@ -152,7 +153,7 @@ async def run_scenario(http: aiohttp.ClientSession, url: str, metrics_url: str,
         cancel_s = time.monotonic() - t_cancel
         if last is None:
             last = f"socket closed by the server ({ws.close_code})"
-    lag_sum = await _lag_sum_s(http, metrics_url) - lag_before
+    lag_sum = await _metric(http, metrics_url, _LAG_SUM) - lag_before
     chars = sum(len(f) for f in frames if isinstance(f, str))
     return {"frames": len(frames), "chars": chars, "send_s": round(sent_s, 2),
             "loop_lag_max_ms": round(worst, 1), "loop_lag_sum_s": round(lag_sum, 2),

@@ -83,7 +83,8 @@ def prepare_model(
     """Load, warm up and measure (blocking: call in a worker thread). `on_audio` gets the
     cost probe's audio (see `measure_stream_cost` and `ProbeEncoding`). Once `stop` is set
     (the server is shutting down) it raises LoadStopped at the next stage (within the cost
-    probe, at its next model call), so a shutdown during warm-up does not wait seconds for it: the process exits only once this thread has."""
+    probe, at its next model call), so a shutdown during warm-up does not wait seconds for
+    it: the process exits only once this thread has."""
     stop = stop or threading.Event()
 
     def check() -> None:

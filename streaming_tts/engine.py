@@ -317,9 +317,9 @@ class Engine:
                stop: Callable[[], bool] | None = None) -> float:
         """Build the kernels of every chunk size at every batch size up to max_batch, so no
         stream pays for a first use later; returns seconds taken. From then on a decode call
-        holds at most max_batch windows of a size (more are decoded in pieces). With `max_frames`, batches
-        of more frames than that are skipped (on CPU the scheduler's step budget keeps batches
-        of big chunks small, and warming them would cost many seconds). With `cuda_graphs`,
+        holds at most max_batch windows of a size (more are decoded in pieces). With
+        `max_frames`, batches of more frames than that are skipped (on CPU the scheduler's step
+        budget keeps batches of big chunks small, and warming them would cost many seconds). With `cuda_graphs`,
         the decodes are recorded first, and the loop below replays each recording. `stop`
         is asked between chunk sizes: when it says so, the warm-up ends early (shutdown)."""
         t0 = time.perf_counter()

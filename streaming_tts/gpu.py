@@ -166,15 +166,13 @@ class GpuMonitor:
     def _find_handle(self) -> Any:
         if self.uuid is None:
             return pynvml.nvmlDeviceGetHandleByIndex(self.index)
+        if self.uuid.startswith(("GPU-", "MIG-")):
+            return pynvml.nvmlDeviceGetHandleByUUID(self.uuid)
         # CUDA gives the bare UUID; NVML names a whole GPU "GPU-..." and a MIG slice "MIG-...".
-        names = ([self.uuid] if self.uuid.startswith(("GPU-", "MIG-"))
-                 else [f"GPU-{self.uuid}", f"MIG-{self.uuid}"])
-        for name in names[:-1]:
-            try:
-                return pynvml.nvmlDeviceGetHandleByUUID(name)
-            except pynvml.NVMLError:
-                continue
-        return pynvml.nvmlDeviceGetHandleByUUID(names[-1])
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{self.uuid}")
+        except pynvml.NVMLError:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"MIG-{self.uuid}")
 
     def _read_nvml(self) -> GpuSample | None:
         try:

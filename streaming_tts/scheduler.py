@@ -432,7 +432,7 @@ class Scheduler:
         command). The estimate comes from finished streams, and with none finishing it stays
         where the last ones left it: streams that finished while another process held the
         cores left an idle host refusing every second stream for 15 minutes and more."""
-        if self._streams or self._commands or self._opening_ids:
+        if self._streams or self._commands:   # (a stream opening has its `open` queued)
             self._idle_since = None
             return
         if self._idle_since is None:

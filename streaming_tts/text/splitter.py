@@ -70,7 +70,7 @@ _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 _SKIP_OPENERS = re.compile(rf"[\s{_cls(_OPENERS)}]*")
 _LEADING_SPACE = re.compile(r"\s*")
 # Text appended after an undecided candidate that leaves it undecided (see _Wait).
-_KEEP_SPACE = re.compile(r"\s*")
+_KEEP_SPACE = _LEADING_SPACE
 _KEEP_TERMINAL = re.compile(rf"[{_cls(_TERMINALS)}]*[{_cls(_CLOSERS)}]*")
 _KEEP_CLOSERS = re.compile(rf"[{_cls(_CLOSERS)}]*")
 _KEEP_OPENING = _SKIP_OPENERS
@@ -129,7 +129,9 @@ class _Wait(NamedTuple):
 
     seen: int                 # the buffer's length when judged
     keep: re.Pattern[str]
-    pos: int | None           # where a cut would fall (None: at the buffer's end, as it grows)
+    grows: bool               # a cut would fall at the buffer's end (a terminal run at it),
+    # so the run may grow past the cap's window; elsewhere it falls at a fixed place, which
+    # stays within the window (the window's start only moves on)
 
 
 class PhraseSplitter:
@@ -211,8 +213,7 @@ class PhraseSplitter:
         self._scan -= shift
         self._lead = max(0, self._lead - shift)
         if self._wait is not None:
-            w = self._wait
-            self._wait = w._replace(seen=w.seen - shift, pos=None if w.pos is None else w.pos - shift)
+            self._wait = self._wait._replace(seen=self._wait.seen - shift)
         self._start = 0
 
     def _leading_end(self) -> int:
@@ -243,8 +244,7 @@ class PhraseSplitter:
         for each of a long unbroken run's cuts (a URL, base64, CJK without punctuation) would
         make a 100k-character push quadratic (about a second on the event loop)."""
         if (w := self._wait) is not None:
-            pos = len(self._buf) if w.pos is None else w.pos
-            if pos <= limit and w.keep.fullmatch(self._buf, w.seen) is not None:
+            if (not w.grows or len(self._buf) <= limit) and w.keep.fullmatch(self._buf, w.seen):
                 self._wait = w._replace(seen=len(self._buf))
                 return _Scan(None, self._scan, waiting=True)
             self._wait = None
@@ -275,10 +275,10 @@ class PhraseSplitter:
         """What keeps an undecided candidate undecided (see _Wait)."""
         seen = len(self._buf)
         if m.end() < seen:  # the next sentence's start is still to come: openers, spaces
-            return _Wait(seen, _KEEP_OPENING, m.start() if gap else m.end())
+            return _Wait(seen, _KEEP_OPENING, grows=False)
         if gap:
-            return _Wait(seen, _KEEP_SPACE, m.start())
-        return _Wait(seen, _KEEP_CLOSERS if m.group("close") else _KEEP_TERMINAL, None)
+            return _Wait(seen, _KEEP_SPACE, grows=False)
+        return _Wait(seen, _KEEP_CLOSERS if m.group("close") else _KEEP_TERMINAL, grows=True)
 
     def _judge_gap(self, m: re.Match[str]) -> _Verdict:
         if m.end() == len(self._buf):
