@@ -28,6 +28,7 @@ from server.config import (
     load_config,
     overrides_from_args,
 )
+from server.fds import FD_RESERVE, raise_open_file_limit, socket_cap
 from streaming_tts.voices import UnknownVoiceError
 
 log = logging.getLogger("run_server")
@@ -58,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(cfg: ServerConfig) -> int:
     log.debug("effective config: %s", cfg.as_dict())
+    before, after = raise_open_file_limit()
+    raised = f" (raised from {before})" if after != before else ""
+    log.info("open-file limit %d%s: up to %d WebSockets", after, raised,
+             socket_cap(cfg.limits.max_sockets, after))
+    if cfg.limits.max_sockets > after - FD_RESERVE:
+        log.warning("limits.max_sockets %d leaves fewer than %d of the %d open files for "
+                    "anything else: connections past the limit are dropped unanswered",
+                    cfg.limits.max_sockets, FD_RESERVE, after)
     if (problem := device_problem(cfg.engine.device)) is not None:
         log.error("%s", problem)
         return 2

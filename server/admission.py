@@ -109,6 +109,7 @@ class RefusalReason(StrEnum):
     LOAD = "load"
     EVENT_LOOP = "event_loop"
     ENCODERS = "encoders"
+    SOCKETS = "sockets"  # limits.max_sockets: refused before the upgrade (server/http.py)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from server import http
 from server.admission import AdmissionController, EncoderLoad, LoadEstimate
 from server.config import ServerConfig
 from server.encoders import EncoderPool
+from server.fds import open_file_limit, socket_cap
 from server.metrics import Metrics
 from server.model import EngineLoader, ProbeEncoding, build_scheduler, load_engine, prepare_model
 from server.monitors import sample_gpu, watch_loop_lag
@@ -89,7 +90,8 @@ def create_app(
         on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),
     )
     state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
-                        model=model, gpu=available, on_ready=on_ready)
+                        model=model, gpu=available, on_ready=on_ready,
+                        max_sockets=socket_cap(cfg.limits.max_sockets, open_file_limit()))
     app = web.Application()
     app[STATE] = state
     app.cleanup_ctx.append(_audio_pool)

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from server.admission import RefusalReason
 from server.metrics import CONTENT_TYPE
 from server.protocol import ErrorCode, error_body
 from server.session import Session
@@ -45,6 +46,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     """GET /v1/stream: refuse over HTTP when we must, else upgrade and serve a Session."""
     state = request.app[STATE]
     refusal = (_access_refusal(request, state, check_origin=True)
+               or _socket_refusal(state, peer=request.remote)
                or _capacity_refusal(state, peer=request.remote))
     if refusal is not None:
         return refusal
@@ -69,6 +71,18 @@ async def stream(request: web.Request) -> web.StreamResponse:
     finally:
         state.sessions.discard(session)
     return ws
+
+
+def _socket_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:
+    """503 before the upgrade when `limits.max_sockets` WebSockets are open: past the process's
+    open-file limit a connection would be dropped unanswered (server/fds.py)."""
+    if len(state.sessions) < state.max_sockets:
+        return None
+    reason = RefusalReason.SOCKETS
+    state.metrics.streams_refused.labels(reason=reason.value).inc()
+    state.refusal_log.refused(reason, "socket refused before the upgrade peer=%s: %d "
+                              "WebSockets open (limits.max_sockets)", peer, len(state.sessions))
+    return _overloaded(state, "too many connections open on this server; try again later")
 
 
 def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:

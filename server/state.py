@@ -65,6 +65,7 @@ class ServerState:
     encoders: EncoderLoad | None = None  # the encoder threads' load, last sample interval
     audio_pool: EncoderPool | None = None  # set by cleanup_ctx
     sessions: set[Closable] = field(default_factory=set)
+    max_sockets: int = 0  # sessions held at most (server/fds.py); set by create_app
     shutting_down: bool = False
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up
     refusal_log: RefusalLog = field(init=False)  # one line per refused stream, rate-limited

@@ -606,6 +606,40 @@ async def test_overloaded_before_and_after_the_upgrade(
         await client.close()
 
 
+async def test_sockets_past_max_sockets_are_refused_before_the_upgrade(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine, {"limits.max_sockets": 2}) as r:
+        first, second = await connect(http, r), await connect(http, r)
+        await wait_for(lambda: len(r.state.sessions) == 2, what="two sessions")
+        # A third socket is answered (503, the contract's body), not dropped, and the two
+        # open ones and the monitoring endpoints carry on.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r)
+        assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
+        async with http.get(r.url("/v1/stream")) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] in DEFAULT_RETRY_HINTS
+            body = await resp.json()
+        assert body["error"]["code"] == "overloaded"
+        assert body["error"]["message"] == "too many connections open on this server; try again later"
+        for path in ("/healthz", "/metrics"):
+            async with http.get(r.url(path)) as resp:
+                assert resp.status == 200, path
+                text = await resp.text()
+        assert 'tts_streams_refused_total{reason="sockets"} 2.0' in text
+        await second.send({"type": "cancel"})
+        assert (await second.recv())["type"] == "cancelled"
+        # A socket closed frees its place.
+        await first.close()
+        await wait_for(lambda: len(r.state.sessions) == 1, what="the first session gone")
+        third = await connect(http, r)
+        await third.send({"type": "cancel"})
+        assert (await third.recv())["type"] == "cancelled"
+        for client in (second, third):
+            await client.close()
+        await clean(r)
+
+
 async def test_a_flood_of_refusals_is_logged_within_the_limit(
     engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
