@@ -138,13 +138,14 @@ class LimitsConfig:
     send_queue_messages: int = 256  # per-socket outgoing queue bound
     heartbeat_s: float = 20.0  # WebSocket ping interval; no pong within half of it: dead peer
     max_sockets: int = 0  # open WebSockets at most; 0: the open-file limit less a reserve (fds.py)
+    sockets_per_client: int = 0  # open WebSockets of one API key (or address); 0: no limit
 
     def __post_init__(self) -> None:
         for key in ("max_text_chars", "max_frame_bytes", "contexts_per_socket",
                     "send_queue_messages"):
             value = getattr(self, key)
             _require(value >= 1, f"limits.{key}", "must be >= 1", value)
-        for key in ("contexts_per_client", "max_sockets"):
+        for key in ("contexts_per_client", "max_sockets", "sockets_per_client"):
             value = getattr(self, key)
             _require(value >= 0, f"limits.{key}", "must be >= 0", value)
         for key in ("idle_timeout_s", "max_send_lag_s", "heartbeat_s"):

@@ -45,8 +45,9 @@ def add_routes(app: web.Application, *, web_client_dir: Path = WEB_CLIENT_DIR) -
 async def stream(request: web.Request) -> web.StreamResponse:
     """GET /v1/stream: refuse over HTTP when we must, else upgrade and serve a Session."""
     state = request.app[STATE]
+    client = client_of(request, state)
     refusal = (_access_refusal(request, state, check_origin=True)
-               or _socket_refusal(state, peer=request.remote)
+               or _socket_refusal(state, client, peer=request.remote)
                or _capacity_refusal(state, peer=request.remote))
     if refusal is not None:
         return refusal
@@ -64,25 +65,38 @@ async def stream(request: web.Request) -> web.StreamResponse:
                       "required)", headers={"Upgrade": "websocket", "Connection": "Upgrade"},
                       state=state)
     await ws.prepare(request)
-    session = Session(ws, request, state, client=client_of(request, state))
+    session = Session(ws, request, state, client=client)
     state.sessions.add(session)
+    state.client_sockets[client] += 1
     try:
         await session.run()
     finally:
         state.sessions.discard(session)
+        state.client_sockets[client] -= 1
+        if state.client_sockets[client] <= 0:
+            del state.client_sockets[client]
     return ws
 
 
-def _socket_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:
-    """503 before the upgrade when `limits.max_sockets` WebSockets are open: past the process's
-    open-file limit a connection would be dropped unanswered (server/fds.py)."""
-    if len(state.sessions) < state.max_sockets:
+def _socket_refusal(state: ServerState, client: str, *, peer: str | None) -> web.Response | None:
+    """503 before the upgrade when `limits.max_sockets` WebSockets are open (past the process's
+    open-file limit a connection would be dropped unanswered: server/fds.py), or this client
+    holds `limits.sockets_per_client`."""
+    per_client = state.cfg.limits.sockets_per_client
+    if len(state.sessions) >= state.max_sockets:
+        why, message = (f"{len(state.sessions)} WebSockets open (limits.max_sockets)",
+                        "too many connections open on this server; try again later")
+    elif per_client and state.client_sockets[client] >= per_client:
+        who = "API key" if state.cfg.server.api_keys else "address"
+        why, message = (f"{per_client} WebSockets of this {who} open "
+                        "(limits.sockets_per_client)",
+                        f"at most {per_client} open connections per {who}; close one first")
+    else:
         return None
     reason = RefusalReason.SOCKETS
     state.metrics.streams_refused.labels(reason=reason.value).inc()
-    state.refusal_log.refused(reason, "socket refused before the upgrade peer=%s: %d "
-                              "WebSockets open (limits.max_sockets)", peer, len(state.sessions))
-    return _overloaded(state, "too many connections open on this server; try again later")
+    state.refusal_log.refused(reason, "socket refused before the upgrade peer=%s: %s", peer, why)
+    return _overloaded(state, message)
 
 
 def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:

@@ -70,6 +70,7 @@ class ServerState:
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up
     refusal_log: RefusalLog = field(init=False)  # one line per refused stream, rate-limited
     client_contexts: Counter[str] = field(default_factory=Counter)  # live contexts per client
+    client_sockets: Counter[str] = field(default_factory=Counter)  # open WebSockets per client
 
     def __post_init__(self) -> None:
         self.refusal_log = RefusalLog(logging.getLogger("server.admission"),

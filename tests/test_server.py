@@ -640,6 +640,34 @@ async def test_sockets_past_max_sockets_are_refused_before_the_upgrade(
         await clean(r)
 
 
+async def test_one_client_cannot_hold_more_sockets_than_its_share(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    overrides = {"limits.sockets_per_client": 2, "server.api_keys": ["k-one", "k-two"]}
+    async with running(engine, overrides) as r:
+        one = [await connect(http, r, "?token=k-one"),
+               await connect(http, r, headers={"Authorization": "Bearer k-one"})]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await connect(http, r, "?token=k-one")
+        assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
+        async with http.get(r.url("/v1/stream?token=k-one")) as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"] == {
+                "code": "overloaded", "retry_after_s": int(resp.headers["Retry-After"]),
+                "message": "at most 2 open connections per API key; close one first"}
+        # Another client is not affected; a socket closed gives the first one its place back.
+        two = await connect(http, r, "?token=k-two")
+        await one[0].close()
+        await wait_for(lambda: r.state.client_sockets.total() == 2, what="a socket closed")
+        one[0] = await connect(http, r, "?token=k-one")
+        for client in (*one, two):
+            await client.send({"type": "cancel"})
+            assert (await client.recv())["type"] == "cancelled"
+            await client.close()
+        await clean(r)
+        assert not r.state.client_sockets
+
+
 async def test_a_flood_of_refusals_is_logged_within_the_limit(
     engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
