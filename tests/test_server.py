@@ -392,6 +392,21 @@ def retry_after(err: aiohttp.WSServerHandshakeError) -> str | None:
 DEFAULT_RETRY_HINTS = ("2", "3", "4")
 
 
+async def refused_before_upgrade(http: aiohttp.ClientSession, r: Running,
+                                 query: str = "") -> dict[str, Any]:
+    """A new socket is refused with HTTP 503 + Retry-After before the upgrade, and a plain GET
+    gets the contract's `overloaded` body with the same hint; returns that body's error."""
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await connect(http, r, query)
+    assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
+    async with http.get(r.url("/v1/stream" + query)) as resp:
+        assert resp.status == 503 and resp.headers["Retry-After"] in DEFAULT_RETRY_HINTS
+        error = (await resp.json())["error"]
+    assert error["code"] == "overloaded"
+    assert str(error["retry_after_s"]) == resp.headers["Retry-After"]
+    return error
+
+
 def packb(msg: Any) -> bytes:
     return msgpack.packb(msg, use_bin_type=True)
 
@@ -581,15 +596,8 @@ async def test_overloaded_before_and_after_the_upgrade(
         await client.send({"type": "start", "ctx": "a"})
         assert (await client.recv())["type"] == "ready"
         # Full: a new socket is refused with HTTP 503 before the upgrade ...
-        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-            await connect(http, r)
-        assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
-        async with http.get(r.url("/v1/stream")) as resp:
-            assert resp.status == 503 and resp.headers["Retry-After"] in DEFAULT_RETRY_HINTS
-            body = await resp.json()
-        assert body["error"]["code"] == "overloaded"
-        assert str(body["error"]["retry_after_s"]) == resp.headers["Retry-After"]
-        assert "16" not in body["error"]["message"] and body["error"]["message"]
+        message = (await refused_before_upgrade(http, r))["message"]
+        assert "16" not in message and message
         # ... and a second context on the open socket gets `error` overloaded.
         await client.send({"type": "start", "ctx": "b"})
         reply = await client.recv()
@@ -614,14 +622,8 @@ async def test_sockets_past_max_sockets_are_refused_before_the_upgrade(
         await wait_for(lambda: len(r.state.sessions) == 2, what="two sessions")
         # A third socket is answered (503, the contract's body), not dropped, and the two
         # open ones and the monitoring endpoints carry on.
-        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-            await connect(http, r)
-        assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
-        async with http.get(r.url("/v1/stream")) as resp:
-            assert resp.status == 503 and resp.headers["Retry-After"] in DEFAULT_RETRY_HINTS
-            body = await resp.json()
-        assert body["error"]["code"] == "overloaded"
-        assert body["error"]["message"] == "too many connections open on this server; try again later"
+        error = await refused_before_upgrade(http, r)
+        assert error["message"] == "too many connections open on this server; try again later"
         for path in ("/healthz", "/metrics"):
             async with http.get(r.url(path)) as resp:
                 assert resp.status == 200, path
@@ -647,14 +649,8 @@ async def test_one_client_cannot_hold_more_sockets_than_its_share(
     async with running(engine, overrides) as r:
         one = [await connect(http, r, "?token=k-one"),
                await connect(http, r, headers={"Authorization": "Bearer k-one"})]
-        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-            await connect(http, r, "?token=k-one")
-        assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
-        async with http.get(r.url("/v1/stream?token=k-one")) as resp:
-            assert resp.status == 503
-            assert (await resp.json())["error"] == {
-                "code": "overloaded", "retry_after_s": int(resp.headers["Retry-After"]),
-                "message": "at most 2 open connections per API key; close one first"}
+        error = await refused_before_upgrade(http, r, "?token=k-one")
+        assert error["message"] == "at most 2 open connections per API key; close one first"
         # Another client is not affected; a socket closed gives the first one its place back.
         two = await connect(http, r, "?token=k-two")
         await one[0].close()
