@@ -254,8 +254,11 @@ def _unpack(data: bytes) -> object:
         return container
 
     try:
+        # strict_map_key off: an extra field named by an int, nil or float is ignored like any
+        # other unknown field (msgpack refused the whole frame as invalid).
         return msgpack.unpackb(data, raw=False, use_list=True, max_array_len=MAX_FRAME_ITEMS,
-                               max_map_len=MAX_FRAME_ITEMS, list_hook=count, object_hook=count)
+                               max_map_len=MAX_FRAME_ITEMS, list_hook=count, object_hook=count,
+                               strict_map_key=False)
     except _TooManyContainers:
         raise _bad(f"frame holds more than {MAX_FRAME_CONTAINERS} maps and arrays; a message "
                    "is one map of fields") from None
