@@ -100,6 +100,8 @@ class SchedulerConfig:
     target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
     buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while this much speech is coming
+    function_word_wait_ms: float = 1000.0  # text trickling: delayed cuts hold back function words
+    delay_min_words: int = 3  # ... and give a started listener at least this many words
     heap_trim_interval_s: float = 30.0  # give the C heap's free pages back this often (0: never)
 
     def __post_init__(self) -> None:
@@ -118,8 +120,12 @@ class SchedulerConfig:
                  self.max_batch_phrases)
         _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",
                  self.max_batch_chunks)
-        _require(self.first_phrase_max_words >= 3, "scheduler.first_phrase_max_words",
-                 "must be >= 3", self.first_phrase_max_words)
+        _require(self.first_phrase_max_words >= 1, "scheduler.first_phrase_max_words",
+                 "must be >= 1", self.first_phrase_max_words)
+        _require(self.function_word_wait_ms >= 0, "scheduler.function_word_wait_ms",
+                 "must be >= 0", self.function_word_wait_ms)
+        _require(self.delay_min_words >= 0, "scheduler.delay_min_words", "must be >= 0",
+                 self.delay_min_words)
         _require(0 <= self.eager_until_buffered_ms <= self.lookahead_ms,
                  "scheduler.eager_until_buffered_ms", "must be 0..lookahead_ms",
                  self.eager_until_buffered_ms)

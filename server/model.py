@@ -34,7 +34,7 @@ from streaming_tts.scheduler import (
     ProbeStopped, Scheduler, SchedulerConfig, SchedulerObserver, measure_stream_cost,
 )
 from streaming_tts.text.phonemes import Phonemizer
-from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig
+from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig, function_words_for
 from streaming_tts.voices import VoiceInfo
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,7 @@ def build_scheduler(
         max_batch_phrases=s.max_batch_phrases, max_batch_chunks=s.max_batch_chunks,
         silence_fill_ms=s.silence_fill_ms, first_phrase_wait_ms=s.first_phrase_wait_ms,
         heap_trim_interval_s=s.heap_trim_interval_s, buffer_delay_hold_ms=s.buffer_delay_hold_ms,
+        function_word_wait_ms=s.function_word_wait_ms, delay_min_words=s.delay_min_words,
         cost_half_life_s=cfg.admission.cost_half_life_s,
         recalibrate_idle_s=cfg.admission.recalibrate_idle_s,
         probe_streams=cfg.admission.cost_probe_streams,
@@ -248,8 +249,10 @@ def build_scheduler(
     return Scheduler(
         loaded.engine, phonemizer=loaded.phonemizer,
         splitter_factory=functools.partial(
-            PhraseSplitter, SplitterConfig(eager_until_buffered_ms=s.eager_until_buffered_ms,
-                                           first_phrase_max_words=s.first_phrase_max_words)),
+            PhraseSplitter, SplitterConfig(
+                eager_until_buffered_ms=s.eager_until_buffered_ms,
+                first_phrase_max_words=s.first_phrase_max_words,
+                function_words=function_words_for(loaded.phonemizer.voice.language))),
         meter=Meter(make_tariff(cfg)), config=config, observer=observer,
         power_reader=power_reader, model_thread=model_thread, initial_stream_cost=loaded.stream_cost,
     )

@@ -55,6 +55,8 @@ class SchedulerConfig:
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
     runway_ms: float = 1000.0          # a stream with work whose listener holds less is starting up
     buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while the listener has this much coming
+    function_word_wait_ms: float = 1000.0  # text still trickling this recently: delay cuts hold back
+    delay_min_words: int = 3           # ... trailing function words, and speak at least this many words
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
     recalibrate_idle_s: float = 60.0   # idle this long: probe the cost again (0: never)
@@ -594,9 +596,16 @@ class Scheduler:
         for stream in list(self._streams.values()):
             pending = stream.splitter.pending.strip()   # whitespace alone is never spoken
             delay = stream.options.max_buffer_delay_ms / 1000.0
-            if (pending and stream.last_text_at is not None and now - stream.last_text_at >= delay
-                    and self._hold_s(stream, now) <= 0):
-                self._queue_phrases(stream, stream.splitter.flush())
+            idle = None if stream.last_text_at is None else now - stream.last_text_at
+            if pending and idle is not None and idle >= delay and self._hold_s(stream, now) <= 0:
+                # While words still trickle in, function words at its end wait for the word
+                # they lead, and a started listener gets a few words at a time rather than a
+                # phrase per pause between words ("out of | their houses" at 3 words/s was a
+                # phrase a word, each with its pauses, the word before each cut drawn out).
+                trickle = idle < self.config.function_word_wait_ms / 1000.0
+                words = self.config.delay_min_words if trickle and stream.anchor is not None else 0
+                self._queue_phrases(stream, stream.splitter.flush(hold_function_words=trickle,
+                                                                  min_words=words))
             elif pending and (due := self._first_phrase_due(stream)) is not None and now >= due:
                 # Text trickles in slower than the eager cut's few words: speak the complete
                 # words that have come rather than keep a new listener waiting for more.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from streaming_tts.scheduler import _COST_PROBE_PHRASES, Scheduler, SchedulerCon
 from streaming_tts.stream import (IDLE_CONTEXT_S, ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions,
                                   StreamState)
 from streaming_tts.text.phonemes import PhonemizedText, WordSpan
-from streaming_tts.text.splitter import PhraseSplitter
+from streaming_tts.text.splitter import ENGLISH_FUNCTION_WORDS, PhraseSplitter, SplitterConfig
 
 HOP = 10
 RATE = 1000           # one frame = 10 ms
@@ -1044,6 +1045,40 @@ def test_text_past_its_buffer_delay_waits_while_the_listener_has_plenty_coming(h
     assert sched._next_wakeup(now) == pytest.approx(0.5, abs=0.02)   # when 1 s is left
     sched._tick_streams(now + 0.51)
     assert [p.text for p in stream.phrases] == ["and then the"]
+
+
+def test_trickling_text_past_its_delay_is_cut_before_function_words_and_a_few_words_at_a_time():
+    # Captions at 3 words/s to a listener near dry: each gap between words passed the 300 ms
+    # delay, and the words were spoken a phrase each ("came out | of their | houses to"), each
+    # with its pauses, the word before a cut drawn out. While words still trickle in, a delay
+    # cut keeps trailing function words for the next phrase and speaks 3 words or more.
+    sched = Scheduler(FakeEngine(), phonemizer=FakePhonemizer(), meter=Meter(),
+                      splitter_factory=functools.partial(PhraseSplitter, SplitterConfig(
+                          function_words=ENGLISH_FUNCTION_WORDS)),
+                      config=SchedulerConfig(target_step_ms=100.0, initial_frames_per_s=1000.0))
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=300.0), Sink())
+    sched._apply_commands()
+    stream = sched._streams["s"]
+    now = time.monotonic()
+    stream.anchor, stream.emitted_frames = now - 0.5, round(600 / sched.frame_ms)  # 0.1 s left
+
+    def typed(text: str, idle_s: float) -> list[str]:
+        sched.text("s", text)
+        sched._apply_commands()
+        stream.last_text_at = now - idle_s
+        sched._tick_streams(now)
+        spoken = [p.text for p in stream.phrases]
+        stream.phrases.clear()
+        stream.queued_chars = 0
+        return spoken
+
+    assert typed("finally", 0.4) == []                  # one word: wait for more
+    assert typed(" passed,", 0.4) == ["finally passed,"]  # a mark ends a phrase at once
+    assert typed(" the villagers came out of", 0.4) == ["the villagers came out"]
+    assert stream.splitter.pending == " of"
+    assert typed(" their", 0.4) == []                   # function words alone wait whole
+    # Words that stopped coming (function_word_wait_ms, 1 s) are all spoken.
+    assert typed("", 1.1) == ["of their"]
 
 
 async def test_an_idle_server_probes_its_cost_again_and_only_ever_lowers_the_estimate(caplog):

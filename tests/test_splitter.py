@@ -10,7 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig, ends_sentence
+from streaming_tts.text.splitter import (
+    ENGLISH_FUNCTION_WORDS,
+    PhraseSplitter,
+    SplitterConfig,
+    ends_sentence,
+    function_words_for,
+)
 
 SENTENCE_MODE_MS = 10_000.0  # far above eager_until_buffered_ms: cut at sentence ends only
 
@@ -141,11 +147,70 @@ def test_eager_first_phrase_arrives_within_max_words() -> None:
     assert arrivals[first] == ["I think that we should probably"]
 
 
-def test_eager_cuts_at_a_clause_mark_once_enough_words() -> None:
-    text = "Well, you know, I really think that this is the right way to go."
-    phrases = split(llm_tokens(text), buffered_ms=0.0)
-    assert phrases[0] == "Well, you know,"  # "Well," alone is too short to say by itself
-    assert "".join(phrases) == text
+def test_eager_cuts_at_the_first_clause_mark() -> None:
+    # Before, a clause mark counted only after 3 words: the cut after the third word won
+    # ("Well, to be | honest", "Hello there, this | sentence"), a pause and a drawn-out word
+    # where a reader makes none.
+    for text, first in [
+        ("Well, you know, I really think that this is the right way to go.", "Well,"),
+        ("Hello there, this sentence is cut early.", "Hello there,"),
+    ]:
+        phrases = split(llm_tokens(text), buffered_ms=0.0)
+        assert phrases[0] == first
+        assert "".join(phrases) == text
+
+
+ENGLISH = SplitterConfig(first_phrase_max_words=3, function_words=ENGLISH_FUNCTION_WORDS)
+
+
+@pytest.mark.parametrize(("text", "first"), [
+    ("The results of the study show it.", "The results"),        # before "of"
+    ("When the storm finally passed, we left.", "When the storm"),  # ends on a content word
+    ("It is a nice day today.", "It is a nice"),                   # all function words: on
+    ("Results of the study are in.", "Results of the study"),     # one word would stay: on
+    ("\u201cThe results of\u201d the study.", "\u201cThe results of\u201d"),  # closed: a mark
+])
+def test_an_early_cut_goes_before_function_words(text: str, first: str) -> None:
+    for fragments in ([text], llm_tokens(text)):
+        phrases = split(fragments, buffered_ms=0.0, config=ENGLISH)
+        assert phrases[0] == first, fragments
+        assert "".join(phrases) == text
+    # Without the list (a voice of another language) the cut stays after the third word.
+    assert split([text], buffered_ms=0.0, config=SplitterConfig(first_phrase_max_words=3))[0] \
+        == " ".join(text.split()[:3])
+
+
+def test_function_words_are_known_for_english_voices_only() -> None:
+    assert function_words_for("en_US") is ENGLISH_FUNCTION_WORDS
+    assert function_words_for("en-gb") is ENGLISH_FUNCTION_WORDS
+    assert function_words_for("de_DE") == frozenset() == function_words_for("")
+
+
+def test_a_delayed_flush_keeps_trailing_function_words_for_the_next_phrase() -> None:
+    splitter = PhraseSplitter(ENGLISH)
+    assert splitter.push("came out of their", buffered_ms=SENTENCE_MODE_MS) == []
+    assert splitter.flush(hold_function_words=True) == ["came out"]
+    assert splitter.pending == " of their"
+    # Function words alone wait whole; the next word ends them.
+    assert splitter.flush(hold_function_words=True) == []
+    splitter.push(" houses", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True) == [" of their houses"]
+    # A word with a mark after it ends a phrase, whatever it is; a plain flush takes all.
+    splitter.push(" out of, their", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True) == [" out of,"]
+    assert splitter.flush() == [" their"] and splitter.pending == ""
+
+
+def test_a_delayed_flush_with_min_words_waits_for_them_or_a_mark() -> None:
+    splitter = PhraseSplitter(ENGLISH)
+    splitter.push("finally", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True, min_words=3) == []
+    splitter.push(" passed", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True, min_words=3) == []
+    splitter.push(",", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True, min_words=3) == ["finally passed,"]
+    splitter.push("the villagers came out of", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True, min_words=3) == ["the villagers came out"]
 
 
 def test_buffered_audio_switches_to_sentence_boundaries() -> None:
@@ -306,12 +371,17 @@ REALISTIC = [s for s, _, _ in SENTENCE_CASES] + [
     LONG_SENTENCE,
     "Mr. and Mrs. Smith paid $3.50 at 5 p.m. on Jan. 3rd, approx. twice the price.",
     "Check https://docs.example.org/v1.2/index.html?q=a.b#c. Or mail me@x.io!",
+    "The results of the study show that it is a nice day, and that they are in the morning.",
 ]
 texts = st.one_of(
     st.text(alphabet=ALPHABET, max_size=120),
     st.lists(st.sampled_from(REALISTIC), min_size=1, max_size=4).map(" ".join),
 )
-configs = st.sampled_from([SplitterConfig(), SplitterConfig(max_phrase_chars=12)])
+configs = st.sampled_from([SplitterConfig(), SplitterConfig(max_phrase_chars=12), ENGLISH,
+                           SplitterConfig(max_phrase_chars=12, function_words=ENGLISH_FUNCTION_WORDS)])
+# Besides pushes, what the scheduler may do at any moment: nothing, a slow stream's first-phrase
+# timeout, or a buffered-text delay's flush while words still trickle in (function words kept).
+ACTIONS = ["none", "word", "delay"]
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -331,11 +401,11 @@ def fragmented(
 @given(
     case=fragmented(),
     buffered=st.lists(st.floats(0.0, 3000.0), min_size=1, max_size=8),
-    word_cuts=st.lists(st.booleans(), min_size=1, max_size=8),
+    actions=st.lists(st.sampled_from(ACTIONS), min_size=1, max_size=8),
     config=configs,
 )
 def test_phrases_are_exact_nonblank_capped_slices(
-    case: tuple[str, list[str]], buffered: list[float], word_cuts: list[bool],
+    case: tuple[str, list[str]], buffered: list[float], actions: list[str],
     config: SplitterConfig,
 ) -> None:
     text, fragments = case
@@ -345,8 +415,11 @@ def test_phrases_are_exact_nonblank_capped_slices(
     for i, fragment in enumerate(fragments):
         phrases += splitter.push(fragment, buffered_ms=buffered[i % len(buffered)])
         pushed += fragment
-        if word_cuts[i % len(word_cuts)]:   # a slow stream's first-phrase timeout, any time
+        action = actions[i % len(actions)]
+        if action == "word":
             phrases += splitter.cut_at_word()
+        elif action == "delay":
+            phrases += splitter.flush(hold_function_words=True, min_words=i % 4)
         # Nothing lost or duplicated at any moment, not only at the end.
         assert "".join(phrases) + splitter.pending == pushed
     phrases += splitter.flush()

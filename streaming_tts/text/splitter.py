@@ -37,6 +37,28 @@ _CJK_CLAUSE_MARKS = "，、；：。！？"  # eager / cap cuts; no space needed
 _CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # kana + ideographs
 _CJK_PUNCT = "\u3000-\u303f\uff00-\uffef"
 
+# English words that lean on the word after them (articles, prepositions, conjunctions,
+# auxiliaries, pronouns, determiners): a phrase cut right after one ends on a word the voice
+# then lengthens and stresses ("The results of | the study": "of" 267 ms against 128 spoken
+# whole) and pauses where no reader would. Early cuts and the buffered-text delay cut before
+# them instead, so they lead the next phrase ("The results | of the study").
+ENGLISH_FUNCTION_WORDS = frozenset("""
+a an the of to in on at by for with from into onto upon over under about as than via per
+and or but nor so yet if that because while when whereas although though since unless until
+whether this these those my your his her its our their whose which who whom what where
+is are was were be been being am have has had do does did will would can could should may might
+must shall i you he she it we they me him us them not no very more most some any each every
+such i'm it's that's there's he's she's we're you're they're i've we've you've they've i'll
+we'll you'll they'll i'd we'd you'd they'd don't doesn't didn't won't can't isn't aren't
+wasn't weren't
+""".split())
+
+
+def function_words_for(language: str) -> frozenset[str]:
+    """The function words the splitter cuts before, for a voice language ("en_US"); none known
+    for other languages (their phrases are cut as before)."""
+    return ENGLISH_FUNCTION_WORDS if language.lower().startswith("en") else frozenset()
+
 
 def ends_sentence(phrase: str) -> bool:
     """Whether a phrase ends with sentence-final punctuation (closing quotes or brackets may
@@ -66,6 +88,8 @@ _BREAK = re.compile(
 )
 # A word: one CJK character (they carry no spaces), or a run of other non-space characters.
 _WORD = re.compile(rf"[{_CJK_CHARS}]|[^\s{_CJK_CHARS}{_CJK_PUNCT}]+")
+# Text that ends in punctuation (a clause or sentence mark, closers after it).
+_ENDS_IN_MARK = re.compile(rf"[{_cls(_TERMINALS + _CLAUSE_MARKS + _CJK_CLAUSE_MARKS)}][{_cls(_CLOSERS)}]*$")
 _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
 _SKIP_OPENERS = re.compile(rf"[\s{_cls(_OPENERS)}]*")
 _LEADING_SPACE = re.compile(r"\s*")
@@ -81,8 +105,11 @@ _INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # "J", "e.g", "U.S", "a.m"
 class SplitterConfig:
     """Where phrases may be cut. Abbreviations are matched lower-case, without the final '.'."""
 
-    first_phrase_min_words: int = 3  # eager: a clause mark cuts only after this many words
+    first_phrase_min_words: int = 1  # eager: a clause mark cuts only after this many words
     first_phrase_max_words: int = 6  # eager: force a cut at the next word boundary after these
+    # Early cuts and flush(hold_function_words=True) cut before these (lower-case); see
+    # ENGLISH_FUNCTION_WORDS and function_words_for.
+    function_words: frozenset[str] = frozenset()
     eager_until_buffered_ms: float = 1500.0  # at/above this much buffered audio: sentences only
     max_phrase_chars: int = 400  # hard cap on a phrase's stripped length (model input size)
     # Never end a sentence: titles and Latin forms that precede more of the same sentence.
@@ -166,8 +193,12 @@ class PhraseSplitter:
         self._compact()
         return phrases
 
-    def flush(self) -> list[str]:
-        """Return everything pending as phrases (split only at the cap); whitespace-only stays."""
+    def flush(self, *, hold_function_words: bool = False, min_words: int = 0) -> list[str]:
+        """Return everything pending as phrases (split only at the cap); whitespace-only stays.
+        With `hold_function_words`, function words at the end of the text (and the space
+        before them) stay pending to lead the next phrase: "came out of their" gives "came
+        out" and keeps " of their"; text of function words alone stays pending whole. With
+        `min_words`, a last phrase of fewer words that ends in no punctuation stays pending."""
         phrases: list[str] = []
         self._compact()
         if self._leading_end() == len(self._buf):
@@ -179,8 +210,14 @@ class PhraseSplitter:
             if end <= limit:
                 break
             phrases.append(self._take(self._cap_cut(cs, limit)))
-        if self._buf[self._start :].strip():
-            phrases.append(self._take(len(self._buf)))
+        cs = self._leading_end()
+        if hold_function_words:
+            end = self._before_function_words(cs, end)
+        if min_words and not _ENDS_IN_MARK.search(self._buf, cs, end):
+            if len(_WORD.findall(self._buf, cs, end)) < min_words:
+                end = cs
+        if self._buf[self._start : end].strip():
+            phrases.append(self._take(end if hold_function_words else len(self._buf)))
         self._compact()
         self._scan, self._wait = 0, None
         return phrases
@@ -195,6 +232,10 @@ class PhraseSplitter:
             pass
         if last is None:
             return []
+        # Function words at its end lead the next phrase, unless they are all it has.
+        strong = self._before_function_words(cs, last)
+        if strong > cs:
+            last = strong
         phrase = self._take(last)
         self._compact()
         return [phrase]
@@ -331,10 +372,32 @@ class PhraseSplitter:
         return forced
 
     def _forced_cut(self, cs: int, horizon: int) -> int | None:
+        """The word end after max words, moved back before function words ending there if
+        two words or more stay ("The results | of the study"); else the end of the next word
+        that is not one ("summary of the report", "It is a nice")."""
         for count, end in self._word_ends(cs, horizon):
             if count >= self._cfg.first_phrase_max_words:
-                return end
+                cut = self._before_function_words(cs, end)
+                if cut == end or (cut > cs and len(_WORD.findall(self._buf, cs, cut)) >= 2):
+                    return cut
         return None
+
+    def _before_function_words(self, cs: int, end: int) -> int:
+        """`end`, or where the words before it end when the text up to it ends in function
+        words; `cs` (nothing) when it holds nothing else. Word by word from `end`: a word with
+        punctuation after it ("of,") is no function word, whatever it is."""
+        words = self._cfg.function_words
+        if not words:
+            return end
+        buf, pos = self._buf, end
+        while pos > cs:
+            token = _token_before(buf, cs, pos)
+            if _bare(token) not in words:
+                return pos
+            pos -= len(token)
+            while pos > cs and buf[pos - 1].isspace():
+                pos -= 1
+        return cs
 
     def _word_ends(self, cs: int, horizon: int) -> Iterator[tuple[int, int]]:
         """(words so far, end) at each proven word end before `horizon`: whitespace follows
@@ -374,6 +437,13 @@ def _token_before(buf: str, floor: int, pos: int) -> str:
     while start > floor and not buf[start - 1].isspace():
         start -= 1
     return buf[start:pos]
+
+
+def _bare(token: str) -> str:
+    """A token as the function-word list spells it: lower case, straight apostrophes, opening
+    quotes and brackets stripped (closing ones and punctuation after it are kept: they end a
+    phrase by themselves)."""
+    return token.lstrip(_OPENERS).replace("\u2019", "'").lower()
 
 
 def _run_end(run: re.Pattern[str], buf: str, pos: int) -> int:
