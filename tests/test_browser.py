@@ -3,7 +3,14 @@
 What a listener would notice: the paragraph is spoken to the end without a gap while it is still
 being typed in (words per second), the caption highlight follows the voice, Stop goes silent at
 once, a full server is waited for and retried as the server suggests (or, with `?retry_s=0`,
-said in words at once), and a wrong API token says so in words.
+said in words at once), and a wrong API token says so in words. When things go wrong: a stream
+the page gives up on is cancelled on the server, a stalled or slow connection is said in words
+(and what had arrived is still heard), a server that is starting is waited for, blocked audio
+asks for a click, and the keyboard can stop speech.
+
+Bad networks are made deterministically, not with sleeps: Playwright's WebSocket route sits
+between the page and the server (`SocketProxy`), holds back what the server sends or closes
+the page's side with the server's close code; HTTP routes answer late or never.
 
 Runs only where /usr/bin/chromium (Debian's package) and the `playwright` Python package exist;
 Playwright never downloads a browser here. Headless Chromium has no sound card, but its
@@ -26,11 +33,13 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -479,3 +488,367 @@ def test_wrong_token_says_authentication_failed(client: Client) -> None:
     )
     assert client.alert() == AUTH_MESSAGE
     assert client.page.is_visible("#message")
+
+
+# ----------------------------------------------------------------------------------------------
+# When things go wrong
+
+def _wait_alert(client: Client, timeout_ms: int = 20_000) -> str:
+    client.page.wait_for_function(
+        "() => document.querySelector('#message').textContent !== ''", timeout=timeout_ms)
+    return client.alert()
+
+
+def _notice(client: Client) -> str:
+    return client.page.inner_text("#notice").strip()
+
+
+def _active_streams_drop_to_zero(client: Client, server: Server, timeout_s: float) -> bool:
+    """Poll /v1/status while the page stays open (its routes keep being served meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (server.status() or {}).get("active_streams") == 0:
+            return True
+        client.page.wait_for_timeout(200)
+    return False
+
+
+class SocketProxy:
+    """Playwright's WebSocket route between the page and the server. `hold` keeps back what
+    the server sends (a stalled network path: the server itself carries on), `release` hands
+    it over; `sent` has what the page sent, decoded. Python forwards each message, so the test
+    waits in Playwright calls (`wait_for_function`, `wait_for_timeout`), never `time.sleep`."""
+
+    def __init__(self, page: Any) -> None:
+        self.hold = False
+        self.held: list[Any] = []
+        self.sent: list[dict[str, Any]] = []
+        self.page_side: Any = None
+        page.route_web_socket(re.compile(r".*/v1/stream.*"), self._route)
+
+    def _route(self, ws: Any) -> None:
+        server = ws.connect_to_server()
+        self.page_side = ws
+
+        def from_page(message: Any) -> None:
+            if isinstance(message, bytes):
+                self.sent.append(msgpack.unpackb(message))
+            server.send(message)
+
+        def from_server(message: Any) -> None:
+            if self.hold:
+                self.held.append(message)
+            else:
+                ws.send(message)
+
+        ws.on_message(from_page)
+        server.on_message(from_server)
+
+    def release(self) -> None:
+        self.hold = False
+        for message in self.held:
+            self.page_side.send(message)
+        self.held.clear()
+
+    def sent_types(self, ctx: str) -> list[str]:
+        return [m.get("type") for m in self.sent if m.get("ctx") == ctx]
+
+    def first_ctx(self) -> str:
+        return next(m["ctx"] for m in self.sent if m.get("type") == "start")
+
+
+def test_error_mid_stream_cancels_the_stream_on_the_server(
+    client: Client, server: Server,
+) -> None:
+    # text_too_long while the page is still feeding words: the stream stays live on the server
+    # (protocol §3), so the page must cancel it, or it holds the server's only slot (the next
+    # Speak, this user's or anyone's, is refused) until the tab is closed.
+    proxy = SocketProxy(client.page)
+    client.login()
+    client.wait_voices()
+    client.speak("Hello there, " + "x" * 100_001 + " and more words to come after it.", wps=10)
+    alert = _wait_alert(client, timeout_ms=30_000)
+    assert alert.startswith("The text is too long for one stream"), alert
+    assert client.stats()["state"] == "error"
+    ctx = proxy.first_ctx()
+    assert proxy.sent_types(ctx)[-1] == "cancel", proxy.sent_types(ctx)
+    assert _active_streams_drop_to_zero(client, server, timeout_s=5.0), \
+        f"the page left its stream live on the server: {server.status()}"
+    assert "Cancelled" not in _notice(client), "the cancel after an error is not a Stop"
+
+    # The slot is free for the next Speak (--max-streams 1). A server fault in it is said in
+    # words, not as "Server error (internal): ...".
+    client.speak(PARAGRAPH, wps=2)
+    client.wait_played_ms(100)
+    ctx = [m["ctx"] for m in proxy.sent if m.get("type") == "start"][-1]
+    proxy.page_side.send(msgpack.packb(
+        {"type": "error", "ctx": ctx, "code": "internal", "message": "model step failed"}))
+    assert _wait_alert(client) == "The server failed while speaking: model step failed. Try again"
+    assert _active_streams_drop_to_zero(client, server, timeout_s=5.0)
+    assert client.errors == []
+
+
+def test_stalled_connection_is_reported_then_the_stream_cancelled(
+    client: Client, server: Server,
+) -> None:
+    # The network path stalls (nothing arrives, nothing is closed): the page says so once the
+    # listener has heard everything, and gives up after ?stall_s, cancelling the stream. A
+    # status poll that never gets an answer shows "status unavailable" instead of freezing.
+    proxy = SocketProxy(client.page)
+    client.page.goto(server.url + "/?stall_s=7")
+    client.login()
+    client.wait_voices()
+    client.speak(LONG_TEXT, wps=0)
+    client.wait_played_ms(300)
+    proxy.hold = True
+    client.page.route(re.compile(r".*/v1/status.*"), lambda route: None)  # never answered
+    client.page.wait_for_function(
+        "() => document.querySelector('#notice').textContent.startsWith('Connection stalled')",
+        timeout=15_000,
+    )
+    assert client.stats()["state"] == "streaming" and client.alert() == ""
+    assert client.page.inner_text("#stat-state").strip() == "connection stalled"
+    client.page.wait_for_function(
+        "() => document.querySelector('#server-streams').textContent === 'status unavailable'",
+        timeout=10_000,
+    )
+    alert = _wait_alert(client, timeout_ms=15_000)
+    assert alert.startswith("The server stopped answering"), alert
+    assert client.stats()["state"] == "error"
+    assert client.page.is_disabled("#stop")
+    ctx = proxy.first_ctx()
+    assert proxy.sent_types(ctx)[-1] == "cancel", proxy.sent_types(ctx)
+    assert client.errors == []
+
+
+def test_slow_link_says_so_and_what_arrived_plays_before_the_error(
+    client: Client, server: Server,
+) -> None:
+    # A link too slow for the stream: the listener runs dry again and again (here: the proxy
+    # holds the server's messages back until the player underruns), and then the server closes
+    # the socket as a slow consumer (1008). The page says it is buffering, plays out what it
+    # had received, then says why it stopped. PCM asks for the voice's own rate, not 48 kHz.
+    proxy = SocketProxy(client.page)
+    client.login()
+    client.wait_voices()
+    voice = client.page.eval_on_selector("#voice", "s => s.value")
+    code, body = _http_get(f"{server.url}/v1/voices?token={API_KEY}")
+    rate = next(v["sample_rate"] for v in json.loads(body) if v["id"] == voice)
+    client.page.select_option("#format", "pcm_s16le")
+    client.speak(LONG_TEXT, wps=0)
+    client.wait_played_ms(300)
+    assert client.page.inner_text("#stat-format").strip() == f"PCM {rate / 1000:g} kHz"
+    underruns = int(client.stats()["underruns"])
+    for _ in range(2):
+        proxy.hold = True
+        underruns += 1
+        client.page.wait_for_function(
+            f"() => Number(document.querySelector('#stats').dataset.underruns) >= {underruns}",
+            timeout=15_000,
+        )
+        if underruns >= 2:  # underruns that repeat: said in words while it is dry
+            client.page.wait_for_function(
+                "() => document.querySelector('#notice').textContent"
+                ".startsWith('The audio is arriving too slowly')",
+                timeout=5_000,
+            )
+        proxy.release()
+        played = float(client.stats()["playedMs"])
+        client.wait_played_ms(played + 500, timeout_ms=15_000)
+    assert client.alert() == ""
+
+    client.page.wait_for_function(  # the server keeps up to 1.5 s ahead of the listener
+        "() => Number(document.querySelector('#stats').dataset.bufferedMs) >= 400",
+        timeout=20_000,
+    )
+    proxy.page_side.close(code=1008, reason="slow consumer")
+    stats = client.stats()
+    played_at_close, buffered_at_close = float(stats["playedMs"]), float(stats["bufferedMs"])
+    client.page.wait_for_function(
+        "() => document.querySelector('#notice').textContent.startsWith('Connection lost')",
+        timeout=5_000,
+    )
+    assert client.alert() == "", "what has arrived plays before the error shows"
+    alert = _wait_alert(client, timeout_ms=15_000)
+    assert alert.startswith("The connection is too slow for this audio stream"), alert
+    stats = client.stats()
+    assert stats["state"] == "error"
+    assert float(stats["playedMs"]) >= played_at_close + 0.8 * buffered_at_close, \
+        (played_at_close, buffered_at_close, stats)
+    assert client.errors == []
+
+
+def test_starting_server_is_waited_for_and_voices_reload_when_ready(
+    client: Client, server: Server,
+) -> None:
+    # A server still loading its voice refuses the upgrade with 503 "server is not ready
+    # (loading the voice)" and lists its voices as not loaded. Routes play that server here.
+    # The page must say "starting" (not "at capacity"), wait past ?retry_s (the window for a
+    # full server), and reload the voices once /v1/status says ready.
+    page = client.page
+    starting = True
+    code, body = _http_get(f"{server.url}/v1/voices?token={API_KEY}")
+    voices = [dict(v, loaded=False) for v in json.loads(body)]
+    status = {"active_streams": 0, "max_streams": 1, "capacity_load": None,
+              "vram_used_bytes": None, "vram_total_bytes": None, "gpu_power_w": None,
+              "retry_after_s": 1, "ready": False}
+    refusal = {"error": {"code": "overloaded", "retry_after_s": 1,
+                         "message": "server is not ready (loading the voice)"}}
+
+    def answer(body_json: Any, status_code: int = 200) -> Any:
+        def handler(route: Any) -> None:
+            if not starting:
+                route.continue_()
+            else:
+                route.fulfill(status=status_code, json=body_json,
+                              headers={"Retry-After": "1"} if status_code == 503 else None)
+        return handler
+
+    page.route(re.compile(r".*/v1/voices(\?.*)?$"), answer(voices))
+    page.route(re.compile(r".*/v1/status(\?.*)?$"), answer(status))
+    page.route(re.compile(r".*/v1/stream(\?.*)?$"), answer(refusal, 503))
+    page.route_web_socket(
+        re.compile(r".*/v1/stream.*"),
+        lambda ws: ws.close() if starting else ws.connect_to_server(),
+    )
+    page.goto(server.url + "/?retry_s=1")
+    client.login()
+    client.wait_voices()
+    assert "not loaded" in page.inner_text("#voice")
+    client.speak("Hello there.", wps=0)
+    _wait_state(client, "waiting", timeout_ms=10_000)
+    assert re.fullmatch(r"Server is starting \(loading the voice\) — retrying in \d+ s",
+                        _notice(client)), _notice(client)
+    _wait_state(client, "waiting", timeout_ms=15_000, retries=2)  # past ?retry_s=1
+    assert client.alert() == ""
+    assert "starting" in page.inner_text("#server-capacity")
+
+    starting = False  # ready: the routes pass everything to the real server from now on
+    page.wait_for_function(
+        "() => !document.querySelector('#voice').textContent.includes('not loaded')",
+        timeout=10_000,
+    )
+    _wait_state(client, "done", timeout_ms=60_000)
+    assert client.alert() == ""
+    assert client.errors == []
+
+
+def test_audio_blocked_by_autoplay_policy_asks_for_a_click(
+    browser: Any, server: Server,
+) -> None:
+    # Without a user gesture the AudioContext cannot start (Chromium's default autoplay
+    # policy). The page asks for a click within ~1 s instead of "connecting…" for ever, takes
+    # no server slot meanwhile, and plays once clicked. Nothing here may evaluate script in the
+    # page (Playwright's evaluate counts as a gesture): the page reports through the console.
+    strict = browser.browser_type.launch(
+        executable_path=str(CHROMIUM), headless=True,
+        args=[a for a in CHROMIUM_ARGS if not a.startswith("--autoplay-policy")],
+    )
+    try:
+        page = strict.new_page()
+        page.add_init_script(
+            "document.addEventListener('DOMContentLoaded', () => {"
+            f"  const token = document.querySelector('#token'); token.value = '{API_KEY}';"
+            "  token.dispatchEvent(new Event('change'));"
+            "  const say = (what) => console.log(what);"
+            "  new MutationObserver(() => say('notice: ' + document.querySelector('#notice')"
+            "    .textContent)).observe(document.querySelector('#notice'), {childList: true});"
+            "  new MutationObserver(() => say('state: ' + document.querySelector('#stats')"
+            "    .dataset.state)).observe(document.querySelector('#stats'),"
+            "    {attributes: true, attributeFilter: ['data-state']});"
+            "  document.querySelector('#text').value = 'Hello, nobody clicked.';"
+            "  const go = setInterval(() => { if (document.querySelector('#voice').value) {"
+            "    clearInterval(go); document.querySelector('#compose').requestSubmit(); } }, 100);"
+            "});"
+        )
+        with page.expect_console_message(
+            lambda m: m.text.startswith("notice: ") and "click anywhere" in m.text, timeout=15_000,
+        ):
+            page.goto(server.url + "/")
+        assert (server.status() or {}).get("active_streams") == 0
+        with page.expect_console_message(lambda m: m.text == "state: done", timeout=60_000):
+            page.mouse.click(5, 5)  # a user gesture: the audio may start now
+    finally:
+        strict.close()
+
+
+def test_keyboard_stop_keeps_focus_escape_stops_and_highlight_contrast(
+    client: Client,
+) -> None:
+    page = client.page
+    client.login()
+    client.wait_voices()
+    client.speak(LONG_TEXT, wps=0)
+    client.wait_played_ms(300)
+    page.focus("#stop")
+    page.keyboard.press("Enter")
+    assert client.stats()["state"] == "idle"
+    # Stop is disabled once pressed: the focus must not fall to <body> (keyboard users lose
+    # their place); it goes to Speak.
+    assert page.evaluate("document.activeElement.id") == "speak"
+
+    client.speak(LONG_TEXT, wps=0)
+    client.wait_played_ms(300)
+    page.focus("#text")
+    page.keyboard.press("Escape")
+    _wait_state(client, "idle", timeout_ms=2_000)
+
+    # The current word's text against its highlight, light and dark: WCAG AA wants 4.5:1.
+    def luminance(rgb: list[float]) -> float:
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+               for c in (v / 255 for v in rgb)]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        fg, bg = page.evaluate(
+            """() => {
+              const w = document.createElement('span');
+              w.className = 'word current';
+              w.textContent = 'word';
+              document.querySelector('#captions').append(w);
+              const s = getComputedStyle(w);
+              const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+              const out = [rgb(s.color), rgb(s.backgroundColor)];
+              w.remove();
+              return out;
+            }"""
+        )
+        lo, hi = sorted([luminance(fg), luminance(bg)])
+        contrast = (hi + 0.05) / (lo + 0.05)
+        assert contrast >= 4.5, f"{scheme}: current word {fg} on {bg} is {contrast:.2f}:1"
+    assert client.errors == []
+
+
+def test_token_goes_in_a_header_and_a_401_stops_the_status_poll(
+    client: Client, server: Server,
+) -> None:
+    page = client.page
+    requests: list[Any] = []
+    page.on("request", lambda r: requests.append(r))
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    page.reload()  # no token yet: /v1/status answers 401
+    page.wait_for_function(
+        "() => document.querySelector('#server-streams').textContent.includes('token')",
+        timeout=10_000,
+    )
+    page.wait_for_timeout(2.5 * 2000)  # two more poll periods
+    polls = [r for r in requests if "/v1/status" in r.url]
+    assert len(polls) == 1, f"{len(polls)} status requests after a 401 without a token"
+
+    client.login()
+    client.wait_voices()
+    page.wait_for_function(
+        "() => /^\\d+\\/1 streams$/.test(document.querySelector('#server-streams').textContent)",
+        timeout=6_000,
+    )
+    client.speak("Hello.", wps=0)
+    _wait_state(client, "done", timeout_ms=30_000)
+    api = [r for r in requests if "/v1/" in r.url]
+    assert not [r.url for r in api if "token=" in r.url], "the token belongs in a header"
+    authorized = [r for r in api if r.headers.get("authorization") == f"Bearer {API_KEY}"]
+    assert {"/v1/voices", "/v1/status"} <= {urllib.parse.urlsplit(r.url).path
+                                             for r in authorized}
+    assert sockets and all(f"token={API_KEY}" in url for url in sockets)
+    assert client.errors == []

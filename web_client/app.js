@@ -4,16 +4,21 @@
 // /static/app.js and the msgpack package is /static/node_modules/@msgpack/msgpack/...). No
 // bundler: modules are imported relative to this file.
 //
-// HTTP endpoints this page uses (same origin; `?token=` added when an API token is entered,
-// because browsers cannot set an Authorization header on a WebSocket):
+// HTTP endpoints this page uses (same origin; an entered API token goes in an
+// `Authorization: Bearer` header, and as `?token=` only on the WebSocket, because browsers
+// cannot set headers on one). Every fetch is given up after a few seconds, so a stalled server
+// shows as "unavailable" rather than freezing the page:
 //   GET /v1/voices  -> [{id, language, sample_rate, speakers, quality, loaded}, ...]
 //                      also the auth check before opening the socket: 401 means a bad token.
 //   GET /v1/status  -> {active_streams, max_streams, capacity_load, vram_used_bytes,
-//                       vram_total_bytes, gpu_power_w, event_loop_busy, ...}; any field may be
-//                       null when unknown.
+//                       vram_total_bytes, gpu_power_w, event_loop_busy, retry_after_s, ready,
+//                       ...}; any field may be null when unknown.
 //                      capacity_load is a fraction (1.0 = full). Polled every 2 s for the server
-//                      panel, and read to explain a refused connection (503 before the upgrade
-//                      is invisible to the WebSocket API).
+//                      panel (not after a 401, until the token changes), and read to explain a
+//                      refused connection (503 before the upgrade is invisible to the WebSocket
+//                      API); `ready` false means the server is still loading its voice.
+//   GET /v1/stream  -> (plain GET, no upgrade) why an upgrade was refused: 401 / 503 + body.
+//   GET /healthz    -> {status: "failed", error} when the voice could not be loaded.
 //   WS  /v1/stream  -> binary msgpack frames: start/text/end/cancel out; ready/audio/phrase/
 //                      words/done/cancelled/error in.
 //
@@ -23,34 +28,73 @@
 
 import { decode, encode } from "./node_modules/@msgpack/msgpack/dist.esm/index.mjs";
 
-const SAMPLE_RATE = 48000; // requested from both the AudioContext and the server
+const SAMPLE_RATE = 48000; // requested from the AudioContext, and from the server for Opus
+// PCM sample rates the server accepts besides the voice's native rate (docs/protocol.md, §3).
+const PCM_RATES = [8000, 12000, 16000, 24000, 48000];
 const STARTUP_BUFFER_MS = 80; // cushion the worklet fills before it starts playing
 const STATUS_POLL_MS = 2000;
+const STATUS_TIMEOUT_MS = 4000; // a status fetch slower than this shows "status unavailable"
+const FETCH_TIMEOUT_MS = 8000; // any other fetch (voices, explaining a refusal)
+const OPEN_TIMEOUT_MS = 10000; // the WebSocket upgrade
+const AUDIO_BLOCKED_MS = 1000; // an AudioContext not running by then is blocked (autoplay policy)
 const OPUS_CONFIG = { codec: "opus", sampleRate: SAMPLE_RATE, numberOfChannels: 1 };
 const MSG_AUTH = "Authentication failed: check the API token";
+const MSG_STARTING = "Server is starting (loading the voice)";
+const MSG_UNREACHABLE = "Cannot reach the server";
+const MSG_AUDIO_BLOCKED =
+  "The browser is holding back audio: click anywhere on the page to allow it";
+const MSG_SLOW = "The audio is arriving too slowly (slow network?) — buffering…";
+const PARAMS = new URLSearchParams(window.location.search);
 // A full server is retried after the wait it suggests (`retry_after_s` / Retry-After; the
 // server spreads its hints so refused clients do not all come back at once), for up to
 // RETRY_FOR_S seconds from the first refusal. `?retry_s=N` in the page's URL changes that;
-// `?retry_s=0` shows the refusal at once.
-const RETRY_FOR_S = retryWindowS(new URLSearchParams(window.location.search).get("retry_s"), 60);
+// `?retry_s=0` shows the refusal at once. A server that is still starting is waited for as
+// long as it takes (Stop ends the wait).
+const RETRY_FOR_S = retryWindowS(PARAMS.get("retry_s"), 60);
 const RETRY_DEFAULT_S = 2; // when the server gave no hint
 const RETRY_MAX_WAIT_S = 30; // never wait longer than this for one hint
+// Watchdog: nothing from the server for STALL_NOTICE_S while the listener has nothing left to
+// hear says "connection stalled"; after STALL_GIVE_UP_S (`?stall_s=N`) the stream is cancelled
+// and the socket closed.
+const STALL_NOTICE_S = 4;
+const STALL_GIVE_UP_S = Math.max(STALL_NOTICE_S + 1, retryWindowS(PARAMS.get("stall_s"), 30));
+const HEALTH_CHECK_MS = 250;
+// From this many underruns in a stream on, running dry says "too slow" (and for a while after).
+const SLOW_UNDERRUNS = 2;
+const SLOW_NOTICE_HOLD_MS = 4000;
 
 const $ = (id) => document.getElementById(id);
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
-/** A same-origin URL with the API token (if any) as ?token=. */
-function apiUrl(path, token, protocol) {
-  const url = new URL(path, window.location.href);
-  if (protocol) url.protocol = protocol;
+/** The WebSocket's URL, with the API token (if any) as ?token= (no headers on a WebSocket). */
+function streamUrl(token) {
+  const url = new URL("/v1/stream", window.location.href);
+  url.protocol = window.location.protocol === "https:" ? "wss:" : "ws:";
   if (token) url.searchParams.set("token", token);
   return url.toString();
 }
 
-function streamUrl(token) {
-  return apiUrl("/v1/stream", token, window.location.protocol === "https:" ? "wss:" : "ws:");
+/** An AbortSignal that fires after `ms`. */
+function timeoutSignal(ms) {
+  if (typeof AbortSignal.timeout === "function") return AbortSignal.timeout(ms);
+  const ctrl = new AbortController();
+  setTimeout(() => ctrl.abort(new DOMException("timed out", "TimeoutError")), ms);
+  return ctrl.signal;
+}
+
+/**
+ * GET a same-origin path, the API token (if any) in an Authorization header, not the URL (URLs
+ * end up in logs and history). Rejects if no answer comes within `timeoutMs`.
+ */
+function apiFetch(path, token, timeoutMs = FETCH_TIMEOUT_MS) {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  return fetch(new URL(path, window.location.href), {
+    cache: "no-store",
+    headers,
+    signal: timeoutSignal(timeoutMs),
+  });
 }
 
 function retryWindowS(param, fallback) {
@@ -58,12 +102,21 @@ function retryWindowS(param, fallback) {
   return Number.isFinite(n) && n >= 0 ? n : fallback;
 }
 
-/** The server refused a stream for capacity; `retryAfterS` is its hint (NaN if none). */
+/**
+ * The server refused a stream for capacity, or (`starting`) because it is still loading its
+ * voice; `retryAfterS` is its hint (NaN if none).
+ */
 class CapacityError extends Error {
-  constructor(retryAfterS) {
-    super(capacityMessage(retryAfterS));
+  constructor(retryAfterS, starting = false) {
+    super(starting ? MSG_STARTING : capacityMessage(retryAfterS));
     this.retryAfterS = retryAfterS;
+    this.starting = starting;
   }
+}
+
+/** Does an `overloaded` refusal's message say the server is still loading its voice? */
+function isStartingMessage(message) {
+  return /not ready|loading the voice/i.test(String(message ?? ""));
 }
 
 function capacityMessage(retryAfterS) {
@@ -136,6 +189,7 @@ class Player {
     this.ctx = null;
     this.node = null;
     this.last = null; // the latest worklet report of the current stream
+    this.untilRunning = null; // promise while waiting for a gesture to allow audio
   }
 
   /** Create the AudioContext (call from a user gesture) and load the worklet once. */
@@ -154,7 +208,40 @@ class Player {
       this.node.port.onmessage = (event) => this.handleReport(event.data);
       this.node.connect(this.ctx.destination);
     }
-    if (this.ctx.state !== "running") await this.ctx.resume();
+  }
+
+  /**
+   * Start the AudioContext. True once it runs; false if it still does not after `waitMs`: the
+   * browser's autoplay policy holds it until the user interacts with the page (`resume()` then
+   * neither resolves nor fails).
+   */
+  async resume(waitMs) {
+    if (this.ctx.state === "running") return true;
+    const resumed = this.ctx.resume().catch(() => {});
+    await Promise.race([resumed, new Promise((r) => setTimeout(r, waitMs))]);
+    return this.ctx.state === "running";
+  }
+
+  /** Resolves once the AudioContext runs; meanwhile each click or key press tries to start it. */
+  running() {
+    if (this.ctx.state === "running") return Promise.resolve();
+    if (!this.untilRunning) {
+      this.untilRunning = new Promise((resolve) => {
+        const events = ["pointerdown", "keydown", "touchend"];
+        const kick = () => this.ctx.resume().catch(() => {});
+        const check = () => {
+          if (this.ctx.state !== "running") return;
+          for (const e of events) document.removeEventListener(e, kick, true);
+          this.ctx.removeEventListener("statechange", check);
+          resolve();
+        };
+        for (const e of events) document.addEventListener(e, kick, true);
+        this.ctx.addEventListener("statechange", check);
+      }).then(() => {
+        this.untilRunning = null;
+      });
+    }
+    return this.untilRunning;
   }
 
   get sampleRate() {
@@ -260,18 +347,27 @@ class Connection {
     return this.ws !== null && this.ws.readyState === WebSocket.OPEN;
   }
 
-  /** Resolves when open; rejects if the server refuses or is unreachable. */
+  /** Resolves when open; rejects if the server refuses, is unreachable or does not answer. */
   open() {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(streamUrl(this.token));
       ws.binaryType = "arraybuffer";
       let opened = false;
+      // A stopped server (or a dead network path) may accept the TCP connection and never
+      // answer the upgrade: give up rather than wait for the browser's own minutes-long timeout.
+      const timer = setTimeout(() => {
+        if (this.ws === ws) this.ws = null;
+        ws.close();
+        reject(new Error("the server did not answer the connection"));
+      }, OPEN_TIMEOUT_MS);
       ws.onopen = () => {
+        clearTimeout(timer);
         opened = true;
         resolve();
       };
       ws.onmessage = (event) => this.receive(event.data);
       ws.onclose = (event) => {
+        clearTimeout(timer);
         if (this.ws === ws) this.ws = null;
         if (opened) this.onClose(event);
         else reject(new Error(`connection failed (close code ${event.code})`));
@@ -310,32 +406,48 @@ class Connection {
 
 /**
  * Why did the WebSocket upgrade fail? The browser hides the HTTP status, so ask over HTTP.
- * Returns the error to show: a CapacityError (with the server's retry hint) for a full server.
+ * Returns the error to show: a CapacityError (with the server's retry hint) for a full server
+ * or one still loading its voice.
  */
 async function explainRefusal(token) {
   try {
     // A server that refuses before the upgrade answers a plain GET the same way (401 / 503).
-    const probe = await fetch(apiUrl("/v1/stream", token), { cache: "no-store" });
+    const probe = await apiFetch("/v1/stream", token);
     if (probe.status === 401 || probe.status === 403) return new Error(MSG_AUTH);
     if (probe.status === 503) {
       const body = await probe.json().catch(() => ({}));
       const header = probe.headers.get("Retry-After");
-      const retry = body?.error?.retry_after_s ?? (header === null ? NaN : Number(header));
-      return new CapacityError(Number(retry));
+      const retry = Number(body?.error?.retry_after_s ?? (header === null ? NaN : Number(header)));
+      if (isStartingMessage(body?.error?.message)) return startingOrFailed(retry);
+      return new CapacityError(retry);
     }
   } catch {
     // fall through to the status endpoint
   }
   try {
-    const status = await (await fetch(apiUrl("/v1/status", token), { cache: "no-store" })).json();
+    const status = await (await apiFetch("/v1/status", token)).json();
+    if (status.ready === false) return startingOrFailed(Number(status.retry_after_s ?? NaN));
     const full =
       (status.max_streams !== null && status.active_streams >= status.max_streams) ||
       (status.capacity_load !== null && status.capacity_load >= 1);
     if (full) return new CapacityError(Number(status.retry_after_s ?? NaN));
   } catch {
-    return new Error("Cannot reach the server");
+    return new Error(MSG_UNREACHABLE);
   }
   return new Error("Could not open the stream connection to the server");
+}
+
+/** The server is not ready: still loading its voice (wait), or it failed to (`/healthz`). */
+async function startingOrFailed(retryAfterS) {
+  try {
+    const health = await (await apiFetch("/healthz", null)).json();
+    if (health?.status === "failed") {
+      return new Error(`The server could not load its voice: ${health.error ?? "unknown error"}`);
+    }
+  } catch {
+    // no answer: assume it is still starting
+  }
+  return new CapacityError(retryAfterS, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -502,9 +614,16 @@ class Utterance {
     this.feedTimer = null;
     this.usage = null;
     this.ready = false; // the server accepted the stream
+    this.startSent = false; // `start` went out for the current ctx (the server may hold it)
     this.format = settings.format;
+    this.requestedRate = SAMPLE_RATE; // start.sample_rate
     this.streamRate = SAMPLE_RATE;
     this.frameMs = 20;
+    this.audioBlocked = false; // waiting for a click: the browser holds audio back (autoplay)
+    this.lastHeardAt = performance.now(); // last message from the server (watchdog)
+    this.stalled = false; // the "connection stalled" notice is shown
+    this.slowUntil = 0; // show "too slow" until then (performance.now())
+    this.lostReason = null; // the socket closed mid-stream: shown once what arrived has played
   }
 
   get active() {
@@ -562,7 +681,13 @@ class App {
     this.utt = null;
     this.gen = 0;
     this.voices = [];
+    this.voicesLoaded = false; // the last /v1/voices answered with a list
+    this.voicesError = ""; // the alert loadVoices() showed, cleared when a later load works
     this.opusOk = null;
+    this.serverReady = undefined; // from /v1/status: true, false (starting), null (no answer)
+    this.statusRefusedFor = undefined; // the token /v1/status answered 401 to: poll no more
+    this.stateLabel = ""; // the stats' state label, restored after a watchdog notice
+    this.healthNotice = ""; // the notice the watchdog shows, if any
   }
 
   start() {
@@ -575,13 +700,24 @@ class App {
     this.el.text.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) this.speak();
     });
+    // Escape stops speech from anywhere on the page (an open <select> list takes it first).
+    document.addEventListener("keydown", (e) => {
+      if (e.key !== "Escape" || e.defaultPrevented || !this.utt || !this.utt.active) return;
+      e.preventDefault();
+      this.stop();
+    });
     this.el.speed.addEventListener("input", () => this.showSpeed());
     this.el.voice.addEventListener("change", () => this.showSpeakers());
-    this.el.token.addEventListener("change", () => this.loadVoices());
+    this.el.token.addEventListener("change", () => {
+      this.statusRefusedFor = undefined; // a new token: ask for the status again
+      this.loadVoices();
+      this.refreshStatus();
+    });
     this.showSpeed();
     this.renderStats("idle");
     this.loadVoices();
     this.pollStatus();
+    setInterval(() => this.checkHealth(), HEALTH_CHECK_MS);
     const tick = () => {
       this.updateCaptions();
       requestAnimationFrame(tick);
@@ -602,30 +738,48 @@ class App {
 
   showNotice(text) {
     this.el.notice.textContent = text;
+    this.healthNotice = "";
+  }
+
+  /** Stop can no longer be used: disable it, and if it had the focus, give it to Speak. */
+  disableStop() {
+    if (document.activeElement === this.el.stop) this.el.speak.focus();
+    this.el.stop.disabled = true;
   }
 
   // --- voices and the server panel --------------------------------------------------------------
 
   async loadVoices() {
     let resp;
+    let voices;
     try {
-      resp = await fetch(apiUrl("/v1/voices", this.token), { cache: "no-store" });
+      resp = await apiFetch("/v1/voices", this.token);
+      if (resp.ok) voices = await resp.json();
     } catch {
-      this.showError("Cannot reach the server");
-      return false;
+      return this.voicesFailed(MSG_UNREACHABLE);
     }
     if (resp.status === 401 || resp.status === 403) {
-      this.showError(this.token ? MSG_AUTH : "This server needs an API token: enter it above");
-      return false;
+      return this.voicesFailed(
+        this.token ? MSG_AUTH : "This server needs an API token: enter it above",
+      );
     }
-    if (!resp.ok) {
-      this.showError(`Could not load voices (HTTP ${resp.status})`);
-      return false;
-    }
-    this.voices = await resp.json();
+    if (!resp.ok) return this.voicesFailed(`Could not load voices (HTTP ${resp.status})`);
+    this.voices = Array.isArray(voices) ? voices : [];
+    this.voicesLoaded = true;
     this.fillVoices();
-    if (/token|authentication/i.test(this.el.message.textContent)) this.showError("");
+    const shown = this.el.message.textContent;
+    if ((this.voicesError && shown === this.voicesError) || /token|authentication/i.test(shown)) {
+      this.showError("");
+    }
+    this.voicesError = "";
     return true;
+  }
+
+  voicesFailed(text) {
+    this.voicesLoaded = false;
+    this.voicesError = text;
+    this.showError(text);
+    return false;
   }
 
   fillVoices() {
@@ -683,30 +837,57 @@ class App {
   }
 
   async refreshStatus() {
+    const token = this.token;
+    // Refused for this token: asking again every 2 s would only fill the console with 401s.
+    if (this.statusRefusedFor === token) return;
+    let status = null;
     try {
-      const resp = await fetch(apiUrl("/v1/status", this.token), { cache: "no-store" });
+      const resp = await apiFetch("/v1/status", token, STATUS_TIMEOUT_MS);
+      if (resp.status === 401 || resp.status === 403) {
+        this.statusRefusedFor = token;
+        this.renderServer(null, token ? "status: wrong API token" : "status: API token needed");
+        return;
+      }
       if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-      this.renderServer(await resp.json());
+      status = await resp.json();
     } catch {
-      this.renderServer(null);
+      status = null; // no answer in time, or none at all
     }
+    if (token !== this.token) return; // the token changed meanwhile: that answer is stale
+    this.renderServer(status);
+    this.noteReadiness(status);
   }
 
-  renderServer(s) {
+  /** Reload the voices when the server becomes ready (after warm-up, a restart or an outage). */
+  noteReadiness(status) {
+    const ready = status ? status.ready !== false : null;
+    const was = this.serverReady;
+    this.serverReady = ready;
+    if (ready !== null && this.el.message.textContent === MSG_UNREACHABLE) {
+      this.showError(""); // it answers again
+    }
+    if (ready !== true || was === true) return;
+    // was: false (starting), null (unreachable) or undefined (first poll: reload only if the
+    // page's first load of the voices failed).
+    if (was !== undefined || !this.voicesLoaded) this.loadVoices();
+  }
+
+  renderServer(s, why = "status unavailable") {
     const streams = $("server-streams");
     const capacity = $("server-capacity");
     const vram = $("server-vram");
     const power = $("server-power");
     if (!s) {
-      streams.textContent = "status unavailable";
+      streams.textContent = why;
       capacity.textContent = "";
       vram.hidden = power.hidden = true;
       return;
     }
     const max = s.max_streams ?? "?";
     streams.textContent = `${s.active_streams ?? "?"}/${max} streams`;
-    capacity.textContent =
-      s.capacity_load == null ? "capacity n/a" : `capacity ${Math.round(s.capacity_load * 100)}%`;
+    if (s.ready === false) capacity.textContent = "starting: loading the voice";
+    else if (s.capacity_load == null) capacity.textContent = "capacity n/a";
+    else capacity.textContent = `capacity ${Math.round(s.capacity_load * 100)}%`;
     vram.hidden = s.vram_used_bytes == null;
     if (!vram.hidden) {
       const gib = (b) => (b / 2 ** 30).toFixed(1);
@@ -756,20 +937,36 @@ class App {
     try {
       await this.player.init(); // inside the click: browsers only start audio from a gesture
       this.player.reset(utt.gen);
+      if (!(await this.player.resume(AUDIO_BLOCKED_MS))) {
+        // The autoplay policy holds audio until the user interacts with the page. Ask for a
+        // click before taking a stream on the server: nothing could be heard meanwhile.
+        if (this.utt !== utt || !utt.active) return;
+        utt.audioBlocked = true;
+        this.renderStats("waiting", "waiting for permission to play audio");
+        this.showNotice(MSG_AUDIO_BLOCKED);
+        await this.player.running();
+        if (this.utt !== utt || !utt.active) return; // stopped, or another Speak took over
+        utt.audioBlocked = false;
+        this.showNotice("");
+        this.renderStats("streaming", "connecting…");
+      }
+      if (this.utt !== utt || !utt.active) return;
       utt.format = await this.chooseFormat(settings.format);
     } catch (err) {
-      if (this.utt === utt) this.fail(utt, err.message || String(err));
+      if (this.utt === utt && utt.active) this.fail(utt, err.message || String(err));
       return;
     }
+    if (this.utt !== utt || !utt.active) return;
     await this.connectAndStart(utt);
   }
 
   async connectAndStart(utt) {
+    utt.lastHeardAt = performance.now(); // the watchdog counts from here
     try {
       await this.ensureConnection();
     } catch (err) {
       if (this.utt !== utt || !utt.active) return; // stopped while connecting
-      if (err instanceof CapacityError) this.refused(utt, err.retryAfterS);
+      if (err instanceof CapacityError) this.refused(utt, err.retryAfterS, err.starting);
       else this.fail(utt, err.message || String(err));
       return;
     }
@@ -777,35 +974,74 @@ class App {
     this.sendStart(utt);
   }
 
-  /** The server is full: wait as long as it suggests and try again, or give up. */
-  refused(utt, retryAfterS) {
+  /**
+   * The server is full (or, `starting`, still loading its voice): wait as long as it suggests
+   * and try again. A full server is waited for up to RETRY_FOR_S, one that is starting until
+   * it is ready.
+   */
+  refused(utt, retryAfterS, starting = false) {
     const now = performance.now();
-    if (utt.firstRefusedAt === null) utt.firstRefusedAt = now;
+    utt.startSent = false; // the refused ctx never became live
+    if (!starting && utt.firstRefusedAt === null) utt.firstRefusedAt = now;
     const hinted = Number.isFinite(retryAfterS) && retryAfterS > 0 ? retryAfterS : RETRY_DEFAULT_S;
     const waitMs = Math.min(hinted, RETRY_MAX_WAIT_S) * 1000;
-    if (now + waitMs - utt.firstRefusedAt > RETRY_FOR_S * 1000) {
+    if (!starting && now + waitMs - utt.firstRefusedAt > RETRY_FOR_S * 1000) {
       this.fail(utt, capacityMessage(retryAfterS));
       return;
     }
     utt.phase = "waiting";
     utt.retryAt = now + waitMs;
-    this.renderStats("waiting", "waiting for room");
+    const what = starting ? MSG_STARTING : "Server is at capacity";
+    this.renderStats("waiting", starting ? "waiting for the server to start" : "waiting for room");
     const tick = () => {
       if (this.utt !== utt || utt.phase !== "waiting") return;
       const left = utt.retryAt - performance.now();
       if (left > 0) {
-        this.showNotice(`Server is at capacity — retrying in ${Math.ceil(left / 1000)} s`);
+        this.showNotice(`${what} — retrying in ${Math.ceil(left / 1000)} s`);
         return;
       }
       utt.stopWaiting();
       utt.retries += 1;
-      utt.ctx = `u${utt.gen}.${utt.retries}`; // late messages about the refused try are ignored
-      utt.phase = "starting";
-      this.renderStats("streaming", "connecting…");
-      this.connectAndStart(utt);
+      if (starting) this.retryWhenReady(utt, retryAfterS);
+      else this.retry(utt);
     };
     utt.retryTimer = setInterval(tick, 200);
     tick();
+  }
+
+  retry(utt) {
+    utt.ctx = `u${utt.gen}.${utt.retries}`; // late messages about the refused try are ignored
+    utt.phase = "starting";
+    this.renderStats("streaming", "connecting…");
+    this.connectAndStart(utt);
+  }
+
+  /**
+   * A starting server: ask /v1/status (which answers during warm-up) whether it is ready before
+   * trying the socket again, rather than be refused each time; now and then ask /healthz
+   * whether loading failed, which no wait would mend.
+   */
+  async retryWhenReady(utt, retryAfterS) {
+    let status = null;
+    try {
+      status = await (await apiFetch("/v1/status", this.token, STATUS_TIMEOUT_MS)).json();
+    } catch {
+      status = null; // not answering: try the socket, which explains itself
+    }
+    if (this.utt !== utt || utt.phase !== "waiting") return; // stopped meanwhile
+    if (status?.ready !== false) {
+      this.retry(utt);
+      return;
+    }
+    if (utt.retries % 5 === 0) {
+      const why = await startingOrFailed(retryAfterS);
+      if (this.utt !== utt || utt.phase !== "waiting") return;
+      if (!(why instanceof CapacityError)) {
+        this.fail(utt, why.message);
+        return;
+      }
+    }
+    this.refused(utt, retryAfterS, true);
   }
 
   async chooseFormat(choice) {
@@ -815,15 +1051,30 @@ class App {
     return choice;
   }
 
+  /**
+   * start.sample_rate. Opus: 48 kHz, what WebCodecs decodes to, whatever the rate (the bitrate
+   * sets the bytes). PCM costs 2 bytes a sample: ask for no more than the voice has (its native
+   * rate, 22.05 kHz for most Piper voices) and the AudioContext plays; the page resamples.
+   */
+  requestRate(utt) {
+    if (utt.format !== "pcm_s16le") return SAMPLE_RATE;
+    const id = utt.settings.voice;
+    const voice =
+      this.voices.find((v) => v.id === id) ||
+      (id ? null : this.voices.find((v) => v.loaded !== false));
+    const native = Number(voice?.sample_rate) || 0;
+    const outRate = this.player.sampleRate;
+    if (native > 0 && native <= outRate) return native; // the server accepts the native rate
+    return PCM_RATES.find((r) => r >= outRate) || SAMPLE_RATE;
+  }
+
   async ensureConnection() {
     if (this.conn && this.conn.isOpen && this.conn.token === this.token) return;
     if (this.conn) this.conn.close();
     this.conn = null;
     // A 401 before the upgrade looks like any other failed connection, so check the token first.
-    const resp = await fetch(apiUrl("/v1/voices", this.token), { cache: "no-store" }).catch(
-      () => null,
-    );
-    if (!resp) throw new Error("Cannot reach the server");
+    const resp = await apiFetch("/v1/voices", this.token).catch(() => null);
+    if (!resp) throw new Error(MSG_UNREACHABLE);
     if (resp.status === 401 || resp.status === 403) throw new Error(MSG_AUTH);
     const conn = new Connection(
       this.token,
@@ -840,17 +1091,20 @@ class App {
 
   sendStart(utt) {
     const s = utt.settings;
+    utt.requestedRate = this.requestRate(utt);
     const start = {
       type: "start",
       ctx: utt.ctx,
       format: utt.format,
-      sample_rate: SAMPLE_RATE,
+      sample_rate: utt.requestedRate,
       speed: s.speed,
       words: true,
     };
     if (s.voice) start.voice = s.voice;
     if (s.speaker !== null && s.speaker !== "") start.speaker = s.speaker;
     this.conn.send(start);
+    utt.startSent = true;
+    utt.lastHeardAt = performance.now();
     this.renderStats("streaming", "waiting for the server…");
   }
 
@@ -868,7 +1122,7 @@ class App {
     let i = 0;
     const next = () => {
       utt.feedTimer = null;
-      if (this.utt !== utt || !utt.active || !this.conn) return;
+      if (this.utt !== utt || utt.phase !== "streaming" || !this.conn) return;
       this.conn.send({ type: "text", ctx: utt.ctx, text: tokens[i] });
       i += 1;
       if (i >= tokens.length) {
@@ -885,31 +1139,148 @@ class App {
     const utt = this.utt;
     if (!utt || !utt.active) return;
     this.player.clear(utt.gen); // silence first: the worklet drops its buffer at once
-    const live = utt.phase !== "waiting"; // a refused stream has nothing to cancel
+    const live = utt.startSent && utt.phase !== "waiting"; // a refused stream has nothing to cancel
     utt.phase = "cancelled";
     utt.release();
     if (this.conn && live) this.conn.send({ type: "cancel", ctx: utt.ctx });
-    this.el.stop.disabled = true;
+    this.disableStop();
     this.renderStats("idle");
     if (!quiet) this.showNotice("Cancelled");
   }
 
+  /**
+   * Give up on `utt` and say why. A stream the server may still hold is cancelled: left alone,
+   * it would keep its admission slot (and wait for text) until the socket closes.
+   */
   fail(utt, text) {
+    const live = utt.startSent && (utt.phase === "starting" || utt.phase === "streaming");
     if (utt.active) this.player.clear(utt.gen);
     utt.phase = "error";
     utt.release();
-    this.el.stop.disabled = true;
+    if (live && this.conn) this.conn.send({ type: "cancel", ctx: utt.ctx });
+    this.disableStop();
     this.showError(text);
     this.renderStats("error");
     this.refreshStatus(); // a refusal is often about load: show the current numbers now
   }
 
+  /**
+   * Why the socket closed, in words (close codes: docs/protocol.md, §6). `slow`: the player
+   * kept running dry before, so a connection lost without a reason was most likely too slow.
+   */
+  closeMessage(event, slow) {
+    const tooSlow =
+      "The connection is too slow for this audio stream: the server closed it. Try again" +
+      (this.utt?.format === "pcm_s16le" ? ", or choose Opus, which needs far less data" : "");
+    if (event.code === 1013) return capacityMessage(null);
+    if (event.code === 1008 && /slow/i.test(event.reason || "")) return tooSlow;
+    if (event.code === 1001) return "The server is shutting down; try again in a moment";
+    if (slow) return "Connection to the server was lost; the network seemed too slow for the audio";
+    return "Connection to the server was lost";
+  }
+
   onSocketClosed(conn, event) {
     if (this.conn === conn) this.conn = null;
     const utt = this.utt;
-    if (utt && (utt.phase === "starting" || utt.phase === "streaming")) {
-      const why = event.code === 1013 ? capacityMessage(null) : "Connection to the server was lost";
-      this.fail(utt, why);
+    if (!utt || !(utt.phase === "starting" || utt.phase === "streaming")) return;
+    const slow = (this.player.last?.underruns ?? 0) >= SLOW_UNDERRUNS;
+    const why = this.closeMessage(event, slow);
+    if (utt.phase === "streaming" && this.hasAudioLeft(utt)) {
+      // Let what has arrived play out before saying the connection is gone.
+      utt.lostReason = why;
+      utt.stopFeeding();
+      this.showNotice("Connection lost — playing the audio already received");
+      this.finishStream(utt, "connection lost: playing what arrived");
+      return;
+    }
+    this.fail(utt, why);
+  }
+
+  /** Is audio of `utt` still queued in the player or the decoder? */
+  hasAudioLeft(utt) {
+    const played = this.player.last ? this.player.last.played : 0;
+    const decoding = utt.decoder ? utt.decoder.decoder.decodeQueueSize : 0;
+    return utt.pushedSamples > played || decoding > 0;
+  }
+
+  /** No more audio will come for `utt`: decode what is left, play it out, then "ended". */
+  async finishStream(utt, label) {
+    utt.phase = "draining";
+    this.player.draining(utt.gen);
+    this.renderStats("streaming", label);
+    try {
+      if (utt.decoder) await utt.decoder.flush();
+    } catch (err) {
+      console.warn("decoder flush failed", err);
+    }
+    if (this.utt === utt && utt.phase === "draining") this.player.end(utt.gen);
+  }
+
+  // --- watchdog ---------------------------------------------------------------------------------
+
+  /**
+   * Every HEALTH_CHECK_MS while a stream is open: nothing from the server for STALL_NOTICE_S
+   * while the listener has nothing left to hear is a stalled server or network (the socket
+   * would say nothing for minutes); after STALL_GIVE_UP_S the stream is given up. Underruns
+   * that repeat say the audio comes in too slowly.
+   */
+  checkHealth() {
+    const utt = this.utt;
+    if (!utt || utt.audioBlocked || !(utt.phase === "starting" || utt.phase === "streaming")) {
+      return;
+    }
+    const now = performance.now();
+    const r = this.player.last;
+    const dry = !r || r.buffered === 0;
+    const silentS = (now - utt.lastHeardAt) / 1000;
+    if (dry && silentS >= STALL_NOTICE_S) {
+      if (silentS >= STALL_GIVE_UP_S) {
+        this.giveUp(utt, silentS);
+        return;
+      }
+      utt.stalled = true;
+      this.showHealth(
+        `Connection stalled: nothing from the server for ${Math.floor(silentS)} s`,
+        "connection stalled",
+      );
+      return;
+    }
+    if (utt.stalled) {
+      utt.stalled = false;
+      this.showHealth("", null);
+    }
+    if (utt.phase !== "streaming" || !r || r.underruns < SLOW_UNDERRUNS) return;
+    if (dry) utt.slowUntil = now + SLOW_NOTICE_HOLD_MS;
+    if (now < utt.slowUntil) {
+      this.showHealth(MSG_SLOW, "buffering");
+    } else if (this.healthNotice) {
+      this.showHealth("", null);
+    }
+  }
+
+  /** Show (or, with "", clear) the watchdog's notice; `label` overrides the state label. */
+  showHealth(text, label) {
+    if (text) {
+      if (this.el.notice.textContent !== text) this.el.notice.textContent = text;
+      this.healthNotice = text;
+    } else if (this.healthNotice && this.el.notice.textContent === this.healthNotice) {
+      this.el.notice.textContent = "";
+      this.healthNotice = "";
+    }
+    $("stat-state").textContent = label || this.stateLabel;
+  }
+
+  /** Stalled too long: cancel the stream and close the socket (the next Speak opens a new one). */
+  giveUp(utt, silentS) {
+    const conn = this.conn;
+    this.fail(
+      utt,
+      `The server stopped answering (nothing for ${Math.round(silentS)} s): the stream was ` +
+        "cancelled. Check the connection and try again",
+    );
+    if (conn) {
+      this.conn = null;
+      conn.close();
     }
   }
 
@@ -918,13 +1289,14 @@ class App {
   onMessage(msg) {
     const utt = this.utt;
     const ctx = msg.ctx ?? "default";
+    if (utt && ctx === utt.ctx) utt.lastHeardAt = performance.now();
     if (msg.type === "error") {
       this.onServerError(msg);
       return;
     }
     if (!utt || ctx !== utt.ctx) return; // a stream we already left behind
     if (msg.type === "cancelled") {
-      this.showNotice("Cancelled");
+      if (utt.phase === "cancelled") this.showNotice("Cancelled"); // not after an error
       return;
     }
     if (!utt.active) return;
@@ -953,7 +1325,7 @@ class App {
     const m = msg.message ? `: ${msg.message}` : "";
     switch (msg.code) {
       case "overloaded":
-        return capacityMessage(msg.retry_after_s);
+        return isStartingMessage(msg.message) ? MSG_STARTING : capacityMessage(msg.retry_after_s);
       case "unauthorized":
         return MSG_AUTH;
       case "unknown_voice":
@@ -962,8 +1334,15 @@ class App {
         return `The text is too long for one stream${m}`;
       case "too_many_contexts":
         return `Too many streams on this connection${m}`;
+      case "bad_request":
+        return `The server did not accept the request${m}`;
+      case "internal":
+        if (/shutting down/i.test(msg.message || "")) {
+          return "The server is shutting down; try again in a moment";
+        }
+        return `The server failed while speaking${m}. Try again`;
       default:
-        return `Server error (${msg.code ?? "unknown"})${m}`;
+        return `The server reported an error${m}${msg.code ? ` (${msg.code})` : ""}`;
     }
   }
 
@@ -972,7 +1351,8 @@ class App {
     const mine = utt && utt.active && (msg.ctx === undefined || msg.ctx === utt.ctx);
     if (msg.ctx !== undefined && utt && msg.ctx !== utt.ctx) return; // an old stream
     if (mine && msg.code === "overloaded" && utt.phase === "starting") {
-      this.refused(utt, Number(msg.retry_after_s ?? NaN)); // the socket stays usable: retry on it
+      // the socket stays usable: retry on it
+      this.refused(utt, Number(msg.retry_after_s ?? NaN), isStartingMessage(msg.message));
       return;
     }
     if (mine) this.fail(utt, this.describeError(msg));
@@ -983,7 +1363,7 @@ class App {
     utt.phase = "streaming";
     utt.ready = true;
     utt.format = msg.format || utt.format;
-    utt.streamRate = msg.sample_rate || SAMPLE_RATE;
+    utt.streamRate = msg.sample_rate || utt.requestedRate;
     utt.frameMs = msg.frame_ms || 20;
     if (utt.streamRate !== this.player.sampleRate) {
       utt.resampler = new LinearResampler(utt.streamRate, this.player.sampleRate);
@@ -1038,28 +1418,29 @@ class App {
     this.player.push(utt.gen, data);
   }
 
-  async onDone(utt, msg) {
+  onDone(utt, msg) {
     utt.usage = msg.usage || {};
-    utt.phase = "draining";
-    this.player.draining(utt.gen);
     this.renderUsage(utt.usage);
-    this.renderStats("streaming", "playing the rest…");
-    try {
-      if (utt.decoder) await utt.decoder.flush();
-    } catch (err) {
-      console.warn("decoder flush failed", err);
-    }
-    if (this.utt === utt && utt.phase === "draining") this.player.end(utt.gen);
+    this.finishStream(utt, "playing the rest…");
   }
 
   onWorkletReport(report) {
     const utt = this.utt;
     if (!utt || report.gen !== utt.gen) return;
     if (report.type === "ended" && utt.phase === "draining") {
+      this.updateCaptions();
+      if (utt.lostReason) {
+        // The connection went mid-stream; what had arrived has now been heard.
+        utt.phase = "error";
+        utt.release();
+        this.disableStop();
+        this.showError(utt.lostReason);
+        this.renderStats("error");
+        return;
+      }
       utt.phase = "done";
       utt.release();
-      this.el.stop.disabled = true;
-      this.updateCaptions();
+      this.disableStop();
       this.renderStats("done");
       return;
     }
@@ -1079,7 +1460,8 @@ class App {
     const stats = this.el.stats;
     if (state) {
       stats.dataset.state = state;
-      $("stat-state").textContent = label || state;
+      this.stateLabel = label || state;
+      $("stat-state").textContent = this.stateLabel;
       if (state !== "streaming") this.showNotice(state === "done" ? "Finished" : "");
     }
     const utt = this.utt;
