@@ -190,6 +190,12 @@ class AdmissionController:
         """Refusals so far, by reason (every reason present, zeros included)."""
         return {reason: self._refused[reason] for reason in RefusalReason}
 
+    def count_refusal(self, reason: RefusalReason) -> None:
+        """Count one refusal (also those decided elsewhere: open sockets, server/http.py)."""
+        self._refused[reason] += 1
+        if self._on_refused is not None:
+            self._on_refused(reason)
+
     def check(self) -> Admission:
         """Would one more stream be admitted now? Holds no slot."""
         refusal = self._max_streams_refusal() or self._vram_refusal()
@@ -200,9 +206,7 @@ class AdmissionController:
         if refusal is None:
             return ADMITTED
         reason = refusal.reason
-        self._refused[reason] += 1
-        if self._on_refused is not None:
-            self._on_refused(reason)
+        self.count_refusal(reason)
         log.debug("admission refused: %s (%s)", reason, refusal.message)
         return Admission(ok=False, reason=reason, retry_after_s=self.retry_hint(refusal.frees_soon),
                          message=refusal.message)

@@ -94,7 +94,7 @@ def _socket_refusal(state: ServerState, client: str, *, peer: str | None) -> web
     else:
         return None
     reason = RefusalReason.SOCKETS
-    state.metrics.streams_refused.labels(reason=reason.value).inc()
+    state.admission.count_refusal(reason)
     state.refusal_log.refused(reason, "socket refused before the upgrade peer=%s: %s", peer, why)
     return _overloaded(state, message)
 
