@@ -66,15 +66,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
                       state=state)
     await ws.prepare(request)
     session = Session(ws, request, state, client=client)
-    state.sessions.add(session)
-    state.client_sockets[client] += 1
+    state.session_opened(session, client)
     try:
         await session.run()
     finally:
-        state.sessions.discard(session)
-        state.client_sockets[client] -= 1
-        if state.client_sockets[client] <= 0:
-            del state.client_sockets[client]
+        state.session_closed(session, client)
     return ws
 
 
@@ -87,7 +83,7 @@ def _socket_refusal(state: ServerState, client: str, *, peer: str | None) -> web
         why, message = (f"{len(state.sessions)} WebSockets open (limits.max_sockets)",
                         "too many connections open on this server; try again later")
     elif per_client and state.client_sockets[client] >= per_client:
-        who = "API key" if state.cfg.server.api_keys else "address"
+        who = state.client_kind
         why, message = (f"{per_client} WebSockets of this {who} open "
                         "(limits.sockets_per_client)",
                         f"at most {per_client} open connections per {who}; close one first")

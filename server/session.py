@@ -297,9 +297,8 @@ class Session:
                                 f"at most {limit} live contexts per socket", msg.ctx)
         per_client = self._limits.contexts_per_client
         if per_client and self._state.client_contexts[self.client] >= per_client:
-            who = "API key" if self._state.cfg.server.api_keys else "address"
-            raise ProtocolError(ErrorCode.TOO_MANY_CONTEXTS,
-                                f"at most {per_client} live contexts per {who}", msg.ctx)
+            raise ProtocolError(ErrorCode.TOO_MANY_CONTEXTS, f"at most {per_client} live "
+                                f"contexts per {self._state.client_kind}", msg.ctx)
         self._admit(msg.ctx)
         spec = StreamSpec(ctx=msg.ctx, stream_id=uuid.uuid4().hex, format=msg.format,
                           sample_rate=msg.sample_rate, words=msg.words,

@@ -76,6 +76,19 @@ class ServerState:
         self.refusal_log = RefusalLog(logging.getLogger("server.admission"),
                                       self.cfg.admission.refusal_log_lines)
 
+    @property
+    def client_kind(self) -> str:
+        """What a client is counted by (limits.*_per_client), for messages."""
+        return "API key" if self.cfg.server.api_keys else "address"
+
+    def session_opened(self, session: Closable, client: str) -> None:
+        self.sessions.add(session)
+        self.client_sockets[client] += 1
+
+    def session_closed(self, session: Closable, client: str) -> None:
+        self.sessions.discard(session)
+        _decrement(self.client_sockets, client)
+
     def admit(self, client: str) -> Admission:
         """Hold an admission slot for one new stream of `client` (release it with `release`)."""
         decision = self.admission.admit()
@@ -88,9 +101,7 @@ class ServerState:
     def release(self, client: str) -> None:
         """One admitted stream of `client` ended (done, cancelled, failed or disconnected)."""
         self.admission.release()
-        self.client_contexts[client] -= 1
-        if self.client_contexts[client] <= 0:
-            del self.client_contexts[client]
+        _decrement(self.client_contexts, client)
         self.metrics.active_streams.set(self.admission.active_streams)
 
     def count_error(self, code: str) -> None:
@@ -101,6 +112,13 @@ class ServerState:
         after every step, so it must not call NVML on the event loop itself."""
         sample = self.gpu_sample
         return None if sample is None else sample.power_w
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    """One fewer of `key`; a key at zero leaves (a counter per client must not grow forever)."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)

@@ -214,7 +214,7 @@ class PhraseSplitter:
         if hold_function_words:
             end = self._before_function_words(cs, end)
         if min_words and not _ENDS_IN_MARK.search(self._buf, cs, end):
-            if len(_WORD.findall(self._buf, cs, end)) < min_words:
+            if self._words_in(cs, end) < min_words:
                 end = cs
         if self._buf[self._start : end].strip():
             phrases.append(self._take(end if hold_function_words else len(self._buf)))
@@ -367,7 +367,7 @@ class PhraseSplitter:
         for m in _CLAUSE.finditer(self._buf, cs, stop + 1):
             if m.end() > stop:
                 break
-            if len(_WORD.findall(self._buf, cs, m.end())) >= min_words:
+            if self._words_in(cs, m.end()) >= min_words:
                 return m.end()
         return forced
 
@@ -378,9 +378,12 @@ class PhraseSplitter:
         for count, end in self._word_ends(cs, horizon):
             if count >= self._cfg.first_phrase_max_words:
                 cut = self._before_function_words(cs, end)
-                if cut == end or (cut > cs and len(_WORD.findall(self._buf, cs, cut)) >= 2):
+                if cut == end or (cut > cs and self._words_in(cs, cut) >= 2):
                     return cut
         return None
+
+    def _words_in(self, start: int, end: int) -> int:
+        return len(_WORD.findall(self._buf, start, end))
 
     def _before_function_words(self, cs: int, end: int) -> int:
         """`end`, or where the words before it end when the text up to it ends in function
