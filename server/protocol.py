@@ -126,6 +126,7 @@ class StartMsg:
     max_buffer_delay_ms: float = 300.0
     words: bool = True
     markdown: bool = True  # addition: read text as Markdown (markup is not spoken)
+    normalize: bool = True  # addition: read "$5", "Dr.", "5 km" as said (English voices)
 
     @property
     def length_scale(self) -> float:
@@ -314,6 +315,7 @@ def _decode_start(obj: Mapping[Any, Any], ctx: str) -> StartMsg:
         ),
         words=_boolean(obj, "words", ctx, default=d.words),
         markdown=_boolean(obj, "markdown", ctx, default=d.markdown),
+        normalize=_boolean(obj, "normalize", ctx, default=d.normalize),
     )
 
 

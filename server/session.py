@@ -304,7 +304,8 @@ class Session:
                           sample_rate=msg.sample_rate, words=msg.words,
                           lookahead_ms=self._state.cfg.scheduler.lookahead_ms)
         options = StreamOptions(params=params, max_buffer_delay_ms=msg.max_buffer_delay_ms,
-                                words=msg.words, markdown=msg.markdown)
+                                words=msg.words, markdown=msg.markdown,
+                                normalize=msg.normalize)
         return spec, options, voice
 
     def _admit(self, ctx: str) -> None:

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--noise-scale", type=float, default=None, help="voice default if omitted")
     synth.add_argument("--noise-w", type=float, default=None, help="voice default if omitted")
     synth.add_argument("--seed", type=int, default=None, help="fix the noise for repeatable output")
+    synth.add_argument("--literal", action="store_true",
+                       help='read "$5", "Dr.", "5 km" as espeak-ng does (default: as a person says them)')
     synth.add_argument("--device", default="cpu", help="cpu or cuda")
     sub.add_parser("voices", parents=[common], help="list available voices")
     return ap
@@ -50,12 +52,12 @@ def split_sentences(text: str) -> list[str]:
 
 
 def synthesize_text(engine: Engine, phonemizer: Phonemizer, text: str, params: SynthesisParams,
-                    seed: int | None = None) -> np.ndarray:
+                    seed: int | None = None, normalize: bool = True) -> np.ndarray:
     """Sentences phonemized, synthesized in batches and concatenated, float32 mono."""
     ids = []
     for sentence in split_sentences(text):
         try:
-            ids.append(phonemizer.phonemize(sentence).ids)
+            ids.append(phonemizer.phonemize(sentence, normalize=normalize).ids)
         except ValueError:
             log.debug("skipping unspeakable sentence %r", sentence)
     if not ids:
@@ -102,7 +104,8 @@ def cmd_synth(args: argparse.Namespace, registry: VoiceRegistry) -> int:
     t0 = time.perf_counter()
     engine = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate,
                               config=EngineConfig(device=args.device))
-    audio = synthesize_text(engine, Phonemizer(voice.config), text, params, seed=args.seed)
+    audio = synthesize_text(engine, Phonemizer(voice.config), text, params, seed=args.seed,
+                            normalize=not args.literal)
     write_wav(args.out, audio, voice.sample_rate)
     seconds = len(audio) / voice.sample_rate
     log.warning("wrote %s: %.2f s of audio at %d Hz in %.2f s", args.out, seconds,

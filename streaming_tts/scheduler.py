@@ -584,11 +584,14 @@ class Scheduler:
         if stream.phrases and stream.phrases[0].phonemized is None:
             head = stream.phrases[0]
             head.phonemized = self._text_pool.submit(self._phonemize, head.text,
-                                                     stream.options.markdown)
+                                                     stream.options.markdown,
+                                                     stream.options.normalize)
 
-    def _phonemize(self, text: str, markdown: bool) -> PhonemizedText:
-        """(text thread) The phrase's phonemes; Markdown markup blanked first if asked."""
-        return self.phonemizer.phonemize(speakable(text) if markdown else text)
+    def _phonemize(self, text: str, markdown: bool, normalize: bool) -> PhonemizedText:
+        """(text thread) The phrase's phonemes; Markdown markup blanked first if asked, and
+        written forms read as said ("$5": five dollars) if asked."""
+        return self.phonemizer.phonemize(speakable(text) if markdown else text,
+                                         normalize=normalize)
 
     # ---- schedule ----
     def _tick_streams(self, now: float) -> None:

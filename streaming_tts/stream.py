@@ -37,6 +37,7 @@ class StreamOptions:
     max_buffer_delay_ms: float = 300.0   # synthesize buffered text after this long without text
     words: bool = True                   # send word timings
     markdown: bool = True                # Markdown markup is not spoken (text/markdown.py)
+    normalize: bool = True               # "$5", "Dr. Smith", "5 km" read as said (text/normalize.py)
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,7 @@ def test_undecodable_frames(data: bytes, needle: str) -> None:
     ({"type": "start", "max_buffer_delay_ms": -1}, "'max_buffer_delay_ms' must be between 0"),
     ({"type": "start", "max_buffer_delay_ms": 10001}, "'max_buffer_delay_ms' must be between"),
     ({"type": "start", "words": 1}, "field 'words' must be bool, got int"),
+    ({"type": "start", "normalize": "yes"}, "field 'normalize' must be bool, got str"),
 ])
 def test_invalid_fields_are_bad_request_with_a_clear_message(
     fields: dict[str, Any], needle: str
@@ -247,7 +248,7 @@ _values = st.recursive(
 )
 _field_names = st.sampled_from([
     "type", "ctx", "text", "voice", "speaker", "format", "sample_rate", "speed", "noise_scale",
-    "noise_w", "bitrate", "max_buffer_delay_ms", "words"])
+    "noise_w", "bitrate", "max_buffer_delay_ms", "words", "markdown", "normalize"])
 _types = st.sampled_from(["start", "text", "flush", "end", "cancel", "bogus"])
 # Maps that look like real messages, with arbitrary values in the spec's fields.
 _messages = st.builds(

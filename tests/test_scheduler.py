@@ -100,7 +100,7 @@ class FakeEngine:
 class FakePhonemizer:
     """One id per letter; words are whitespace tokens; nothing speakable -> ValueError."""
 
-    def phonemize(self, text: str) -> PhonemizedText:
+    def phonemize(self, text: str, *, normalize: bool = False) -> PhonemizedText:
         if not any(c.isalnum() for c in text):
             raise ValueError("empty text")
         ids, words = [1, 0], []
@@ -232,9 +232,9 @@ class ThreadRecordingPhonemizer(FakePhonemizer):
     def __init__(self) -> None:
         self.thread_ids: set[int] = set()
 
-    def phonemize(self, text: str) -> PhonemizedText:
+    def phonemize(self, text: str, *, normalize: bool = False) -> PhonemizedText:
         self.thread_ids.add(threading.get_ident())
-        return super().phonemize(text)
+        return super().phonemize(text, normalize=normalize)
 
 
 async def test_model_runs_in_one_worker_thread_and_phonemizing_in_another_off_the_loop():

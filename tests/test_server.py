@@ -277,6 +277,23 @@ async def test_markdown_markup_is_not_read_aloud_unless_asked(
     assert read.done["usage"]["audio_ms"] < 0.8 * literal.done["usage"]["audio_ms"]
 
 
+async def test_written_forms_are_read_as_said_unless_asked(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    client = await connect(http, srv)
+    text = "See https://www.example.com/docs?id=1 for $5."
+    said = await client.speak(text, ctx="said")
+    literal = await client.speak(text, ctx="literal", normalize=False)
+    await client.close()
+    for u in (said, literal):
+        check_done(u, chars=len(text))
+        assert "".join(p["space_before"] + p["text"] for p in u.phrases) == text
+        # Word timings name the words as written either way.
+        assert [w for words in u.words for w, _, _ in words["items"]] == text.split()
+    # Spelling out "h t t p s colon slash slash w w w" and "question mark i d equals" takes time.
+    assert said.done["usage"]["audio_ms"] < 0.75 * literal.done["usage"]["audio_ms"]
+
+
 @pytest.mark.parametrize("rate", [22050, 16000])
 async def test_pcm_is_gap_free_in_whole_frames(
     srv: Running, http: aiohttp.ClientSession, rate: int,

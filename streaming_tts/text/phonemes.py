@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from difflib import SequenceMatcher
 from typing import Any
 
+from streaming_tts.text.normalize import reader_for
 from streaming_tts.voices import VoiceConfig
 
 _LOGGER = logging.getLogger(__name__)
@@ -136,17 +137,22 @@ class Phonemizer:
         self._id_map: Mapping[str, Sequence[int]] = voice.phoneme_id_map
         self._clusters = frozenset(voice.vowel_clusters)
         self._backend = _espeak_backend(voice.espeak_voice)
+        self._reader = reader_for(voice.espeak_voice)
         self._lock = threading.Lock()
 
-    def phonemize(self, text: str) -> PhonemizedText:
+    def phonemize(self, text: str, *, normalize: bool = False) -> PhonemizedText:
         """Phonemes, Piper ids and word spans of `text`.
 
+        normalize: read written forms that espeak misreads as a person would ("$5" as "five
+        dollars", "Dr. Smith" without a sentence's end; text/normalize.py), for voices whose
+        language has a reader. Word spans still name the written words.
         Raises ValueError("empty text") when nothing in it can be spoken.
         """
         tokens = _clean(text).split()
         if not tokens:
             raise ValueError("empty text")
-        whole, *alone = self._phonemize_texts([" ".join(tokens), *tokens])
+        said = self._reader(tokens) if normalize and self._reader else tokens
+        whole, *alone = self._phonemize_texts([" ".join(said), *said])
         if not any(_is_spoken(w) for words in alone for w in words):
             raise ValueError("empty text")
         pieces = _align(alone, [w for w in whole if _is_spoken(w)])

@@ -1,0 +1,133 @@
+"""Written forms an English voice reads as a person says them (text/normalize.py)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streaming_tts.text.normalize import read_aloud, reader_for
+from streaming_tts.text.phonemes import Phonemizer
+from tests.test_phonemes import assert_well_formed
+
+
+def read(text: str) -> str:
+    return " ".join(read_aloud(text.split()))
+
+
+@pytest.mark.parametrize("text, said", [
+    # Currency: the name after the amount, cents as cents, scale words before the name.
+    ("It costs $1,234.56 today.", "It costs 1,234 dollars and 56 cents today."),
+    ("$1 or $0.99 or $1.01 or $5.00", "1 dollar or 99 cents or 1 dollar and 1 cent or 5 dollars"),
+    ("$5.5 and -$5, and +€3.", "5.5 dollars and minus 5 dollars, and plus 3 euros."),
+    ("That is $2.5 million.", "That is 2.5 million dollars."),
+    ("($2.5M) or $5k or $3bn", "(2.5 million dollars) or 5 thousand dollars or 3 billion dollars"),
+    ("£3.50, 20€ and ¥500", "3 pounds and 50 pence, 20 euros and 500 yen"),
+    # Abbreviations: read out, and their dot is no sentence's end.
+    ("Dr. Smith vs. Mr. Jones, etc.", "Doctor Smith versus Mister Jones, etc."),
+    ("Ms. Lee and Mrs. Brown", "Miz Lee and Missus Brown"),
+    ("John Smith Jr. said", "John Smith Junior said"),
+    ("It was John Smith Jr. He left.", "It was John Smith Junior. He left."),
+    ("in St. Louis on Main St. Then", "in Saint Louis on Main St. Then"),
+    ("See No. 5 and pp. 10-12, approx. 3",
+     "See number 5 and pages 10 to 12, approximately 3"),
+    ("No. I won't.", "No. I won't."),
+    ("Dr. at the end: Dr.", "Dr. at the end: Dr."),
+    ("w/ you, w/o doubt", "with you, without doubt"),
+    # Units after a number, singular for one.
+    ("5 km, 1 km, 8GB, 3.5GHz, 20°C, 70 °F.",
+     "5 kilometers, 1 kilometer, 8 gigabytes, 3.5 gigahertz, 20 degrees Celsius, "
+     "70 degrees Fahrenheit."),
+    ("5 hrs 3 secs 100ms 1h 5-10 km 60 mph",
+     "5 hours 3 seconds 100 milliseconds 1 hour 5 to 10 kilometers 60 miles per hour"),
+    # Single letters only attached to their number; "in", "m" and unknown units stay.
+    ("5 g of 5g, 6 ft 2 in, 5 m, 4K, 10 mb", "5 g of 5 grams, 6 feet 2 in, 5 m, 4K, 10 mb"),
+    # Decades: always with a century or an apostrophe; bare only after "the", "her" ...
+    ("The 1990s, the 2000s, the 1900s, the 2010s.",
+     "The 19 nineties, the 2 thousands, the 19 hundreds, the 20 tens."),
+    ("the 80s, her 30s, '70s, wait 30s", "the eighties, her thirties, 'seventies, wait 30s"),
+    # Dates, phone numbers, ranges.
+    ("On 2026-12-01, not 2026-13-01.", "On December 1st 2026, not 2026-13-01."),
+    ("Call 555-123-4567 or (555) 123-4567.",
+     "Call 5 5 5, 1 2 3, 4 5 6 7 or (5 5 5,) 1 2 3, 4 5 6 7."),
+    ("Pages 10-20, 1.5–2.5, 5-10% and 3-2.", "Pages 10 to 20, 1.5 to 2.5, 5 to 10% and 3 to 2."),
+    ("COVID-19 and 100-1000", "COVID-19 and 100 to 1000"),
+    # Fractions, times, powers, hashes, approximations.
+    ("Take 1/2, 3/4 and 2/3; 24/7 but 9/11 and 5/4",
+     "Take 1 half, 3 quarters and 2 thirds; 24 7 but 9/11 and 5/4"),
+    ("3x faster, 1920x1080, 3 x 4, 2^10, #1, ~5, ~5km",
+     "3 times faster, 1920 by 1080, 3 times 4, 2 to the power of 10, number 1, about 5, "
+     "about 5 kilometers"),
+    # URLs: the address as a person reads it; emoji: nothing.
+    ("See https://www.example.com/a/?b=c#d for more.", "See example.com/a for more."),
+    ("(www.example.org)", "(example.org)"),
+    ("Great job 😀🎉! 👍🏽ok", "Great job ! ok"),
+])
+def test_written_forms_are_read_as_said(text: str, said: str) -> None:
+    assert read(text) == said
+
+
+PLAIN = st.text(alphabet=st.characters(whitelist_categories=("Ll",)), min_size=1, max_size=12)
+
+
+@settings(max_examples=200)
+@given(st.lists(PLAIN, min_size=1, max_size=10))
+def test_plain_words_are_left_as_they_are(words: list[str]) -> None:
+    assert read_aloud(words) == words
+
+
+ANY = st.text(alphabet=st.sampled_from(list("0123456789$€£-/.,x~#^%°CkmgMBsDr'():😀")),
+              min_size=1, max_size=12)
+
+
+@settings(max_examples=300)
+@given(st.lists(ANY, min_size=1, max_size=8))
+def test_one_reading_per_token_whatever_the_tokens(tokens: list[str]) -> None:
+    readings = read_aloud(tokens)
+    assert len(readings) == len(tokens)
+    assert all(isinstance(r, str) for r in readings)
+
+
+def test_only_english_has_a_reader() -> None:
+    assert reader_for("en-us") is read_aloud and reader_for("en_GB") is read_aloud
+    assert reader_for("de") is None and reader_for("fr-fr") is None
+
+
+def test_the_voice_says_the_reading_and_words_name_what_was_written(
+        default_phonemizer: Phonemizer) -> None:
+    text = "Dr. Smith paid $5 for 2 km."
+    literal = default_phonemizer.phonemize(text)
+    said = default_phonemizer.phonemize(text, normalize=True)
+    assert "dˈɑːlɚ fˈaɪv" in literal.phonemes and "fˈaɪv dˈɑːlɚz" in said.phonemes
+    assert "dˈɑːktɚ." in literal.phonemes and "dˈɑːktɚ." not in said.phonemes  # no full stop
+    assert "kɪlˈɑːmɪɾɚz" in said.phonemes
+    assert [w.text for w in said.words] == text.split()
+    assert_well_formed(said, text)
+
+
+def test_a_token_that_reads_nothing_joins_its_neighbour(default_phonemizer: Phonemizer) -> None:
+    result = default_phonemizer.phonemize("Great job 🎉!", normalize=True)
+    assert result.phonemes.endswith("dʒˈɑːb!")           # the "!" still ends the clause
+    assert [w.text for w in result.words] == ["Great", "job 🎉!"]
+    with pytest.raises(ValueError, match="empty text"):
+        default_phonemizer.phonemize("😀 🎉", normalize=True)
+
+
+WORDS = st.sampled_from([
+    "$5", "$2.5", "million", "Dr.", "Smith", "vs.", "5", "km", "8GB", "the", "1990s", "80s",
+    "555-123-4567", "(555)", "123-4567", "2026-12-01", "10-20", "1/2", "3x", "#1", "~5", "😀",
+    "https://example.com/a", "w/", "No.", "Jr.", "hello,", "world.", "🎉!",
+])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(WORDS, min_size=1, max_size=10))
+def test_any_mix_gives_well_formed_spans_naming_the_written_words(
+        default_phonemizer: Phonemizer, words: list[str]) -> None:
+    text = " ".join(words)
+    try:
+        result = default_phonemizer.phonemize(text, normalize=True)
+    except ValueError as exc:
+        assert str(exc) == "empty text" and set(words) <= {"😀", "🎉!"}
+        return
+    assert_well_formed(result, text)
