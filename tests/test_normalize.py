@@ -55,6 +55,9 @@ def read(text: str) -> str:
     # Fractions, times, powers, hashes, approximations.
     ("Take 1/2, 3/4 and 2/3; 24/7 but 9/11 and 5/4",
      "Take 1 half, 3 quarters and 2 thirds; 24 7 but 9/11 and 5/4"),
+    ("Rated 8/10 and 4/5, on 12/25", "Rated 8 out of 10 and 4 out of 5, on 12/25"),
+    ("and/or he/she, TCP/IP, Yes/No, A/B, w/o, km/h",
+     "and or he or she, TCP IP, Yes or No, A B, without, km/h"),
     ("3x faster, 1920x1080, 3 x 4, 2^10, #1, ~5, ~5km",
      "3 times faster, 1920 by 1080, 3 times 4, 2 to the power of 10, number 1, about 5, "
      "about 5 kilometers"),

@@ -13,6 +13,7 @@ holds forms it reads wrong or letter by letter, and the listener hears them. esp
     555-123-4567    five hundred fifty five dash ...        5 5 5, 1 2 3, 4 5 6 7
     2026-12-01      two thousand twenty six dash twelve ... December 1st 2026
     10-20, 1/2      ten dash twenty, one slash two          10 to 20, 1 half
+    8/10, he/she    eight tenths, he slash she              8 out of 10, he or she
     3x, #1, ~5      three ex, hash one, tilde five          3 times, number 1, about 5
     https://www.example.com/a?b=c   H T T P S colon ...     example.com/a
     😀🎉            grinning party                          (nothing)
@@ -174,7 +175,7 @@ _LOCAL_PHONE_RE = re.compile(r"(\d{3})-(\d{4})")
 _ISO_DATE_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
 _MONTHS = ("January February March April May June July August September October November "
            "December").split()
-_FRACTION_RE = re.compile(r"(\d)/(\d{1,2})")
+_FRACTION_RE = re.compile(r"(\d{1,2})/(\d{1,2})")
 _DENOMINATORS = {2: ("half", "halves"), 3: ("third", "thirds"), 4: ("quarter", "quarters"),
                  5: ("fifth", "fifths"), 6: ("sixth", "sixths"), 7: ("seventh", "sevenths"),
                  8: ("eighth", "eighths"), 9: ("ninth", "ninths"), 10: ("tenth", "tenths")}
@@ -182,6 +183,8 @@ _TIMES_RE = re.compile(rf"(?P<n>{_NUMBER})[x×]")
 _BY_RE = re.compile(r"(\d+)[x×](\d+)")
 _POWER_RE = re.compile(rf"(?P<a>{_NUMBER})\^(?P<b>[-−]?\d+)")
 _HASH_NUMBER_RE = re.compile(r"#(\d+)")
+# "and/or", "he/she", "TCP/IP": espeak reads the slash ("and slash or").
+_WORD_SLASH_RE = re.compile(r"([^\W\d_]+)/([^\W\d_]+)")
 _URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
 _URL_PREFIX_RE = re.compile(r"^(?:https?://)?(?:www\.)?", re.IGNORECASE)
 
@@ -250,6 +253,8 @@ def _reading(tok: _Token, prev: _Token, nxt: _Token) -> tuple[str, str]:
         return _ABBREVIATIONS[core], trail if ends else undotted
     if dot and core in _BEFORE_NUMBER and nxt.core[:1].isdigit():
         return _BEFORE_NUMBER[core], undotted
+    if (m := _WORD_SLASH_RE.fullmatch(core)) and core not in _UNITS:
+        return _slashed(m[1], m[2]), trail
     if core[0] == "~" and len(core) > 1:
         rest, trail = _reading(_Token("", core[1:], trail), prev, nxt)
         return f"about {rest}", trail
@@ -278,8 +283,12 @@ def _number_shape(tok: _Token, prev: _Token, nxt: _Token) -> str:
         return f"{m['a']} to {m['b']}{m['percent']}"
     if (m := _NUMBER_UNIT_RE.fullmatch(core)):
         return f"{m['number']} {_unit(m['unit'], m['number'])}"
-    if (m := _FRACTION_RE.fullmatch(core)) and 1 <= int(m[1]) < int(m[2]) <= 10:
-        return f"{m[1]} {_DENOMINATORS[int(m[2])][m[1] != '1']}"
+    if (m := _FRACTION_RE.fullmatch(core)):
+        n, d = int(m[1]), int(m[2])
+        if d in (5, 10) and 0 <= n <= d:            # a score or rating: "8/10", "4/5"
+            return f"{n} out of {d}"
+        if 1 <= n < d <= 10:
+            return f"{n} {_DENOMINATORS[d][n != 1]}"
     if core == "24/7":
         return "24 7"
     if (m := _BY_RE.fullmatch(core)):
@@ -312,6 +321,13 @@ def _currency(m: re.Match[str], next_core: str) -> tuple[str, str]:
             said.append(f"{subunits} {sub_one if subunits == 1 else sub_many}")
         return sign + " and ".join(said), ""
     return f"{sign}{amount} {one if amount == '1' else many}", ""
+
+
+def _slashed(a: str, b: str) -> str:
+    """"he/she" -> "he or she"; acronyms ("TCP/IP", "A/B", "I/O") and "and/or" without the or."""
+    if a.isupper() and b.isupper() or (a.lower(), b.lower()) == ("and", "or"):
+        return f"{a} {b}"
+    return f"{a} or {b}"
 
 
 def _unit(unit: str, number: str) -> str:
