@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from server import http
+from server import http, proxies
 from server.admission import AdmissionController, EncoderLoad, LoadEstimate
 from server.config import ServerConfig
 from server.encoders import EncoderPool
@@ -31,6 +31,7 @@ from server.fds import open_file_limit, socket_cap
 from server.metrics import Metrics
 from server.model import EngineLoader, ProbeEncoding, build_scheduler, load_engine, prepare_model
 from server.monitors import sample_gpu, watch_loop_lag
+from server.proxies import parse_networks
 from server.observer import MetricsObserver
 from server.state import STATE, ModelSlot, ServerState
 from streaming_tts.engine import Engine
@@ -92,7 +93,8 @@ def create_app(
     state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
                         model=model, gpu=available, on_ready=on_ready,
                         max_sockets=socket_cap(cfg.limits.max_sockets, open_file_limit()))
-    app = web.Application()
+    trusted = parse_networks(cfg.server.trusted_proxies)
+    app = web.Application(middlewares=[proxies.middleware(trusted)] if trusted else [])
     app[STATE] = state
     app.cleanup_ctx.append(_audio_pool)
     app.cleanup_ctx.append(_background("loop-lag", _loop_lag))

@@ -20,6 +20,8 @@ from typing import Any, Final
 
 import tomllib
 
+from server.proxies import parse_networks
+
 DEFAULT_CONFIG_PATH: Final = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -43,11 +45,17 @@ class HttpConfig:
     port: int = 8000
     api_keys: tuple[str, ...] = ()  # empty: no auth
     allowed_origins: tuple[str, ...] = ()  # empty: any Origin (browsers); non-browsers send none
+    # Reverse proxies whose X-Forwarded-For names the client (server/proxies.py); empty: none.
+    trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", "must be 0..65535", self.port)
         _require(all(self.api_keys), "server.api_keys", "must not hold empty keys", self.api_keys)
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise ConfigError(f"server.trusted_proxies: {exc}") from None
         level = self.log_level.upper()
         _require(level in _LOG_LEVELS, "server.log_level", f"must be one of {_LOG_LEVELS}",
                  self.log_level)

@@ -281,8 +281,10 @@ class Session:
             sample_rate=spec.sample_rate, frame_ms=OPUS_FRAME_MS))
         scheduler.open(spec.stream_id, options, stream)
         stream.start()
-        log.info("stream %s opened ctx=%r peer=%s voice=%s format=%s/%d", spec.stream_id,
-                 msg.ctx, self.peer, voice.id, spec.format.value, spec.sample_rate)
+        # The key's fingerprint (never the key) tells whose stream it was where keys are used.
+        key = f" {self.client}" if self.client.startswith("key ") else ""
+        log.info("stream %s opened ctx=%r peer=%s%s voice=%s format=%s/%d", spec.stream_id,
+                 msg.ctx, self.peer, key, voice.id, spec.format.value, spec.sample_rate)
 
     def _validate_start(self, msg: StartMsg) -> tuple[StreamSpec, StreamOptions, VoiceInfo]:
         """Every check of `start`, ending with the admission slot (held on success)."""

@@ -410,13 +410,14 @@ DEFAULT_RETRY_HINTS = ("2", "3", "4")
 
 
 async def refused_before_upgrade(http: aiohttp.ClientSession, r: Running,
-                                 query: str = "") -> dict[str, Any]:
+                                 query: str = "", **kwargs: Any) -> dict[str, Any]:
     """A new socket is refused with HTTP 503 + Retry-After before the upgrade, and a plain GET
-    gets the contract's `overloaded` body with the same hint; returns that body's error."""
+    gets the contract's `overloaded` body with the same hint; returns that body's error.
+    kwargs (headers=...) go with both requests."""
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await connect(http, r, query)
+        await connect(http, r, query, **kwargs)
     assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
-    async with http.get(r.url("/v1/stream" + query)) as resp:
+    async with http.get(r.url("/v1/stream" + query), **kwargs) as resp:
         assert resp.status == 503 and resp.headers["Retry-After"] in DEFAULT_RETRY_HINTS
         error = (await resp.json())["error"]
     assert error["code"] == "overloaded"
@@ -679,6 +680,34 @@ async def test_one_client_cannot_hold_more_sockets_than_its_share(
             await client.close()
         await clean(r)
         assert not r.state.client_sockets
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_users_behind_a_trusted_proxy_are_told_apart_and_no_one_else_can_pose_as_one(
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, trusted: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.session")
+    overrides: dict[str, Any] = {"limits.sockets_per_client": 1}
+    if trusted:   # the test client connects from 127.0.0.1, as a proxy on this host would
+        overrides["server.trusted_proxies"] = ["127.0.0.1"]
+    async with running(engine, overrides) as r:
+        def user(address: str) -> dict[str, Any]:
+            return {"headers": {"X-Forwarded-For": address}}
+        first = await connect(http, r, **user("203.0.113.7"))
+        if trusted:
+            second = await connect(http, r, **user("203.0.113.8"))     # another user
+            error = await refused_before_upgrade(http, r, **user("203.0.113.7"))
+            assert error["message"] == "at most 1 open connections per address; close one first"
+            await second.send({"type": "start", "ctx": "a"})
+            assert (await second.recv())["type"] == "ready"
+            assert "peer=203.0.113.8" in caplog.text         # the log names the user
+            await second.send({"type": "cancel", "ctx": "a"})
+            assert (await second.recv())["type"] == "cancelled"
+            await second.close()
+        else:   # the header is not believed: both are the one client 127.0.0.1
+            await refused_before_upgrade(http, r, **user("203.0.113.8"))
+        await first.close()
+        await clean(r)
 
 
 async def test_a_flood_of_refusals_is_logged_within_the_limit(
