@@ -1,9 +1,10 @@
 """Run the streaming TTS server: `python run_server.py [--config FILE] [--port N] ...`.
 
 The server listens at once and loads the voice in the background; /healthz turns 200 and the
-log says "serving on ..." once it is warmed up. SIGINT (Ctrl-C) or SIGTERM shut it down
-gracefully: live streams get an `error` (internal, "server shutting down") and their sockets
-close with 1001.
+log says "serving on ..." once it is warmed up. SIGTERM, SIGINT (Ctrl-C) or SIGHUP shut it down
+gracefully: no new streams, and the live ones get `server.drain_s` to finish; then (or at a
+second signal) those still live get an `error` (internal, "server shutting down") and their
+sockets close with 1001.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Final, TextIO
 import uvloop
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_runner import GracefulExit
 
-from server.app import create_app
+from server.app import ShutdownSignals, create_app
 from server.config import (
     ConfigError,
     ServerConfig,
@@ -189,19 +191,28 @@ def setup_logging(level: str, stream: TextIO | None = None, *,
 
 
 def serve(cfg: ServerConfig) -> None:
-    """Run until SIGINT/SIGTERM, on uvloop."""
+    """Run until SIGTERM, SIGINT or SIGHUP (draining first: ShutdownSignals), on uvloop."""
     url = f"http://{cfg.server.host}:{cfg.server.port}"
     app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url))
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    signals = ShutdownSignals(app, cfg.server.drain_s, stop=lambda: loop.call_soon(_exit))
+
+    async def install(_app: web.Application) -> None:
+        signals.install(loop)
+    app.on_startup.append(install)
     # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
     def listening(_banner: str) -> None:
         log.info("listening on %s; loading voice %s on %s", url, cfg.engine.voice,
                  cfg.engine.device)
 
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=listening,
-                shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=True)
+                shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False)
     log.info("server stopped")
+
+
+def _exit() -> None:
+    raise GracefulExit()   # from a loop callback it ends run_app, which then cleans up
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # How long shutdown waits for all sockets to take their `error` and close.
 SHUTDOWN_TIMEOUT_S: Final = 5.0
+# How often a drain looks whether the live streams have finished.
+_DRAIN_POLL_S: Final = 0.1
 # Admission's view of load before the scheduler exists (nothing measured, nothing running).
 _NO_LOAD: Final = LoadEstimate(active_streams=0, demand_audio_s_per_s=0.0,
                                capacity_audio_s_per_s=None)
@@ -243,3 +246,57 @@ async def _close_sessions(app: web.Application) -> None:
             await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
     except TimeoutError:
         log.warning("shutdown: sockets still open after %.0f s", SHUTDOWN_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------------------- draining
+
+
+async def drain(app: web.Application, timeout_s: float) -> int:
+    """Stop taking streams and let the live ones finish: new sockets get 503 + Retry-After, a
+    `start` gets `overloaded` ("server is shutting down"), /healthz turns 503 so a load balancer
+    sends new users elsewhere; returns once no stream is live or after `timeout_s`, with the
+    number still live (shutdown then fails them with `error`)."""
+    state = app[STATE]
+    state.shutting_down = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    live = state.admission.active_streams
+    if live:
+        log.info("draining: %d live stream(s); waiting up to %g s for them to finish", live,
+                 timeout_s)
+    while state.admission.active_streams and loop.time() < deadline:
+        await asyncio.sleep(_DRAIN_POLL_S)
+    left = state.admission.active_streams
+    if left:
+        log.warning("drain: %d stream(s) still live after %g s; closing them", left, timeout_s)
+    elif live:
+        log.info("drained: every live stream finished")
+    return left
+
+
+class ShutdownSignals:
+    """What SIGTERM, SIGINT and SIGHUP do: the first drains (`server.drain_s`) and then stops,
+    a second one stops at once. `stop` ends the server (run_server raises GracefulExit)."""
+
+    SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, app: web.Application, drain_s: float, stop: Callable[[], None]) -> None:
+        self._app, self._drain_s, self._stop = app, drain_s, stop
+        self._draining: asyncio.Task[None] | None = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in self.SIGNALS:
+            loop.add_signal_handler(sig, self.received, sig)
+
+    def received(self, sig: signal.Signals) -> None:
+        if self._draining is None and self._drain_s > 0:
+            log.info("%s: no new streams; stopping once the live ones finish (at most %g s; "
+                     "send it again to stop now)", sig.name, self._drain_s)
+            self._draining = asyncio.get_running_loop().create_task(self._drain_then_stop())
+            return
+        log.info("%s: stopping now", sig.name)
+        self._stop()
+
+    async def _drain_then_stop(self) -> None:
+        await drain(self._app, self._drain_s)
+        self._stop()

@@ -48,9 +48,11 @@ class HttpConfig:
     # Reverse proxies whose X-Forwarded-For names the client (server/proxies.py); empty: none.
     trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
+    drain_s: float = 20.0  # at SIGTERM/SIGINT/SIGHUP: live streams get this long to finish
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", "must be 0..65535", self.port)
+        _require(0 <= self.drain_s <= 3600, "server.drain_s", "must be 0..3600", self.drain_s)
         _require(all(self.api_keys), "server.api_keys", "must not hold empty keys", self.api_keys)
         try:
             parse_networks(self.trusted_proxies)

@@ -218,8 +218,12 @@ def status_body(state: ServerState) -> dict[str, Any]:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: 200 once the voice is loaded and warmed up; 503 before (or if it failed)."""
-    model = request.app[STATE].model
+    """GET /healthz: 200 once the voice is loaded and warmed up; 503 before (or if it failed)
+    and from the moment the server starts shutting down (draining its live streams)."""
+    state = request.app[STATE]
+    model = state.model
+    if state.shutting_down:   # draining: a load balancer should send new users elsewhere
+        return web.json_response({"status": "shutting_down", "voice": model.voice.id}, status=503)
     if model.ready:
         return web.json_response({"status": "ok", "voice": model.voice.id})
     if model.failure is not None:

@@ -132,12 +132,16 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+            # A first SIGTERM lets live streams finish (server.drain_s); a second stops at once.
+            for timeout in (3, 15):
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=timeout)
+                    return
+                except subprocess.TimeoutExpired:
+                    pass
+            self.proc.kill()
+            self.proc.wait(timeout=5)
 
     def log_tail(self, n: int = 60) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from hypothesis import strategies as st
 
 from benchmarks import soak
 from server.admission import Admission, LoadEstimate, RefusalReason
-from server.app import create_app
+from server.app import ShutdownSignals, create_app, drain
 from server.config import load_config
 import server.model
 import server.session
@@ -1369,6 +1370,69 @@ async def test_shutdown_fails_live_streams_and_closes_1001(
         assert [(e["code"], e["ctx"]) for e in errors] == [("internal", "s")]
         assert msgs[-1] == errors[0]  # nothing after the error
         await closing
+
+
+async def test_a_drain_lets_live_streams_finish_and_sends_newcomers_elsewhere(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "s"})
+        await client.send({"type": "text", "ctx": "s", "text": SHORT})
+        await client.send({"type": "end", "ctx": "s"})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        draining = asyncio.create_task(drain(r.server.app, timeout_s=30.0))
+        await wait_for(lambda: r.state.shutting_down, what="the drain to start")
+        async with http.get(r.url("/healthz")) as resp:       # a load balancer looks elsewhere
+            assert resp.status == 503 and (await resp.json())["status"] == "shutting_down"
+        error = await refused_before_upgrade(http, r)
+        assert error["message"] == "server is shutting down"
+        await client.send({"type": "start", "ctx": "next"})   # the next reply goes elsewhere too
+        refused = await client.recv_until(lambda m: m.get("ctx") == "next")
+        assert (refused[-1]["type"], refused[-1]["code"]) == ("error", "overloaded")
+        # The live stream is heard to its end.
+        rest = await client.recv_until(
+            lambda m: m.get("ctx") == "s" and m["type"] in ("done", "error"))
+        assert rest[-1]["type"] == "done"
+        assert await asyncio.wait_for(draining, 10) == 0
+        await client.close()
+
+
+async def test_a_drain_that_times_out_leaves_the_live_streams_to_shutdown(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "s"})          # live, waiting for text
+        assert (await client.recv())["type"] == "ready"
+        assert await drain(r.server.app, timeout_s=0.3) == 1
+        closing = asyncio.create_task(r.server.close())
+        frame = await client.ws.receive(timeout=10)
+        error = msgpack.unpackb(frame.data)
+        assert (error["type"], error["code"], error["message"]) == (
+            "error", "internal", "server shutting down")
+        assert (await client.ws.receive(timeout=10)).data == 1001
+        await closing
+
+
+async def test_a_second_signal_or_no_drain_time_stops_at_once(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running(engine) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start", "ctx": "s"})
+        assert (await client.recv())["type"] == "ready"
+        stopped = asyncio.Event()
+        signals = ShutdownSignals(r.server.app, 30.0, stop=stopped.set)
+        signals.received(signal.SIGTERM)                       # drains: the stream is live
+        await asyncio.sleep(0.3)
+        assert r.state.shutting_down and not stopped.is_set()
+        signals.received(signal.SIGINT)                        # again: stop now
+        assert stopped.is_set()
+        now = asyncio.Event()
+        ShutdownSignals(r.server.app, 0.0, stop=now.set).received(signal.SIGHUP)
+        assert now.is_set()
+        await client.close()
 
 
 async def test_disconnect_mid_stream_leaves_nothing_behind(srv: Running) -> None:

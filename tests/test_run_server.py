@@ -1,0 +1,87 @@
+"""run_server.py as an operator runs it: real signals to a real process.
+
+SIGTERM with a stream live: the stream is heard to its `done`, /healthz turns 503 at once so a
+load balancer sends new users elsewhere, and the process exits 0 once the stream has finished.
+(The drain's rules, a second signal and the timeout are tested in-process in test_server.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import msgpack
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 300.0   # load and warm-up: ~30 s on a quiet 2-core machine
+TEXT = ("This sentence keeps the voice busy for a few seconds, so that the server has a live "
+        "stream to wait for when it is told to stop.")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            async with http.get(url + "/healthz") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass   # not listening yet
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not healthy after {STARTUP_TIMEOUT_S} s")
+
+
+def test_sigterm_lets_the_live_stream_finish_then_exits_cleanly(tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "run_server.py", "--port", str(port)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(_speak_through_a_sigterm(url, proc))
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "draining: 1 live stream(s)" in text and "drained: every live stream finished" in text
+    assert "Traceback" not in text and "server stopped" in text
+
+
+async def _speak_through_a_sigterm(url: str, proc: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as http:
+        await _healthy(http, url, proc)
+        ws = await http.ws_connect(url.replace("http", "ws") + "/v1/stream")
+        for msg in ({"type": "start", "ctx": "s"}, {"type": "text", "ctx": "s", "text": TEXT},
+                    {"type": "end", "ctx": "s"}):
+            await ws.send_bytes(msgpack.packb(msg))
+        kinds = []
+        while not kinds or kinds[-1] != "audio":
+            kinds.append(msgpack.unpackb((await ws.receive(timeout=120)).data)["type"])
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(50):       # the signal is handled between two loop iterations
+            async with http.get(url + "/healthz") as resp:
+                health = resp.status, (await resp.json())["status"]
+            if health != (200, "ok"):
+                break
+            await asyncio.sleep(0.1)
+        assert health == (503, "shutting_down")
+        while (frame := await ws.receive(timeout=120)).type is aiohttp.WSMsgType.BINARY:
+            kinds.append(msgpack.unpackb(frame.data)["type"])
+        assert kinds[-1] == "done" and "error" not in kinds
+        assert (frame.type, frame.data) == (aiohttp.WSMsgType.CLOSE, 1001)
