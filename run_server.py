@@ -14,7 +14,10 @@ import asyncio
 import logging
 import logging.handlers
 import queue
+import re
 import sys
+import time
+from collections.abc import Callable
 from typing import Final, TextIO
 
 import uvloop
@@ -41,6 +44,9 @@ SHUTDOWN_TIMEOUT_S: Final = 10.0
 # Log lines waiting for the writer thread at most (then lines are dropped, never waited for).
 LOG_QUEUE_LINES: Final = 10_000
 LOG_STOP_WAIT_S: Final = 5.0
+# Unparsable HTTP requests logged at most, per window (one client can send thousands a second).
+BAD_REQUEST_LINES: Final = 20
+BAD_REQUEST_WINDOW_S: Final = 10.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +80,7 @@ def _run(cfg: ServerConfig) -> int:
         return 2
     try:
         serve(cfg)
-    except UnknownVoiceError as exc:
+    except (UnknownVoiceError, FileNotFoundError) as exc:   # a voice id or file that is not there
         log.error("%s", exc)
         return 2
     except OSError as exc:  # e.g. the port is taken
@@ -148,17 +154,45 @@ class _BadRequestFilter(logging.Filter):
     """aiohttp logs an HTTP request it cannot parse (a header line over 8 KiB, too many
     headers) at ERROR with a traceback quoting the client's bytes, a URL's `?token=` among
     them: any client could fill the log for free. It is the client's error, refused with 400:
-    one INFO line naming the error, without its bytes."""
+    one INFO line naming the error, without its bytes, and at most `lines` of them per
+    `window_s` (the next line logged says how many were left out)."""
+
+    def __init__(self, lines: int = BAD_REQUEST_LINES, window_s: float = BAD_REQUEST_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._lines, self._window_s, self._clock = lines, window_s, clock
+        self._window_start, self._logged, self._left_out = float("-inf"), 0, 0
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
-        record.msg, record.args = "%s: %s (%s), refused", (
-            record.getMessage(), type(exc).__name__, exc.code)
+        now = self._clock()
+        if now - self._window_start >= self._window_s:
+            self._window_start, self._logged = now, 0
+        if self._logged >= self._lines:
+            self._left_out += 1
+            return False
+        self._logged += 1
+        left_out = (f"; {self._left_out} more bad request(s) before it were not logged"
+                    if self._left_out else "")
+        self._left_out = 0
+        record.msg, record.args = "%s: %s (%s), refused%s", (
+            record.getMessage(), type(exc).__name__, exc.code, left_out)
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info = record.exc_text = None
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+class _RedactTokens(logging.Filter):
+    """The access log (on at DEBUG) quotes each request line, `?token=KEY` included: masked."""
+
+    _TOKEN = re.compile(r"([?&]token=)[^&\s\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self._TOKEN.sub(r"\1***", record.getMessage())
+        record.args = None
+        return True
 
 
 def setup_logging(level: str, stream: TextIO | None = None, *,
@@ -178,6 +212,9 @@ def setup_logging(level: str, stream: TextIO | None = None, *,
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _BadRequestFilter) for f in server_log.filters):
         server_log.addFilter(_BadRequestFilter())
+    access_log = logging.getLogger("aiohttp.access")
+    if not any(isinstance(f, _RedactTokens) for f in access_log.filters):
+        access_log.addFilter(_RedactTokens())
     if root.handlers and not force:
         return None
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
@@ -207,7 +244,9 @@ def serve(cfg: ServerConfig) -> None:
                  cfg.engine.device)
 
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=listening,
-                shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False)
+                shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False,
+                # aiohttp's bound on receiving a request's head, as on an idle keep-alive
+                keepalive_timeout=cfg.server.request_timeout_s)
     log.info("server stopped")
 
 

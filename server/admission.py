@@ -110,6 +110,8 @@ class RefusalReason(StrEnum):
     EVENT_LOOP = "event_loop"
     ENCODERS = "encoders"
     SOCKETS = "sockets"  # limits.max_sockets: refused before the upgrade (server/http.py)
+    NOT_READY = "not_ready"  # the voice is still loading
+    SHUTTING_DOWN = "shutting_down"  # draining or stopping
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,13 @@ class HttpConfig:
     trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
     drain_s: float = 20.0  # at SIGTERM/SIGINT/SIGHUP: live streams get this long to finish
+    request_timeout_s: float = 10.0  # an HTTP request's head must arrive within this
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", "must be 0..65535", self.port)
         _require(0 <= self.drain_s <= 3600, "server.drain_s", "must be 0..3600", self.drain_s)
+        _require(0 < self.request_timeout_s <= 3600, "server.request_timeout_s",
+                 "must be > 0 and <= 3600", self.request_timeout_s)
         _require(all(self.api_keys), "server.api_keys", "must not hold empty keys", self.api_keys)
         try:
             parse_networks(self.trusted_proxies)
@@ -344,13 +347,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML config file (default: built-in defaults = configs/default.toml)")
     parser.add_argument("--host", help="listen address")
     parser.add_argument("--port", type=int, help="listen port")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="model device")
+    parser.add_argument("--device", help="model device: cpu, cuda or cuda:N")
     parser.add_argument("--voice", help="default voice id")
     parser.add_argument("--max-streams", type=int, dest="max_streams",
                         help="concurrent streams admitted")
     parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
-                        help="accepted API key (repeatable; replaces the file's keys)")
-    parser.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ERROR")
+                        help="accepted API key (repeatable; replaces the file's keys). Any "
+                        "local user can read it in the process list: for real keys use "
+                        "server.api_keys in a config file only the server can read")
+    parser.add_argument("--log-level", dest="log_level",
+                        help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -99,10 +99,14 @@ def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response |
     """503 before the upgrade when a `start` would be refused anyway (one log line, rate-limited:
     a stream that could not start is a lifecycle event like the `start` refused after the
     upgrade)."""
-    if state.shutting_down:
-        return _overloaded(state, "server is shutting down")
-    if not state.model.ready:
-        return _overloaded(state, "server is not ready (loading the voice)")
+    if state.shutting_down or not state.model.ready:
+        reason, message = ((RefusalReason.SHUTTING_DOWN, "server is shutting down")
+                           if state.shutting_down else
+                           (RefusalReason.NOT_READY, "server is not ready (loading the voice)"))
+        state.admission.count_refusal(reason)
+        state.refusal_log.refused(reason, "stream refused before the upgrade peer=%s: %s",
+                                  peer, message)
+        return _overloaded(state, message)
     decision = state.admission.check()
     if decision.ok:
         return None
@@ -130,8 +134,12 @@ def _access_refusal(
     origin = request.headers.get("Origin")
     origin_checked = check_origin and cfg.allowed_origins and origin is not None
     if origin_checked and origin not in cfg.allowed_origins:
+        state.refusal_log.refused("origin", "refused %s peer=%s: Origin %r is not in "
+                                  "server.allowed_origins", request.path, request.remote, origin)
         return _error(403, ErrorCode.UNAUTHORIZED, "origin not allowed", state=state)
     if cfg.api_keys and not _key_ok(_presented_key(request), cfg.api_keys):
+        state.refusal_log.refused("api_key", "refused %s peer=%s: %s API key", request.path,
+                                  request.remote, "wrong" if _presented_key(request) else "no")
         return _error(401, ErrorCode.UNAUTHORIZED,
                       "missing or wrong API key (Authorization: Bearer KEY, or ?token=KEY)",
                       headers={"WWW-Authenticate": "Bearer"}, state=state)

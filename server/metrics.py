@@ -63,7 +63,8 @@ class Metrics:
                                        ["reason"], namespace=ns, registry=r)
         for reason in RefusalReason:  # every reason exported at 0 before its first refusal
             self.streams_refused.labels(reason=reason.value)
-        self.protocol_errors = Counter("protocol_errors", "error messages sent to clients",
+        self.protocol_errors = Counter("protocol_errors", "Errors sent to clients, by code: "
+                                       "`error` messages and HTTP refusals (401, 403, 426, 503)",
                                        ["code"], namespace=ns, registry=r)
         self.ttfa_seconds = Histogram("ttfa_seconds", "Time from a stream's first text to its "
                                       "first audio message", namespace=ns, registry=r,

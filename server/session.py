@@ -16,6 +16,7 @@ from typing import Final, NoReturn
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from server.admission import RefusalReason
 from server.context_stream import ContextStream, StreamEnd, StreamSpec
 from server.outbox import LagProbe, Outbox, SlowConsumer
 from server.protocol import (
@@ -313,9 +314,11 @@ class Session:
     def _admit(self, ctx: str) -> None:
         """Hold an admission slot for `ctx`, or raise `overloaded` (with its log line)."""
         if self._closing or self._state.shutting_down:
-            self._refuse(ctx, "shutting_down", "server is shutting down")
+            self._state.admission.count_refusal(RefusalReason.SHUTTING_DOWN)
+            self._refuse(ctx, RefusalReason.SHUTTING_DOWN, "server is shutting down")
         if not self._state.model.ready:
-            self._refuse(ctx, "not_ready", "server is not ready (loading the voice)")
+            self._state.admission.count_refusal(RefusalReason.NOT_READY)
+            self._refuse(ctx, RefusalReason.NOT_READY, "server is not ready (loading the voice)")
         decision = self._state.admit(self.client)
         if not decision.ok:
             self._refuse(ctx, decision.reason or "", decision.message, decision.retry_after_s)

@@ -161,3 +161,39 @@ def test_an_unparsable_http_request_is_one_info_line_without_the_clients_bytes()
     assert "SECRET" not in out.getvalue()
     assert any("10.0.0.8" in line and " ERROR " in line for line in lines)   # bugs stay errors
     assert "RuntimeError: a bug in a handler" in out.getvalue()
+
+
+def test_a_flood_of_unparsable_requests_is_logged_within_the_limit() -> None:
+    import logging
+
+    from aiohttp.http_exceptions import LineTooLong
+
+    import run_server
+
+    now = [0.0]
+    limit = run_server._BadRequestFilter(lines=2, window_s=10.0, clock=lambda: now[0])
+
+    def bad_request() -> logging.LogRecord:
+        try:
+            raise LineTooLong(b"x" * 9000, 8190)
+        except LineTooLong as exc:
+            return logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1,
+                                     "Error handling request from %s", ("10.0.0.7",),
+                                     (type(exc), exc, exc.__traceback__))
+    assert [limit.filter(bad_request()) for _ in range(5)] == [True, True, False, False, False]
+    now[0] = 10.0                                 # the next window: logged again, with a count
+    record = bad_request()
+    assert limit.filter(record)
+    assert record.getMessage().endswith("; 3 more bad request(s) before it were not logged")
+
+
+def test_api_tokens_are_masked_in_the_access_log() -> None:
+    import logging
+
+    import run_server
+
+    record = logging.LogRecord("aiohttp.access", logging.INFO, __file__, 1, '%s "%s" %s',
+                               ("127.0.0.1", "GET /v1/stream?x=1&token=k-SECRET&y=2 HTTP/1.1",
+                                101), None)
+    assert run_server._RedactTokens().filter(record)
+    assert record.getMessage() == '127.0.0.1 "GET /v1/stream?x=1&token=***&y=2 HTTP/1.1" 101'

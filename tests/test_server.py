@@ -102,7 +102,8 @@ async def running(
     await server.start_server()
     try:
         if ready:
-            await wait_for(lambda: app[STATE].model.ready, what="the model to load")
+            # Warm-up (where a test asks for it) takes seconds, more on a busy host.
+            await wait_for(lambda: app[STATE].model.ready, what="the model to load", timeout=120)
         yield Running(server)
     finally:
         await server.close()

@@ -157,7 +157,8 @@ class Phonemizer:
             raise ValueError("empty text")
         pieces = _align(alone, [w for w in whole if _is_spoken(w)])
         if pieces is None:
-            _LOGGER.debug("cannot align espeak's words with %r; using words read alone", text)
+            _LOGGER.debug("cannot align espeak's words with a phrase's %d words; using words "
+                          "read alone", len(tokens))   # never the text: it is the user's
             whole = [w for words in alone for w in words]
             pieces = _pieces_alone(alone)
         units, cores = self._units(whole)
