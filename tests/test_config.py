@@ -173,6 +173,26 @@ def test_cuda_without_a_gpu_is_one_clear_error_and_exit_2(caplog: pytest.LogCapt
     assert "use --device cpu" in record.getMessage() and record.exc_info is None
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is here")
+def test_cuda_n_is_a_device_flag_like_in_the_file(caplog: pytest.LogCaptureFixture) -> None:
+    import run_server
+
+    with caplog.at_level("ERROR", logger="run_server"):     # accepted, then found missing here
+        assert run_server.main(["--device", "cuda:1", "--port", "0"]) == 2
+    assert "device 'cuda:1'" in caplog.text
+
+
+def test_a_missing_voice_file_is_named_and_not_blamed_on_the_port(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import run_server
+
+    missing = tmp_path / "nowhere.onnx"
+    with caplog.at_level("ERROR", logger="run_server"):
+        assert run_server.main(["--voice", str(missing), "--port", "0"]) == 2
+    [record] = [r for r in caplog.records if r.name == "run_server"]
+    assert str(missing) in record.getMessage() and "cannot serve" not in record.getMessage()
+
+
 def test_a_bad_flag_is_blamed_on_the_command_line_and_a_bad_file_on_the_file(tmp_path: Path) -> None:
     good = write(tmp_path, "[server]\nport = 8001\n")
     with pytest.raises(ConfigError, match=r"^command line: server\.port"):

@@ -576,7 +576,9 @@ async def test_one_client_cannot_hold_more_contexts_than_its_share(
         assert not r.state.client_contexts               # nothing left counted
 
 
-async def test_unauthorized_and_origin(engine: Engine, http: aiohttp.ClientSession) -> None:
+async def test_unauthorized_and_origin(engine: Engine, http: aiohttp.ClientSession,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="server.admission")
     overrides = {"server.api_keys": ["k-one", "k-two"],
                  "server.allowed_origins": ["https://app.example"]}
     async with running(engine, overrides) as r:
@@ -602,6 +604,10 @@ async def test_unauthorized_and_origin(engine: Engine, http: aiohttp.ClientSessi
             await connect(http, r, "?token=k-one", headers={"Origin": "https://evil.example"})
         assert info.value.status == 403
         browser = await connect(http, r, "?token=k-one", headers={"Origin": "https://app.example"})
+        # Each refusal is logged (within admission.refusal_log_lines), the key never.
+        assert "refused /v1/stream peer=127.0.0.1: no API key" in caplog.text
+        assert "refused /v1/stream peer=127.0.0.1: wrong API key" in caplog.text
+        assert "Origin 'https://evil.example' is not in server.allowed_origins" in caplog.text
         for client in (by_header, by_token, browser):
             await client.send({"type": "cancel"})
             assert (await client.recv())["type"] == "cancelled"
@@ -1214,6 +1220,8 @@ async def test_healthz_is_503_until_the_voice_is_warm(
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await connect(http, r)
         assert info.value.status == 503 and retry_after(info.value) in DEFAULT_RETRY_HINTS
+        # Counted with every other refusal (tts_streams_refused_total{reason="not_ready"}).
+        assert r.state.admission.refused_counts()[RefusalReason.NOT_READY] == 1
         gate.set()
         await wait_for(lambda: r.state.model.ready, what="ready")
         async with http.get(r.url("/healthz")) as resp:
