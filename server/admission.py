@@ -112,6 +112,7 @@ class RefusalReason(StrEnum):
     SOCKETS = "sockets"  # limits.max_sockets: refused before the upgrade (server/http.py)
     NOT_READY = "not_ready"  # the voice is still loading
     SHUTTING_DOWN = "shutting_down"  # draining or stopping
+    START_RATE = "start_rate"  # limits.starts_per_s: one socket starting streams in a loop
 
 
 @dataclass(frozen=True)

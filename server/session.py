@@ -78,6 +78,9 @@ class Session:
         self._outbox = Outbox(ws.send_bytes, max_messages=self._limits.send_queue_messages,
                               max_lag_s=self._limits.max_send_lag_s, control=self._send_control)
         self._lag = LagProbe()
+        self._starts = TokenBucket(rate=self._limits.starts_per_s,
+                                   burst=max(1.0, 2 * self._limits.starts_per_s),
+                                   now=asyncio.get_running_loop().time())
         self._streams: dict[str, ContextStream] = {}  # live contexts by ctx
         self._stopping: set[asyncio.Task[None]] = set()  # cancelled stream tasks to await
         self._last_activity = asyncio.get_running_loop().time()
@@ -289,6 +292,11 @@ class Session:
 
     def _validate_start(self, msg: StartMsg) -> tuple[StreamSpec, StreamOptions, VoiceInfo]:
         """Every check of `start`, ending with the admission slot (held on success)."""
+        if not self._starts.take(asyncio.get_running_loop().time()):
+            self._state.admission.count_refusal(RefusalReason.START_RATE)
+            self._refuse(msg.ctx, RefusalReason.START_RATE, "at most "
+                         f"{self._limits.starts_per_s:g} streams started per second on one "
+                         "socket", retry_after_s=1)
         if msg.ctx in self._streams:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "this ctx is already live", msg.ctx)
         voice = self._voice(msg)
@@ -450,3 +458,19 @@ def _speaker_id(voice: VoiceInfo, msg: StartMsg) -> int:
         return speaker
     raise ProtocolError(ErrorCode.UNKNOWN_VOICE,
                         f"voice {voice.id} has no speaker {speaker!r}", msg.ctx)
+
+
+class TokenBucket:
+    """`rate` events per second on average, `burst` at once: take() spends one if there is one."""
+
+    def __init__(self, *, rate: float, burst: float, now: float) -> None:
+        self._rate, self._burst = rate, burst
+        self._tokens, self._at = burst, now
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True

@@ -367,7 +367,8 @@ def test_refusals_are_counted_by_reason_and_reported() -> None:
     assert ctl.refused_counts() == {RefusalReason.MAX_STREAMS: 1, RefusalReason.VRAM: 1,
                                     RefusalReason.LOAD: 0, RefusalReason.EVENT_LOOP: 0,
                                     RefusalReason.ENCODERS: 0, RefusalReason.SOCKETS: 0,
-                                    RefusalReason.NOT_READY: 0, RefusalReason.SHUTTING_DOWN: 0}
+                                    RefusalReason.NOT_READY: 0, RefusalReason.SHUTTING_DOWN: 0,
+                                    RefusalReason.START_RATE: 0}
     assert seen == [RefusalReason.VRAM, RefusalReason.MAX_STREAMS]
     ctl.count_refusal(RefusalReason.SOCKETS)      # decided before the upgrade (server/http.py)
     assert ctl.refused_counts()[RefusalReason.SOCKETS] == 1 and seen[-1] is RefusalReason.SOCKETS

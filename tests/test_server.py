@@ -718,6 +718,35 @@ async def test_users_behind_a_trusted_proxy_are_told_apart_and_no_one_else_can_p
         await clean(r)
 
 
+async def test_a_socket_that_starts_streams_in_a_loop_is_slowed_down(
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running(engine, {"limits.starts_per_s": 5}) as r:
+        client = await connect(http, r)
+        replies = []
+        for i in range(14):                       # start and cancel as fast as it can
+            await client.send({"type": "start", "ctx": f"c{i}"})
+            replies.append(await client.recv())
+            await client.send({"type": "cancel", "ctx": f"c{i}"})
+            assert (await client.recv())["type"] == "cancelled"
+        kinds = [m["type"] for m in replies]
+        assert kinds[:10] == ["ready"] * 10       # a burst of twice the rate is let through
+        refused = [m for m in replies if m["type"] == "error"]
+        assert refused and all(
+            (m["code"], m["retry_after_s"], m["message"]) == (
+                "overloaded", 1, "at most 5 streams started per second on one socket")
+            for m in refused)
+        assert r.state.admission.refused_counts()[RefusalReason.START_RATE] == len(refused)
+        await asyncio.sleep(0.5)                  # the rate refills: the socket is served again
+        await client.send({"type": "start", "ctx": "later"})
+        assert (await client.recv())["type"] == "ready"
+        opened = [m for m in caplog.messages if " opened ctx=" in m]
+        assert len(opened) == 14 - len(refused) + 1
+        await client.close()
+        await clean(r)
+
+
 async def test_a_flood_of_refusals_is_logged_within_the_limit(
     engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
