@@ -25,12 +25,14 @@ Set TTS_UPDATE_SCREENSHOT=1 to refresh web_client/screenshot.png (the README pic
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -194,11 +196,11 @@ def browser() -> Iterator[Any]:
 class Client:
     """One page of the web client, with helpers that read what a person would see."""
 
-    def __init__(self, page: Any, server: Server) -> None:
+    def __init__(self, page: Any, server: Server, url: str | None = None) -> None:
         self.page = page
         self.errors: list[str] = []
         page.on("pageerror", lambda err: self.errors.append(str(err)))
-        page.goto(server.url + "/")
+        page.goto(url or server.url + "/")
 
     def login(self, token: str = API_KEY) -> None:
         self.page.fill("#token", token)
@@ -856,3 +858,155 @@ def test_token_goes_in_a_header_and_a_401_stops_the_status_poll(
                                              for r in authorized}
     assert sockets and all(f"token={API_KEY}" in url for url in sockets)
     assert client.errors == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Behind a reverse proxy, under a path prefix
+
+class PrefixProxy:
+    """A reverse proxy that serves the server under `prefix`, as nginx's
+    `location /tts/ { proxy_pass http://127.0.0.1:8000/; }` (with the Upgrade headers) does:
+    GET /tts/x?q goes to the server's /x?q, a WebSocket upgrade too, frames and close codes
+    forwarded both ways. Anything outside the prefix is answered 404 and kept in `outside`, so
+    a page that asks the proxy's root for something is caught. Runs its own event loop in a
+    thread (the tests are synchronous)."""
+
+    def __init__(self, upstream: str, prefix: str = "/tts/") -> None:
+        self.upstream = upstream
+        self.prefix = prefix
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.inside: list[str] = []
+        self.outside: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner: Any = None
+        self.session: Any = None
+
+    def __enter__(self) -> PrefixProxy:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+    async def _start(self) -> None:
+        from aiohttp import ClientSession, web
+
+        self.session = ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def _stop(self) -> None:
+        await self.runner.cleanup()
+        await self.session.close()
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if not request.path.startswith(self.prefix):
+            self.outside.append(request.path_qs)
+            return web.Response(status=404, text="not under the proxy's prefix")
+        self.inside.append(request.path_qs)
+        target = self.upstream + request.path_qs[len(self.prefix) - 1:]
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "origin", "accept", "cache-control")}
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._socket(request, target, headers)
+        async with self.session.request(request.method, target, headers=headers,
+                                        data=await request.read()) as resp:
+            body = await resp.read()
+            keep = ("content-type", "content-encoding", "retry-after", "cache-control")
+            return web.Response(
+                status=resp.status, body=body,
+                headers={k: v for k, v in resp.headers.items() if k.lower() in keep})
+
+    async def _socket(self, request: Any, target: str, headers: dict[str, str]) -> Any:
+        from aiohttp import WSMsgType, WSServerHandshakeError, web
+
+        headers.pop("origin", None)
+        headers.pop("Origin", None)
+        try:
+            upstream = await self.session.ws_connect(
+                target.replace("http", "ws", 1), headers=headers,
+                origin=request.headers.get("Origin"))
+        except WSServerHandshakeError as err:  # refused before the upgrade: say it as HTTP
+            return web.Response(status=err.status, text=err.message)
+        page = web.WebSocketResponse()
+        await page.prepare(request)
+
+        async def to_server() -> None:
+            async for msg in page:
+                if msg.type == WSMsgType.BINARY:
+                    await upstream.send_bytes(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    await upstream.send_str(msg.data)
+            await upstream.close()
+
+        async def to_page() -> None:
+            async for msg in upstream:
+                if msg.type == WSMsgType.BINARY:
+                    await page.send_bytes(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    await page.send_str(msg.data)
+            await page.close(code=upstream.close_code or 1000)
+
+        tasks = [asyncio.ensure_future(to_server()), asyncio.ensure_future(to_page())]
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await upstream.close()
+        return page
+
+
+def test_page_under_a_path_prefix_behind_a_proxy_speaks_to_the_end(
+    browser: Any, server: Server,
+) -> None:
+    # An operator serves the client at https://host/tts/ (the proxy strips /tts). Every URL the
+    # page uses must stay under /tts/: its scripts and styles, the API, the WebSocket. They
+    # were absolute (/static/app.js, /v1/stream), so the page loaded without its script.
+    server.wait_idle()
+    with PrefixProxy(server.url, "/tts/") as proxy:
+        context = browser.new_context(viewport={"width": 1100, "height": 1000})
+        try:
+            page = context.new_page()
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            sockets: list[str] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            client = Client(page, server, url=proxy.url + "/tts/")
+            client.login()
+            try:
+                client.wait_voices()
+            except sync_api.TimeoutError:
+                pytest.fail(f"no voices; asked outside /tts/: {proxy.outside}")
+            page.wait_for_function(  # the status poll goes through the prefix too
+                "() => /^\\d+\\/1 streams$/.test("
+                "document.querySelector('#server-streams').textContent)",
+                timeout=6_000,
+            )
+            text = "Hello from behind a proxy. The page lives under a prefix."
+            client.speak(text, wps=10)
+            _wait_state(client, "done", timeout_ms=60_000)
+            assert client.alert() == ""
+            assert " ".join(page.inner_text("#captions").split()) == text
+            assert page.eval_on_selector_all(".word", "ws => ws.length") == len(text.split())
+            assert float(client.stats()["playedMs"]) > 1000
+            assert proxy.outside == [], proxy.outside
+            assert sockets and all(
+                url.startswith(f"ws://127.0.0.1:{proxy.port}/tts/v1/stream") for url in sockets
+            ), sockets
+            page_urls = [u for u in requests if not u.startswith("data:")]
+            assert all(u.startswith(proxy.url + "/tts/") for u in page_urls), page_urls
+            assert {"/tts/static/app.js", "/tts/static/style.css", "/tts/v1/voices",
+                    "/tts/v1/status"} <= {urllib.parse.urlsplit(u).path for u in page_urls}
+            assert client.errors == []
+        finally:
+            context.close()

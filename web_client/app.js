@@ -4,6 +4,10 @@
 // /static/app.js and the msgpack package is /static/node_modules/@msgpack/msgpack/...). No
 // bundler: modules are imported relative to this file.
 //
+// Every URL the page uses is relative to the page (`pageUrl`), never absolute: behind a reverse
+// proxy that serves the server under a prefix (page at /tts/), /tts/v1/stream is the server's
+// /v1/stream, and "/v1/stream" would be the proxy's own. The paths below are the server's.
+//
 // HTTP endpoints this page uses (same origin; an entered API token goes in an
 // `Authorization: Bearer` header, and as `?token=` only on the WebSocket, because browsers
 // cannot set headers on one). Every fetch is given up after a few seconds, so a stalled server
@@ -68,9 +72,18 @@ const $ = (id) => document.getElementById(id);
 // ---------------------------------------------------------------------------------------------
 // Small helpers
 
+/**
+ * A server URL relative to the page ("v1/voices", no leading slash), so that it stays under the
+ * prefix the page is served at (/tts/ -> /tts/v1/voices). The page's own query (?retry_s=...)
+ * is not carried over.
+ */
+function pageUrl(path) {
+  return new URL(path, window.location.href);
+}
+
 /** The WebSocket's URL, with the API token (if any) as ?token= (no headers on a WebSocket). */
 function streamUrl(token) {
-  const url = new URL("/v1/stream", window.location.href);
+  const url = pageUrl("v1/stream");
   url.protocol = window.location.protocol === "https:" ? "wss:" : "ws:";
   if (token) url.searchParams.set("token", token);
   return url.toString();
@@ -85,12 +98,13 @@ function timeoutSignal(ms) {
 }
 
 /**
- * GET a same-origin path, the API token (if any) in an Authorization header, not the URL (URLs
- * end up in logs and history). Rejects if no answer comes within `timeoutMs`.
+ * GET a server path relative to the page (see `pageUrl`), the API token (if any) in an
+ * Authorization header, not the URL (URLs end up in logs and history). Rejects if no answer
+ * comes within `timeoutMs`.
  */
 function apiFetch(path, token, timeoutMs = FETCH_TIMEOUT_MS) {
   const headers = token ? { Authorization: `Bearer ${token}` } : {};
-  return fetch(new URL(path, window.location.href), {
+  return fetch(pageUrl(path), {
     cache: "no-store",
     headers,
     signal: timeoutSignal(timeoutMs),
@@ -412,7 +426,7 @@ class Connection {
 async function explainRefusal(token) {
   try {
     // A server that refuses before the upgrade answers a plain GET the same way (401 / 503).
-    const probe = await apiFetch("/v1/stream", token);
+    const probe = await apiFetch("v1/stream", token);
     if (probe.status === 401 || probe.status === 403) return new Error(MSG_AUTH);
     if (probe.status === 503) {
       const body = await probe.json().catch(() => ({}));
@@ -425,7 +439,7 @@ async function explainRefusal(token) {
     // fall through to the status endpoint
   }
   try {
-    const status = await (await apiFetch("/v1/status", token)).json();
+    const status = await (await apiFetch("v1/status", token)).json();
     if (status.ready === false) return startingOrFailed(Number(status.retry_after_s ?? NaN));
     const full =
       (status.max_streams !== null && status.active_streams >= status.max_streams) ||
@@ -440,7 +454,7 @@ async function explainRefusal(token) {
 /** The server is not ready: still loading its voice (wait), or it failed to (`/healthz`). */
 async function startingOrFailed(retryAfterS) {
   try {
-    const health = await (await apiFetch("/healthz", null)).json();
+    const health = await (await apiFetch("healthz", null)).json();
     if (health?.status === "failed") {
       return new Error(`The server could not load its voice: ${health.error ?? "unknown error"}`);
     }
@@ -753,7 +767,7 @@ class App {
     let resp;
     let voices;
     try {
-      resp = await apiFetch("/v1/voices", this.token);
+      resp = await apiFetch("v1/voices", this.token);
       if (resp.ok) voices = await resp.json();
     } catch {
       return this.voicesFailed(MSG_UNREACHABLE);
@@ -842,7 +856,7 @@ class App {
     if (this.statusRefusedFor === token) return;
     let status = null;
     try {
-      const resp = await apiFetch("/v1/status", token, STATUS_TIMEOUT_MS);
+      const resp = await apiFetch("v1/status", token, STATUS_TIMEOUT_MS);
       if (resp.status === 401 || resp.status === 403) {
         this.statusRefusedFor = token;
         this.renderServer(null, token ? "status: wrong API token" : "status: API token needed");
@@ -1024,7 +1038,7 @@ class App {
   async retryWhenReady(utt, retryAfterS) {
     let status = null;
     try {
-      status = await (await apiFetch("/v1/status", this.token, STATUS_TIMEOUT_MS)).json();
+      status = await (await apiFetch("v1/status", this.token, STATUS_TIMEOUT_MS)).json();
     } catch {
       status = null; // not answering: try the socket, which explains itself
     }
@@ -1073,7 +1087,7 @@ class App {
     if (this.conn) this.conn.close();
     this.conn = null;
     // A 401 before the upgrade looks like any other failed connection, so check the token first.
-    const resp = await apiFetch("/v1/voices", this.token).catch(() => null);
+    const resp = await apiFetch("v1/voices", this.token).catch(() => null);
     if (!resp) throw new Error(MSG_UNREACHABLE);
     if (resp.status === 401 || resp.status === 403) throw new Error(MSG_AUTH);
     const conn = new Connection(
