@@ -66,7 +66,7 @@ CHROMIUM_ARGS = [
     "--autoplay-policy=no-user-gesture-required",
 ]
 API_KEY = "browser-test-key"
-STARTUP_TIMEOUT_S = 120.0
+STARTUP_TIMEOUT_S = 300.0   # load and warm-up: ~30 s on a quiet 2-core machine, minutes on a busy one
 AUTH_MESSAGE = "Authentication failed: check the API token"
 CAPACITY_RE = re.compile(r"Server is at capacity — try again in (\d+ s|a few seconds)")
 WAITING_RE = re.compile(r"Server is at capacity — retrying in \d+ s")
