@@ -260,21 +260,30 @@ async def test_captions_hold_every_character_sent_even_unspoken_and_split_by_a_f
     await client.close()
 
 
+async def speak_with_and_without(srv: Running, http: aiohttp.ClientSession, text: str,
+                                 option: str) -> tuple[Utterance, Utterance]:
+    """`text` spoken with `option` at its default (on) and off; captions hold it as written."""
+    client = await connect(http, srv)
+    on = await client.speak(text, ctx="on")
+    off = await client.speak(text, ctx="off", **{option: False})
+    await client.close()
+    for u in (on, off):
+        check_done(u, chars=len(text))
+        assert "".join(p["space_before"] + p["text"] for p in u.phrases) == text
+    return on, off
+
+
+def spoken_words(u: Utterance) -> list[str]:
+    return [w for words in u.words for w, _, _ in words["items"]]
+
+
 async def test_markdown_markup_is_not_read_aloud_unless_asked(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
-    client = await connect(http, srv)
-    text = "## Plan\n- **Bold** step, then `code`."
-    read = await client.speak(text, ctx="md")
-    literal = await client.speak(text, ctx="plain", markdown=False)
-    await client.close()
-    for u in (read, literal):
-        check_done(u, chars=len(text))
-        # Captions show the text as written either way.
-        assert "".join(p["space_before"] + p["text"] for p in u.phrases) == text
-    spoken = [w for words in read.words for w, _, _ in words["items"]]
-    assert spoken == ["Plan", "Bold", "step,", "then", "code."]
-    assert any("**" in w for words in literal.words for w, _, _ in words["items"])
+    read, literal = await speak_with_and_without(
+        srv, http, "## Plan\n- **Bold** step, then `code`.", "markdown")
+    assert spoken_words(read) == ["Plan", "Bold", "step,", "then", "code."]
+    assert any("**" in w for w in spoken_words(literal))
     # "hash hash", "asterisk asterisk ..." take time to say.
     assert read.done["usage"]["audio_ms"] < 0.8 * literal.done["usage"]["audio_ms"]
 
@@ -282,16 +291,10 @@ async def test_markdown_markup_is_not_read_aloud_unless_asked(
 async def test_written_forms_are_read_as_said_unless_asked(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
-    client = await connect(http, srv)
     text = "See https://www.example.com/docs?id=1 for $5."
-    said = await client.speak(text, ctx="said")
-    literal = await client.speak(text, ctx="literal", normalize=False)
-    await client.close()
-    for u in (said, literal):
-        check_done(u, chars=len(text))
-        assert "".join(p["space_before"] + p["text"] for p in u.phrases) == text
-        # Word timings name the words as written either way.
-        assert [w for words in u.words for w, _, _ in words["items"]] == text.split()
+    said, literal = await speak_with_and_without(srv, http, text, "normalize")
+    # Word timings name the words as written either way.
+    assert spoken_words(said) == spoken_words(literal) == text.split()
     # Spelling out "h t t p s colon slash slash w w w" and "question mark i d equals" takes time.
     assert said.done["usage"]["audio_ms"] < 0.75 * literal.done["usage"]["audio_ms"]
 
@@ -1436,13 +1439,19 @@ async def test_a_drain_lets_live_streams_finish_and_sends_newcomers_elsewhere(
         await client.close()
 
 
+async def live_stream(http: aiohttp.ClientSession, r: Running) -> ProtocolClient:
+    """A socket with one live stream ("s") that has no text yet."""
+    client = await connect(http, r)
+    await client.send({"type": "start", "ctx": "s"})
+    assert (await client.recv())["type"] == "ready"
+    return client
+
+
 async def test_a_drain_that_times_out_leaves_the_live_streams_to_shutdown(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
     async with running(engine) as r:
-        client = await connect(http, r)
-        await client.send({"type": "start", "ctx": "s"})          # live, waiting for text
-        assert (await client.recv())["type"] == "ready"
+        client = await live_stream(http, r)                       # live, waiting for text
         assert await drain(r.server.app, timeout_s=0.3) == 1
         closing = asyncio.create_task(r.server.close())
         frame = await client.ws.receive(timeout=10)
@@ -1457,9 +1466,7 @@ async def test_a_second_signal_or_no_drain_time_stops_at_once(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
     async with running(engine) as r:
-        client = await connect(http, r)
-        await client.send({"type": "start", "ctx": "s"})
-        assert (await client.recv())["type"] == "ready"
+        client = await live_stream(http, r)
         stopped = asyncio.Event()
         signals = ShutdownSignals(r.server.app, 30.0, stop=stopped.set)
         signals.received(signal.SIGTERM)                       # drains: the stream is live
