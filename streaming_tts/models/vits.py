@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .commons import sequence_mask
+from .commons import masked, sequence_mask
 from .duration import StochasticDurationPredictor
 from .flow import ResidualCouplingBlock
 from .generator import Generator
@@ -58,21 +58,22 @@ class VitsModel(nn.Module):
         """
         B, Tx = ids.shape
         g = self.speaker_embedding(speakers)
-        x, m, logs, x_mask = self.enc_p(ids, lengths)
+        x, m, logs, x_mask = self.enc_p(ids, lengths)                     # time-major
         noise_scale, length_scale, noise_w = (scales[:, i, None, None] for i in range(3))
-        dp_noise = _per_item_noise(lengths.tolist(), 2, Tx, generators, x) * noise_w
+        dp_noise = _per_item_noise(lengths.tolist(), 2, Tx, generators, x).transpose(1, 2) * noise_w
         logw = self.dp(x, x_mask, dp_noise, g=g)
-        w_ceil = torch.ceil(torch.exp(logw) * x_mask * length_scale)[:, 0]  # [B, Tx]
+        w_ceil = torch.ceil(masked(torch.exp(logw), x_mask) * length_scale)[..., 0]  # [B, Tx]
         frames = torch.clamp_min(w_ceil.sum(1), 1).long()
         Ty = int(frames.max())
         y_mask = sequence_mask(frames, Ty).unsqueeze(1).to(x.dtype)
-        # Expand each phoneme's prior over its frames (the monotonic path as an index).
+        # Expand each phoneme's prior over its frames (the monotonic path as an index), into
+        # the channel-major layout of the flow.
         cum = torch.cumsum(w_ceil, dim=1)
         idx = torch.searchsorted(cum, torch.arange(Ty, device=x.device, dtype=cum.dtype)
                                  .expand(B, Ty).contiguous(), right=True).clamp_max(Tx - 1)
-        idx = idx[:, None, :].expand(B, m.shape[1], Ty)
-        m_y, logs_y = m.gather(2, idx), logs.gather(2, idx)
-        z_noise = _per_item_noise(frames.tolist(), m.shape[1], Ty, generators, x)
+        idx = idx[:, None, :].expand(B, m.shape[2], Ty)
+        m_y, logs_y = m.transpose(1, 2).gather(2, idx), logs.transpose(1, 2).gather(2, idx)
+        z_noise = _per_item_noise(frames.tolist(), m.shape[2], Ty, generators, x)
         z_p = (m_y + z_noise * torch.exp(logs_y) * noise_scale) * y_mask
         window = Ty if head_frames is None else head_frames + self.flow.halo
         if window >= Ty:
