@@ -96,6 +96,15 @@ class Generator(nn.Module):
                 self.resblocks.append(block(ch >> (i + 1), kernel, dil))
         self.num_kernels = len(hp.dec_kernels)
         self.conv_post = same_conv(ch >> len(hp.dec_ups), 1, hp.dec_post_kernel, bias=False)
+        # Weights kept in the memory order of channels-last 2-D kernels (the [O, I, k] weight
+        # laid out as (O, k, I), so that its [O, I, 1, k] view is channels-last): otherwise
+        # each call converts every weight before convolving (up to 2 MB each; a first chunk
+        # of 24 frames, 2 threads: 24.2 -> 22.0 ms, median of 100 interleaved, same output).
+        # Loading copies into these tensors and .to() keeps their layout.
+        for layer in self.modules():
+            if isinstance(layer, (nn.Conv1d, nn.ConvTranspose1d)):
+                layer.weight = nn.Parameter(layer.weight.detach().unsqueeze(2)
+                                            .contiguous(memory_format=torch.channels_last).squeeze(2))
         self.hop = hp.hop_length
         self.halos = self._compute_halos()
         self.context_frames = max(self.halos[0].left, self.halos[0].right)
