@@ -250,6 +250,21 @@ def test_head_only_flow_gives_the_same_first_chunk_and_then_the_same_phrase(engi
             engine.decode([DecodeJob(head.z, *plan[1], phrase_frames=head.num_frames)])
 
 
+@pytest.mark.parametrize("sizes", [(8, 40, 90), (40, 90)])
+def test_head_only_batch_gives_each_phrase_what_it_gets_alone(engine: Engine, sizes) -> None:
+    # With a phrase that ends inside the flow's window (8 phonemes: between the head and the
+    # window) the batch runs the whole window; without one, only the exact head frames.
+    jobs = [AcousticJob(make_ids(n, seed=n), SynthesisParams(), seed=4, head_only=True) for n in sizes]
+    for job, res in zip(jobs, engine.acoustic(jobs)):
+        alone = engine.acoustic([job])[0]
+        assert (res.num_frames, res.complete) == (alone.num_frames, alone.complete)
+        a, b = engine.chunk_plan(res.num_frames)[0]
+        first, first_alone = engine.decode([DecodeJob(r.z, a, b, phrase_frames=r.num_frames)
+                                            for r in (res, alone)])
+        assert np.abs(first - first_alone).max() <= 1e-4
+        assert torch.allclose(engine.finish_flow(res).z, engine.finish_flow(alone).z, atol=1e-4)
+
+
 def multi_speaker_model() -> VitsModel:
     """The default voice's weights in a 4-speaker model (speaker table and conditioning
     layers random): the shapes and dtypes of a multi-speaker Piper voice."""

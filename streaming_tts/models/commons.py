@@ -16,8 +16,24 @@ def sequence_mask(lengths: torch.Tensor, max_len: int | None = None) -> torch.Te
     return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis of a [B, C, T] tensor (VITS names: gamma, beta)."""
+def time_mask(lengths: torch.Tensor, max_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """[B] lengths -> [B, T, 1] mask for time-major activations, or None when no item is padded.
+
+    Multiplying by a mask of ones changes nothing, so an unpadded batch (every batch of one)
+    skips the multiplies: at a few dozen phonemes each is a kernel launch for little work.
+    """
+    if int(lengths.min()) == max_len:
+        return None
+    return sequence_mask(lengths, max_len).unsqueeze(-1).to(dtype)
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x * mask; x itself when there is no mask (nothing padded)."""
+    return x if mask is None else x * mask
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, with VITS' parameter names (gamma, beta)."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -26,9 +42,26 @@ class ChannelLayerNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Transposes + the fused kernel measured 3x faster than normalising over dim 1 by hand.
-        x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), self.gamma, self.beta, self.eps)
-        return x.transpose(1, 2)
+        return F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
+
+
+def linear(x: torch.Tensor, layer: nn.Conv1d) -> torch.Tensor:
+    """A 1x1 Conv1d applied to time-major [B, T, C] activations: one GEMM."""
+    return F.linear(x, layer.weight[:, :, 0], layer.bias)
+
+
+def conv_time_major(x: torch.Tensor, layer: nn.Conv1d) -> torch.Tensor:
+    """A same-padded, undilated Conv1d applied to time-major [B, T, C] activations.
+
+    One GEMM over the unfolded input ([B, T, C * k], in the (C, k) order of the weight, so the
+    weight is used as stored): as fast as Conv1d on channel-major input for the text
+    encoder's FFN (measured), so the time-major layout costs the convolutions nothing.
+    """
+    k = layer.kernel_size[0]
+    B, T, _ = x.shape
+    pad = (k - 1) // 2
+    cols = F.pad(x, (0, 0, pad, pad)).unfold(1, k, 1).reshape(B, T, -1)      # [B, T, C * k]
+    return F.linear(cols, layer.weight.reshape(layer.out_channels, -1), layer.bias)
 
 
 def same_conv(cin: int, cout: int, kernel: int, dilation: int = 1, groups: int = 1,
@@ -53,17 +86,18 @@ def conv_transpose(x: torch.Tensor, layer: nn.ConvTranspose1d) -> torch.Tensor:
 
 
 def depthwise_conv(x: torch.Tensor, layer: nn.Conv1d) -> torch.Tensor:
-    """A same-padded depthwise (groups == channels) Conv1d as a sum of shifted products.
+    """A same-padded depthwise (groups == channels) Conv1d on [B, T, C] as a sum of shifted
+    products.
 
     PyTorch sends dilated depthwise 1-D convolutions to a slow generic path; with kernel 3 this
     is three multiply-adds per element.
     """
     k, d = layer.kernel_size[0], layer.dilation[0]
     pad = (k - 1) * d // 2
-    T = x.shape[2]
-    xp = F.pad(x, (pad, pad))
-    w = layer.weight[:, 0, :]                                   # [C, k]
-    out = xp[:, :, 0:T] * w[:, 0, None]
+    T = x.shape[1]
+    xp = F.pad(x, (0, 0, pad, pad))
+    w = layer.weight[:, 0, :].t()                               # [k, C]
+    out = torch.addcmul(layer.bias, xp[:, 0:T], w[0])
     for j in range(1, k):
-        out = out + xp[:, :, j * d:j * d + T] * w[:, j, None]
-    return out + layer.bias[:, None]
+        out.addcmul_(xp[:, j * d:j * d + T], w[j])
+    return out

@@ -2,7 +2,9 @@
 
 Only the inference direction exists here: the flows are inverted in order (the first ConvFlow,
 which VITS drops at inference, is not part of Piper exports), and the rational-quadratic spline
-is solved for its inverse.
+is solved for its inverse. Time-major ([B, T, C]) like the text encoder whose output it reads:
+1x1 convolutions are plain GEMMs and the layer norms need no transposes (3-word phrase, 39 ids,
+2 threads, median of 200 interleaved: 10.2 -> 9.1 ms; batch 4: 24.9 -> 15.7 ms).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .commons import ChannelLayerNorm, depthwise_conv, same_conv
+from .commons import LayerNorm, depthwise_conv, linear, masked, same_conv
 from .hparams import VitsHParams
 
 _MIN_BIN = 1e-3          # minimum bin width/height and derivative, as in VITS' transforms
@@ -29,16 +31,17 @@ class DDSConv(nn.Module):
             same_conv(channels, channels, kernel, dilation=kernel ** i, groups=channels)
             for i in range(layers))
         self.convs_1x1 = nn.ModuleList(nn.Conv1d(channels, channels, 1) for _ in range(layers))
-        self.norms_1 = nn.ModuleList(ChannelLayerNorm(channels) for _ in range(layers))
-        self.norms_2 = nn.ModuleList(ChannelLayerNorm(channels) for _ in range(layers))
+        self.norms_1 = nn.ModuleList(LayerNorm(channels) for _ in range(layers))
+        self.norms_2 = nn.ModuleList(LayerNorm(channels) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None):
+        """x [B, T, C], mask [B, T, 1] (None: no padding)."""
         if g is not None:
             x = x + g
         for sep, n1, c1, n2 in zip(self.convs_sep, self.norms_1, self.convs_1x1, self.norms_2):
-            y = F.gelu(n1(depthwise_conv(x * mask, sep)))
-            x = x + F.gelu(n2(c1(y)))
-        return x * mask
+            y = F.gelu(n1(depthwise_conv(masked(x, mask), sep)))
+            x = x + F.gelu(n2(linear(y, c1)))
+        return masked(x, mask)
 
 
 def inverse_rq_spline(y: torch.Tensor, uw: torch.Tensor, uh: torch.Tensor, ud: torch.Tensor,
@@ -93,15 +96,15 @@ class ConvFlow(nn.Module):
         self.convs = DDSConv(filters, kernel, layers)
         self.proj = nn.Conv1d(filters, 3 * bins - 1, 1)
 
-    def reverse(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        x0, x1 = x[:, :1], x[:, 1:]
-        h = self.proj(self.convs(self.pre(x0), mask, g=g)) * mask          # [B, 3K-1, T]
-        B, _, T = x0.shape
-        h = h.reshape(B, 1, -1, T).permute(0, 1, 3, 2)                      # [B, 1, T, 3K-1]
+    def reverse(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+        """x [B, T, 2], g [B, T, C] -> [B, T, 2]."""
+        x0, x1 = x[..., :1], x[..., 1:]
+        h = self.convs(linear(x0, self.pre), mask, g=g)
+        h = masked(linear(h, self.proj), mask)                              # [B, T, 3K-1]
         scale = math.sqrt(self.filters)
         uw, uh = h[..., :self.bins] / scale, h[..., self.bins:2 * self.bins] / scale
-        x1 = inverse_rq_spline(x1, uw, uh, h[..., 2 * self.bins:], self.bound)
-        return torch.cat([x0, x1], 1) * mask
+        x1 = inverse_rq_spline(x1[..., 0], uw, uh, h[..., 2 * self.bins:], self.bound)
+        return masked(torch.cat([x0, x1[..., None]], -1), mask)
 
 
 class ElementwiseAffine(nn.Module):
@@ -112,12 +115,13 @@ class ElementwiseAffine(nn.Module):
         self.m = nn.Parameter(torch.zeros(channels, 1))
         self.exp_neg_logs = nn.Parameter(torch.ones(channels, 1))
 
-    def reverse(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (x - self.m) * self.exp_neg_logs * mask
+    def reverse(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, C] (the parameters are stored [C, 1], channel-major)."""
+        return masked((x - self.m[:, 0]) * self.exp_neg_logs[:, 0], mask)
 
 
 class StochasticDurationPredictor(nn.Module):
-    """Hidden text states + noise [B, 2, T] -> log-durations [B, 1, T]."""
+    """Hidden text states [B, T, C] + noise [B, T, 2] -> log-durations [B, T, 1]."""
 
     def __init__(self, hp: VitsHParams):
         super().__init__()
@@ -132,17 +136,18 @@ class StochasticDurationPredictor(nn.Module):
         self.flows = nn.ModuleDict(flows)
         self.flow_ids = sorted(hp.dp_flow_ids, reverse=True)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, noise: torch.Tensor,
                 g: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.pre(x)
+        """mask [B, T, 1] (None: no padding); g [B, gin, 1] as the speaker table gives it."""
+        x = linear(x, self.pre)
         if self.cond is not None and g is not None:
-            x = x + self.cond(g)
-        x = self.proj(self.convs(x, mask)) * mask
+            x = x + linear(g.transpose(1, 2), self.cond)
+        x = masked(linear(self.convs(x, mask), self.proj), mask)
         z = noise
         # Reverse order of [affine, (convflow, flip) x N]: each flip precedes its convflow.
         for i in self.flow_ids:
-            z = torch.flip(z, [1])
+            z = torch.flip(z, [-1])
             z = self.flows[str(i)].reverse(z, mask, x)
-        z = torch.flip(z, [1])
+        z = torch.flip(z, [-1])
         z = self.flows["0"].reverse(z, mask)
-        return z[:, :1]
+        return z[..., :1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .commons import same_conv
+from .commons import masked, same_conv
 from .hparams import VitsHParams
 
 
@@ -21,24 +21,30 @@ class WN(nn.Module):
             nn.Conv1d(hidden, 2 * hidden if i < layers - 1 else hidden, 1) for i in range(layers))
         self.cond_layer = nn.Conv1d(gin, 2 * hidden * layers, 1) if gin else None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
-        """x [B, H, T] -> [B, H, T]. Plain conv1d here: for 192+ channels over a few hundred
-        frames oneDNN's 1-D kernels beat the channels-last 2-D ones (120 vs 66 GFLOP/s)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None,
+                open_end: bool = False) -> torch.Tensor:
+        """x [B, H, T] -> [B, H, T]; with open_end (see ResidualCouplingBlock) each dilated
+        convolution's last half-width frames are dropped, so fewer come out. Plain conv1d
+        here: for 192+ channels over a few hundred frames oneDNN's 1-D kernels beat the
+        channels-last 2-D ones (120 vs 66 GFLOP/s)."""
         H = self.hidden
-        out = torch.zeros_like(x)
+        out = None
         cond = self.cond_layer(g) if (self.cond_layer is not None and g is not None) else None
         last = len(self.in_layers) - 1
         for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
             a = in_layer(x)
+            if open_end:
+                n = a.shape[2] - (in_layer.kernel_size[0] - 1) * in_layer.dilation[0] // 2
+                a, x = a[..., :n], x[..., :n]
+                out = None if out is None else out[..., :n]
             if cond is not None:
                 a = a + cond[:, 2 * H * i:2 * H * (i + 1)]
             acts = res_skip(torch.tanh(a[:, :H]) * torch.sigmoid(a[:, H:]))
+            skip = acts if i == last else acts[:, H:]
+            out = skip if out is None else out + skip
             if i < last:
-                x = (x + acts[:, :H]) * mask
-                out = out + acts[:, H:]
-            else:
-                out = out + acts
-        return out * mask
+                x = masked(x + acts[:, :H], mask)
+        return masked(out, mask)
 
 
 class ResidualCouplingLayer(nn.Module):
@@ -52,11 +58,13 @@ class ResidualCouplingLayer(nn.Module):
         self.enc = WN(hp.hidden, hp.flow_kernel, hp.flow_dilation_rate, hp.flow_wn_layers, hp.gin)
         self.post = nn.Conv1d(hp.hidden, half, 1)
 
-    def reverse(self, x: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    def reverse(self, x: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None,
+                open_end: bool = False) -> torch.Tensor:
         x0, x1 = x[:, :self.half], x[:, self.half:]
-        h = self.enc(self.pre(x0) * mask, mask, g)
-        m = self.post(h) * mask
-        return torch.cat([x0, (x1 - m) * mask], 1)
+        h = self.enc(masked(self.pre(x0), mask), mask, g, open_end)
+        n = h.shape[2]
+        m = masked(self.post(h), mask)
+        return torch.cat([x0[..., :n], masked(x1[..., :n] - m, mask)], 1)
 
 
 class ResidualCouplingBlock(nn.Module):
@@ -71,8 +79,19 @@ class ResidualCouplingBlock(nn.Module):
         self.halo = sum(sum((c.kernel_size[0] - 1) * c.dilation[0] // 2 for c in layer.enc.in_layers)
                         for layer in self.flows.values())
 
-    def forward(self, z: torch.Tensor, mask: torch.Tensor, g: torch.Tensor | None = None):
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None, g: torch.Tensor | None = None,
+                open_end: bool = False) -> torch.Tensor:
+        """z [B, C, T] -> [B, C, T]; mask [B, 1, T] (None: no padding).
+
+        open_end: z is the start of a longer latent, unpadded (no mask), and frames past it
+        are unknown. Each dilated convolution then keeps only the frames its inputs determine
+        (it drops its right half-width), so each layer computes fewer frames than the one
+        before, and the result is the [B, C, T - halo] frames that are exact: a quarter less
+        arithmetic than running the whole window through every layer (Piper voices: 16
+        kernel-5 layers, 67 -> 35 frames for a first chunk; 2 threads, median of 200
+        interleaved: 21.6 -> 19.2 ms, and 59.3 -> 50.6 ms at batch 4).
+        """
         for i in self.order:
             z = torch.flip(z, [1])
-            z = self.flows[str(i)].reverse(z, mask, g)
+            z = self.flows[str(i)].reverse(z, mask, g, open_end)
         return z

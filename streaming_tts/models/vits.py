@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .commons import sequence_mask
+from .commons import masked, sequence_mask
 from .duration import StochasticDurationPredictor
 from .flow import ResidualCouplingBlock
 from .generator import Generator
@@ -22,7 +22,7 @@ from .text_encoder import TextEncoder
 
 @dataclass
 class AcousticBatch:
-    z: torch.Tensor          # [B, C, Ty] latent, zero beyond each item's frames
+    z: torch.Tensor          # [B, C, Ty] latent (fewer frames with z_prior), zero past each item
     frames: torch.Tensor     # [B] frame counts (long)
     durations: torch.Tensor  # [B, Tx] frames per phoneme id (long), zero on padding
     z_prior: torch.Tensor | None = None  # [B, C, Ty] prior sample, when z is only a head
@@ -58,37 +58,46 @@ class VitsModel(nn.Module):
         """
         B, Tx = ids.shape
         g = self.speaker_embedding(speakers)
-        x, m, logs, x_mask = self.enc_p(ids, lengths)
+        x, m, logs, x_mask = self.enc_p(ids, lengths)                     # time-major
         noise_scale, length_scale, noise_w = (scales[:, i, None, None] for i in range(3))
-        dp_noise = _per_item_noise(lengths.tolist(), 2, Tx, generators, x) * noise_w
+        dp_noise = _per_item_noise(lengths.tolist(), 2, Tx, generators, x).transpose(1, 2) * noise_w
         logw = self.dp(x, x_mask, dp_noise, g=g)
-        w_ceil = torch.ceil(torch.exp(logw) * x_mask * length_scale)[:, 0]  # [B, Tx]
+        w_ceil = torch.ceil(masked(torch.exp(logw), x_mask) * length_scale)[..., 0]  # [B, Tx]
         frames = torch.clamp_min(w_ceil.sum(1), 1).long()
         Ty = int(frames.max())
-        y_mask = sequence_mask(frames, Ty).unsqueeze(1).to(x.dtype)
-        # Expand each phoneme's prior over its frames (the monotonic path as an index).
+        y_mask = None                       # None: no phrase is padded (every batch of one)
+        if int(frames.min()) < Ty:
+            y_mask = sequence_mask(frames, Ty).unsqueeze(1).to(x.dtype)
+        # Expand each phoneme's prior over its frames (the monotonic path as an index), into
+        # the channel-major layout of the flow.
         cum = torch.cumsum(w_ceil, dim=1)
         idx = torch.searchsorted(cum, torch.arange(Ty, device=x.device, dtype=cum.dtype)
                                  .expand(B, Ty).contiguous(), right=True).clamp_max(Tx - 1)
-        idx = idx[:, None, :].expand(B, m.shape[1], Ty)
-        m_y, logs_y = m.gather(2, idx), logs.gather(2, idx)
-        z_noise = _per_item_noise(frames.tolist(), m.shape[1], Ty, generators, x)
-        z_p = (m_y + z_noise * torch.exp(logs_y) * noise_scale) * y_mask
+        idx = idx[:, None, :].expand(B, m.shape[2], Ty)
+        m_y, logs_y = m.transpose(1, 2).gather(2, idx), logs.transpose(1, 2).gather(2, idx)
+        z_noise = _per_item_noise(frames.tolist(), m.shape[2], Ty, generators, x)
+        z_p = masked(m_y + z_noise * torch.exp(logs_y) * noise_scale, y_mask)
         window = Ty if head_frames is None else head_frames + self.flow.halo
         if window >= Ty:
-            z = self.flow(z_p, y_mask, g=g) * y_mask
+            z = masked(self.flow(z_p, y_mask, g=g), y_mask)
             return AcousticBatch(z=z, frames=frames, durations=w_ceil.long())
-        # Past the window the flow sees zero padding instead of the phrase: its last `halo`
-        # frames are wrong, the first head_frames are exact.
-        z = self.flow(z_p[:, :, :window], y_mask[:, :, :window], g=g) * y_mask[:, :, :window]
+        if int(frames.min()) > window:
+            # Every phrase continues past the window (so none is padded inside it): the flow
+            # computes only the head_frames that do not depend on what lies beyond.
+            z = self.flow(z_p[:, :, :window], None, g=g, open_end=True)
+        else:
+            # A phrase that ends inside the window comes out whole (its mask is its end); for
+            # the others, the flow sees zero padding past the window instead of the phrase:
+            # their last `halo` frames are wrong, the first head_frames exact.
+            w_mask = y_mask[:, :, :window]
+            z = self.flow(z_p[:, :, :window], w_mask, g=g) * w_mask
         return AcousticBatch(z=z, frames=frames, durations=w_ceil.long(), z_prior=z_p,
                              z_valid=head_frames)
 
     def finish_flow(self, z_prior: torch.Tensor, frames: int,
                     speakers: torch.Tensor | None = None) -> torch.Tensor:
         """The whole latent of one phrase from its prior sample [C, T]."""
-        mask = torch.ones(1, 1, frames, device=z_prior.device, dtype=z_prior.dtype)
-        return self.flow(z_prior[None, :, :frames], mask, g=self.speaker_embedding(speakers))[0]
+        return self.flow(z_prior[None, :, :frames], None, g=self.speaker_embedding(speakers))[0]
 
     def decode(self, z: torch.Tensor, lo: list[int], hi: list[int], keep: tuple[int, int],
                speakers: torch.Tensor | None = None) -> torch.Tensor:
