@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import emoji
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -70,7 +71,10 @@ def test_written_forms_are_read_as_said(text: str, said: str) -> None:
     assert read(text) == said
 
 
-PLAIN = st.text(alphabet=st.characters(whitelist_categories=("Ll",)), min_size=1, max_size=12)
+# Lower-case letters of any script; a few are also emoji ("ℹ", the information source), which
+# are not read.
+PLAIN = st.text(alphabet=st.characters(whitelist_categories=("Ll",)).filter(
+    lambda c: not emoji.is_emoji(c)), min_size=1, max_size=12)
 
 
 @settings(max_examples=200)
