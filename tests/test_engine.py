@@ -8,10 +8,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 
 from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams
 from streaming_tts.models.loader import load_vits
 from streaming_tts.models.onnx_weights import VoiceFormatError
+from streaming_tts.models.text_encoder import _band_to_square, _square_to_band
 from streaming_tts.models.vits import VitsModel
 from streaming_tts.voices import default_voice_path
 
@@ -156,6 +158,20 @@ def test_context_covers_measured_receptive_field(engine: Engine) -> None:
     reach = max(mid - changed.min(), changed.max() - mid)
     assert reach <= engine.context_frames
     assert reach >= engine.context_frames - 2, "computed context is far wider than the real field"
+
+
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 9, 10, 37])
+def test_relative_position_shifts_equal_index_gathers(T: int) -> None:
+    # The attention's strided shifts against the plain formulation, for sequences shorter
+    # and longer than the window.
+    w = 4
+    band, square = torch.randn(2, 3, T, 2 * w + 1), torch.randn(2, 3, T, T)
+    offset = torch.arange(T)[None, :] - torch.arange(T)[:, None]              # key - query
+    by_key = band.gather(-1, (offset.clamp(-w, w) + w).expand(2, 3, T, T)) * (offset.abs() <= w)
+    assert torch.equal(_band_to_square(band, w), by_key)
+    cols = torch.arange(T)[:, None] + torch.arange(2 * w + 1)[None, :]
+    by_offset = F.pad(square, (w, w)).gather(-1, cols.expand(2, 3, T, 2 * w + 1))
+    assert torch.equal(_square_to_band(square, w), by_offset)
 
 
 def _save_modified(tmp_path, edit) -> str:

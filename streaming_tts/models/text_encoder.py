@@ -75,8 +75,11 @@ def _band_to_square(band: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def _square_to_band(square: torch.Tensor, window: int) -> torch.Tensor:
-    """The inverse gather: [..., T, T] by key -> [..., T, 2w+1] by offset (zero past the
-    sequence), read from rows padded by w on both sides with a row stride of R + 1."""
+    """The inverse: [..., T, T] by key -> [..., T, 2w+1] by offset (zero past the sequence).
+
+    Rows padded with w zeros on both sides (length R = T + 2w) and read back with a row
+    stride of R + 1, which shifts row i left by i.
+    """
     *lead, T, _ = square.shape
     padded = F.pad(square, (window, window)).contiguous()
     R = T + 2 * window
