@@ -89,30 +89,30 @@ def _socket_refusal(state: ServerState, client: str, *, peer: str | None) -> web
                         f"at most {per_client} open connections per {who}; close one first")
     else:
         return None
-    reason = RefusalReason.SOCKETS
-    state.admission.count_refusal(reason)
-    state.refusal_log.refused(reason, "socket refused before the upgrade peer=%s: %s", peer, why)
-    return _overloaded(state, message)
+    return _refused(state, RefusalReason.SOCKETS, "socket", peer, why, message)
 
 
 def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:
     """503 before the upgrade when a `start` would be refused anyway (one log line, rate-limited:
     a stream that could not start is a lifecycle event like the `start` refused after the
     upgrade)."""
-    if state.shutting_down or not state.model.ready:
-        reason, message = ((RefusalReason.SHUTTING_DOWN, "server is shutting down")
-                           if state.shutting_down else
-                           (RefusalReason.NOT_READY, "server is not ready (loading the voice)"))
-        state.admission.count_refusal(reason)
-        state.refusal_log.refused(reason, "stream refused before the upgrade peer=%s: %s",
-                                  peer, message)
-        return _overloaded(state, message)
+    if (why := state.unavailable()) is not None:
+        reason, message = why
+        return _refused(state, reason, "stream", peer, message, message)
     decision = state.admission.check()
     if decision.ok:
         return None
     state.refusal_log.refused(decision.reason or "", "stream refused before the upgrade peer=%s: "
                               "overloaded (%s)", peer, decision.message)
     return _overloaded(state, decision.message, decision.retry_after_s)
+
+
+def _refused(state: ServerState, reason: RefusalReason, what: str, peer: str | None, why: str,
+             message: str) -> web.Response:
+    """A refusal decided here, not by admission's load check: counted, logged, 503."""
+    state.admission.count_refusal(reason)
+    state.refusal_log.refused(reason, "%s refused before the upgrade peer=%s: %s", what, peer, why)
+    return _overloaded(state, message)
 
 
 def _overloaded(state: ServerState, message: str, retry_after_s: int | None = None) -> web.Response:

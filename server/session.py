@@ -293,7 +293,6 @@ class Session:
     def _validate_start(self, msg: StartMsg) -> tuple[StreamSpec, StreamOptions, VoiceInfo]:
         """Every check of `start`, ending with the admission slot (held on success)."""
         if not self._starts.take(asyncio.get_running_loop().time()):
-            self._state.admission.count_refusal(RefusalReason.START_RATE)
             self._refuse(msg.ctx, RefusalReason.START_RATE, "at most "
                          f"{self._limits.starts_per_s:g} streams started per second on one "
                          "socket", retry_after_s=1)
@@ -321,18 +320,21 @@ class Session:
 
     def _admit(self, ctx: str) -> None:
         """Hold an admission slot for `ctx`, or raise `overloaded` (with its log line)."""
-        if self._closing or self._state.shutting_down:
-            self._state.admission.count_refusal(RefusalReason.SHUTTING_DOWN)
-            self._refuse(ctx, RefusalReason.SHUTTING_DOWN, "server is shutting down")
-        if not self._state.model.ready:
-            self._state.admission.count_refusal(RefusalReason.NOT_READY)
-            self._refuse(ctx, RefusalReason.NOT_READY, "server is not ready (loading the voice)")
+        closing = (RefusalReason.SHUTTING_DOWN, "server is shutting down")
+        if (why := closing if self._closing else self._state.unavailable()) is not None:
+            self._refuse(ctx, *why)
         decision = self._state.admit(self.client)
         if not decision.ok:
-            self._refuse(ctx, decision.reason or "", decision.message, decision.retry_after_s)
+            assert decision.reason is not None
+            self._refuse(ctx, decision.reason, decision.message, decision.retry_after_s,
+                         counted=True)
 
-    def _refuse(self, ctx: str, reason: str, message: str,
-                retry_after_s: int | None = None) -> NoReturn:
+    def _refuse(self, ctx: str, reason: RefusalReason, message: str,
+                retry_after_s: int | None = None, *, counted: bool = False) -> NoReturn:
+        """Refuse a `start` with `overloaded`: counted by reason (unless admission already did,
+        `counted`) and logged, rate-limited."""
+        if not counted:
+            self._state.admission.count_refusal(reason)
         self._state.refusal_log.refused(reason, "stream refused ctx=%r peer=%s: overloaded (%s)",
                                         ctx, self.peer, message)
         if retry_after_s is None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
-from server.admission import Admission, AdmissionController, EncoderLoad
+from server.admission import Admission, AdmissionController, EncoderLoad, RefusalReason
 from server.config import ServerConfig
 from server.encoders import EncoderPool
 from server.metrics import Metrics
@@ -88,6 +88,15 @@ class ServerState:
     def session_closed(self, session: Closable, client: str) -> None:
         self.sessions.discard(session)
         _decrement(self.client_sockets, client)
+
+    def unavailable(self) -> tuple[RefusalReason, str] | None:
+        """Why no stream can start now whatever the load, with the message for the client:
+        the server is draining or stopping, or its voice is still loading."""
+        if self.shutting_down:
+            return RefusalReason.SHUTTING_DOWN, "server is shutting down"
+        if not self.model.ready:
+            return RefusalReason.NOT_READY, "server is not ready (loading the voice)"
+        return None
 
     def admit(self, client: str) -> Admission:
         """Hold an admission slot for one new stream of `client` (release it with `release`)."""

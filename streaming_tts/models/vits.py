@@ -64,9 +64,10 @@ class VitsModel(nn.Module):
         logw = self.dp(x, x_mask, dp_noise, g=g)
         w_ceil = torch.ceil(masked(torch.exp(logw), x_mask) * length_scale)[..., 0]  # [B, Tx]
         frames = torch.clamp_min(w_ceil.sum(1), 1).long()
-        Ty = int(frames.max())
+        counts = frames.tolist()            # read once: on a GPU each read waits for it
+        Ty, shortest = max(counts), min(counts)
         y_mask = None                       # None: no phrase is padded (every batch of one)
-        if int(frames.min()) < Ty:
+        if shortest < Ty:
             y_mask = sequence_mask(frames, Ty).unsqueeze(1).to(x.dtype)
         # Expand each phoneme's prior over its frames (the monotonic path as an index), into
         # the channel-major layout of the flow.
@@ -75,13 +76,13 @@ class VitsModel(nn.Module):
                                  .expand(B, Ty).contiguous(), right=True).clamp_max(Tx - 1)
         idx = idx[:, None, :].expand(B, m.shape[2], Ty)
         m_y, logs_y = m.transpose(1, 2).gather(2, idx), logs.transpose(1, 2).gather(2, idx)
-        z_noise = _per_item_noise(frames.tolist(), m.shape[2], Ty, generators, x)
+        z_noise = _per_item_noise(counts, m.shape[2], Ty, generators, x)
         z_p = masked(m_y + z_noise * torch.exp(logs_y) * noise_scale, y_mask)
         window = Ty if head_frames is None else head_frames + self.flow.halo
         if window >= Ty:
             z = masked(self.flow(z_p, y_mask, g=g), y_mask)
             return AcousticBatch(z=z, frames=frames, durations=w_ceil.long())
-        if int(frames.min()) > window:
+        if shortest > window:
             # Every phrase continues past the window (so none is padded inside it): the flow
             # computes only the head_frames that do not depend on what lies beyond.
             z = self.flow(z_p[:, :, :window], None, g=g, open_end=True)

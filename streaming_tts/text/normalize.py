@@ -219,7 +219,7 @@ def read_aloud(tokens: list[str]) -> list[str]:
             reading, trail = _reading(tok, prev, nxt)
             name = ""
         if carried:
-            reading, carried = f"{reading} {carried}", ""
+            reading = f"{reading} {carried}"
         carried = name
         out.append(f"{tok.lead}{reading}{trail}")
     return out
