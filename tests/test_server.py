@@ -299,6 +299,15 @@ async def test_written_forms_are_read_as_said_unless_asked(
     assert said.done["usage"]["audio_ms"] < 0.75 * literal.done["usage"]["audio_ms"]
 
 
+async def test_the_first_phrase_keeps_a_number_with_its_unit(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    # Cut after three words, "It is 5 | km away" read "k m away": the unit read alone.
+    said, literal = await speak_with_and_without(srv, http, "It is 5 km away, they said.",
+                                                 "normalize")
+    assert said.phrases[0]["text"] == literal.phrases[0]["text"] == "It is 5 km"
+
+
 @pytest.mark.parametrize("rate", [22050, 16000])
 async def test_pcm_is_gap_free_in_whole_frames(
     srv: Running, http: aiohttp.ClientSession, rate: int,

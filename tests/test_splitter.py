@@ -180,6 +180,40 @@ def test_an_early_cut_goes_before_function_words(text: str, first: str) -> None:
         == " ".join(text.split()[:3])
 
 
+@pytest.mark.parametrize(("text", "first"), [
+    ("It is 5 km away from here.", "It is 5 km"),        # the number keeps its unit
+    ("We got 3 GB free today.", "We got"),                 # or goes with it to the next phrase
+    ("I paid $5 million for it.", "I paid"),               # "$5 | million": five dollars, million
+    ("Meet at 10 am tomorrow morning.", "Meet at 10 am tomorrow"),
+    ("Only 5 km left to go.", "Only 5 km"),                # the cut after the unit is kept
+    ("It is 5, maybe 6 of them.", "It is 5,"),            # a mark after it: no longer leaning
+])
+def test_an_early_cut_never_parts_a_number_from_the_next_word(text: str, first: str) -> None:
+    for fragments in ([text], llm_tokens(text), list(text)):
+        phrases = split(fragments, buffered_ms=0.0, config=ENGLISH)
+        assert phrases[0] == first, fragments
+        assert "".join(phrases) == text
+    # Numbers lean on their unit in any language, with or without a function-word list.
+    phrases = split(["Es kostet 5 Euro pro Tag."], buffered_ms=0.0,
+                    config=SplitterConfig(first_phrase_max_words=3))
+    assert phrases[0] == "Es kostet"
+
+
+def test_a_delayed_flush_keeps_a_trailing_number_for_its_unit() -> None:
+    splitter = PhraseSplitter(ENGLISH)
+    splitter.push("the tower is 300", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True) == ["the tower"]
+    assert splitter.flush(hold_function_words=True) == []   # " is 300": leaning words only
+    splitter.push(" m tall", buffered_ms=SENTENCE_MODE_MS)
+    assert splitter.flush(hold_function_words=True) == [" is 300 m tall"]
+    # A listener kept waiting for its first words hears them, the number held back.
+    splitter = PhraseSplitter(SplitterConfig(first_phrase_max_words=6,
+                                             function_words=ENGLISH_FUNCTION_WORDS))
+    assert splitter.push("It costs $5 ", buffered_ms=0.0) == []
+    assert splitter.cut_at_word() == ["It costs"]
+    assert splitter.pending == " $5 "
+
+
 def test_function_words_are_known_for_english_voices_only() -> None:
     assert function_words_for("en_US") is ENGLISH_FUNCTION_WORDS
     assert function_words_for("en-gb") is ENGLISH_FUNCTION_WORDS

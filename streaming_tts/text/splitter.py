@@ -54,6 +54,13 @@ wasn't weren't
 """.split())
 
 
+# A number leans on the word after it just as much: a unit, a scale word or a clock suffix
+# is read with it ("5 km": five kilometers, "$5 million": five million dollars, "10 am"),
+# and alone it is read as written ("km": k m, "million" after "five dollars", "am": the verb).
+# Any token that ends in a digit: "$5", "10:30", "1,000", "(3"; not "5," (a mark ends it).
+_LEANING_NUMBER = re.compile(r"[^\w\s]*\d(?:[\d.,:/-]*\d)?")
+
+
 def function_words_for(language: str) -> frozenset[str]:
     """The function words the splitter cuts before, for a voice language ("en_US"); none known
     for other languages (their phrases are cut as before)."""
@@ -195,9 +202,10 @@ class PhraseSplitter:
 
     def flush(self, *, hold_function_words: bool = False, min_words: int = 0) -> list[str]:
         """Return everything pending as phrases (split only at the cap); whitespace-only stays.
-        With `hold_function_words`, function words at the end of the text (and the space
-        before them) stay pending to lead the next phrase: "came out of their" gives "came
-        out" and keeps " of their"; text of function words alone stays pending whole. With
+        With `hold_function_words`, function words and numbers at the end of the text (and the
+        space before them) stay pending to lead the next phrase: "came out of their" gives
+        "came out" and keeps " of their", "it is 5" keeps " 5" for its unit ("km"); text of
+        such words alone stays pending whole. With
         `min_words`, a last phrase of fewer words that ends in no punctuation stays pending."""
         phrases: list[str] = []
         self._compact()
@@ -212,7 +220,7 @@ class PhraseSplitter:
             phrases.append(self._take(self._cap_cut(cs, limit)))
         cs = self._leading_end()
         if hold_function_words:
-            end = self._before_function_words(cs, end)
+            end = self._before_leaning_words(cs, end)
         if min_words and not _ENDS_IN_MARK.search(self._buf, cs, end):
             if self._words_in(cs, end) < min_words:
                 end = cs
@@ -232,8 +240,8 @@ class PhraseSplitter:
             pass
         if last is None:
             return []
-        # Function words at its end lead the next phrase, unless they are all it has.
-        strong = self._before_function_words(cs, last)
+        # Function words and numbers at its end lead the next phrase, unless they are all it has.
+        strong = self._before_leaning_words(cs, last)
         if strong > cs:
             last = strong
         phrase = self._take(last)
@@ -372,12 +380,13 @@ class PhraseSplitter:
         return forced
 
     def _forced_cut(self, cs: int, horizon: int) -> int | None:
-        """The word end after max words, moved back before function words ending there if
-        two words or more stay ("The results | of the study"); else the end of the next word
-        that is not one ("summary of the report", "It is a nice")."""
+        """The word end after max words, moved back before function words and numbers ending
+        there if two words or more stay ("The results | of the study", "We got | 3 GB"); else
+        the end of the next word that is neither ("summary of the report", "It is a nice",
+        "It is 5 km")."""
         for count, end in self._word_ends(cs, horizon):
             if count >= self._cfg.first_phrase_max_words:
-                cut = self._before_function_words(cs, end)
+                cut = self._before_leaning_words(cs, end)
                 if cut == end or (cut > cs and self._words_in(cs, cut) >= 2):
                     return cut
         return None
@@ -385,17 +394,16 @@ class PhraseSplitter:
     def _words_in(self, start: int, end: int) -> int:
         return len(_WORD.findall(self._buf, start, end))
 
-    def _before_function_words(self, cs: int, end: int) -> int:
-        """`end`, or where the words before it end when the text up to it ends in function
-        words; `cs` (nothing) when it holds nothing else. Word by word from `end`: a word with
-        punctuation after it ("of,") is no function word, whatever it is."""
+    def _before_leaning_words(self, cs: int, end: int) -> int:
+        """`end`, or where the words before it end when the text up to it ends in words that
+        lean on the next one (function words, numbers); `cs` (nothing) when it holds nothing
+        else. Word by word from `end`: a word with punctuation after it ("of,", "5,") leans on
+        nothing, whatever it is."""
         words = self._cfg.function_words
-        if not words:
-            return end
         buf, pos = self._buf, end
         while pos > cs:
             token = _token_before(buf, cs, pos)
-            if _bare(token) not in words:
+            if _bare(token) not in words and not _LEANING_NUMBER.fullmatch(token):
                 return pos
             pos -= len(token)
             while pos > cs and buf[pos - 1].isspace():
