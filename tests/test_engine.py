@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streaming_tts.engine import AcousticJob, DecodeJob, Engine, EngineConfig, SynthesisParams
+from streaming_tts.engine import (TAIL_MERGE_FRAMES, AcousticJob, DecodeJob, Engine, EngineConfig,
+                                  SynthesisParams)
 from streaming_tts.models.loader import load_vits
 from streaming_tts.models.onnx_weights import VoiceFormatError
 from streaming_tts.models.text_encoder import _band_to_square, _square_to_band
@@ -103,6 +104,27 @@ def test_buckets_and_schedule_positions(engine: Engine) -> None:
     assert [fine.schedule_index_for(f) for f in (0, 23, 24, 47, 48, 95, 96, 500)] == [0, 0, 0, 0, 1, 1, 2, 2]
     with pytest.raises(ValueError, match="bucket_step"):
         make(-1)
+
+
+def test_a_short_rest_of_a_phrase_joins_the_chunk_before_it(engine: Engine) -> None:
+    eng = Engine(engine.model, sample_rate=22050,
+                 config=EngineConfig(chunk_schedule=(24, 64, 128, 256), bucket_step=32))
+    assert TAIL_MERGE_FRAMES == 32
+    # 10 frames left after the second chunk: one decode of 74 frames, not 64 and then 10.
+    assert eng.chunk_plan(98) == [(0, 24), (24, 98)]
+    assert eng.chunk_plan(128) == [(0, 24), (24, 88), (88, 128)]   # 40 left: a chunk of its own
+    # The first chunk of the schedule stays as it is (a head-only flow holds only its window).
+    assert eng.chunk_plan(30) == [(0, 24), (24, 30)]
+    # A plan that starts further along merges from its first chunk on.
+    assert eng.chunk_plan(80, first=1) == [(0, 80)]
+    assert eng.chunk_plan(98, first=1) == [(0, 64), (64, 98)]
+    # Never past the largest decode shape warmed up (a new kernel shape costs its first call).
+    assert eng.chunk_plan(24 + 64 + 128 + 256 + 20)[-2:] == [(216, 472), (472, 492)]
+    # The audio is the same either way.
+    res = engine.acoustic([AcousticJob(make_ids(20, seed=5), SynthesisParams(), seed=2)])[0]
+    plan = eng.chunk_plan(res.num_frames, first=1)
+    stitched = np.concatenate(eng.decode([DecodeJob(res.z, a, b) for a, b in plan]))
+    assert np.abs(stitched - engine.decode_whole(res.z)).max() <= 1e-4
 
 
 def test_padded_batch_equals_items_alone(engine: Engine) -> None:

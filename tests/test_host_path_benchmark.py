@@ -27,7 +27,8 @@ def test_replay_engine_keeps_the_real_engines_shapes_and_answers_with_the_record
     assert res.complete and res.num_frames == res.z.shape[1] == int(res.durations.sum())
     assert res.num_frames == pytest.approx(len(ids) * np.mean(FRAMES_PER_ID), abs=1)
     plan = replay.chunk_plan(res.num_frames)
-    assert plan[0] == (0, 16) and plan[1] == (16, 80)      # the real engine's chunk schedule
+    # The real engine's chunk schedule (a rest under TAIL_MERGE_FRAMES joins the last chunk).
+    assert plan[0] == (0, 16) and plan[1][0] == 16 and plan[1][1] >= 80
     hop = replay.hop_length
     audio = replay.decode([DecodeJob(z=res.z, start=a, end=b) for a, b in plan])
     assert [len(x) for x in audio] == [(b - a) * hop for a, b in plan]
