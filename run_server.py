@@ -229,8 +229,9 @@ def setup_logging(level: str, stream: TextIO | None = None, *,
 
 def serve(cfg: ServerConfig) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP (draining first: ShutdownSignals), on uvloop."""
-    url = f"http://{cfg.server.host}:{cfg.server.port}"
-    app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url))
+    # The address as bound (with --port 0, the port the system chose): run_app's banner names it.
+    url = [f"http://{cfg.server.host}:{cfg.server.port}"]
+    app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url[0]))
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     signals = ShutdownSignals(app, cfg.server.drain_s, stop=lambda: loop.call_soon(_exit))
@@ -239,8 +240,10 @@ def serve(cfg: ServerConfig) -> None:
         signals.install(loop)
     app.on_startup.append(install)
     # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
-    def listening(_banner: str) -> None:
-        log.info("listening on %s; loading voice %s on %s", url, cfg.engine.voice,
+    def listening(banner: str) -> None:
+        if m := _BANNER_URLS.search(banner):
+            url[0] = m.group(1)
+        log.info("listening on %s; loading voice %s on %s", url[0], cfg.engine.voice,
                  cfg.engine.device)
 
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=listening,
@@ -248,6 +251,9 @@ def serve(cfg: ServerConfig) -> None:
                 # aiohttp's bound on receiving a request's head, as on an idle keep-alive
                 keepalive_timeout=cfg.server.request_timeout_s)
     log.info("server stopped")
+
+
+_BANNER_URLS = re.compile(r"Running on (\S.*?) =")   # aiohttp: "======== Running on URL, ... ========"
 
 
 def _exit() -> None:

@@ -85,3 +85,30 @@ async def _speak_through_a_sigterm(url: str, proc: subprocess.Popen[bytes]) -> N
             kinds.append(msgpack.unpackb(frame.data)["type"])
         assert kinds[-1] == "done" and "error" not in kinds
         assert (frame.type, frame.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+
+
+def test_port_0_logs_the_port_the_system_chose(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "run_server.py", "--host", "127.0.0.1",
+                                 "--port", "0", "--log-level", "INFO"],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while "listening on" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        line = next(x for x in log.read_text().splitlines() if "listening on" in x)
+        port = int(line.split("listening on http://127.0.0.1:")[1].split(";")[0])
+        assert port > 0
+        # That port is the server's: it answers (503 while the voice is still loading).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(64).startswith(b"HTTP/1.1 ")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text()
