@@ -475,3 +475,22 @@ def test_sentence_mode_boundaries_do_not_depend_on_fragmentation(
     assert pieces == whole
     spoken = " ".join(" ".join(p.split()) for p in pieces)
     assert spoken == " ".join(" ".join(p.split()) for p in split(list(text), config=config))
+
+
+NUMBER_WORDS = st.lists(st.sampled_from(
+    ["It", "is", "5", "km", "$5", "million", "at", "10", "am", "the", "tower", "300", "m", "of",
+     "1,000", "people", "3.5", "GB", "10:30", "pm", "we", "got", "free", "away"]),
+    min_size=1, max_size=30).map(" ".join)
+
+
+@PROPERTY_SETTINGS
+@given(case=fragmented(NUMBER_WORDS), config=st.sampled_from([ENGLISH, SplitterConfig()]))
+def test_an_early_cut_never_ends_a_phrase_on_a_bare_number(
+    case: tuple[str, list[str]], config: SplitterConfig,
+) -> None:
+    text, fragments = case
+    splitter = PhraseSplitter(config)
+    phrases = [p for f in fragments for p in splitter.push(f, buffered_ms=0.0)]
+    assert "".join(phrases) + splitter.pending == text
+    for phrase in phrases:   # under the cap, with no punctuation: only early cuts happen here
+        assert not re.fullmatch(r"[$\d][\d.,:]*", phrase.split()[-1]), phrase
