@@ -58,6 +58,10 @@ TEXTS = {
              "most people prefer shorter meetings, and that they are more productive in the "
              "morning. Well, to be honest, I think the meeting could have been an email. Yes, I "
              "think the team agrees with that."),
+    # An LLM's answer full of numbers with units, prices and times: where a cut may not fall.
+    "numbers": ("It is 5 km from the station, about 12 minutes on foot. Tickets cost $4.50, or "
+                "$30 for a week. The last train leaves at 11 pm, and the first one at 6 am. We "
+                "got 3 GB of photos from the trip, and 1,200 people came to the show."),
 }
 _ENDS_IN_MARK = re.compile(r"[.,;:!?\u2026\u2013\u2014][\"'\u201d\u2019)\]]*$")
 

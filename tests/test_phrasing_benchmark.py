@@ -27,3 +27,13 @@ def test_a_whole_text_run_counts_its_phrases_and_cuts() -> None:
     assert run["texts"][0] == "Sure!" and run["mid_clause"] == run["after_function_word"] == 0
     assert run["audio_ms"] >= 0.95 * run["offline_ms"] > 0
     assert 0 < run["lag_p50_s"] <= run["lag_max_s"]
+
+
+def test_a_reply_full_of_numbers_never_parts_a_number_from_its_unit() -> None:
+    # All at once: the eager first cut (delayed flushes: tests/test_splitter.py).
+    args = argparse.Namespace(wps=[0.0], texts=["numbers"], config=None, real_vocoder=False)
+    for run in asyncio.run(measure(args)):
+        assert " ".join(run["texts"]).split() == TEXTS["numbers"].split()
+        for phrase in run["texts"][:-1]:
+            last = phrase.split()[-1]
+            assert not last[-1].isdigit(), run["texts"]    # "5 | km", "$30 | for", "11 | pm"
