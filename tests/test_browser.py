@@ -942,23 +942,17 @@ class PrefixProxy:
         page = web.WebSocketResponse()
         await page.prepare(request)
 
-        async def to_server() -> None:
-            async for msg in page:
+        async def relay(source: Any, sink: Any, close: Any) -> None:
+            async for msg in source:
                 if msg.type == WSMsgType.BINARY:
-                    await upstream.send_bytes(msg.data)
+                    await sink.send_bytes(msg.data)
                 elif msg.type == WSMsgType.TEXT:
-                    await upstream.send_str(msg.data)
-            await upstream.close()
+                    await sink.send_str(msg.data)
+            await close()
 
-        async def to_page() -> None:
-            async for msg in upstream:
-                if msg.type == WSMsgType.BINARY:
-                    await page.send_bytes(msg.data)
-                elif msg.type == WSMsgType.TEXT:
-                    await page.send_str(msg.data)
-            await page.close(code=upstream.close_code or 1000)
-
-        tasks = [asyncio.ensure_future(to_server()), asyncio.ensure_future(to_page())]
+        tasks = [asyncio.ensure_future(relay(page, upstream, upstream.close)),
+                 asyncio.ensure_future(relay(upstream, page, lambda: page.close(
+                     code=upstream.close_code or 1000)))]
         _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
