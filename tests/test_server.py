@@ -352,7 +352,9 @@ async def test_audio_reaches_the_client_at_most_lookahead_ms_ahead_of_playback(
             sizes.append(ms)
             ahead.append(msg["pts_ms"] + ms - (now - first) * 1000.0)
         audio_ms = msg["usage"]["audio_ms"]
-        assert audio_ms > 3 * lookahead and sum(sizes) == pytest.approx(audio_ms, abs=25)
+        # Opus ends on a whole 20 ms packet past the codec's 6.5 ms delay: up to 26.5 ms more
+        # (abs=25 failed a fresh-clone CI at 26 ms over).
+        assert audio_ms > 3 * lookahead and sum(sizes) == pytest.approx(audio_ms, abs=27)
         assert max(sizes) <= lookahead / 2
         assert max(ahead) <= lookahead, ahead
         # `done` came once the last audio was sent: within the lookahead of the end, not seconds
