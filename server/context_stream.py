@@ -48,6 +48,12 @@ PCM_BYTES_PER_SAMPLE: Final = 2
 # look a fraction of a millisecond too early.
 PACE_MARGIN_S: Final = OPUS_FRAME_MS / 1000.0
 UNPACED_PIECE_FRAMES: Final = 1 << 30   # without a lookahead, a chunk goes out in one message
+# A listener holding less than this (its first audio, or after running dry) gets the first
+# URGENT_HEAD_MS of a chunk encoded and sent on its own, then the rest: encoding a whole first
+# chunk (~280 ms of audio) took 9-11 ms on 2 CPU cores beside the model's next step, a 100 ms
+# head ~2 ms, and the rest is out long before the head has played (BENCHMARKS.md).
+URGENT_AHEAD_MS: Final = 100.0
+URGENT_HEAD_MS: Final = 100.0
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,12 @@ class ContextStream:
         if event.kind == "phrase":
             self._send_phrase(event.value)
         elif event.kind == "audio":
-            payload = await self._encode(self._encoder.encode, event.value)
-            await self._send_audio(payload, final=False)
+            samples = event.value
+            if (head := self._urgent_head(len(samples))) > 0:
+                await self._send_audio(await self._encode(self._encoder.encode, samples[:head]),
+                                       final=False)
+                samples = samples[head:]
+            await self._send_audio(await self._encode(self._encoder.encode, samples), final=False)
         elif event.kind == "done":
             await self._send_audio(await self._encode(self._encoder.finish), final=True)
             usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1)}
@@ -195,6 +205,21 @@ class ContextStream:
         payload, cpu_s = await self._pool.run(fn, *args, audio_s=audio_s)
         self._encode_s += cpu_s
         return payload
+
+    def _urgent_head(self, n: int) -> int:
+        """Input samples to encode and send ahead of the rest of an `n`-sample chunk: a head
+        of URGENT_HEAD_MS when the listener holds under URGENT_AHEAD_MS (0: send it whole)."""
+        if self._listener_ahead_s(time.monotonic()) * 1000.0 >= URGENT_AHEAD_MS:
+            return 0
+        head = round(self._encoder.in_rate * URGENT_HEAD_MS / 1000.0)
+        return head if n >= 2 * head else 0
+
+    def _listener_ahead_s(self, now: float) -> float:
+        """Audio sent that the listener has not played yet, by a clock that starts with the
+        first audio message (0 before it; negative once the listener ran dry)."""
+        if self._started is None:
+            return 0.0
+        return self._sent_samples / self.spec.sample_rate - (now - self._started)
 
     def _send_phrase(self, phrase: PhraseEvent) -> None:
         ctx, sid = self.spec.ctx, self.spec.stream_id
@@ -226,10 +251,10 @@ class ContextStream:
         """Wait until a message of `samples` more would leave the listener at most
         `lookahead_ms` ahead. The listener's clock starts with the first audio message (it
         starts playing once that arrives, a little later, so it holds a little less)."""
-        if self._ahead_s is None:
-            return
         if self._started is None:
             self._started = time.monotonic()
+        if self._ahead_s is None:
+            return
         due = self._started + (self._sent_samples + samples) / self.spec.sample_rate - self._ahead_s
         while (wait := due - time.monotonic()) > 0:
             await asyncio.sleep(wait)   # again if it woke early (uvloop's timers are whole ms)
