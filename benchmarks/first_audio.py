@@ -1,0 +1,226 @@
+"""Where a stream's first audio spends its time: one stream at a time, stage by stage.
+
+Starts `run_server.py` in a child process with timestamps at points of the path (the acoustic
+model starts and ends, the step with the first chunk's decode ends, the encoder threads finish
+its audio), then plays N listeners one after the other, each sending --words words at once and
+`end`, and reports per run and as medians:
+
+    text_to_model   the client's send -> the acoustic model starts (socket, splitter, phonemes)
+    acoustic        text encoder, durations and the head of the flow
+    first_decode    the first chunk's decode (the rest of that step)
+    encode          that step's end -> its first audio encoded (hand-over, resampling, Opus)
+    deliver         -> the first `audio` received (outbox, socket, the client's read)
+    ttfa            the client's send -> the first `audio` received
+
+The child and this process read the same clock (`time.monotonic`, system-wide on Linux). The
+stamps are taken by wrapping a few methods; they cost microseconds each.
+
+    python benchmarks/first_audio.py --runs 12 --json
+    python benchmarks/first_audio.py --runs 12 -- --config configs/gpu.toml --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import functools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.texts import PARAGRAPH  # noqa: E402
+
+STAGES = ("text_to_model", "acoustic", "first_decode", "encode", "deliver", "ttfa")
+READY_TIMEOUT_S = 300.0
+
+
+# ------------------------------------------------------------------ the server side (child)
+
+
+def _stamp(events: list[tuple[float, str]], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn, appending (time, name + "+") before and (time, name + "-") after each call."""
+    if asyncio.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def wrapped_async(*args: Any, **kwargs: Any) -> Any:
+            events.append((time.monotonic(), name + "+"))
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                events.append((time.monotonic(), name + "-"))
+        return wrapped_async
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        events.append((time.monotonic(), name + "+"))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            events.append((time.monotonic(), name + "-"))
+    return wrapped
+
+
+def instrument(events: list[tuple[float, str]]) -> None:
+    """Wrap the points of the first audio's path (list.append is atomic under the GIL, so
+    the model, text and encoder threads may all stamp)."""
+    from server.encoders import EncoderPool
+    from streaming_tts.engine import Engine
+    from streaming_tts.scheduler import Scheduler
+    for cls, name, label in ((Scheduler, "_execute", "step"), (Engine, "acoustic", "acoustic"),
+                             (EncoderPool, "run", "encode")):
+        setattr(cls, name, _stamp(events, label, getattr(cls, name)))
+
+
+def serve(events_path: str, server_args: list[str]) -> int:
+    """(child) run_server.main with the stamps; they are written out when it exits."""
+    events: list[tuple[float, str]] = []
+    instrument(events)
+    lock = threading.Lock()
+
+    def dump() -> None:
+        with lock, open(events_path, "w") as f:
+            json.dump(events, f)
+    atexit.register(dump)
+    import run_server
+    return run_server.main(server_args)
+
+
+# ------------------------------------------------------------------ the client side
+
+
+async def _one_stream(session: aiohttp.ClientSession, url: str, text: str) -> tuple[float, float]:
+    """(send time, first audio time) of one stream that sends `text` at once."""
+    async with session.ws_connect(url, max_msg_size=0) as ws:
+        await ws.send_bytes(msgpack.packb({"type": "start", "ctx": "a"}))
+        ready = msgpack.unpackb((await ws.receive(timeout=30)).data)
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"not admitted: {ready}")
+        sent = time.monotonic()
+        await ws.send_bytes(msgpack.packb({"type": "text", "ctx": "a", "text": text}))
+        await ws.send_bytes(msgpack.packb({"type": "end", "ctx": "a"}))
+        first = None
+        while True:
+            raw = await ws.receive(timeout=60)
+            if raw.type != aiohttp.WSMsgType.BINARY:
+                raise RuntimeError(f"the socket closed: {raw.type}")
+            msg = msgpack.unpackb(raw.data)
+            if msg["type"] == "audio" and first is None:
+                first = time.monotonic()
+            elif msg["type"] == "error":
+                raise RuntimeError(f"error: {msg}")
+            elif msg["type"] == "done":
+                break
+        assert first is not None
+        return sent, first
+
+
+async def play(url: str, runs: int, words: int, pause_s: float) -> list[tuple[float, float]]:
+    text = " ".join(PARAGRAPH.split()[:words])
+    async with aiohttp.ClientSession() as session:
+        out = []
+        for _ in range(runs):
+            out.append(await _one_stream(session, url, text))
+            await asyncio.sleep(pause_s)
+        return out
+
+
+async def wait_ready(base: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}")
+            try:
+                async with session.get(base + "/healthz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError("the server did not become healthy")
+
+
+# ------------------------------------------------------------------ analysis
+
+
+def _first(events: list[tuple[float, str]], name: str, after: float, before: float) -> float | None:
+    return next((t for t, n in events if n == name and after <= t <= before), None)
+
+
+def breakdown(events: list[tuple[float, str]], sent: float, first: float) -> dict[str, float]:
+    """One run's stages in ms (see the module docstring)."""
+    a0 = _first(events, "acoustic+", sent, first)
+    a1 = _first(events, "acoustic-", sent, first)
+    s1 = _first(events, "step-", sent, first)
+    e1 = None if s1 is None else _first(events, "encode-", s1, first)
+    if a0 is None or a1 is None or s1 is None or e1 is None:
+        raise RuntimeError("no model step and encoding between the text and the first audio")
+    ms = 1000.0
+    return {"text_to_model": (a0 - sent) * ms, "acoustic": (a1 - a0) * ms,
+            "first_decode": (s1 - a1) * ms, "encode": (e1 - s1) * ms,
+            "deliver": (first - e1) * ms, "ttfa": (first - sent) * ms}
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
+    return {"runs": len(rows),
+            "median_ms": {k: round(statistics.median(r[k] for r in rows), 1) for k in STAGES},
+            "max_ms": {k: round(max(r[k] for r in rows), 1) for k in STAGES},
+            "per_run_ms": [{k: round(r[k], 1) for k in STAGES} for r in rows]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Arguments after -- go to run_server.py.")
+    p.add_argument("--runs", type=int, default=12)
+    p.add_argument("--words", type=int, default=30, help="words sent at once per stream")
+    p.add_argument("--pause-s", type=float, default=1.0, help="idle time between streams")
+    p.add_argument("--port", type=int, default=8470)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--serve", metavar="EVENTS_FILE", help=argparse.SUPPRESS)  # the child
+    args, rest = p.parse_known_args(argv)
+    server_args = [a for a in rest if a != "--"]
+    if args.serve:
+        return serve(args.serve, ["--port", str(args.port), *server_args])
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        events_path = os.path.join(tmp, "events.json")
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", events_path,
+               "--port", str(args.port), "--log-level", "WARNING", *server_args]
+        proc = subprocess.Popen(cmd, cwd=ROOT)
+        try:
+            asyncio.run(wait_ready(f"http://127.0.0.1:{args.port}", proc))
+            times = asyncio.run(play(f"ws://127.0.0.1:{args.port}/v1/stream", args.runs,
+                                     args.words, args.pause_s))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        with open(events_path) as f:
+            events = [(t, n) for t, n in json.load(f)]
+    report = summarize([breakdown(events, sent, first) for sent, first in times])
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print("stage             median    max (ms)")
+        for k in STAGES:
+            print(f"{k:16s} {report['median_ms'][k]:7.1f} {report['max_ms'][k]:7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

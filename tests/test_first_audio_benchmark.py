@@ -1,0 +1,48 @@
+"""`benchmarks/first_audio.py`: first audio taken apart stage by stage, against the real server.
+
+Its stages must cover the whole wait a client sees, in order, or the figures it gives for where
+first audio goes (BENCHMARKS.md) would be fiction."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.first_audio import STAGES, breakdown
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_stages_of_real_streams_add_up_to_the_wait_the_client_saw() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "first_audio.py"), "--runs", "2", "--words",
+         "8", "--pause-s", "0.2", "--port", str(free_port()), "--json"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["runs"] == 2 and len(report["per_run_ms"]) == 2
+    for run in report["per_run_ms"]:
+        assert all(run[k] >= 0 for k in STAGES), run
+        parts = sum(run[k] for k in STAGES if k != "ttfa")
+        assert parts == pytest.approx(run["ttfa"], abs=0.5)     # each stage is rounded to 0.1
+        assert run["acoustic"] > 1 and run["first_decode"] > 1  # the model really ran
+
+
+def test_a_run_is_cut_at_the_first_step_and_encoding_after_the_text() -> None:
+    events = [(0.5, "acoustic+"), (0.6, "acoustic-"), (0.7, "step-"), (0.8, "encode-"),  # before
+              (1.002, "acoustic+"), (1.050, "acoustic-"), (1.070, "step-"),
+              (1.072, "encode+"), (1.075, "encode-"), (1.090, "acoustic+")]
+    stages = breakdown(events, sent=1.0, first=1.080)
+    assert stages == pytest.approx({"text_to_model": 2.0, "acoustic": 48.0, "first_decode": 20.0,
+                                    "encode": 5.0, "deliver": 5.0, "ttfa": 80.0})
+    with pytest.raises(RuntimeError, match="no model step"):
+        breakdown(events[:4], sent=1.0, first=1.080)
