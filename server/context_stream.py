@@ -121,6 +121,10 @@ class ContextStream:
         self._piece_frames = (UNPACED_PIECE_FRAMES if lookahead is None
                               else max(1, int(lookahead / 2 // PCM_FRAME_MS)))
         self._started: float | None = None  # time.monotonic() of the first audio message
+        # The listener's playback as (when, samples sent by then): from the first audio
+        # message, restarted whenever it has run dry (a player stalls, then resumes with the
+        # next audio). Only for `_urgent_head`; the pacing keeps the protocol's clock.
+        self._playing_from: tuple[float, int] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump(), name=f"stream-{self.spec.stream_id}")
@@ -215,11 +219,16 @@ class ContextStream:
         return head if n >= 2 * head else 0
 
     def _listener_ahead_s(self, now: float) -> float:
-        """Audio sent that the listener has not played yet, by a clock that starts with the
-        first audio message (0 before it; negative once the listener ran dry)."""
-        if self._started is None:
+        """Audio sent that the listener has not played yet (0 before the first message, and
+        once it has run dry)."""
+        if self._playing_from is None:
             return 0.0
-        return self._sent_samples / self.spec.sample_rate - (now - self._started)
+        at, samples = self._playing_from
+        ahead = (self._sent_samples - samples) / self.spec.sample_rate - (now - at)
+        if ahead < 0.0:
+            self._playing_from = (now, self._sent_samples)   # dry: it resumes with the next audio
+            return 0.0
+        return ahead
 
     def _send_phrase(self, phrase: PhraseEvent) -> None:
         ctx, sid = self.spec.ctx, self.spec.stream_id
@@ -261,6 +270,8 @@ class ContextStream:
 
     def _put_audio(self, payload: Payload, samples: int) -> None:
         rate = self.spec.sample_rate
+        if self._playing_from is None:
+            self._playing_from = (time.monotonic(), self._sent_samples)
         pts_ms = self._sent_samples * 1000.0 / rate
         self._put(encode_audio(ctx=self.spec.ctx, seq=self._seq, pts_ms=pts_ms, data=payload),
                   stream_id=self.spec.stream_id)

@@ -100,11 +100,16 @@ async def test_a_listener_that_ran_dry_gets_a_short_head_again() -> None:
     stream, outbox, _, pool = await open_stream("pcm_s16le", VOICE_RATE, lookahead_ms=None)
     stream.on_audio(tone(300), 0.0)
     await settle(outbox, 2)
-    await asyncio.sleep(0.35)   # the 300 ms have played out: the listener holds nothing
+    await asyncio.sleep(0.8)    # the 300 ms have played out: the listener has been dry 0.5 s
     stream.on_audio(tone(300), 300.0)
     await settle(outbox, 4)
     sizes = [ms_of(m, "pcm_s16le", VOICE_RATE) for m in outbox.audio()]
     assert sizes[2:] == [pytest.approx(URGENT_HEAD_MS), pytest.approx(300 - URGENT_HEAD_MS)]
+    # Its player resumed with that audio and holds ~300 ms again: the next chunk goes whole
+    # (a clock kept from the first message would count the dry spell as still owed).
+    stream.on_audio(tone(300), 600.0)
+    await settle(outbox, 5)
+    assert ms_of(outbox.audio()[4], "pcm_s16le", VOICE_RATE) == pytest.approx(300)
     stream.detach()
     pool.shutdown()
 
