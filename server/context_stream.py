@@ -49,9 +49,9 @@ PCM_BYTES_PER_SAMPLE: Final = 2
 PACE_MARGIN_S: Final = OPUS_FRAME_MS / 1000.0
 UNPACED_PIECE_FRAMES: Final = 1 << 30   # without a lookahead, a chunk goes out in one message
 # A listener holding less than this (its first audio, or after running dry) gets the first
-# URGENT_HEAD_MS of a chunk encoded and sent on its own, then the rest: encoding a whole first
-# chunk (~280 ms of audio) took 9-11 ms on 2 CPU cores beside the model's next step, a 100 ms
-# head ~2 ms, and the rest is out long before the head has played (BENCHMARKS.md).
+# URGENT_HEAD_MS of a chunk encoded and sent on its own, then the rest: beside the model's next
+# step, encoding a whole first chunk (~280 ms of audio) took 9-11 ms on 2 CPU cores, a 100 ms
+# head 3-6 ms, and the rest is out long before the head has played (BENCHMARKS.md).
 URGENT_AHEAD_MS: Final = 100.0
 URGENT_HEAD_MS: Final = 100.0
 
@@ -260,10 +260,10 @@ class ContextStream:
         """Wait until a message of `samples` more would leave the listener at most
         `lookahead_ms` ahead. The listener's clock starts with the first audio message (it
         starts playing once that arrives, a little later, so it holds a little less)."""
-        if self._started is None:
-            self._started = time.monotonic()
         if self._ahead_s is None:
             return
+        if self._started is None:
+            self._started = time.monotonic()
         due = self._started + (self._sent_samples + samples) / self.spec.sample_rate - self._ahead_s
         while (wait := due - time.monotonic()) > 0:
             await asyncio.sleep(wait)   # again if it woke early (uvloop's timers are whole ms)
