@@ -1,7 +1,7 @@
 #!/bin/bash
 # The GPU checks in one call of the device tool (about 6-8 minutes on a warm H100/H200), most
-# important first: CUDA tests, the load benchmark against the GPU profile at increasing stream
-# counts, then a burst of streams at once (how many admission lets in, and whether they stay
+# important first: CUDA tests, one stream's first audio (8 streams one at a time, ~40 s), the load
+# benchmark against the GPU profile at increasing stream counts, then a burst of streams at once (how many admission lets in, and whether they stay
 # on time), then the engine benchmark on CUDA (throughput by batch size; fp16 eager against
 # CUDA graphs) with what time is left. Build
 # `.device` first (`.venv/bin/python scripts/device_bundle.py`) and carry it. The device tool
@@ -65,6 +65,14 @@ for _ in $(seq "$(budget 150)"); do
     kill -0 $server 2> /dev/null || break
     sleep 1
 done
+# (12 words: each stream lasts until its audio has nearly played out, ~4 s; 30 words took 10 s)
+log "first audio: one stream at a time, 12 words at once, 8 times"
+for _ in 1 2 3 4 5 6 7 8; do
+    timeout "$(budget 20)" "$PYTHON" benchmarks/load.py --url "ws://127.0.0.1:$PORT/v1/stream" --json \
+        --streams 1 --wps 0 --words 12 >> "$WORK/first_audio.jsonl" 2>> "$WORK/load.log"
+    sleep 0.5
+done
+pack
 for n in $LOAD_STREAMS; do
     log "load: $n streams, 15 words/s, 10 ms apart"
     timeout "$(budget 75)" "$PYTHON" benchmarks/load.py --url "ws://127.0.0.1:$PORT/v1/stream" --json \
