@@ -116,12 +116,16 @@ async def test_a_listener_that_ran_dry_gets_a_short_head_again() -> None:
 
 async def test_opus_first_message_is_short_and_a_short_chunk_is_not_split() -> None:
     stream, outbox, _, pool = await open_stream("opus", 48000)
-    stream.on_audio(tone(280), 0.0)   # a first chunk of 24 frames, ~279 ms
+    chunk = tone(280)   # a first chunk of 24 frames, ~279 ms
+    stream.on_audio(chunk, 0.0)
     await settle(outbox, 2)
     first, rest = outbox.audio()
     # soxr holds back a few samples, Opus whole 20 ms frames: 80 ms of the 100 ms head.
     assert 3 <= len(first["data"]) <= URGENT_HEAD_MS // 20
     assert rest["pts_ms"] == len(first["data"]) * 20.0
+    # The very packets of the chunk encoded in one piece (the encoder's state carries over).
+    assert first["data"] + rest["data"] == make_encoder("opus", in_rate=VOICE_RATE,
+                                                        out_rate=48000).encode(chunk)
     stream.detach()
     pool.shutdown()
     # Under twice the head, a first chunk goes whole.
