@@ -2,20 +2,22 @@
 
 Starts `run_server.py` in a child process with timestamps at points of the path (the acoustic
 model starts and ends, the step with the first chunk's decode ends, the encoder threads finish
-its audio), then plays N listeners one after the other, each sending --words words at once and
-`end`, and reports per run and as medians:
+its audio), then plays N listeners one after the other, each sending --words words at once (or
+at --wps words per second) and `end`, and reports per run and as medians:
 
-    text_to_model   the client's send -> the acoustic model starts (socket, splitter, phonemes)
+    text_to_model   the client's first send -> the acoustic model starts (socket, splitter,
+                    phonemes; with --wps, the wait for the first phrase's words)
     acoustic        text encoder, durations and the head of the flow
     first_decode    the first chunk's decode (the rest of that step)
     encode          that step's end -> its first audio encoded (hand-over, resampling, Opus)
     deliver         -> the first `audio` received (outbox, socket, the client's read)
-    ttfa            the client's send -> the first `audio` received
+    ttfa            the client's first send -> the first `audio` received
 
 The child and this process read the same clock (`time.monotonic`, system-wide on Linux). The
 stamps are taken by wrapping a few methods; they cost microseconds each.
 
     python benchmarks/first_audio.py --runs 12 --json
+    python benchmarks/first_audio.py --runs 12 --wps 15      # text at an LLM's pace
     python benchmarks/first_audio.py --runs 12 -- --config configs/gpu.toml --device cuda
 """
 
@@ -102,16 +104,27 @@ def serve(events_path: str, server_args: list[str]) -> int:
 # ------------------------------------------------------------------ the client side
 
 
-async def _one_stream(session: aiohttp.ClientSession, url: str, text: str) -> tuple[float, float]:
-    """(send time, first audio time) of one stream that sends `text` at once."""
+async def _send(ws: aiohttp.ClientWebSocketResponse, text: str, wps: float) -> None:
+    if wps <= 0:
+        await ws.send_bytes(msgpack.packb({"type": "text", "ctx": "a", "text": text}))
+    else:
+        for word in text.split(" "):
+            await ws.send_bytes(msgpack.packb({"type": "text", "ctx": "a", "text": word + " "}))
+            await asyncio.sleep(1.0 / wps)
+    await ws.send_bytes(msgpack.packb({"type": "end", "ctx": "a"}))
+
+
+async def _one_stream(session: aiohttp.ClientSession, url: str, text: str,
+                      wps: float) -> tuple[float, float]:
+    """(first send time, first audio time) of one stream that sends `text` at `wps` words
+    per second (0: at once)."""
     async with session.ws_connect(url, max_msg_size=0) as ws:
         await ws.send_bytes(msgpack.packb({"type": "start", "ctx": "a"}))
         ready = msgpack.unpackb((await ws.receive(timeout=30)).data)
         if ready.get("type") != "ready":
             raise RuntimeError(f"not admitted: {ready}")
         sent = time.monotonic()
-        await ws.send_bytes(msgpack.packb({"type": "text", "ctx": "a", "text": text}))
-        await ws.send_bytes(msgpack.packb({"type": "end", "ctx": "a"}))
+        sender = asyncio.create_task(_send(ws, text, wps))
         first = None
         while True:
             raw = await ws.receive(timeout=60)
@@ -124,16 +137,18 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, text: str) -> tu
                 raise RuntimeError(f"error: {msg}")
             elif msg["type"] == "done":
                 break
+        await sender
         assert first is not None
         return sent, first
 
 
-async def play(url: str, runs: int, words: int, pause_s: float) -> list[tuple[float, float]]:
+async def play(url: str, runs: int, words: int, wps: float,
+               pause_s: float) -> list[tuple[float, float]]:
     text = " ".join(PARAGRAPH.split()[:words])
     async with aiohttp.ClientSession() as session:
         out = []
         for _ in range(runs):
-            out.append(await _one_stream(session, url, text))
+            out.append(await _one_stream(session, url, text, wps))
             await asyncio.sleep(pause_s)
         return out
 
@@ -186,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Arguments after -- go to run_server.py.")
     p.add_argument("--runs", type=int, default=12)
-    p.add_argument("--words", type=int, default=30, help="words sent at once per stream")
+    p.add_argument("--words", type=int, default=30, help="words each stream sends")
+    p.add_argument("--wps", type=float, default=0.0, help="words per second; 0 = all at once")
     p.add_argument("--pause-s", type=float, default=1.0, help="idle time between streams")
     p.add_argument("--port", type=int, default=8470)
     p.add_argument("--json", action="store_true")
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             asyncio.run(wait_ready(f"http://127.0.0.1:{args.port}", proc))
             times = asyncio.run(play(f"ws://127.0.0.1:{args.port}/v1/stream", args.runs,
-                                     args.words, args.pause_s))
+                                     args.words, args.wps, args.pause_s))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)

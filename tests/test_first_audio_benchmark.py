@@ -7,11 +7,13 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
-from benchmarks.first_audio import STAGES, breakdown
+from benchmarks.first_audio import STAGES, _send, breakdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +48,24 @@ def test_a_run_is_cut_at_the_first_step_and_encoding_after_the_text() -> None:
                                     "encode": 5.0, "deliver": 5.0, "ttfa": 80.0})
     with pytest.raises(RuntimeError, match="no model step"):
         breakdown(events[:4], sent=1.0, first=1.080)
+
+
+class RecordingSocket:
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, dict]] = []
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append((time.monotonic(), msgpack.unpackb(data)))
+
+
+async def test_text_at_a_pace_goes_word_by_word_then_end() -> None:
+    ws = RecordingSocket()
+    await _send(ws, "one two three four", wps=20.0)   # type: ignore[arg-type]
+    assert [m.get("text") for _, m in ws.sent] == ["one ", "two ", "three ", "four ", None]
+    assert ws.sent[-1][1]["type"] == "end"
+    gaps = [b - a for (a, _), (b, _) in zip(ws.sent, ws.sent[1:-1])]
+    assert all(g >= 0.045 for g in gaps), gaps       # 50 ms apart (asyncio may wake ~1 ms early)
+    at_once = RecordingSocket()
+    await _send(at_once, "one two", wps=0.0)         # type: ignore[arg-type]
+    assert [m for _, m in at_once.sent] == [{"type": "text", "ctx": "a", "text": "one two"},
+                                            {"type": "end", "ctx": "a"}]
