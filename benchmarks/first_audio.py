@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,10 +90,9 @@ def serve(events_path: str, server_args: list[str]) -> int:
     """(child) run_server.main with the stamps; they are written out when it exits."""
     events: list[tuple[float, str]] = []
     instrument(events)
-    lock = threading.Lock()
 
     def dump() -> None:
-        with lock, open(events_path, "w") as f:
+        with open(events_path, "w") as f:
             json.dump(events, f)
     atexit.register(dump)
     import run_server
@@ -126,19 +124,23 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, text: str,
         sent = time.monotonic()
         sender = asyncio.create_task(_send(ws, text, wps))
         first = None
-        while True:
-            raw = await ws.receive(timeout=60)
-            if raw.type != aiohttp.WSMsgType.BINARY:
-                raise RuntimeError(f"the socket closed: {raw.type}")
-            msg = msgpack.unpackb(raw.data)
-            if msg["type"] == "audio" and first is None:
-                first = time.monotonic()
-            elif msg["type"] == "error":
-                raise RuntimeError(f"error: {msg}")
-            elif msg["type"] == "done":
-                break
-        await sender
-        assert first is not None
+        try:
+            while True:
+                raw = await ws.receive(timeout=60)
+                if raw.type != aiohttp.WSMsgType.BINARY:
+                    raise RuntimeError(f"the socket closed: {raw.type}")
+                msg = msgpack.unpackb(raw.data)
+                if msg["type"] == "audio" and first is None:
+                    first = time.monotonic()
+                elif msg["type"] == "error":
+                    raise RuntimeError(f"error: {msg}")
+                elif msg["type"] == "done":
+                    break
+            await sender
+        finally:
+            sender.cancel()
+        if first is None:
+            raise RuntimeError("`done` without any audio")
         return sent, first
 
 
