@@ -44,6 +44,7 @@ import msgpack
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.load import send_text  # noqa: E402
 from benchmarks.texts import PARAGRAPH  # noqa: E402
 
 STAGES = ("text_to_model", "acoustic", "first_decode", "encode", "deliver", "ttfa")
@@ -102,19 +103,9 @@ def serve(events_path: str, server_args: list[str]) -> int:
 # ------------------------------------------------------------------ the client side
 
 
-async def _send(ws: aiohttp.ClientWebSocketResponse, text: str, wps: float) -> None:
-    if wps <= 0:
-        await ws.send_bytes(msgpack.packb({"type": "text", "ctx": "a", "text": text}))
-    else:
-        for word in text.split(" "):
-            await ws.send_bytes(msgpack.packb({"type": "text", "ctx": "a", "text": word + " "}))
-            await asyncio.sleep(1.0 / wps)
-    await ws.send_bytes(msgpack.packb({"type": "end", "ctx": "a"}))
-
-
-async def _one_stream(session: aiohttp.ClientSession, url: str, text: str,
+async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str],
                       wps: float) -> tuple[float, float]:
-    """(first send time, first audio time) of one stream that sends `text` at `wps` words
+    """(first send time, first audio time) of one stream that sends `words` at `wps` words
     per second (0: at once)."""
     async with session.ws_connect(url, max_msg_size=0) as ws:
         await ws.send_bytes(msgpack.packb({"type": "start", "ctx": "a"}))
@@ -122,7 +113,7 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, text: str,
         if ready.get("type") != "ready":
             raise RuntimeError(f"not admitted: {ready}")
         sent = time.monotonic()
-        sender = asyncio.create_task(_send(ws, text, wps))
+        sender = asyncio.create_task(send_text(ws, "a", words, wps))
         first = None
         try:
             while True:
@@ -146,11 +137,11 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, text: str,
 
 async def play(url: str, runs: int, words: int, wps: float,
                pause_s: float) -> list[tuple[float, float]]:
-    text = " ".join(PARAGRAPH.split()[:words])
+    spoken = PARAGRAPH.split()[:words]
     async with aiohttp.ClientSession() as session:
         out = []
         for _ in range(runs):
-            out.append(await _one_stream(session, url, text, wps))
+            out.append(await _one_stream(session, url, spoken, wps))
             await asyncio.sleep(pause_s)
         return out
 

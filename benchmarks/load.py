@@ -157,7 +157,7 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
     if live is not None:
         live.enter()
     t_first_text = time.monotonic()
-    sender = asyncio.create_task(_send_text(ws, args, ctx, stream_words(args, idx)))
+    sender = asyncio.create_task(send_text(ws, ctx, stream_words(args, idx), args.wps))
     next_pts = 0.0
     try:
         async for raw in ws:
@@ -203,13 +203,14 @@ def stream_words(args, idx: int) -> list[str]:
     return words[: args.words]
 
 
-async def _send_text(ws, args, ctx: str, words: list[str]) -> None:
-    if args.wps <= 0:
+async def send_text(ws, ctx: str, words: list[str], wps: float) -> None:
+    """`words` as `text` at `wps` words per second (0: all at once), then `end`."""
+    if wps <= 0:
         await ws.send_bytes(msgpack.packb({"type": "text", "ctx": ctx, "text": " ".join(words)}))
     else:
         for w in words:
             await ws.send_bytes(msgpack.packb({"type": "text", "ctx": ctx, "text": w + " "}))
-            await asyncio.sleep(1.0 / args.wps)
+            await asyncio.sleep(1.0 / wps)
     await ws.send_bytes(msgpack.packb({"type": "end", "ctx": ctx}))
 
 

@@ -192,7 +192,7 @@ class Engine:
             # and adds ~11 ms to a 64-frame chunk (2 CPU cores). Not the schedule's first
             # chunk: a head-only flow holds just its window, and first audio waits on it.
             if i > 0 and 0 < num_frames - end < TAIL_MERGE_FRAMES \
-                    and self.bucket(num_frames - start) <= self.buckets[-1]:
+                    and num_frames - start <= self.buckets[-1]:
                 end = num_frames
             plan.append((start, end))
             start, i = end, i + 1

@@ -13,7 +13,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from benchmarks.first_audio import STAGES, _send, breakdown
+from benchmarks.first_audio import STAGES, breakdown
+from benchmarks.load import send_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +61,12 @@ class RecordingSocket:
 
 async def test_text_at_a_pace_goes_word_by_word_then_end() -> None:
     ws = RecordingSocket()
-    await _send(ws, "one two three four", wps=20.0)   # type: ignore[arg-type]
+    await send_text(ws, "a", "one two three four".split(), wps=20.0)
     assert [m.get("text") for _, m in ws.sent] == ["one ", "two ", "three ", "four ", None]
     assert ws.sent[-1][1]["type"] == "end"
     gaps = [b - a for (a, _), (b, _) in zip(ws.sent, ws.sent[1:-1])]
     assert all(g >= 0.045 for g in gaps), gaps       # 50 ms apart (asyncio may wake ~1 ms early)
     at_once = RecordingSocket()
-    await _send(at_once, "one two", wps=0.0)         # type: ignore[arg-type]
+    await send_text(at_once, "a", ["one", "two"], wps=0.0)
     assert [m for _, m in at_once.sent] == [{"type": "text", "ctx": "a", "text": "one two"},
                                             {"type": "end", "ctx": "a"}]
