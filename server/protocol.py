@@ -127,6 +127,7 @@ class StartMsg:
     words: bool = True
     markdown: bool = True  # addition: read text as Markdown (markup is not spoken)
     normalize: bool = True  # addition: read "$5", "Dr.", "5 km" as said (English voices)
+    read_code: bool = True  # addition: False: fenced code blocks are not read aloud
 
     @property
     def length_scale(self) -> float:
@@ -316,6 +317,7 @@ def _decode_start(obj: Mapping[Any, Any], ctx: str) -> StartMsg:
         words=_boolean(obj, "words", ctx, default=d.words),
         markdown=_boolean(obj, "markdown", ctx, default=d.markdown),
         normalize=_boolean(obj, "normalize", ctx, default=d.normalize),
+        read_code=_boolean(obj, "read_code", ctx, default=d.read_code),
     )
 
 

@@ -32,7 +32,7 @@ from .engine import AcousticJob, AcousticResult, DecodeJob, Engine, SynthesisPar
 from .metering import Meter
 from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamSink,
                      StreamState, word_times)
-from .text.markdown import speakable
+from .text.markdown import CodeBlocks, speakable
 from .text.phonemes import PhonemizedText
 from .text.splitter import PhraseSplitter, ends_sentence
 
@@ -550,8 +550,9 @@ class Scheduler:
         if sid in self._streams:
             sink.on_error("bad_request", f"stream {sid} already open")
             return
-        self._streams[sid] = StreamState(id=sid, options=options, sink=sink,
-                                         splitter=self.splitter_factory())
+        self._streams[sid] = StreamState(
+            id=sid, options=options, sink=sink, splitter=self.splitter_factory(),
+            code_blocks=None if options.read_code else CodeBlocks())
         self._recalibrated, self._idle_since = False, None   # the next idle spell may probe again
         self.meter.open(sid)
         log.debug("stream %s opened", sid)
@@ -572,9 +573,13 @@ class Scheduler:
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
         for text in phrases:
+            voice = None
+            if stream.code_blocks is not None:    # every phrase, whitespace too: it ends lines
+                blanked = stream.code_blocks.blank(text)
+                voice = None if blanked == text else blanked.strip()
             if spoken := text.strip():
                 lead = text[:len(text) - len(text.lstrip())]
-                stream.queue_phrase(PendingPhrase(text=spoken, space_before=lead))
+                stream.queue_phrase(PendingPhrase(text=spoken, space_before=lead, voice=voice))
                 stream.mid_sentence = not ends_sentence(text)
                 self._work_changed = True
         self._prefetch(stream)
@@ -583,7 +588,7 @@ class Scheduler:
         """Start phonemizing the stream's next phrase in the text thread, if not yet started."""
         if stream.phrases and stream.phrases[0].phonemized is None:
             head = stream.phrases[0]
-            head.phonemized = self._text_pool.submit(self._phonemize, head.text,
+            head.phonemized = self._text_pool.submit(self._phonemize, head.spoken,
                                                      stream.options.markdown,
                                                      stream.options.normalize)
 
@@ -700,6 +705,7 @@ class Scheduler:
                 if len(batch.acoustic) >= self.config.max_batch_phrases:
                     continue
                 text, phonemized = stream.phrases[0].text, stream.phrases[0].phonemized
+                spoken_chars = len(stream.phrases[0].spoken)
                 buffered = stream.buffered_ms(now, self.frame_ms)
                 # Near dry: the first chunk before the flow over the whole phrase. Otherwise the
                 # phrase's plan starts at a chunk no longer than what the listener holds.
@@ -711,7 +717,7 @@ class Scheduler:
                     head_only = buffered < self.config.head_only_below_ms
                     first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
                 cost = (self.engine.bucket(self.engine.config.chunk_schedule[first])
-                        + _ACOUSTIC_COST_PER_CHAR * len(text))
+                        + _ACOUSTIC_COST_PER_CHAR * spoken_chars) if spoken_chars else 0
                 # Newcomers waiting together share the step that carries the first of them,
                 # whatever the budget (up to max_batch_phrases): one acoustic call for several
                 # first phrases costs far less than a step each, and each step they wait for is
@@ -721,7 +727,7 @@ class Scheduler:
                 with_newcomer = with_newcomer or stream.anchor is None
                 batch.spaces[stream.id] = stream.next_phrase().space_before
                 self._prefetch(stream)
-                stream.inflight_chars += len(text)
+                stream.inflight_chars += spoken_chars
                 batch.acoustic.append((stream.id, text, stream.options.params, head_only, first, phonemized))
             used += cost
         return batch
@@ -817,12 +823,14 @@ class Scheduler:
             self._audio_made = decay * self._audio_made + samples / self.engine.sample_rate
             self._busy = decay * self._busy + result.seconds
         self._meter_step(batch, result)
-        for sid, text, params, *_ in batch.acoustic:
+        for sid, _, params, *_ in batch.acoustic:
+            chars = 0   # what the voice reads of the stream's phrase in this step
             if (stream := self._streams.get(sid)) is not None:
-                stream.inflight_chars = 0   # one step runs at a time: nothing is in the model now
+                # One step runs at a time: nothing is in the model now.
+                chars, stream.inflight_chars = stream.inflight_chars, 0
             new = result.phrases.get(sid)
-            if new is not None and text and params.length_scale > 0:
-                fpc = new.acoustic.num_frames / len(text) / params.length_scale
+            if new is not None and chars and params.length_scale > 0:
+                fpc = new.acoustic.num_frames / chars / params.length_scale
                 self._frames_per_char = 0.9 * self._frames_per_char + 0.1 * fpc
         if self.observer:
             self.observer.on_step(result.seconds, len(batch.acoustic), len(batch.decode), result.frames)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .engine import SynthesisParams
+from .text.markdown import CodeBlocks
 from .text.phonemes import WordSpan
 from .text.splitter import PhraseSplitter
 
@@ -38,6 +39,7 @@ class StreamOptions:
     words: bool = True                   # send word timings
     markdown: bool = True                # Markdown markup is not spoken (text/markdown.py)
     normalize: bool = True               # "$5", "Dr. Smith", "5 km" read as said (text/normalize.py)
+    read_code: bool = True               # False: fenced code blocks are not read (text/markdown.py)
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,16 @@ class StreamSink(Protocol):
 
 @dataclass
 class PendingPhrase:
-    text: str                            # stripped: what is spoken
+    text: str                            # stripped: the phrase as sent (its caption)
     space_before: str = ""               # the whitespace stripped from its start (see PhraseEvent)
+    voice: str | None = None             # what the voice reads of it, where not all (read_code)
     # Its phonemes, made in the scheduler's text thread once it is its stream's next phrase, so
     # the model thread only waits for them when they are late (None: not its stream's next yet).
     phonemized: concurrent.futures.Future | None = None
+
+    @property
+    def spoken(self) -> str:
+        return self.text if self.voice is None else self.voice
 
 
 @dataclass
@@ -109,6 +116,7 @@ class StreamState:
     inflight_chars: int = 0                         # text of phrases in the running step
     queued_chars: int = 0                           # text of the phrases in `phrases`
     mid_sentence: bool = False                      # the last phrase cut did not end a sentence
+    code_blocks: CodeBlocks | None = None           # where fenced code is (read_code False)
 
     def ahead_ms(self, now: float, frame_ms: float, ms_per_char: float) -> float:
         """Speech the listener has coming, played or not yet made: audio buffered, the rest
@@ -124,11 +132,11 @@ class StreamState:
 
     def queue_phrase(self, phrase: PendingPhrase) -> None:
         self.phrases.append(phrase)
-        self.queued_chars += len(phrase.text)
+        self.queued_chars += len(phrase.spoken)
 
     def next_phrase(self) -> PendingPhrase:
         phrase = self.phrases.popleft()
-        self.queued_chars -= len(phrase.text)
+        self.queued_chars -= len(phrase.spoken)
         return phrase
 
     def buffered_ms(self, now: float, frame_ms: float) -> float:

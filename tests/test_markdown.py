@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming_tts.text.markdown import speakable
+from streaming_tts.text.markdown import CodeBlocks, speakable
 
 MARKUP = "#>-*+_~`|[]()!"
 
@@ -44,3 +44,54 @@ def test_only_markup_or_link_targets_go(text: str) -> None:
 @given(st.text(alphabet=st.characters(blacklist_characters=MARKUP + "\n")))
 def test_text_without_markup_is_read_as_it_is(text: str) -> None:
     assert speakable(text) == text
+
+
+# --------------------------------------------------------------------------- fenced code blocks
+
+REPLY = ("Sure! Here is how:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\n"
+         "Call `add(2, 3)`. Or in a shell:\n\n~~~sh\necho $((2 + 3))\n~~~\nThat's all.")
+
+
+def unread(text: str) -> str:
+    """The words of `text` that are not in a code block, the whole text blanked at once."""
+    return " ".join(CodeBlocks().blank(text).split())
+
+
+@pytest.mark.parametrize(("text", "spoken"), [
+    (REPLY, "Sure! Here is how: Call `add(2, 3)`. Or in a shell: That's all."),
+    # Closed only by a fence of its own character, at least as long, alone on its line.
+    ("```\na\n~~~\nb\n``` c\nd\n```\nafter", "after"),
+    ("````\na\n```\nb\n````\nafter", "after"),
+    # Indented (in a list item), and never closed.
+    ("1. Run:\n   ```sh\n   make\n   ```\n2. Done", "1. Run: 2. Done"),
+    ("Text\n```\ncode to the end", "Text"),
+    # Not fences: not at the start of a line; a backtick in a backtick fence's info string.
+    ("Use ``` here", "Use ``` here"),
+    ("```a`b\nnot code", "```a`b not code"),
+])
+def test_code_blocks_are_blanked(text: str, spoken: str) -> None:
+    assert unread(text) == spoken
+    assert len(CodeBlocks().blank(text)) == len(text)   # character for character
+
+
+def _cuts(text: str, points: list[int]) -> list[str]:
+    points = sorted({p % (len(text) + 1) for p in points})
+    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+
+
+@given(st.lists(st.integers(min_value=0), max_size=12),
+       st.text(alphabet="`~ a\n", max_size=40))
+def test_any_cut_of_a_text_leaves_the_same_words_unread(points: list[int], tail: str) -> None:
+    # Phrases can be cut anywhere (a flush in the middle of a fence line too): what is read
+    # is what the whole text would give, up to the fence marks of a line cut in two (a cut
+    # "``" is read before the "`" that makes it a fence comes; the voice does not read
+    # backticks and tildes anyway).
+    text = REPLY + tail
+    blocks = CodeBlocks()
+    pieces = "".join(blocks.blank(p) for p in _cuts(text, points))
+    assert len(pieces) == len(text)
+
+    def words(s: str) -> list[str]:
+        return s.replace("`", " ").replace("~", " ").split()
+
+    assert words(pieces) == words(CodeBlocks().blank(text))

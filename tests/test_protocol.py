@@ -71,11 +71,12 @@ def test_start_without_fields_gets_the_spec_defaults() -> None:
 def test_start_with_every_field() -> None:
     msg = decode(type="start", ctx="a", voice="en_US-joe-medium", speaker="p225",
                  format="pcm_s16le", sample_rate=22050, speed=2, noise_scale=0.5, noise_w=0.6,
-                 bitrate=64000, max_buffer_delay_ms=0, words=False)
+                 bitrate=64000, max_buffer_delay_ms=0, words=False, markdown=False,
+                 normalize=False, read_code=False)
     assert msg == StartMsg(ctx="a", voice="en_US-joe-medium", speaker="p225",
                            format=AudioFormat.PCM_S16LE, sample_rate=22050, speed=2.0,
                            noise_scale=0.5, noise_w=0.6, bitrate=64000, max_buffer_delay_ms=0.0,
-                           words=False)
+                           words=False, markdown=False, normalize=False, read_code=False)
     assert msg.length_scale == 0.5
 
 
@@ -180,6 +181,7 @@ def test_undecodable_frames(data: bytes, needle: str) -> None:
     ({"type": "start", "max_buffer_delay_ms": 10001}, "'max_buffer_delay_ms' must be between"),
     ({"type": "start", "words": 1}, "field 'words' must be bool, got int"),
     ({"type": "start", "normalize": "yes"}, "field 'normalize' must be bool, got str"),
+    ({"type": "start", "read_code": 0}, "field 'read_code' must be bool, got int"),
 ])
 def test_invalid_fields_are_bad_request_with_a_clear_message(
     fields: dict[str, Any], needle: str
@@ -248,7 +250,8 @@ _values = st.recursive(
 )
 _field_names = st.sampled_from([
     "type", "ctx", "text", "voice", "speaker", "format", "sample_rate", "speed", "noise_scale",
-    "noise_w", "bitrate", "max_buffer_delay_ms", "words", "markdown", "normalize"])
+    "noise_w", "bitrate", "max_buffer_delay_ms", "words", "markdown", "normalize",
+    "read_code"])
 _types = st.sampled_from(["start", "text", "flush", "end", "cancel", "bogus"])
 # Maps that look like real messages, with arbitrary values in the spec's fields.
 _messages = st.builds(

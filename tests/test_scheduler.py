@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import threading
@@ -977,6 +978,27 @@ def test_text_far_ahead_of_speech_is_counted_not_summed_at_each_frame():
         stream.inflight_chars, stream.active = 0, None
     assert len(stream.phrases) < 1990
     assert stream.queued_chars == 3 * len(stream.phrases)
+
+
+def test_code_the_voice_skips_is_not_counted_as_speech_ahead():
+    # With read_code false, a code block's phrases are announced but not read: the listener
+    # has no speech coming from them, so the splitter still cuts the prose after a long block
+    # short.
+    sched = new_scheduler(FakeEngine(schedule=(8, 64)), target_step_ms=100.0,
+                          initial_frames_per_s=1000.0)
+    sched.open("s", dataclasses.replace(OPTS, read_code=False), Sink())
+    sched._apply_commands()
+    stream = sched._streams["s"]
+    sched.text("s", "Look:\n```\n" + "x = 1; y = 2; z = 3\n" * 20 + "```\nDone.")
+    sched.end("s")
+    sched._apply_commands()
+    code = [p for p in stream.phrases if "=" in p.text]
+    assert code and all(p.voice == "" for p in code)
+    rest = [p for p in stream.phrases if p not in code]
+    assert [(p.text, p.voice) for p in rest] == [("Look:", None), ("```", ""), ("Done.", None)]
+    assert stream.queued_chars == len("Look:Done.")
+    sched._schedule(time.monotonic())
+    assert stream.inflight_chars == len("Look:")
 
 
 async def test_a_flood_of_commands_is_applied_in_slices_that_let_the_loop_run():

@@ -288,6 +288,29 @@ async def test_markdown_markup_is_not_read_aloud_unless_asked(
     assert read.done["usage"]["audio_ms"] < 0.8 * literal.done["usage"]["audio_ms"]
 
 
+async def test_code_blocks_are_not_read_when_asked(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    # An LLM's reply in 3-character tokens, so fences arrive split ("``" + "`py").
+    text = ("Here is how:\n\n```python\nprint(sum([1, 2]))\n```\n"
+            "That prints 3.\n~~~\nexit\n~~~\nDone.")
+    tokens = [text[i:i + 3] for i in range(0, len(text), 3)]
+    client = await connect(http, srv)
+    read = await client.speak(tokens, ctx="read")
+    skipped = await client.speak(tokens, ctx="skipped", read_code=False)
+    await client.close()
+    for u in (read, skipped):
+        check_done(u, chars=len(text))
+        # Captions still hold every character: code comes in phrases of its own or shares one.
+        assert "".join(p["space_before"] + p["text"] for p in u.phrases) == text
+        check_timeline(u, sample_rate=48000)
+    assert spoken_words(skipped) == ["Here", "is", "how:", "That", "prints", "3.", "Done."]
+    assert {"print(sum([1,", "2]))", "exit"} <= set(spoken_words(read))
+    code_only = [p for p in skipped.phrases if "print" in p["text"] and "That" not in p["text"]]
+    assert code_only and all(p["start_ms"] == p["end_ms"] for p in code_only)
+    assert skipped.done["usage"]["audio_ms"] < 0.8 * read.done["usage"]["audio_ms"]
+
+
 async def test_written_forms_are_read_as_said_unless_asked(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:

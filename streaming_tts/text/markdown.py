@@ -44,3 +44,54 @@ def speakable(text: str) -> str:
         remove(m.start(), m.end())
     return "".join(" " if c == "|" else "" if gone or c == "`" else c
                    for c, gone in zip(text, drop))
+
+
+
+# A fence line: any indentation (LLMs indent code inside list items), then three or more
+# backticks or tildes; an opening backtick fence's info string ("python") has no backtick.
+_OPENING_FENCE = re.compile(r"[ \t]*(`{3,}(?=[^`]*$)|~{3,})")
+_CLOSING_FENCE = re.compile(r"[ \t]*(`{3,}|~{3,})[ \t]*")
+_LINE_KEPT = 1000   # of a line that runs on over several phrases, what fence checks look at
+
+
+class CodeBlocks:
+    """Keeps fenced code blocks (```...``` and ~~~...~~~) out of what a voice reads, phrase by
+    phrase as a stream's text is cut.
+
+    A block opened in one phrase can close several phrases later, and a fence counts only as a
+    line of its own, which a cut can split: so the state and the current line so far are kept
+    across phrases, and each piece of a line is judged by the whole line up to it. As in
+    CommonMark, a block ends at a fence of its own character at least as long as the one that
+    opened it, or with the text.
+    """
+
+    def __init__(self) -> None:
+        self._open: str | None = None        # the fence of the block we are in, after the line so far
+        self._line = ""                      # the current line, as far as it has come
+        self._open_before_line: str | None = None   # ... and the block it started in
+
+    def blank(self, text: str) -> str:
+        """`text`, the stream's next phrase with its leading whitespace, with every character
+        of a code block (its fence lines too) replaced by a space."""
+        out = []
+        *whole, last = text.split("\n")
+        for i, piece in enumerate([*whole, last]):
+            line = (self._line + piece)[:_LINE_KEPT] if i == 0 else piece[:_LINE_KEPT]
+            before = self._open_before_line if i == 0 else self._open
+            if before is None:
+                fence = _OPENING_FENCE.match(line)
+                self._open = None if fence is None else fence.group(1)
+                code = fence is not None
+            else:
+                close = _CLOSING_FENCE.fullmatch(line)
+                closes = (close is not None and close.group(1)[0] == before[0]
+                          and len(close.group(1)) >= len(before))
+                self._open = None if closes else before
+                code = True
+            end = "\n" if i < len(whole) else ""
+            out.append((" " * len(piece) if code else piece) + end)
+            if end:
+                self._line, self._open_before_line = "", self._open
+            else:
+                self._line, self._open_before_line = line, before
+        return "".join(out)
