@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -1782,18 +1782,56 @@ def pcm_s(pcm: bytes) -> float:
     return len(pcm) / 2 / 24000
 
 
+def documented_speak() -> Callable[..., Awaitable[bytes]]:
+    """The example's `speak`, fed from a list of tokens, returning all the PCM it heard."""
+    example = protocol_doc_example()
+
+    async def speak(tokens: list[str], **kwargs: Any) -> bytes:
+        async def stream() -> AsyncIterator[str]:
+            for token in tokens:
+                yield token
+
+        pcm = bytearray()
+        usage = await example["speak"](stream(), pcm.extend, **kwargs)
+        assert usage["audio_ms"] == pytest.approx(pcm_s(pcm) * 1000, abs=25)
+        return bytes(pcm)
+
+    return speak
+
+
 async def test_the_documented_client_speaks(engine: Engine) -> None:
-    speak = protocol_doc_example()["speak"]
+    example = protocol_doc_example()
     async with running(engine) as r:
-        pcm = await speak(["Hello the", "re! How are", " you today?"], url=r.url("/v1/stream"))
-        assert 1.0 < pcm_s(pcm) < 4.0
+        pcm = bytearray()
+        usage = await example["speak"](example["llm_reply"](), pcm.extend, url=r.url("/v1/stream"))
+        assert 1.0 < pcm_s(pcm) < 4.0 and usage["chars"] == len("Hello there! How are you today?")
+        await clean(r)
+
+
+async def test_the_documented_client_hears_speech_while_text_still_comes(engine: Engine) -> None:
+    # An LLM that writes its second sentence only once the first can be heard: a client that
+    # read the socket only after sending all its text would wait for ever.
+    example = protocol_doc_example()
+    heard = asyncio.Event()
+
+    async def llm() -> AsyncIterator[str]:
+        yield "The first sentence is heard. "
+        await asyncio.wait_for(heard.wait(), 30)
+        yield "Then comes the second."
+
+    def on_audio(pcm: bytes) -> None:
+        heard.set()
+
+    async with running(engine) as r:
+        usage = await example["speak"](llm(), on_audio, url=r.url("/v1/stream"))
+        assert usage["phrases"] >= 2 and usage["audio_ms"] > 1500
         await clean(r)
 
 
 async def test_the_documented_client_waits_for_a_full_server(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
-    speak = protocol_doc_example()["speak"]
+    speak = documented_speak()
     overrides = {"admission.max_streams": 1, "admission.retry_after_s": 1,
                  "admission.retry_jitter_s": 0}
     async with running(engine, overrides) as r:
