@@ -585,8 +585,9 @@ class Scheduler:
         self._prefetch(stream)
 
     def _prefetch(self, stream: StreamState) -> None:
-        """Start phonemizing the stream's next phrase in the text thread, if not yet started."""
-        if stream.phrases and stream.phrases[0].phonemized is None:
+        """Start phonemizing the stream's next phrase in the text thread, if not yet started
+        (one with nothing to read is announced without phonemes: see _schedule)."""
+        if stream.phrases and stream.phrases[0].phonemized is None and stream.phrases[0].voice != "":
             head = stream.phrases[0]
             head.phonemized = self._text_pool.submit(self._phonemize, head.spoken,
                                                      stream.options.markdown,
@@ -702,6 +703,15 @@ class Scheduler:
                                      active.unfinished))
                 batch.owners.append(active)
             else:
+                # Phrases known to hold nothing to read (code the stream asked not to hear) are
+                # announced here, where its timeline ends (no step is running), rather than take
+                # a model step each: a long block would hold the prose after it for many steps.
+                while stream.phrases and stream.phrases[0].voice == "":
+                    skipped = stream.next_phrase()
+                    self._unspoken_phrase(stream, skipped.text, skipped.space_before)
+                if not stream.phrases:
+                    continue
+                self._prefetch(stream)   # the phrase after them, if not started yet
                 if len(batch.acoustic) >= self.config.max_batch_phrases:
                     continue
                 text, phonemized = stream.phrases[0].text, stream.phrases[0].phonemized
@@ -717,7 +727,7 @@ class Scheduler:
                     head_only = buffered < self.config.head_only_below_ms
                     first = 0 if head_only else self.engine.schedule_index_for(buffered / self.frame_ms)
                 cost = (self.engine.bucket(self.engine.config.chunk_schedule[first])
-                        + _ACOUSTIC_COST_PER_CHAR * spoken_chars) if spoken_chars else 0
+                        + _ACOUSTIC_COST_PER_CHAR * spoken_chars)
                 # Newcomers waiting together share the step that carries the first of them,
                 # whatever the budget (up to max_batch_phrases): one acoustic call for several
                 # first phrases costs far less than a step each, and each step they wait for is

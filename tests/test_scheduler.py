@@ -1001,6 +1001,33 @@ def test_code_the_voice_skips_is_not_counted_as_speech_ahead():
     assert stream.inflight_chars == len("Look:")
 
 
+async def test_code_left_unread_is_announced_without_a_step_per_phrase():
+    # A long code block is cut into many phrases. Each took a model step of its own (with
+    # nothing to compute), so the prose after it waited for as many steps: under load, a
+    # second per ten phrases. They are now announced as soon as the stream's timeline reaches
+    # them, all at once.
+    engine = FakeEngine(schedule=(8, 64))
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", dataclasses.replace(OPTS, read_code=False), sink)
+    code = "".join(f"x{i} = f({i}, {i})\n" for i in range(200))
+    text = "Look here:\n```\n" + code + "```\nDone now."
+    for i in range(0, len(text), 5):                  # an LLM's tokens
+        sched.text("s", text[i:i + 5])
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 10)
+    await stop(task)
+    phrases = sink.phrases()
+    assert "".join(p.space_before + p.text for p in phrases) == text
+    code_phrases = [p for p in phrases if "=" in p.text]
+    assert len(code_phrases) > 50 and all(p.start_ms == p.end_ms for p in code_phrases)
+    assert [p.text for p in phrases if p.end_ms > p.start_ms] == ["Look here:", "Done now."]
+    assert [p.id for p in phrases] == list(range(len(phrases)))
+    assert all(a.end_ms <= b.start_ms for a, b in pairwise(phrases))
+    steps = sum(1 for kind, _ in engine.calls if kind == "decode")
+    assert steps < 20
+
+
 async def test_a_flood_of_commands_is_applied_in_slices_that_let_the_loop_run():
     # 2000 text frames queued at once (an LLM's answer in tiny tokens): applying them in one
     # go held the event loop, and every other stream on it, for the whole flood.
