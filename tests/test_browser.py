@@ -346,6 +346,22 @@ def test_captions_show_markdown_text_as_written_with_each_word_once(client: Clie
     assert client.errors == []
 
 
+def test_code_blocks_left_unread_are_still_in_the_captions(client: Client) -> None:
+    text = "Run this:\n```sh\nmake all\n```\nThen wait a minute."
+    client.login()
+    client.wait_voices()
+    client.page.uncheck("#read-code")
+    client.speak(text, wps=30)
+    client.page.wait_for_function(
+        "() => ['done', 'error'].includes(document.querySelector('#stats').dataset.state)",
+        timeout=60_000)
+    assert client.stats()["state"] == "done", client.alert()
+    assert " ".join(client.page.inner_text("#captions").split()) == " ".join(text.split())
+    words = client.page.eval_on_selector_all(".word", "ws => ws.map(w => w.dataset.word)")
+    assert words == ["Run", "this:", "Then", "wait", "a", "minute."]
+    assert client.errors == []
+
+
 def test_stop_goes_silent_within_100_ms(client: Client) -> None:
     client.login()
     client.wait_voices()

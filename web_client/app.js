@@ -608,7 +608,7 @@ class Utterance {
   constructor(gen, settings) {
     this.gen = gen;
     this.ctx = `u${gen}`;
-    this.settings = settings; // {text, voice, speaker, speed, wps, format}
+    this.settings = settings; // {text, voice, speaker, speed, wps, format, readCode}
     // starting -> streaming -> draining -> done | cancelled | error;
     // starting -> waiting (server full) -> starting ... until RETRY_FOR_S has passed
     this.phase = "starting";
@@ -682,6 +682,7 @@ class App {
       wps: $("wps"),
       token: $("token"),
       format: $("format"),
+      readCode: $("read-code"),
       speak: $("speak"),
       stop: $("stop"),
       notice: $("notice"),
@@ -925,6 +926,7 @@ class App {
       speed,
       wps,
       format: this.el.format.value,
+      readCode: this.el.readCode.checked,
     };
   }
 
@@ -1114,6 +1116,7 @@ class App {
       speed: s.speed,
       words: true,
     };
+    if (!s.readCode) start.read_code = false;
     if (s.voice) start.voice = s.voice;
     if (s.speaker !== null && s.speaker !== "") start.speaker = s.speaker;
     this.conn.send(start);
