@@ -88,6 +88,10 @@ class ReplayEngine(Engine):
         return self._decode_group([DecodeJob(z=z, start=0, end=z.shape[1])], z.shape[1])[0]
 
 
+# A GPU profile's engine settings, made to run here (configs/gpu.toml records CUDA graphs).
+ON_CPU = {"engine.device": "cpu", "engine.dtype": "float32", "engine.cuda_graphs": False}
+
+
 def replay_loader(voice, cfg):
     """The server's engine loader for the benchmark: load the real voice, record one passage of
     its speech, then serve the replay."""
@@ -191,8 +195,7 @@ def run_scheduler_only(args) -> list[dict]:
     from benchmarks.texts import PARAGRAPH
 
     # The replay runs on the CPU whatever the profile says (its model calls do no arithmetic).
-    cfg = load_config(Path(args.config) if args.config else None,
-                      {"engine.device": "cpu", "engine.dtype": "float32"})
+    cfg = load_config(Path(args.config) if args.config else None, ON_CPU)
     voice = VoiceRegistry(cfg.engine.voices_dir).resolve(cfg.engine.voice)
     words = PARAGRAPH.split()[:args.words]
 
@@ -275,8 +278,7 @@ def run_encoder_cost(args) -> list[dict]:
     from streaming_tts.audio.resample import StreamResampler
     from streaming_tts.voices import VoiceRegistry
 
-    cfg = load_config(Path(args.config) if args.config else None,
-                      {"engine.device": "cpu", "engine.dtype": "float32"})
+    cfg = load_config(Path(args.config) if args.config else None, ON_CPU)
     voice = VoiceRegistry(cfg.engine.voices_dir).resolve(cfg.engine.voice)
     engine = replay_loader(voice, cfg)
     speech = engine._recording

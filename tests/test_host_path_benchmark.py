@@ -1,9 +1,13 @@
 """The host-path benchmark's stand-in model and its CPU accounting: its figures (server CPU per
 audio second, by thread) are only as good as these."""
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,3 +74,16 @@ def test_refusals_are_read_by_reason_from_the_metrics_text():
     metrics.streams_refused.labels(reason="load").inc()
     counts = refused_counts(metrics.render().decode())
     assert counts["encoders"] == 3 and counts["load"] == 1 and counts["vram"] == 0
+
+
+def test_the_scheduler_alone_runs_with_the_gpu_profile_on_a_cpu():
+    # The documented `--scheduler-only --config configs/gpu.toml` run failed here once the
+    # profile turned CUDA graphs on ("engine.cuda_graphs needs a cuda device").
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "benchmarks/host_path.py", "--scheduler-only", "--streams", "3",
+         "--words", "8", "--stagger-ms", "10", "--config", "configs/gpu.toml", "--json"],
+        cwd=root, capture_output=True, text=True, timeout=300, check=True)
+    [report] = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert report["streams"] == 3 and report["audio_s"] > 3 and report["late_steps"] == 0
+    assert report["cpu_ms_per_audio_s"]["event_loop"] > 0
