@@ -251,3 +251,66 @@ def test_a_word_starts_at_the_space_before_it_unless_a_clause_mark_ends_the_word
     assert names[result.ids[the.first_id]] != " "
     between = [names[i] for i in result.ids[there.end_id:the.first_id] if i != PAD_ID]
     assert between == [",", " "]
+
+
+# --------------------------------------------------------------------------- the word cache
+
+def _cold(phonemizer: Phonemizer, text: str, normalize: bool) -> PhonemizedText | str:
+    """What `text` gives with no word read alone before (the cache emptied)."""
+    phonemizer._alone.clear()
+    try:
+        return phonemizer.phonemize(text, normalize=normalize)
+    except ValueError as exc:
+        return str(exc)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(WORDS, min_size=1, max_size=8), min_size=1, max_size=4),
+       st.booleans())
+def test_words_read_alone_from_the_cache_change_nothing(default_voice: VoiceInfo,
+                                                        texts: list[list[str]],
+                                                        normalize: bool) -> None:
+    # Each word's phonemes read alone (for word spans) come from a cache once seen: every
+    # phrase gives what it gives with the cache empty, whatever came before it.
+    warm, cold = _pair(default_voice)
+    for words in texts:
+        text = " ".join(words)
+        try:
+            result: PhonemizedText | str = warm.phonemize(text, normalize=normalize)
+        except ValueError as exc:
+            result = str(exc)
+        assert result == _cold(cold, text, normalize)
+
+
+_PAIR: list[Phonemizer] = []
+
+
+def _pair(voice: VoiceInfo) -> list[Phonemizer]:
+    """Two phonemizers of the voice for the whole module (each loads espeak-ng: slow)."""
+    if not _PAIR:
+        _PAIR.extend(Phonemizer(voice.config) for _ in range(2))
+    return _PAIR
+
+
+def test_espeak_reads_alone_only_words_it_has_not_read(default_voice: VoiceInfo,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    phonemizer = Phonemizer(default_voice.config)
+    asked: list[list[str]] = []
+    real = phonemizer._phonemize_texts
+    monkeypatch.setattr(phonemizer, "_phonemize_texts", lambda texts: asked.append(texts) or real(texts))
+    first = phonemizer.phonemize("The cat sat on the mat.")
+    assert asked[-1] == ["The cat sat on the mat.", "The", "cat", "sat", "on", "the", "mat."]
+    phonemizer.phonemize("The mat sat on the cat.")
+    assert asked[-1] == ["The mat sat on the cat.", "mat", "cat."]   # only the new words
+    assert phonemizer.phonemize("The cat sat on the mat.") == first
+    assert asked[-1] == ["The cat sat on the mat."]
+
+
+def test_the_word_cache_keeps_at_most_its_size(default_voice: VoiceInfo,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("streaming_tts.text.phonemes.WORD_CACHE_SIZE", 5)
+    phonemizer = Phonemizer(default_voice.config)
+    texts = ["one two three four", "five six seven eight nine", "one two three four"]
+    results = [phonemizer.phonemize(t) for t in texts]
+    assert results[2] == results[0]
+    assert list(phonemizer._alone) == ["nine", "one", "two", "three", "four"]   # oldest out

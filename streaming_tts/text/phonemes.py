@@ -58,6 +58,9 @@ _NO_MARKS = "\x00"
 _PROSODY_MARKS = frozenset("ˈˌːˑ")
 # Most words espeak joins into one: "in the" -> "ɪnðə"; three covers "would have been".
 _MAX_JOINED = 3
+# Words phonemized alone (for word timings) kept per voice: about half of a phrase's espeak
+# work, and speech repeats its words (BENCHMARKS.md, "The phonemizer's word cache").
+WORD_CACHE_SIZE = 20_000
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class Phonemizer:
         self._backend = _espeak_backend(voice.espeak_voice)
         self._reader = reader_for(voice.espeak_voice)
         self._lock = threading.Lock()
+        self._alone: dict[str, tuple[str, ...]] = {}   # word -> its phoneme words, read alone
+        self._alone_lock = threading.Lock()
 
     def phonemize(self, text: str, *, normalize: bool = False) -> PhonemizedText:
         """Phonemes, Piper ids and word spans of `text`.
@@ -152,7 +157,7 @@ class Phonemizer:
         if not tokens:
             raise ValueError("empty text")
         said = self._reader(tokens) if normalize and self._reader else tokens
-        whole, *alone = self._phonemize_texts([" ".join(said), *said])
+        whole, alone = self._phonemize_with_words(said)
         if not any(_is_spoken(w) for words in alone for w in words):
             raise ValueError("empty text")
         pieces = _align(alone, [w for w in whole if _is_spoken(w)])
@@ -167,6 +172,21 @@ class Phonemizer:
         words = [WordSpan(t, starts[_onset(units, spans, k)], starts[hi])
                  for k, (t, (lo, hi)) in enumerate(spans)]
         return PhonemizedText(phonemes="".join(units), ids=ids, words=words)
+
+    def _phonemize_with_words(self, said: list[str]) -> tuple[list[str], list[list[str]]]:
+        """The phrase's phoneme words, and each word's read alone: those from the cache where
+        it has them, the rest in the same espeak call as the phrase."""
+        with self._alone_lock:
+            known = {w: self._alone[w] for w in said if w in self._alone}
+        missing = list(dict.fromkeys(w for w in said if w not in known))
+        whole, *fresh = self._phonemize_texts([" ".join(said), *missing])
+        known.update(zip(missing, map(tuple, fresh)))
+        with self._alone_lock:
+            for word, words in zip(missing, fresh):
+                self._alone[word] = tuple(words)
+            while len(self._alone) > WORD_CACHE_SIZE:   # the oldest first
+                del self._alone[next(iter(self._alone))]
+        return whole, [list(known[w]) for w in said]
 
     def _phonemize_texts(self, texts: list[str]) -> list[list[str]]:
         """Phoneme words of each text, clause marks attached as Piper writes them."""
