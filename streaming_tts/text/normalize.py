@@ -213,7 +213,7 @@ def read_aloud(tokens: list[str]) -> list[str]:
         prev = parts[i - 1] if i else _NONE
         nxt = parts[i + 1] if i + 1 < len(parts) else _NONE
         trail = tok.trail
-        if (m := _CURRENCY_RE.fullmatch(tok.core)):
+        if not tok.core.isalpha() and (m := _CURRENCY_RE.fullmatch(tok.core)):
             reading, name = _currency(m, nxt.core)
         else:
             reading, trail = _reading(tok, prev, nxt)
@@ -253,6 +253,8 @@ def _reading(tok: _Token, prev: _Token, nxt: _Token) -> tuple[str, str]:
         return _ABBREVIATIONS[core], trail if ends else undotted
     if dot and core in _BEFORE_NUMBER and nxt.core[:1].isdigit():
         return _BEFORE_NUMBER[core], undotted
+    if core.isalpha() and core != "x":
+        return core, trail   # most words: no shape below (numbers, a slash, "~") can fit
     if (m := _WORD_SLASH_RE.fullmatch(core)) and core not in _UNITS:
         return _slashed(m[1], m[2]), trail
     if core[0] == "~" and len(core) > 1:
