@@ -250,9 +250,10 @@ def run_scheduler_only(args) -> list[dict]:
         before = _cpu_by_thread(os.getpid())
         out = await asyncio.gather(*[stream(i) for i in range(n)])
         after = _cpu_by_thread(os.getpid())
+        # Named before the scheduler stops: its threads end with it.
+        names = {str(t.native_id): t.name for t in threading.enumerate()}
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        names = {str(t.native_id): t.name for t in threading.enumerate()}
         groups = _cpu_groups(before, after, os.getpid(), names)
         ttfa = sorted(t for t, _ in out)
         audio_s = sum(a for _, a in out) / 1000
