@@ -87,3 +87,4 @@ def test_the_scheduler_alone_runs_with_the_gpu_profile_on_a_cpu():
     [report] = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert report["streams"] == 3 and report["audio_s"] > 3 and report["late_steps"] == 0
     assert report["cpu_ms_per_audio_s"]["event_loop"] > 0
+    assert report["cpu_ms_per_audio_s"].get("other", 0) == 0   # every thread known by name
