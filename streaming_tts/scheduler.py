@@ -710,6 +710,8 @@ class Scheduler:
                     skipped = stream.next_phrase()
                     self._unspoken_phrase(stream, skipped.text, skipped.space_before)
                 if not stream.phrases:
+                    if stream.finished():   # its text ended in them: no step will end it
+                        self._finish(stream)
                     continue
                 self._prefetch(stream)   # the phrase after them, if not started yet
                 if len(batch.acoustic) >= self.config.max_batch_phrases:

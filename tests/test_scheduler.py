@@ -1028,6 +1028,26 @@ async def test_code_left_unread_is_announced_without_a_step_per_phrase():
     assert steps < 20
 
 
+def test_a_text_that_ends_in_code_left_unread_is_done_when_its_speech_is():
+    # Its last phrases are announced without a step, so no step's end finishes the stream:
+    # `done` waited for the next timer (up to a second) after the last audio.
+    sched = new_scheduler(FakeEngine(schedule=(8, 64)), target_step_ms=100.0,
+                          initial_frames_per_s=1000.0)
+    sink = Sink()
+    sched.open("s", dataclasses.replace(OPTS, read_code=False), sink)
+    sched.text("s", "Look at this:\n```\nx = 1\ny = 2\n```\n")
+    sched.end("s")
+    sched._apply_commands()
+    for _ in range(20):
+        batch = sched._schedule(time.monotonic())
+        if not (batch.acoustic or batch.decode):
+            break
+        sched._update(batch, sched._execute(batch))
+    assert sink.kinds()[-1] == "done" and "s" not in sched._streams
+    assert [p.text for p in sink.phrases()][0] == "Look at this:"
+    assert all(p.start_ms == p.end_ms for p in sink.phrases()[1:])
+
+
 async def test_a_flood_of_commands_is_applied_in_slices_that_let_the_loop_run():
     # 2000 text frames queued at once (an LLM's answer in tiny tokens): applying them in one
     # go held the event loop, and every other stream on it, for the whole flood.
