@@ -46,7 +46,6 @@ def speakable(text: str) -> str:
                    for c, gone in zip(text, drop))
 
 
-
 # A fence line: any indentation (LLMs indent code inside list items), then three or more
 # backticks or tildes; an opening backtick fence's info string ("python") has no backtick.
 _OPENING_FENCE = re.compile(r"[ \t]*(`{3,}(?=[^`]*$)|~{3,})")
@@ -74,8 +73,8 @@ class CodeBlocks:
         """`text`, the stream's next phrase with its leading whitespace, with every character
         of a code block (its fence lines too) replaced by a space."""
         out = []
-        *whole, last = text.split("\n")
-        for i, piece in enumerate([*whole, last]):
+        pieces = text.split("\n")   # all but the last end their line
+        for i, piece in enumerate(pieces):
             line = (self._line + piece)[:_LINE_KEPT] if i == 0 else piece[:_LINE_KEPT]
             before = self._open_before_line if i == 0 else self._open
             if before is None:
@@ -88,7 +87,7 @@ class CodeBlocks:
                           and len(close.group(1)) >= len(before))
                 self._open = None if closes else before
                 code = True
-            end = "\n" if i < len(whole) else ""
+            end = "\n" if i < len(pieces) - 1 else ""
             out.append((" " * len(piece) if code else piece) + end)
             if end:
                 self._line, self._open_before_line = "", self._open
