@@ -577,6 +577,9 @@ class Scheduler:
             if stream.code_blocks is not None:    # every phrase, whitespace too: it ends lines
                 blanked = stream.code_blocks.blank(text)
                 voice = None if blanked == text else blanked.strip()
+            if voice != "" and stream.options.markdown and not speakable(
+                    text if voice is None else voice).strip():
+                voice = ""                        # only markup: a rule, a table's |---| row
             if spoken := text.strip():
                 lead = text[:len(text) - len(text.lstrip())]
                 stream.queue_phrase(PendingPhrase(text=spoken, space_before=lead, voice=voice))

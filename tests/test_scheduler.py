@@ -1028,6 +1028,19 @@ async def test_code_left_unread_is_announced_without_a_step_per_phrase():
     assert steps < 20
 
 
+def test_markup_alone_is_known_to_say_nothing_before_it_is_phonemized():
+    # A rule or a table's |---| row is announced with no length without a step of its own,
+    # as code left unread is (with markdown on: otherwise the voice reads its symbols).
+    sched = planning_scheduler(FakeEngine(schedule=(8, 64)), ["s"])
+    stream = sched._streams["s"]
+    sched.text("s", "Results:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n---\n\nWow !!! ")
+    sched.end("s")
+    sched._apply_commands()
+    assert {p.text: p.voice for p in stream.phrases} == {
+        "Results:": None, "| a | b |": None, "|---|---|": "", "| 1 | 2 |": None, "---": "",
+        "Wow !!!": None}
+
+
 def test_a_text_that_ends_in_code_left_unread_is_done_when_its_speech_is():
     # Its last phrases are announced without a step, so no step's end finishes the stream:
     # `done` waited for the next timer (up to a second) after the last audio.
