@@ -32,7 +32,7 @@ from .engine import AcousticJob, AcousticResult, DecodeJob, Engine, SynthesisPar
 from .metering import Meter
 from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamSink,
                      StreamState, word_times)
-from .text.markdown import CodeBlocks, speakable
+from .text.markdown import CodeBlocks, reads_nothing, speakable
 from .text.phonemes import PhonemizedText
 from .text.splitter import PhraseSplitter, ends_sentence
 
@@ -577,8 +577,8 @@ class Scheduler:
             if stream.code_blocks is not None:    # every phrase, whitespace too: it ends lines
                 blanked = stream.code_blocks.blank(text)
                 voice = None if blanked == text else blanked.strip()
-            if voice != "" and stream.options.markdown and not speakable(
-                    text if voice is None else voice).strip():
+            if voice != "" and stream.options.markdown and reads_nothing(
+                    text if voice is None else voice):
                 voice = ""                        # only markup: a rule, a table's |---| row
             if spoken := text.strip():
                 lead = text[:len(text) - len(text.lstrip())]
@@ -709,14 +709,17 @@ class Scheduler:
                 # Phrases known to hold nothing to read (code the stream asked not to hear) are
                 # announced here, where its timeline ends (no step is running), rather than take
                 # a model step each: a long block would hold the prose after it for many steps.
+                skipped = False
                 while stream.phrases and stream.phrases[0].voice == "":
-                    skipped = stream.next_phrase()
-                    self._unspoken_phrase(stream, skipped.text, skipped.space_before)
+                    phrase = stream.next_phrase()
+                    self._unspoken_phrase(stream, phrase.text, phrase.space_before)
+                    skipped = True
                 if not stream.phrases:
                     if stream.finished():   # its text ended in them: no step will end it
                         self._finish(stream)
                     continue
-                self._prefetch(stream)   # the phrase after them, if not started yet
+                if skipped:
+                    self._prefetch(stream)   # the phrase after them
                 if len(batch.acoustic) >= self.config.max_batch_phrases:
                     continue
                 text, phonemized = stream.phrases[0].text, stream.phrases[0].phonemized

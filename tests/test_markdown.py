@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming_tts.text.markdown import CodeBlocks, speakable
+from streaming_tts.text.markdown import CodeBlocks, reads_nothing, speakable
 
 MARKUP = "#>-*+_~`|[]()!"
 
@@ -44,6 +44,11 @@ def test_only_markup_or_link_targets_go(text: str) -> None:
 @given(st.text(alphabet=st.characters(blacklist_characters=MARKUP + "\n")))
 def test_text_without_markup_is_read_as_it_is(text: str) -> None:
     assert speakable(text) == text
+
+
+@given(st.text(alphabet=MARKUP + " \na1"))
+def test_reads_nothing_is_a_blank_speakable(text: str) -> None:
+    assert reads_nothing(text) == (not speakable(text).strip())
 
 
 # --------------------------------------------------------------------------- fenced code blocks

@@ -28,6 +28,16 @@ _EMPHASIS = re.compile(r"(?<![\w*_~])(?:\*{1,3}|_{1,3}|~~)(?=[^\s*_~])"
 _LINK = re.compile(r"!?\[([^\]\[\n]*)\]\([^)\s]*(?:\s+\"[^\"\n]*\")?\)")
 
 
+_MARKUP_CHARS = frozenset("#>-*+_~`|[]()!")   # text without any of them is left as it is
+
+
+def reads_nothing(text: str) -> bool:
+    """Whether `speakable(text)` is blank: markup alone (a rule, a table's |---| row)."""
+    if _MARKUP_CHARS.isdisjoint(text):
+        return not text.strip()
+    return not speakable(text).strip()
+
+
 def speakable(text: str) -> str:
     """`text` without its Markdown markup: what a voice should read of it."""
     drop = [False] * len(text)

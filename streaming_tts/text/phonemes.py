@@ -180,10 +180,10 @@ class Phonemizer:
             known = {w: self._alone[w] for w in said if w in self._alone}
         missing = list(dict.fromkeys(w for w in said if w not in known))
         whole, *fresh = self._phonemize_texts([" ".join(said), *missing])
-        known.update(zip(missing, map(tuple, fresh)))
+        new = {word: tuple(words) for word, words in zip(missing, fresh)}
+        known.update(new)
         with self._alone_lock:
-            for word, words in zip(missing, fresh):
-                self._alone[word] = tuple(words)
+            self._alone.update(new)
             while len(self._alone) > WORD_CACHE_SIZE:   # the oldest first
                 del self._alone[next(iter(self._alone))]
         return whole, [list(known[w]) for w in said]
