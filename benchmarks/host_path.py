@@ -268,7 +268,15 @@ def run_scheduler_only(args) -> list[dict]:
             print(json.dumps(results[-1]) if args.json else json.dumps(results[-1], indent=2), flush=True)
         return results
 
-    return asyncio.run(main())
+    prof = cProfile.Profile() if args.profile else None   # the event loop's thread only
+    if prof is not None:
+        prof.enable()
+    try:
+        return asyncio.run(main())
+    finally:
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(args.profile)
 
 
 def run_encoder_cost(args) -> list[dict]:

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import os
 import statistics
 import threading
 import time
@@ -35,8 +36,15 @@ from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, St
 from .text.markdown import CodeBlocks, reads_nothing, speakable
 from .text.phonemes import PhonemizedText
 from .text.splitter import PhraseSplitter, ends_sentence
+from .timers import StreamTimers
 
 log = logging.getLogger(__name__)
+
+# Tests set STREAMING_TTS_AUDIT_TIMERS=1: every timer check then also visits every stream and
+# records here any stream that needed the scheduler but was neither armed nor queued for it.
+AUDIT_TIMERS = os.environ.get("STREAMING_TTS_AUDIT_TIMERS") == "1"
+AUDIT_FAILURES: list[str] = []
+_AUDIT_EPS_S = 1e-6
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,8 @@ _MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this set the capacity 
 _SETTLED_COSTS = 64                # with no stream finishing, the cost estimate settles back to the
 _SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have (before: warm-up's)
 # Timers (text deadlines, silence, a listener run dry, finished streams) are checked at most this
-# often, or when one falls due: each check visits every stream, and with hundreds of streams
-# and short model steps, checking at every step was the largest part of the scheduler's time.
+# often, or when one falls due. A check visits only the streams whose time has come (timers.py);
+# when it visited every stream, checking at every step was the largest part of its time.
 _TICK_MIN_S = 0.01
 _COMMANDS_PER_SLICE = 256          # commands applied before the event loop is let go (~2-5 ms)
 # An idle server's probe runs the model alone; real streams cost more (first phrases, and on
@@ -232,6 +240,14 @@ class Scheduler:
         self.power_reader = power_reader
         self.frame_ms = engine.frame_ms
         self._streams: dict[str, StreamState] = {}
+        self._opened = 0                      # streams opened: each one's `order`
+        # Which streams need looking at, kept as their state changes so that no timer check or
+        # plan visits every stream (_rearm): each one's next time (a text deadline, running dry,
+        # silence due, ready for its next chunk) ...
+        self._timers = StreamTimers()
+        self._dirty: set[str] = set()         # ... streams changed since it was last worked out,
+        self._ready: set[str] = set()         # ... those with work and under lookahead_ms held,
+        self._held: set[str] = set()          # ... and those with text past its delay, held
         self._commands: collections.deque = collections.deque()
         self._opening_ids: set[str] = set()   # `open` queued, not applied yet
         self._leaving: set[str] = set()       # `cancel` or `close` queued, not applied yet
@@ -531,6 +547,9 @@ class Scheduler:
             stream = self._streams.get(sid)
             if stream is None:
                 continue
+            if cmd in ("text", "flush", "end"):
+                self._catch_up(stream, time.monotonic())
+                self._dirty.add(sid)
             if cmd == "text":
                 self._on_text(stream, *args)
             elif cmd == "flush":
@@ -550,16 +569,25 @@ class Scheduler:
         if sid in self._streams:
             sink.on_error("bad_request", f"stream {sid} already open")
             return
+        self._opened += 1
         self._streams[sid] = StreamState(
             id=sid, options=options, sink=sink, splitter=self.splitter_factory(),
-            code_blocks=None if options.read_code else CodeBlocks())
+            code_blocks=None if options.read_code else CodeBlocks(), order=self._opened)
+        self._dirty.add(sid)
         self._recalibrated, self._idle_since = False, None   # the next idle spell may probe again
         self.meter.open(sid)
         log.debug("stream %s opened", sid)
 
     def _drop(self, sid: str) -> None:
-        self._streams.pop(sid, None)
+        self._forget(sid)
         self.meter.close(sid)
+
+    def _forget(self, sid: str) -> None:
+        self._streams.pop(sid, None)
+        self._timers.discard(sid)
+        self._dirty.discard(sid)
+        self._ready.discard(sid)
+        self._held.discard(sid)
 
     def _on_text(self, stream: StreamState, text: str, at: float) -> None:
         stream.last_text_at = at
@@ -585,6 +613,7 @@ class Scheduler:
                 stream.queue_phrase(PendingPhrase(text=spoken, space_before=lead, voice=voice))
                 stream.mid_sentence = not ends_sentence(text)
                 self._work_changed = True
+        self._dirty.add(stream.id)
         self._prefetch(stream)
 
     def _prefetch(self, stream: StreamState) -> None:
@@ -604,36 +633,148 @@ class Scheduler:
 
     # ---- schedule ----
     def _tick_streams(self, now: float) -> None:
-        """Timers: buffered-text deadline, listener clock, silence while text is pending."""
-        for stream in list(self._streams.values()):
-            pending = stream.splitter.pending.strip()   # whitespace alone is never spoken
-            delay = stream.options.max_buffer_delay_ms / 1000.0
-            idle = None if stream.last_text_at is None else now - stream.last_text_at
-            if pending and idle is not None and idle >= delay and self._hold_s(stream, now) <= 0:
-                # While words still trickle in, function words at its end wait for the word
-                # they lead, and a started listener gets a few words at a time rather than a
-                # phrase per pause between words ("out of | their houses" at 3 words/s was a
-                # phrase a word, each with its pauses, the word before each cut drawn out).
-                trickle = idle < self.config.function_word_wait_ms / 1000.0
-                words = self.config.delay_min_words if trickle and stream.anchor is not None else 0
-                self._queue_phrases(stream, stream.splitter.flush(hold_function_words=trickle,
-                                                                  min_words=words))
-            elif pending and (due := self._first_phrase_due(stream)) is not None and now >= due:
-                # Text trickles in slower than the eager cut's few words: speak the complete
-                # words that have come rather than keep a new listener waiting for more.
-                self._queue_phrases(stream, stream.splitter.cut_at_word())
-            buffered = stream.buffered_ms(now, self.frame_ms)
-            if stream.anchor is not None and buffered < 0:
-                if stream.has_work() and self.observer:
-                    self.observer.on_late(stream.id)   # ran dry while we still had its speech
-                # The listener's player stalls when dry and resumes with the next audio.
-                stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
-                buffered = 0.0
-            if (stream.anchor is not None and not stream.has_work() and stream.awaiting_words(now)
-                    and buffered < self.config.silence_fill_ms):
-                self._emit_silence(stream, self.config.silence_fill_ms)
-            if stream.finished():
-                self._finish(stream)
+        """Timers: buffered-text deadline, listener clock, silence while text is pending. For
+        the streams whose time has come (_rearm), and those holding text past its delay."""
+        self._refresh(now)
+        visit = dict.fromkeys(self._timers.pop_due(now))
+        visit.update(dict.fromkeys(self._held))
+        for sid in visit:
+            if (stream := self._streams.get(sid)) is None:
+                continue
+            self._tick_stream(stream, now)
+            if sid in self._streams:
+                self._dirty.discard(sid)
+                self._rearm(stream, now, visited=True)
+        if AUDIT_TIMERS:
+            self._audit(now)
+
+    def _tick_stream(self, stream: StreamState, now: float) -> None:
+        pending = stream.splitter.pending.strip()   # whitespace alone is never spoken
+        delay = stream.options.max_buffer_delay_ms / 1000.0
+        idle = None if stream.last_text_at is None else now - stream.last_text_at
+        if pending and idle is not None and idle >= delay and self._hold_s(stream, now) <= 0:
+            # While words still trickle in, function words at its end wait for the word
+            # they lead, and a started listener gets a few words at a time rather than a
+            # phrase per pause between words ("out of | their houses" at 3 words/s was a
+            # phrase a word, each with its pauses, the word before each cut drawn out).
+            trickle = idle < self.config.function_word_wait_ms / 1000.0
+            words = self.config.delay_min_words if trickle and stream.anchor is not None else 0
+            self._queue_phrases(stream, stream.splitter.flush(hold_function_words=trickle,
+                                                              min_words=words))
+        elif pending and (due := self._first_phrase_due(stream)) is not None and now >= due:
+            # Text trickles in slower than the eager cut's few words: speak the complete
+            # words that have come rather than keep a new listener waiting for more.
+            self._queue_phrases(stream, stream.splitter.cut_at_word())
+        buffered = stream.buffered_ms(now, self.frame_ms)
+        if stream.anchor is not None and buffered < 0:
+            if stream.has_work() and self.observer and not stream.stalled:
+                self.observer.on_late(stream.id)   # ran dry while we still had its speech
+            # The listener's player stalls when dry and resumes with the next audio.
+            stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
+            buffered = 0.0
+        if (stream.anchor is not None and not stream.has_work() and stream.awaiting_words(now)
+                and buffered < self.config.silence_fill_ms):
+            self._emit_silence(stream, self.config.silence_fill_ms)
+        if stream.finished():
+            self._finish(stream)
+
+    def _catch_up(self, stream: StreamState, now: float) -> None:
+        """A listener that ran dry with nothing owed (its player stalled: a pause in the
+        client's text) is no longer followed by any timer. When text comes for it, its clock
+        resumes from now, and until its next audio it waits as a newcomer does: that wait is
+        not audio arriving late (_tick_stream counts only a listener run dry while owed audio)."""
+        if (stream.anchor is not None and not stream.has_work()
+                and stream.buffered_ms(now, self.frame_ms) < 0):
+            stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
+            stream.stalled = True
+
+    def _refresh(self, now: float) -> None:
+        """Work out again when the streams changed since the last look next need the scheduler."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        for sid in dirty:
+            if (stream := self._streams.get(sid)) is not None:
+                self._rearm(stream, now, visited=False)
+
+    def _rearm(self, stream: StreamState, now: float, *, visited: bool) -> None:
+        """Arm the stream's timer for the first moment _tick_stream may have something to do
+        for it or it becomes ready for its next chunk, assuming nothing else changes it (what
+        does marks it in _dirty); and keep its place in the ready and held sets.
+
+        `visited`: _tick_stream has just looked at it. A deadline already passed that the
+        visit left as it was (the words so far could not be cut yet) then waits for new text,
+        as before, rather than bring the stream up at every check. Otherwise a deadline passed
+        arms it for the next check."""
+        sid, frame_ms = stream.id, self.frame_ms
+        work = stream.has_work()
+        lookahead = self.config.lookahead_ms
+        if work and stream.buffered_ms(now, frame_ms) < lookahead:
+            self._ready.add(sid)
+        else:
+            self._ready.discard(sid)
+        wake = float("inf")
+        held = False
+        if stream.splitter.pending.strip():
+            if stream.last_text_at is not None:
+                due = stream.last_text_at + stream.options.max_buffer_delay_ms / 1000.0
+                if due > now:
+                    wake = due
+                else:     # past it: how long it is held moves with the speech estimate
+                    held = True
+            if (due := self._first_phrase_due(stream)) is not None and (due > now or not visited):
+                wake = min(wake, due)
+        elif stream.ended and not work:
+            wake = now    # finished
+        if held:
+            self._held.add(sid)
+        else:
+            self._held.discard(sid)
+        if stream.anchor is not None:
+            dry = stream.anchor + stream.emitted_frames * frame_ms / 1000.0
+            if work:      # ready for its next chunk; or late, if it runs dry first
+                ready_at = dry - lookahead / 1000.0
+                wake = min(wake, ready_at if ready_at > now else dry)
+            elif stream.awaiting_words(now):
+                silence = dry - self.config.silence_fill_ms / 1000.0
+                if silence > now or not visited:
+                    wake = min(wake, silence)
+        if wake != float("inf"):
+            self._timers.arm(sid, wake)
+
+    def _audit(self, now: float) -> None:
+        """(tests) Every stream that needs the scheduler is armed for it, or queued for a look."""
+        eps, frame_ms, lookahead = _AUDIT_EPS_S, self.frame_ms, self.config.lookahead_ms
+        for stream in self._streams.values():
+            if stream.id in self._dirty:
+                continue
+            at = self._timers.armed_at(stream.id)
+            at = float("inf") if at is None else at
+            work = stream.has_work()
+            wrong = []
+            if work and stream.buffered_ms(now, frame_ms) < lookahead and stream.id not in self._ready:
+                wrong.append("ready, not in the ready set")
+            if stream.finished() and at > now + eps:
+                wrong.append("finished, not armed")
+            if stream.splitter.pending.strip():
+                if stream.last_text_at is not None:
+                    due = stream.last_text_at + stream.options.max_buffer_delay_ms / 1000.0
+                    if due <= now and stream.id not in self._held:
+                        wrong.append("text past its delay, not held")
+                    if due > now and at > due + eps:
+                        wrong.append("text delay not armed")
+                if (due := self._first_phrase_due(stream)) is not None and due > now and at > due + eps:
+                    wrong.append("first phrase wait not armed")
+            if stream.anchor is not None:
+                dry = stream.anchor + stream.emitted_frames * frame_ms / 1000.0
+                if work and at > dry + eps:
+                    wrong.append("may run dry unarmed")
+                silence = dry - self.config.silence_fill_ms / 1000.0
+                if not work and stream.awaiting_words(now) and silence > now and at > silence + eps:
+                    wrong.append("silence not armed")
+            if wrong:
+                AUDIT_FAILURES.append(f"stream {stream.id} at {now:.6f}: {', '.join(wrong)}")
+                log.error("timer audit: %s", AUDIT_FAILURES[-1])
 
     def _hold_s(self, stream: StreamState, now: float) -> float:
         """How long text past its `max_buffer_delay_ms` may still wait: until the listener has
@@ -668,8 +809,11 @@ class Scheduler:
         batch = _Batch()
         budget = self._fps * self.config.target_step_ms / 1000.0
         used = 0.0
-        ready = [s for s in self._streams.values()
-                 if s.has_work() and s.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms]
+        # Streams whose time came since the last check may be ready now (the rest wait for it).
+        self._dirty.update(self._timers.pop_due(now))
+        self._refresh(now)
+        ready = [s for sid in self._ready if (s := self._streams.get(sid)) is not None
+                 and s.has_work() and s.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms]
         grace, margin = self.config.new_stream_grace_ms / 1000.0, self.config.pipeline_margin_ms / 1000.0
         # Several listeners waiting for their first audio at once (a burst of new streams).
         burst = sum(1 for s in ready if s.anchor is None) > 1
@@ -678,15 +822,16 @@ class Scheduler:
         # step waits for the following one rather than delay that first audio.
         newcomer_budget = self._fps * self.config.newcomer_step_ms / 1000.0
         with_newcomer = False
-        keyed = [(s.deadline(self.frame_ms, now=now, new_grace_s=grace, margin_s=margin, step_s=step), s)
-                 for s in ready]
+        keyed = [(s.deadline(self.frame_ms, now=now, new_grace_s=grace, margin_s=margin, step_s=step),
+                  s.order, s) for s in ready]
         # Behind: two or more started listeners run dry within the next step. Then throughput
         # comes first and the step grows, so its model calls batch more (each call has a fixed
         # cost). A scheduler that keeps up never gets here, and keeps its steps short for the
         # streams that arrive during one.
-        if sum(1 for due, s in keyed if s.anchor is not None and due <= now + step) >= 2:
+        if sum(1 for due, _, s in keyed if s.anchor is not None and due <= now + step) >= 2:
             budget *= self.config.behind_step_factor
-        for due, stream in sorted(keyed, key=lambda ks: ks[0]):
+        # Earliest deadline first; at equal deadlines (newcomers), the stream opened first.
+        for due, _, stream in sorted(keyed, key=lambda k: k[:2]):
             # Other newcomers are this step's urgent work: they batch with it (one model call
             # for several first phrases costs far less than one call each).
             limit = (min(budget, newcomer_budget)
@@ -714,6 +859,7 @@ class Scheduler:
                     phrase = stream.next_phrase()
                     self._unspoken_phrase(stream, phrase.text, phrase.space_before)
                     skipped = True
+                    self._dirty.add(stream.id)
                 if not stream.phrases:
                     if stream.finished():   # its text ended in them: no step will end it
                         self._finish(stream)
@@ -744,6 +890,7 @@ class Scheduler:
                     break
                 with_newcomer = with_newcomer or stream.anchor is None
                 batch.spaces[stream.id] = stream.next_phrase().space_before
+                self._dirty.add(stream.id)
                 self._prefetch(stream)
                 stream.inflight_chars += spoken_chars
                 batch.acoustic.append((stream.id, text, stream.options.params, head_only, first, phonemized))
@@ -752,21 +899,15 @@ class Scheduler:
 
     def _next_wakeup(self, now: float) -> float:
         """Seconds until a listener needs more audio, text times out, or silence is due."""
+        self._refresh(now)
+        if AUDIT_TIMERS:
+            self._audit(now)
         nxt = 1.0
-        for s in self._streams.values():
-            buffered = s.buffered_ms(now, self.frame_ms)
-            if s.has_work():
-                nxt = min(nxt, max(0.0, (buffered - self.config.lookahead_ms) / 1000.0))
-            if s.splitter.pending.strip():
-                if s.last_text_at is not None:
-                    due = s.last_text_at + s.options.max_buffer_delay_ms / 1000.0 - now
-                    if due <= 0:   # past it, held while the listener has plenty coming
-                        due = self._hold_s(s, now)
-                    nxt = min(nxt, max(0.0, due))
-                if (due := self._first_phrase_due(s)) is not None and due > now:
-                    nxt = min(nxt, due - now)
-            if s.anchor is not None and s.awaiting_words(now):
-                nxt = min(nxt, max(0.0, (buffered - self.config.silence_fill_ms) / 1000.0))
+        if (at := self._timers.next_at()) is not None:
+            nxt = min(nxt, at - now)
+        for sid in self._held:   # text past its delay, held while the listener has plenty coming
+            if (s := self._streams.get(sid)) is not None:
+                nxt = min(nxt, max(0.0, self._hold_s(s, now)))
         return max(nxt, 0.002)
 
     # ---- execute (worker thread: plain data only) ----
@@ -872,8 +1013,10 @@ class Scheduler:
         # Streams this step served may be finished now (the others' turn comes at the next tick).
         for sid in batch.stream_ids():
             stream = self._streams.get(sid)
-            if stream is not None and stream.finished():
-                self._finish(stream)
+            if stream is not None:
+                self._dirty.add(sid)
+                if stream.finished():
+                    self._finish(stream)
 
     def _meter_step(self, batch: _Batch, result: _Result) -> None:
         """Split the step's time and energy by the frames each stream had computed."""
@@ -924,8 +1067,12 @@ class Scheduler:
         first = stream.anchor is None
         if first:
             stream.anchor = now
+        elif stream.stalled:   # its player, stalled since, resumes with this audio
+            stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
+        stream.stalled = False
         pts = stream.emitted_frames * self.frame_ms
         stream.emitted_frames += frames
+        self._dirty.add(stream.id)
         self.meter.add_audio(stream.id, frames * self.frame_ms, now=now)
         if first and self.observer:
             ttfa = self.meter.usage(stream.id).get("ttfa_ms")
@@ -935,7 +1082,7 @@ class Scheduler:
 
     def _finish(self, stream: StreamState) -> None:
         usage = self.meter.close(stream.id) or {}   # every stream is opened in the meter
-        self._streams.pop(stream.id, None)
+        self._forget(stream.id)
         self._add_cost(usage.get("audio_ms") or 0.0, usage.get("compute_ms"))
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)

@@ -117,6 +117,8 @@ class StreamState:
     queued_chars: int = 0                           # text of the phrases in `phrases`
     mid_sentence: bool = False                      # the last phrase cut did not end a sentence
     code_blocks: CodeBlocks | None = None           # where fenced code is (read_code False)
+    order: int = 0                                  # opened as the scheduler's n-th stream
+    stalled: bool = False                           # ran dry with nothing owed; text came since
 
     def ahead_ms(self, now: float, frame_ms: float, ms_per_char: float) -> float:
         """Speech the listener has coming, played or not yet made: audio buffered, the rest

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
+
+# The scheduler checks its timers against a visit of every stream (streaming_tts/scheduler.py):
+# a stream left unarmed that needed the scheduler fails the test that ran it. Servers the tests
+# start in a subprocess inherit this and log any such stream as an error.
+os.environ["STREAMING_TTS_AUDIT_TIMERS"] = "1"
 
 from streaming_tts.text.phonemes import Phonemizer
 from streaming_tts.voices import VoiceInfo, VoiceRegistry
@@ -31,3 +39,14 @@ def default_voice() -> VoiceInfo:
 def default_phonemizer(default_voice: VoiceInfo) -> Phonemizer:
     """One espeak backend for the whole session: creating one takes a fraction of a second."""
     return Phonemizer(default_voice.config)
+
+
+@pytest.fixture(autouse=True)
+def timers_audited():
+    """Fails a test during which the scheduler left a stream that needed it unarmed."""
+    yield
+    scheduler = sys.modules.get("streaming_tts.scheduler")
+    if scheduler is not None and scheduler.AUDIT_FAILURES:
+        failures = list(scheduler.AUDIT_FAILURES)
+        scheduler.AUDIT_FAILURES.clear()
+        pytest.fail("scheduler timers missed streams:\n" + "\n".join(failures[:10]))

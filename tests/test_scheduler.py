@@ -1234,3 +1234,68 @@ def test_a_due_heap_trim_waits_while_a_listener_owed_audio_holds_little(monkeypa
     sched.steps, sched._trimmed_at = 6, time.monotonic() - 121.0          # 4 intervals late
     sched._trim_heap()
     assert len(submitted) == 2, "deferred at most 4 intervals"
+
+
+def test_a_timer_check_visits_only_the_streams_whose_time_has_come():
+    # 300 listeners hold seconds of audio with nothing owed; one has text waiting. A check
+    # visited every stream (~2 ms at 1000 streams, the largest part of the event loop's own
+    # work); it now visits the one whose text deadline came, then only while its text is held.
+    sched = planning_scheduler(FakeEngine(), [f"s{i}" for i in range(300)], buffer_delay_hold_ms=1000.0)
+    now = time.monotonic()
+    for stream in sched._streams.values():
+        stream.anchor, stream.emitted_frames = now, 500       # 5 s of audio ahead
+    visits: list[str] = []
+    tick = sched._tick_stream
+
+    def counting(stream, at):
+        visits.append(stream.id)
+        tick(stream, at)
+
+    sched._tick_stream = counting  # type: ignore[method-assign]
+    sched.text("s7", "and then the")
+    sched._apply_commands()
+    sched._tick_streams(now)
+    assert visits == []
+    sched._tick_streams(now + 0.06)                            # past its 50 ms delay: held
+    sched._tick_streams(now + 0.07)
+    assert visits == ["s7", "s7"] and not sched._streams["s7"].phrases
+    assert sched._next_wakeup(now + 0.07) == 1.0               # nothing due within a second
+    sched._tick_streams(now + 4.0)                             # 1 s of audio left: spoken
+    assert [p.text for p in sched._streams["s7"].phrases] == ["and then the"]
+
+
+def test_a_listener_that_ran_dry_waiting_for_text_is_not_late_when_text_comes():
+    # Its player stalled with nothing owed (a pause between an LLM's turns); no timer visits
+    # it meanwhile. Its clock resumes when text comes, before that text is owed: not late.
+    class Observer:
+        late: list[str] = []
+
+        def on_step(self, *_): pass
+        def on_ttfa(self, _ms): pass
+        def on_late(self, sid): self.late.append(sid)
+
+    observer = Observer()
+    sched = Scheduler(FakeEngine(), phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), observer=observer,
+                      config=SchedulerConfig(target_step_ms=100.0, initial_frames_per_s=1000.0))
+    sched.open("s", OPTS, Sink())
+    sched._apply_commands()
+    stream = sched._streams["s"]
+    stream.anchor, stream.emitted_frames = time.monotonic() - 3.0, 100   # dry for 2 s
+    sched._tick_streams(time.monotonic())
+    sched.text("s", "Hello there.")
+    sched.flush("s")
+    sched._apply_commands()
+    assert stream.has_work()
+    now = time.monotonic()
+    sched._tick_streams(now)
+    assert observer.late == [] and -50.0 < stream.buffered_ms(now, sched.frame_ms) <= 0.0
+    batch = sched._schedule(now)
+    assert [a[0] for a in batch.acoustic] == ["s"]
+    sched._tick_streams(now + 0.05)                            # while its step runs
+    sched._update(batch, sched._execute(batch))
+    assert observer.late == [] and stream.buffered_ms(time.monotonic(), sched.frame_ms) > 0
+    # Owed audio again: running dry now is late.
+    stream.anchor -= 10.0
+    sched._tick_streams(time.monotonic())
+    assert observer.late == ["s"]
