@@ -205,6 +205,16 @@ def measure_stream_cost(engine: Engine, phonemizer, streams: int = 1,
     return (time.perf_counter() - t0) / (frames * engine.frame_ms / 1000.0)
 
 
+def _says_nothing(phrase: PendingPhrase) -> bool:
+    """Known now to have nothing for the voice: left unread (`voice` ""), or phonemized
+    already to nothing (the text thread's ValueError, as _execute would find)."""
+    if phrase.voice == "":
+        return True
+    done = phrase.phonemized
+    return (done is not None and done.done() and not done.cancelled()
+            and isinstance(done.exception(), ValueError))
+
+
 def _check_stop(stop: Callable[[], bool] | None) -> None:
     if stop is not None and stop():
         raise ProbeStopped
@@ -851,11 +861,12 @@ class Scheduler:
                                      active.unfinished))
                 batch.owners.append(active)
             else:
-                # Phrases known to hold nothing to read (code the stream asked not to hear) are
+                # Phrases known to hold nothing to read (code the stream asked not to hear, or
+                # what its phonemes came out empty for: "!!!", an emoji left unread) are
                 # announced here, where its timeline ends (no step is running), rather than take
                 # a model step each: a long block would hold the prose after it for many steps.
                 skipped = False
-                while stream.phrases and stream.phrases[0].voice == "":
+                while stream.phrases and _says_nothing(stream.phrases[0]):
                     phrase = stream.next_phrase()
                     self._unspoken_phrase(stream, phrase.text, phrase.space_before)
                     skipped = True

@@ -1299,3 +1299,29 @@ def test_a_listener_that_ran_dry_waiting_for_text_is_not_late_when_text_comes():
     stream.anchor -= 10.0
     sched._tick_streams(time.monotonic())
     assert observer.late == ["s"]
+
+
+def test_a_phrase_phonemized_to_nothing_takes_no_model_step():
+    # "!!!" or an emoji the voice does not read: once the text thread has found it has no
+    # phonemes, it is announced where the stream's timeline stands, and the phrase after it
+    # goes into the same step. It took a step of its own, holding the next phrase back a step.
+    sched = planning_scheduler(FakeEngine(schedule=(8, 64)), ["s"])
+    stream = sched._streams["s"]
+    sink = stream.sink
+    sched.text("s", "Well!!! ... Then we go.")
+    sched.flush("s")
+    sched._apply_commands()
+    assert [p.text for p in stream.phrases] == ["Well!!!", "...", "Then we go."]
+    read: list[str] = []
+    for _ in range(20):
+        if stream.phrases and stream.phrases[0].phonemized is not None:
+            stream.phrases[0].phonemized.exception(timeout=5)    # the text thread is done with it
+        batch = sched._schedule(time.monotonic())
+        read += [a[1] for a in batch.acoustic]
+        if not (batch.acoustic or batch.decode):
+            break
+        sched._update(batch, sched._execute(batch))
+    assert read == ["Well!!!", "Then we go."]
+    assert [(p.id, p.text) for p in sink.phrases()] == [(0, "Well!!!"), (1, "..."), (2, "Then we go.")]
+    dots, then = sink.phrases()[1:]
+    assert dots.start_ms == dots.end_ms == then.start_ms
