@@ -362,6 +362,44 @@ def test_code_blocks_left_unread_are_still_in_the_captions(client: Client) -> No
     assert client.errors == []
 
 
+def test_markup_and_written_forms_can_be_read_as_written(client: Client) -> None:
+    # Both are on by default (the server's defaults, not sent); unchecked, `start` says so,
+    # and the voice reads what was written: the words then name "**bold**" whole.
+    sent: list[dict] = []
+
+    def on_socket(ws: Any) -> None:
+        ws.on("framesent", lambda payload: sent.append(
+            msgpack.unpackb(payload) if isinstance(payload, bytes) else {"text": payload}))
+
+    client.page.on("websocket", on_socket)
+    client.login()
+    client.wait_voices()
+    text = "Here is **bold** for $5."
+    client.speak(text, wps=0)
+    client.page.wait_for_function(
+        "() => ['done', 'error'].includes(document.querySelector('#stats').dataset.state)",
+        timeout=60_000)
+    starts = [m for m in sent if m.get("type") == "start"]
+    assert len(starts) == 1 and not {"markdown", "normalize", "read_code"} & starts[0].keys()
+    read = client.page.eval_on_selector_all(".word", "ws => ws.map(w => w.dataset.word)")
+    assert "bold" in read
+
+    client.page.uncheck("#markdown")
+    client.page.uncheck("#normalize")
+    client.speak(text, wps=0)
+    client.page.wait_for_function(
+        "() => ['done', 'error'].includes(document.querySelector('#stats').dataset.state)"
+        " && document.querySelectorAll('.word').length > 0", timeout=60_000)
+    assert client.stats()["state"] == "done", client.alert()
+    starts = [m for m in sent if m.get("type") == "start"]
+    assert len(starts) == 2 and starts[1]["markdown"] is False and starts[1]["normalize"] is False
+    assert "read_code" not in starts[1]
+    read = client.page.eval_on_selector_all(".word", "ws => ws.map(w => w.dataset.word)")
+    assert "**bold**" in read and "bold" not in read, read
+    assert " ".join(client.page.inner_text("#captions").split()) == text
+    assert client.errors == []
+
+
 def test_stop_goes_silent_within_100_ms(client: Client) -> None:
     client.login()
     client.wait_voices()

@@ -608,7 +608,7 @@ class Utterance {
   constructor(gen, settings) {
     this.gen = gen;
     this.ctx = `u${gen}`;
-    this.settings = settings; // {text, voice, speaker, speed, wps, format, readCode}
+    this.settings = settings; // {text, voice, speaker, speed, wps, format, readCode, markdown, normalize}
     // starting -> streaming -> draining -> done | cancelled | error;
     // starting -> waiting (server full) -> starting ... until RETRY_FOR_S has passed
     this.phase = "starting";
@@ -683,6 +683,8 @@ class App {
       token: $("token"),
       format: $("format"),
       readCode: $("read-code"),
+      markdown: $("markdown"),
+      normalize: $("normalize"),
       speak: $("speak"),
       stop: $("stop"),
       notice: $("notice"),
@@ -927,6 +929,8 @@ class App {
       wps,
       format: this.el.format.value,
       readCode: this.el.readCode.checked,
+      markdown: this.el.markdown.checked,
+      normalize: this.el.normalize.checked,
     };
   }
 
@@ -1116,7 +1120,10 @@ class App {
       speed: s.speed,
       words: true,
     };
+    // The server's defaults are true: only a choice against them is sent.
     if (!s.readCode) start.read_code = false;
+    if (!s.markdown) start.markdown = false;
+    if (!s.normalize) start.normalize = false;
     if (s.voice) start.voice = s.voice;
     if (s.speaker !== null && s.speaker !== "") start.speaker = s.speaker;
     this.conn.send(start);
