@@ -145,6 +145,17 @@ class Server:
             self.proc.kill()
             self.proc.wait(timeout=5)
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def timer_audit_errors(self, since: int) -> list[str]:
+        """Lines the scheduler's timer audit logged after byte `since` (tests/conftest.py turns
+        it on for servers started from the tests too)."""
+        with self.log_path.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return [line for line in text.splitlines() if "timer audit:" in line]
+
     def log_tail(self, n: int = 60) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])
@@ -239,11 +250,14 @@ class Client:
 @pytest.fixture()
 def client(browser: Any, server: Server) -> Iterator[Client]:
     server.wait_idle()
+    log_at = server.log_size()
     context = browser.new_context(viewport={"width": 1100, "height": 1000})
     try:
         yield Client(context.new_page(), server)
     finally:
         context.close()
+    missed = server.timer_audit_errors(log_at)
+    assert not missed, "the server's scheduler left streams unarmed:\n" + "\n".join(missed[:10])
 
 
 # ----------------------------------------------------------------------------------------------
