@@ -558,8 +558,13 @@ class Scheduler:
             if stream is None:
                 continue
             if cmd in ("text", "flush", "end"):
-                self._catch_up(stream, time.monotonic())
-                self._dirty.add(sid)
+                # Words joining text that was already waiting, in a stream that has had text,
+                # only move its text deadline later than the time it is armed for: it is worked
+                # out again only if they cut a phrase (_queue_phrases). Most words are such.
+                resumed = self._catch_up(stream, time.monotonic())
+                if (resumed or cmd != "text" or stream.first_text_at is None
+                        or not stream.splitter.pending.strip()):
+                    self._dirty.add(sid)
             if cmd == "text":
                 self._on_text(stream, *args)
             elif cmd == "flush":
@@ -623,7 +628,8 @@ class Scheduler:
                 stream.queue_phrase(PendingPhrase(text=spoken, space_before=lead, voice=voice))
                 stream.mid_sentence = not ends_sentence(text)
                 self._work_changed = True
-        self._dirty.add(stream.id)
+        if phrases:
+            self._dirty.add(stream.id)
         self._prefetch(stream)
 
     def _prefetch(self, stream: StreamState) -> None:
@@ -688,15 +694,18 @@ class Scheduler:
         if stream.finished():
             self._finish(stream)
 
-    def _catch_up(self, stream: StreamState, now: float) -> None:
+    def _catch_up(self, stream: StreamState, now: float) -> bool:
         """A listener that ran dry with nothing owed (its player stalled: a pause in the
         client's text) is no longer followed by any timer. When text comes for it, its clock
         resumes from now, and until its next audio it waits as a newcomer does: that wait is
-        not audio arriving late (_tick_stream counts only a listener run dry while owed audio)."""
+        not audio arriving late (_tick_stream counts only a listener run dry while owed audio).
+        Returns whether it had stalled."""
         if (stream.anchor is not None and not stream.has_work()
                 and stream.buffered_ms(now, self.frame_ms) < 0):
             stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
             stream.stalled = True
+            return True
+        return False
 
     def _refresh(self, now: float) -> None:
         """Work out again when the streams changed since the last look next need the scheduler."""
