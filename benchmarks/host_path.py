@@ -220,11 +220,12 @@ def run_scheduler_only(args) -> list[dict]:
             raise RuntimeError(f"{code}: {message}")
 
     class Observer:
-        late = 0
+        late = underruns = 0
 
         def on_step(self, *_): pass
         def on_ttfa(self, _ms): pass
         def on_late(self, _sid): Observer.late += 1
+        def on_underrun(self, _sid): Observer.underruns += 1
 
     async def one_run(n: int) -> dict:
         pool = new_model_thread()   # the scheduler owns it and shuts it down when it stops
@@ -246,7 +247,7 @@ def run_scheduler_only(args) -> list[dict]:
             await listener.done.wait()
             return 1000 * (listener.first - t0), listener.audio_ms
 
-        Observer.late = 0
+        Observer.late = Observer.underruns = 0
         before = _cpu_by_thread(os.getpid())
         out = await asyncio.gather(*[stream(i) for i in range(n)])
         after = _cpu_by_thread(os.getpid())
@@ -257,7 +258,8 @@ def run_scheduler_only(args) -> list[dict]:
         groups = _cpu_groups(before, after, os.getpid(), names)
         ttfa = sorted(t for t, _ in out)
         audio_s = sum(a for _, a in out) / 1000
-        return {"streams": n, "late_steps": Observer.late, "ttfa_ms_p50": round(ttfa[len(ttfa) // 2]),
+        return {"streams": n, "late_steps": Observer.late, "underruns": Observer.underruns,
+                "ttfa_ms_p50": round(ttfa[len(ttfa) // 2]),
                 "ttfa_ms_p95": round(ttfa[int(round(0.95 * (len(ttfa) - 1)))]), "ttfa_ms_max": round(ttfa[-1]),
                 "audio_s": round(audio_s, 1), "steps": sched.steps, **_per_audio_second(groups, audio_s)}
 

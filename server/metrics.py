@@ -70,6 +70,11 @@ class Metrics:
                                       "first audio message", namespace=ns, registry=r,
                                       buckets=TTFA_BUCKETS)
         self.audio_seconds = Counter("audio_seconds", "Audio produced", namespace=ns, registry=r)
+        self.listener_underruns = Counter(
+            "listener_underruns", "Times a listener ran dry while the server owed it audio: its "
+            "playback clock (from the audio sent) passed the end of what was sent while speech "
+            "for it was still to be made. A pause in the client's text is not counted.",
+            namespace=ns, registry=r)
         self.open_sockets = Gauge("open_sockets", "Open stream WebSockets", namespace=ns,
                                   registry=r)
         self.client_lag_seconds = Histogram("client_lag_seconds", "How far behind clients with "

@@ -14,7 +14,7 @@ _RTF_SMOOTHING = 0.05
 
 
 class MetricsObserver:
-    """Feeds each scheduler step, late listener and first audio into `Metrics`."""
+    """Feeds each scheduler step, listener run dry and first audio into `Metrics`."""
 
     def __init__(self, metrics: Metrics, *, frame_ms: float) -> None:
         self._metrics = metrics
@@ -36,8 +36,12 @@ class MetricsObserver:
             m.real_time_factor.set(self._rtf)
 
     def on_late(self, stream_id: str) -> None:
-        # Not an error by itself (the client's own buffer may cover it); the TTFA histogram and
-        # real-time factor show sustained overload.
+        pass   # every timer check while it is dry; counted once per time below
+
+    def on_underrun(self, stream_id: str) -> None:
+        # Not an error by itself (the client's own buffer may cover it): counted, so that an
+        # operator sees listeners run dry; the TTFA histogram and real-time factor show why.
+        self._metrics.listener_underruns.inc()
         log.debug("stream %s: listener ran dry before its next audio", stream_id)
 
     def on_ttfa(self, ms: float) -> None:

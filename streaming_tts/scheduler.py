@@ -75,7 +75,10 @@ class SchedulerObserver(Protocol):
     """Receives measurements (the server exports them); all calls on the event loop."""
 
     def on_step(self, seconds: float, acoustic: int, decode: int, frames: int) -> None: ...
+    # A listener found dry while owed audio: at every timer check it stays so (on_late), and
+    # once per time it runs dry, until its next audio (on_underrun).
     def on_late(self, stream_id: str) -> None: ...
+    def on_underrun(self, stream_id: str) -> None: ...
     def on_ttfa(self, ms: float) -> None: ...
 
 
@@ -683,8 +686,12 @@ class Scheduler:
             self._queue_phrases(stream, stream.splitter.cut_at_word())
         buffered = stream.buffered_ms(now, self.frame_ms)
         if stream.anchor is not None and buffered < 0:
-            if stream.has_work() and self.observer and not stream.stalled:
-                self.observer.on_late(stream.id)   # ran dry while we still had its speech
+            if stream.has_work() and not stream.stalled:   # ran dry while we still had its speech
+                if self.observer:
+                    self.observer.on_late(stream.id)
+                    if not stream.dry:
+                        self.observer.on_underrun(stream.id)
+                stream.dry = True
             # The listener's player stalls when dry and resumes with the next audio.
             stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
             buffered = 0.0
@@ -1089,7 +1096,7 @@ class Scheduler:
             stream.anchor = now
         elif stream.stalled:   # its player, stalled since, resumes with this audio
             stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
-        stream.stalled = False
+        stream.stalled = stream.dry = False
         pts = stream.emitted_frames * self.frame_ms
         stream.emitted_frames += frames
         self._dirty.add(stream.id)

@@ -1269,10 +1269,12 @@ def test_a_listener_that_ran_dry_waiting_for_text_is_not_late_when_text_comes():
     # it meanwhile. Its clock resumes when text comes, before that text is owed: not late.
     class Observer:
         late: list[str] = []
+        underruns: list[str] = []
 
         def on_step(self, *_): pass
         def on_ttfa(self, _ms): pass
         def on_late(self, sid): self.late.append(sid)
+        def on_underrun(self, sid): self.underruns.append(sid)
 
     observer = Observer()
     sched = Scheduler(FakeEngine(), phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
@@ -1295,10 +1297,18 @@ def test_a_listener_that_ran_dry_waiting_for_text_is_not_late_when_text_comes():
     sched._tick_streams(now + 0.05)                            # while its step runs
     sched._update(batch, sched._execute(batch))
     assert observer.late == [] and stream.buffered_ms(time.monotonic(), sched.frame_ms) > 0
-    # Owed audio again: running dry now is late.
+    # Owed audio again: running dry now is late, at every check while it lasts, and one
+    # underrun until its next audio.
     stream.anchor -= 10.0
     sched._tick_streams(time.monotonic())
-    assert observer.late == ["s"]
+    assert observer.late == ["s"] and observer.underruns == ["s"]
+    sched._tick_streams(time.monotonic() + 0.02)
+    assert observer.late == ["s", "s"] and observer.underruns == ["s"]
+    batch = sched._schedule(time.monotonic())
+    sched._update(batch, sched._execute(batch))
+    stream.anchor -= 10.0
+    sched._tick_streams(time.monotonic())
+    assert observer.underruns == ["s", "s"]
 
 
 def test_a_phrase_phonemized_to_nothing_takes_no_model_step():

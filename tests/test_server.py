@@ -1572,6 +1572,18 @@ def metric_value(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+async def test_a_listener_running_dry_is_one_underrun_however_many_checks_find_it_so() -> None:
+    from server.metrics import Metrics
+    from server.observer import MetricsObserver
+
+    metrics = Metrics()
+    observer = MetricsObserver(metrics, frame_ms=10.0)
+    for _ in range(5):
+        observer.on_late("s")           # every timer check while it is dry
+    observer.on_underrun("s")           # once for that time
+    assert metric_value(metrics.render().decode(), "tts_listener_underruns_total") == 1
+
+
 async def test_metrics_show_sockets_tasks_and_process_memory(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
@@ -1583,6 +1595,7 @@ async def test_metrics_show_sockets_tasks_and_process_memory(
         await asyncio.sleep(0.3)
         idle = await scrape()
         assert metric_value(idle, "tts_open_sockets") == 0
+        assert metric_value(idle, "tts_listener_underruns_total") == 0
         idle_tasks = metric_value(idle, "tts_event_loop_tasks")
         assert idle_tasks >= 1   # at least the sampler itself
         assert metric_value(idle, "process_resident_memory_bytes") > 50e6   # the model is in it
