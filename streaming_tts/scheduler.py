@@ -693,7 +693,7 @@ class Scheduler:
                         self.observer.on_underrun(stream.id)
                 stream.dry = True
             # The listener's player stalls when dry and resumes with the next audio.
-            stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
+            stream.restart_clock(now, self.frame_ms)
             buffered = 0.0
         if (stream.anchor is not None and not stream.has_work() and stream.awaiting_words(now)
                 and buffered < self.config.silence_fill_ms):
@@ -709,7 +709,7 @@ class Scheduler:
         Returns whether it had stalled."""
         if (stream.anchor is not None and not stream.has_work()
                 and stream.buffered_ms(now, self.frame_ms) < 0):
-            stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
+            stream.restart_clock(now, self.frame_ms)
             stream.stalled = True
             return True
         return False
@@ -734,8 +734,7 @@ class Scheduler:
         arms it for the next check."""
         sid, frame_ms = stream.id, self.frame_ms
         work = stream.has_work()
-        lookahead = self.config.lookahead_ms
-        if work and stream.buffered_ms(now, frame_ms) < lookahead:
+        if self._is_ready(stream, now):
             self._ready.add(sid)
         else:
             self._ready.discard(sid)
@@ -757,9 +756,9 @@ class Scheduler:
         else:
             self._held.discard(sid)
         if stream.anchor is not None:
-            dry = stream.anchor + stream.emitted_frames * frame_ms / 1000.0
+            dry = stream.dry_at(frame_ms)
             if work:      # ready for its next chunk; or late, if it runs dry first
-                ready_at = dry - lookahead / 1000.0
+                ready_at = dry - self.config.lookahead_ms / 1000.0
                 wake = min(wake, ready_at if ready_at > now else dry)
             elif stream.awaiting_words(now):
                 silence = dry - self.config.silence_fill_ms / 1000.0
@@ -768,9 +767,13 @@ class Scheduler:
         if wake != float("inf"):
             self._timers.arm(sid, wake)
 
+    def _is_ready(self, stream: StreamState, now: float) -> bool:
+        """Work to plan, and its listener holds under `lookahead_ms`."""
+        return stream.has_work() and stream.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms
+
     def _audit(self, now: float) -> None:
         """(tests) Every stream that needs the scheduler is armed for it, or queued for a look."""
-        eps, frame_ms, lookahead = _AUDIT_EPS_S, self.frame_ms, self.config.lookahead_ms
+        eps, frame_ms = _AUDIT_EPS_S, self.frame_ms
         for stream in self._streams.values():
             if stream.id in self._dirty:
                 continue
@@ -778,7 +781,7 @@ class Scheduler:
             at = float("inf") if at is None else at
             work = stream.has_work()
             wrong = []
-            if work and stream.buffered_ms(now, frame_ms) < lookahead and stream.id not in self._ready:
+            if self._is_ready(stream, now) and stream.id not in self._ready:
                 wrong.append("ready, not in the ready set")
             if stream.finished() and at > now + eps:
                 wrong.append("finished, not armed")
@@ -792,7 +795,7 @@ class Scheduler:
                 if (due := self._first_phrase_due(stream)) is not None and due > now and at > due + eps:
                     wrong.append("first phrase wait not armed")
             if stream.anchor is not None:
-                dry = stream.anchor + stream.emitted_frames * frame_ms / 1000.0
+                dry = stream.dry_at(frame_ms)
                 if work and at > dry + eps:
                     wrong.append("may run dry unarmed")
                 silence = dry - self.config.silence_fill_ms / 1000.0
@@ -838,8 +841,8 @@ class Scheduler:
         # Streams whose time came since the last check may be ready now (the rest wait for it).
         self._dirty.update(self._timers.pop_due(now))
         self._refresh(now)
-        ready = [s for sid in self._ready if (s := self._streams.get(sid)) is not None
-                 and s.has_work() and s.buffered_ms(now, self.frame_ms) < self.config.lookahead_ms]
+        ready = [s for sid in self._ready
+                 if (s := self._streams.get(sid)) is not None and self._is_ready(s, now)]
         grace, margin = self.config.new_stream_grace_ms / 1000.0, self.config.pipeline_margin_ms / 1000.0
         # Several listeners waiting for their first audio at once (a burst of new streams).
         burst = sum(1 for s in ready if s.anchor is None) > 1
@@ -886,6 +889,7 @@ class Scheduler:
                     phrase = stream.next_phrase()
                     self._unspoken_phrase(stream, phrase.text, phrase.space_before)
                     skipped = True
+                if skipped:
                     self._dirty.add(stream.id)
                 if not stream.phrases:
                     if stream.finished():   # its text ended in them: no step will end it
@@ -1095,7 +1099,7 @@ class Scheduler:
         if first:
             stream.anchor = now
         elif stream.stalled:   # its player, stalled since, resumes with this audio
-            stream.anchor = now - stream.emitted_frames * self.frame_ms / 1000.0
+            stream.restart_clock(now, self.frame_ms)
         stream.stalled = stream.dry = False
         pts = stream.emitted_frames * self.frame_ms
         stream.emitted_frames += frames

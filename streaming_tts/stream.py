@@ -142,6 +142,14 @@ class StreamState:
         self.queued_chars -= len(phrase.spoken)
         return phrase
 
+    def dry_at(self, frame_ms: float) -> float:
+        """Wall time at which the listener has played all audio sent (`anchor` set)."""
+        return self.anchor + self.emitted_frames * frame_ms / 1000.0
+
+    def restart_clock(self, now: float, frame_ms: float) -> None:
+        """The listener's player, stalled with nothing to play, resumes at `now`."""
+        self.anchor = now - self.emitted_frames * frame_ms / 1000.0
+
     def buffered_ms(self, now: float, frame_ms: float) -> float:
         """Audio the listener has not played yet (negative: it ran dry that long ago)."""
         if self.anchor is None:
@@ -162,7 +170,7 @@ class StreamState:
         if self.anchor is None:
             waiting_since = self.first_text_at if self.first_text_at is not None else self.created
             return max(waiting_since + new_grace_s, now + step_s)
-        return self.anchor + self.emitted_frames * frame_ms / 1000.0 - margin_s
+        return self.dry_at(frame_ms) - margin_s
 
     def has_work(self) -> bool:
         return (self.active is not None and self.active.remaining) or bool(self.phrases)
