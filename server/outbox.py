@@ -18,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .deadline import Deadline
+
 
 class SlowConsumer(Exception):
     """The client does not read fast enough; its socket must be closed."""
@@ -108,26 +110,30 @@ class Outbox:
 
     async def run(self) -> None:
         """Send until cancelled; raises SlowConsumer when the client falls behind."""
-        while True:
-            if not self._items:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-            if self._overflow:
-                raise SlowConsumer(f"more than {self._max_messages} messages queued")
-            if self._items:
-                item = self._items.popleft()
-                if item is self._pong:
-                    self._pong = None
-                await self._send_one(item)
+        deadline = Deadline()   # one timer for many sends: most complete at once
+        try:
+            while True:
+                if not self._items:
+                    self._idle.set()
+                    self._wake.clear()
+                    await self._wake.wait()
+                if self._overflow:
+                    raise SlowConsumer(f"more than {self._max_messages} messages queued")
+                if self._items:
+                    item = self._items.popleft()
+                    if item is self._pong:
+                        self._pong = None
+                    await self._send_one(item, deadline)
+        finally:
+            deadline.close()
 
-    async def _send_one(self, item: _Item) -> None:
+    async def _send_one(self, item: _Item, deadline: Deadline) -> None:
         budget = self._max_lag_s - (self._clock() - item.queued_at)
         if budget <= 0:
             raise SlowConsumer(f"a message waited over {self._max_lag_s:g} s to be sent")
         try:
             # A client that does not read fills the TCP buffers, and then the send blocks.
-            async with asyncio.timeout(budget):
+            async with deadline.within(budget):
                 if item.control is None:
                     await self._send(item.data)
                 else:

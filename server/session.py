@@ -18,6 +18,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from server.admission import RefusalReason
 from server.context_stream import ContextStream, StreamEnd, StreamSpec
+from server.deadline import Deadline
 from server.outbox import LagProbe, Outbox, SlowConsumer
 from server.protocol import (
     OPUS_FRAME_MS,
@@ -178,6 +179,14 @@ class Session:
         """Frames until the client goes away (None) or the session should close (code, why);
         raises SlowConsumer when the lag probe finds the client too far behind."""
         loop = asyncio.get_running_loop()
+        deadline = Deadline(loop)   # one timer for many reads (aiohttp's own is one per read)
+        try:
+            return await self._read_frames(loop, deadline)
+        finally:
+            deadline.close()
+
+    async def _read_frames(self, loop: asyncio.AbstractEventLoop,
+                           deadline: Deadline) -> CloseRequest | None:
         handled = overdue = 0
         while True:
             handled += 1
@@ -188,8 +197,9 @@ class Session:
             if overdue > _OVERDUE_FRAMES:
                 self._overdue_ping(now)
             try:
-                msg = await self._ws.receive(
-                    timeout=_OVERDUE_WAIT_S if overdue else self._receive_timeout(now))
+                async with deadline.at(
+                        now + (_OVERDUE_WAIT_S if overdue else self._receive_timeout(now))):
+                    msg = await self._ws.receive()
             except TimeoutError:
                 if overdue:   # nothing has come: the pong is not waiting unread
                     self._overdue_ping(loop.time())
