@@ -58,6 +58,7 @@ class SchedulerConfig:
     head_only_below_ms: float = 250.0  # listener this close to dry: first chunk before the whole flow
     new_stream_grace_ms: float = 400.0 # a newcomer's deadline: its first text plus this
     newcomer_step_ms: float = 60.0     # a step carrying first audio takes no more non-urgent work than this
+    arriving_step_ms: float = 60.0     # a first phrase on its way: bigger jobs that can wait do (0: off)
     behind_step_factor: float = 2.0    # 2+ started listeners due within a step: it may grow this much
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
@@ -261,6 +262,9 @@ class Scheduler:
         self._dirty: set[str] = set()         # ... streams changed since it was last worked out,
         self._ready: set[str] = set()         # ... those with work and under lookahead_ms held,
         self._held: set[str] = set()          # ... and those with text past its delay, held
+        # Streams whose first words are arriving: text, no phrase cut yet, no audio (_arriving).
+        self._arriving: dict[str, None] = {}
+        self._arriving_wake: float | None = None   # the last plan left jobs for them until then
         self._commands: collections.deque = collections.deque()
         self._opening_ids: set[str] = set()   # `open` queued, not applied yet
         self._leaving: set[str] = set()       # `cancel` or `close` queued, not applied yet
@@ -606,6 +610,7 @@ class Scheduler:
         self._dirty.discard(sid)
         self._ready.discard(sid)
         self._held.discard(sid)
+        self._arriving.pop(sid, None)
 
     def _on_text(self, stream: StreamState, text: str, at: float) -> None:
         stream.last_text_at = at
@@ -616,6 +621,8 @@ class Scheduler:
         # holds plus phrases already cut, so a backlog of short phrases cannot build up.
         ahead = self._ahead_ms(stream, time.monotonic())
         self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=ahead))
+        if stream.anchor is None and not stream.has_work() and not stream.inflight_chars:
+            self._arriving[stream.id] = None
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
         for text in phrases:
@@ -851,6 +858,11 @@ class Scheduler:
         # step waits for the following one rather than delay that first audio.
         newcomer_budget = self._fps * self.config.newcomer_step_ms / 1000.0
         with_newcomer = False
+        # While a new stream's first phrase is still arriving, a started listener's big job (a
+        # sentence's acoustic, a long chunk) that can wait does: the phrase, once cut, would
+        # wait for the step in progress, up to a whole one (_defer_for_arrival).
+        arriving_end = self._arriving_until(now)
+        self._arriving_wake = None
         keyed = [(s.deadline(self.frame_ms, now=now, new_grace_s=grace, margin_s=margin, step_s=step),
                   s.order, s) for s in ready]
         # Behind: two or more started listeners run dry within the next step. Then throughput
@@ -873,6 +885,8 @@ class Scheduler:
                 cost = self.engine.bucket(b - a)
                 if active.unfinished is not None:
                     cost += _FLOW_COST_PER_FRAME * active.unfinished.num_frames
+                if self._defer_for_arrival(stream, due, used + cost, now, arriving_end):
+                    continue
                 if used and used + cost > limit:
                     break
                 batch.decode.append((stream.id, DecodeJob(z=active.z, start=a, end=b,
@@ -917,6 +931,8 @@ class Scheduler:
                 # whatever the budget (up to max_batch_phrases): one acoustic call for several
                 # first phrases costs far less than a step each, and each step they wait for is
                 # time before every later one of them hears anything.
+                if self._defer_for_arrival(stream, due, used + cost, now, arriving_end):
+                    continue
                 if used and used + cost > limit and not (with_newcomer and stream.anchor is None):
                     break
                 with_newcomer = with_newcomer or stream.anchor is None
@@ -928,6 +944,39 @@ class Scheduler:
             used += cost
         return batch
 
+    def _arriving_until(self, now: float) -> float | None:
+        """When the last first phrase now on its way is spoken at the latest, or None if none
+        is: a new stream that has had text, no phrase cut, in the model or heard yet, for up to
+        `first_phrase_wait_ms` from its first text (by then its words are spoken whatever their
+        number). Streams that are no longer on their way are dropped here."""
+        if not self._arriving or self.config.arriving_step_ms <= 0:
+            return None
+        wait = self.config.first_phrase_wait_ms / 1000.0
+        until = None
+        for sid in list(self._arriving):
+            s = self._streams.get(sid)
+            if (s is None or s.anchor is not None or s.has_work() or s.inflight_chars
+                    or s.first_text_at is None or now - s.first_text_at > wait):
+                del self._arriving[sid]
+            else:
+                until = max(until or 0.0, s.first_text_at + wait)
+        return until
+
+    def _defer_for_arrival(self, stream: StreamState, due: float, work: float, now: float,
+                           arriving_until: float | None) -> bool:
+        """Leave a started listener's job for a later step: a first phrase is on its way
+        (`arriving_until`), the step would hold more than `arriving_step_ms` of work with it,
+        and the job can still be done in time after that phrase's step (two steps' margin)."""
+        if arriving_until is None or stream.anchor is None:
+            return False
+        if work <= self._fps * self.config.arriving_step_ms / 1000.0:
+            return False
+        job_s = work / self._fps
+        if due - job_s < arriving_until + 2 * self.config.target_step_ms / 1000.0:
+            return False
+        self._arriving_wake = arriving_until   # plan again by then at the latest
+        return True
+
     def _next_wakeup(self, now: float) -> float:
         """Seconds until a listener needs more audio, text times out, or silence is due."""
         self._refresh(now)
@@ -936,6 +985,8 @@ class Scheduler:
         nxt = 1.0
         if (at := self._timers.next_at()) is not None:
             nxt = min(nxt, at - now)
+        if self._arriving_wake is not None:   # jobs left for a first phrase on its way
+            nxt = min(nxt, self._arriving_wake - now)
         for sid in self._held:   # text past its delay, held while the listener has plenty coming
             if (s := self._streams.get(sid)) is not None:
                 nxt = min(nxt, max(0.0, self._hold_s(s, now)))

@@ -649,6 +649,42 @@ async def test_a_step_carrying_first_audio_takes_no_work_that_is_not_due():
     assert [d[0] for d in batch.decode] == ["old"] and [a[0] for a in batch.acoustic] == ["new"]
 
 
+def first_words_arriving(chunk: int, **cfg) -> tuple[Scheduler, StreamState, float]:
+    """A planning scheduler (budget 100 frames a step): "old" holds 1 s and has chunks of
+    `chunk` frames to make; "new" has sent its first word (its first phrase is cut at its
+    third). Returns the scheduler, the old stream and now."""
+    engine = FakeEngine(schedule=(chunk,))
+    sched = planning_scheduler(engine, ["old", "new"], first_phrase_wait_ms=200.0, **cfg)
+    now = time.monotonic()
+    old = sched._streams["old"]
+    old.active = ActivePhrase(id=0, z=torch.zeros(1, 800), plan=engine.chunk_plan(800), next_chunk=1)
+    old.anchor, old.emitted_frames = now - 0.1, 110       # 1.1 s made, 0.1 s played
+    sched._on_text(sched._streams["new"], "Hello ", now)
+    assert not sched._streams["new"].has_work()           # its words are still arriving
+    return sched, old, now
+
+
+def test_a_big_job_that_can_wait_waits_while_a_first_phrase_is_arriving():
+    # arriving_step_ms 60 (60 frames): the old listener's next chunk (80 frames, 80 ms) started
+    # now would hold the newcomer's first phrase, once cut, up to 80 ms.
+    sched, old, now = first_words_arriving(80)
+    assert sched._schedule(now).decode == []
+    assert sched._next_wakeup(now) <= 0.2 + 1e-6         # planned again when they must be spoken
+    # Past first_phrase_wait_ms the newcomer's words are spoken, however few: nothing waits.
+    assert [d[0] for d in sched._schedule(now + 0.21).decode] == ["old"]
+    # A job that could not wait out the arrival and the newcomer's step (two steps) is taken.
+    sched, old, now = first_words_arriving(80)
+    old.anchor = now - 0.8                                # 0.3 s left to play
+    assert [d[0] for d in sched._schedule(now).decode] == ["old"]
+
+
+def test_a_small_job_or_arriving_step_ms_0_leaves_nothing_for_an_arriving_phrase():
+    sched, _, now = first_words_arriving(40)              # within arriving_step_ms: taken
+    assert [d[0] for d in sched._schedule(now).decode] == ["old"]
+    sched, _, now = first_words_arriving(80, arriving_step_ms=0.0)
+    assert [d[0] for d in sched._schedule(now).decode] == ["old"]
+
+
 def newcomers_waiting(sched: Scheduler, text: str) -> float:
     """Every open stream of a planning scheduler has `text` cut and no audio yet; returns now."""
     now = time.monotonic()
