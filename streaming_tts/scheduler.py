@@ -861,7 +861,7 @@ class Scheduler:
         # While a new stream's first phrase is still arriving, a started listener's big job (a
         # sentence's acoustic, a long chunk) that can wait does: the phrase, once cut, would
         # wait for the step in progress, up to a whole one (_defer_for_arrival).
-        arriving_end = self._arriving_until(now)
+        arriving_until = self._arriving_until(now)
         self._arriving_wake = None
         keyed = [(s.deadline(self.frame_ms, now=now, new_grace_s=grace, margin_s=margin, step_s=step),
                   s.order, s) for s in ready]
@@ -885,7 +885,7 @@ class Scheduler:
                 cost = self.engine.bucket(b - a)
                 if active.unfinished is not None:
                     cost += _FLOW_COST_PER_FRAME * active.unfinished.num_frames
-                if self._defer_for_arrival(stream, due, used + cost, now, arriving_end):
+                if self._defer_for_arrival(stream, due, used + cost, arriving_until):
                     continue
                 if used and used + cost > limit:
                     break
@@ -931,7 +931,7 @@ class Scheduler:
                 # whatever the budget (up to max_batch_phrases): one acoustic call for several
                 # first phrases costs far less than a step each, and each step they wait for is
                 # time before every later one of them hears anything.
-                if self._defer_for_arrival(stream, due, used + cost, now, arriving_end):
+                if self._defer_for_arrival(stream, due, used + cost, arriving_until):
                     continue
                 if used and used + cost > limit and not (with_newcomer and stream.anchor is None):
                     break
@@ -962,7 +962,7 @@ class Scheduler:
                 until = max(until or 0.0, s.first_text_at + wait)
         return until
 
-    def _defer_for_arrival(self, stream: StreamState, due: float, work: float, now: float,
+    def _defer_for_arrival(self, stream: StreamState, due: float, work: float,
                            arriving_until: float | None) -> bool:
         """Leave a started listener's job for a later step: a first phrase is on its way
         (`arriving_until`), the step would hold more than `arriving_step_ms` of work with it,
