@@ -112,6 +112,7 @@ class SchedulerConfig:
     first_phrase_wait_ms: float = 200.0  # no audio yet: speak the complete words come by then
     target_step_ms: float = 120.0  # work per model step; bounds how long a new stream waits
     arriving_step_ms: float = 60.0  # first words arriving: bigger jobs that can wait do
+    arriving_below_busy: float = 0.5  # ... only while the model was busy less than this
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
     buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while this much speech is coming
     function_word_wait_ms: float = 1000.0  # text trickling: delayed cuts hold back function words
@@ -124,6 +125,8 @@ class SchedulerConfig:
                  self.target_step_ms)
         _require(self.arriving_step_ms >= 0, "scheduler.arriving_step_ms", "must be >= 0",
                  self.arriving_step_ms)
+        _require(0 <= self.arriving_below_busy <= 1, "scheduler.arriving_below_busy",
+                 "must be 0..1", self.arriving_below_busy)
         _require(self.first_phrase_wait_ms >= 0, "scheduler.first_phrase_wait_ms", "must be >= 0",
                  self.first_phrase_wait_ms)
         _require(0 < self.silence_fill_ms <= self.lookahead_ms, "scheduler.silence_fill_ms",

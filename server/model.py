@@ -238,7 +238,7 @@ def build_scheduler(
     s = cfg.scheduler
     config = SchedulerConfig(
         lookahead_ms=s.lookahead_ms, target_step_ms=s.target_step_ms,
-        arriving_step_ms=s.arriving_step_ms,
+        arriving_step_ms=s.arriving_step_ms, arriving_below_busy=s.arriving_below_busy,
         max_batch_phrases=s.max_batch_phrases, max_batch_chunks=s.max_batch_chunks,
         silence_fill_ms=s.silence_fill_ms, first_phrase_wait_ms=s.first_phrase_wait_ms,
         heap_trim_interval_s=s.heap_trim_interval_s, buffer_delay_hold_ms=s.buffer_delay_hold_ms,

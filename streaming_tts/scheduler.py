@@ -19,6 +19,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import os
 import statistics
 import threading
@@ -59,6 +60,7 @@ class SchedulerConfig:
     new_stream_grace_ms: float = 400.0 # a newcomer's deadline: its first text plus this
     newcomer_step_ms: float = 60.0     # a step carrying first audio takes no more non-urgent work than this
     arriving_step_ms: float = 60.0     # a first phrase on its way: bigger jobs that can wait do (0: off)
+    arriving_below_busy: float = 0.5   # ... only while the model was busy less than this of late
     behind_step_factor: float = 2.0    # 2+ started listeners due within a step: it may grow this much
     pipeline_margin_ms: float = 60.0   # audio held by resampler/encoder/network, off each deadline
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
@@ -109,6 +111,7 @@ _SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have
 # often, or when one falls due. A check visits only the streams whose time has come (timers.py);
 # when it visited every stream, checking at every step was the largest part of its time.
 _TICK_MIN_S = 0.01
+_BUSY_TAU_S = 2.0                   # busy_fraction's memory
 _COMMANDS_PER_SLICE = 256          # commands applied before the event loop is let go (~2-5 ms)
 # An idle server's probe runs the model alone; real streams cost more (first phrases, and on
 # shared CPU cores their encoding): 15-30% on 2 cores (BENCHMARKS.md, "The warm-up probe encodes
@@ -265,6 +268,9 @@ class Scheduler:
         # Streams whose first words are arriving: text, no phrase cut yet, no audio (_arriving).
         self._arriving: dict[str, None] = {}
         self._arriving_wake: float | None = None   # the last plan left jobs for them until then
+        # The model's busy share of the last seconds (decayed step time over decayed wall time).
+        self._busy_s = self._wall_s = 0.0
+        self._busy_at: float | None = None
         self._commands: collections.deque = collections.deque()
         self._opening_ids: set[str] = set()   # `open` queued, not applied yet
         self._leaving: set[str] = set()       # `cancel` or `close` queued, not applied yet
@@ -951,6 +957,10 @@ class Scheduler:
         number). Streams that are no longer on their way are dropped here."""
         if not self._arriving or self.config.arriving_step_ms <= 0:
             return None
+        # Jobs left for later leave the model idle meanwhile: near capacity that lost the
+        # throughput the admitted streams count on (late audio under random arrivals).
+        if self.busy_fraction(now) >= self.config.arriving_below_busy:
+            return None
         wait = self.config.first_phrase_wait_ms / 1000.0
         until = None
         for sid in list(self._arriving):
@@ -961,6 +971,24 @@ class Scheduler:
             else:
                 until = max(until or 0.0, s.first_text_at + wait)
         return until
+
+    def busy_fraction(self, now: float) -> float:
+        """The share of the last few seconds (time constant _BUSY_TAU_S) the model spent in
+        steps; idle time since the last step counts."""
+        if self._busy_at is None:
+            return 0.0
+        idle = max(0.0, now - self._busy_at)
+        decay = math.exp(-idle / _BUSY_TAU_S)
+        wall = self._wall_s * decay + idle
+        return self._busy_s * decay / wall if wall > 0 else 0.0
+
+    def _note_step(self, now: float, seconds: float) -> None:
+        if self._busy_at is not None:
+            dt = max(0.0, now - self._busy_at)
+            decay = math.exp(-dt / _BUSY_TAU_S)
+            self._busy_s = self._busy_s * decay + seconds
+            self._wall_s = self._wall_s * decay + dt
+        self._busy_at = now
 
     def _defer_for_arrival(self, stream: StreamState, due: float, work: float,
                            arriving_until: float | None) -> bool:
@@ -1056,6 +1084,7 @@ class Scheduler:
     # ---- update (event loop) ----
     def _update(self, batch: _Batch, result: _Result) -> None:
         self.steps += 1
+        self._note_step(time.monotonic(), result.seconds)
         if result.frames and result.seconds > 0:
             self._fps = 0.8 * self._fps + 0.2 * (result.frames / result.seconds)
             samples = sum(len(a) for a in result.audio.values())

@@ -685,6 +685,24 @@ def test_a_small_job_or_arriving_step_ms_0_leaves_nothing_for_an_arriving_phrase
     assert [d[0] for d in sched._schedule(now).decode] == ["old"]
 
 
+def test_nothing_waits_for_an_arriving_phrase_while_the_model_is_busy():
+    # A job left for later leaves the model idle: near capacity that costs the admitted streams
+    # throughput they count on. Busy 60% of the last seconds (over arriving_below_busy 0.5):
+    # the big job goes now; once the model has been idle a while, it waits again.
+    sched, old, now = first_words_arriving(80)
+    for k in range(40):                                   # steps of 60 ms every 100 ms
+        sched._note_step(now - 4.0 + 0.1 * k, 0.06)
+    assert sched.busy_fraction(now - 0.1) == pytest.approx(0.6, abs=0.05)
+    assert [d[0] for d in sched._schedule(now - 0.1).decode] == ["old"]
+    later = now + 3.0                                     # 3 s idle since
+    assert sched.busy_fraction(later) < 0.5
+    old.active.next_chunk, old.anchor = 1, later - 0.1    # holding 1 s again
+    new = sched._streams["new"]
+    sched._on_text(new, "there ", later - 0.05)           # still no phrase cut
+    new.first_text_at = later - 0.05
+    assert sched._schedule(later).decode == []
+
+
 def newcomers_waiting(sched: Scheduler, text: str) -> float:
     """Every open stream of a planning scheduler has `text` cut and no audio yet; returns now."""
     now = time.monotonic()
