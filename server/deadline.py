@@ -3,7 +3,8 @@
 `asyncio.timeout()` builds a context object and arms a loop timer on every entry, and cancels
 the timer on every exit: about 6-7 µs a wait on uvloop. The socket's writer enters one per
 message sent and its reader one per message read, so at thousands of messages a second that
-was a measurable part of the event loop (BENCHMARKS.md, "Waits without a timer each").
+was a measurable part of the event loop (BENCHMARKS.md, "A first phrase on its way; waits
+without a timer each").
 
 `Deadline` gives the same result (the wait is cancelled at its deadline and `TimeoutError`
 raised from the `async with`) with one timer for many waits. A wait whose deadline is no earlier
@@ -31,15 +32,13 @@ class Deadline:
     """`async with deadline.within(seconds):` or `deadline.at(when)` (the loop's clock), like
     `asyncio.timeout`, for one task's waits one after another (never nested)."""
 
-    __slots__ = ("_loop", "_task", "_when", "_handle", "_armed_at", "_active", "_expired",
-                 "_cancelling")
+    __slots__ = ("_loop", "_task", "_when", "_handle", "_active", "_expired", "_cancelling")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
         self._task: asyncio.Task[object] | None = None
         self._when = 0.0                 # the deadline of the wait in progress (or the last)
-        self._handle: asyncio.TimerHandle | None = None
-        self._armed_at = 0.0             # when the armed timer fires
+        self._handle: asyncio.TimerHandle | None = None   # the armed timer
         self._active = False             # a wait is in progress
         self._expired = False            # this wait's task was cancelled by the timer
         self._cancelling = 0             # the task's cancel requests when the wait began
@@ -64,7 +63,7 @@ class Deadline:
                 raise RuntimeError("Deadline must be used inside a task")
         self._cancelling = task.cancelling()
         self._active = True
-        if self._handle is None or self._armed_at > self._when:
+        if self._handle is None or self._handle.when() > self._when:
             self._arm(self._when)
         return self
 
@@ -87,7 +86,6 @@ class Deadline:
     def _arm(self, when: float) -> None:
         if self._handle is not None:
             self._handle.cancel()
-        self._armed_at = when
         self._handle = self._loop.call_at(when, self._fire)
 
     def _fire(self) -> None:

@@ -975,19 +975,21 @@ class Scheduler:
     def busy_fraction(self, now: float) -> float:
         """The share of the last few seconds (time constant _BUSY_TAU_S) the model spent in
         steps; idle time since the last step counts."""
+        busy, wall = self._busy_window(now)
+        return busy / wall if wall > 0 else 0.0
+
+    def _busy_window(self, now: float) -> tuple[float, float]:
+        """Step seconds and wall seconds until `now`, both decayed alike."""
         if self._busy_at is None:
-            return 0.0
+            return 0.0, 0.0
         idle = max(0.0, now - self._busy_at)
         decay = math.exp(-idle / _BUSY_TAU_S)
-        wall = self._wall_s * decay + idle
-        return self._busy_s * decay / wall if wall > 0 else 0.0
+        return self._busy_s * decay, self._wall_s * decay + idle
 
     def _note_step(self, now: float, seconds: float) -> None:
         if self._busy_at is not None:
-            dt = max(0.0, now - self._busy_at)
-            decay = math.exp(-dt / _BUSY_TAU_S)
-            self._busy_s = self._busy_s * decay + seconds
-            self._wall_s = self._wall_s * decay + dt
+            self._busy_s, self._wall_s = self._busy_window(now)
+            self._busy_s += seconds
         self._busy_at = now
 
     def _defer_for_arrival(self, stream: StreamState, due: float, work: float,
