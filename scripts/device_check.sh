@@ -1,14 +1,15 @@
 #!/bin/bash
 # The GPU checks in one call of the device tool (about 6-8 minutes on a warm H100/H200), most
-# important first: CUDA tests, one stream's first audio (8 streams one at a time, ~40 s), the load
-# benchmark against the GPU profile at increasing stream counts, then a burst of streams at once (how many admission lets in, and whether they stay
-# on time), then the engine benchmark on CUDA (throughput by batch size; fp16 eager against
-# CUDA graphs) with what time is left. Build
-# `.device` first (`.venv/bin/python scripts/device_bundle.py`) and carry it. The device tool
-# returns at most 8 files, so results are written to $WORK and packed into $OUT/results.tgz
-# after every step (a step cut short by the time limit leaves the earlier ones packed), with
-# $OUT/steps.txt beside it. Each step's timeout is cut to what is left of DEADLINE_S (540 s:
-# the tool allows 600 s a command), so the whole script ends in time.
+# important first: CUDA tests (the server end to end on the GPU among them), one stream's first
+# audio (8 streams one at a time, ~40 s), the load benchmark against the GPU profile at
+# increasing stream counts, then a burst of streams at once (how many admission lets in, and
+# whether they stay on time), then the engine benchmark on CUDA (throughput by batch size; fp16
+# eager against CUDA graphs) with what time is left. Build `.device` first
+# (`.venv/bin/python scripts/device_bundle.py`) and carry it. The device tool returns at most 8
+# files, so results are written to $WORK and packed into $OUT/results.tgz after every step (a
+# step cut short by the time limit leaves the earlier ones packed), with $OUT/steps.txt beside
+# it. Each step's timeout is cut to what is left of DEADLINE_S (540 s: the tool allows 600 s a
+# command), so the whole script ends in time.
 #
 #   run: bash scripts/device_check.sh          carry: [".device"]      timeout_s: 600
 #
@@ -51,9 +52,11 @@ fi
     "import torch; print(torch.__version__, torch.cuda.is_available())") > "$WORK/machine.txt" 2>&1
 
 pack
+# (the engine against the CPU's, CUDA graphs against eager, then the server on the GPU profile
+# end to end: streams batched, NVML energy in `done`, a stream refused while VRAM is held)
 log "CUDA tests"
-timeout "$(budget 120)" "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_engine.py \
-    tests/test_cuda_graphs.py > "$WORK/pytest_cuda.txt" 2>&1
+timeout "$(budget 180)" "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_engine.py \
+    tests/test_cuda_graphs.py tests/test_gpu_server.py > "$WORK/pytest_cuda.txt" 2>&1
 echo "rc=$?" >> "$WORK/pytest_cuda.txt"
 pack
 

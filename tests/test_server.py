@@ -18,31 +18,29 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import msgpack
-import opuslib
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from benchmarks import soak
-from server.admission import Admission, LoadEstimate, RefusalReason
-from server.app import ShutdownSignals, create_app, drain
+from server.admission import Admission, RefusalReason
+from server.app import ShutdownSignals, drain
 from server.config import load_config
 import server.model
 import server.session
 from server.model import COST_PROBE_RUNS, prepare_model
 from server.outbox import LagProbe, Outbox, SlowConsumer
 from server.protocol import USAGE_FIELDS
-from server.state import STATE, ServerState
 from streaming_tts.engine import Engine
 from streaming_tts.gpu import GpuMonitor, GpuSample
 from streaming_tts.voices import VoiceRegistry
+from tests.helpers.app import (Running, check_opus_decodes, check_phrases_before_audio,
+                               check_timeline, clean, connect, running, wait_for)
 from tests.helpers.ws_client import ProtocolClient, Utterance, audio_duration_ms
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -51,11 +49,6 @@ VOICE = "en_US-joe-medium"
 SHORT = "Hello there! How are you today?"
 LONG = ("This sentence is long enough to keep the voice busy for several seconds, so that "
         "there is plenty of audio still to come. And then another one follows it.")
-# Small limits so each limit can be reached cheaply; generous ones elsewhere.
-BASE = {"limits.contexts_per_socket": 3, "limits.max_text_chars": 200}
-# Admission by measured load depends on how busy this (shared, 2-core) machine is; the tests
-# here are about the protocol, so capacity is reported as not yet measured (max_streams rules).
-UNMEASURED = LoadEstimate(active_streams=0, demand_audio_s_per_s=0.0, capacity_audio_s_per_s=None)
 POISON_NOISE = 1.234  # FailingEngine fails every phrase asked with this noise_scale
 
 
@@ -70,45 +63,6 @@ def engine() -> Engine:
     return eng
 
 
-@dataclass
-class Running:
-    server: TestServer
-
-    @property
-    def state(self) -> ServerState:
-        return self.server.app[STATE]
-
-    def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
-
-
-@contextlib.asynccontextmanager
-async def running(
-    engine: Engine | None, overrides: dict[str, Any] | None = None, *, ready: bool = True,
-    **kwargs: Any,
-) -> AsyncIterator[Running]:
-    cfg = load_config(None, {**BASE, **(overrides or {})})
-    kwargs.setdefault("load_source", lambda: UNMEASURED)
-    # The tests' client shares the server's event loop and can keep it busy for a second (the
-    # fuzzing, several streams decoded at once): admission on the loop's busy time is tested
-    # on its own (pass loop_busy_source=None to measure it for real).
-    kwargs.setdefault("loop_busy_source", lambda: None)
-    kwargs.setdefault("encoder_source", lambda: None)   # likewise the encoder threads'
-    kwargs.setdefault("warm_up", False)
-    if engine is not None:
-        kwargs["engine"] = engine
-    app = create_app(cfg, **kwargs)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        if ready:
-            # Warm-up (where a test asks for it) takes seconds, more on a busy host.
-            await wait_for(lambda: app[STATE].model.ready, what="the model to load", timeout=120)
-        yield Running(server)
-    finally:
-        await server.close()
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def srv(engine: Engine) -> AsyncIterator[Running]:
     async with running(engine) as r:
@@ -121,49 +75,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def wait_for(cond: Callable[[], bool], *, what: str, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.02)
-    assert cond(), what
-
-
-async def connect(http: aiohttp.ClientSession, r: Running, query: str = "",
-                  **kwargs: Any) -> ProtocolClient:
-    return await ProtocolClient.connect(http, r.url("/v1/stream") + query, **kwargs)
-
-
-async def clean(r: Running) -> None:
-    """Nothing of closed sockets is left: no sessions, no streams, no admission slots."""
-    s = r.state
-    await wait_for(lambda: not s.sessions and s.admission.active_streams == 0
-                   and s.model.scheduler is not None and s.model.scheduler.stream_count == 0,
-                   what="server back to idle")
-
-
 # ---------------------------------------------------------------------------------- checks
-
-
-def check_timeline(u: Utterance, *, sample_rate: int) -> float:
-    """seq 0,1,2..; each pts = previous pts + previous duration; returns the total in ms."""
-    assert [a["seq"] for a in u.audio] == list(range(len(u.audio)))
-    pts = 0.0
-    for msg in u.audio:
-        assert msg["pts_ms"] == pytest.approx(pts, abs=0.002)
-        pts += audio_duration_ms(msg, sample_rate=sample_rate)
-    return pts
-
-
-def check_phrases_before_audio(u: Utterance, *, sample_rate: int) -> None:
-    """A phrase is announced before any of its audio is sent."""
-    sent_ms, audio_i, phrase_i = 0.0, 0, 0
-    for kind in u.order:
-        if kind == "audio":
-            sent_ms += audio_duration_ms(u.audio[audio_i], sample_rate=sample_rate)
-            audio_i += 1
-        elif kind == "phrase":
-            assert sent_ms <= u.phrases[phrase_i]["start_ms"] + 0.01, u.order
-            phrase_i += 1
 
 
 def check_done(u: Utterance, *, chars: int) -> dict[str, Any]:
@@ -219,11 +131,7 @@ async def test_opus_utterance_decodes_and_lines_up_with_the_captions(
     phrases_ms = sum(p["end_ms"] - p["start_ms"] for p in u.phrases)
     assert abs(total_ms - phrases_ms) <= 60  # opus pads the last frame (and its codec delay)
     assert abs(usage["audio_ms"] - phrases_ms) <= 1
-    decoder = opuslib.Decoder(48000, 1)
-    for msg in u.audio:
-        assert isinstance(msg["data"], list) and msg["data"]
-        for packet in msg["data"]:
-            assert len(decoder.decode(packet, 960)) == 960 * 2  # one 20 ms frame of s16
+    check_opus_decodes(u)
     # Word timings from the model: in order, inside their phrase.
     assert {w["phrase_id"] for w in u.words} == {p["id"] for p in u.phrases}
     for words in u.words:
