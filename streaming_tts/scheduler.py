@@ -274,6 +274,7 @@ class Scheduler:
         self._commands: collections.deque = collections.deque()
         self._opening_ids: set[str] = set()   # `open` queued, not applied yet
         self._leaving: set[str] = set()       # `cancel` or `close` queued, not applied yet
+        self._closing: set[str] = set()       # `close` queued, not applied yet
         self._wake = asyncio.Event()
         # The one thread that runs model code. Pass the thread that loaded and warmed up the
         # engine: PyTorch's CPU thread pool (OpenMP) belongs to the thread that calls into it,
@@ -336,8 +337,10 @@ class Scheduler:
         self._command(("cancel", sid))
 
     def close(self, sid: str) -> None:
-        """Forget a stream at once (disconnect): no output, nothing kept."""
+        """Forget a stream at once (disconnect): no output, nothing kept. A `cancel` queued
+        before it is not answered either (its sink is gone)."""
         self._leaving.add(sid)
+        self._closing.add(sid)
         self._command(("close", sid))
 
     def _command(self, cmd: tuple) -> None:
@@ -567,6 +570,8 @@ class Scheduler:
                 continue
             if cmd in ("cancel", "close"):
                 self._leaving.discard(sid)
+            if cmd == "close":
+                self._closing.discard(sid)
             stream = self._streams.get(sid)
             if stream is None:
                 continue
@@ -587,7 +592,8 @@ class Scheduler:
                 self._queue_phrases(stream, stream.splitter.flush())
             elif cmd == "cancel":
                 self._drop(sid)
-                stream.sink.on_cancelled()
+                if sid not in self._closing:
+                    stream.sink.on_cancelled()
                 log.debug("stream %s cancelled", sid)
             elif cmd == "close":
                 self._drop(sid)
@@ -640,10 +646,13 @@ class Scheduler:
                     text if voice is None else voice):
                 voice = ""                        # only markup: a rule, a table's |---| row
             if spoken := text.strip():
-                lead = text[:len(text) - len(text.lstrip())]
+                lead = stream.space_carry + text[:len(text) - len(text.lstrip())]
+                stream.space_carry = text[len(text.rstrip()):]
                 stream.queue_phrase(PendingPhrase(text=spoken, space_before=lead, voice=voice))
                 stream.mid_sentence = not ends_sentence(text)
                 self._work_changed = True
+            else:
+                stream.space_carry += text
         if phrases:
             self._dirty.add(stream.id)
         self._prefetch(stream)

@@ -116,6 +116,9 @@ class StreamState:
     inflight_chars: int = 0                         # text of phrases in the running step
     queued_chars: int = 0                           # text of the phrases in `phrases`
     mid_sentence: bool = False                      # the last phrase cut did not end a sentence
+    # Whitespace after the last phrase queued (a flush cut after it) or in a cut that held
+    # nothing else: it goes before the next phrase, so captions keep it.
+    space_carry: str = ""
     code_blocks: CodeBlocks | None = None           # where fenced code is (read_code False)
     order: int = 0                                  # opened as the scheduler's n-th stream
     stalled: bool = False                           # ran dry with nothing owed; text came since

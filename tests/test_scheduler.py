@@ -351,6 +351,29 @@ async def test_cancel_stops_audio_at_once_even_mid_step():
     assert sched.stream_count == 0 and "s" not in sched.meter
 
 
+async def test_a_cancel_followed_by_a_close_before_either_is_applied_emits_nothing():
+    # A client that sends `cancel` and disconnects at once: the scheduler applies both at its
+    # next step; the sink, closed, must not hear the cancel's answer (found by
+    # tests/test_scheduler_fuzz.py).
+    engine = FakeEngine(delay_s=0.05)
+    sched, task = await running(engine)
+    sink, other = Sink(), Sink()
+    sched.open("s", OPTS, sink)
+    sched.open("t", OPTS, other)
+    sched.text("s", "Some words here. More words there.")
+    while not sink.audio():
+        await asyncio.sleep(0.01)
+    n = len(sink.events)
+    sched.cancel("s")
+    sched.cancel("t")
+    sched.close("s")
+    await asyncio.wait_for(other.done.wait(), 2)   # applied: t's cancel is answered
+    await asyncio.sleep(0.1)
+    await stop(task)
+    assert len(sink.events) == n and other.kinds() == ["cancelled"]
+    assert sched.stream_count == 0 and not sched._closing and not sched._leaving
+
+
 async def test_close_forgets_the_stream_and_emits_nothing_more():
     engine = FakeEngine(delay_s=0.05)
     sched, task = await running(engine)
@@ -421,6 +444,27 @@ async def test_phrases_and_the_space_before_each_give_the_text_back():
     assert rebuilt == ("".join(text) + "rd and the end.  ").rstrip()
     assert any(p.space_before == "" and p.text.startswith("rd") for p in sink.phrases())
     check_timeline(sink)
+
+
+async def test_whitespace_before_a_flush_goes_before_the_next_phrase():
+    # "Hello " + flush + "world": the flush cuts after the space, and the captions read
+    # "Hello world", not "Helloworld" (found by tests/test_scheduler_fuzz.py). Whitespace
+    # flushed on its own waits for the next phrase too.
+    engine = FakeEngine()
+    sched, task = await running(engine)
+    sink = Sink()
+    sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=10_000), sink)
+    for piece in ["Hello ", None, " \n", None, "world. ", None]:
+        if piece is None:
+            sched.flush("s")
+        else:
+            sched.text("s", piece)
+    sched.text("s", "Bye.")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 3)
+    await stop(task)
+    assert [(p.space_before, p.text) for p in sink.phrases()] == [
+        ("", "Hello"), ("  \n", "world."), (" ", "Bye.")]
 
 
 async def test_engine_failure_errors_its_streams_and_the_scheduler_survives():
