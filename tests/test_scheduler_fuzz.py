@@ -26,9 +26,11 @@ from streaming_tts.stream import StreamOptions
 from tests.test_scheduler import FakeEngine, Sink, check_timeline, new_scheduler
 
 SIDS = ("s0", "s1", "s2")
-# Words and punctuation split anywhere, and text with nothing to speak in it ("!!!").
+# Words and punctuation split anywhere, text with nothing to speak in it ("!!!"), and
+# Markdown: markup, code fences (left unread with read_code off).
 FRAGMENTS = st.one_of(st.text(alphabet="abcdefghij .,!?;:'-12\n", min_size=1, max_size=9),
-                      st.sampled_from(["!!! ", " --- ", "... ", "  ", "\n\n"]))
+                      st.sampled_from(["!!! ", " --- ", "... ", "  ", "\n\n", "\n```\n",
+                                       "``", "`x` ", "**b** ", "# ", "| - |\n"]))
 OPS = st.one_of(
     st.tuples(st.just("text"), st.sampled_from(SIDS), FRAGMENTS),
     st.tuples(st.sampled_from(["flush", "end", "cancel", "close"]), st.sampled_from(SIDS)),
@@ -49,24 +51,29 @@ class Driven:
     closed_at: int | None = None      # events the sink had when the stream was closed
 
 
-async def _play(ops: list[tuple], delay_s: float, buffer_delay_ms: float) -> None:
+async def _play(ops: list[tuple], delay_s: float, options: dict[str, StreamOptions],
+                arriving_step_ms: float) -> None:
     engine = FakeEngine(schedule=(2, 4, 8), delay_s=delay_s)
     # lookahead far beyond the texts' audio: nothing waits for a listener to play its audio.
     sched = new_scheduler(engine, lookahead_ms=60_000.0, max_batch_phrases=MAX_PHRASES,
-                          max_batch_chunks=MAX_CHUNKS)
+                          max_batch_chunks=MAX_CHUNKS, arriving_step_ms=arriving_step_ms)
     task = asyncio.create_task(sched.run())
-    options = StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=buffer_delay_ms)
     streams: dict[str, Driven] = {}
-    for sid in SIDS:
-        streams[sid] = Driven()
-        sched.open(sid, options, streams[sid].sink)
+
+    def stream(sid: str) -> Driven:
+        """A stream starts with the first command for it, as a session's `start` would."""
+        if sid not in streams:
+            streams[sid] = Driven()
+            sched.open(sid, options[sid], streams[sid].sink)
+        return streams[sid]
+
     try:
         for op in ops:
             if op[0] == "wait":
                 await asyncio.sleep(op[1])
                 continue
             kind, sid = op[0], op[1]
-            d = streams[sid]
+            d = stream(sid)
             live = d.closed_at is None and not d.cancelled
             if kind == "close" and d.closed_at is None:
                 sched.close(sid)
@@ -83,7 +90,8 @@ async def _play(ops: list[tuple], delay_s: float, buffer_delay_ms: float) -> Non
                 elif kind == "end":
                     sched.end(sid)
                     d.ended = True
-        for sid, d in streams.items():
+        for sid in SIDS:
+            d = stream(sid)
             if d.closed_at is None and not d.cancelled and not d.ended:
                 sched.end(sid)
                 d.ended = True
@@ -120,10 +128,17 @@ async def _play(ops: list[tuple], delay_s: float, buffer_delay_ms: float) -> Non
     assert not any(sid in sched.meter for sid in SIDS)
 
 
+OPTIONS = st.builds(
+    StreamOptions, params=st.just(SynthesisParams()),
+    max_buffer_delay_ms=st.sampled_from([0.0, 50.0, 1000.0]), words=st.booleans(),
+    markdown=st.booleans(), read_code=st.booleans())
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, max_size=40), delay_s=st.sampled_from([0.0, 0.003]),
-       buffer_delay_ms=st.sampled_from([0.0, 50.0, 1000.0]))
+       options=st.fixed_dictionaries({sid: OPTIONS for sid in SIDS}),
+       arriving_step_ms=st.sampled_from([0.0, 60.0]))
 def test_any_interleaving_of_commands_ends_every_stream_once_and_leaves_nothing(
-    ops: list[tuple], delay_s: float, buffer_delay_ms: float,
+    ops: list[tuple], delay_s: float, options: dict[str, StreamOptions], arriving_step_ms: float,
 ) -> None:
-    asyncio.run(_play(ops, delay_s, buffer_delay_ms))
+    asyncio.run(_play(ops, delay_s, options, arriving_step_ms))
