@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import logging
 import signal
@@ -41,6 +42,7 @@ from streaming_tts.gpu import GpuMonitor, GpuSample
 from streaming_tts.voices import VoiceRegistry
 from tests.helpers.app import (Running, check_opus_decodes, check_phrases_before_audio,
                                check_timeline, clean, connect, running, wait_for)
+from tests.helpers.contract import ContractChecker
 from tests.helpers.ws_client import ProtocolClient, Utterance, audio_duration_ms
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -1679,11 +1681,80 @@ async def test_fuzzed_frames_never_break_the_socket_or_a_neighbour(
         await fuzzed.send({"type": "cancel", "ctx": ctx})
     await wait_for(lambda: any(m.get("ctx") == "probe" for m in replies), what="probe answer")
     reader.cancel()
-    assert all(m["type"] in {"ready", "error", "phrase", "words", "audio", "done",
-                             "cancelled"} for m in replies)
-    assert all(m["code"] != "internal" for m in replies if m["type"] == "error")
+    contract = ContractChecker()
+    for m in replies:
+        contract.feed(m)     # message types, no `internal`, each context's order
     await fuzzed.close()
     await neighbour.close()
+    await clean(srv)
+
+
+# Well-formed messages in any order on two contexts, with pauses: streams started (each with
+# its own format, words and buffer delay), fed, flushed, ended and cancelled, or not.
+SCRIPT_CTXS = st.sampled_from(["a", "b"])
+SCRIPT_STEPS = st.one_of(
+    st.builds(lambda ctx, fmt, words, delay: {"type": "start", "ctx": ctx, "format": fmt,
+                                              "words": words, "max_buffer_delay_ms": delay},
+              SCRIPT_CTXS, st.sampled_from(["opus", "pcm_s16le"]), st.booleans(),
+              st.sampled_from([0, 50, 1000])),
+    st.builds(lambda ctx, text: {"type": "text", "ctx": ctx, "text": text}, SCRIPT_CTXS,
+              st.sampled_from(["Hello", " there", ".", " How are", " you", "?", " Fi", "ne",
+                               "!!! ", " ", "\n"])),
+    st.builds(lambda kind, ctx: {"type": kind, "ctx": ctx},
+              st.sampled_from(["flush", "end", "cancel"]), SCRIPT_CTXS),
+    st.sampled_from([0.0, 0.01, 0.05]),   # a pause, in seconds
+)
+
+
+def draw_scripts(n: int) -> list[list[Any]]:
+    """n client scripts drawn with hypothesis (run outside @given, from asyncio)."""
+    scripts: list[list[Any]] = []
+
+    @settings(max_examples=n, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(SCRIPT_STEPS, min_size=1, max_size=14))
+    def draw(script: list[Any]) -> None:
+        scripts.append(script)
+
+    draw()
+    return scripts
+
+
+async def test_any_script_of_well_formed_messages_keeps_the_contract(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    for script in draw_scripts(12):
+        client = await connect(http, srv)
+        received: list[dict[str, Any]] = []
+        answered: collections.Counter[str] = collections.Counter()
+        cancels: collections.Counter[str] = collections.Counter()
+
+        async def read() -> None:
+            while True:
+                received.append(msg := await client.recv(timeout=60))
+                if msg["type"] == "cancelled":
+                    answered[msg["ctx"]] += 1
+
+        reader = asyncio.create_task(read())
+        # Both contexts cancelled at the end: every stream ends, and the last message of each
+        # context is known (the answer to its last cancel).
+        for step in [*script, {"type": "cancel", "ctx": "a"}, {"type": "cancel", "ctx": "b"}]:
+            if isinstance(step, float):
+                await asyncio.sleep(step)
+                continue
+            await client.send(step)
+            if step["type"] == "cancel":
+                cancels[step["ctx"]] += 1
+        await wait_for(lambda: answered == cancels, what=f"every cancel answered: {script}",
+                       timeout=30)
+        await asyncio.sleep(0.2)    # nothing may follow
+        reader.cancel()
+        contract = ContractChecker()
+        for msg in received:
+            contract.feed(msg)
+        contract.check_cancels(cancels)
+        assert not any(c.live for c in contract.contexts.values()), script
+        await client.close()
     await clean(srv)
 
 
