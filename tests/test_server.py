@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import msgpack
@@ -52,6 +52,7 @@ SHORT = "Hello there! How are you today?"
 LONG = ("This sentence is long enough to keep the voice busy for several seconds, so that "
         "there is plenty of audio still to come. And then another one follows it.")
 POISON_NOISE = 1.234  # FailingEngine fails every phrase asked with this noise_scale
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------- fixtures
@@ -1644,24 +1645,25 @@ FRAMES = st.one_of(st.binary(max_size=64), MAPS.map(packb), TYPED.map(packb),
                    st.lists(VALUES, max_size=4).map(packb), VALID.map(packb), VALID.map(packb))
 
 
-def fuzz_frames(n: int) -> list[bytes]:
-    """Draw n frames with hypothesis (the socket is driven outside of @given, from asyncio)."""
-    frames: list[bytes] = []
+def draw(strategy: st.SearchStrategy[T], n: int) -> list[T]:
+    """n examples of `strategy` drawn with hypothesis (the socket is driven outside of
+    @given, from asyncio)."""
+    drawn: list[T] = []
 
     @settings(max_examples=n, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
-    @given(FRAMES)
-    def draw(frame: bytes) -> None:
-        frames.append(frame)
+    @given(strategy)
+    def collect(example: T) -> None:
+        drawn.append(example)
 
-    draw()
-    return frames
+    collect()
+    return drawn
 
 
 async def test_fuzzed_frames_never_break_the_socket_or_a_neighbour(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
-    frames = fuzz_frames(30)
+    frames = draw(FRAMES, 30)
     neighbour = await connect(http, srv)
     fuzzed = await connect(http, srv)
     replies: list[dict[str, Any]] = []
@@ -1707,24 +1709,10 @@ SCRIPT_STEPS = st.one_of(
 )
 
 
-def draw_scripts(n: int) -> list[list[Any]]:
-    """n client scripts drawn with hypothesis (run outside @given, from asyncio)."""
-    scripts: list[list[Any]] = []
-
-    @settings(max_examples=n, database=None, deadline=None,
-              suppress_health_check=list(HealthCheck))
-    @given(st.lists(SCRIPT_STEPS, min_size=1, max_size=14))
-    def draw(script: list[Any]) -> None:
-        scripts.append(script)
-
-    draw()
-    return scripts
-
-
 async def test_any_script_of_well_formed_messages_keeps_the_contract(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
-    for script in draw_scripts(12):
+    for script in draw(st.lists(SCRIPT_STEPS, min_size=1, max_size=14), 12):
         client = await connect(http, srv)
         received: list[dict[str, Any]] = []
         answered: collections.Counter[str] = collections.Counter()
