@@ -1695,10 +1695,12 @@ async def test_fuzzed_frames_never_break_the_socket_or_a_neighbour(
 # its own format, words and buffer delay), fed, flushed, ended and cancelled, or not.
 SCRIPT_CTXS = st.sampled_from(["a", "b"])
 SCRIPT_STEPS = st.one_of(
-    st.builds(lambda ctx, fmt, words, delay: {"type": "start", "ctx": ctx, "format": fmt,
-                                              "words": words, "max_buffer_delay_ms": delay},
-              SCRIPT_CTXS, st.sampled_from(["opus", "pcm_s16le"]), st.booleans(),
-              st.sampled_from([0, 50, 1000])),
+    st.builds(lambda ctx, fmt, rate, words, delay: {
+        "type": "start", "ctx": ctx, "format": fmt, "sample_rate": rate, "words": words,
+        "max_buffer_delay_ms": delay},
+        SCRIPT_CTXS, st.sampled_from(["opus", "pcm_s16le"]),
+        st.sampled_from([None, 8000, 16000, 24000, 48000]), st.booleans(),
+        st.sampled_from([0, 50, 1000])),
     st.builds(lambda ctx, text: {"type": "text", "ctx": ctx, "text": text}, SCRIPT_CTXS,
               st.sampled_from(["Hello", " there", ".", " How are", " you", "?", " Fi", "ne",
                                "!!! ", " ", "\n"])),
