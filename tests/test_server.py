@@ -1694,69 +1694,95 @@ async def test_fuzzed_frames_never_break_the_socket_or_a_neighbour(
 # Well-formed messages in any order on two contexts, with pauses: streams started (each with
 # its own format, words and buffer delay), fed, flushed, ended and cancelled, or not.
 SCRIPT_CTXS = st.sampled_from(["a", "b"])
-SCRIPT_STEPS = st.one_of(
-    st.builds(lambda ctx, fmt, rate, words, delay: {
-        "type": "start", "ctx": ctx, "format": fmt, "sample_rate": rate, "words": words,
-        "max_buffer_delay_ms": delay},
-        SCRIPT_CTXS, st.sampled_from(["opus", "pcm_s16le"]),
+
+
+def script_start(ctxs: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.builds(
+        lambda ctx, fmt, rate, words, delay: {
+            "type": "start", "ctx": ctx, "format": fmt, "sample_rate": rate, "words": words,
+            "max_buffer_delay_ms": delay},
+        ctxs, st.sampled_from(["opus", "pcm_s16le"]),
         st.sampled_from([None, 8000, 16000, 24000, 48000]), st.booleans(),
-        st.sampled_from([0, 50, 1000])),
-    st.builds(lambda ctx, text: {"type": "text", "ctx": ctx, "text": text}, SCRIPT_CTXS,
-              st.sampled_from(["Hello", " there", ".", " How are", " you", "?", " Fi", "ne",
-                               "!!! ", " ", "\n"])),
+        st.sampled_from([0, 50, 1000]))
+
+
+def script_text(ctxs: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.builds(lambda ctx, text: {"type": "text", "ctx": ctx, "text": text}, ctxs,
+                     st.sampled_from(["Hello", " there", ".", " How are", " you", "?", " Fi",
+                                      "ne", "!!! ", " ", "\n"]))
+
+
+SCRIPT_START, SCRIPT_TEXT = script_start(SCRIPT_CTXS), script_text(SCRIPT_CTXS)
+SCRIPT_STEPS = st.one_of(
+    SCRIPT_START, SCRIPT_TEXT, SCRIPT_TEXT,
     st.builds(lambda kind, ctx: {"type": kind, "ctx": ctx},
               st.sampled_from(["flush", "end", "cancel"]), SCRIPT_CTXS),
     st.sampled_from([0.0, 0.01, 0.05]),   # a pause, in seconds
-    st.just("disconnect"),                # the socket closes: the script ends there
 )
+# Each script starts stream "a" with some text, then runs its steps, then: "end" ends both
+# contexts and waits until nothing is live (the streams speak to their `done`), "cancel"
+# cancels both at once, "disconnect" closes the socket; but for a socket closed, both contexts
+# are cancelled last.
+SCRIPTS = st.tuples(script_start(st.just("a")),
+                    st.lists(script_text(st.just("a")), min_size=1, max_size=4),
+                    st.lists(SCRIPT_STEPS, max_size=14),
+                    st.sampled_from(["end", "end", "cancel", "disconnect"]))
+
+
+def _checked(received: list[dict[str, Any]]) -> ContractChecker:
+    contract = ContractChecker()
+    for msg in received:
+        contract.feed(msg)
+    return contract
 
 
 async def test_any_script_of_well_formed_messages_keeps_the_contract(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
-    for script in draw(st.lists(SCRIPT_STEPS, min_size=1, max_size=14), 12):
+    finished = 0   # scripts with a stream heard to its `done`
+    for first, words, steps, ending in draw(SCRIPTS, 32):
         client = await connect(http, srv)
         received: list[dict[str, Any]] = []
-        answered: collections.Counter[str] = collections.Counter()
         cancels: collections.Counter[str] = collections.Counter()
 
         async def read() -> None:
             while True:
-                received.append(msg := await client.recv(timeout=60))
-                if msg["type"] == "cancelled":
-                    answered[msg["ctx"]] += 1
+                received.append(await client.recv(timeout=60))
 
-        reader = asyncio.create_task(read())
-        # Both contexts cancelled at the end: every stream ends, and the last message of each
-        # context is known (the answer to its last cancel).
-        leaves = "disconnect" in script
-        if leaves:
-            script = script[:script.index("disconnect")]
-        else:
-            script = [*script, {"type": "cancel", "ctx": "a"}, {"type": "cancel", "ctx": "b"}]
-        for step in script:
+        async def send(step: dict[str, Any] | float) -> None:
             if isinstance(step, float):
                 await asyncio.sleep(step)
-                continue
+                return
             await client.send(step)
             if step["type"] == "cancel":
                 cancels[step["ctx"]] += 1
-        contract = ContractChecker()
-        if not leaves:
-            await wait_for(lambda: answered == cancels, what=f"every cancel answered: {script}",
-                           timeout=30)
+
+        reader = asyncio.create_task(read())
+        steps = [first, *words, *steps]
+        for step in steps:
+            await send(step)
+        script = f"{steps} {ending}"
+        if ending == "end":
+            for ctx in ("a", "b"):
+                await send({"type": "end", "ctx": ctx})
+            await wait_for(lambda: not any(c.live for c in _checked(received).contexts.values()),
+                           what=f"every stream done: {script}", timeout=30)
+        if ending != "disconnect":
+            for ctx in ("a", "b"):
+                await send({"type": "cancel", "ctx": ctx})
+            # The answer to a context's last cancel is its last message.
+            await wait_for(lambda: _checked(received).cancelled == cancels,
+                           what=f"every cancel answered: {script}", timeout=30)
             await asyncio.sleep(0.2)    # nothing may follow
-            reader.cancel()
-            for msg in received:
-                contract.feed(msg)
+        reader.cancel()
+        contract = _checked(received)
+        if ending != "disconnect":
             contract.check_cancels(cancels)
             assert not any(c.live for c in contract.contexts.values()), script
-        else:   # it leaves mid-script: what came until then keeps the contract
-            reader.cancel()
-            for msg in received:
-                contract.feed(msg)
+        finished += any(m["type"] == "done" for m in received)
         await client.close()
     await clean(srv)    # nothing of any of those sockets or streams is left
+    assert finished, "no script heard a stream to its end"
 
 
 # ---------------------------------------------------------------- docs/protocol.md's example
