@@ -71,6 +71,28 @@ async def _fresh_reading(r: Running) -> None:
         await wait_for(lambda: r.state.gpu_sample is not seen, what="a new GPU reading")
 
 
+async def _hold_until_short(r: Running, held: list[torch.Tensor], *, short_of: int) -> None:
+    """Allocate GPU memory (kept in `held`, in 2 MiB pages) until the sampler's NVML reading
+    shows less than `short_of` bytes free: each time enough to leave a quarter of a stream's
+    cost below it. NVML and CUDA may count free memory a little differently, hence the loop,
+    bounded by CUDA's own figure."""
+    engine = r.state.model.engine
+    assert engine is not None
+    for _ in range(4):
+        await _fresh_reading(r)
+        free = r.state.gpu_sample.vram_free_bytes
+        if free < short_of:
+            return
+        cuda_free, _ = torch.cuda.mem_get_info(engine.device)
+        want = free - short_of + (r.state.admission.stream_vram_cost or 0) // 4 + 2 * MIB
+        take = min(-(-want // (2 * MIB)) * (2 * MIB), cuda_free - 64 * MIB)
+        assert take > 0, f"NVML says {free} bytes free, CUDA {cuda_free}: cannot take {want}"
+        held.append(torch.empty(take, dtype=torch.uint8, device=engine.device))
+        torch.cuda.synchronize(engine.device)
+    raise AssertionError(f"the NVML reading stayed at {r.state.gpu_sample.vram_free_bytes} bytes"
+                         f" free or more, above {short_of}")
+
+
 async def test_the_gpu_profile_loads_warms_up_and_reports_the_gpu(
     gpu_srv: Running, http: aiohttp.ClientSession,
 ) -> None:
@@ -134,19 +156,13 @@ async def test_a_stream_is_refused_while_vram_really_runs_short(
 ) -> None:
     state = gpu_srv.state
     cost = state.admission.stream_vram_cost
-    engine = state.model.engine
-    assert cost and engine is not None and state.gpu_sample is not None
+    assert cost and state.gpu_sample is not None
     refused_key = ("tts_streams_refused_total", (("reason", "vram"),))
     refused_before = (await _metrics(gpu_srv, http)).get(refused_key, 0.0)
     reserve = state.cfg.admission.vram_reserve_mb * MIB
-    # Take all the memory but a quarter of one stream's cost above the reserve, in 2 MiB pages.
-    take = state.gpu_sample.vram_free_bytes - reserve - cost // 4
-    take = -(-take // (2 * MIB)) * (2 * MIB)
-    held = torch.empty(take, dtype=torch.uint8, device=engine.device)
+    held: list[torch.Tensor] = []
     try:
-        torch.cuda.synchronize(engine.device)
-        await _fresh_reading(gpu_srv)
-        assert state.gpu_sample.vram_free_bytes - reserve < cost
+        await _hold_until_short(gpu_srv, held, short_of=reserve + cost)
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await connect(http, gpu_srv)
         assert info.value.status == 503
@@ -154,7 +170,7 @@ async def test_a_stream_is_refused_while_vram_really_runs_short(
         samples = await _metrics(gpu_srv, http)
         assert samples[refused_key] == refused_before + 1
     finally:
-        del held
+        held.clear()
         torch.cuda.empty_cache()
     await _fresh_reading(gpu_srv)
     assert state.gpu_sample.vram_free_bytes - reserve >= cost
