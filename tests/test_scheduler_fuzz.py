@@ -31,7 +31,9 @@ SIDS = ("s0", "s1", "s2")
 # Markdown: markup, code fences (left unread with read_code off).
 FRAGMENTS = st.one_of(st.text(alphabet="abcdefghij .,!?;:'-12\n", min_size=1, max_size=9),
                       st.sampled_from(["!!! ", " --- ", "... ", "  ", "\n\n", "\n```\n",
-                                       "``", "`x` ", "**b** ", "# ", "| - |\n"]))
+                                       "``", "`x` ", "**b** ", "# ", "| - |\n", "你好。",
+                                       "「引用」、", "Dr.", " 3.14 ", "e.g. ", "https://a.b/c ",
+                                       "…", "\u200b", "\t"]))
 OPS = st.one_of(
     st.tuples(st.just("text"), st.sampled_from(SIDS), FRAGMENTS),
     st.tuples(st.sampled_from(["flush", "end", "cancel", "close"]), st.sampled_from(SIDS)),

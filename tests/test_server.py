@@ -1709,7 +1709,8 @@ def script_start(ctxs: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, An
 def script_text(ctxs: st.SearchStrategy[str]) -> st.SearchStrategy[dict[str, Any]]:
     return st.builds(lambda ctx, text: {"type": "text", "ctx": ctx, "text": text}, ctxs,
                      st.sampled_from(["Hello", " there", ".", " How are", " you", "?", " Fi",
-                                      "ne", "!!! ", " ", "\n"]))
+                                      "ne", "!!! ", " ", "\n", " $5", " Dr.", " 你好。",
+                                      " **b**"]))
 
 
 SCRIPT_START, SCRIPT_TEXT = script_start(SCRIPT_CTXS), script_text(SCRIPT_CTXS)
