@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import types
 import typing
@@ -426,8 +427,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
         return _expect(value, ok, key, "an integer")
     if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return float(_expect(value, ok, key, "a number"))
+        # TOML and the flags accept inf and nan; no setting means anything by them (limits
+        # that can be switched off say 0).
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
+        return float(_expect(value, ok, key, "a finite number"))
     if tp is str:
         return _expect(value, isinstance(value, str), key, "a string")
     if typing.get_origin(tp) is tuple:

@@ -119,7 +119,12 @@ def test_unknown_keys_are_rejected_by_name(tmp_path: Path) -> None:
     ("[server]\napi_keys = 'secret'", "server.api_keys must be a list"),
     ("[engine]\nchunk_schedule = [16, 'x']", r"engine.chunk_schedule\[1\] must be an integer"),
     ("[engine]\nthreads = true", "engine.threads must be an integer, got bool"),
-    ("[admission]\nmax_load = 'high'", "admission.max_load must be a number"),
+    ("[admission]\nmax_load = 'high'", "admission.max_load must be a finite number"),
+    # TOML's inf and nan: accepted by the range checks before ("> 0"), then the server broke
+    # at run time (an infinite heartbeat or send deadline, a price the tariff refused).
+    ("[limits]\nheartbeat_s = inf", "limits.heartbeat_s must be a finite number, got float inf"),
+    ("[metering]\nprice_per_kwh = inf", "metering.price_per_kwh must be a finite number"),
+    ("[scheduler]\nlookahead_ms = nan", "scheduler.lookahead_ms must be a finite number"),
     ("server = 1", r"\[server\] must be a table"),
 ])
 def test_wrong_types_are_named(tmp_path: Path, toml: str, needle: str) -> None:
