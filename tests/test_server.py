@@ -1737,12 +1737,13 @@ def _checked(received: list[dict[str, Any]]) -> ContractChecker:
     return contract
 
 
-async def test_any_script_of_well_formed_messages_keeps_the_contract(
-    srv: Running, http: aiohttp.ClientSession,
-) -> None:
-    finished = 0   # scripts with a stream heard to its `done`
-    for first, words, steps, ending in draw(SCRIPTS, 32):
-        client = await connect(http, srv)
+async def play_scripts(r: Running, http: aiohttp.ClientSession,
+                       scripts: list[tuple[Any, ...]]) -> int:
+    """Play `scripts` (drawn from SCRIPTS) one after another on new sockets, checking the
+    contract on each; returns how many heard a stream to its `done`."""
+    finished = 0
+    for first, words, steps, ending in scripts:
+        client = await connect(http, r)
         received: list[dict[str, Any]] = []
         cancels: collections.Counter[str] = collections.Counter()
 
@@ -1760,30 +1761,44 @@ async def test_any_script_of_well_formed_messages_keeps_the_contract(
 
         reader = asyncio.create_task(read())
         steps = [first, *words, *steps]
-        for step in steps:
-            await send(step)
         script = f"{steps} {ending}"
-        if ending == "end":
-            for ctx in ("a", "b"):
-                await send({"type": "end", "ctx": ctx})
-            await wait_for(lambda: not any(c.live for c in _checked(received).contexts.values()),
-                           what=f"every stream done: {script}", timeout=30)
-        if ending != "disconnect":
-            for ctx in ("a", "b"):
-                await send({"type": "cancel", "ctx": ctx})
-            # The answer to a context's last cancel is its last message.
-            await wait_for(lambda: _checked(received).cancelled == cancels,
-                           what=f"every cancel answered: {script}", timeout=30)
-            await asyncio.sleep(0.2)    # nothing may follow
-        reader.cancel()
+        try:
+            for step in steps:
+                await send(step)
+            if ending == "end":
+                for ctx in ("a", "b"):
+                    await send({"type": "end", "ctx": ctx})
+                await wait_for(lambda: not _checked(received).live(),
+                               what=f"every stream done: {script}", timeout=30)
+            if ending != "disconnect":
+                for ctx in ("a", "b"):
+                    await send({"type": "cancel", "ctx": ctx})
+                # The answer to a context's last cancel is its last message.
+                await wait_for(lambda: _checked(received).cancelled == cancels,
+                               what=f"every cancel answered: {script}", timeout=30)
+                await asyncio.sleep(0.2)    # nothing may follow
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         contract = _checked(received)
         if ending != "disconnect":
             contract.check_cancels(cancels)
-            assert not any(c.live for c in contract.contexts.values()), script
+            assert not contract.live(), script
         finished += any(m["type"] == "done" for m in received)
         await client.close()
+    return finished
+
+
+async def test_any_script_of_well_formed_messages_keeps_the_contract(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    # Four sockets at a time, so that streams of different sockets share model steps.
+    scripts, sockets = draw(SCRIPTS, 32), 4
+    async with asyncio.TaskGroup() as group:   # one failing cancels the others
+        plays = [group.create_task(play_scripts(srv, http, scripts[i::sockets]))
+                 for i in range(sockets)]
     await clean(srv)    # nothing of any of those sockets or streams is left
-    assert finished, "no script heard a stream to its end"
+    assert sum(p.result() for p in plays), "no script heard a stream to its end"
 
 
 # ---------------------------------------------------------------- docs/protocol.md's example

@@ -64,6 +64,10 @@ class ContractChecker:
         else:
             raise AssertionError(f"{where}: not a message type of the protocol")
 
+    def live(self) -> list[str]:
+        """The contexts live now."""
+        return [ctx for ctx, c in self.contexts.items() if c.live]
+
     def check_cancels(self, sent: Counter[str]) -> None:
         """Each `cancel` sent was answered once, and no other `cancelled` came."""
         assert self.cancelled == sent, (dict(self.cancelled), dict(sent))
