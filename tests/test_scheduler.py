@@ -352,9 +352,9 @@ async def test_cancel_stops_audio_at_once_even_mid_step():
 
 
 async def test_a_cancel_followed_by_a_close_before_either_is_applied_emits_nothing():
-    # A client that sends `cancel` and disconnects at once: the scheduler applies both at its
-    # next step; the sink, closed, must not hear the cancel's answer (found by
-    # tests/test_scheduler_fuzz.py).
+    # `close` means nothing more reaches the sink, even the answer to a `cancel` queued just
+    # before it (both are applied at the next step). The server's sessions never queue both
+    # for one stream; the scheduler's contract holds anyway (found by test_scheduler_fuzz.py).
     engine = FakeEngine(delay_s=0.05)
     sched, task = await running(engine)
     sink, other = Sink(), Sink()
