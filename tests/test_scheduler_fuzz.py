@@ -32,8 +32,8 @@ SIDS = ("s0", "s1", "s2")
 FRAGMENTS = st.one_of(st.text(alphabet="abcdefghij .,!?;:'-12\n", min_size=1, max_size=9),
                       st.sampled_from(["!!! ", " --- ", "... ", "  ", "\n\n", "\n```\n",
                                        "``", "`x` ", "**b** ", "# ", "| - |\n", "你好。",
-                                       "「引用」、", "Dr.", " 3.14 ", "e.g. ", "https://a.b/c ",
-                                       "…", "\u200b", "\t"]))
+                                       "「引用」、", "Dr.", " 3.14 ", "e.g. ",
+                                       "https://a.b/c ", "…", "\u200b", "\t"]))
 OPS = st.one_of(
     st.tuples(st.just("text"), st.sampled_from(SIDS), FRAGMENTS),
     st.tuples(st.sampled_from(["flush", "end", "cancel", "close"]), st.sampled_from(SIDS)),
@@ -55,12 +55,13 @@ class Driven:
 
 
 async def _play(ops: list[tuple], delay_s: float, options: dict[str, StreamOptions],
-                arriving_step_ms: float, poison_letters: int | None) -> None:
+                arriving_step_ms: float, poison_letters: int | None, lookahead_ms: float) -> None:
     engine = FakeEngine(schedule=(2, 4, 8), delay_s=delay_s)
     if poison_letters is not None:   # the model fails on every phrase of this many letters
         engine.poison_ids = 3 + 2 * poison_letters     # FakePhonemizer: 2 ids a letter, 3 more
-    # lookahead far beyond the texts' audio: nothing waits for a listener to play its audio.
-    sched = new_scheduler(engine, lookahead_ms=60_000.0, max_batch_phrases=MAX_PHRASES,
+    # A lookahead far beyond the texts' audio (nothing waits for a listener to play its
+    # audio), or short enough that the listeners' clocks pace the work.
+    sched = new_scheduler(engine, lookahead_ms=lookahead_ms, max_batch_phrases=MAX_PHRASES,
                           max_batch_chunks=MAX_CHUNKS, arriving_step_ms=arriving_step_ms)
     task = asyncio.create_task(sched.run())
     streams: dict[str, Driven] = {}
@@ -145,9 +146,10 @@ OPTIONS = st.builds(
 @given(ops=st.lists(OPS, max_size=40), delay_s=st.sampled_from([0.0, 0.003]),
        options=st.fixed_dictionaries({sid: OPTIONS for sid in SIDS}),
        arriving_step_ms=st.sampled_from([0.0, 60.0]),
-       poison_letters=st.one_of(st.none(), st.integers(1, 6)))
+       poison_letters=st.one_of(st.none(), st.integers(1, 6)),
+       lookahead_ms=st.sampled_from([60_000.0, 300.0]))
 def test_any_interleaving_of_commands_ends_every_stream_once_and_leaves_nothing(
     ops: list[tuple], delay_s: float, options: dict[str, StreamOptions], arriving_step_ms: float,
-    poison_letters: int | None,
+    poison_letters: int | None, lookahead_ms: float,
 ) -> None:
-    asyncio.run(_play(ops, delay_s, options, arriving_step_ms, poison_letters))
+    asyncio.run(_play(ops, delay_s, options, arriving_step_ms, poison_letters, lookahead_ms))
