@@ -1,8 +1,9 @@
 """The protocol's contract per context, checked on what one socket received (docs/protocol.md
-§2, §4, §5), whatever the client sent: a context is live from `ready` until `done`, `cancelled`
-or an `internal` error; only a live context gets `phrase`, `words` and `audio`; phrases count
-from 0 and each comes before its audio; audio `seq` counts from 0 and `pts_ms` runs on without a
-gap; `done` counts the phrases sent; every `cancel` is answered by exactly one `cancelled`."""
+§2, §4, §5), whatever the client sent: a context is live from `ready` until `done` or
+`cancelled`; only a live context gets `phrase`, `words` and `audio`; phrases count from 0 and
+each comes before its audio; audio `seq` counts from 0 and `pts_ms` runs on without a gap;
+`done` counts the phrases sent; every `cancel` is answered by exactly one `cancelled`. An
+`internal` error (a server fault, which also ends a context) fails the check."""
 
 from __future__ import annotations
 
