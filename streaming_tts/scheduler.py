@@ -633,7 +633,8 @@ class Scheduler:
         # holds plus phrases already cut, so a backlog of short phrases cannot build up.
         ahead = self._ahead_ms(stream, time.monotonic())
         self._queue_phrases(stream, stream.splitter.push(text, buffered_ms=ahead))
-        if stream.anchor is None and not stream.has_work() and not stream.inflight_chars:
+        if (self.config.arriving_step_ms > 0 and stream.anchor is None
+                and not stream.has_work() and not stream.inflight_chars):
             self._arriving[stream.id] = None
 
     def _queue_phrases(self, stream: StreamState, phrases: list[str]) -> None:
