@@ -140,10 +140,18 @@ def serve(args: argparse.Namespace) -> None:
 # -- the driver ----------------------------------------------------------------------------
 
 def _cpu_by_thread(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of each thread of `pid`, by thread id."""
+    """CPU seconds (user + system) of each thread of `pid`, by thread id.
+
+    Read from `schedstat` (nanoseconds on a CPU) where the kernel has it: `stat` counts in
+    clock ticks (10 ms), too coarse for a short run, where a thread's few milliseconds read 0."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[tid] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
         try:
             fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
