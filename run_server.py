@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import uvloop
 from aiohttp import web
@@ -34,6 +34,7 @@ from server.config import (
     overrides_from_args,
 )
 from server.fds import FD_RESERVE, raise_open_file_limit, socket_cap
+from server.supervisor import serve_split
 from streaming_tts.voices import UnknownVoiceError
 
 log = logging.getLogger("run_server")
@@ -52,20 +53,28 @@ BAD_REQUEST_WINDOW_S: Final = 10.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Streaming text-to-speech server (WebSocket).")
     add_config_arguments(parser)
+    # How a back end (--front-ends N) starts its front ends (server/supervisor.py).
+    parser.add_argument("--front-end-of", dest="front_end_of", help=argparse.SUPPRESS)
+    parser.add_argument("--front-end-name", dest="front_end_name", default="fe",
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, overrides_from_args(args))
     except ConfigError as exc:
         parser.error(str(exc))
-    writer = setup_logging(cfg.server.log_level)
+    tag = f"[{args.front_end_name}] " if args.front_end_of else ""
+    writer = setup_logging(cfg.server.log_level, tag=tag)
     try:
-        return _run(cfg)
+        if args.front_end_of:
+            return _run(cfg, front_end=(args.front_end_of, args.front_end_name))
+        return _run(cfg, argv=sys.argv[1:] if argv is None else argv)
     finally:
         if writer is not None:
             writer.stop()   # writes out what is queued
 
 
-def _run(cfg: ServerConfig) -> int:
+def _run(cfg: ServerConfig, *, argv: list[str] | None = None,
+         front_end: tuple[str, str] | None = None) -> int:
     log.debug("effective config: %s", cfg.as_dict())
     before, after = raise_open_file_limit()
     raised = f" (raised from {before})" if after != before else ""
@@ -79,7 +88,12 @@ def _run(cfg: ServerConfig) -> int:
         log.error("%s", problem)
         return 2
     try:
-        serve(cfg)
+        if front_end is not None:
+            serve(cfg, front_end=front_end)
+        elif cfg.server.front_ends > 0:
+            return serve_split(cfg, argv or [])
+        else:
+            serve(cfg)
     except (UnknownVoiceError, FileNotFoundError) as exc:   # a voice id or file that is not there
         log.error("%s", exc)
         return 2
@@ -196,13 +210,14 @@ class _RedactTokens(logging.Filter):
 
 
 def setup_logging(level: str, stream: TextIO | None = None, *,
-                  force: bool = False) -> _LogWriter | None:
+                  force: bool = False, tag: str = "") -> _LogWriter | None:
     """Log lines are written by a thread of their own: a write to stderr blocks when whoever
     reads it (a terminal, a pipe to a log collector) falls behind, and the event loop logs
     each stream's lifecycle. Returns the writer; `stop()` it to write out what is queued.
     Like `logging.basicConfig`, this leaves a root logger that already has handlers (the
     process embeds the server, or a test captures its log) as it is, unless `force`; then
-    it only sets the level, and returns None."""
+    it only sets the level, and returns None. `tag` starts each line (which process wrote it,
+    where the server runs as several)."""
     root = logging.getLogger()
     root.setLevel(level)
     if level != "DEBUG":
@@ -218,7 +233,7 @@ def setup_logging(level: str, stream: TextIO | None = None, *,
     if root.handlers and not force:
         return None
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.replace("%(name)s", tag + "%(name)s")))
     q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE_LINES)
     queued = _QueueHandler(q)
     root.handlers[:] = [queued]
@@ -227,13 +242,19 @@ def setup_logging(level: str, stream: TextIO | None = None, *,
     return writer
 
 
-def serve(cfg: ServerConfig) -> None:
-    """Run until SIGTERM, SIGINT or SIGHUP (draining first: ShutdownSignals), on uvloop."""
+def serve(cfg: ServerConfig, *, front_end: tuple[str, str] | None = None) -> None:
+    """Run until SIGTERM, SIGINT or SIGHUP (draining first: ShutdownSignals), on uvloop.
+    `front_end` (the back end's socket, this process's name): serve the sockets for a back end
+    (server/split.py), sharing the port with the other front ends."""
     # The address as bound (with --port 0, the port the system chose): run_app's banner names it.
     url = [f"http://{cfg.server.host}:{cfg.server.port}"]
-    app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url[0]))
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    split: dict[str, Any] = {}
+    if front_end is not None:
+        split = {"front_end_of": front_end[0], "front_end_name": front_end[1],
+                 "on_back_end_lost": lambda: loop.call_soon(_exit)}
+    app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url[0]), **split)
     signals = ShutdownSignals(app, cfg.server.drain_s, stop=lambda: loop.call_soon(_exit))
 
     async def install(_app: web.Application) -> None:
@@ -243,13 +264,17 @@ def serve(cfg: ServerConfig) -> None:
     def listening(banner: str) -> None:
         if m := _BANNER_URLS.search(banner):
             url[0] = m.group(1)
-        log.info("listening on %s; loading voice %s on %s", url[0], cfg.engine.voice,
-                 cfg.engine.device)
+        if front_end is not None:
+            log.info("listening on %s; waiting for the back end", url[0])
+        else:
+            log.info("listening on %s; loading voice %s on %s", url[0], cfg.engine.voice,
+                     cfg.engine.device)
 
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=listening,
                 shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False,
                 # aiohttp's bound on receiving a request's head, as on an idle keep-alive
-                keepalive_timeout=cfg.server.request_timeout_s)
+                keepalive_timeout=cfg.server.request_timeout_s,
+                reuse_port=True if front_end is not None else None)
     log.info("server stopped")
 
 

@@ -117,8 +117,17 @@ def serve(args: argparse.Namespace) -> None:
     cfg = load_config(Path(args.config) if args.config else None, {
         "server.port": port, "admission.max_streams": args.max_streams, "admission.max_load": 1.0,
         "admission.max_loop_busy": args.max_loop_busy, "admission.max_encode_busy": args.max_encode_busy,
-        "audio.encode_threads": args.encode_threads, "audio.opus_complexity": args.opus_complexity})
-    app = create_app(cfg, engine_loader=replay_loader)
+        "audio.encode_threads": args.encode_threads, "audio.opus_complexity": args.opus_complexity,
+        "server.front_ends": 0 if args.front_end_of else args.front_ends})
+    if cfg.server.front_ends:   # the back end; its front ends are this script again
+        from server.supervisor import serve_split
+
+        argv = [a for a in sys.argv[1:] if a != "--profile" and a != args.profile]
+        raise SystemExit(serve_split(cfg, [], engine_loader=replay_loader,
+                                     front_end=[sys.executable, __file__, *argv]))
+    split = ({} if not args.front_end_of else
+             {"front_end_of": args.front_end_of, "front_end_name": args.front_end_name})
+    app = create_app(cfg, engine_loader=replay_loader, **split)
 
     async def threads(_request):
         return web.json_response({str(t.native_id): t.name for t in threading.enumerate()})
@@ -130,7 +139,8 @@ def serve(args: argparse.Namespace) -> None:
     if prof is not None:
         prof.enable()
     try:
-        web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None)
+        web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None,
+                    reuse_port=True if args.front_end_of else None)
     finally:
         if prof is not None:
             prof.disable()
@@ -180,6 +190,27 @@ def _cpu_groups(before: dict[str, float], after: dict[str, float], pid: int,
     for tid, cpu in after.items():
         g = _group(tid, pid, names)
         groups[g] = groups.get(g, 0.0) + cpu - before.get(tid, 0.0)
+    return groups
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (a split server's front ends)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _process_groups(before: dict[int, dict[str, float]], after: dict[int, dict[str, float]],
+                    back_end: int) -> dict[str, float]:
+    """A split server's CPU seconds: each process's event-loop thread and its other threads
+    (its threads share one GIL; the front ends' thread names are not asked for)."""
+    groups: dict[str, float] = {}
+    for n, pid in enumerate(sorted(after, key=lambda p: (p != back_end, p))):
+        name = "back_end" if pid == back_end else f"front_end_{n}"
+        for tid, cpu in after[pid].items():
+            g = f"{name}_{'event_loop' if tid == str(pid) else 'threads'}"
+            groups[g] = groups.get(g, 0.0) + cpu - before[pid].get(tid, 0.0)
     return groups
 
 
@@ -370,7 +401,8 @@ def run(args) -> list[dict]:
     base = f"http://127.0.0.1:{args.port}"
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--port", str(args.port),
-         "--max-streams", str(max(args.streams)), "--encode-threads", str(args.encode_threads)]
+         "--max-streams", str(max(args.streams)), "--encode-threads", str(args.encode_threads),
+         "--front-ends", str(args.front_ends)]
         + (["--config", args.config] if args.config else [])
         + (["--profile", args.profile] if args.profile else [])
         + ["--max-loop-busy", str(args.max_loop_busy), "--max-encode-busy", str(args.max_encode_busy)]
@@ -388,7 +420,8 @@ def run(args) -> list[dict]:
         results = []
         for n in args.streams:
             refused_before = _refused_by_reason(base)
-            before = _cpu_by_thread(server.pid)
+            procs = [server.pid, *_children(server.pid)]
+            before = {pid: _cpu_by_thread(pid) for pid in procs}
             t0 = time.monotonic()
             load = subprocess.run(
                 [sys.executable, str(ROOT / "benchmarks" / "load.py"),
@@ -397,13 +430,17 @@ def run(args) -> list[dict]:
                  "--stagger-ms", str(args.stagger_ms)],
                 capture_output=True, text=True, check=True)
             wall = time.monotonic() - t0
-            after = _cpu_by_thread(server.pid)
-            names = json.loads(_get(base + "/bench/threads"))
+            after = {pid: _cpu_by_thread(pid) for pid in procs}
+            names = json.loads(_get(base + "/bench/threads")) if not args.front_ends else {}
             report = json.loads(load.stdout.strip().splitlines()[-1])
             if args.verbose:
-                for tid, cpu in sorted(after.items()):
-                    print(tid, names.get(tid), round(cpu - before.get(tid, 0.0), 2), file=sys.stderr)
-            groups = _cpu_groups(before, after, server.pid, names)
+                for tid, cpu in sorted(after[server.pid].items()):
+                    print(tid, names.get(tid), round(cpu - before[server.pid].get(tid, 0.0), 2),
+                          file=sys.stderr)
+            if args.front_ends:
+                groups = _process_groups(before, after, server.pid)
+            else:
+                groups = _cpu_groups(before[server.pid], after[server.pid], server.pid, names)
             results.append({
                 "streams": n, "admitted": report["admitted"], "refused": report["refused"],
                 "refused_by": {k: v - refused_before.get(k, 0)
@@ -439,6 +476,10 @@ def main() -> int:
     ap.add_argument("--server-log", default="/tmp/host_path_server.log")
     ap.add_argument("--max-streams", type=int, default=1000, help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--front-ends", type=int, default=0,
+                    help="serve from N front-end processes around a back end (server/split.py)")
+    ap.add_argument("--front-end-of", help=argparse.SUPPRESS)
+    ap.add_argument("--front-end-name", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="CPU seconds of every server thread")
     ap.add_argument("--profile", metavar="FILE", help="cProfile the event loop's thread into FILE")

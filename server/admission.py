@@ -151,6 +151,7 @@ class AdmissionController:
         gpu_reader: Callable[[], GpuSampleLike | None] | None = None,
         loop_busy_reader: Callable[[], float | None] | None = None,
         encoder_reader: Callable[[], EncoderLoad | None] | None = None,
+        elsewhere_reader: Callable[[], int] | None = None,
         on_refused: Callable[[RefusalReason], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -159,6 +160,7 @@ class AdmissionController:
         self._gpu_reader = gpu_reader
         self._loop_busy_reader = loop_busy_reader
         self._encoder_reader = encoder_reader
+        self._elsewhere_reader = elsewhere_reader
         self._on_refused = on_refused
         self._rng = rng or random.Random()
         self._stream_vram_cost: int | None = None
@@ -172,7 +174,18 @@ class AdmissionController:
 
     @property
     def active_streams(self) -> int:
+        """Streams admitted here and live."""
         return self._active
+
+    @property
+    def server_streams(self) -> int:
+        """Live streams of the whole server: those admitted here and, where several front-end
+        processes share a back end (server/split.py), those the others hold."""
+        return self._active + (self._elsewhere_reader() if self._elsewhere_reader else 0)
+
+    def load(self) -> LoadEstimate:
+        """The load as admission reads it (the scheduler's, or what a test injected)."""
+        return self._load_source()
 
     @property
     def admitted_total(self) -> int:
@@ -240,7 +253,7 @@ class AdmissionController:
 
     def _max_streams_refusal(self) -> _Refusal | None:
         limit = self._cfg.max_streams
-        if self._active < limit:
+        if self.server_streams < limit:
             return None
         return _Refusal(RefusalReason.MAX_STREAMS,
                         f"server is at its limit of {limit} concurrent streams")
@@ -276,14 +289,14 @@ class AdmissionController:
         as real-time streams, plus the one asking now. Those, and the streams still building a
         runway, carry the start-up surcharge: streams that start together all need their first
         phrases and a runway at once (and, behind the model, that runway encoded)."""
-        unseen = max(0, self._active - load.active_streams)
+        unseen = max(0, self.server_streams - load.active_streams)
         return unseen, load.starting_streams + unseen + 1
 
     def _load_refusal(self, load: LoadEstimate) -> _Refusal | None:
         capacity = load.capacity_audio_s_per_s
         if capacity is None or capacity <= 0:
             return None  # not measured yet: max_streams alone bounds the start-up phase
-        if self._active == 0 and load.active_streams == 0:
+        if self.server_streams == 0 and load.active_streams == 0:
             # Nobody to slow down. And only finished streams correct the estimate: a cost
             # measured while the host stalled (warm-up's probe read 1.9 s per audio s once,
             # 20x the usual) would otherwise refuse every stream, for good.

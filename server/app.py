@@ -33,6 +33,7 @@ from server.metrics import Metrics
 from server.model import EngineLoader, ProbeEncoding, build_scheduler, load_engine, prepare_model
 from server.monitors import sample_gpu, watch_loop_lag
 from server.proxies import parse_networks
+from server.split import RemoteScheduler, link_server_ctx, run_front_end_link
 from server.observer import MetricsObserver
 from server.state import STATE, ModelSlot, ServerState
 from streaming_tts.engine import Engine
@@ -65,6 +66,10 @@ def create_app(
     encoder_source: Callable[[], EncoderLoad | None] | None = None,
     on_ready: Callable[[], None] | None = None,
     web_client_dir: Path = http.WEB_CLIENT_DIR,
+    front_end_of: str | None = None,
+    front_end_name: str = "",
+    on_back_end_lost: Callable[[], None] | None = None,
+    serve_front_ends: str | None = None,
 ) -> web.Application:
     """The server app for `cfg`.
 
@@ -75,22 +80,31 @@ def create_app(
     load in admission, `loop_busy_source` the event loop's measured busy fraction and
     `encoder_source` the encoder threads' load;
     `on_ready` runs once the server has turned healthy.
+
+    Several processes (server/split.py): with `front_end_of` (the back end's Unix socket) this
+    app is a front end, whose scheduler is the back end's (`on_back_end_lost` runs if that
+    goes); with `serve_front_ends` (a socket path) it is the back end and serves its scheduler
+    to the front ends there.
     """
     voices = VoiceRegistry(cfg.engine.voices_dir)
     model = ModelSlot(voice=voices.resolve(cfg.engine.voice))
     if engine is not None:
         engine_loader = _given(engine)
     metrics = Metrics()
-    # The GPU the engine computes on (by its CUDA UUID); none for a CPU engine.
-    monitor = gpu if gpu is not None else GpuMonitor.for_device(cfg.engine.device)
+    # The GPU the engine computes on (by its CUDA UUID); none for a CPU engine. A front end
+    # reads the back end's.
+    monitor = (gpu if gpu is not None or front_end_of is not None
+               else GpuMonitor.for_device(cfg.engine.device))
     available = monitor if monitor is not None and monitor.available else None
     admission = AdmissionController(
         cfg.admission,
         load_source=load_source or (lambda: _scheduler_load(model)),
         # The sampler's latest reading, not a fresh one: admission runs on the event loop.
-        gpu_reader=(lambda: state.gpu_sample) if available is not None else None,
+        gpu_reader=((lambda: state.gpu_sample)
+                    if available is not None or front_end_of is not None else None),
         loop_busy_reader=loop_busy_source or (lambda: state.loop_busy),
         encoder_reader=encoder_source or (lambda: state.encoders),
+        elsewhere_reader=None if front_end_of is None else (lambda: _elsewhere(model)),
         on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),
     )
     state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
@@ -103,8 +117,15 @@ def create_app(
     app.cleanup_ctx.append(_background("loop-lag", _loop_lag))
     if available is not None:
         app.cleanup_ctx.append(_background("gpu-sampler", _gpu_sampler))
-    loader = engine_loader or load_engine
-    app.cleanup_ctx.append(_background("model", lambda a: _model(a, loader, warm_up=warm_up)))
+    if front_end_of is not None:
+        app.cleanup_ctx.append(_background("model", lambda a: run_front_end_link(
+            a, front_end_of, front_end_name, on_back_end_lost)))
+    else:
+        loader = engine_loader or load_engine
+        app.cleanup_ctx.append(_background("model",
+                                           lambda a: _model(a, loader, warm_up=warm_up)))
+    if serve_front_ends is not None:
+        app.cleanup_ctx.append(link_server_ctx(serve_front_ends))
     app.on_shutdown.append(_close_sessions)
     if gpu is None and monitor is not None:  # we opened NVML, we close it
         app.on_cleanup.append(lambda _app: _close_monitor(monitor))
@@ -120,6 +141,12 @@ def _given(engine: Engine) -> EngineLoader:
 
 def _scheduler_load(model: ModelSlot) -> Any:
     return _NO_LOAD if model.scheduler is None else model.scheduler.load()
+
+
+def _elsewhere(model: ModelSlot) -> int:
+    """A front end: the streams the other front ends hold (server/split.py)."""
+    remote = model.scheduler
+    return 0 if remote is None else remote.elsewhere()  # type: ignore[attr-defined]
 
 
 async def _close_monitor(monitor: GpuMonitor) -> None:
@@ -159,7 +186,8 @@ async def _loop_lag(app: web.Application) -> None:
         state.metrics.open_sockets.set(len(state.sessions))
         state.metrics.loop_tasks.set(len(asyncio.all_tasks()))
         scheduler = state.model.scheduler
-        if scheduler is not None:
+        # A front end's scheduler is the back end's, which sets these (server/split.py).
+        if scheduler is not None and not isinstance(scheduler, RemoteScheduler):
             state.metrics.queue_depth.set(scheduler.queue_depth)
             load = scheduler.load()
             state.metrics.capacity_load.set(load.utilisation)

@@ -51,9 +51,11 @@ class HttpConfig:
     log_level: str = "INFO"
     drain_s: float = 20.0  # at SIGTERM/SIGINT/SIGHUP: live streams get this long to finish
     request_timeout_s: float = 10.0  # an HTTP request's head must arrive within this
+    front_ends: int = 0  # processes serving the sockets for one back end (server/split.py); 0: one process
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", "must be 0..65535", self.port)
+        _require(0 <= self.front_ends <= 64, "server.front_ends", "must be 0..64", self.front_ends)
         _require(0 <= self.drain_s <= 3600, "server.drain_s", "must be 0..3600", self.drain_s)
         _require(0 < self.request_timeout_s <= 3600, "server.request_timeout_s",
                  "must be > 0 and <= 3600", self.request_timeout_s)
@@ -321,6 +323,7 @@ CLI_OVERRIDES: Final = {
     "max_streams": "admission.max_streams",
     "api_keys": "server.api_keys",
     "log_level": "server.log_level",
+    "front_ends": "server.front_ends",
 }
 
 
@@ -366,6 +369,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         "server.api_keys in a config file only the server can read")
     parser.add_argument("--log-level", dest="log_level",
                         help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    parser.add_argument("--front-ends", type=int, dest="front_ends", metavar="N",
+                        help="serve the sockets from N processes around one process that owns "
+                        "the model (0: everything in one process)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

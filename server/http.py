@@ -209,10 +209,11 @@ async def status(request: web.Request) -> web.Response:
 
 def status_body(state: ServerState) -> dict[str, Any]:
     scheduler = state.model.scheduler
-    load = None if scheduler is None else round(scheduler.load().utilisation, 4)
+    utilisation = None if scheduler is None else scheduler.load().utilisation
+    load = None if utilisation is None else round(utilisation, 4)   # None: not measured yet
     gpu = state.gpu_sample
     return {
-        "active_streams": state.admission.active_streams,
+        "active_streams": state.admission.server_streams,
         "max_streams": state.cfg.admission.max_streams,
         "capacity_load": load,
         "vram_used_bytes": None if gpu is None else gpu.vram_used_bytes,

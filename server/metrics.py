@@ -9,6 +9,7 @@ units or logic that callers should not repeat.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Final
 
 from prometheus_client import (GC_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter, Gauge,
@@ -38,25 +39,51 @@ LOOP_LAG_BUCKETS: Final = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 BATCH_STAGES: Final = ("acoustic", "decode")
 
 
+def use_multiprocess_metrics(directory: str) -> None:
+    """Keep this process's metric values in `directory`, where /metrics of any process of the
+    server adds up all of them (prometheus_client's multiprocess mode; server/split.py). Call
+    before the first `Metrics()`; child processes inherit it through the environment."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    from prometheus_client import values
+
+    values.ValueClass = values.MultiProcessValue()
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+# How a gauge's values from several processes add up (server/split.py): one per process
+# ("livesum": streams, sockets), the back end's only, which the front ends leave at 0
+# ("livesum" too), or the worst process ("livemax": lag, busy fractions). Ignored in one process.
+SUM: Final = "livesum"
+WORST: Final = "livemax"
+
+
 class Metrics:
-    """All server metrics on a private `CollectorRegistry`."""
+    """All server metrics on a private `CollectorRegistry`.
+
+    Where the server runs as several processes, each process's values are kept in the shared
+    directory and `render()` adds them all up; the process and garbage-collector series
+    (one process's) are then left out."""
 
     def __init__(self, *, namespace: str = "tts") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._vram_warned = False
-        self._shown: set[Gauge | Counter] = set()   # GPU series registered (see _show)
+        self._ns = namespace
+        self._shown: dict[str, Gauge | Counter] = {}   # GPU series registered (see _show)
         self._define_stream_metrics(namespace)
         self._define_scheduler_metrics(namespace)
-        self._define_gpu_metrics(namespace)
         # The process (resident memory, CPU seconds, open fds) and Python's garbage collector,
         # as prometheus_client's default registry would export them: what shows a leak.
-        self.registry.register(PROCESS_COLLECTOR)
-        self.registry.register(GC_COLLECTOR)
+        if not multiprocess():
+            self.registry.register(PROCESS_COLLECTOR)
+            self.registry.register(GC_COLLECTOR)
 
     def _define_stream_metrics(self, ns: str) -> None:
         r = self.registry
         self.active_streams = Gauge("active_streams", "Live streams (contexts)", namespace=ns,
-                                    registry=r)
+                                    registry=r, multiprocess_mode=SUM)
         self.streams_started = Counter("streams_started", "Streams admitted", namespace=ns,
                                        registry=r)
         self.streams_refused = Counter("streams_refused", "Streams refused by admission",
@@ -76,14 +103,14 @@ class Metrics:
             "for it was still to be made. A pause in the client's text is not counted.",
             namespace=ns, registry=r)
         self.open_sockets = Gauge("open_sockets", "Open stream WebSockets", namespace=ns,
-                                  registry=r)
+                                  registry=r, multiprocess_mode=SUM)
         self.client_lag_seconds = Histogram("client_lag_seconds", "How far behind clients with "
                                             "a live stream read: ping round trip, the ping sent "
                                             "behind their audio", namespace=ns, registry=r,
                                             buckets=CLIENT_LAG_BUCKETS)
         self.loop_tasks = Gauge("event_loop_tasks", "asyncio tasks alive on the event loop "
                                 "(sampled; a steady rise with streams coming and going is a leak)",
-                                namespace=ns, registry=r)
+                                namespace=ns, registry=r, multiprocess_mode=SUM)
 
     def _define_scheduler_metrics(self, ns: str) -> None:
         r = self.registry
@@ -92,65 +119,61 @@ class Metrics:
         self.batch_size = Histogram("batch_size", "Items per model call", ["stage"],
                                     namespace=ns, registry=r, buckets=BATCH_BUCKETS)
         self.queue_depth = Gauge("scheduler_queue_depth", "Jobs waiting for the model",
-                                 namespace=ns, registry=r)
+                                 namespace=ns, registry=r, multiprocess_mode=SUM)
         self.capacity_load = Gauge("capacity_load_ratio", "Live streams' real-time demand over "
                                    "the measured capacity (admission refuses above "
                                    "admission.max_load, streams starting counted more)",
-                                   namespace=ns, registry=r)
+                                   namespace=ns, registry=r, multiprocess_mode=SUM)
         self.capacity = Gauge("capacity_audio_seconds_per_second", "Audio seconds the model "
                               "makes per second, as admission estimates it: 1 / what recently "
                               "finished streams cost (compute s per audio s)",
-                              namespace=ns, registry=r)
+                              namespace=ns, registry=r, multiprocess_mode=SUM)
         self.streams_starting = Gauge("streams_starting", "Live streams still building a runway "
                                       "of audio (admission counts them above real time)",
-                                      namespace=ns, registry=r)
+                                      namespace=ns, registry=r, multiprocess_mode=SUM)
         self.loop_lag_seconds = Histogram("event_loop_lag_seconds", "Event-loop wake-up delay",
                                           namespace=ns, registry=r, buckets=LOOP_LAG_BUCKETS)
         self.loop_lag_max_seconds = Gauge("event_loop_lag_max_seconds",
                                           "Largest event-loop lag in the last sample interval",
-                                          namespace=ns, registry=r)
+                                          namespace=ns, registry=r, multiprocess_mode=WORST)
         self.loop_busy_ratio = Gauge("event_loop_busy_ratio", "Event-loop thread CPU time over "
                                      "wall time in the last sample interval (admission refuses "
-                                     "above admission.max_loop_busy)", namespace=ns, registry=r)
+                                     "above admission.max_loop_busy)", namespace=ns, registry=r, multiprocess_mode=WORST)
         self.encode_busy_ratio = Gauge("encode_busy_ratio", "Fraction of the encoder threads' "
                                        "time spent resampling and encoding in the last sample "
                                        "interval (admission refuses above "
-                                       "admission.max_encode_busy)", namespace=ns, registry=r)
+                                       "admission.max_encode_busy)", namespace=ns, registry=r, multiprocess_mode=WORST)
         self.real_time_factor = Gauge("real_time_factor", "Compute seconds per audio second "
                                       "(recent; < 1 is faster than real time)", namespace=ns,
-                                      registry=r)
+                                      registry=r, multiprocess_mode=WORST)
         self.encode_seconds = Counter("encode_seconds", "CPU time spent resampling and "
                                       "encoding audio (Opus or PCM), in the encoder threads",
                                       namespace=ns, registry=r)
         self.compute_seconds = Counter("compute_seconds", "Model compute time", namespace=ns,
                                        registry=r)
-        # Registered with its first reading (`add_energy`), like the GPU gauges below.
-        self.energy_joules = Counter("energy_joules", "GPU energy (NVML)", namespace=ns,
-                                     registry=None)
         for stage in BATCH_STAGES:  # export both series from the start, not on first use
             self.batch_size.labels(stage=stage)
 
-    def _define_gpu_metrics(self, ns: str) -> None:
-        # Not registered until their first reading: a CPU server (or NVML lacking a reading)
-        # exports no GPU series at all, rather than zeros that look like real readings.
-        self.vram_used_bytes = Gauge("gpu_vram_used_bytes", "GPU memory used", namespace=ns,
-                                     registry=None)
-        self.vram_total_bytes = Gauge("gpu_vram_total_bytes", "GPU memory total", namespace=ns,
-                                      registry=None)
-        self.vram_pressure = Gauge("gpu_vram_pressure_ratio", "GPU memory used / total",
-                                   namespace=ns, registry=None)
-        self.gpu_utilization = Gauge("gpu_utilization_ratio", "GPU busy fraction (NVML)",
-                                     namespace=ns, registry=None)
-        self.gpu_power_watts = Gauge("gpu_power_watts", "GPU power draw", namespace=ns,
-                                     registry=None)
-        self.gpu_temperature_celsius = Gauge("gpu_temperature_celsius", "GPU temperature",
-                                             namespace=ns, registry=None)
+    # Not made until their first reading: a CPU server (or NVML lacking a reading) exports no
+    # GPU series at all, rather than zeros that look like real readings.
+    _GPU_SERIES: Final = {
+        "vram_used": (Gauge, "gpu_vram_used_bytes", "GPU memory used"),
+        "vram_total": (Gauge, "gpu_vram_total_bytes", "GPU memory total"),
+        "vram_pressure": (Gauge, "gpu_vram_pressure_ratio", "GPU memory used / total"),
+        "utilization": (Gauge, "gpu_utilization_ratio", "GPU busy fraction (NVML)"),
+        "power": (Gauge, "gpu_power_watts", "GPU power draw"),
+        "temperature": (Gauge, "gpu_temperature_celsius", "GPU temperature"),
+        "energy": (Counter, "energy_joules", "GPU energy (NVML)"),
+    }
 
-    def _show(self, metric: Gauge | Counter) -> Gauge | Counter:
-        """Register a GPU series with the first reading it gets."""
-        if metric not in self._shown:
-            self._shown.add(metric)
-            self.registry.register(metric)
+    def _show(self, key: str) -> Gauge | Counter:
+        """A GPU series, made and registered with the first reading it gets."""
+        metric = self._shown.get(key)
+        if metric is None:
+            kind, name, doc = self._GPU_SERIES[key]
+            extra = {"multiprocess_mode": WORST} if kind is Gauge else {}
+            metric = kind(name, doc, namespace=self._ns, registry=self.registry, **extra)
+            self._shown[key] = metric
         return metric
 
     # ------------------------------------------------------------------ helpers
@@ -173,22 +196,22 @@ class Metrics:
     ) -> None:
         """Record one GPU sample; None leaves a gauge as it was (NVML lacks some readings),
         or absent until a reading comes."""
-        self._show(self.vram_used_bytes).set(vram_used_bytes)
-        self._show(self.vram_total_bytes).set(vram_total_bytes)
+        self._show("vram_used").set(vram_used_bytes)
+        self._show("vram_total").set(vram_total_bytes)
         if vram_total_bytes > 0:
             fraction = vram_used_bytes / vram_total_bytes
-            self._show(self.vram_pressure).set(fraction)
+            self._show("vram_pressure").set(fraction)
             self.vram_pressure_check(fraction, warn_fraction)
         if utilization is not None:
-            self._show(self.gpu_utilization).set(utilization)
+            self._show("utilization").set(utilization)
         if power_watts is not None:
-            self._show(self.gpu_power_watts).set(power_watts)
+            self._show("power").set(power_watts)
         if temperature_celsius is not None:
-            self._show(self.gpu_temperature_celsius).set(temperature_celsius)
+            self._show("temperature").set(temperature_celsius)
 
     def add_energy(self, joules: float) -> None:
         """GPU energy (NVML's counter) used since the last reading."""
-        self._show(self.energy_joules).inc(joules)
+        self._show("energy").inc(joules)
 
     def record_gpu_sample(self, sample: GpuSampleLike, *, warn_fraction: float) -> None:
         """Record a `streaming_tts.gpu.GpuSample` (duck-typed: vram_used_bytes,
@@ -224,4 +247,10 @@ class Metrics:
 
     def render(self) -> bytes:
         """The text exposition of every metric (serve with `CONTENT_TYPE`)."""
+        if multiprocess():
+            from prometheus_client import multiprocess as mp
+
+            registry = CollectorRegistry()
+            mp.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

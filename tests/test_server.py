@@ -1746,6 +1746,14 @@ async def play_scripts(r: Running, http: aiohttp.ClientSession,
         client = await connect(http, r)
         received: list[dict[str, Any]] = []
         cancels: collections.Counter[str] = collections.Counter()
+        starts = 0
+
+        def starts_answered() -> bool:
+            # Each `start` is answered at once, in order: `ready`, or an error of its own.
+            answers = sum(1 for m in received if m["type"] == "ready" or (
+                m["type"] == "error" and (m["code"] in ("overloaded", "too_many_contexts")
+                                          or "already live" in m["message"])))
+            return answers >= starts
 
         async def read() -> None:
             while True:
@@ -1755,9 +1763,11 @@ async def play_scripts(r: Running, http: aiohttp.ClientSession,
             if isinstance(step, float):
                 await asyncio.sleep(step)
                 return
+            nonlocal starts
             await client.send(step)
             if step["type"] == "cancel":
                 cancels[step["ctx"]] += 1
+            starts += step["type"] == "start"
 
         reader = asyncio.create_task(read())
         steps = [first, *words, *steps]
@@ -1768,6 +1778,8 @@ async def play_scripts(r: Running, http: aiohttp.ClientSession,
             if ending == "end":
                 for ctx in ("a", "b"):
                     await send({"type": "end", "ctx": ctx})
+                # Not live before its `ready` has come is not the end of a stream.
+                await wait_for(starts_answered, what=f"every start answered: {script}")
                 await wait_for(lambda: not _checked(received).live(),
                                what=f"every stream done: {script}", timeout=30)
             if ending != "disconnect":

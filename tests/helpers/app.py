@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import aiohttp
 import opuslib
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from server.admission import LoadEstimate
@@ -67,6 +69,50 @@ async def running(
         yield Running(server)
     finally:
         await server.close()
+
+
+@dataclass
+class Split:
+    """A server split over processes (server/split.py), in this process: the back end's app
+    (no HTTP site) and front ends, each with its own test server."""
+
+    back: web.Application
+    fronts: list[Running]
+
+    @property
+    def back_state(self) -> ServerState:
+        return self.back[STATE]
+
+
+@contextlib.asynccontextmanager
+async def running_split(
+    engine: Engine, overrides: dict[str, Any] | None = None, *, front_ends: int = 2,
+    on_back_end_lost: Callable[[], None] | None = None,
+) -> AsyncIterator[Split]:
+    """The back end serving `engine` and `front_ends` front ends linked to it on a Unix socket;
+    the same test settings as `running` (capacity unmeasured, loop and encoder readings off)."""
+    cfg = load_config(None, {**BASE, **(overrides or {})})
+    quiet: dict[str, Any] = {"loop_busy_source": lambda: None, "encoder_source": lambda: None}
+    with tempfile.TemporaryDirectory() as workdir:
+        path = str(Path(workdir) / "back-end.sock")
+        back = create_app(cfg, engine=engine, warm_up=False, load_source=lambda: UNMEASURED,
+                          serve_front_ends=path, **quiet)
+        runner = web.AppRunner(back)
+        await runner.setup()
+        servers: list[TestServer] = []
+        try:
+            for i in range(front_ends):
+                app = create_app(cfg, front_end_of=path, front_end_name=f"fe{i}",
+                                 on_back_end_lost=on_back_end_lost, **quiet)
+                servers.append(TestServer(app, host="127.0.0.1"))
+                await servers[-1].start_server()
+            await wait_for(lambda: all(s.app[STATE].model.ready for s in servers),
+                           what="the front ends to be ready", timeout=60)
+            yield Split(back, [Running(s) for s in servers])
+        finally:
+            for server in servers:
+                await server.close()
+            await runner.cleanup()
 
 
 async def wait_for(cond: Callable[[], bool], *, what: str, timeout: float = 10.0) -> None:

@@ -1,0 +1,510 @@
+"""Serving from several processes: one back end owns the model, front ends own the sockets.
+
+One process's threads share one GIL, and the sockets, the protocol and Opus take most of it
+(~1.6-2.2 ms of GIL per second of each stream's audio: BENCHMARKS.md, "Where the event loop's
+time goes at 100 streams, and the GIL"), so one process cannot feed the streams a GPU can.
+With `server.front_ends` N > 0 (`run_server.py --front-ends N`):
+
+  * the **back end** (the process started) loads the voice, runs the scheduler, the engine and
+    the GPU sampler, and serves the front ends on a Unix socket (`LinkServer`); it binds no
+    public port;
+  * **N front ends** (child processes, `run_server.py ... --front-end-of SOCKET`) share the
+    public port (SO_REUSEPORT: the kernel spreads connections over them) and run everything of
+    a socket: sessions, the protocol, limits, pacing, resampling and Opus. Their scheduler is a
+    `RemoteScheduler`: the same commands, sent to the back end; the stream's events come back
+    to its `ContextStream` as if the scheduler were in process.
+
+The link is msgpack over one Unix socket per front end, in order. Front end -> back end:
+`["open", sid, options]`, `["text", sid, text]`, `["flush", sid]`, `["end", sid]`,
+`["cancel", sid]`, `["close", sid]`. Back end -> front end: `["phrase", sid, ...]`,
+`["audio", sid, float32 bytes, pts_ms]`, `["done", sid, usage]`, `["cancelled", sid]`,
+`["error", sid, code, message]`, and `["status", {...}]` every `STATUS_INTERVAL_S` (ready or
+failed, the scheduler's load, queue depth, the GPU reading, the per-stream VRAM cost). Writes
+made in one turn of the event loop leave in one system call.
+
+Admission stays where the socket is (a `start` is answered at once, `ready` or `error`): each
+front end decides with its own streams, its own event loop and encoders, and the back end's
+latest status, which says how many streams the others hold. Two front ends admitting in the
+same few milliseconds can each take the last place under `max_streams` or the load ceiling:
+the limits can be passed by at most N - 1 streams for an instant.
+
+If the back end goes, each front end fails its live streams (`error`, internal), turns
+unhealthy and exits; if a front end goes, the back end closes its streams (nothing of them is
+kept) and the supervisor (server/supervisor.py) starts another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import msgpack
+import numpy as np
+from aiohttp import web
+
+from server.admission import LoadEstimate
+from streaming_tts.engine import SynthesisParams
+from streaming_tts.gpu import GpuSample
+from streaming_tts.stream import PhraseEvent, StreamOptions, StreamSink
+
+log = logging.getLogger(__name__)
+
+# How often the back end tells each front end its state (load, GPU, readiness).
+STATUS_INTERVAL_S: Final = 0.02
+# A front end waits this long for the back end's socket to exist and answer.
+CONNECT_TIMEOUT_S: Final = 30.0
+# Bytes a link may hold unsent before its writer pauses reading the other way: the back end's
+# output per stream is bounded by the lookahead, so this is only reached by a stuck peer.
+MAX_UNSENT_BYTES: Final = 64 << 20
+_MSGPACK_LIMIT: Final = 64 << 20
+
+
+# ---------------------------------------------------------------------------- the wire
+
+
+def options_to_wire(options: StreamOptions) -> dict[str, Any]:
+    wire = asdict(options)
+    wire["params"] = asdict(options.params)
+    return wire
+
+
+def options_from_wire(wire: dict[str, Any]) -> StreamOptions:
+    fields = dict(wire)
+    fields["params"] = SynthesisParams(**fields["params"])
+    return StreamOptions(**fields)
+
+
+def load_to_wire(load: LoadEstimate) -> list[Any]:
+    return [load.active_streams, load.demand_audio_s_per_s, load.capacity_audio_s_per_s,
+            load.starting_streams]
+
+
+class Link(asyncio.Protocol):
+    """One end of a front end <-> back end socket: msgpack messages (lists) both ways.
+
+    `send` never blocks: what is sent within one turn of the event loop is written together at
+    the end of it. `on_message` gets each message in order; `on_lost` once, when the socket
+    closes (None: closed by this side)."""
+
+    def __init__(self, on_message: Callable[[list[Any]], None],
+                 on_lost: Callable[[Exception | None], None]) -> None:
+        self._on_message, self._on_lost = on_message, on_lost
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=_MSGPACK_LIMIT)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._transport: Any = None
+        self._pending: list[bytes] = []
+        self._flush_scheduled = False
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:   # uvloop's is no asyncio.Transport
+        self._transport = transport
+        transport.set_write_buffer_limits(high=MAX_UNSENT_BYTES)
+
+    def data_received(self, data: bytes) -> None:
+        self._unpacker.feed(data)
+        for msg in self._unpacker:
+            if self.closed:
+                return
+            try:
+                self._on_message(msg)
+            except Exception:   # a bad message is the peer's bug: log it, keep the link
+                log.exception("link: message %r failed", msg[:2] if isinstance(msg, list) else msg)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self._pending.clear()
+            self._on_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The peer reads nothing for MAX_UNSENT_BYTES: stop reading from it too, so that it
+        # cannot pile up more work here either; it resumes once the peer reads again.
+        if self._transport is not None:
+            log.warning("link: the other process has not read %d MiB; pausing its input",
+                        MAX_UNSENT_BYTES >> 20)
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def send(self, msg: list[Any]) -> None:
+        if self.closed or self._transport is None:
+            return
+        self._pending.append(self._packer.pack(msg))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._pending and self._transport is not None and not self.closed:
+            self._transport.writelines(self._pending)
+        self._pending = []
+
+    def close(self) -> None:
+        if self._transport is not None and not self.closed:
+            self._flush()
+            self.closed = True
+            self._transport.close()
+
+
+# ---------------------------------------------------------------------------- back end
+
+
+class _RemoteSink:
+    """A stream's events, forwarded to the front end that serves it (back end, event loop)."""
+
+    __slots__ = ("_conn", "_sid")
+
+    def __init__(self, conn: _FrontEndConnection, sid: str) -> None:
+        self._conn, self._sid = conn, sid
+
+    def on_phrase(self, phrase: PhraseEvent) -> None:
+        self._conn.link.send(["phrase", self._sid, phrase.id, phrase.text, phrase.start_ms,
+                              phrase.end_ms, [list(w) for w in phrase.words],
+                              phrase.space_before])
+
+    def on_audio(self, samples: np.ndarray, pts_ms: float) -> None:
+        data = np.ascontiguousarray(samples, dtype=np.float32).tobytes()
+        self._conn.link.send(["audio", self._sid, data, pts_ms])
+
+    def on_done(self, usage: dict) -> None:
+        self._conn.ended(self._sid)
+        self._conn.link.send(["done", self._sid, usage])
+
+    def on_cancelled(self) -> None:
+        self._conn.ended(self._sid)
+        self._conn.link.send(["cancelled", self._sid])
+
+    def on_error(self, code: str, message: str) -> None:
+        self._conn.ended(self._sid)
+        self._conn.link.send(["error", self._sid, code, message])
+
+
+class _FrontEndConnection:
+    """The back end's side of one front end: its live streams, closed in the scheduler if the
+    front end goes."""
+
+    def __init__(self, server: LinkServer, name: str) -> None:
+        self.server, self.name = server, name
+        self.streams: set[str] = set()
+        self.link = Link(self._on_message, self._on_lost)
+
+    def ended(self, sid: str) -> None:
+        self.streams.discard(sid)
+
+    def _on_message(self, msg: list[Any]) -> None:
+        scheduler = self.server.scheduler()
+        kind, sid = msg[0], msg[1]
+        if kind == "hello":
+            self.name = str(sid)
+            log.info("front end %s connected", self.name)
+            self.server.send_status(self)
+            return
+        if scheduler is None:   # not ready: front ends admit nothing then
+            if kind == "open":
+                self.link.send(["error", sid, "internal", "the back end is not ready"])
+            return
+        match kind:
+            case "open":
+                self.streams.add(sid)
+                scheduler.open(sid, options_from_wire(msg[2]), _RemoteSink(self, sid))
+            case "text":
+                scheduler.text(sid, msg[2])
+            case "flush":
+                scheduler.flush(sid)
+            case "end":
+                scheduler.end(sid)
+            case "cancel":
+                self.streams.discard(sid)
+                scheduler.cancel(sid)
+            case "close":
+                self.streams.discard(sid)
+                scheduler.close(sid)
+            case _:
+                log.error("front end %s sent an unknown message %r", self.name, kind)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        scheduler = self.server.scheduler()
+        if scheduler is not None:
+            for sid in self.streams:
+                scheduler.close(sid)
+        level = (logging.INFO if self.server.stopping or self.server.state.shutting_down
+                 else logging.WARNING)
+        log.log(level, "front end %s disconnected%s; %d stream(s) of it closed", self.name,
+                f" ({exc})" if exc else "", len(self.streams))
+        self.streams.clear()
+
+
+class LinkServer:
+    """The back end's Unix socket for the front ends, and the status it sends them.
+
+    `state` is the back end's ServerState (the model slot, the GPU reading, admission's
+    per-stream VRAM cost)."""
+
+    def __init__(self, state: Any, path: str) -> None:
+        self.state, self.path = state, path
+        self.connections: set[_FrontEndConnection] = set()
+        self.stopping = False
+        self._server: asyncio.AbstractServer | None = None
+        self._count = 0
+        # The GPU reading by number, so that a front end keeps one object per reading (its
+        # admission charges the streams it admitted since a reading against that reading).
+        self._gpu_seen: tuple[Any, int] = (None, 0)
+
+    def scheduler(self) -> Any:
+        model = self.state.model
+        return model.scheduler if model.ready else None
+
+    async def start(self) -> None:
+        def connection() -> Link:
+            self._count += 1
+            conn = _FrontEndConnection(self, f"#{self._count}")
+            self.connections.add(conn)
+            return conn.link
+        self._server = await asyncio.get_running_loop().create_unix_server(connection, self.path)
+
+    async def run_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL_S)
+            for conn in list(self.connections):
+                self.send_status(conn)
+
+    def status(self, conn: _FrontEndConnection) -> dict[str, Any]:
+        model, state = self.state.model, self.state
+        scheduler = self.scheduler()
+        gpu = state.gpu_sample
+        if gpu is not self._gpu_seen[0]:
+            self._gpu_seen = (gpu, self._gpu_seen[1] + 1)
+        return {
+            "ready": model.ready,
+            "failure": model.failure,
+            "voice": model.voice.id,
+            "load": None if scheduler is None else load_to_wire(state.admission.load()),
+            "queue_depth": 0 if scheduler is None else scheduler.queue_depth,
+            "mine": len(conn.streams),
+            "live": sum(len(c.streams) for c in self.connections),
+            "vram_cost": state.admission.stream_vram_cost,
+            "gpu": None if gpu is None else [self._gpu_seen[1], gpu.vram_used_bytes,
+                                             gpu.vram_total_bytes, gpu.vram_free_bytes,
+                                             gpu.util_percent, gpu.power_w, gpu.temperature_c],
+        }
+
+    def send_status(self, conn: _FrontEndConnection) -> None:
+        conn.link.send(["status", self.status(conn)])
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.link.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def link_server_ctx(path: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context serving the front ends on `path` for the back end's lifetime."""
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from server.state import STATE
+
+        server = LinkServer(app[STATE], path)
+        await server.start()
+        task = asyncio.create_task(server.run_status(), name="link-status")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await server.stop()
+    return ctx
+
+
+# ---------------------------------------------------------------------------- front end
+
+
+@dataclass
+class BackEndStatus:
+    """What a front end last heard from the back end."""
+
+    ready: bool = False
+    failure: str | None = None
+    load: LoadEstimate | None = None
+    queue_depth: int = 0
+    mine: int = 0           # this front end's streams the back end holds
+    live: int = 0           # every front end's
+    gpu: GpuSample | None = None
+    gpu_seq: int = 0
+    vram_cost: int | None = None
+
+
+class RemoteScheduler:
+    """The back end's scheduler, as a front end's sessions use it (streaming_tts.scheduler's
+    `open`, `text`, `flush`, `end`, `cancel`, `close`, `load()`, `queue_depth`)."""
+
+    def __init__(self, link_send: Callable[[list[Any]], None]) -> None:
+        self._send = link_send
+        self._sinks: dict[str, StreamSink] = {}
+        self.status = BackEndStatus()
+
+    # ---- commands ----
+    def open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
+        self._sinks[sid] = sink
+        self._send(["open", sid, options_to_wire(options)])
+
+    def text(self, sid: str, text: str) -> None:
+        self._send(["text", sid, text])
+
+    def flush(self, sid: str) -> None:
+        self._send(["flush", sid])
+
+    def end(self, sid: str) -> None:
+        self._send(["end", sid])
+
+    def cancel(self, sid: str) -> None:
+        self._sinks.pop(sid, None)   # the session has detached it: `cancelled` is its own
+        self._send(["cancel", sid])
+
+    def close(self, sid: str) -> None:
+        self._sinks.pop(sid, None)
+        self._send(["close", sid])
+
+    # ---- what admission and the gauges read ----
+    @property
+    def stream_count(self) -> int:
+        return len(self._sinks)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.status.queue_depth
+
+    def elsewhere(self) -> int:
+        """Streams the other front ends hold, as of the back end's last status."""
+        return max(0, self.status.live - self.status.mine)
+
+    def load(self, extra_streams: int = 0) -> LoadEstimate:
+        """The back end's load as last reported, with this front end's streams opened since
+        then counted as starting streams (as the scheduler counts those not yet registered)."""
+        load = self.status.load
+        assert load is not None, "load() is read only once the back end is ready"
+        # Streams opened here that the back end had not read when it wrote the status (on
+        # one ordered socket, what it answered for has come back before the status).
+        unseen = max(0, len(self._sinks) - self.status.mine) + extra_streams
+        return LoadEstimate(active_streams=load.active_streams + unseen,
+                            demand_audio_s_per_s=load.demand_audio_s_per_s + unseen,
+                            capacity_audio_s_per_s=load.capacity_audio_s_per_s,
+                            starting_streams=load.starting_streams + unseen)
+
+    # ---- the back end's messages ----
+    def on_status(self, status: dict[str, Any]) -> None:
+        load, gpu, last = status["load"], status["gpu"], self.status
+        sample, seq = last.gpu, last.gpu_seq
+        if gpu is None:
+            sample = None
+        elif gpu[0] != seq:
+            seq, sample = gpu[0], GpuSample(*gpu[1:])
+        self.status = BackEndStatus(
+            ready=status["ready"], failure=status["failure"], queue_depth=status["queue_depth"],
+            mine=status["mine"], live=status["live"], load=None if load is None else LoadEstimate(*load),
+            gpu=sample, gpu_seq=seq, vram_cost=status["vram_cost"])
+
+    def on_event(self, msg: list[Any]) -> None:
+        kind, sid = msg[0], msg[1]
+        sink = self._sinks.get(sid)
+        if sink is None:   # cancelled or closed here since: nothing more of it goes out
+            return
+        match kind:
+            case "audio":
+                sink.on_audio(np.frombuffer(msg[2], dtype=np.float32), msg[3])
+            case "phrase":
+                sink.on_phrase(PhraseEvent(id=msg[2], text=msg[3], start_ms=msg[4],
+                                           end_ms=msg[5], words=[tuple(w) for w in msg[6]],
+                                           space_before=msg[7]))
+            case "done":
+                del self._sinks[sid]
+                sink.on_done(msg[2])
+            case "cancelled":
+                del self._sinks[sid]
+                sink.on_cancelled()
+            case "error":
+                del self._sinks[sid]
+                sink.on_error(msg[2], msg[3])
+            case _:
+                log.error("the back end sent an unknown message %r", kind)
+
+    def fail_all(self, message: str) -> None:
+        """The back end is gone: every live stream ends with `error` (internal)."""
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink.on_error("internal", message)
+
+
+async def run_front_end_link(app: web.Application, path: str, name: str,
+                             on_lost: Callable[[], None] | None = None) -> None:
+    """A front end's model task: connect to the back end at `path`, serve its scheduler to
+    the sessions once it is ready, until the app stops. If the back end goes, every live stream
+    gets `error`, /healthz turns 503 and `on_lost` runs (run_server stops the process)."""
+    from server.state import STATE
+
+    state = app[STATE]
+    model = state.model
+    loop = asyncio.get_running_loop()
+    lost: asyncio.Future[Exception | None] = loop.create_future()
+    remote: RemoteScheduler | None = None
+
+    def on_message(msg: list[Any]) -> None:
+        assert remote is not None
+        if msg[0] != "status":
+            remote.on_event(msg)
+            return
+        remote.on_status(msg[1])
+        status = remote.status
+        state.gpu_sample = status.gpu
+        if status.failure is not None and model.failure is None:
+            model.failure = f"back end: {status.failure}"
+            remote.fail_all("the server's model stopped")
+        if status.ready and model.scheduler is None and model.failure is None:
+            if status.vram_cost is not None:
+                state.admission.set_stream_vram_cost(status.vram_cost)
+            model.scheduler = remote   # type: ignore[assignment]
+            if state.on_ready is not None:
+                state.on_ready()
+
+    def lost_link(exc: Exception | None) -> None:
+        if not lost.done():
+            lost.set_result(exc)
+
+    link = Link(on_message, lost_link)
+    remote = RemoteScheduler(link.send)
+    deadline = loop.time() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            await loop.create_unix_connection(lambda: link, path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            if loop.time() > deadline:
+                model.failure = f"no back end at {path}"
+                log.error("front end %s: no back end at %s after %.0f s", name, path,
+                          CONNECT_TIMEOUT_S)
+                if on_lost is not None:
+                    on_lost()
+                return
+            await asyncio.sleep(0.05)
+    link.send(["hello", name])
+    try:
+        exc = await lost
+    except asyncio.CancelledError:
+        link.close()
+        raise
+    why = f" ({exc})" if exc else ""
+    log.error("front end %s: the back end went away%s; failing %d live stream(s)", name, why,
+              remote.stream_count)
+    model.failure = "the server's back end stopped"
+    remote.fail_all("the server's back end stopped")
+    if on_lost is not None:
+        on_lost()

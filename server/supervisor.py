@@ -1,0 +1,212 @@
+"""The back end of a server split over several processes, and the front ends it starts.
+
+`run_server.py --front-ends N` runs `serve_split`: this process loads the voice and runs the
+scheduler (server/split.py's back end, no public port), and starts N front-end processes
+(`run_server.py` again, with the same arguments and `--front-end-of SOCKET`) that share the
+public port. It keeps them running: a front end that exits on its own is started again (its
+streams were closed in the scheduler when its link dropped), unless front ends keep dying
+within seconds of their start, which stops the server. At SIGTERM, SIGINT or SIGHUP it passes
+the signal on (each front end drains its streams, as one process would) and stops once they
+have all exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Final
+
+import uvloop
+from aiohttp import web
+
+from server.app import SHUTDOWN_TIMEOUT_S, create_app
+from server.state import STATE
+from server.config import ServerConfig
+from server.metrics import use_multiprocess_metrics
+from server.model import EngineLoader
+
+log = logging.getLogger(__name__)
+
+RUN_SERVER: Final = Path(__file__).resolve().parent.parent / "run_server.py"
+# A front end that exits within this many seconds of its start counts as failing to start.
+QUICK_EXIT_S: Final = 10.0
+# ... and after this many such exits in a row the server stops (a bad port, a broken install).
+QUICK_EXITS_MAX: Final = 3
+RESTART_DELAY_S: Final = 1.0
+# Beyond the drain, how long front ends get to close their sockets before they are killed.
+FRONT_END_STOP_S: Final = SHUTDOWN_TIMEOUT_S + 10.0
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind `host:port` with SO_REUSEPORT (not listening) so that the front ends, which bind it
+    the same way, can share it, and nothing else can take it meanwhile; with port 0 the system
+    picks it. Raises OSError when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Supervisor:
+    """Starts, restarts and stops the front-end processes (on the back end's event loop)."""
+
+    def __init__(self, cfg: ServerConfig, command: list[str], link: str, port: int,
+                 metrics_dir: str | None) -> None:
+        self._cfg, self._command, self._link, self._port = cfg, command, link, port
+        self._env = dict(os.environ)
+        if metrics_dir is not None:
+            self._env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._quick_exits = 0
+        self.failed = asyncio.Event()   # front ends keep failing to start: stop the server
+
+    def start(self) -> None:
+        for i in range(1, self._cfg.server.front_ends + 1):
+            self._tasks.append(asyncio.create_task(self._keep(i), name=f"front-end-{i}"))
+
+    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+        cmd = [*self._command, "--port", str(self._port), "--front-end-of", self._link,
+               "--front-end-name", f"fe{index}"]
+        # A session of its own: Ctrl-C in a terminal reaches this process alone, which passes
+        # it on once (twice would stop the front ends at once instead of draining them).
+        return await asyncio.create_subprocess_exec(*cmd, env=self._env, start_new_session=True,
+                                                    stdin=asyncio.subprocess.DEVNULL)
+
+    async def _keep(self, index: int) -> None:
+        while not self._stopping:
+            started = time.monotonic()
+            proc = await self._spawn(index)
+            self._procs[index] = proc
+            log.info("front end fe%d started (pid %d)", index, proc.pid)
+            code = await proc.wait()
+            _forget_metrics(proc.pid)
+            if self._stopping:
+                log.info("front end fe%d stopped (exit %s)", index, code)
+                return
+            quick = time.monotonic() - started < QUICK_EXIT_S
+            self._quick_exits = self._quick_exits + 1 if quick else 0
+            log.error("front end fe%d exited on its own (exit %s)%s", index, code,
+                      "; starting another" if self._quick_exits < QUICK_EXITS_MAX else "")
+            if self._quick_exits >= QUICK_EXITS_MAX:
+                log.critical("front ends exited within %.0f s of their start %d times in a row; "
+                             "stopping", QUICK_EXIT_S, self._quick_exits)
+                self.failed.set()
+                return
+            await asyncio.sleep(RESTART_DELAY_S)
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Pass a shutdown signal on: the front ends drain (a second one stops them now)."""
+        self._stopping = True
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Wait for the front ends to exit (signalled already, or now), then kill what is left."""
+        if not self._stopping:
+            self.signal(signal.SIGTERM)
+        live = [p for p in self._procs.values() if p.returncode is None]
+        if live:
+            done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in live],
+                                               timeout=timeout_s)
+            if pending:
+                log.warning("%d front end(s) still running after %.0f s; killing them",
+                            len(pending), timeout_s)
+                for proc in live:
+                    if proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.kill()
+                await asyncio.wait(pending)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _forget_metrics(pid: int) -> None:
+    """A dead front end's live gauges leave /metrics (prometheus_client multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | None = None,
+                engine_loader: EngineLoader | None = None) -> int:
+    """Run the back end and its front ends until a shutdown signal; the exit status.
+
+    Each front end runs `run_server.py` with `argv` (this process's arguments) and
+    `--port P --front-end-of SOCKET --front-end-name NAME`; `front_end` replaces the command
+    before those (a benchmark's own server), `engine_loader` the back end's voice loading."""
+    command = front_end or [sys.executable, str(RUN_SERVER), *argv]
+    host, port = cfg.server.host, cfg.server.port
+    reserved = reserve_port(host, port)   # OSError: taken (run_server reports it)
+    port = reserved.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="streaming-tts-")
+    link = str(Path(workdir) / "back-end.sock")
+    metrics_dir = str(Path(workdir) / "metrics")
+    os.mkdir(metrics_dir)
+    use_multiprocess_metrics(metrics_dir)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_back_end(cfg, command, link, port, metrics_dir,
+                                                 engine_loader))
+    finally:
+        reserved.close()
+        loop.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
+                    metrics_dir: str, engine_loader: EngineLoader | None) -> int:
+    url = f"http://{cfg.server.host}:{port}"
+    app = create_app(cfg, serve_front_ends=link, engine_loader=engine_loader, on_ready=lambda: log.info(
+        "back end ready: %d front end(s) serving on %s", cfg.server.front_ends, url))
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()   # starts the model's loading, and the link's socket
+    supervisor = Supervisor(cfg, command, link, port, metrics_dir)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def received(sig: signal.Signals) -> None:
+        nonlocal signals
+        signals += 1
+        log.info("%s: %s the front ends", sig.name,
+                 "draining" if signals == 1 and cfg.server.drain_s > 0 else "stopping")
+        app[STATE].shutting_down = True   # front ends leaving now is no failure
+        supervisor.signal(sig)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, received, sig)
+    log.info("back end: loading voice %s on %s; %d front end(s) on %s", cfg.engine.voice,
+             cfg.engine.device, cfg.server.front_ends, url)
+    supervisor.start()
+    failed = asyncio.create_task(supervisor.failed.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
+    failed.cancel()
+    stopped.cancel()
+    await supervisor.stop(cfg.server.drain_s + FRONT_END_STOP_S)
+    await runner.cleanup()
+    log.info("server stopped")
+    return 1 if supervisor.failed.is_set() else 0

@@ -1,0 +1,266 @@
+"""The server split over processes (server/split.py, server/supervisor.py): front ends that
+serve the sockets, one back end that owns the model.
+
+In process first (the back end's app and two front ends on one event loop, linked over a real
+Unix socket): streams through either front end decode and line up, the protocol's contract
+holds for drawn scripts, `max_streams` counts every front end's streams, a front end that goes
+leaves nothing in the back end, and a back end that goes fails the streams and turns the front
+ends unhealthy. Then `run_server.py --front-ends 2` as real processes: it serves, /metrics adds
+up its processes, a killed front end is replaced, and SIGTERM stops all of it cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from server.split import RemoteScheduler
+from server.state import STATE
+from streaming_tts.engine import Engine
+from streaming_tts.voices import VoiceRegistry
+from tests.helpers.app import (Running, Split, check_opus_decodes, check_phrases_before_audio,
+                               check_timeline, clean, connect, running_split, wait_for)
+from tests.test_server import SCRIPTS, draw, play_scripts
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = "Hello there! How are you today?"
+LONG = ("This sentence is long enough to keep the voice busy for several seconds, so that "
+        "there is plenty of audio still to come. And then another one follows it.")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    voice = VoiceRegistry().default()
+    eng = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate)
+    eng.warmup()
+    return eng
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def remote(front: Running) -> RemoteScheduler:
+    scheduler = front.state.model.scheduler
+    assert isinstance(scheduler, RemoteScheduler)
+    return scheduler
+
+
+async def back_end_idle(split: Split) -> None:
+    """Nothing of any stream is left in the back end, nor in the front ends."""
+    for front in split.fronts:
+        await clean(front)
+    scheduler = split.back_state.model.scheduler
+    assert scheduler is not None
+    await wait_for(lambda: scheduler.stream_count == 0, what="the back end's scheduler idle")
+
+
+async def test_streams_through_two_front_ends_decode_and_line_up(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running_split(engine) as split:
+        clients = [await connect(http, front) for front in split.fronts]
+        heard = await asyncio.gather(*(c.speak(["Hello the", "re! How are", " you today?"])
+                                       for c in clients))
+        for u in heard:
+            assert u.ready is not None and not u.errors and u.done is not None
+            assert "".join(p["space_before"] + p["text"] for p in u.phrases) == SHORT
+            check_phrases_before_audio(u, sample_rate=48000)
+            total_ms = check_timeline(u, sample_rate=48000)
+            assert abs(total_ms - u.done["usage"]["audio_ms"]) <= 60
+            assert u.done["usage"]["compute_ms"] > 0 and u.done["usage"]["chars"] == len(SHORT)
+            assert u.words, "word timings come through the link too"
+            check_opus_decodes(u)
+        for c in clients:
+            await c.close()
+        await back_end_idle(split)
+
+
+async def test_any_script_keeps_the_contract_through_front_ends(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running_split(engine) as split:
+        scripts, sockets = draw(SCRIPTS, 24), 4
+        async with asyncio.TaskGroup() as group:
+            plays = [group.create_task(play_scripts(split.fronts[i % 2], http, scripts[i::sockets]))
+                     for i in range(sockets)]
+        await back_end_idle(split)
+        assert sum(p.result() for p in plays), "no script heard a stream to its end"
+
+
+async def test_max_streams_counts_the_streams_of_every_front_end(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running_split(engine, {"admission.max_streams": 2}) as split:
+        a, b = split.fronts
+        first, second = await connect(http, a), await connect(http, b)
+        for client in (first, second):
+            await client.send({"type": "start", "ctx": "x"})
+            await client.send({"type": "text", "ctx": "x", "text": LONG})
+            assert (await client.recv())["type"] == "ready"
+        # Once the back end has told front end `a` of `b`'s stream, `a` is full too.
+        await wait_for(lambda: remote(a).elsewhere() == 1, what="a status naming b's stream")
+        assert a.state.admission.server_streams == 2
+        async with http.get(a.url("/v1/status")) as resp:
+            assert (await resp.json())["active_streams"] == 2
+        await first.send({"type": "start", "ctx": "y"})
+        refused = await first.recv_until(lambda m: m["type"] == "error" and m.get("ctx") == "y")
+        assert refused[-1]["code"] == "overloaded" and "limit of 2" in refused[-1]["message"]
+        async with http.get(a.url("/v1/stream")) as resp:   # before the upgrade: 503
+            assert resp.status == 503
+        await second.close()    # b's stream goes: a may start one again
+        await wait_for(lambda: remote(a).elsewhere() == 0, what="b's stream gone")
+        await first.send({"type": "start", "ctx": "z"})
+        assert (await first.recv_until(lambda m: m.get("ctx") == "z"))[-1]["type"] == "ready"
+        await first.close()
+        await back_end_idle(split)
+
+
+async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running_split(engine) as split:
+        staying, leaving = split.fronts
+        client = await connect(http, leaving)
+        await client.send({"type": "start", "ctx": "x"})
+        await client.send({"type": "text", "ctx": "x", "text": LONG})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        back = split.back_state.model.scheduler
+        assert back is not None and back.stream_count == 1
+        await leaving.server.close()    # its process ends: the link drops mid-stream
+        await wait_for(lambda: back.stream_count == 0, what="its stream closed in the back end")
+        other = await connect(http, staying)   # the other front end still speaks
+        u = await other.speak(SHORT)
+        assert u.done is not None and u.audio
+        await other.close()
+        await clean(staying)
+
+
+async def test_when_the_back_end_goes_streams_fail_and_front_ends_turn_unhealthy(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    lost: list[bool] = []
+    async with running_split(engine, on_back_end_lost=lambda: lost.append(True)) as split:
+        front = split.fronts[0]
+        client = await connect(http, front)
+        await client.send({"type": "start", "ctx": "x"})
+        await client.send({"type": "text", "ctx": "x", "text": LONG})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        await split.back.shutdown()
+        await split.back.cleanup()      # the back end's process ends
+        got = await client.recv_until(lambda m: m["type"] == "error")
+        assert got[-1]["code"] == "internal" and got[-1]["ctx"] == "x"
+        async with http.get(front.url("/healthz")) as resp:
+            assert resp.status == 503 and (await resp.json())["status"] == "failed"
+        assert len(lost) == len(split.fronts)
+        await client.send({"type": "start", "ctx": "y"})   # no new stream starts
+        assert (await client.recv())["code"] == "overloaded"
+        await client.close()
+        await clean_front_end(front)
+
+
+async def clean_front_end(front: Running) -> None:
+    s = front.state
+    await wait_for(lambda: not s.sessions and s.admission.active_streams == 0,
+                   what="front end idle")
+
+
+# ---------------------------------------------------------------- as real processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def wait_healthy(http: aiohttp.ClientSession, base: str, proc: subprocess.Popen,
+                       timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited"
+        try:
+            async with http.get(base + "/healthz") as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise AssertionError("not healthy in time")
+
+
+def metric(text: str, name: str) -> float:
+    [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
+    http: aiohttp.ClientSession, tmp_path: Path,
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_server.py"), "--front-ends", "2", "--port", str(port),
+         "--max-streams", "4"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT)
+    try:
+        await wait_healthy(http, base, proc)
+        front_ends = _children(proc.pid)
+        assert len(front_ends) == 2
+        # Several sockets: the kernel spreads them over both front ends.
+        clients = [await aiohttp_client(http, base) for _ in range(4)]
+        heard = await asyncio.gather(*(c.speak(SHORT, ctx="x") for c in clients))
+        assert all(u.done is not None and u.audio for u in heard)
+        for c in clients:
+            await c.close()
+        async with http.get(base + "/metrics") as resp:
+            text = await resp.text()
+        assert metric(text, "tts_streams_started_total") == 4    # from both front ends
+        assert metric(text, "tts_ttfa_seconds_count") == 4      # from the back end
+        assert metric(text, "tts_audio_seconds_total") > 4
+        os.kill(front_ends[0], signal.SIGKILL)                  # one front end dies
+        deadline = time.monotonic() + 60
+        while len(children := _children(proc.pid)) < 2 or front_ends[0] in children:
+            assert time.monotonic() < deadline, "no front end started in its place"
+            await asyncio.sleep(0.2)
+        await wait_healthy(http, base, proc)
+        client = await aiohttp_client(http, base)
+        assert (await client.speak(SHORT)).done is not None
+        await client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        log.seek(0)
+        out = log.read()
+    assert code == 0, out
+    assert "Traceback" not in out, out
+    assert "front end fe1 exited on its own" in out and "server stopped" in out
+    assert not _children(proc.pid)
+
+
+async def aiohttp_client(http: aiohttp.ClientSession, base: str):
+    from tests.helpers.ws_client import ProtocolClient
+
+    return await ProtocolClient.connect(http, base.replace("http", "ws") + "/v1/stream")
+
+
+def _children(pid: int) -> list[int]:
+    """The front-end processes of the back end `pid`."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
