@@ -84,7 +84,8 @@ def _run(cfg: ServerConfig, *, argv: list[str] | None = None,
         log.warning("limits.max_sockets %d leaves fewer than %d of the %d open files for "
                     "anything else: connections past the limit are dropped unanswered",
                     cfg.limits.max_sockets, FD_RESERVE, after)
-    if (problem := device_problem(cfg.engine.device)) is not None:
+    # A front end runs no model (and must not touch the GPU: server/split.py).
+    if front_end is None and (problem := device_problem(cfg.engine.device)) is not None:
         log.error("%s", problem)
         return 2
     try:

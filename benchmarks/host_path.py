@@ -427,7 +427,7 @@ def run(args) -> list[dict]:
                 [sys.executable, str(ROOT / "benchmarks" / "load.py"),
                  "--url", f"ws://127.0.0.1:{args.port}/v1/stream",
                  "--json", "--streams", str(n), "--wps", str(args.wps), "--words", str(args.words),
-                 "--stagger-ms", str(args.stagger_ms)],
+                 "--stagger-ms", str(args.stagger_ms), "--format", args.format],
                 capture_output=True, text=True, check=True)
             wall = time.monotonic() - t0
             after = {pid: _cpu_by_thread(pid) for pid in procs}
@@ -476,6 +476,8 @@ def main() -> int:
     ap.add_argument("--server-log", default="/tmp/host_path_server.log")
     ap.add_argument("--max-streams", type=int, default=1000, help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--format", default="opus", choices=["opus", "pcm_s16le"],
+                    help="what the streams ask for (pcm_s16le: resampling without Opus)")
     ap.add_argument("--front-ends", type=int, default=0,
                     help="serve from N front-end processes around a back end (server/split.py)")
     ap.add_argument("--front-end-of", help=argparse.SUPPRESS)

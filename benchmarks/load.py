@@ -159,6 +159,7 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
     t_first_text = time.monotonic()
     sender = asyncio.create_task(send_text(ws, ctx, stream_words(args, idx), args.wps))
     next_pts = 0.0
+    ended = False
     try:
         async for raw in ws:
             if raw.type != aiohttp.WSMsgType.BINARY:
@@ -178,11 +179,15 @@ async def run_stream(session: aiohttp.ClientSession, url: str, args, idx: int,
                 rep.compute_ms = msg["usage"]["compute_ms"]
                 rep.encode_ms = msg["usage"].get("encode_ms") or 0.0
                 rep.server_ttfa_ms = msg["usage"].get("ttfa_ms")
+                ended = True
                 break
             elif msg["type"] == "error":
                 rep.error = f"{msg['code']}: {msg['message']}"
                 rep.refused = msg["code"] == "overloaded"
+                ended = True
                 break
+        if not ended:   # a stream is heard to its `done` (or an error), or it failed
+            rep.error = f"socket closed before done ({ws.close_code})"
     finally:
         sender.cancel()
         if live is not None:

@@ -27,6 +27,9 @@ CONFIG=${CONFIG:-configs/gpu.toml}
 LOAD_STREAMS=${LOAD_STREAMS:-"100 400 1000"}
 BURST_STREAMS=${BURST_STREAMS:-400}   # then this many at once, refused ones retrying (admission.startup_extra)
 PORT=${PORT:-8200}
+# The server as several processes (docs/architecture.md, "Several processes"): one process's GIL
+# does not hold 1000 streams; 0 runs it as one process.
+FRONT_ENDS=${FRONT_ENDS:-4}
 mkdir -p "$OUT" "$WORK" && : > "$WORK/steps.txt"
 log() { echo "== $(date -u +%H:%M:%S) +$((SECONDS - START))s $*" | tee -a "$WORK/steps.txt"; }
 pack() { tar czf "$OUT/results.tgz" -C "$WORK" . && cp "$WORK/steps.txt" "$OUT/steps.txt"; }
@@ -60,8 +63,9 @@ timeout "$(budget 180)" "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests
 echo "rc=$?" >> "$WORK/pytest_cuda.txt"
 pack
 
-log "server ($CONFIG) and load"
-"$PYTHON" run_server.py --config "$CONFIG" --device "$DEVICE" --port "$PORT" > "$WORK/server.log" 2>&1 &
+log "server ($CONFIG, $FRONT_ENDS front ends) and load"
+"$PYTHON" run_server.py --config "$CONFIG" --device "$DEVICE" --port "$PORT" \
+    --front-ends "$FRONT_ENDS" > "$WORK/server.log" 2>&1 &
 server=$!
 for _ in $(seq "$(budget 150)"); do
     curl -sf "http://127.0.0.1:$PORT/healthz" > /dev/null && break

@@ -88,3 +88,26 @@ def test_the_scheduler_alone_runs_with_the_gpu_profile_on_a_cpu():
     assert report["streams"] == 3 and report["audio_s"] > 3 and report["late_steps"] == 0
     assert report["cpu_ms_per_audio_s"]["event_loop"] > 0
     assert report["cpu_ms_per_audio_s"].get("other", 0) == 0   # every thread known by name
+
+
+def test_a_server_split_over_processes_is_measured_per_process(tmp_path):
+    # `--front-ends 2`: the back end and its two front ends, each process's CPU on its own.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "benchmarks/host_path.py", "--front-ends", "2", "--streams", "4",
+         "--words", "8", "--stagger-ms", "10", "--format", "pcm_s16le", "--port", str(port),
+         "--server-log", str(tmp_path / "server.log"), "--json"],
+        cwd=root, capture_output=True, text=True, timeout=300, check=True)
+    [report] = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert report["admitted"] == 4 and report["audio_s"] > 4
+    cpu = report["cpu_ms_per_audio_s"]
+    assert set(cpu) == {"back_end_event_loop", "back_end_threads", "front_end_1_event_loop",
+                        "front_end_1_threads", "front_end_2_event_loop", "front_end_2_threads"}
+    assert cpu["back_end_event_loop"] > 0 and cpu["back_end_threads"] > 0
+    assert cpu["front_end_1_event_loop"] + cpu["front_end_2_event_loop"] > 0
+    assert "Traceback" not in (tmp_path / "server.log").read_text()

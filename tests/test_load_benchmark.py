@@ -115,3 +115,35 @@ async def test_a_refused_stream_retries_after_the_servers_hint():
     assert rep.wait_ms >= 100.0 and rep.ttfa_ms is not None
     # Still full after its one retry: refused in the end, no audio.
     assert (gave_up.refused, gave_up.error, gave_up.attempts, gave_up.ttfa_ms) == (True, None, 2, None)
+
+
+async def test_a_stream_whose_socket_closes_before_done_is_an_error():
+    # A server that fails mid-stream and closes the socket: the stream was admitted but never
+    # heard to its end, which must not pass for a stream served (it did once: 6 "admitted", no
+    # audio and no error, while the server failed every one of them).
+    from aiohttp import WSCloseCode, web
+    from aiohttp.test_utils import TestServer
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for raw in ws:
+            msg = msgpack.unpackb(raw.data)
+            if msg["type"] == "start":
+                await ws.send_bytes(msgpack.packb({"type": "ready", "ctx": msg["ctx"]}))
+                await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", stream)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    args = argparse.Namespace(format="opus", retries=0, start_buffer_ms=60.0, texts="same",
+                              words=3, wps=0)
+    try:
+        async with new_session() as session:
+            url = str(server.make_url("/v1/stream")).replace("http", "ws", 1)
+            rep = await run_stream(session, url, args, 0)
+    finally:
+        await server.close()
+    assert not rep.refused and rep.error == "socket closed before done (1011)"
