@@ -138,11 +138,13 @@ class Metrics:
                                           namespace=ns, registry=r, multiprocess_mode=WORST)
         self.loop_busy_ratio = Gauge("event_loop_busy_ratio", "Event-loop thread CPU time over "
                                      "wall time in the last sample interval (admission refuses "
-                                     "above admission.max_loop_busy)", namespace=ns, registry=r, multiprocess_mode=WORST)
+                                     "above admission.max_loop_busy)", namespace=ns, registry=r,
+                                     multiprocess_mode=WORST)
         self.encode_busy_ratio = Gauge("encode_busy_ratio", "Fraction of the encoder threads' "
                                        "time spent resampling and encoding in the last sample "
                                        "interval (admission refuses above "
-                                       "admission.max_encode_busy)", namespace=ns, registry=r, multiprocess_mode=WORST)
+                                       "admission.max_encode_busy)", namespace=ns, registry=r,
+                                       multiprocess_mode=WORST)
         self.real_time_factor = Gauge("real_time_factor", "Compute seconds per audio second "
                                       "(recent; < 1 is faster than real time)", namespace=ns,
                                       registry=r, multiprocess_mode=WORST)

@@ -391,10 +391,12 @@ class RemoteScheduler:
         """The back end's load as last reported, with this front end's streams opened since
         then counted as starting streams (as the scheduler counts those not yet registered)."""
         load = self.status.load
-        assert load is not None, "load() is read only once the back end is ready"
         # Streams opened here that the back end had not read when it wrote the status (on
         # one ordered socket, what it answered for has come back before the status).
         unseen = max(0, len(self._sinks) - self.status.mine) + extra_streams
+        if load is None:   # the back end's model has stopped: nothing measured to go by
+            return LoadEstimate(active_streams=unseen, demand_audio_s_per_s=float(unseen),
+                                capacity_audio_s_per_s=None, starting_streams=unseen)
         return LoadEstimate(active_streams=load.active_streams + unseen,
                             demand_audio_s_per_s=load.demand_audio_s_per_s + unseen,
                             capacity_audio_s_per_s=load.capacity_audio_s_per_s,
@@ -410,8 +412,9 @@ class RemoteScheduler:
             seq, sample = gpu[0], GpuSample(*gpu[1:])
         self.status = BackEndStatus(
             ready=status["ready"], failure=status["failure"], queue_depth=status["queue_depth"],
-            mine=status["mine"], live=status["live"], load=None if load is None else LoadEstimate(*load),
-            gpu=sample, gpu_seq=seq, vram_cost=status["vram_cost"])
+            mine=status["mine"], live=status["live"],
+            load=None if load is None else LoadEstimate(*load), gpu=sample, gpu_seq=seq,
+            vram_cost=status["vram_cost"])
 
     def on_event(self, msg: list[Any]) -> None:
         kind, sid = msg[0], msg[1]

@@ -178,8 +178,9 @@ def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | No
 async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
                     metrics_dir: str, engine_loader: EngineLoader | None) -> int:
     url = f"http://{cfg.server.host}:{port}"
-    app = create_app(cfg, serve_front_ends=link, engine_loader=engine_loader, on_ready=lambda: log.info(
-        "back end ready: %d front end(s) serving on %s", cfg.server.front_ends, url))
+    app = create_app(cfg, serve_front_ends=link, engine_loader=engine_loader,
+                     on_ready=lambda: log.info("back end ready: %d front end(s) serving on %s",
+                                               cfg.server.front_ends, url))
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()   # starts the model's loading, and the link's socket
     supervisor = Supervisor(cfg, command, link, port, metrics_dir)

@@ -2,8 +2,10 @@
 streams start. Its figures are only as good as these."""
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import AsyncIterator
 
 import msgpack
 import pytest
@@ -68,7 +70,6 @@ async def test_a_refused_stream_retries_after_the_servers_hint():
     # A stand-in server: the first handshake gets 503 with Retry-After, the second `start` gets
     # `overloaded` with retry_after_s, the third is served (20 ms of audio, then `done`).
     from aiohttp import web
-    from aiohttp.test_utils import TestServer
 
     tries: list[float] = []
 
@@ -96,20 +97,12 @@ async def test_a_refused_stream_retries_after_the_servers_hint():
                     "audio_ms": 20.0, "compute_ms": 1.0, "ttfa_ms": 1.0}}))
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/stream", stream)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
     args = argparse.Namespace(format="opus", retries=2, start_buffer_ms=60.0, texts="same",
                               words=3, wps=0)
-    try:
-        async with new_session() as session:
-            url = str(server.make_url("/v1/stream")).replace("http", "ws", 1)
-            rep = await run_stream(session, url, args, 0)
-            gave_up = await run_stream(session, url + "?full=1",
-                                       argparse.Namespace(**{**vars(args), "retries": 1}), 1)
-    finally:
-        await server.close()
+    async with stand_in(stream) as url, new_session() as session:
+        rep = await run_stream(session, url, args, 0)
+        gave_up = await run_stream(session, url + "?full=1",
+                                   argparse.Namespace(**{**vars(args), "retries": 1}), 1)
     assert (rep.refused, rep.error, rep.attempts, rep.audio_ms) == (False, None, 3, 20.0)
     assert tries[1] - tries[0] >= 0.05 and tries[2] - tries[1] >= 0.05
     assert rep.wait_ms >= 100.0 and rep.ttfa_ms is not None
@@ -122,7 +115,6 @@ async def test_a_stream_whose_socket_closes_before_done_is_an_error():
     # heard to its end, which must not pass for a stream served (it did once: 6 "admitted", no
     # audio and no error, while the server failed every one of them).
     from aiohttp import WSCloseCode, web
-    from aiohttp.test_utils import TestServer
 
     async def stream(request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse()
@@ -134,16 +126,24 @@ async def test_a_stream_whose_socket_closes_before_done_is_an_error():
                 await ws.close(code=WSCloseCode.INTERNAL_ERROR)
         return ws
 
-    app = web.Application()
-    app.router.add_get("/v1/stream", stream)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
     args = argparse.Namespace(format="opus", retries=0, start_buffer_ms=60.0, texts="same",
                               words=3, wps=0)
+    async with stand_in(stream) as url, new_session() as session:
+        rep = await run_stream(session, url, args, 0)
+    assert not rep.refused and rep.error == "socket closed before done (1011)"
+
+
+@contextlib.asynccontextmanager
+async def stand_in(handler) -> AsyncIterator[str]:
+    """A stand-in server answering /v1/stream with `handler`; yields its WebSocket URL."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    app = web.Application()
+    app.router.add_get("/v1/stream", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
     try:
-        async with new_session() as session:
-            url = str(server.make_url("/v1/stream")).replace("http", "ws", 1)
-            rep = await run_stream(session, url, args, 0)
+        yield str(server.make_url("/v1/stream")).replace("http", "ws", 1)
     finally:
         await server.close()
-    assert not rep.refused and rep.error == "socket closed before done (1011)"

@@ -25,12 +25,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from benchmarks.first_audio import wait_ready
 from server.split import RemoteScheduler
 from server.state import STATE
-from streaming_tts.engine import Engine
+from streaming_tts.engine import Engine, SynthesisParams
+from streaming_tts.stream import StreamOptions
 from streaming_tts.voices import VoiceRegistry
 from tests.helpers.app import (Running, Split, check_opus_decodes, check_phrases_before_audio,
                                check_timeline, clean, connect, running_split, wait_for)
+from tests.helpers.ws_client import ProtocolClient
 from tests.test_server import SCRIPTS, draw, play_scripts
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -59,6 +62,15 @@ def remote(front: Running) -> RemoteScheduler:
     scheduler = front.state.model.scheduler
     assert isinstance(scheduler, RemoteScheduler)
     return scheduler
+
+
+async def speaking(http: aiohttp.ClientSession, front: Running) -> ProtocolClient:
+    """A socket to `front` with a long stream "x" that has started to speak."""
+    client = await connect(http, front)
+    await client.send({"type": "start", "ctx": "x"})
+    await client.send({"type": "text", "ctx": "x", "text": LONG})
+    await client.recv_until(lambda m: m["type"] == "audio")
+    return client
 
 
 async def back_end_idle(split: Split) -> None:
@@ -136,10 +148,7 @@ async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
 ) -> None:
     async with running_split(engine) as split:
         staying, leaving = split.fronts
-        client = await connect(http, leaving)
-        await client.send({"type": "start", "ctx": "x"})
-        await client.send({"type": "text", "ctx": "x", "text": LONG})
-        await client.recv_until(lambda m: m["type"] == "audio")
+        client = await speaking(http, leaving)
         back = split.back_state.model.scheduler
         assert back is not None and back.stream_count == 1
         await leaving.server.close()    # its process ends: the link drops mid-stream
@@ -157,10 +166,7 @@ async def test_when_the_back_end_goes_streams_fail_and_front_ends_turn_unhealthy
     lost: list[bool] = []
     async with running_split(engine, on_back_end_lost=lambda: lost.append(True)) as split:
         front = split.fronts[0]
-        client = await connect(http, front)
-        await client.send({"type": "start", "ctx": "x"})
-        await client.send({"type": "text", "ctx": "x", "text": LONG})
-        await client.recv_until(lambda m: m["type"] == "audio")
+        client = await speaking(http, front)
         await split.back.shutdown()
         await split.back.cleanup()      # the back end's process ends
         got = await client.recv_until(lambda m: m["type"] == "error")
@@ -189,21 +195,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def wait_healthy(http: aiohttp.ClientSession, base: str, proc: subprocess.Popen,
-                       timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited"
-        try:
-            async with http.get(base + "/healthz") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError("not healthy in time")
-
-
 def metric(text: str, name: str) -> float:
     [line] = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
     return float(line.split()[1])
@@ -220,7 +211,7 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
          "--max-streams", "4"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
         stderr=subprocess.STDOUT)
     try:
-        await wait_healthy(http, base, proc)
+        await wait_ready(base, proc)
         front_ends = _children(proc.pid)
         assert len(front_ends) == 2
         # Several sockets: the kernel spreads them over both front ends.
@@ -239,7 +230,7 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
         while len(children := _children(proc.pid)) < 2 or front_ends[0] in children:
             assert time.monotonic() < deadline, "no front end started in its place"
             await asyncio.sleep(0.2)
-        await wait_healthy(http, base, proc)
+        await wait_ready(base, proc)
         client = await aiohttp_client(http, base)
         assert (await client.speak(SHORT)).done is not None
         await client.close()
@@ -254,9 +245,7 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
     assert not _children(proc.pid)
 
 
-async def aiohttp_client(http: aiohttp.ClientSession, base: str):
-    from tests.helpers.ws_client import ProtocolClient
-
+async def aiohttp_client(http: aiohttp.ClientSession, base: str) -> ProtocolClient:
     return await ProtocolClient.connect(http, base.replace("http", "ws") + "/v1/stream")
 
 
@@ -264,3 +253,68 @@ def _children(pid: int) -> list[int]:
     """The front-end processes of the back end `pid`."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
+
+
+# ---------------------------------------------------------------- the front end's view
+
+
+def status(**fields: object) -> dict[str, object]:
+    base = {"ready": True, "failure": None, "queue_depth": 0, "mine": 0, "live": 0,
+            "load": [0, 0.0, 20.0, 0], "gpu": None, "vram_cost": None, "voice": "v"}
+    return {**base, **fields}
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.errors: list[tuple[str, str]] = []
+
+    def on_error(self, code: str, message: str) -> None:
+        self.errors.append((code, message))
+
+
+async def test_streams_opened_since_the_last_status_count_as_unseen_load() -> None:
+    from server.split import options_from_wire, options_to_wire
+
+    sent: list[list[object]] = []
+    remote = RemoteScheduler(sent.append)
+    options = StreamOptions(params=SynthesisParams(speaker=2, length_scale=0.8), words=False)
+    assert options_from_wire(options_to_wire(options)) == options
+    remote.on_status(status(mine=1, live=3, load=[3, 3.0, 20.0, 1]))
+    for sid in ("a", "b", "c"):
+        remote.open(sid, options, Sink())  # type: ignore[arg-type]
+    # The back end holds one of ours (it had read one `open`), two of the others.
+    assert remote.elsewhere() == 2
+    load = remote.load()
+    assert (load.active_streams, load.starting_streams, load.demand_audio_s_per_s) == (5, 3, 5.0)
+    remote.close("c")
+    assert remote.load().active_streams == 4 and sent[-1] == ["close", "c"]
+    remote.on_status(status(mine=2, live=4, load=[4, 4.0, 20.0, 0]))
+    assert remote.load().active_streams == 4 and remote.elsewhere() == 2
+
+
+async def test_a_gpu_reading_is_one_object_until_the_back_end_reads_again() -> None:
+    # Admission charges the streams it admitted since a reading against that reading (by
+    # identity): a status every 20 ms must not make each one look new.
+    remote = RemoteScheduler(lambda msg: None)
+    reading = [1, 100, 1000, 900, 50.0, 200.0, 60.0]
+    remote.on_status(status(gpu=reading))
+    first = remote.status.gpu
+    remote.on_status(status(gpu=reading))
+    assert remote.status.gpu is first and first is not None and first.vram_free_bytes == 900
+    remote.on_status(status(gpu=[2, *reading[1:]]))
+    assert remote.status.gpu is not first
+
+
+async def test_when_the_back_end_goes_every_stream_gets_an_error_once() -> None:
+    remote = RemoteScheduler(lambda msg: None)
+    remote.on_status(status())
+    sinks = [Sink(), Sink()]
+    for i, sink in enumerate(sinks):
+        options = StreamOptions(params=SynthesisParams())
+        remote.open(f"s{i}", options, sink)  # type: ignore[arg-type]
+    remote.fail_all("gone")
+    remote.on_event(["error", "s0", "internal", "late"])   # nothing more reaches a stream
+    assert [s.errors for s in sinks] == [[("internal", "gone")]] * 2
+    assert remote.stream_count == 0
+    remote.on_status(status(ready=False, load=None))
+    assert remote.load().capacity_audio_s_per_s is None
