@@ -183,6 +183,7 @@ async def _loop_lag(app: web.Application) -> None:
     state = app[STATE]
 
     def gauges() -> None:
+        state.metrics.sample_process()
         state.metrics.open_sockets.set(len(state.sessions))
         state.metrics.loop_tasks.set(len(asyncio.all_tasks()))
         scheduler = state.model.scheduler

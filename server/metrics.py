@@ -76,9 +76,17 @@ class Metrics:
         self._define_scheduler_metrics(namespace)
         # The process (resident memory, CPU seconds, open fds) and Python's garbage collector,
         # as prometheus_client's default registry would export them: what shows a leak.
-        if not multiprocess():
+        self._processes = multiprocess()
+        if not self._processes:
             self.registry.register(PROCESS_COLLECTOR)
             self.registry.register(GC_COLLECTOR)
+        else:   # the two that show a leak, summed over the server's processes (sample_process)
+            self.process_rss = Gauge("process_resident_memory_bytes", "Resident memory, all of "
+                                     "the server's processes together", registry=self.registry,
+                                     multiprocess_mode=SUM)
+            self.process_fds = Gauge("process_open_fds", "Open file descriptors, all of the "
+                                     "server's processes together", registry=self.registry,
+                                     multiprocess_mode=SUM)
 
     def _define_stream_metrics(self, ns: str) -> None:
         r = self.registry
@@ -179,6 +187,15 @@ class Metrics:
         return metric
 
     # ------------------------------------------------------------------ helpers
+
+    def sample_process(self) -> None:
+        """Where the server runs as several processes: this one's resident memory and open
+        files, for their sums (one process: prometheus_client's process collector has them)."""
+        if not self._processes:
+            return
+        with open("/proc/self/statm") as fh:
+            self.process_rss.set(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+        self.process_fds.set(len(os.listdir("/proc/self/fd")))
 
     def observe_batch(self, stage: str, size: int) -> None:
         """One model call of `stage` ("acoustic" or "decode") over `size` items."""

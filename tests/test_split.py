@@ -225,6 +225,9 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
         assert metric(text, "tts_streams_started_total") == 4    # from both front ends
         assert metric(text, "tts_ttfa_seconds_count") == 4      # from the back end
         assert metric(text, "tts_audio_seconds_total") > 4
+        # Memory and open files: the three processes' together (sampled every second).
+        assert metric(text, "process_resident_memory_bytes") > 3 * 100e6
+        assert metric(text, "process_open_fds") > 3 * 5
         os.kill(front_ends[0], signal.SIGKILL)                  # one front end dies
         deadline = time.monotonic() + 60
         while len(children := _children(proc.pid)) < 2 or front_ends[0] in children:
@@ -318,3 +321,19 @@ async def test_when_the_back_end_goes_every_stream_gets_an_error_once() -> None:
     assert remote.stream_count == 0
     remote.on_status(status(ready=False, load=None))
     assert remote.load().capacity_audio_s_per_s is None
+
+
+async def test_front_ends_that_keep_dying_at_start_stop_the_server(monkeypatch) -> None:
+    # A front end that exits at once (a broken install, the port held by another program) is
+    # started again; three such exits in a row and the supervisor gives up, rather than loop.
+    from server import supervisor
+    from server.config import load_config
+
+    monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
+    cfg = load_config(None, {"server.front_ends": 1})
+    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import sys; sys.exit(3)"],
+                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup.start()
+    await asyncio.wait_for(sup.failed.wait(), timeout=30)
+    assert sup._quick_exits == supervisor.QUICK_EXITS_MAX
+    await sup.stop(timeout_s=5)
