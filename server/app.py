@@ -173,7 +173,8 @@ def _background(name: str, body: TaskBody) -> Callable[[web.Application], AsyncI
 async def _audio_pool(app: web.Application) -> AsyncIterator[None]:
     """The threads that resample and encode audio for every stream."""
     state = app[STATE]
-    pool = EncoderPool(state.cfg.audio.encode_workers, metrics=state.metrics)
+    cfg = state.cfg
+    pool = EncoderPool(cfg.audio.workers_per_process(cfg.server.front_ends), metrics=state.metrics)
     state.audio_pool = pool
     yield
     pool.shutdown()

@@ -201,10 +201,16 @@ class AudioConfig:
         """`encode_threads`, with 0 resolved to the usable cores less two (the event loop and the
         model thread), at least one. libopus and soxr release the GIL, so encoding scales
         with threads (2 threads on 2 cores: 1.98x the throughput of one; BENCHMARKS.md)."""
+        return self.workers_per_process(0)
+
+    def workers_per_process(self, front_ends: int) -> int:
+        """The encoder threads of one process where `front_ends` processes serve the sockets
+        (server.front_ends): with 0 (auto), the cores left by the back end's event loop and
+        model thread and each front end's event loop, shared among the front ends."""
         if self.encode_threads:
             return self.encode_threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 1) - 2)
+        return max(1, ((cores or 1) - 2 - front_ends) // max(1, front_ends))
 
 
 @dataclass(frozen=True)

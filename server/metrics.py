@@ -64,8 +64,8 @@ class Metrics:
     """All server metrics on a private `CollectorRegistry`.
 
     Where the server runs as several processes, each process's values are kept in the shared
-    directory and `render()` adds them all up; the process and garbage-collector series
-    (one process's) are then left out."""
+    directory and `render()` adds them all up; of the process and garbage-collector series
+    (one process's each) only resident memory and open files are kept, summed."""
 
     def __init__(self, *, namespace: str = "tts") -> None:
         self.registry = CollectorRegistry(auto_describe=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -64,7 +64,7 @@ def test_gpu_profile_loads_and_keeps_unlisted_defaults() -> None:
     assert cfg.admission.max_streams > ServerConfig().admission.max_streams
     assert cfg.scheduler.max_batch_chunks > ServerConfig().scheduler.max_batch_chunks
     assert cfg.limits == ServerConfig().limits
-    assert cfg.server == ServerConfig().server
+    assert cfg.server == replace(ServerConfig().server, front_ends=4)   # a GIL won't do
     assert cfg.audio.encode_threads == 0      # auto: a GPU serves more streams than 2 threads encode
 
 
@@ -75,6 +75,16 @@ def test_encode_threads_zero_means_the_usable_cores_less_two(monkeypatch: pytest
     assert auto.encode_workers == 14
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
     assert auto.encode_workers == 1
+
+
+def test_front_ends_share_the_cores_left_for_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    auto = load_config(None, {"audio.encode_threads": 0}).audio
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    # 16 cores: the back end's loop and model thread, 4 front-end loops, 10 left: 2 each.
+    assert auto.workers_per_process(4) == 2 and auto.workers_per_process(0) == 14
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert auto.workers_per_process(2) == 1
+    assert load_config(None, {"audio.encode_threads": 3}).audio.workers_per_process(4) == 3
 
 
 def test_overrides_win_over_the_file() -> None:
