@@ -123,8 +123,17 @@ def serve(args: argparse.Namespace) -> None:
         from server.supervisor import serve_split
 
         argv = [a for a in sys.argv[1:] if a != "--profile" and a != args.profile]
-        raise SystemExit(serve_split(cfg, [], engine_loader=replay_loader,
-                                     front_end=[sys.executable, __file__, *argv]))
+        prof = cProfile.Profile() if profile else None   # the back end's event loop
+        if prof is not None:
+            prof.enable()
+        try:
+            code = serve_split(cfg, [], engine_loader=replay_loader,
+                               front_end=[sys.executable, __file__, *argv])
+        finally:
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(profile)
+        raise SystemExit(code)
     split = ({} if not args.front_end_of else
              {"front_end_of": args.front_end_of, "front_end_name": args.front_end_name})
     app = create_app(cfg, engine_loader=replay_loader, **split)

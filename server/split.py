@@ -19,7 +19,7 @@ The link is msgpack over one Unix socket per front end, in order. Front end -> b
 `["cancel", sid]`, `["close", sid]`. Back end -> front end: `["phrase", sid, ...]`,
 `["audio", sid, float32 bytes, pts_ms]`, `["done", sid, usage]`, `["cancelled", sid]`,
 `["error", sid, code, message]`, and `["status", {...}]` every `STATUS_INTERVAL_S` (ready or
-failed, the scheduler's load, queue depth, the GPU reading, the per-stream VRAM cost). Writes
+failed, the scheduler's load, the GPU reading, the per-stream VRAM cost, stream counts). Writes
 made in one turn of the event loop leave in one system call.
 
 Admission stays where the socket is (a `start` is answered at once, `ready` or `error`): each
@@ -273,10 +273,14 @@ class LinkServer:
     async def run_status(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
-            for conn in list(self.connections):
-                self.send_status(conn)
+            if self.connections:
+                shared = self._shared_status()   # the load once a tick, whatever N
+                for conn in list(self.connections):
+                    self.send_status(conn, shared)
 
-    def status(self, conn: _FrontEndConnection) -> dict[str, Any]:
+    def _shared_status(self) -> dict[str, Any]:
+        """What every front end is told alike, read once a tick whatever the number of front
+        ends: the scheduler's load looks at the streams (BENCHMARKS.md, "Several processes")."""
         model, state = self.state.model, self.state
         scheduler = self.scheduler()
         gpu = state.gpu_sample
@@ -285,10 +289,7 @@ class LinkServer:
         return {
             "ready": model.ready,
             "failure": model.failure,
-            "voice": model.voice.id,
             "load": None if scheduler is None else load_to_wire(state.admission.load()),
-            "queue_depth": 0 if scheduler is None else scheduler.queue_depth,
-            "mine": len(conn.streams),
             "live": sum(len(c.streams) for c in self.connections),
             "vram_cost": state.admission.stream_vram_cost,
             "gpu": None if gpu is None else [self._gpu_seen[1], gpu.vram_used_bytes,
@@ -296,8 +297,10 @@ class LinkServer:
                                              gpu.util_percent, gpu.power_w, gpu.temperature_c],
         }
 
-    def send_status(self, conn: _FrontEndConnection) -> None:
-        conn.link.send(["status", self.status(conn)])
+    def send_status(self, conn: _FrontEndConnection,
+                    shared: dict[str, Any] | None = None) -> None:
+        status = dict(shared or self._shared_status(), mine=len(conn.streams))
+        conn.link.send(["status", status])
 
     async def stop(self) -> None:
         self.stopping = True
@@ -335,7 +338,6 @@ class BackEndStatus:
     ready: bool = False
     failure: str | None = None
     load: LoadEstimate | None = None
-    queue_depth: int = 0
     mine: int = 0           # this front end's streams the back end holds
     live: int = 0           # every front end's
     gpu: GpuSample | None = None
@@ -345,7 +347,8 @@ class BackEndStatus:
 
 class RemoteScheduler:
     """The back end's scheduler, as a front end's sessions use it (streaming_tts.scheduler's
-    `open`, `text`, `flush`, `end`, `cancel`, `close`, `load()`, `queue_depth`)."""
+    `open`, `text`, `flush`, `end`, `cancel`, `close`, `load()`, `stream_count`); the back
+    end's queue depth and capacity gauges are its own (/metrics adds the processes up)."""
 
     def __init__(self, link_send: Callable[[list[Any]], None]) -> None:
         self._send = link_send
@@ -379,10 +382,6 @@ class RemoteScheduler:
     def stream_count(self) -> int:
         return len(self._sinks)
 
-    @property
-    def queue_depth(self) -> int:
-        return self.status.queue_depth
-
     def elsewhere(self) -> int:
         """Streams the other front ends hold, as of the back end's last status."""
         return max(0, self.status.live - self.status.mine)
@@ -411,7 +410,7 @@ class RemoteScheduler:
         elif gpu[0] != seq:
             seq, sample = gpu[0], GpuSample(*gpu[1:])
         self.status = BackEndStatus(
-            ready=status["ready"], failure=status["failure"], queue_depth=status["queue_depth"],
+            ready=status["ready"], failure=status["failure"],
             mine=status["mine"], live=status["live"],
             load=None if load is None else LoadEstimate(*load), gpu=sample, gpu_seq=seq,
             vram_cost=status["vram_cost"])

@@ -262,8 +262,8 @@ def _children(pid: int) -> list[int]:
 
 
 def status(**fields: object) -> dict[str, object]:
-    base = {"ready": True, "failure": None, "queue_depth": 0, "mine": 0, "live": 0,
-            "load": [0, 0.0, 20.0, 0], "gpu": None, "vram_cost": None, "voice": "v"}
+    base = {"ready": True, "failure": None, "mine": 0, "live": 0,
+            "load": [0, 0.0, 20.0, 0], "gpu": None, "vram_cost": None}
     return {**base, **fields}
 
 
