@@ -1,8 +1,8 @@
 #!/bin/bash
 # The GPU checks in one call of the device tool (about 6-8 minutes on a warm H100/H200), most
 # important first: CUDA tests (the server end to end on the GPU among them), one stream's first
-# audio (8 streams one at a time, ~40 s), the load benchmark against the GPU profile at
-# increasing stream counts, then a burst of streams at once (how many admission lets in, and
+# audio (8 streams one at a time, ~40 s), the load benchmark against the GPU profile (served
+# by FRONT_ENDS=4 front-end processes) at increasing stream counts, then a burst of streams at once (how many admission lets in, and
 # whether they stay on time), then the engine benchmark on CUDA (throughput by batch size; fp16
 # eager against CUDA graphs) with what time is left. Build `.device` first
 # (`.venv/bin/python scripts/device_bundle.py`) and carry it. The device tool returns at most 8
