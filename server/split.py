@@ -15,8 +15,8 @@ With `server.front_ends` N > 0 (`run_server.py --front-ends N`):
     to its `ContextStream` as if the scheduler were in process.
 
 The link is msgpack over one Unix socket per front end, in order. Front end -> back end:
-`["open", sid, options]`, `["text", sid, text]`, `["flush", sid]`, `["end", sid]`,
-`["cancel", sid]`, `["close", sid]`. Back end -> front end: `["phrase", sid, ...]`,
+`["hello", name]` once, then `["open", sid, options]`, `["text", sid, text]`,
+`["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`. Back end -> front end: `["phrase", sid, ...]`,
 `["audio", sid, float32 bytes, pts_ms]`, `["done", sid, usage]`, `["cancelled", sid]`,
 `["error", sid, code, message]`, and `["status", {...}]` every `STATUS_INTERVAL_S` (ready or
 failed, the scheduler's load, the GPU reading, the per-stream VRAM cost, stream counts). Writes
@@ -24,9 +24,9 @@ made in one turn of the event loop leave in one system call.
 
 Admission stays where the socket is (a `start` is answered at once, `ready` or `error`): each
 front end decides with its own streams, its own event loop and encoders, and the back end's
-latest status, which says how many streams the others hold. Two front ends admitting in the
-same few milliseconds can each take the last place under `max_streams` or the load ceiling:
-the limits can be passed by at most N - 1 streams for an instant.
+latest status, which says how many streams the others hold. Front ends admitting in the same
+20 ms each see the room that status left and can each fill it: `max_streams` and the load
+ceiling can be passed by what the others admitted in those milliseconds.
 
 If the back end goes, each front end fails its live streams (`error`, internal), turns
 unhealthy and exits; if a front end goes, the back end closes its streams (nothing of them is
