@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import os
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,16 +125,9 @@ def serve(args: argparse.Namespace) -> None:
         from server.supervisor import serve_split
 
         argv = [a for a in sys.argv[1:] if a != "--profile" and a != args.profile]
-        prof = cProfile.Profile() if profile else None   # the back end's event loop
-        if prof is not None:
-            prof.enable()
-        try:
+        with _profiled(profile):   # the back end's event loop
             code = serve_split(cfg, [], engine_loader=replay_loader,
                                front_end=[sys.executable, __file__, *argv])
-        finally:
-            if prof is not None:
-                prof.disable()
-                prof.dump_stats(profile)
         raise SystemExit(code)
     split = ({} if not args.front_end_of else
              {"front_end_of": args.front_end_of, "front_end_name": args.front_end_name})
@@ -144,16 +139,24 @@ def serve(args: argparse.Namespace) -> None:
     app.router.add_get("/bench/threads", threads)
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    prof = cProfile.Profile() if profile else None   # profiles the event loop's thread only
-    if prof is not None:
-        prof.enable()
-    try:
+    with _profiled(profile):
         web.run_app(app, host="127.0.0.1", port=port, loop=loop, print=None,
                     reuse_port=True if args.front_end_of else None)
+
+
+@contextlib.contextmanager
+def _profiled(path: str | None) -> Iterator[None]:
+    """cProfile this thread (the event loop's) into `path`, if given."""
+    if path is None:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
     finally:
-        if prof is not None:
-            prof.disable()
-            prof.dump_stats(profile)
+        prof.disable()
+        prof.dump_stats(path)
 
 
 # -- the driver ----------------------------------------------------------------------------

@@ -193,9 +193,12 @@ class Metrics:
         files, for their sums (one process: prometheus_client's process collector has them)."""
         if not self._processes:
             return
-        with open("/proc/self/statm") as fh:
-            self.process_rss.set(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
-        self.process_fds.set(len(os.listdir("/proc/self/fd")))
+        read = {family.name: family.samples[0].value for family in PROCESS_COLLECTOR.collect()
+                if family.samples}
+        for name, gauge in (("process_resident_memory_bytes", self.process_rss),
+                            ("process_open_fds", self.process_fds)):
+            if name in read:   # no /proc (not Linux): the collector reads nothing
+                gauge.set(read[name])
 
     def observe_batch(self, stage: str, size: int) -> None:
         """One model call of `stage` ("acoustic" or "decode") over `size` items."""

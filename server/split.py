@@ -67,9 +67,7 @@ _MSGPACK_LIMIT: Final = 64 << 20
 
 
 def options_to_wire(options: StreamOptions) -> dict[str, Any]:
-    wire = asdict(options)
-    wire["params"] = asdict(options.params)
-    return wire
+    return asdict(options)   # `params` too: asdict recurses
 
 
 def options_from_wire(wire: dict[str, Any]) -> StreamOptions:

@@ -111,7 +111,7 @@ class Supervisor:
                 return
             await asyncio.sleep(RESTART_DELAY_S)
 
-    def signal(self, sig: signal.Signals) -> None:
+    def pass_on(self, sig: signal.Signals) -> None:
         """Pass a shutdown signal on: the front ends drain (a second one stops them now)."""
         self._stopping = True
         for proc in self._procs.values():
@@ -122,7 +122,7 @@ class Supervisor:
     async def stop(self, timeout_s: float) -> None:
         """Wait for the front ends to exit (signalled already, or now), then kill what is left."""
         if not self._stopping:
-            self.signal(signal.SIGTERM)
+            self.pass_on(signal.SIGTERM)
         live = [p for p in self._procs.values() if p.returncode is None]
         if live:
             done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in live],
@@ -194,7 +194,7 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
         log.info("%s: %s the front ends", sig.name,
                  "draining" if signals == 1 and cfg.server.drain_s > 0 else "stopping")
         app[STATE].shutting_down = True   # front ends leaving now is no failure
-        supervisor.signal(sig)
+        supervisor.pass_on(sig)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

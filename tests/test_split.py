@@ -26,6 +26,7 @@ import pytest
 import pytest_asyncio
 
 from benchmarks.first_audio import wait_ready
+from benchmarks.host_path import _children
 from server.split import RemoteScheduler
 from server.state import STATE
 from streaming_tts.engine import Engine, SynthesisParams
@@ -252,10 +253,6 @@ async def aiohttp_client(http: aiohttp.ClientSession, base: str) -> ProtocolClie
     return await ProtocolClient.connect(http, base.replace("http", "ws") + "/v1/stream")
 
 
-def _children(pid: int) -> list[int]:
-    """The front-end processes of the back end `pid`."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 # ---------------------------------------------------------------- the front end's view
