@@ -82,7 +82,7 @@ def _socket_refusal(state: ServerState, client: str, *, peer: str | None) -> web
     if len(state.sessions) >= state.max_sockets:
         why, message = (f"{len(state.sessions)} WebSockets open (limits.max_sockets)",
                         "too many connections open on this server; try again later")
-    elif per_client and state.client_sockets[client] >= per_client:
+    elif per_client and state.clients.held(client)[1] >= per_client:
         who = state.client_kind
         why, message = (f"{per_client} WebSockets of this {who} open "
                         "(limits.sockets_per_client)",

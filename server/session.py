@@ -316,7 +316,7 @@ class Session:
             raise ProtocolError(ErrorCode.TOO_MANY_CONTEXTS,
                                 f"at most {limit} live contexts per socket", msg.ctx)
         per_client = self._limits.contexts_per_client
-        if per_client and self._state.client_contexts[self.client] >= per_client:
+        if per_client and self._state.clients.held(self.client)[0] >= per_client:
             raise ProtocolError(ErrorCode.TOO_MANY_CONTEXTS, f"at most {per_client} live "
                                 f"contexts per {self._state.client_kind}", msg.ctx)
         self._admit(msg.ctx)

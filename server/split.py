@@ -16,17 +16,24 @@ With `server.front_ends` N > 0 (`run_server.py --front-ends N`):
 
 The link is msgpack over one Unix socket per front end, in order. Front end -> back end:
 `["hello", name]` once, then `["open", sid, options]`, `["text", sid, text]`,
-`["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`. Back end -> front end: `["phrase", sid, ...]`,
-`["audio", sid, float32 bytes, pts_ms]`, `["done", sid, usage]`, `["cancelled", sid]`,
-`["error", sid, code, message]`, and `["status", {...}]` every `STATUS_INTERVAL_S` (ready or
-failed, the scheduler's load, the GPU reading, the per-stream VRAM cost, stream counts). Writes
-made in one turn of the event loop leave in one system call.
+`["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`, and, where limits are
+per client, `["clients", {client: [contexts, sockets]}]` for the clients whose counts changed.
+Back end -> front end: `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
+`["done", sid, usage]`, `["cancelled", sid]`, `["error", sid, code, message]`, and
+`["status", {...}]` every `STATUS_INTERVAL_S` (ready or failed, the scheduler's load, the GPU
+reading, the per-stream VRAM cost, stream counts, and what changed of each client's contexts
+and sockets in the other front ends). Writes made in one turn of the event loop leave in one
+system call.
 
 Admission stays where the socket is (a `start` is answered at once, `ready` or `error`): each
 front end decides with its own streams, its own event loop and encoders, and the back end's
 latest status, which says how many streams the others hold. Front ends admitting in the same
 20 ms each see the room that status left and can each fill it: `max_streams` and the load
-ceiling can be passed by what the others admitted in those milliseconds.
+ceiling can be passed by what the others admitted in those milliseconds. The limits per client
+(`limits.contexts_per_client`, `limits.sockets_per_client`) are kept the same way: a front end
+counts its own exactly and the others' as of the last status, so they hold for the whole server
+whichever front end the kernel hands a client's connections to, give or take what one client
+opens on two front ends within one status.
 
 If the back end goes, each front end fails its live streams (`error`, internal), turns
 unhealthy and exits; if a front end goes, the back end closes its streams (nothing of them is
@@ -38,9 +45,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 import numpy as np
@@ -50,6 +57,9 @@ from server.admission import LoadEstimate
 from streaming_tts.engine import SynthesisParams
 from streaming_tts.gpu import GpuSample
 from streaming_tts.stream import PhraseEvent, StreamOptions, StreamSink
+
+if TYPE_CHECKING:
+    from server.state import ClientCounts
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +201,7 @@ class _FrontEndConnection:
     def __init__(self, server: LinkServer, name: str) -> None:
         self.server, self.name = server, name
         self.streams: set[str] = set()
+        self.clients: dict[str, tuple[int, int]] = {}   # (contexts, sockets) it holds per client
         self.link = Link(self._on_message, self._on_lost)
 
     def ended(self, sid: str) -> None:
@@ -202,7 +213,10 @@ class _FrontEndConnection:
         if kind == "hello":
             self.name = str(sid)
             log.info("front end %s connected", self.name)
-            self.server.send_status(self)
+            self.server.send_status(self, clients=self.server.client_totals)
+            return
+        if kind == "clients":
+            self._on_clients(sid)
             return
         if scheduler is None:   # not ready: front ends admit nothing then
             if kind == "open":
@@ -227,8 +241,18 @@ class _FrontEndConnection:
             case _:
                 log.error("front end %s sent an unknown message %r", self.name, kind)
 
+    def _on_clients(self, counts: dict[str, list[int]]) -> None:
+        for client, (contexts, sockets) in counts.items():
+            was = self.clients.pop(client, (0, 0))
+            if contexts or sockets:
+                self.clients[client] = (contexts, sockets)
+            self.server.client_moved(client, contexts - was[0], sockets - was[1])
+
     def _on_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        for client, (contexts, sockets) in self.clients.items():
+            self.server.client_moved(client, -contexts, -sockets)
+        self.clients.clear()
         scheduler = self.server.scheduler()
         if scheduler is not None:
             for sid in self.streams:
@@ -252,6 +276,10 @@ class LinkServer:
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
         self._count = 0
+        # (contexts, sockets) per client over all front ends, and the clients whose counts
+        # changed since the last status (limits.*_per_client; empty where those are off).
+        self.client_totals: dict[str, tuple[int, int]] = {}
+        self._clients_moved: set[str] = set()
         # The GPU reading by number, so that a front end keeps one object per reading (its
         # admission charges the streams it admitted since a reading against that reading).
         self._gpu_seen: tuple[Any, int] = (None, 0)
@@ -271,10 +299,19 @@ class LinkServer:
     async def run_status(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
+            moved, self._clients_moved = self._clients_moved, set()
             if self.connections:
                 shared = self._shared_status()   # the load once a tick, whatever N
                 for conn in list(self.connections):
-                    self.send_status(conn, shared)
+                    self.send_status(conn, shared, clients=moved)
+
+    def client_moved(self, client: str, contexts: int, sockets: int) -> None:
+        """A front end holds `contexts` and `sockets` more (or fewer) of `client`'s."""
+        was = self.client_totals.pop(client, (0, 0))
+        now = (was[0] + contexts, was[1] + sockets)
+        if now[0] > 0 or now[1] > 0:
+            self.client_totals[client] = now
+        self._clients_moved.add(client)
 
     def _shared_status(self) -> dict[str, Any]:
         """What every front end is told alike, read once a tick whatever the number of front
@@ -295,10 +332,17 @@ class LinkServer:
                                              gpu.util_percent, gpu.power_w, gpu.temperature_c],
         }
 
-    def send_status(self, conn: _FrontEndConnection,
-                    shared: dict[str, Any] | None = None) -> None:
+    def send_status(self, conn: _FrontEndConnection, shared: dict[str, Any] | None = None, *,
+                    clients: Iterable[str] = ()) -> None:
+        """`conn`'s status; `clients`: those whose counts in the other front ends it is told."""
         status = dict(shared or self._shared_status(), mine=len(conn.streams))
+        if clients:
+            status["clients"] = {client: self._elsewhere(conn, client) for client in clients}
         conn.link.send(["status", status])
+
+    def _elsewhere(self, conn: _FrontEndConnection, client: str) -> tuple[int, int]:
+        total, mine = self.client_totals.get(client, (0, 0)), conn.clients.get(client, (0, 0))
+        return total[0] - mine[0], total[1] - mine[1]
 
     async def stop(self) -> None:
         self.stopping = True
@@ -310,12 +354,16 @@ class LinkServer:
             await self._server.wait_closed()
 
 
+LINK: web.AppKey[LinkServer] = web.AppKey("link", LinkServer)   # the back end's
+
+
 def link_server_ctx(path: str) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context serving the front ends on `path` for the back end's lifetime."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         from server.state import STATE
 
         server = LinkServer(app[STATE], path)
+        app[LINK] = server
         await server.start()
         task = asyncio.create_task(server.run_status(), name="link-status")
         yield
@@ -463,6 +511,12 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
             remote.on_event(msg)
             return
         remote.on_status(msg[1])
+        if (clients := msg[1].get("clients")) is not None:
+            for client, (contexts, sockets) in clients.items():
+                if contexts > 0 or sockets > 0:
+                    state.clients.elsewhere[client] = (contexts, sockets)
+                else:
+                    state.clients.elsewhere.pop(client, None)
         status = remote.status
         state.gpu_sample = status.gpu
         if status.failure is not None and model.failure is None:
@@ -496,11 +550,16 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
                 return
             await asyncio.sleep(0.05)
     link.send(["hello", name])
+    limits = state.cfg.limits
+    if limits.contexts_per_client or limits.sockets_per_client:
+        _report_clients(state.clients, link.send)
     try:
         exc = await lost
     except asyncio.CancelledError:
+        state.clients.on_change = None
         link.close()
         raise
+    state.clients.on_change = None
     why = f" ({exc})" if exc else ""
     log.error("front end %s: the back end went away%s; failing %d live stream(s)", name, why,
               remote.stream_count)
@@ -508,3 +567,22 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
     remote.fail_all("the server's back end stopped")
     if on_lost is not None:
         on_lost()
+
+
+def _report_clients(clients: ClientCounts, send: Callable[[list[Any]], None]) -> None:
+    """Tell the back end this front end's count of each client's contexts and sockets (all of
+    them now, then those that change, once per turn of the event loop)."""
+    changed: set[str] = set()
+
+    def flush() -> None:
+        send(["clients", {client: clients.mine(client) for client in changed}])
+        changed.clear()
+
+    def on_change(client: str) -> None:
+        if not changed:
+            asyncio.get_running_loop().call_soon(flush)
+        changed.add(client)
+
+    clients.on_change = on_change
+    for client in {*clients.contexts, *clients.sockets}:
+        on_change(client)

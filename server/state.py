@@ -50,6 +50,39 @@ class ModelSlot:
         return self.scheduler is not None and self.failure is None
 
 
+class ClientCounts:
+    """Live contexts and open WebSockets per client (`limits.contexts_per_client`,
+    `limits.sockets_per_client`): this process's own and, in a front end (server/split.py), the
+    other front ends' as the back end last reported them, so that a limit holds for the whole
+    server wherever the kernel sends a client's connections."""
+
+    def __init__(self) -> None:
+        self.contexts: Counter[str] = Counter()
+        self.sockets: Counter[str] = Counter()
+        # (contexts, sockets) of each client in the other front ends; the link's alone to write.
+        self.elsewhere: dict[str, tuple[int, int]] = {}
+        # Set by a front end's link where limits are per client: told of every change here.
+        self.on_change: Callable[[str], None] | None = None
+
+    def count(self, counter: Counter[str], client: str, delta: int) -> None:
+        """`delta` more of `client` in `counter` (`contexts` or `sockets`); a client at zero
+        leaves (a counter per client must not grow forever)."""
+        counter[client] += delta
+        if counter[client] <= 0:
+            del counter[client]
+        if self.on_change is not None:
+            self.on_change(client)
+
+    def held(self, client: str) -> tuple[int, int]:
+        """(live contexts, open WebSockets) of `client` in the whole server."""
+        other = self.elsewhere.get(client, (0, 0))
+        return self.contexts[client] + other[0], self.sockets[client] + other[1]
+
+    def mine(self, client: str) -> list[int]:
+        """(live contexts, open WebSockets) of `client` in this process, for the link."""
+        return [self.contexts[client], self.sockets[client]]
+
+
 @dataclass
 class ServerState:
     """Shared by the HTTP handlers, the sessions and the background tasks."""
@@ -69,8 +102,7 @@ class ServerState:
     shutting_down: bool = False
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up
     refusal_log: RefusalLog = field(init=False)  # one line per refused stream, rate-limited
-    client_contexts: Counter[str] = field(default_factory=Counter)  # live contexts per client
-    client_sockets: Counter[str] = field(default_factory=Counter)  # open WebSockets per client
+    clients: ClientCounts = field(default_factory=ClientCounts)  # limits.*_per_client
 
     def __post_init__(self) -> None:
         self.refusal_log = RefusalLog(logging.getLogger("server.admission"),
@@ -83,11 +115,11 @@ class ServerState:
 
     def session_opened(self, session: Closable, client: str) -> None:
         self.sessions.add(session)
-        self.client_sockets[client] += 1
+        self.clients.count(self.clients.sockets, client, 1)
 
     def session_closed(self, session: Closable, client: str) -> None:
         self.sessions.discard(session)
-        _decrement(self.client_sockets, client)
+        self.clients.count(self.clients.sockets, client, -1)
 
     def unavailable(self) -> tuple[RefusalReason, str] | None:
         """Why no stream can start now whatever the load, with the message for the client:
@@ -102,7 +134,7 @@ class ServerState:
         """Hold an admission slot for one new stream of `client` (release it with `release`)."""
         decision = self.admission.admit()
         if decision.ok:
-            self.client_contexts[client] += 1
+            self.clients.count(self.clients.contexts, client, 1)
             self.metrics.streams_started.inc()
             self.metrics.active_streams.set(self.admission.active_streams)
         return decision
@@ -110,7 +142,7 @@ class ServerState:
     def release(self, client: str) -> None:
         """One admitted stream of `client` ended (done, cancelled, failed or disconnected)."""
         self.admission.release()
-        _decrement(self.client_contexts, client)
+        self.clients.count(self.clients.contexts, client, -1)
         self.metrics.active_streams.set(self.admission.active_streams)
 
     def count_error(self, code: str) -> None:
@@ -121,13 +153,6 @@ class ServerState:
         after every step, so it must not call NVML on the event loop itself."""
         sample = self.gpu_sample
         return None if sample is None else sample.power_w
-
-
-def _decrement(counter: Counter[str], key: str) -> None:
-    """One fewer of `key`; a key at zero leaves (a counter per client must not grow forever)."""
-    counter[key] -= 1
-    if counter[key] <= 0:
-        del counter[key]
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)

@@ -516,12 +516,12 @@ async def test_one_client_cannot_hold_more_contexts_than_its_share(
             assert (await other.recv())["type"] == "ready"
             await other.close()
         await a.close()                                   # a disconnect gives its share back
-        await wait_for(lambda: sum(r.state.client_contexts.values()) == 1, what="a's share freed")
+        await wait_for(lambda: sum(r.state.clients.contexts.values()) == 1, what="a's share freed")
         await b.send({"type": "start", "ctx": "b2"})
         assert (await b.recv())["type"] == "ready"
         await b.close()
         await clean(r)
-        assert not r.state.client_contexts               # nothing left counted
+        assert not r.state.clients.contexts               # nothing left counted
 
 
 async def test_unauthorized_and_origin(engine: Engine, http: aiohttp.ClientSession,
@@ -628,14 +628,14 @@ async def test_one_client_cannot_hold_more_sockets_than_its_share(
         # Another client is not affected; a socket closed gives the first one its place back.
         two = await connect(http, r, "?token=k-two")
         await one[0].close()
-        await wait_for(lambda: r.state.client_sockets.total() == 2, what="a socket closed")
+        await wait_for(lambda: r.state.clients.sockets.total() == 2, what="a socket closed")
         one[0] = await connect(http, r, "?token=k-one")
         for client in (*one, two):
             await client.send({"type": "cancel"})
             assert (await client.recv())["type"] == "cancelled"
             await client.close()
         await clean(r)
-        assert not r.state.client_sockets
+        assert not r.state.clients.sockets
 
 
 @pytest.mark.parametrize("trusted", [True, False])

@@ -12,6 +12,7 @@ up its processes, a killed front end is replaced, and SIGTERM stops all of it cl
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
@@ -27,15 +28,14 @@ import pytest_asyncio
 
 from benchmarks.first_audio import wait_ready
 from benchmarks.host_path import _children
-from server.split import RemoteScheduler
-from server.state import STATE
+from server.split import LINK, RemoteScheduler
 from streaming_tts.engine import Engine, SynthesisParams
 from streaming_tts.stream import StreamOptions
 from streaming_tts.voices import VoiceRegistry
 from tests.helpers.app import (Running, Split, check_opus_decodes, check_phrases_before_audio,
                                check_timeline, clean, connect, running_split, wait_for)
 from tests.helpers.ws_client import ProtocolClient
-from tests.test_server import SCRIPTS, draw, play_scripts
+from tests.test_server import SCRIPTS, draw, play_scripts, refused_before_upgrade
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -142,6 +142,49 @@ async def test_max_streams_counts_the_streams_of_every_front_end(
         assert (await first.recv_until(lambda m: m.get("ctx") == "z"))[-1]["type"] == "ready"
         await first.close()
         await back_end_idle(split)
+
+
+async def test_limits_per_client_hold_across_front_ends(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    overrides = {"limits.sockets_per_client": 2, "limits.contexts_per_client": 1,
+                 "server.api_keys": ["k-one", "k-two"]}
+    async with running_split(engine, overrides) as split:
+        a, b = split.fronts
+        one = [await connect(http, a, "?token=k-one")]
+        await one[0].send({"type": "start", "ctx": "x"})
+        await one[0].send({"type": "text", "ctx": "x", "text": LONG})
+        assert (await one[0].recv())["type"] == "ready"
+        # b hears of k-one's socket and context in a's, and counts them as if its own.
+        await wait_for(lambda: b.state.clients.held(KEY_ONE) == (1, 1), what="b told of k-one")
+        one.append(await connect(http, b, "?token=k-one"))
+        await one[1].send({"type": "start", "ctx": "y"})
+        error = await one[1].recv()
+        assert error["code"] == "too_many_contexts" and error["ctx"] == "y"
+        assert error["message"] == "at most 1 live contexts per API key"
+        await wait_for(lambda: a.state.clients.held(KEY_ONE) == (1, 2), what="a told of b's")
+        for front in (a, b):   # a third socket of k-one is refused by either front end
+            body = await refused_before_upgrade(http, front, "?token=k-one")
+            assert body["message"] == "at most 2 open connections per API key; close one first"
+        two = await connect(http, b, "?token=k-two")   # another key is not affected
+        await two.send({"type": "start", "ctx": "z"})
+        assert (await two.recv())["type"] == "ready"
+        # A's socket closed (with its stream) gives k-one its places back in b.
+        await one[0].close()
+        await wait_for(lambda: b.state.clients.held(KEY_ONE) == (0, 1), what="a's socket gone")
+        await one[1].send({"type": "start", "ctx": "y"})
+        assert (await one[1].recv())["type"] == "ready"
+        for client in (one[1], two):
+            await client.close()
+        await back_end_idle(split)
+        assert not split.back[LINK].client_totals   # nothing of a client is left counted
+        for front in split.fronts:
+            counts = front.state.clients
+            await wait_for(lambda c=counts: not c.elsewhere, what="the others' counts gone")
+            assert not counts.contexts and not counts.sockets
+
+
+KEY_ONE = "key " + hashlib.sha256(b"k-one").hexdigest()[:16]   # server/http.py client_of
 
 
 async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
