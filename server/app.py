@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
-import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -30,16 +28,16 @@ from server.config import ServerConfig
 from server.encoders import EncoderPool
 from server.fds import open_file_limit, socket_cap
 from server.metrics import Metrics
-from server.model import EngineLoader, ProbeEncoding, build_scheduler, load_engine, prepare_model
 from server.monitors import sample_gpu, watch_loop_lag
 from server.proxies import parse_networks
 from server.split import RemoteScheduler, link_server_ctx, run_front_end_link
-from server.observer import MetricsObserver
 from server.state import STATE, ModelSlot, ServerState
-from streaming_tts.engine import Engine
 from streaming_tts.gpu import GpuMonitor
-from streaming_tts.scheduler import new_model_thread
 from streaming_tts.voices import VoiceRegistry
+
+if TYPE_CHECKING:
+    from server.model import EngineLoader
+    from streaming_tts.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +119,8 @@ def create_app(
         app.cleanup_ctx.append(_background("model", lambda a: run_front_end_link(
             a, front_end_of, front_end_name, on_back_end_lost)))
     else:
-        loader = engine_loader or load_engine
         app.cleanup_ctx.append(_background("model",
-                                           lambda a: _model(a, loader, warm_up=warm_up)))
+                                           lambda a: _model(a, engine_loader, warm_up=warm_up)))
     if serve_front_ends is not None:
         app.cleanup_ctx.append(link_server_ctx(serve_front_ends))
     app.on_shutdown.append(_close_sessions)
@@ -217,51 +214,13 @@ async def _gpu_sampler(app: web.Application) -> None:
         log.exception("GPU sampler stopped")
 
 
-async def _model(app: web.Application, loader: EngineLoader, *, warm_up: bool) -> None:
-    """Load and warm up (in a thread), then run the scheduler until the app stops."""
-    state = app[STATE]
-    model = state.model
-    # Load, warm up and later run the model in one thread (see new_model_thread).
-    model_thread = new_model_thread()
-    assert state.audio_pool is not None, "the audio pool's context comes first"
-    probe = ProbeEncoding.for_config(state.cfg, model.voice, state.audio_pool)
-    stop = threading.Event()
-    try:
-        loaded = await asyncio.get_running_loop().run_in_executor(
-            model_thread, functools.partial(prepare_model, model.voice, state.cfg, loader=loader,
-                                            warm_up=warm_up, on_audio=probe.on_audio, stop=stop))
-        await probe.close()
-    except asyncio.CancelledError:   # shutdown while loading: the thread stops at its next stage
-        stop.set()
-        model_thread.shutdown(wait=False, cancel_futures=True)
-        await probe.cancel()
-        raise
-    except Exception as exc:
-        model_thread.shutdown(wait=False)
-        await probe.cancel()
-        log.exception("loading voice %s failed; /healthz stays 503", model.voice.id)
-        model.failure = f"loading failed: {exc!r}"
-        return
-    observer = MetricsObserver(state.metrics, frame_ms=loaded.engine.frame_ms)
-    scheduler = build_scheduler(loaded, state.cfg, observer=observer,
-                                power_reader=state.power_w, model_thread=model_thread)
-    if loaded.stream_vram_bytes is not None:
-        state.admission.set_stream_vram_cost(loaded.stream_vram_bytes)
-    model.engine, model.scheduler = loaded.engine, scheduler
-    if state.on_ready is not None:
-        state.on_ready()
-    await _run_scheduler(model, scheduler)
+async def _model(app: web.Application, loader: EngineLoader | None, *, warm_up: bool) -> None:
+    """The model's task in one process or the back end: load, warm up, run the scheduler."""
+    # Imported here, not above: torch and the model belong to this process alone, and a front
+    # end (server/split.py) never imports them (~200 MB less in each).
+    from server.model import load_engine, run_model
 
-
-async def _run_scheduler(model: ModelSlot, scheduler: Any) -> None:
-    try:
-        await scheduler.run()
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        # Nothing can speak any more: report unhealthy so an orchestrator restarts us.
-        log.critical("the scheduler stopped", exc_info=exc)
-        model.failure = f"scheduler stopped: {exc!r}"
+    await run_model(app[STATE], loader or load_engine, warm_up=warm_up)
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -306,25 +265,40 @@ async def drain(app: web.Application, timeout_s: float) -> int:
 
 class ShutdownSignals:
     """What SIGTERM, SIGINT and SIGHUP do: the first drains (`server.drain_s`) and then stops,
-    a second one stops at once. `stop` ends the server (run_server raises GracefulExit)."""
+    a second one stops at once. `stop` ends the server (run_server raises GracefulExit).
+
+    A front end (server/split.py) also takes its back end's word, passed on as SIGUSR1 (drain)
+    and SIGUSR2 (stop now) so that it is not taken for a second SIGTERM: systemd, for one,
+    signals every process of a service at once, and the back end passes its own signal on."""
 
     SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    PASSED_ON: Final = {"drain": signal.SIGUSR1, "stop": signal.SIGUSR2}
 
     def __init__(self, app: web.Application, drain_s: float, stop: Callable[[], None]) -> None:
         self._app, self._drain_s, self._stop = app, drain_s, stop
         self._draining: asyncio.Task[None] | None = None
 
-    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+    def install(self, loop: asyncio.AbstractEventLoop, *, front_end: bool = False) -> None:
         for sig in self.SIGNALS:
             loop.add_signal_handler(sig, self.received, sig)
+        if front_end:
+            loop.add_signal_handler(self.PASSED_ON["drain"], self._back_end_says, False)
+            loop.add_signal_handler(self.PASSED_ON["stop"], self._back_end_says, True)
 
     def received(self, sig: signal.Signals) -> None:
-        if self._draining is None and self._drain_s > 0:
+        self._shutdown(sig.name, now=self._draining is not None)
+
+    def _back_end_says(self, now: bool) -> None:
+        if now or self._draining is None:   # a drain asked for twice is one drain
+            self._shutdown("the back end", now=now)
+
+    def _shutdown(self, who: str, *, now: bool) -> None:
+        if not now and self._drain_s > 0:
             log.info("%s: no new streams; stopping once the live ones finish (at most %g s; "
-                     "send it again to stop now)", sig.name, self._drain_s)
+                     "send it again to stop now)", who, self._drain_s)
             self._draining = asyncio.get_running_loop().create_task(self._drain_then_stop())
             return
-        log.info("%s: stopping now", sig.name)
+        log.info("%s: stopping now", who)
         self._stop()
 
     async def _drain_then_stop(self) -> None:

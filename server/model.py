@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import torch
 
 from server.config import ServerConfig
 from server.encoders import EncoderPool
+from server.observer import MetricsObserver
 from server.protocol import StartMsg
 from streaming_tts import engine as tts_engine
 from streaming_tts import heap
@@ -32,10 +33,14 @@ from streaming_tts.engine import AcousticJob, DecodeJob, Engine, SynthesisParams
 from streaming_tts.metering import Meter, Tariff
 from streaming_tts.scheduler import (
     ProbeStopped, Scheduler, SchedulerConfig, SchedulerObserver, measure_stream_cost,
+    new_model_thread,
 )
 from streaming_tts.text.phonemes import Phonemizer
 from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig, function_words_for
 from streaming_tts.voices import VoiceInfo
+
+if TYPE_CHECKING:
+    from server.state import ModelSlot, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +274,53 @@ def make_tariff(cfg: ServerConfig) -> Tariff | None:
         price_per_gpu_hour=m.price_per_gpu_hour or None,
         currency=m.currency,
     )
+
+
+# ---------------------------------------------------------------------------- the model's task
+
+
+async def run_model(state: ServerState, loader: EngineLoader, *, warm_up: bool) -> None:
+    """Load and warm up (in a thread), then run the scheduler until cancelled (the app stops).
+    /healthz turns 200 once this has set the model slot's scheduler."""
+    model = state.model
+    # Load, warm up and later run the model in one thread (see new_model_thread).
+    model_thread = new_model_thread()
+    assert state.audio_pool is not None, "the audio pool's context comes first"
+    probe = ProbeEncoding.for_config(state.cfg, model.voice, state.audio_pool)
+    stop = threading.Event()
+    try:
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            model_thread, functools.partial(prepare_model, model.voice, state.cfg, loader=loader,
+                                            warm_up=warm_up, on_audio=probe.on_audio, stop=stop))
+        await probe.close()
+    except asyncio.CancelledError:   # shutdown while loading: the thread stops at its next stage
+        stop.set()
+        model_thread.shutdown(wait=False, cancel_futures=True)
+        await probe.cancel()
+        raise
+    except Exception as exc:
+        model_thread.shutdown(wait=False)
+        await probe.cancel()
+        log.exception("loading voice %s failed; /healthz stays 503", model.voice.id)
+        model.failure = f"loading failed: {exc!r}"
+        return
+    observer = MetricsObserver(state.metrics, frame_ms=loaded.engine.frame_ms)
+    scheduler = build_scheduler(loaded, state.cfg, observer=observer,
+                                power_reader=state.power_w, model_thread=model_thread)
+    if loaded.stream_vram_bytes is not None:
+        state.admission.set_stream_vram_cost(loaded.stream_vram_bytes)
+    model.engine, model.scheduler = loaded.engine, scheduler
+    if state.on_ready is not None:
+        state.on_ready()
+    await _run_scheduler(model, scheduler)
+
+
+async def _run_scheduler(model: ModelSlot, scheduler: Scheduler) -> None:
+    try:
+        await scheduler.run()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        # Nothing can speak any more: report unhealthy so an orchestrator restarts us.
+        log.critical("the scheduler stopped", exc_info=exc)
+        model.failure = f"scheduler stopped: {exc!r}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -38,10 +38,12 @@ from server.protocol import (
 )
 from server.state import ServerState
 from streaming_tts.audio import make_encoder
-from streaming_tts.engine import SynthesisParams
-from streaming_tts.scheduler import Scheduler
+from streaming_tts.params import SynthesisParams
 from streaming_tts.stream import StreamOptions
 from streaming_tts.voices import VoiceInfo
+
+if TYPE_CHECKING:   # or a RemoteScheduler, in a front end (which never imports torch)
+    from streaming_tts.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ import numpy as np
 from aiohttp import web
 
 from server.admission import LoadEstimate
-from streaming_tts.engine import SynthesisParams
+from streaming_tts.params import SynthesisParams
 from streaming_tts.gpu import GpuSample
 from streaming_tts.stream import PhraseEvent, StreamOptions, StreamSink
 

@@ -20,11 +20,11 @@ from server.config import ServerConfig
 from server.encoders import EncoderPool
 from server.metrics import Metrics
 from server.refusal_log import RefusalLog
-from streaming_tts.engine import Engine
 from streaming_tts.gpu import GpuMonitor, GpuSample
 from streaming_tts.voices import VoiceInfo, VoiceRegistry
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # the back end's alone: a front end never imports torch
+    from streaming_tts.engine import Engine
     from streaming_tts.scheduler import Scheduler
 
 log = logging.getLogger(__name__)

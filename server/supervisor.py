@@ -23,16 +23,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import uvloop
 from aiohttp import web
 
 from server.app import SHUTDOWN_TIMEOUT_S, create_app
-from server.state import STATE
 from server.config import ServerConfig
 from server.metrics import use_multiprocess_metrics
-from server.model import EngineLoader
+from server.state import STATE
+
+if TYPE_CHECKING:
+    from server.model import EngineLoader
 
 log = logging.getLogger(__name__)
 

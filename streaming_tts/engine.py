@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from .cuda_graphs import DecoderGraphs, Recorder, batch_buckets
 from .models.loader import load_vits
 from .models.vits import VitsModel
+from .params import SynthesisParams
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,6 @@ class EngineConfig:
     bucket_step: int = 0                         # also pad chunks to multiples of this (0: schedule sizes only)
     threads: int | None = None                   # torch CPU threads (None: torch's default)
     cuda_graphs: bool = False                    # replay recorded decodes (cuda only; see cuda_graphs.py)
-
-
-@dataclass(frozen=True)
-class SynthesisParams:
-    """Per-request settings; the voice's config supplies the defaults."""
-
-    speaker: int = 0
-    noise_scale: float = 0.667
-    length_scale: float = 1.0                    # 1 / speed
-    noise_w: float = 0.8
 
 
 @dataclass

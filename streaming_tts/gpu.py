@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 try:
     import pynvml
 except ImportError:  # nvidia-ml-py is a dependency, but a CPU-only install must still start
@@ -78,6 +76,8 @@ class GpuMonitor:
         counts only the visible GPUs (fastest first, by default): the two indices differ on
         many multi-GPU hosts. The GPU is found by the UUID CUDA reports for it, which also
         names a MIG slice, so VRAM is that slice's, not the whole card's."""
+        import torch   # here: GpuSample is read by the front ends, which never load torch
+
         if torch.device(device).type != "cuda":
             return None
         return cls(torch.device(device).index or 0, uuid=_cuda_uuid(device))
@@ -217,6 +217,8 @@ class GpuMonitor:
 
 def _cuda_uuid(device: str) -> str | None:
     """The UUID CUDA reports for `device`, or None (no CUDA; the index is used then)."""
+    import torch
+
     try:
         return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
     except Exception as exc:   # no GPU or driver; NVML will say so in its own words

@@ -10,15 +10,17 @@ import collections
 import concurrent.futures
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
-from .engine import SynthesisParams
+from .params import SynthesisParams
 from .text.markdown import CodeBlocks
 from .text.phonemes import WordSpan
 from .text.splitter import PhraseSplitter
+
+if TYPE_CHECKING:
+    import torch
 
 
 # With no text left waiting, silence is sent mid-sentence for at most this long after a word
