@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import logging.handlers
+import os
 import queue
 import re
 import sys
@@ -34,7 +35,7 @@ from server.config import (
     overrides_from_args,
 )
 from server.fds import FD_RESERVE, raise_open_file_limit, socket_cap
-from server.supervisor import serve_split
+from server.supervisor import clean_up_after, serve_split
 from streaming_tts.voices import UnknownVoiceError
 
 log = logging.getLogger("run_server")
@@ -252,14 +253,19 @@ def serve(cfg: ServerConfig, *, front_end: tuple[str, str] | None = None) -> Non
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     split: dict[str, Any] = {}
+    lost: list[bool] = []   # the back end went away (the link dropped)
+
+    def back_end_lost() -> None:
+        lost.append(True)
+        loop.call_soon(_exit)
     if front_end is not None:
         split = {"front_end_of": front_end[0], "front_end_name": front_end[1],
-                 "on_back_end_lost": lambda: loop.call_soon(_exit)}
+                 "on_back_end_lost": back_end_lost}
     app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url[0]), **split)
     signals = ShutdownSignals(app, cfg.server.drain_s, stop=lambda: loop.call_soon(_exit))
 
     async def install(_app: web.Application) -> None:
-        signals.install(loop)
+        signals.install(loop, front_end=front_end is not None)
     app.on_startup.append(install)
     # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
     def listening(banner: str) -> None:
@@ -271,11 +277,14 @@ def serve(cfg: ServerConfig, *, front_end: tuple[str, str] | None = None) -> Non
             log.info("listening on %s; loading voice %s on %s", url[0], cfg.engine.voice,
                      cfg.engine.device)
 
+    back_end_pid = os.getppid()
     web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=listening,
                 shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False,
                 # aiohttp's bound on receiving a request's head, as on an idle keep-alive
                 keepalive_timeout=cfg.server.request_timeout_s,
                 reuse_port=True if front_end is not None else None)
+    if front_end is not None and lost:
+        clean_up_after(back_end_pid, front_end[0])
     log.info("server stopped")
 
 

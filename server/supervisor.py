@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 import uvloop
 from aiohttp import web
 
-from server.app import SHUTDOWN_TIMEOUT_S, create_app
+from server.app import SHUTDOWN_TIMEOUT_S, ShutdownSignals, create_app
 from server.config import ServerConfig
 from server.metrics import use_multiprocess_metrics
 from server.state import STATE
@@ -44,6 +44,11 @@ QUICK_EXIT_S: Final = 10.0
 # ... and after this many such exits in a row the server stops (a bad port, a broken install).
 QUICK_EXITS_MAX: Final = 3
 RESTART_DELAY_S: Final = 1.0
+# The back end's private directory (the link's socket, the metrics files) is named thus.
+WORKDIR_PREFIX: Final = "streaming-tts-"
+# A front end whose link dropped waits this long to see its back end dead before it removes
+# what the back end left (clean_up_after).
+ORPHAN_WAIT_S: Final = 2.0
 # Beyond the drain, how long front ends get to close their sockets before they are killed.
 FRONT_END_STOP_S: Final = SHUTDOWN_TIMEOUT_S + 10.0
 
@@ -86,8 +91,8 @@ class Supervisor:
     async def _spawn(self, index: int) -> asyncio.subprocess.Process:
         cmd = [*self._command, "--port", str(self._port), "--front-end-of", self._link,
                "--front-end-name", f"fe{index}"]
-        # A session of its own: Ctrl-C in a terminal reaches this process alone, which passes
-        # it on once (twice would stop the front ends at once instead of draining them).
+        # A session of its own: Ctrl-C in a terminal reaches this process alone, which tells
+        # the front ends (Supervisor.pass_on).
         return await asyncio.create_subprocess_exec(*cmd, env=self._env, start_new_session=True,
                                                     stdin=asyncio.subprocess.DEVNULL)
 
@@ -113,9 +118,12 @@ class Supervisor:
                 return
             await asyncio.sleep(RESTART_DELAY_S)
 
-    def pass_on(self, sig: signal.Signals) -> None:
-        """Pass a shutdown signal on: the front ends drain (a second one stops them now)."""
+    def pass_on(self, *, now: bool) -> None:
+        """Tell the front ends to drain (`now`: to stop at once). Not by passing the signal
+        itself on: where a service manager has signalled every process already, a second
+        SIGTERM would stop a front end at once instead of draining it (ShutdownSignals)."""
         self._stopping = True
+        sig = ShutdownSignals.PASSED_ON["stop" if now else "drain"]
         for proc in self._procs.values():
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -124,7 +132,7 @@ class Supervisor:
     async def stop(self, timeout_s: float) -> None:
         """Wait for the front ends to exit (signalled already, or now), then kill what is left."""
         if not self._stopping:
-            self.pass_on(signal.SIGTERM)
+            self.pass_on(now=False)
         live = [p for p in self._procs.values() if p.returncode is None]
         if live:
             done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in live],
@@ -150,6 +158,32 @@ def _forget_metrics(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+def clean_up_after(back_end_pid: int, link: str) -> None:
+    """A front end whose back end went away, exiting: if the back end is dead (killed, by
+    SIGKILL or the OOM killer, it removed nothing), remove what it would have removed at its
+    exit: the link's socket, the metrics files of the back end and of this process, and the back
+    end's directory once empty (the last front end to exit empties it). Only in a directory the
+    back end made (`serve_split`); blocks up to `ORPHAN_WAIT_S`."""
+    workdir = Path(link).parent
+    if not workdir.name.startswith(WORKDIR_PREFIX):
+        return
+    # A dying process closes its files (the link: how this process heard) before its children
+    # pass to another parent: until then the back end cannot be told from one that lives on.
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while os.getppid() == back_end_pid:
+        if time.monotonic() > deadline:
+            return   # it lives: it removes its directory itself
+        time.sleep(0.01)
+    metrics = workdir / "metrics"
+    for pid in (back_end_pid, os.getpid()):
+        for path in metrics.glob(f"*_{pid}.db"):
+            path.unlink(missing_ok=True)
+    Path(link).unlink(missing_ok=True)
+    for folder in (metrics, workdir):
+        with contextlib.suppress(OSError):   # not empty: other front ends have not exited yet
+            folder.rmdir()
+
+
 def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | None = None,
                 engine_loader: EngineLoader | None = None) -> int:
     """Run the back end and its front ends until a shutdown signal; the exit status.
@@ -161,7 +195,7 @@ def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | No
     host, port = cfg.server.host, cfg.server.port
     reserved = reserve_port(host, port)   # OSError: taken (run_server reports it)
     port = reserved.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="streaming-tts-")
+    workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
     link = str(Path(workdir) / "back-end.sock")
     metrics_dir = str(Path(workdir) / "metrics")
     os.mkdir(metrics_dir)
@@ -193,13 +227,13 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
     def received(sig: signal.Signals) -> None:
         nonlocal signals
         signals += 1
-        log.info("%s: %s the front ends", sig.name,
-                 "draining" if signals == 1 and cfg.server.drain_s > 0 else "stopping")
+        now = signals > 1 or cfg.server.drain_s <= 0
+        log.info("%s: %s the front ends", sig.name, "stopping" if now else "draining")
         app[STATE].shutting_down = True   # front ends leaving now is no failure
-        supervisor.pass_on(sig)
+        supervisor.pass_on(now=now)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in ShutdownSignals.SIGNALS:
         loop.add_signal_handler(sig, received, sig)
     log.info("back end: loading voice %s on %s; %d front end(s) on %s", cfg.engine.voice,
              cfg.engine.device, cfg.server.front_ends, url)
