@@ -262,10 +262,11 @@ def serve(cfg: ServerConfig, *, front_end: tuple[str, str] | None = None) -> Non
         split = {"front_end_of": front_end[0], "front_end_name": front_end[1],
                  "on_back_end_lost": back_end_lost}
     app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url[0]), **split)
-    signals = ShutdownSignals(app, cfg.server.drain_s, stop=lambda: loop.call_soon(_exit))
+    signals = ShutdownSignals(app, cfg.server.drain_s, stop=lambda: loop.call_soon(_exit),
+                              front_end=front_end is not None)
 
     async def install(_app: web.Application) -> None:
-        signals.install(loop, front_end=front_end is not None)
+        signals.install(loop)
     app.on_startup.append(install)
     # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
     def listening(banner: str) -> None:

@@ -267,35 +267,46 @@ class ShutdownSignals:
     """What SIGTERM, SIGINT and SIGHUP do: the first drains (`server.drain_s`) and then stops,
     a second one stops at once. `stop` ends the server (run_server raises GracefulExit).
 
-    A front end (server/split.py) also takes its back end's word, passed on as SIGUSR1 (drain)
-    and SIGUSR2 (stop now) so that it is not taken for a second SIGTERM: systemd, for one,
-    signals every process of a service at once, and the back end passes its own signal on."""
+    A front end (server/split.py; `front_end`) takes "stop now" from its back end alone, passed
+    on as SIGUSR2 (SIGUSR1: drain): its own signals only drain, however many come. systemd, for
+    one, signals every process of a service at once, and the back end passes its signal on: a
+    front end must not take the two for a signal sent twice, in either order."""
 
     SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     PASSED_ON: Final = {"drain": signal.SIGUSR1, "stop": signal.SIGUSR2}
 
-    def __init__(self, app: web.Application, drain_s: float, stop: Callable[[], None]) -> None:
+    def __init__(self, app: web.Application, drain_s: float, stop: Callable[[], None], *,
+                 front_end: bool = False) -> None:
         self._app, self._drain_s, self._stop = app, drain_s, stop
+        self._front_end = front_end
         self._draining: asyncio.Task[None] | None = None
 
-    def install(self, loop: asyncio.AbstractEventLoop, *, front_end: bool = False) -> None:
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in self.SIGNALS:
             loop.add_signal_handler(sig, self.received, sig)
-        if front_end:
-            loop.add_signal_handler(self.PASSED_ON["drain"], self._back_end_says, False)
-            loop.add_signal_handler(self.PASSED_ON["stop"], self._back_end_says, True)
+        if self._front_end:
+            loop.add_signal_handler(self.PASSED_ON["drain"], self.passed_on, False)
+            loop.add_signal_handler(self.PASSED_ON["stop"], self.passed_on, True)
 
     def received(self, sig: signal.Signals) -> None:
-        self._shutdown(sig.name, now=self._draining is not None)
+        if self._draining is None:
+            self._shutdown(sig.name, now=False, again="" if self._front_end
+                           else "; send it again to stop now")
+        elif self._front_end:
+            log.info("%s: draining already (a front end stops at once when its back end says "
+                     "so: signal the back end again)", sig.name)
+        else:
+            self._shutdown(sig.name, now=True)
 
-    def _back_end_says(self, now: bool) -> None:
+    def passed_on(self, now: bool) -> None:
+        """A front end: its back end's word (SIGUSR1: drain, SIGUSR2: stop now)."""
         if now or self._draining is None:   # a drain asked for twice is one drain
             self._shutdown("the back end", now=now)
 
-    def _shutdown(self, who: str, *, now: bool) -> None:
+    def _shutdown(self, who: str, *, now: bool, again: str = "") -> None:
         if not now and self._drain_s > 0:
-            log.info("%s: no new streams; stopping once the live ones finish (at most %g s; "
-                     "send it again to stop now)", who, self._drain_s)
+            log.info("%s: no new streams; stopping once the live ones finish (at most %g s%s)",
+                     who, self._drain_s, again)
             self._draining = asyncio.get_running_loop().create_task(self._drain_then_stop())
             return
         log.info("%s: stopping now", who)

@@ -1425,6 +1425,26 @@ async def test_a_second_signal_or_no_drain_time_stops_at_once(
         await client.close()
 
 
+async def test_a_front_end_stops_at_once_only_on_its_back_ends_word(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # systemd signals every process of a service at once and the back end passes its signal
+    # on: whichever reaches a front end first, it drains.
+    async with running(engine) as r:
+        client = await live_stream(http, r)
+        stopped = asyncio.Event()
+        signals = ShutdownSignals(r.server.app, 30.0, stop=stopped.set, front_end=True)
+        signals.passed_on(now=False)                           # the back end's drain
+        signals.received(signal.SIGTERM)                       # systemd's own, after it
+        signals.received(signal.SIGTERM)                       # and any more
+        signals.passed_on(now=False)
+        await asyncio.sleep(0.3)
+        assert r.state.shutting_down and not stopped.is_set()
+        signals.passed_on(now=True)                            # the back end's second signal
+        assert stopped.is_set()
+        await client.close()
+
+
 async def test_disconnect_mid_stream_leaves_nothing_behind(srv: Running) -> None:
     await clean(srv)
     baseline = len(asyncio.all_tasks())
