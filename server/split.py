@@ -54,8 +54,8 @@ import numpy as np
 from aiohttp import web
 
 from server.admission import LoadEstimate
-from streaming_tts.params import SynthesisParams
 from streaming_tts.gpu import GpuSample
+from streaming_tts.params import SynthesisParams
 from streaming_tts.stream import PhraseEvent, StreamOptions, StreamSink
 
 if TYPE_CHECKING:
@@ -556,10 +556,10 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
     try:
         exc = await lost
     except asyncio.CancelledError:
-        state.clients.on_change = None
         link.close()
         raise
-    state.clients.on_change = None
+    finally:
+        state.clients.on_change = None
     why = f" ({exc})" if exc else ""
     log.error("front end %s: the back end went away%s; failing %d live stream(s)", name, why,
               remote.stream_count)

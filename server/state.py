@@ -64,12 +64,14 @@ class ClientCounts:
         # Set by a front end's link where limits are per client: told of every change here.
         self.on_change: Callable[[str], None] | None = None
 
-    def count(self, counter: Counter[str], client: str, delta: int) -> None:
-        """`delta` more of `client` in `counter` (`contexts` or `sockets`); a client at zero
+    def change(self, client: str, *, contexts: int = 0, sockets: int = 0) -> None:
+        """`client` holds `contexts` and `sockets` more (or fewer) here; a client at zero
         leaves (a counter per client must not grow forever)."""
-        counter[client] += delta
-        if counter[client] <= 0:
-            del counter[client]
+        for counter, delta in ((self.contexts, contexts), (self.sockets, sockets)):
+            if delta:
+                counter[client] += delta
+                if counter[client] <= 0:
+                    del counter[client]
         if self.on_change is not None:
             self.on_change(client)
 
@@ -115,11 +117,11 @@ class ServerState:
 
     def session_opened(self, session: Closable, client: str) -> None:
         self.sessions.add(session)
-        self.clients.count(self.clients.sockets, client, 1)
+        self.clients.change(client, sockets=1)
 
     def session_closed(self, session: Closable, client: str) -> None:
         self.sessions.discard(session)
-        self.clients.count(self.clients.sockets, client, -1)
+        self.clients.change(client, sockets=-1)
 
     def unavailable(self) -> tuple[RefusalReason, str] | None:
         """Why no stream can start now whatever the load, with the message for the client:
@@ -134,7 +136,7 @@ class ServerState:
         """Hold an admission slot for one new stream of `client` (release it with `release`)."""
         decision = self.admission.admit()
         if decision.ok:
-            self.clients.count(self.clients.contexts, client, 1)
+            self.clients.change(client, contexts=1)
             self.metrics.streams_started.inc()
             self.metrics.active_streams.set(self.admission.active_streams)
         return decision
@@ -142,7 +144,7 @@ class ServerState:
     def release(self, client: str) -> None:
         """One admitted stream of `client` ended (done, cancelled, failed or disconnected)."""
         self.admission.release()
-        self.clients.count(self.clients.contexts, client, -1)
+        self.clients.change(client, contexts=-1)
         self.metrics.active_streams.set(self.admission.active_streams)
 
     def count_error(self, code: str) -> None:
