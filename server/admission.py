@@ -152,6 +152,7 @@ class AdmissionController:
         loop_busy_reader: Callable[[], float | None] | None = None,
         encoder_reader: Callable[[], EncoderLoad | None] | None = None,
         elsewhere_reader: Callable[[], int] | None = None,
+        share_reader: Callable[[], int] | None = None,
         on_refused: Callable[[RefusalReason], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -161,6 +162,9 @@ class AdmissionController:
         self._loop_busy_reader = loop_busy_reader
         self._encoder_reader = encoder_reader
         self._elsewhere_reader = elsewhere_reader
+        # How many processes admit against the same GPU reading (front ends: server/split.py);
+        # a stream admitted here since the reading is charged that many times.
+        self._share_reader = share_reader
         self._on_refused = on_refused
         self._rng = rng or random.Random()
         self._stream_vram_cost: int | None = None
@@ -275,10 +279,13 @@ class AdmissionController:
         if sample is not self._vram_sample:
             self._vram_sample, self._admitted_at_sample = sample, self._admitted_total
         since = self._admitted_total - self._admitted_at_sample
-        headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB - since * cost
+        share = 1 if self._share_reader is None else self._share_reader()
+        headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB - since * share * cost
         if headroom >= cost:
             return None
         pending = f" and {since} stream(s) admitted since the last reading" if since else ""
+        if since and share > 1:
+            pending += f" (here; counted for each of {share} front ends)"
         return _Refusal(RefusalReason.VRAM, (
             f"not enough GPU memory for another stream ({max(headroom, 0) / MIB:.0f} MiB free "
             f"beyond the reserve{pending}, {cost / MIB:.0f} MiB needed)"))

@@ -103,6 +103,7 @@ def create_app(
         loop_busy_reader=loop_busy_source or (lambda: state.loop_busy),
         encoder_reader=encoder_source or (lambda: state.encoders),
         elsewhere_reader=None if front_end_of is None else (lambda: _elsewhere(model)),
+        share_reader=None if front_end_of is None else (lambda: _share(model)),
         on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),
     )
     state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
@@ -143,7 +144,13 @@ def _scheduler_load(model: ModelSlot) -> Any:
 def _elsewhere(model: ModelSlot) -> int:
     """A front end: the streams the other front ends hold (server/split.py)."""
     remote = model.scheduler
-    return 0 if remote is None else remote.elsewhere()  # type: ignore[attr-defined]
+    return remote.elsewhere() if isinstance(remote, RemoteScheduler) else 0
+
+
+def _share(model: ModelSlot) -> int:
+    """A front end: how many front ends admit against one status (server/split.py)."""
+    remote = model.scheduler
+    return remote.share if isinstance(remote, RemoteScheduler) else 1
 
 
 async def _close_monitor(monitor: GpuMonitor) -> None:

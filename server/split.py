@@ -28,12 +28,16 @@ system call.
 Admission stays where the socket is (a `start` is answered at once, `ready` or `error`): each
 front end decides with its own streams, its own event loop and encoders, and the back end's
 latest status, which says how many streams the others hold. Front ends admitting in the same
-20 ms each see the room that status left and can each fill it: `max_streams` and the load
-ceiling can be passed by what the others admitted in those milliseconds. The limits per client
-(`limits.contexts_per_client`, `limits.sockets_per_client`) are kept the same way: a front end
-counts its own exactly and the others' as of the last status, so they hold for the whole server
-whichever front end the kernel hands a client's connections to, give or take what one client
-opens on two front ends within one status.
+20 ms all see the room that status left; so that they do not each fill it, a front end counts
+every stream it admitted since the status N times (N front ends: as if each had admitted as
+many; `RemoteScheduler.share`), for `max_streams`, the load ceiling and the GPU memory alike.
+Connections spread evenly over the front ends (as SO_REUSEPORT spreads them), the limits hold;
+a burst into one front end is admitted a share at a time, 1/N of the room per status, the rest
+refused with a Retry-After; they can be passed only by how unevenly one status's admissions
+fell. The limits per client (`limits.contexts_per_client`, `limits.sockets_per_client`): a
+front end counts its own exactly and the others' as of the last status, so they hold for the
+whole server whichever front end the kernel hands a client's connections to, give or take what
+one client opens on two front ends within one status.
 
 If the back end goes, each front end fails its live streams (`error`, internal), turns
 unhealthy and exits; if a front end goes, the back end closes its streams (nothing of them is
@@ -326,6 +330,7 @@ class LinkServer:
             "failure": model.failure,
             "load": None if scheduler is None else load_to_wire(state.admission.load()),
             "live": sum(len(c.streams) for c in self.connections),
+            "front_ends": len(self.connections),
             "vram_cost": state.admission.stream_vram_cost,
             "gpu": None if gpu is None else [self._gpu_seen[1], gpu.vram_used_bytes,
                                              gpu.vram_total_bytes, gpu.vram_free_bytes,
@@ -386,6 +391,7 @@ class BackEndStatus:
     load: LoadEstimate | None = None
     mine: int = 0           # this front end's streams the back end holds
     live: int = 0           # every front end's
+    front_ends: int = 1     # linked to the back end, this one included
     gpu: GpuSample | None = None
     gpu_seq: int = 0
     vram_cost: int | None = None
@@ -428,17 +434,28 @@ class RemoteScheduler:
     def stream_count(self) -> int:
         return len(self._sinks)
 
+    def unseen(self) -> int:
+        """Streams opened here that the back end had not read when it wrote its last status (on
+        one ordered socket, what it answered for has come back before the status)."""
+        return max(0, len(self._sinks) - self.status.mine)
+
+    @property
+    def share(self) -> int:
+        """How many front ends admit against the same status: each counts what it admitted
+        since that status this many times, as if every front end had admitted as many."""
+        return self.status.front_ends
+
     def elsewhere(self) -> int:
-        """Streams the other front ends hold, as of the back end's last status."""
-        return max(0, self.status.live - self.status.mine)
+        """Streams the other front ends hold, as of the back end's last status, and as many
+        again as this one has opened since, for each of them (they may have done the same)."""
+        return max(0, self.status.live - self.status.mine) + self.unseen() * (self.share - 1)
 
     def load(self, extra_streams: int = 0) -> LoadEstimate:
-        """The back end's load as last reported, with this front end's streams opened since
-        then counted as starting streams (as the scheduler counts those not yet registered)."""
+        """The back end's load as last reported, with the streams opened since then as
+        starting streams (as the scheduler counts those not yet registered): this front end's,
+        and as many for each other front end (`share`)."""
         load = self.status.load
-        # Streams opened here that the back end had not read when it wrote the status (on
-        # one ordered socket, what it answered for has come back before the status).
-        unseen = max(0, len(self._sinks) - self.status.mine) + extra_streams
+        unseen = (self.unseen() + extra_streams) * self.share
         if load is None:   # the back end's model has stopped: nothing measured to go by
             return LoadEstimate(active_streams=unseen, demand_audio_s_per_s=float(unseen),
                                 capacity_audio_s_per_s=None, starting_streams=unseen)
@@ -457,7 +474,7 @@ class RemoteScheduler:
             seq, sample = gpu[0], GpuSample(*gpu[1:])
         self.status = BackEndStatus(
             ready=status["ready"], failure=status["failure"],
-            mine=status["mine"], live=status["live"],
+            mine=status["mine"], live=status["live"], front_ends=max(1, status["front_ends"]),
             load=None if load is None else LoadEstimate(*load), gpu=sample, gpu_seq=seq,
             vram_cost=status["vram_cost"])
 

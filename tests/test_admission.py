@@ -179,6 +179,22 @@ def test_vram_charges_streams_admitted_since_the_reading() -> None:
     assert ctl.admit().reason is RefusalReason.VRAM
 
 
+def test_vram_charges_what_each_front_end_may_have_admitted_since_the_reading() -> None:
+    # Several front ends (server/split.py) admit against one reading: each charges the streams
+    # it admitted since as many times as there are front ends.
+    r = Readings()
+    config = AdmissionConfig(max_streams=100, vram_reserve_mb=512)
+    ctl = AdmissionController(config, load_source=r.read_load, gpu_reader=r.read_gpu,
+                              share_reader=lambda: 2)
+    ctl.set_stream_vram_cost(100 * MIB)
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 450) * MIB)     # room for four, over both
+    assert ctl.admit().ok and ctl.admit().ok
+    decision = ctl.admit()                                 # 2 here, as many there, maybe
+    assert decision.reason is RefusalReason.VRAM
+    assert "(50 MiB free beyond the reserve and 2 stream(s) admitted since the last reading " \
+        "(here; counted for each of 2 front ends)" in decision.message
+
+
 def test_vram_is_not_checked_before_the_cost_is_measured_or_without_a_reading() -> None:
     r = Readings()
     r.gpu = FakeGpu(vram_free_bytes=0)

@@ -29,6 +29,7 @@ import pytest_asyncio
 
 from benchmarks.first_audio import wait_ready
 from benchmarks.host_path import _children
+import server.split
 from server.split import LINK, RemoteScheduler
 from streaming_tts.engine import Engine, SynthesisParams
 from streaming_tts.stream import StreamOptions
@@ -145,6 +146,26 @@ async def test_max_streams_counts_the_streams_of_every_front_end(
         await back_end_idle(split)
 
 
+async def test_front_ends_admitting_at_once_do_not_overfill_the_server(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with running_split(engine, {"admission.max_streams": 4}) as split:
+        # No status between the starts: both front ends see the same room (4), and each counts
+        # a stream it admits since as two (the other may have admitted as many).
+        monkeypatch.setattr(server.split, "STATUS_INTERVAL_S", 60.0)
+        await asyncio.sleep(0.1)   # the last status before the pause has come
+        clients = [await connect(http, front) for front in split.fronts for _ in range(3)]
+        for client in clients:
+            await client.send({"type": "start", "ctx": "x"})
+        answers = [await client.recv() for client in clients]
+        assert [a["type"] for a in answers] == ["ready", "ready", "error"] * 2, answers
+        assert "limit of 4" in answers[2]["message"]
+        assert sum(f.state.admission.active_streams for f in split.fronts) == 4
+        for client in clients:
+            await client.close()
+        await back_end_idle(split)
+
+
 async def test_limits_per_client_hold_across_front_ends(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
@@ -252,9 +273,11 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w+")
     signalled = False
+    # --max-streams 8: four starts at once may all reach one front end, which counts each
+    # stream it admits before the next status twice (server/split.py, admission).
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "run_server.py"), "--front-ends", "2", "--port", str(port),
-         "--max-streams", "4"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+         "--max-streams", "8"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
         stderr=subprocess.STDOUT)
     try:
         await wait_ready(base, proc)
@@ -367,7 +390,7 @@ async def aiohttp_client(http: aiohttp.ClientSession, base: str) -> ProtocolClie
 
 
 def status(**fields: object) -> dict[str, object]:
-    base = {"ready": True, "failure": None, "mine": 0, "live": 0,
+    base = {"ready": True, "failure": None, "mine": 0, "live": 0, "front_ends": 1,
             "load": [0, 0.0, 20.0, 0], "gpu": None, "vram_cost": None}
     return {**base, **fields}
 
@@ -398,6 +421,13 @@ async def test_streams_opened_since_the_last_status_count_as_unseen_load() -> No
     assert remote.load().active_streams == 4 and sent[-1] == ["close", "c"]
     remote.on_status(status(mine=2, live=4, load=[4, 4.0, 20.0, 0]))
     assert remote.load().active_streams == 4 and remote.elsewhere() == 2
+    # With 3 front ends, a stream opened since the status counts 3 times: the others may have
+    # opened as many in the same milliseconds, against the same room.
+    remote.on_status(status(mine=2, live=4, front_ends=3, load=[4, 4.0, 20.0, 0]))
+    remote.open("d", options, Sink())  # type: ignore[arg-type]
+    assert remote.share == 3 and remote.elsewhere() == 2 + 2
+    load = remote.load()
+    assert (load.active_streams, load.starting_streams, load.demand_audio_s_per_s) == (7, 3, 7.0)
 
 
 async def test_a_gpu_reading_is_one_object_until_the_back_end_reads_again() -> None:
