@@ -46,6 +46,8 @@ QUICK_EXITS_MAX: Final = 3
 RESTART_DELAY_S: Final = 1.0
 # The back end's private directory (the link's socket, the metrics files) is named thus.
 WORKDIR_PREFIX: Final = "streaming-tts-"
+LINK_NAME: Final = "back-end.sock"   # in it: the link's socket,
+METRICS_NAME: Final = "metrics"      # and prometheus_client's multiprocess files
 # A front end whose link dropped waits this long to see its back end dead before it removes
 # what the back end left (clean_up_after).
 ORPHAN_WAIT_S: Final = 2.0
@@ -174,7 +176,7 @@ def clean_up_after(back_end_pid: int, link: str) -> None:
         if time.monotonic() > deadline:
             return   # it lives: it removes its directory itself
         time.sleep(0.01)
-    metrics = workdir / "metrics"
+    metrics = workdir / METRICS_NAME
     for pid in (back_end_pid, os.getpid()):
         for path in metrics.glob(f"*_{pid}.db"):
             path.unlink(missing_ok=True)
@@ -196,8 +198,8 @@ def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | No
     reserved = reserve_port(host, port)   # OSError: taken (run_server reports it)
     port = reserved.getsockname()[1]
     workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
-    link = str(Path(workdir) / "back-end.sock")
-    metrics_dir = str(Path(workdir) / "metrics")
+    link = str(Path(workdir) / LINK_NAME)
+    metrics_dir = str(Path(workdir) / METRICS_NAME)
     os.mkdir(metrics_dir)
     use_multiprocess_metrics(metrics_dir)
     loop = uvloop.new_event_loop()
