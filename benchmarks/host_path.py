@@ -411,9 +411,12 @@ def refused_counts(exposition: str) -> dict[str, int]:
 
 def run(args) -> list[dict]:
     base = f"http://127.0.0.1:{args.port}"
+    # Room for every stream of the largest run: through N front ends, starts that fall unevenly
+    # within one status are admitted a share (1/N) of the room at a time (server/split.py).
+    max_streams = max(args.streams) * max(1, args.front_ends)
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--port", str(args.port),
-         "--max-streams", str(max(args.streams)), "--encode-threads", str(args.encode_threads),
+         "--max-streams", str(max_streams), "--encode-threads", str(args.encode_threads),
          "--front-ends", str(args.front_ends)]
         + (["--config", args.config] if args.config else [])
         + (["--profile", args.profile] if args.profile else [])
