@@ -290,16 +290,17 @@ def test_streamed_paragraph_plays_to_the_end_with_captions(
 
     seen: list[int] = []  # caption highlight index over time
     trace: list[str] = []  # what the player reported, to show where an underrun came
-    underruns_at_1s = None  # underruns counted by the time 1 s of audio had played
+    at_1s = None  # the stats by the time 1 s of audio had played
     shot_taken = False
     t0 = deadline = time.monotonic()
     deadline += 120
     stats = client.stats()
     while stats["state"] not in ("done", "error") and time.monotonic() < deadline:
         trace.append(f"{time.monotonic() - t0:.1f}s {stats.get('state')} played {stats.get('playedMs')} "
-                     f"buffered {stats.get('bufferedMs')} underruns {stats.get('underruns')}")
-        if underruns_at_1s is None and float(stats.get("playedMs") or 0) >= 1000:
-            underruns_at_1s = stats.get("underruns")
+                     f"buffered {stats.get('bufferedMs')} underruns {stats.get('underruns')} "
+                     f"late {stats.get('lateArrivals')}")
+        if at_1s is None and float(stats.get("playedMs") or 0) >= 1000:
+            at_1s = stats
         seen.append(client.current_word_index())
         words = client.page.eval_on_selector_all(".word", "ws => ws.length")
         if not shot_taken and words and seen[-1] >= words // 2:
@@ -319,13 +320,17 @@ def test_streamed_paragraph_plays_to_the_end_with_captions(
     audio_ms = float(stats["audioMs"])  # usage.audio_ms from `done`
     assert audio_ms > 5_000, "a 40-word paragraph should be several seconds of speech"
     assert float(stats["playedMs"]) >= 0.9 * audio_ms
-    # Once playing, it never runs dry: the server sends ahead (at most lookahead_ms) and the
-    # page decodes and queues in time. The first second is left out: whether the second chunk
-    # comes before the first (~0.3 s) has played is the model's speed on this CPU, which the
-    # load benchmark measures (late messages), not a test. On 2026-12-01, with the 2-core host
-    # at half its usual speed, 2 runs in ~8 ran dry there once, never later.
-    assert underruns_at_1s is not None and int(stats["underruns"]) == int(underruns_at_1s) <= 1, \
-        "\n".join(trace)
+    # Once playing, it never runs dry unless audio came late: the page decodes and queues what
+    # arrives in time. Whether the audio itself comes in time is the model's speed on this CPU,
+    # which the load benchmark measures (late messages), not a test: on 2026-12-01, with the
+    # 2-core host at half its usual speed and the suite's other work, 2 runs in ~8 ran dry once
+    # in their first second, and one full-suite run on 2026-12-02 ran dry once later on. An
+    # underrun with no late audio to explain it is the page's own fault, and fails here.
+    assert at_1s is not None, "\n".join(trace)
+    dry_after_1s = int(stats["underruns"]) - int(at_1s["underruns"])
+    late_after_1s = int(stats["lateArrivals"]) - int(at_1s["lateArrivals"])
+    assert int(at_1s["underruns"]) <= max(1, int(at_1s["lateArrivals"])), "\n".join(trace)
+    assert dry_after_1s <= late_after_1s, "\n".join(trace)
     assert stats["ttfaMs"] != "" and float(stats["ttfaMs"]) > 0
 
     n_words = client.page.eval_on_selector_all(".word", "ws => ws.length")
@@ -730,6 +735,9 @@ def test_slow_link_says_so_and_what_arrived_plays_before_the_error(
         played = float(client.stats()["playedMs"])
         client.wait_played_ms(played + 500, timeout_ms=15_000)
     assert client.alert() == ""
+    # Each time it ran dry, the audio held back came late, and the page tells so.
+    assert int(client.stats()["lateArrivals"]) >= 2
+    assert "audio came late" in client.page.inner_text("#stat-underruns")
 
     client.page.wait_for_function(  # the server keeps up to 1.5 s ahead of the listener
         "() => Number(document.querySelector('#stats').dataset.bufferedMs) >= 400",

@@ -66,6 +66,9 @@ const HEALTH_CHECK_MS = 250;
 // From this many underruns in a stream on, running dry says "too slow" (and for a while after).
 const SLOW_UNDERRUNS = 2;
 const SLOW_NOTICE_HOLD_MS = 4000;
+// Audio that arrives less than this before the listener reaches it came late: decoding it and
+// handing it to the player takes about that long, so running dry then is not the page's doing.
+const LATE_MARGIN_MS = 20;
 
 const $ = (id) => document.getElementById(id);
 
@@ -291,18 +294,27 @@ class Player {
     this.node.port.postMessage({ type: "clear", gen });
   }
 
-  /** Stream position (ms) the listener hears now: rendered samples, extrapolated, minus latency. */
-  heardMs() {
+  /**
+   * Stream position (ms) the worklet has rendered by now (its last report, extrapolated while it
+   * plays); null before the stream started playing.
+   */
+  renderedMs() {
     const r = this.last;
-    if (!r || !this.ctx) return 0;
+    if (!r || !this.ctx || r.state === "buffering") return null;
     let samples = r.played;
     if (r.state === "playing") {
       const since = Math.max(0, this.ctx.currentTime - r.time) * this.sampleRate;
       samples += Math.min(since, r.buffered);
     }
+    return (samples * 1000) / this.sampleRate;
+  }
+
+  /** Stream position (ms) the listener hears now: rendered samples, minus output latency. */
+  heardMs() {
+    const rendered = this.renderedMs();
+    if (rendered === null) return 0;
     const latency = (this.ctx.outputLatency || 0) + (this.ctx.baseLatency || 0);
-    samples -= latency * this.sampleRate;
-    return (Math.max(0, samples) * 1000) / this.sampleRate;
+    return Math.max(0, rendered - latency * 1000);
   }
 }
 
@@ -622,6 +634,9 @@ class Utterance {
     this.ttfaMs = null;
     this.audioBytes = 0;
     this.audioMs = 0;
+    // Audio messages that came when the listener had (almost) nothing left to hear: they tell
+    // whether running dry was the server's or network's doing (late) or the page's (not late).
+    this.lateArrivals = 0;
     this.pushedSamples = 0; // where the next decoded sample sits on the stream timeline
     this.decoder = null;
     this.resampler = null;
@@ -1410,6 +1425,10 @@ class App {
       utt.ttfaMs = performance.now() - utt.requestedAt;
     }
     const pts = Number(msg.pts_ms) || 0;
+    const rendered = this.player.renderedMs();
+    if (rendered !== null && pts - rendered < LATE_MARGIN_MS) {
+      utt.lateArrivals += 1;
+    }
     if (utt.format === "opus") {
       const packets = Array.isArray(msg.data) ? msg.data : [msg.data];
       for (const p of packets) utt.audioBytes += p.byteLength;
@@ -1496,14 +1515,16 @@ class App {
     stats.dataset.playedMs = String(Math.round(playedMs));
     stats.dataset.bufferedMs = String(Math.round(bufferedMs));
     stats.dataset.underruns = String(r ? r.underruns : 0);
+    stats.dataset.lateArrivals = String(utt ? utt.lateArrivals : 0);
     stats.dataset.outputPeak = String(r ? Number(r.peak.toFixed(4)) : 0);
     stats.dataset.ttfaMs = utt && utt.ttfaMs !== null ? String(Math.round(utt.ttfaMs)) : "";
     stats.dataset.retries = String(utt ? utt.retries : 0);
     $("stat-played").textContent = `${(playedMs / 1000).toFixed(2)} s`;
     $("stat-buffered").textContent = `${Math.round(bufferedMs)} ms`;
     const silentMs = r ? Math.round((r.underrunSamples * 1000) / rate) : 0;
+    const late = utt && utt.lateArrivals ? `; audio came late ${utt.lateArrivals}×` : "";
     $("stat-underruns").textContent =
-      r && r.underruns ? `${r.underruns} (${silentMs} ms silent)` : "0";
+      r && r.underruns ? `${r.underruns} (${silentMs} ms silent${late})` : "0";
     $("stat-ttfa").textContent =
       utt && utt.ttfaMs !== null ? `${Math.round(utt.ttfaMs)} ms` : "–";
     $("stat-format").textContent = this.formatLabel(utt);
