@@ -108,8 +108,9 @@ def cmd_synth(args: argparse.Namespace, registry: VoiceRegistry) -> int:
                             normalize=not args.literal)
     write_wav(args.out, audio, voice.sample_rate)
     seconds = len(audio) / voice.sample_rate
-    log.warning("wrote %s: %.2f s of audio at %d Hz in %.2f s", args.out, seconds,
-                voice.sample_rate, time.perf_counter() - t0)
+    # The command's result, on stdout like `voices` (the log, on stderr, is for problems).
+    sys.stdout.write(f"wrote {args.out}: {seconds:.2f} s of audio at {voice.sample_rate} Hz "
+                     f"in {time.perf_counter() - t0:.2f} s\n")
     return 0
 
 
