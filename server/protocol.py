@@ -2,8 +2,9 @@
 
 The contract is `shared/spec/protocol.md` (in the team's shared folder, beside the repository);
 `docs/protocol.md` records the choices made where it is silent. Every frame in both directions
-is one binary WebSocket frame holding one msgpack map with a string `type`. This module knows nothing about sockets, voices or the scheduler: it turns bytes
-into frozen dataclasses (or a `ProtocolError` carrying the wire error code) and back.
+is one binary WebSocket frame holding one msgpack map with a string `type`. This module knows
+nothing about sockets, voices or the scheduler: it turns bytes into frozen dataclasses (or a
+`ProtocolError` carrying the wire error code) and back.
 
 Decoding is total: whatever bytes arrive, `decode_client_frame` returns a message or raises
 `ProtocolError`, never anything else, so one bad client can never crash its session task.
