@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_runner import GracefulExit
 
-from server.app import ShutdownSignals, create_app
+from server.app import EarlySignals, ShutdownSignals, create_app
 from server.config import (
     ConfigError,
     ServerConfig,
@@ -65,16 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     tag = f"[{args.front_end_name}] " if args.front_end_of else ""
     writer = setup_logging(cfg.server.log_level, tag=tag)
+    # Before anything is made that a signal's default action would leave behind.
+    early = EarlySignals(front_end=bool(args.front_end_of))
     try:
         if args.front_end_of:
-            return _run(cfg, front_end=(args.front_end_of, args.front_end_name))
-        return _run(cfg, argv=sys.argv[1:] if argv is None else argv)
+            return _run(cfg, early, front_end=(args.front_end_of, args.front_end_name))
+        return _run(cfg, early, argv=sys.argv[1:] if argv is None else argv)
     finally:
+        early.restore()
         if writer is not None:
             writer.stop()   # writes out what is queued
 
 
-def _run(cfg: ServerConfig, *, argv: list[str] | None = None,
+def _run(cfg: ServerConfig, early: EarlySignals | None = None, *,
+         argv: list[str] | None = None,
          front_end: tuple[str, str] | None = None) -> int:
     log.debug("effective config: %s", cfg.as_dict())
     before, after = raise_open_file_limit()
@@ -91,11 +95,11 @@ def _run(cfg: ServerConfig, *, argv: list[str] | None = None,
         return 2
     try:
         if front_end is not None:
-            serve(cfg, front_end=front_end)
+            serve(cfg, early, front_end=front_end)
         elif cfg.server.front_ends > 0:
-            return serve_split(cfg, argv or [])
+            return serve_split(cfg, argv or [], early=early)
         else:
-            serve(cfg)
+            serve(cfg, early)
     except (UnknownVoiceError, FileNotFoundError) as exc:   # a voice id or file that is not there
         log.error("%s", exc)
         return 2
@@ -244,7 +248,8 @@ def setup_logging(level: str, stream: TextIO | None = None, *,
     return writer
 
 
-def serve(cfg: ServerConfig, *, front_end: tuple[str, str] | None = None) -> None:
+def serve(cfg: ServerConfig, early: EarlySignals | None = None, *,
+          front_end: tuple[str, str] | None = None) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP (draining first: ShutdownSignals), on uvloop.
     `front_end` (the back end's socket, this process's name): serve the sockets for a back end
     (server/split.py), sharing the port with the other front ends."""
@@ -266,7 +271,7 @@ def serve(cfg: ServerConfig, *, front_end: tuple[str, str] | None = None) -> Non
                               front_end=front_end is not None)
 
     async def install(_app: web.Application) -> None:
-        signals.install(loop)
+        signals.install(loop, early)
     app.on_startup.append(install)
     # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
     def listening(banner: str) -> None:

@@ -270,6 +270,42 @@ async def drain(app: web.Application, timeout_s: float) -> int:
     return left
 
 
+class EarlySignals:
+    """Shutdown signals that come before the event loop handles them: while the process starts
+    (imports torch, makes the back end's directory, starts its front ends), SIGTERM's default
+    action would kill it there and leave what it had made behind. Caught from the start and
+    replayed once the loop's handlers are installed (ShutdownSignals.install). A second one
+    meanwhile acts as the first would have, at once, except in a front end (`front_end`), whose
+    own signals only ever drain (ShutdownSignals)."""
+
+    def __init__(self, *, front_end: bool = False) -> None:
+        self._front_end = front_end
+        self.caught: list[signal.Signals] = []
+        signals = ShutdownSignals.SIGNALS
+        if front_end:
+            signals += tuple(ShutdownSignals.PASSED_ON.values())
+        self._before = {sig: signal.signal(sig, self._catch) for sig in signals}
+
+    def _catch(self, signum: int, _frame: object) -> None:
+        sig = signal.Signals(signum)
+        if self.caught and not self._front_end:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+        self.caught.append(sig)
+
+    def replay(self, loop: asyncio.AbstractEventLoop,
+               handler: Callable[[signal.Signals], None]) -> None:
+        """Hand what was caught to `handler`, on `loop` (whose handlers now take the signals)."""
+        for sig in self.caught:
+            loop.call_soon(handler, sig)
+        self.caught.clear()
+
+    def restore(self) -> None:
+        """Put back the handlers there were before (the process may go on: tests)."""
+        for sig, before in self._before.items():
+            signal.signal(sig, before)
+
+
 class ShutdownSignals:
     """What SIGTERM, SIGINT and SIGHUP do: the first drains (`server.drain_s`) and then stops,
     a second one stops at once. `stop` ends the server (run_server raises GracefulExit).
@@ -288,12 +324,22 @@ class ShutdownSignals:
         self._front_end = front_end
         self._draining: asyncio.Task[None] | None = None
 
-    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+    def install(self, loop: asyncio.AbstractEventLoop, early: EarlySignals | None = None) -> None:
+        """Handle the signals on `loop` from now on, and those `early` caught before."""
         for sig in self.SIGNALS:
             loop.add_signal_handler(sig, self.received, sig)
         if self._front_end:
             loop.add_signal_handler(self.PASSED_ON["drain"], self.passed_on, False)
             loop.add_signal_handler(self.PASSED_ON["stop"], self.passed_on, True)
+        if early is not None:
+            early.replay(loop, self.handle)
+
+    def handle(self, sig: signal.Signals) -> None:
+        """What the signal `sig` means here (one caught before the loop's handlers)."""
+        if sig in self.SIGNALS:
+            self.received(sig)
+        elif self._front_end:
+            self.passed_on(sig == self.PASSED_ON["stop"])
 
     def received(self, sig: signal.Signals) -> None:
         if self._draining is None:

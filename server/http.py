@@ -233,6 +233,8 @@ async def healthz(request: web.Request) -> web.Response:
     model = state.model
     if state.shutting_down:   # draining: a load balancer should send new users elsewhere
         return web.json_response({"status": "shutting_down", "voice": model.voice.id}, status=503)
+    if model.ready and (why := model.unanswered()) is not None:
+        return web.json_response({"status": "unresponsive", "error": why}, status=503)
     if model.ready:
         return web.json_response({"status": "ok", "voice": model.voice.id})
     if model.failure is not None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -69,6 +70,10 @@ log = logging.getLogger(__name__)
 
 # How often the back end tells each front end its state (load, GPU, readiness).
 STATUS_INTERVAL_S: Final = 0.02
+# A front end that has heard no status for this long takes its back end as stuck (stopped, or
+# its event loop blocked): /healthz says 503 and new streams are refused until it answers again
+# (its live streams wait for it). In one process, a stuck server's /healthz goes unanswered.
+BACK_END_SILENT_S: Final = 2.0
 # A front end waits this long for the back end's socket to exist and answer.
 CONNECT_TIMEOUT_S: Final = 30.0
 # Bytes a link may hold unsent before its writer pauses reading the other way: the back end's
@@ -406,6 +411,7 @@ class RemoteScheduler:
         self._send = link_send
         self._sinks: dict[str, StreamSink] = {}
         self.status = BackEndStatus()
+        self.heard_at = time.monotonic()   # the last status came then
 
     # ---- commands ----
     def open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
@@ -465,7 +471,12 @@ class RemoteScheduler:
                             starting_streams=load.starting_streams + unseen)
 
     # ---- the back end's messages ----
+    def silent_s(self) -> float:
+        """Seconds since the back end's last status."""
+        return time.monotonic() - self.heard_at
+
     def on_status(self, status: dict[str, Any]) -> None:
+        self.heard_at = time.monotonic()
         load, gpu, last = status["load"], status["gpu"], self.status
         sample, seq = last.gpu, last.gpu_seq
         if gpu is None:

@@ -20,6 +20,7 @@ from server.config import ServerConfig
 from server.encoders import EncoderPool
 from server.metrics import Metrics
 from server.refusal_log import RefusalLog
+from server.split import BACK_END_SILENT_S, RemoteScheduler
 from streaming_tts.gpu import GpuMonitor, GpuSample
 from streaming_tts.voices import VoiceInfo, VoiceRegistry
 
@@ -48,6 +49,16 @@ class ModelSlot:
     @property
     def ready(self) -> bool:
         return self.scheduler is not None and self.failure is None
+
+    def unanswered(self) -> str | None:
+        """Why the model, ready, does not answer now: a front end's back end has sent no
+        status for BACK_END_SILENT_S (server/split.py). None in one process, where a stuck
+        server answers nothing at all."""
+        remote = self.scheduler
+        silent = remote.silent_s() if isinstance(remote, RemoteScheduler) else 0.0
+        if silent >= BACK_END_SILENT_S:
+            return f"its back end has not answered for {silent:.0f} s"
+        return None
 
 
 class ClientCounts:
@@ -130,6 +141,8 @@ class ServerState:
             return RefusalReason.SHUTTING_DOWN, "server is shutting down"
         if not self.model.ready:
             return RefusalReason.NOT_READY, "server is not ready (loading the voice)"
+        if (why := self.model.unanswered()) is not None:
+            return RefusalReason.NOT_READY, f"server is not ready ({why})"
         return None
 
     def admit(self, client: str) -> Admission:

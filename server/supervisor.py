@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 import uvloop
 from aiohttp import web
 
-from server.app import SHUTDOWN_TIMEOUT_S, ShutdownSignals, create_app
+from server.app import SHUTDOWN_TIMEOUT_S, EarlySignals, ShutdownSignals, create_app
 from server.config import ServerConfig
 from server.metrics import use_multiprocess_metrics
 from server.state import STATE
@@ -58,8 +58,14 @@ FRONT_END_STOP_S: Final = SHUTDOWN_TIMEOUT_S + 10.0
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind `host:port` with SO_REUSEPORT (not listening) so that the front ends, which bind it
     the same way, can share it, and nothing else can take it meanwhile; with port 0 the system
-    picks it. Raises OSError when the port is taken."""
+    picks it. Raises OSError when the port is taken, by another server of ours too: a socket
+    with SO_REUSEPORT binds beside the others of the same user that have it, so first a plain
+    bind, which nothing listening there lets through."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # past TIME_WAIT
+            probe.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -83,6 +89,7 @@ class Supervisor:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._passed: signal.Signals | None = None   # the last word passed on (pass_on)
         self._quick_exits = 0
         self.failed = asyncio.Event()   # front ends keep failing to start: stop the server
 
@@ -104,6 +111,11 @@ class Supervisor:
             proc = await self._spawn(index)
             self._procs[index] = proc
             log.info("front end fe%d started (pid %d)", index, proc.pid)
+            if self._passed is not None:
+                # Started while the word was passed on (a SIGTERM during the start-up): it
+                # gets the word too, else the drain would wait for it to be killed.
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(self._passed)
             code = await proc.wait()
             _forget_metrics(proc.pid)
             if self._stopping:
@@ -125,7 +137,7 @@ class Supervisor:
         itself on: where a service manager has signalled every process already, a second
         SIGTERM would stop a front end at once instead of draining it (ShutdownSignals)."""
         self._stopping = True
-        sig = ShutdownSignals.PASSED_ON["stop" if now else "drain"]
+        sig = self._passed = ShutdownSignals.PASSED_ON["stop" if now else "drain"]
         for proc in self._procs.values():
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -187,7 +199,8 @@ def clean_up_after(back_end_pid: int, link: str) -> None:
 
 
 def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | None = None,
-                engine_loader: EngineLoader | None = None) -> int:
+                engine_loader: EngineLoader | None = None,
+                early: EarlySignals | None = None) -> int:
     """Run the back end and its front ends until a shutdown signal; the exit status.
 
     Each front end runs `run_server.py` with `argv` (this process's arguments) and
@@ -206,7 +219,7 @@ def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | No
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(_back_end(cfg, command, link, port, metrics_dir,
-                                                 engine_loader))
+                                                 engine_loader, early))
     finally:
         reserved.close()
         loop.close()
@@ -214,13 +227,8 @@ def serve_split(cfg: ServerConfig, argv: list[str], *, front_end: list[str] | No
 
 
 async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
-                    metrics_dir: str, engine_loader: EngineLoader | None) -> int:
-    url = f"http://{cfg.server.host}:{port}"
-    app = create_app(cfg, serve_front_ends=link, engine_loader=engine_loader,
-                     on_ready=lambda: log.info("back end ready: %d front end(s) serving on %s",
-                                               cfg.server.front_ends, url))
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()   # starts the model's loading, and the link's socket
+                    metrics_dir: str, engine_loader: EngineLoader | None,
+                    early: EarlySignals | None) -> int:
     supervisor = Supervisor(cfg, command, link, port, metrics_dir)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -231,18 +239,29 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
         signals += 1
         now = signals > 1 or cfg.server.drain_s <= 0
         log.info("%s: %s the front ends", sig.name, "stopping" if now else "draining")
-        app[STATE].shutting_down = True   # front ends leaving now is no failure
         supervisor.pass_on(now=now)
         stop.set()
 
+    # First of all: under uvloop a signal that comes while the loop runs reaches a handler
+    # installed after it too, and EarlySignals would have caught it already.
     for sig in ShutdownSignals.SIGNALS:
         loop.add_signal_handler(sig, received, sig)
+    if early is not None:
+        early.replay(loop, received)
+    url = f"http://{cfg.server.host}:{port}"
+    app = create_app(cfg, serve_front_ends=link, engine_loader=engine_loader,
+                     on_ready=lambda: log.info("back end ready: %d front end(s) serving on %s",
+                                               cfg.server.front_ends, url))
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()   # starts the model's loading, and the link's socket
     log.info("back end: loading voice %s on %s; %d front end(s) on %s", cfg.engine.voice,
              cfg.engine.device, cfg.server.front_ends, url)
     supervisor.start()
     failed = asyncio.create_task(supervisor.failed.wait())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        app[STATE].shutting_down = True   # front ends leaving now is no failure
     failed.cancel()
     stopped.cancel()
     await supervisor.stop(cfg.server.drain_s + FRONT_END_STOP_S)

@@ -14,7 +14,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ from hypothesis import strategies as st
 
 from benchmarks import soak
 from server.admission import Admission, RefusalReason
-from server.app import ShutdownSignals, drain
+from server.app import EarlySignals, ShutdownSignals, drain
 from server.config import load_config
 import server.model
 import server.session
@@ -1443,6 +1446,43 @@ async def test_a_front_end_stops_at_once_only_on_its_back_ends_word(
         signals.passed_on(now=True)                            # the back end's second signal
         assert stopped.is_set()
         await client.close()
+
+
+async def test_a_signal_while_starting_is_acted_on_once_the_loop_handles_signals(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # SIGTERM's default action, before the loop's handlers, killed the process mid-start (a
+    # back end left its directory behind): it is caught, then acted on as it would have been.
+    before = signal.getsignal(signal.SIGTERM)
+    early, early_front = EarlySignals(), EarlySignals(front_end=True)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), ShutdownSignals.PASSED_ON["stop"])
+        await asyncio.sleep(0.01)
+        assert early_front.caught == [signal.SIGTERM, ShutdownSignals.PASSED_ON["stop"]]
+    finally:
+        early_front.restore()
+        early.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+    async with running(engine) as r:
+        client = await live_stream(http, r)
+        stopped = asyncio.Event()
+        signals = ShutdownSignals(r.server.app, 30.0, stop=stopped.set, front_end=True)
+        early_front.replay(asyncio.get_running_loop(), signals.handle)
+        assert early_front.caught == []
+        await asyncio.sleep(0.3)
+        assert r.state.shutting_down and stopped.is_set()   # drained, then the back end's stop
+        await client.close()
+    # A second signal before the loop's handlers acts as the first would have, at once.
+    code = subprocess.run(
+        [sys.executable, "-c", "import os, signal, time\n"
+         "from server.app import EarlySignals\n"
+         "early = EarlySignals()\n"
+         "os.kill(os.getpid(), signal.SIGTERM)\n"
+         "assert early.caught == [signal.SIGTERM]\n"
+         "os.kill(os.getpid(), signal.SIGTERM)\n"
+         "time.sleep(30)\n"], cwd=Path(__file__).resolve().parent.parent, timeout=60).returncode
+    assert code == -signal.SIGTERM
 
 
 async def test_disconnect_mid_stream_leaves_nothing_behind(srv: Running) -> None:

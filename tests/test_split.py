@@ -246,6 +246,32 @@ async def test_when_the_back_end_goes_streams_fail_and_front_ends_turn_unhealthy
         await clean_front_end(front)
 
 
+async def test_a_silent_back_end_turns_the_front_ends_unhealthy_until_it_answers(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # A back end stopped (SIGSTOP) or with its event loop blocked sends no status: /healthz
+    # said 200 all along and new streams were admitted, to hear nothing.
+    async with running_split(engine) as split:
+        front = split.fronts[0]
+        link = remote(front)
+        link.on_status = lambda status: None            # type: ignore[method-assign]
+        link.heard_at -= server.split.BACK_END_SILENT_S
+        async with http.get(front.url("/healthz")) as resp:
+            body = await resp.json()
+        assert resp.status == 503 and body["status"] == "unresponsive", body
+        assert "back end has not answered" in body["error"]
+        error = await refused_before_upgrade(http, front)
+        assert "back end has not answered" in error["message"]
+        del link.on_status                              # it answers again
+        await wait_for(lambda: front.state.unavailable() is None, what="answering again")
+        async with http.get(front.url("/healthz")) as resp:
+            assert resp.status == 200
+        client = await connect(http, front)
+        assert (await client.speak(SHORT)).done is not None
+        await client.close()
+        await clean_front_end(front)
+
+
 async def clean_front_end(front: Running) -> None:
     s = front.state
     await wait_for(lambda: not s.sessions and s.admission.active_streams == 0,
@@ -363,6 +389,55 @@ async def test_a_back_end_killed_leaves_no_files_behind(tmp_path: Path) -> None:
     out = log.read()
     assert not workdir.exists(), out
     assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("after", ["open-file limit", "back end: loading voice"])
+async def test_a_shutdown_while_starting_stops_at_once_and_leaves_nothing(
+    tmp_path: Path, after: str,
+) -> None:
+    # SIGTERM before the signal handlers were on the event loop killed the back end there,
+    # leaving its directory behind; and one while it started its front ends reached none of
+    # them, which served on until killed 35 s later.
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_server.py"), "--front-ends", "2",
+         "--port", str(free_port())], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+        stderr=subprocess.STDOUT, env={**os.environ, "TMPDIR": str(temp)})
+    try:
+        deadline = time.monotonic() + 60
+        while after not in Path(log.name).read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "it never got there"
+            await asyncio.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = Path(log.name).read_text()
+    assert code == 0, out
+    assert "Traceback" not in out and "still running" not in out, out
+    assert out.count("SIGTERM:") == 1, out          # one signal, not replayed as a second
+    assert "server stopped" in out, out
+    assert not list(temp.iterdir()), out
+
+
+async def test_a_second_server_cannot_take_the_port_of_one_with_front_ends() -> None:
+    # The front ends listen with SO_REUSEPORT, beside which another socket with it binds.
+    from server.supervisor import reserve_port
+
+    reserved = reserve_port("127.0.0.1", 0)
+    port = reserved.getsockname()[1]
+    with reserved, socket.socket() as listening:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listening.bind(("127.0.0.1", port))
+        listening.listen()
+        for host in ("127.0.0.1", "0.0.0.0"):
+            with pytest.raises(OSError):
+                reserve_port(host, port).close()
+    reserve_port("127.0.0.1", port).close()         # free again
 
 
 def alive(pid: int) -> bool:
