@@ -19,6 +19,7 @@ feeds each text word by word at each pace, and reports per run:
   ttfa_ms      first text to first audio
 
     python benchmarks/phrasing.py --wps 3 5 15 0 --json      # 0: all the text at once
+    python benchmarks/phrasing.py --wps 3 --delay-ms 1000     # a client's max_buffer_delay_ms
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ def offline_ms(engine: Engine, phonemizer: Phonemizer, text: str, params: Synthe
 
 
 async def feed(scheduler: Scheduler, name: str, text: str, wps: float, params: SynthesisParams,
-               sample_rate: int, function_words: frozenset[str]) -> dict:
+               sample_rate: int, function_words: frozenset[str], delay_ms: float) -> dict:
     sink = Listener(sample_rate)
-    scheduler.open(name, StreamOptions(params=params, max_buffer_delay_ms=300.0), sink)
+    scheduler.open(name, StreamOptions(params=params, max_buffer_delay_ms=delay_ms), sink)
     words = text.split(" ")
     start = time.monotonic()
     if wps:
@@ -172,7 +173,7 @@ async def measure(args: argparse.Namespace) -> list[dict]:
             reference = offline_ms(engine, phonemizer, text, params)
             for wps in args.wps:
                 run = await feed(scheduler, f"{name}-{wps}", text, wps, params,
-                                 voice.sample_rate, words)
+                                 voice.sample_rate, words, args.delay_ms)
                 results.append({"text": name, "wps": wps, "offline_ms": round(reference), **run})
     finally:
         task.cancel()
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="paces in words per second (0: all the text at once)")
     parser.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
     parser.add_argument("--config", help="server config (default: configs/default.toml's values)")
+    parser.add_argument("--delay-ms", type=float, default=300.0,
+                        help="the stream's max_buffer_delay_ms (default 300, the protocol's)")
     parser.add_argument("--real-vocoder", action="store_true",
                         help="decode audio for real (phrase choices then follow this host's speed)")
     parser.add_argument("--json", action="store_true")

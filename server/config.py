@@ -118,8 +118,8 @@ class SchedulerConfig:
     arriving_below_busy: float = 0.5  # ... only while the model was busy less than this
     silence_fill_ms: float = 100.0  # silence sent to a listener about to run dry mid-sentence
     buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while this much speech is coming
-    function_word_wait_ms: float = 1000.0  # text trickling: delayed cuts hold back function words
-    delay_min_words: int = 3  # ... and give a started listener at least this many words
+    function_word_wait_ms: float = 0.0  # text trickling: delayed cuts hold back function words
+    delay_min_words: int = 0  # ... and give a started listener at least this many words
     heap_trim_interval_s: float = 30.0  # give the C heap's free pages back this often (0: never)
 
     def __post_init__(self) -> None:

@@ -66,8 +66,8 @@ class SchedulerConfig:
     initial_frames_per_s: float = 800.0  # throughput guess until measured (CPU-ish)
     runway_ms: float = 1000.0          # a stream with work whose listener holds less is starting up
     buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while the listener has this much coming
-    function_word_wait_ms: float = 1000.0  # text still trickling this recently: delay cuts hold back
-    delay_min_words: int = 3           # ... trailing function words, and speak at least this many words
+    function_word_wait_ms: float = 0.0  # text still trickling this recently: delay cuts hold back
+    delay_min_words: int = 0           # ... trailing function words, and speak at least this many words
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
     recalibrate_idle_s: float = 60.0   # idle this long: probe the cost again (0: never)

@@ -659,7 +659,11 @@ def test_error_mid_stream_cancels_the_stream_on_the_server(
     # words, not as "Server error (internal): ...".
     client.speak(PARAGRAPH, wps=2)
     client.wait_played_ms(100)
-    ctx = [m["ctx"] for m in proxy.sent if m.get("type") == "start"][-1]
+    starts = [m for m in proxy.sent if m.get("type") == "start"]
+    ctx = starts[-1]["ctx"]
+    # Words 500 ms apart ask for the time three words take, lest each be a phrase of its own;
+    # at 10 words per second the server's default delay is left alone.
+    assert starts[-1]["max_buffer_delay_ms"] == 1500 and "max_buffer_delay_ms" not in starts[0]
     proxy.page_side.send(msgpack.packb(
         {"type": "error", "ctx": ctx, "code": "internal", "message": "model step failed"}))
     assert _wait_alert(client) == "The server failed while speaking: model step failed. Try again"

@@ -19,7 +19,8 @@ def test_the_listener_hears_on_time_and_later_after_running_dry() -> None:
 
 
 def test_a_whole_text_run_counts_its_phrases_and_cuts() -> None:
-    args = argparse.Namespace(wps=[0.0], texts=["chat"], config=None, real_vocoder=False)
+    args = argparse.Namespace(wps=[0.0], texts=["chat"], config=None, real_vocoder=False,
+                              delay_ms=300.0)
     [run] = asyncio.run(measure(args))
     assert run["phrases"] == len(run["texts"]) >= 4
     assert " ".join(run["texts"]).split() == TEXTS["chat"].split()   # every word, once
@@ -31,7 +32,8 @@ def test_a_whole_text_run_counts_its_phrases_and_cuts() -> None:
 
 def test_a_reply_full_of_numbers_never_parts_a_number_from_its_unit() -> None:
     # All at once: the eager first cut (delayed flushes: tests/test_splitter.py).
-    args = argparse.Namespace(wps=[0.0], texts=["numbers"], config=None, real_vocoder=False)
+    args = argparse.Namespace(wps=[0.0], texts=["numbers"], config=None, real_vocoder=False,
+                              delay_ms=300.0)
     for run in asyncio.run(measure(args)):
         assert " ".join(run["texts"]).split() == TEXTS["numbers"].split()
         for phrase in run["texts"][:-1]:

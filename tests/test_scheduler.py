@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from itertools import pairwise
 
 import numpy as np
@@ -1227,15 +1228,14 @@ def test_text_past_its_buffer_delay_waits_while_the_listener_has_plenty_coming(h
     assert [p.text for p in stream.phrases] == ["and then the"]
 
 
-def test_trickling_text_past_its_delay_is_cut_before_function_words_and_a_few_words_at_a_time():
-    # Captions at 3 words/s to a listener near dry: each gap between words passed the 300 ms
-    # delay, and the words were spoken a phrase each ("came out | of their | houses to"), each
-    # with its pauses, the word before a cut drawn out. While words still trickle in, a delay
-    # cut keeps trailing function words for the next phrase and speaks 3 words or more.
+def trickle_scheduler(**config: float) -> tuple[Scheduler, StreamState, Callable[..., list[str]]]:
+    """A stream whose listener is near dry (0.1 s left), and `typed(text, idle_s)`: the
+    phrases cut once `text` has come and no more for `idle_s`."""
     sched = Scheduler(FakeEngine(), phonemizer=FakePhonemizer(), meter=Meter(),
                       splitter_factory=functools.partial(PhraseSplitter, SplitterConfig(
                           function_words=ENGLISH_FUNCTION_WORDS)),
-                      config=SchedulerConfig(target_step_ms=100.0, initial_frames_per_s=1000.0))
+                      config=SchedulerConfig(target_step_ms=100.0, initial_frames_per_s=1000.0,
+                                             **config))
     sched.open("s", StreamOptions(params=SynthesisParams(), max_buffer_delay_ms=300.0), Sink())
     sched._apply_commands()
     stream = sched._streams["s"]
@@ -1251,7 +1251,31 @@ def test_trickling_text_past_its_delay_is_cut_before_function_words_and_a_few_wo
         stream.phrases.clear()
         stream.queued_chars = 0
         return spoken
+    return sched, stream, typed
 
+
+def test_text_past_its_delay_is_all_spoken_as_the_contract_says():
+    # "if no text arrives for this long, synthesize what is buffered": function words and a
+    # lone word too. (With function_word_wait_ms on, "is" waited 1 s more, past a delay the
+    # client may have set to 100 ms.)
+    sched, stream, typed = trickle_scheduler()
+    assert typed("The answer is", 0.2) == []           # within the delay: more may come
+    sched._tick_streams(stream.last_text_at + 0.31)    # none came for 310 ms
+    assert [p.text for p in stream.phrases] == ["The answer is"]
+    stream.phrases.clear()
+    stream.queued_chars = 0
+    assert typed(" finally", 0.31) == ["finally"]       # one word
+    assert typed(" came out of", 0.31) == ["came out of"]
+    assert stream.splitter.pending.strip() == ""
+
+
+def test_trickling_text_past_its_delay_is_cut_before_function_words_and_a_few_words_at_a_time():
+    # Opt-in (it bends the contract): captions at 3 words/s to a listener near dry, each gap
+    # between words past the 300 ms delay, were spoken a phrase per word ("came out | of their
+    # | houses to"), each with its pauses, the word before a cut drawn out. While words still
+    # trickle in, a delay cut keeps trailing function words for the next phrase and speaks 3
+    # words or more.
+    _, stream, typed = trickle_scheduler(function_word_wait_ms=1000.0, delay_min_words=3)
     assert typed("finally", 0.4) == []                  # one word: wait for more
     assert typed(" passed,", 0.4) == ["finally passed,"]  # a mark ends a phrase at once
     assert typed(" the villagers came out of", 0.4) == ["the villagers came out"]

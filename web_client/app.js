@@ -69,6 +69,9 @@ const SLOW_NOTICE_HOLD_MS = 4000;
 // Audio that arrives less than this before the listener reaches it came late: decoding it and
 // handing it to the player takes about that long, so running dry then is not the page's doing.
 const LATE_MARGIN_MS = 20;
+// Text sent word by word with more than this between words asks for a longer
+// `max_buffer_delay_ms` (docs/protocol.md, "Text that trickles in").
+const SLOW_TYPING_MS = 250;
 
 const $ = (id) => document.getElementById(id);
 
@@ -1141,6 +1144,11 @@ class App {
     if (!s.normalize) start.normalize = false;
     if (s.voice) start.voice = s.voice;
     if (s.speaker !== null && s.speaker !== "") start.speaker = s.speaker;
+    // Words typed slower than the default max_buffer_delay_ms (300 ms) would each be spoken as
+    // a phrase of their own: at caption pace, ask for the time three words take.
+    if (s.wps > 0 && 1000 / s.wps > SLOW_TYPING_MS) {
+      start.max_buffer_delay_ms = Math.min(10000, Math.round(3000 / s.wps));
+    }
     this.conn.send(start);
     utt.startSent = true;
     utt.lastHeardAt = performance.now();
