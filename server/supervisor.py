@@ -123,8 +123,12 @@ class Supervisor:
                 return
             quick = time.monotonic() - started < QUICK_EXIT_S
             self._quick_exits = self._quick_exits + 1 if quick else 0
-            log.error("front end fe%d exited on its own (exit %s)%s", index, code,
-                      "; starting another" if self._quick_exits < QUICK_EXITS_MAX else "")
+            # Exit 0: it drained and stopped at a signal of its own, sent to it alone (a
+            # service manager's reaches the back end as well, which then stops them all).
+            log.log(logging.INFO if code == 0 else logging.ERROR,
+                    "front end fe%d exited on its own (exit %s%s)%s", index, code,
+                    ": stopped by a signal of its own" if code == 0 else "",
+                    "; starting another" if self._quick_exits < QUICK_EXITS_MAX else "")
             if self._quick_exits >= QUICK_EXITS_MAX:
                 log.critical("front ends exited within %.0f s of their start %d times in a row; "
                              "stopping", QUICK_EXIT_S, self._quick_exits)
