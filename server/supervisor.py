@@ -53,6 +53,8 @@ METRICS_NAME: Final = "metrics"      # and prometheus_client's multiprocess file
 ORPHAN_WAIT_S: Final = 2.0
 # Beyond the drain, how long front ends get to close their sockets before they are killed.
 FRONT_END_STOP_S: Final = SHUTDOWN_TIMEOUT_S + 10.0
+# ... and how long killed ones get to be reaped.
+FRONT_END_KILL_WAIT_S: Final = 5.0
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -148,21 +150,22 @@ class Supervisor:
                     proc.send_signal(sig)
 
     async def stop(self, timeout_s: float) -> None:
-        """Wait for the front ends to exit (signalled already, or now), then kill what is left."""
+        """Wait for the front ends to exit (signalled already, or now), then kill what is left.
+        Waits for the keepers, not the processes: one being started is not among those yet,
+        and gets the word once it is (_keep)."""
         if not self._stopping:
             self.pass_on(now=False)
-        live = [p for p in self._procs.values() if p.returncode is None]
-        if live:
-            done, pending = await asyncio.wait([asyncio.create_task(p.wait()) for p in live],
-                                               timeout=timeout_s)
+        keepers = [t for t in self._tasks if not t.done()]
+        if keepers:
+            _, pending = await asyncio.wait(keepers, timeout=timeout_s)
             if pending:
+                live = [p for p in self._procs.values() if p.returncode is None]
                 log.warning("%d front end(s) still running after %.0f s; killing them",
-                            len(pending), timeout_s)
+                            len(live), timeout_s)
                 for proc in live:
-                    if proc.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.kill()
-                await asyncio.wait(pending)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                await asyncio.wait(pending, timeout=FRONT_END_KILL_WAIT_S)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -533,6 +533,33 @@ async def test_when_the_back_end_goes_every_stream_gets_an_error_once() -> None:
     assert remote.load().capacity_audio_s_per_s is None
 
 
+async def test_a_front_end_being_started_at_a_shutdown_gets_the_word(monkeypatch) -> None:
+    # The supervisor waited only for the front ends it knew: one still being started (its
+    # process there, the start not yet returned) was cancelled into an orphan that nobody told.
+    from server import supervisor
+    from server.config import load_config
+
+    started: list[asyncio.subprocess.Process] = []
+    spawn = supervisor.Supervisor._spawn
+
+    async def slow_spawn(self: supervisor.Supervisor, index: int) -> asyncio.subprocess.Process:
+        proc = await spawn(self, index)
+        started.append(proc)
+        await asyncio.sleep(0.5)          # the process runs; its start has not returned yet
+        return proc
+
+    monkeypatch.setattr(supervisor.Supervisor, "_spawn", slow_spawn)
+    cfg = load_config(None, {"server.front_ends": 1})
+    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import time; time.sleep(60)"],
+                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup.start()
+    await wait_for(lambda: started, what="the front end's process started")
+    sup.pass_on(now=False)
+    await sup.stop(timeout_s=30)
+    [proc] = started
+    assert proc.returncode == -supervisor.ShutdownSignals.PASSED_ON["drain"]   # told, not killed
+
+
 async def test_front_ends_that_keep_dying_at_start_stop_the_server(monkeypatch) -> None:
     # A front end that exits at once (a broken install, the port held by another program) is
     # started again; three such exits in a row and the supervisor gives up, rather than loop.
