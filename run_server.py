@@ -272,7 +272,9 @@ def serve(cfg: ServerConfig, early: EarlySignals | None = None, *,
 
     async def install(_app: web.Application) -> None:
         signals.install(loop, early)
-    app.on_startup.append(install)
+    # First of the start-up: under uvloop a signal that comes while the loop runs reaches a
+    # handler installed after it too, and EarlySignals would have caught it already.
+    app.on_startup.insert(0, install)
     # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
     def listening(banner: str) -> None:
         if m := _BANNER_URLS.search(banner):
