@@ -112,10 +112,12 @@ def test_the_voice_says_the_reading_and_words_name_what_was_written(
     assert_well_formed(said, text)
 
 
-def test_a_token_that_reads_nothing_joins_its_neighbour(default_phonemizer: Phonemizer) -> None:
+def test_a_token_that_reads_nothing_is_a_word_of_no_length(default_phonemizer: Phonemizer) -> None:
     result = default_phonemizer.phonemize("Great job 🎉!", normalize=True)
     assert result.phonemes.endswith("dʒˈɑːb!")           # the "!" still ends the clause
-    assert [w.text for w in result.words] == ["Great", "job 🎉!"]
+    assert [w.text for w in result.words] == ["Great", "job", "🎉!"]
+    job, emoji = result.words[1:]
+    assert job.first_id < job.end_id == emoji.first_id == emoji.end_id
     with pytest.raises(ValueError, match="empty text"):
         default_phonemizer.phonemize("😀 🎉", normalize=True)
 

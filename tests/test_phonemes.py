@@ -89,7 +89,10 @@ def assert_well_formed(result: PhonemizedText, text: str) -> None:
     assert " ".join(w.text for w in result.words) == " ".join(text.split())
     previous_end = 2  # after ^ _
     for word in result.words:
-        assert previous_end <= word.first_id < word.end_id <= len(ids) - 1, word
+        assert previous_end <= word.first_id <= word.end_id <= len(ids) - 1, word
+        # Only a token that speaks nothing (a dash, an emoji) is a word of no length.
+        assert word.first_id < word.end_id or not any(c.isalnum() for c in word.text), word
+        assert " " not in word.text, word
         previous_end = word.end_id
 
 
@@ -160,11 +163,17 @@ def test_word_spans_cover_every_word_in_order(default_phonemizer: Phonemizer, te
     assert_well_formed(default_phonemizer.phonemize(text), text)
 
 
-def test_silent_tokens_join_a_neighbouring_word(default_phonemizer: Phonemizer) -> None:
-    assert [w.text for w in default_phonemizer.phonemize("Well - maybe").words] == [
-        "Well -", "maybe"]
-    assert [w.text for w in default_phonemizer.phonemize("— hello there").words] == [
-        "— hello", "there"]
+def test_silent_tokens_are_words_of_no_length_where_they_stand(
+    default_phonemizer: Phonemizer,
+) -> None:
+    # Joined to a neighbour, a word held a space ("Well -"), which a caption client that
+    # takes words for words could not place.
+    well, dash, maybe = default_phonemizer.phonemize("Well - maybe").words
+    assert (well.text, dash.text, maybe.text) == ("Well", "-", "maybe")
+    assert well.end_id == dash.first_id == dash.end_id <= maybe.first_id
+    dash, hello, there = default_phonemizer.phonemize("— hello there").words
+    assert (dash.text, hello.text, there.text) == ("—", "hello", "there")
+    assert dash.first_id == dash.end_id == hello.first_id < hello.end_id
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t ", "-", " - — ", "...", "\x00"])

@@ -74,7 +74,8 @@ class WordSpan:
 class PhonemizedText:
     phonemes: str              # espeak IPA string, NFD: one codepoint per phoneme before ids
     ids: list[int]             # ^ _ p _ ... $
-    words: list[WordSpan]      # every written word in order, non-overlapping, increasing
+    words: list[WordSpan]      # every written word in order, non-overlapping, non-decreasing
+                               # (a word that speaks nothing has no length)
 
 
 @dataclass(frozen=True)
@@ -393,20 +394,25 @@ def _token_spans(
     cores: list[tuple[int, int]],
     units: list[str],
 ) -> list[tuple[str, tuple[int, int]]]:
-    """Each written word with its unit range; tokens that speak nothing join a neighbour."""
-    spans: list[list[Any]] = []   # [text, lo, hi]
+    """Each written word with its unit range. A token that speaks nothing (an emoji, a dash,
+    a list's bullet) is a word of no length where it stands: at the end of the word before it,
+    or, before the first spoken one, at that one's start. (Joined to a neighbour instead, a
+    caption's "word" held a space: "Family: 👨‍👩‍👧".)"""
+    spans: list[tuple[str, tuple[int, int]]] = []
     pending: list[str] = []       # silent tokens before the first spoken one
     for token, piece in zip(tokens, pieces, strict=True):
         if piece is None:
             if spans:
-                spans[-1][0] += " " + token
+                end = spans[-1][1][1]
+                spans.append((token, (end, end)))
             else:
                 pending.append(token)
             continue
         lo, hi = _piece_range(piece, cores, units)
-        spans.append([" ".join([*pending, token]), lo, hi])
+        spans.extend((silent, (lo, lo)) for silent in pending)
+        spans.append((token, (lo, hi)))
         pending = []
-    return [(text, (lo, hi)) for text, lo, hi in spans]
+    return spans
 
 
 def _onset(units: list[str], spans: list[tuple[str, tuple[int, int]]], k: int) -> int:
