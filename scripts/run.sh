@@ -4,5 +4,5 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/setup.sh --quiet
+bash scripts/setup.sh --quiet --server
 exec .venv/bin/python run_server.py "$@"

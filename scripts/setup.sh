@@ -6,7 +6,8 @@
 #     tests skip without it), installed when running as root;
 #   - the browser client's npm packages (web_client/node_modules).
 # Safe to run again and again, with no terminal (CI=true). Options: -q/--quiet prints only
-# warnings and errors. Environment: PYTHON (default python3), TORCH_VERSION (default 2.13.0).
+# warnings and errors; --server installs what serving needs (no chromium, which only the
+# browser tests use). Environment: PYTHON (default python3), TORCH_VERSION (default 2.13.0).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,12 +17,14 @@ PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 STAMP="$VENV/.streaming-tts-setup"
 QUIET=0
+SERVER_ONLY=0
 APT_UPDATED=0
 
 for arg in "$@"; do
     case "$arg" in
         -q|--quiet) QUIET=1 ;;
-        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --server) SERVER_ONLY=1 ;;
+        -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "setup: unknown option $arg" >&2; exit 2 ;;
     esac
 done
@@ -159,7 +162,7 @@ ensure_web_client() {
 main() {
     ensure_python
     ensure_libopus
-    ensure_chromium
+    [ "$SERVER_ONLY" = 1 ] || ensure_chromium
     ensure_venv
     ensure_torch
     ensure_project
