@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -253,7 +254,7 @@ def serve(cfg: ServerConfig, early: EarlySignals | None = None, *,
     """Run until SIGTERM, SIGINT or SIGHUP (draining first: ShutdownSignals), on uvloop.
     `front_end` (the back end's socket, this process's name): serve the sockets for a back end
     (server/split.py), sharing the port with the other front ends."""
-    # The address as bound (with --port 0, the port the system chose): run_app's banner names it.
+    # The address as bound (with --port 0, the port the system chose: `listening`).
     url = [f"http://{cfg.server.host}:{cfg.server.port}"]
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -267,18 +268,27 @@ def serve(cfg: ServerConfig, early: EarlySignals | None = None, *,
         split = {"front_end_of": front_end[0], "front_end_name": front_end[1],
                  "on_back_end_lost": back_end_lost}
     app = create_app(cfg, on_ready=lambda: log.info("serving on %s", url[0]), **split)
+    listener: list[web.BaseSite] = []
+
+    def stop_listening() -> None:
+        """A front end signalled alone (ShutdownSignals): the kernel hands the port's new
+        connections to the other front ends once this one's socket is closed."""
+        for site in listener:
+            loop.create_task(site.stop())
+        listener.clear()
     signals = ShutdownSignals(app, cfg.server.drain_s, stop=lambda: loop.call_soon(_exit),
-                              front_end=front_end is not None)
+                              front_end=front_end is not None,
+                              stop_listening=stop_listening)
 
     async def install(_app: web.Application) -> None:
         signals.install(loop, early)
     # First of the start-up: under uvloop a signal that comes while the loop runs reaches a
     # handler installed after it too, and EarlySignals would have caught it already.
     app.on_startup.insert(0, install)
-    # run_app calls `print` once the socket is bound (not when binding fails: the port taken).
-    def listening(banner: str) -> None:
-        if m := _BANNER_URLS.search(banner):
-            url[0] = m.group(1)
+
+    def listening(site: web.TCPSite) -> None:
+        listener.append(site)
+        url[0] = site.name   # with --port 0, the port the system chose
         if front_end is not None:
             log.info("listening on %s; waiting for the back end", url[0])
         else:
@@ -286,21 +296,57 @@ def serve(cfg: ServerConfig, early: EarlySignals | None = None, *,
                      cfg.engine.device)
 
     back_end_pid = os.getppid()
-    web.run_app(app, host=cfg.server.host, port=cfg.server.port, loop=loop, print=listening,
-                shutdown_timeout=SHUTDOWN_TIMEOUT_S, handle_signals=False,
-                # aiohttp's bound on receiving a request's head, as on an idle keep-alive
-                keepalive_timeout=cfg.server.request_timeout_s,
-                reuse_port=True if front_end is not None else None)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           # aiohttp's bound on receiving a request's head, as on an idle
+                           # keep-alive
+                           keepalive_timeout=cfg.server.request_timeout_s)
+    _run_app(loop, runner, listening, host=cfg.server.host, port=cfg.server.port,
+             reuse_port=True if front_end is not None else None)
     if front_end is not None and lost:
         clean_up_after(back_end_pid, front_end[0])
     log.info("server stopped")
 
 
-_BANNER_URLS = re.compile(r"Running on (\S.*?) =")   # aiohttp: "======== Running on URL, ... ========"
+def _run_app(loop: asyncio.AbstractEventLoop, runner: web.AppRunner,
+             listening: Callable[[web.TCPSite], None], **site: Any) -> None:
+    """aiohttp's `web.run_app` on `loop` (until GracefulExit: `_exit`), handing `listening` the
+    site once it listens, so that it can be stopped alone (run_app keeps it to itself)."""
+    async def run() -> None:
+        await runner.setup()   # the app's start-up: the voice starts loading
+        try:
+            tcp = web.TCPSite(runner, **site)
+            await tcp.start()   # OSError: the port is taken
+            listening(tcp)
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()   # stops listening, shuts the app down (the sockets' close)
+
+    main = loop.create_task(run())
+    try:
+        loop.run_until_complete(main)
+    except (GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            for task in left:
+                if not task.cancelled() and task.exception() is not None:
+                    loop.call_exception_handler({"message": "a task failed at shutdown",
+                                                 "exception": task.exception(), "task": task})
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
 
 
 def _exit() -> None:
-    raise GracefulExit()   # from a loop callback it ends run_app, which then cleans up
+    raise GracefulExit()   # from a loop callback it ends _run_app, which then cleans up
 
 
 if __name__ == "__main__":

@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 SHUTDOWN_TIMEOUT_S: Final = 5.0
 # How often a drain looks whether the live streams have finished.
 _DRAIN_POLL_S: Final = 0.1
+# A front end signalled (SIGTERM, SIGINT, SIGHUP) waits this long for its back end's word: where
+# that comes, the whole server is stopping (systemd signals every process of a service) and it
+# drains listening, its new connections answered 503 + Retry-After; where it does not, it was
+# signalled alone and stops listening, the port's new connections going to the other front ends.
+ALONE_AFTER_S: Final = 0.25
 # Admission's view of load before the scheduler exists (nothing measured, nothing running).
 _NO_LOAD: Final = LoadEstimate(active_streams=0, demand_audio_s_per_s=0.0,
                                capacity_audio_s_per_s=None)
@@ -68,6 +73,7 @@ def create_app(
     front_end_name: str = "",
     on_back_end_lost: Callable[[], None] | None = None,
     serve_front_ends: str | None = None,
+    on_front_end_retiring: Callable[[str], None] | None = None,
 ) -> web.Application:
     """The server app for `cfg`.
 
@@ -82,7 +88,7 @@ def create_app(
     Several processes (server/split.py): with `front_end_of` (the back end's Unix socket) this
     app is a front end, whose scheduler is the back end's (`on_back_end_lost` runs if that
     goes); with `serve_front_ends` (a socket path) it is the back end and serves its scheduler
-    to the front ends there.
+    to the front ends there (`on_front_end_retiring`: one, by name, stops listening).
     """
     voices = VoiceRegistry(cfg.engine.voices_dir)
     model = ModelSlot(voice=voices.resolve(cfg.engine.voice))
@@ -123,7 +129,7 @@ def create_app(
         app.cleanup_ctx.append(_background("model",
                                            lambda a: _model(a, engine_loader, warm_up=warm_up)))
     if serve_front_ends is not None:
-        app.cleanup_ctx.append(link_server_ctx(serve_front_ends))
+        app.cleanup_ctx.append(link_server_ctx(serve_front_ends, on_front_end_retiring))
     app.on_shutdown.append(_close_sessions)
     if gpu is None and monitor is not None:  # we opened NVML, we close it
         app.on_cleanup.append(lambda _app: _close_monitor(monitor))
@@ -313,16 +319,21 @@ class ShutdownSignals:
     A front end (server/split.py; `front_end`) takes "stop now" from its back end alone, passed
     on as SIGUSR2 (SIGUSR1: drain): its own signals only drain, however many come. systemd, for
     one, signals every process of a service at once, and the back end passes its signal on: a
-    front end must not take the two for a signal sent twice, in either order."""
+    front end must not take the two for a signal sent twice, in either order. A front end whose
+    own signal is not followed by its back end's word (`ALONE_AFTER_S`) was signalled alone: it
+    drains with its listener closed (`stop_listening`) and tells its back end, which starts
+    another in its place (server/supervisor.py)."""
 
     SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     PASSED_ON: Final = {"drain": signal.SIGUSR1, "stop": signal.SIGUSR2}
 
     def __init__(self, app: web.Application, drain_s: float, stop: Callable[[], None], *,
-                 front_end: bool = False) -> None:
+                 front_end: bool = False, stop_listening: Callable[[], None] | None = None,
+                 ) -> None:
         self._app, self._drain_s, self._stop = app, drain_s, stop
-        self._front_end = front_end
+        self._front_end, self._stop_listening = front_end, stop_listening
         self._draining: asyncio.Task[None] | None = None
+        self._alone: asyncio.TimerHandle | None = None   # a front end's own signal, unanswered
 
     def install(self, loop: asyncio.AbstractEventLoop, early: EarlySignals | None = None) -> None:
         """Handle the signals on `loop` from now on, and those `early` caught before."""
@@ -345,6 +356,9 @@ class ShutdownSignals:
         if self._draining is None:
             self._shutdown(sig.name, now=False, again="" if self._front_end
                            else "; send it again to stop now")
+            if self._front_end and self._draining is not None:
+                self._alone = asyncio.get_running_loop().call_later(
+                    ALONE_AFTER_S, self._signalled_alone, sig)
         elif self._front_end:
             log.info("%s: draining already (a front end stops at once when its back end says "
                      "so: signal the back end again)", sig.name)
@@ -353,6 +367,8 @@ class ShutdownSignals:
 
     def passed_on(self, now: bool) -> None:
         """A front end: its back end's word (SIGUSR1: drain, SIGUSR2: stop now)."""
+        if self._alone is not None:
+            self._alone.cancel()   # the whole server stops
         if now or self._draining is None:   # a drain asked for twice is one drain
             self._shutdown("the back end", now=now)
 
@@ -364,6 +380,18 @@ class ShutdownSignals:
             return
         log.info("%s: stopping now", who)
         self._stop()
+
+    def _signalled_alone(self, sig: signal.Signals) -> None:
+        """A front end's own signal, and no word from its back end: this front end alone is to
+        stop. It stops listening while it drains, so that new connections reach the other
+        front ends, not its 503s, and tells the back end, which starts one in its place."""
+        log.info("%s came to this front end alone (no word from the back end in %g s): no "
+                 "longer listening; the other front ends take new connections", sig.name,
+                 ALONE_AFTER_S)
+        if self._stop_listening is not None:
+            self._stop_listening()
+        if (retire := self._app[STATE].retire) is not None:
+            retire()
 
     async def _drain_then_stop(self) -> None:
         await drain(self._app, self._drain_s)

@@ -16,8 +16,9 @@ With `server.front_ends` N > 0 (`run_server.py --front-ends N`):
 
 The link is msgpack over one Unix socket per front end, in order. Front end -> back end:
 `["hello", name]` once, then `["open", sid, options]`, `["text", sid, text]`,
-`["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`, and, where limits are
-per client, `["clients", {client: [contexts, sockets]}]` for the clients whose counts changed.
+`["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`, where limits are per
+client `["clients", {client: [contexts, sockets]}]` for the clients whose counts changed, and
+`["retiring", name]` when it was signalled alone and stops listening (ShutdownSignals).
 Back end -> front end: `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
 `["done", sid, usage]`, `["cancelled", sid]`, `["error", sid, code, message]`, and
 `["status", {...}]` every `STATUS_INTERVAL_S` (ready or failed, the scheduler's load, the GPU
@@ -227,6 +228,10 @@ class _FrontEndConnection:
         if kind == "clients":
             self._on_clients(sid)
             return
+        if kind == "retiring":   # it drains its streams, listening no more: start another
+            if self.server.on_retiring is not None:
+                self.server.on_retiring(self.name)
+            return
         if scheduler is None:   # not ready: front ends admit nothing then
             if kind == "open":
                 self.link.send(["error", sid, "internal", "the back end is not ready"])
@@ -279,8 +284,10 @@ class LinkServer:
     `state` is the back end's ServerState (the model slot, the GPU reading, admission's
     per-stream VRAM cost)."""
 
-    def __init__(self, state: Any, path: str) -> None:
+    def __init__(self, state: Any, path: str,
+                 on_retiring: Callable[[str], None] | None = None) -> None:
         self.state, self.path = state, path
+        self.on_retiring = on_retiring   # a front end (by name) stops listening, to be replaced
         self.connections: set[_FrontEndConnection] = set()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
@@ -367,12 +374,13 @@ class LinkServer:
 LINK: web.AppKey[LinkServer] = web.AppKey("link", LinkServer)   # the back end's
 
 
-def link_server_ctx(path: str) -> Callable[[web.Application], AsyncIterator[None]]:
+def link_server_ctx(path: str, on_retiring: Callable[[str], None] | None = None,
+                    ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context serving the front ends on `path` for the back end's lifetime."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         from server.state import STATE
 
-        server = LinkServer(app[STATE], path)
+        server = LinkServer(app[STATE], path, on_retiring)
         app[LINK] = server
         await server.start()
         task = asyncio.create_task(server.run_status(), name="link-status")
@@ -578,6 +586,7 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
                 return
             await asyncio.sleep(0.05)
     link.send(["hello", name])
+    state.retire = lambda: link.send(["retiring", name])
     limits = state.cfg.limits
     if limits.contexts_per_client or limits.sockets_per_client:
         _report_clients(state.clients, link.send)

@@ -114,6 +114,8 @@ class ServerState:
     max_sockets: int = 0  # sessions held at most (server/fds.py); set by create_app
     shutting_down: bool = False
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up
+    # A front end: tells its back end it stops listening, to be replaced (ShutdownSignals).
+    retire: Callable[[], None] | None = None
     refusal_log: RefusalLog = field(init=False)  # one line per refused stream, rate-limited
     clients: ClientCounts = field(default_factory=ClientCounts)  # limits.*_per_client
 

@@ -5,7 +5,9 @@ scheduler (server/split.py's back end, no public port), and starts N front-end p
 (`run_server.py` again, with the same arguments and `--front-end-of SOCKET`) that share the
 public port. It keeps them running: a front end that exits on its own is started again (its
 streams were closed in the scheduler when its link dropped), unless front ends keep dying
-within seconds of their start, which stops the server. At SIGTERM, SIGINT or SIGHUP it passes
+within seconds of their start, which stops the server; one signalled alone, which drains its
+streams no longer listening (ShutdownSignals), is replaced at once. Each process started gets a
+name of its own (fe1, fe2, ...; a replacement the next number). At SIGTERM, SIGINT or SIGHUP it passes
 the signal on (each front end drains its streams, as one process would) and stops once they
 have all exited.
 """
@@ -88,7 +90,9 @@ class Supervisor:
         self._env = dict(os.environ)
         if metrics_dir is not None:
             self._env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._procs: dict[str, asyncio.subprocess.Process] = {}   # running, by name
+        self._named = 0   # front ends started so far
+        self._retiring: dict[str, asyncio.Event] = {}   # set: that one drains, not listening
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._passed: signal.Signals | None = None   # the last word passed on (pass_on)
@@ -99,36 +103,48 @@ class Supervisor:
         for i in range(1, self._cfg.server.front_ends + 1):
             self._tasks.append(asyncio.create_task(self._keep(i), name=f"front-end-{i}"))
 
-    async def _spawn(self, index: int) -> asyncio.subprocess.Process:
+    async def _spawn(self, name: str) -> asyncio.subprocess.Process:
         cmd = [*self._command, "--port", str(self._port), "--front-end-of", self._link,
-               "--front-end-name", f"fe{index}"]
+               "--front-end-name", name]
         # A session of its own: Ctrl-C in a terminal reaches this process alone, which tells
         # the front ends (Supervisor.pass_on).
         return await asyncio.create_subprocess_exec(*cmd, env=self._env, start_new_session=True,
                                                     stdin=asyncio.subprocess.DEVNULL)
 
     async def _keep(self, index: int) -> None:
+        """Keep the `index`th front end running (under one name after another)."""
         while not self._stopping:
             started = time.monotonic()
-            proc = await self._spawn(index)
-            self._procs[index] = proc
-            log.info("front end fe%d started (pid %d)", index, proc.pid)
+            self._named += 1
+            name = f"fe{self._named}"
+            retiring = self._retiring[name] = asyncio.Event()
+            proc = await self._spawn(name)
+            self._procs[name] = proc
+            log.info("front end %s started (pid %d)", name, proc.pid)
             if self._passed is not None:
                 # Started while the word was passed on (a SIGTERM during the start-up): it
                 # gets the word too, else the drain would wait for it to be killed.
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(self._passed)
-            code = await proc.wait()
-            _forget_metrics(proc.pid)
+            exited = asyncio.ensure_future(proc.wait())
+            replaced = asyncio.ensure_future(retiring.wait())
+            await asyncio.wait([exited, replaced], return_when=asyncio.FIRST_COMPLETED)
+            replaced.cancel()
+            del self._retiring[name]
+            if not exited.done():   # signalled alone: it drains; another listens meanwhile
+                self._tasks.append(asyncio.create_task(self._retired(name, exited),
+                                                       name=f"front-end-{name}-retiring"))
+                continue
+            code = self._exited(name)
             if self._stopping:
-                log.info("front end fe%d stopped (exit %s)", index, code)
+                log.info("front end %s stopped (exit %s)", name, code)
                 return
             quick = time.monotonic() - started < QUICK_EXIT_S
             self._quick_exits = self._quick_exits + 1 if quick else 0
             # Exit 0: it drained and stopped at a signal of its own, sent to it alone (a
             # service manager's reaches the back end as well, which then stops them all).
             log.log(logging.INFO if code == 0 else logging.ERROR,
-                    "front end fe%d exited on its own (exit %s%s)%s", index, code,
+                    "front end %s exited on its own (exit %s%s)%s", name, code,
                     ": stopped by a signal of its own" if code == 0 else "",
                     "; starting another" if self._quick_exits < QUICK_EXITS_MAX else "")
             if self._quick_exits >= QUICK_EXITS_MAX:
@@ -137,6 +153,25 @@ class Supervisor:
                 self.failed.set()
                 return
             await asyncio.sleep(RESTART_DELAY_S)
+
+    async def _retired(self, name: str, exited: asyncio.Future[int]) -> None:
+        await exited
+        code = self._exited(name)
+        log.log(logging.INFO if code == 0 else logging.ERROR,
+                "front end %s stopped (exit %s), having drained its streams", name, code)
+
+    def _exited(self, name: str) -> int | None:
+        proc = self._procs.pop(name)
+        _forget_metrics(proc.pid)
+        return proc.returncode
+
+    def retiring(self, name: str) -> None:
+        """Front end `name` was signalled alone: it drains its streams, no longer listening;
+        another starts in its place now, not once it has exited (the link's `retiring`)."""
+        if not self._stopping and (retiring := self._retiring.get(name)) is not None:
+            log.info("front end %s drains its streams, no longer listening: starting another "
+                     "in its place", name)
+            retiring.set()
 
     def pass_on(self, *, now: bool) -> None:
         """Tell the front ends to drain (`now`: to stop at once). Not by passing the signal
@@ -152,13 +187,14 @@ class Supervisor:
     async def stop(self, timeout_s: float) -> None:
         """Wait for the front ends to exit (signalled already, or now), then kill what is left.
         Waits for the keepers, not the processes: one being started is not among those yet,
-        and gets the word once it is (_keep)."""
+        and gets the word once it is (_keep); and for the retired ones, which a keeper may
+        still be handing over."""
         if not self._stopping:
             self.pass_on(now=False)
-        keepers = [t for t in self._tasks if not t.done()]
-        if keepers:
-            _, pending = await asyncio.wait(keepers, timeout=timeout_s)
-            if pending:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while pending := {t for t in self._tasks if not t.done()}:
+            if loop.time() >= deadline:
                 live = [p for p in self._procs.values() if p.returncode is None]
                 log.warning("%d front end(s) still running after %.0f s; killing them",
                             len(live), timeout_s)
@@ -166,6 +202,8 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                 await asyncio.wait(pending, timeout=FRONT_END_KILL_WAIT_S)
+                break
+            await asyncio.wait(pending, timeout=deadline - loop.time())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -257,6 +295,7 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
         early.replay(loop, received)
     url = f"http://{cfg.server.host}:{port}"
     app = create_app(cfg, serve_front_ends=link, engine_loader=engine_loader,
+                     on_front_end_retiring=supervisor.retiring,
                      on_ready=lambda: log.info("back end ready: %d front end(s) serving on %s",
                                                cfg.server.front_ends, url))
     runner = web.AppRunner(app, handle_signals=False)

@@ -35,6 +35,7 @@ from benchmarks import soak
 from server.admission import Admission, RefusalReason
 from server.app import EarlySignals, ShutdownSignals, drain
 from server.config import load_config
+import server.app
 import server.model
 import server.session
 from server.model import COST_PROBE_RUNS, prepare_model
@@ -1445,6 +1446,32 @@ async def test_a_front_end_stops_at_once_only_on_its_back_ends_word(
         assert r.state.shutting_down and not stopped.is_set()
         signals.passed_on(now=True)                            # the back end's second signal
         assert stopped.is_set()
+        await client.close()
+
+
+async def test_a_front_end_stops_listening_only_when_signalled_alone(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its own signal and no word from its back end: it alone is to stop, so it stops listening
+    # (new connections go to the other front ends) and tells the back end. With the back end's
+    # word soon after (systemd's signals, its own first), the whole server drains, listening.
+    monkeypatch.setattr(server.app, "ALONE_AFTER_S", 0.1)
+    async with running(engine) as r:
+        client = await live_stream(http, r)
+        heard: list[str] = []
+        r.state.retire = lambda: heard.append("retire")
+        for word_from_back_end in (True, False):
+            heard.clear()
+            signals = ShutdownSignals(r.server.app, 30.0, stop=lambda: heard.append("stop"),
+                                      front_end=True,
+                                      stop_listening=lambda: heard.append("stop listening"))
+            signals.received(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            if word_from_back_end:
+                signals.passed_on(now=False)
+            await asyncio.sleep(0.3)
+            assert r.state.shutting_down
+            assert heard == ([] if word_from_back_end else ["stop listening", "retire"])
         await client.close()
 
 

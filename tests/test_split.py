@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -362,6 +363,63 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
     assert "Traceback" not in out, out
     assert "front end fe1 exited on its own" in out and "server stopped" in out
     assert not _children(proc.pid)
+
+
+async def test_a_front_end_signalled_alone_stops_listening_drains_and_is_replaced(
+    http: aiohttp.ClientSession, tmp_path: Path,
+) -> None:
+    # SIGTERM to one front end alone (an operator recycling it) made it drain with its listener
+    # open: for the drain, about half the new connections reached it and got 503; and the one
+    # in its place started only once it had exited.
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run_server.py"), "--front-ends", "2", "--port", str(port),
+         "--max-streams", "8"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log.open("w"),
+        stderr=subprocess.STDOUT)
+    try:
+        await wait_ready(base, proc)
+        # Streams until one front end holds one (each logs the streams it opens).
+        clients: dict[str, ProtocolClient] = {}
+        while not (held := re.search(r"\[(fe\d)\] server\.session: stream \w+ opened "
+                                     r"ctx='(c\d+)'", log.read_text())):
+            ctx = f"c{len(clients)}"
+            clients[ctx] = client = await aiohttp_client(http, base)
+            await client.send({"type": "start", "ctx": ctx})
+            await client.send({"type": "text", "ctx": ctx, "text": LONG})
+            await client.send({"type": "end", "ctx": ctx})
+            await client.recv_until(lambda m: m["type"] == "audio")
+        name, ctx = held.groups()
+        retiring = int(re.search(rf"front end {name} started \(pid (\d+)\)",
+                                 log.read_text()).group(1))
+        os.kill(retiring, signal.SIGTERM)
+        # Its replacement runs while it drains.
+        await wait_for(lambda: len(_children(proc.pid)) == 3, what="a front end in its place")
+        # Every new connection reaches a front end that serves: none is answered 503.
+        answers = []
+        for _ in range(20):
+            async with http.get(base + "/healthz", headers={"Connection": "close"}) as resp:
+                answers.append(resp.status)
+            await asyncio.sleep(0.05)
+        assert answers == [200] * 20, answers
+        last = await clients[ctx].recv_until(lambda m: m["type"] in ("done", "error"))
+        assert last[-1]["type"] == "done", last[-1]          # drained: heard to its end
+        await wait_for(lambda: not alive(retiring), what="the retired front end's exit")
+        fresh = await aiohttp_client(http, base)
+        assert (await fresh.speak(SHORT)).done is not None
+        for client in [*clients.values(), fresh]:
+            await client.close()
+        assert len(_children(proc.pid)) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    out = log.read_text()
+    assert code == 0, out
+    assert "Traceback" not in out, out
+    assert f"[{name}] server.app: SIGTERM came to this front end alone" in out, out
+    assert f"front end {name} stopped (exit 0), having drained its streams" in out, out
+    assert "exited on its own" not in out, out
 
 
 async def test_a_back_end_killed_leaves_no_files_behind(tmp_path: Path) -> None:
