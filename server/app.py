@@ -245,7 +245,8 @@ async def _close_sessions(app: web.Application) -> None:
         log.info("shutting down: closing %d socket(s)", len(sessions))
     try:
         async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
-            await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
+            await asyncio.gather(*(s.shutdown(state.stopping_because) for s in sessions),
+                                 return_exceptions=True)
     except TimeoutError:
         log.warning("shutdown: sockets still open after %.0f s", SHUTDOWN_TIMEOUT_S)
 

@@ -110,15 +110,14 @@ class Session:
             self._stopping.clear()
             self._finished.set()
 
-    async def shutdown(self) -> None:
-        """Server shutdown: live streams get `error` (internal), then close 1001."""
+    async def shutdown(self, why: str = "server shutting down") -> None:
+        """Server shutdown: live streams get `error` (internal, `why`), then close 1001."""
         if not self._closing:
             self._closing = True
             live = list(self._streams.values())
-            self._drop_streams("server shutting down")
+            self._drop_streams(why)
             for stream in live:
-                self._send_error(ProtocolError(ErrorCode.INTERNAL, "server shutting down",
-                                               stream.spec.ctx))
+                self._send_error(ProtocolError(ErrorCode.INTERNAL, why, stream.spec.ctx))
             await self._outbox.drained(SHUTDOWN_DRAIN_S)
             await self._close(WSCloseCode.GOING_AWAY, "server shutting down")
         try:

@@ -600,8 +600,10 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
     why = f" ({exc})" if exc else ""
     log.error("front end %s: the back end went away%s; failing %d live stream(s)", name, why,
               remote.stream_count)
-    model.failure = "the server's back end stopped"
-    remote.fail_all("the server's back end stopped")
+    # Also what the streams not yet failed are told as this front end stops (a stream's
+    # error waits for its pump; the stop, from `on_lost`, may close its socket first).
+    model.failure = state.stopping_because = "the server's back end stopped"
+    remote.fail_all(model.failure)
     if on_lost is not None:
         on_lost()
 

@@ -113,6 +113,8 @@ class ServerState:
     sessions: set[Closable] = field(default_factory=set)
     max_sockets: int = 0  # sessions held at most (server/fds.py); set by create_app
     shutting_down: bool = False
+    # What live streams are told when the server stops (a front end: its back end went away).
+    stopping_because: str = "server shutting down"
     on_ready: Callable[[], None] | None = None  # called once the model is warmed up
     # A front end: tells its back end it stops listening, to be replaced (ShutdownSignals).
     retire: Callable[[], None] | None = None

@@ -422,9 +422,13 @@ async def test_a_front_end_signalled_alone_stops_listening_drains_and_is_replace
     assert "exited on its own" not in out, out
 
 
-async def test_a_back_end_killed_leaves_no_files_behind(tmp_path: Path) -> None:
+async def test_a_back_end_killed_leaves_no_files_behind(
+    http: aiohttp.ClientSession, tmp_path: Path,
+) -> None:
     # SIGKILL (the OOM killer) gives the back end no chance to remove its directory (the
-    # link's socket, the metrics files): its front ends, which exit when it goes, do.
+    # link's socket, the metrics files): its front ends, which exit when it goes, do. Their
+    # live streams are told why (some were told "server shutting down": the front end's stop
+    # closed their sockets before their error was sent).
     port = free_port()
     log = (tmp_path / "server.log").open("w+")
     proc = subprocess.Popen(
@@ -436,9 +440,20 @@ async def test_a_back_end_killed_leaves_no_files_behind(tmp_path: Path) -> None:
         args = Path(f"/proc/{front_ends[0]}/cmdline").read_text().split("\0")
         workdir = Path(args[args.index("--front-end-of") + 1]).parent
         assert (workdir / "metrics").is_dir() and any((workdir / "metrics").iterdir())
+        clients = [await aiohttp_client(http, f"http://127.0.0.1:{port}") for _ in range(2)]
+        for i, client in enumerate(clients):
+            await client.send({"type": "start", "ctx": f"c{i}"})
+            await client.send({"type": "text", "ctx": f"c{i}", "text": LONG})
+            await client.send({"type": "end", "ctx": f"c{i}"})
+            await client.recv_until(lambda m: m["type"] == "audio")
     finally:
         proc.kill()
         proc.wait(timeout=30)
+    for client in clients:
+        last = await client.recv_until(lambda m: m["type"] in ("done", "error"))
+        assert (last[-1]["type"], last[-1]["message"]) == (
+            "error", "the server's back end stopped"), last[-1]
+        await client.close()
     deadline = time.monotonic() + 30
     while any(alive(pid) for pid in front_ends):
         assert time.monotonic() < deadline, "the front ends outlived their back end"
