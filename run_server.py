@@ -206,9 +206,11 @@ class _BadRequestFilter(logging.Filter):
 
 
 class _RedactTokens(logging.Filter):
-    """The access log (on at DEBUG) quotes each request line, `?token=KEY` included: masked."""
+    """The access log (on at DEBUG) quotes each request line and Referer, `?token=KEY`
+    included: every query value is masked, whatever the name is spelled as (aiohttp takes
+    `?tok%65n=KEY` for `token`, and a key sent under a wrong name is still a key)."""
 
-    _TOKEN = re.compile(r"([?&]token=)[^&\s\"]*")
+    _TOKEN = re.compile(r"([?&][^=&\s\"]*=)[^&\s\"]*")
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self._TOKEN.sub(r"\1***", record.getMessage())

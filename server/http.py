@@ -223,23 +223,30 @@ def status_body(state: ServerState) -> dict[str, Any]:
         "encoders_busy": None if state.encoders is None else round(state.encoders.busy, 4),
         "retry_after_s": state.cfg.admission.retry_after_s,
         "ready": state.model.ready,
+        "status": health(state)[1]["status"],   # /healthz's: "ok" only while it takes streams
     }
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """GET /healthz: 200 once the voice is loaded and warmed up; 503 before (or if it failed)
-    and from the moment the server starts shutting down (draining its live streams)."""
-    state = request.app[STATE]
+def health(state: ServerState) -> tuple[int, dict[str, Any]]:
+    """/healthz's answer: 200 once the voice is loaded and warmed up; 503 before (or if it
+    failed), from the moment the server starts shutting down (draining its live streams), and
+    while a back end does not answer (front ends)."""
     model = state.model
     if state.shutting_down:   # draining: a load balancer should send new users elsewhere
-        return web.json_response({"status": "shutting_down", "voice": model.voice.id}, status=503)
+        return 503, {"status": "shutting_down", "voice": model.voice.id}
     if model.ready and (why := model.unanswered()) is not None:
-        return web.json_response({"status": "unresponsive", "error": why}, status=503)
+        return 503, {"status": "unresponsive", "error": why}
     if model.ready:
-        return web.json_response({"status": "ok", "voice": model.voice.id})
+        return 200, {"status": "ok", "voice": model.voice.id}
     if model.failure is not None:
-        return web.json_response({"status": "failed", "error": model.failure}, status=503)
-    return web.json_response({"status": "loading", "voice": model.voice.id}, status=503)
+        return 503, {"status": "failed", "error": model.failure}
+    return 503, {"status": "loading", "voice": model.voice.id}
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: `health`."""
+    code, body = health(request.app[STATE])
+    return web.json_response(body, status=code)
 
 
 async def metrics(request: web.Request) -> web.Response:

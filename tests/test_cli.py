@@ -192,8 +192,13 @@ def test_api_tokens_are_masked_in_the_access_log() -> None:
 
     import run_server
 
-    record = logging.LogRecord("aiohttp.access", logging.INFO, __file__, 1, '%s "%s" %s',
-                               ("127.0.0.1", "GET /v1/stream?x=1&token=k-SECRET&y=2 HTTP/1.1",
-                                101), None)
-    assert run_server._RedactTokens().filter(record)
-    assert record.getMessage() == '127.0.0.1 "GET /v1/stream?x=1&token=***&y=2 HTTP/1.1" 101'
+    for query, masked in [("x=1&token=k-SECRET&y=2", "x=***&token=***&y=***"),
+                          ("tok%65n=k-SECRET", "tok%65n=***"),     # aiohttp reads "token"
+                          ("TOKEN=k-SECRET", "TOKEN=***")]:        # refused, but a key
+        record = logging.LogRecord(
+            "aiohttp.access", logging.INFO, __file__, 1, '%s "%s" %s "%s"',
+            ("127.0.0.1", f"GET /v1/stream?{query} HTTP/1.1", 101,
+             f"http://example.org/?{query}"), None)
+        assert run_server._RedactTokens().filter(record)
+        assert record.getMessage() == (f'127.0.0.1 "GET /v1/stream?{masked} HTTP/1.1" 101 '
+                                       f'"http://example.org/?{masked}"')

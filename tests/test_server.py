@@ -1375,6 +1375,9 @@ async def test_a_drain_lets_live_streams_finish_and_sends_newcomers_elsewhere(
         await wait_for(lambda: r.state.shutting_down, what="the drain to start")
         async with http.get(r.url("/healthz")) as resp:       # a load balancer looks elsewhere
             assert resp.status == 503 and (await resp.json())["status"] == "shutting_down"
+        async with http.get(r.url("/v1/status")) as resp:     # and a dashboard sees it
+            body = await resp.json()
+            assert (body["ready"], body["status"]) == (True, "shutting_down"), body
         error = await refused_before_upgrade(http, r)
         assert error["message"] == "server is shutting down"
         await client.send({"type": "start", "ctx": "next"})   # the next reply goes elsewhere too

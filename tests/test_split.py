@@ -261,12 +261,16 @@ async def test_a_silent_back_end_turns_the_front_ends_unhealthy_until_it_answers
             body = await resp.json()
         assert resp.status == 503 and body["status"] == "unresponsive", body
         assert "back end has not answered" in body["error"]
+        async with http.get(front.url("/v1/status")) as resp:
+            assert (await resp.json())["status"] == "unresponsive"
         error = await refused_before_upgrade(http, front)
         assert "back end has not answered" in error["message"]
         del link.on_status                              # it answers again
         await wait_for(lambda: front.state.unavailable() is None, what="answering again")
         async with http.get(front.url("/healthz")) as resp:
             assert resp.status == 200
+        async with http.get(front.url("/v1/status")) as resp:
+            assert (await resp.json())["status"] == "ok"
         client = await connect(http, front)
         assert (await client.speak(SHORT)).done is not None
         await client.close()
