@@ -216,8 +216,9 @@ class AdmissionController:
         if self._on_refused is not None:
             self._on_refused(reason)
 
-    def check(self) -> Admission:
-        """Would one more stream be admitted now? Holds no slot."""
+    def check(self, *, count: bool = True) -> Admission:
+        """Would one more stream be admitted now? Holds no slot; a refusal is counted unless
+        not `count` (a question, not a stream: server/http.py's plain GET)."""
         refusal = self._max_streams_refusal() or self._vram_refusal()
         if refusal is None:
             load = self._load_source()   # read once: the load and encoder checks both use it
@@ -226,7 +227,8 @@ class AdmissionController:
         if refusal is None:
             return ADMITTED
         reason = refusal.reason
-        self.count_refusal(reason)
+        if count:
+            self.count_refusal(reason)
         log.debug("admission refused: %s (%s)", reason, refusal.message)
         return Admission(ok=False, reason=reason, retry_after_s=self.retry_hint(refusal.frees_soon),
                          message=refusal.message)

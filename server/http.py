@@ -46,9 +46,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
     """GET /v1/stream: refuse over HTTP when we must, else upgrade and serve a Session."""
     state = request.app[STATE]
     client = client_of(request, state)
+    # A plain GET is no connection refused but a question: why was mine? (the browser client
+    # asks so after a failed upgrade): answered alike, neither counted nor logged again.
+    asked = request.headers.get("Upgrade", "").lower() != "websocket"
     refusal = (_access_refusal(request, state, check_origin=True)
-               or _socket_refusal(state, client, peer=request.remote)
-               or _capacity_refusal(state, peer=request.remote))
+               or _socket_refusal(state, client, peer=request.remote, count=not asked)
+               or _capacity_refusal(state, peer=request.remote, count=not asked))
     if refusal is not None:
         return refusal
     limits = state.cfg.limits
@@ -74,7 +77,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _socket_refusal(state: ServerState, client: str, *, peer: str | None) -> web.Response | None:
+def _socket_refusal(state: ServerState, client: str, *, peer: str | None,
+                    count: bool = True) -> web.Response | None:
     """503 before the upgrade when `limits.max_sockets` WebSockets are open (past the process's
     open-file limit a connection would be dropped unanswered: server/fds.py), or this client
     holds `limits.sockets_per_client`."""
@@ -89,37 +93,43 @@ def _socket_refusal(state: ServerState, client: str, *, peer: str | None) -> web
                         f"at most {per_client} open connections per {who}; close one first")
     else:
         return None
-    return _refused(state, RefusalReason.SOCKETS, "socket", peer, why, message)
+    return _refused(state, RefusalReason.SOCKETS, "socket", peer, why, message, count=count)
 
 
-def _capacity_refusal(state: ServerState, *, peer: str | None) -> web.Response | None:
+def _capacity_refusal(state: ServerState, *, peer: str | None,
+                      count: bool = True) -> web.Response | None:
     """503 before the upgrade when a `start` would be refused anyway (one log line, rate-limited:
     a stream that could not start is a lifecycle event like the `start` refused after the
     upgrade)."""
     if (why := state.unavailable()) is not None:
         reason, message = why
-        return _refused(state, reason, "stream", peer, message, message)
-    decision = state.admission.check()
+        return _refused(state, reason, "stream", peer, message, message, count=count)
+    decision = state.admission.check(count=count)
     if decision.ok:
         return None
-    state.refusal_log.refused(decision.reason or "", "stream refused before the upgrade peer=%s: "
-                              "overloaded (%s)", peer, decision.message)
-    return _overloaded(state, decision.message, decision.retry_after_s)
+    if count:
+        state.refusal_log.refused(decision.reason or "", "stream refused before the upgrade "
+                                  "peer=%s: overloaded (%s)", peer, decision.message)
+    return _overloaded(state, decision.message, decision.retry_after_s, count=count)
 
 
 def _refused(state: ServerState, reason: RefusalReason, what: str, peer: str | None, why: str,
-             message: str) -> web.Response:
+             message: str, *, count: bool = True) -> web.Response:
     """A refusal decided here, not by admission's load check: counted, logged, 503."""
-    state.admission.count_refusal(reason)
-    state.refusal_log.refused(reason, "%s refused before the upgrade peer=%s: %s", what, peer, why)
-    return _overloaded(state, message)
+    if count:
+        state.admission.count_refusal(reason)
+        state.refusal_log.refused(reason, "%s refused before the upgrade peer=%s: %s", what,
+                                  peer, why)
+    return _overloaded(state, message, count=count)
 
 
-def _overloaded(state: ServerState, message: str, retry_after_s: int | None = None) -> web.Response:
+def _overloaded(state: ServerState, message: str, retry_after_s: int | None = None, *,
+                count: bool = True) -> web.Response:
     if retry_after_s is None:
         retry_after_s = state.admission.retry_hint()
     body = error_body(ErrorCode.OVERLOADED, message, retry_after_s=retry_after_s)
-    state.count_error(ErrorCode.OVERLOADED.value)
+    if count:
+        state.count_error(ErrorCode.OVERLOADED.value)
     return web.json_response(body, status=503, headers={"Retry-After": str(retry_after_s)})
 
 
