@@ -84,6 +84,16 @@ SENTENCE_CASES = [
     ("The U.S. Army won. Mr. Jones left.", ["The U.S. Army won.", " Mr. Jones left."], ["Mr."]),
     ("See No. 5 here. No. I won't.", ["See No. 5 here.", " No.", " I won't."], ["No. 5"]),
     ("Pi is 3. 14 is not.", ["Pi is 3.", " 14 is not."], ["3. 1"]),
+    # A numbered list item's number is read with its item, not as a phrase ("one." alone).
+    (
+        "## 1. The starter\n\n1. Mix the flour.\n2. Add water. Stir.\n10. Bake.",
+        ["## 1. The starter", "\n\n1. Mix the flour.", "\n2. Add water.", " Stir.",
+         "\n10. Bake."],
+        ["\n1", "1.", ". M", "\n2"],
+    ),
+    ("1. First. 2. Second.", ["1. First.", " 2.", " Second."], ["1. F"]),
+    ("Steps:\n> 3. Go.", ["Steps:", "\n> 3. Go."], ["3."]),
+    ("It was\n1990. Then more.", ["It was", "\n1990.", " Then more."], ["1990."]),
 ]
 
 
@@ -161,6 +171,22 @@ def test_eager_cuts_at_the_first_clause_mark() -> None:
 
 
 ENGLISH = SplitterConfig(first_phrase_max_words=3, function_words=ENGLISH_FUNCTION_WORDS)
+
+
+@pytest.mark.parametrize(("text", "phrases"), [
+    # An ellipsis inside a sentence is a clause mark: before, the cut after the third word
+    # fell anywhere ("Hmm... let | me think.", "I think... maybe | not.").
+    ("Hmm... let me think.", ["Hmm...", " let me think."]),
+    ("I think\u2026 maybe not.", ["I think\u2026", " maybe not."]),
+    ("Wait...what now?", ["Wait...what now?"]),            # no space: no mark
+    # Nor does an early cut leave a list item's number alone.
+    ("## 1. The starter dough", ["## 1. The starter", " dough"]),
+])
+def test_an_early_cut_at_an_ellipsis_but_not_after_a_list_number(
+    text: str, phrases: list[str],
+) -> None:
+    for fragments in ([text], llm_tokens(text), list(text)):
+        assert split(fragments, buffered_ms=0.0, config=ENGLISH) == phrases, fragments
 
 
 @pytest.mark.parametrize(("text", "first"), [

@@ -84,8 +84,9 @@ def _cls(chars: str) -> str:
 _CANDIDATE = re.compile(
     rf"(?P<run>[{_cls(_TERMINALS)}]+)(?P<close>[{_cls(_CLOSERS)}]*)|(?P<gap>\s+)"
 )
+# An ellipsis inside a sentence ("Hmm... let me think") is a clause mark too.
 _CLAUSE = re.compile(
-    rf"[{_cls(_CLAUSE_MARKS)}][{_cls(_CLOSERS)}]*(?=\s)"
+    rf"(?:[{_cls(_CLAUSE_MARKS)}]|\.{{3,}}|…+)[{_cls(_CLOSERS)}]*(?=\s)"
     rf"|[{_cls(_CJK_CLAUSE_MARKS)}]+[{_cls(_CLOSERS)}]*"
 )
 # Anywhere a hard cap may cut, best first: after any punctuation mark (a space following).
@@ -106,6 +107,9 @@ _KEEP_TERMINAL = re.compile(rf"[{_cls(_TERMINALS)}]*[{_cls(_CLOSERS)}]*")
 _KEEP_CLOSERS = re.compile(rf"[{_cls(_CLOSERS)}]*")
 _KEEP_OPENING = _SKIP_OPENERS
 _INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # "J", "e.g", "U.S", "a.m"
+# What may stand before a numbered list item's number on its line: Markdown's heading, quote
+# and bullet marks ("## 1. The starter", "> 2. Then").
+_LINE_MARKS = re.compile(r"[\s#>*+-]*")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,7 @@ class PhraseSplitter:
         self._scan = 0  # candidates in _buf before this index are decided NO
         self._lead = 0  # _buf[_start:_lead] is known to be whitespace (see _leading_end)
         self._wait: _Wait | None = None  # the undecided candidate at _scan, if any
+        self._line_start = True  # _buf[_start] starts a line (the text's start, or a break)
 
     @property
     def pending(self) -> str:
@@ -250,6 +255,7 @@ class PhraseSplitter:
 
     def _take(self, cut: int) -> str:
         phrase, self._start = self._buf[self._start : cut], cut
+        self._line_start = bool(_LINE_BREAK.match(phrase[-1:]))
         if cut > self._scan:
             self._scan, self._wait = cut, None
         return phrase
@@ -351,7 +357,22 @@ class PhraseSplitter:
             token = _token_before(buf, self._start, m.start())
             if self._is_abbreviation(token, following.isdigit()):
                 return _Verdict.NO
+            if self._is_list_number(token, m.start() - len(token)):
+                return _Verdict.NO
         return verdict
+
+    def _is_list_number(self, token: str, pos: int) -> bool:
+        """Whether `token` (at `pos`, a "." after it) numbers a list item ("1. Mix the flour"
+        on a line of its own, Markdown's marks before it allowed): read with its item, not
+        as a phrase of its own ("one." and a pause)."""
+        if not (token.isdigit() and len(token) <= 3):
+            return False
+        line = self._start
+        for br in _LINE_BREAK.finditer(self._buf, self._start, pos):
+            line = br.end()
+        if line == self._start and not self._line_start:
+            return False
+        return _run_end(_LINE_MARKS, self._buf, line) == pos
 
     def _judge_next_start(self, pos: int) -> _Verdict:
         """A new sentence starts with anything but a lower-case letter ("Wait... what")."""
@@ -387,9 +408,16 @@ class PhraseSplitter:
         for count, end in self._word_ends(cs, horizon):
             if count >= self._cfg.first_phrase_max_words:
                 cut = self._before_leaning_words(cs, end)
+                if self._after_list_number(cs, cut):
+                    continue
                 if cut == end or (cut > cs and self._words_in(cs, cut) >= 2):
                     return cut
         return None
+
+    def _after_list_number(self, cs: int, cut: int) -> bool:
+        """Whether the text up to `cut` ends with a list item's number ("## 1.")."""
+        token = _token_before(self._buf, cs, cut)
+        return token.endswith(".") and self._is_list_number(token[:-1], cut - len(token))
 
     def _words_in(self, start: int, end: int) -> int:
         return len(_WORD.findall(self._buf, start, end))
