@@ -274,7 +274,6 @@ def run_scheduler_only(args) -> list[dict]:
         late = underruns = 0
 
         def on_step(self, *_): pass
-        def on_ttfa(self, _ms): pass
         def on_late(self, _sid): Observer.late += 1
         def on_underrun(self, _sid): Observer.underruns += 1
 

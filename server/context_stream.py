@@ -121,10 +121,17 @@ class ContextStream:
         self._piece_frames = (UNPACED_PIECE_FRAMES if lookahead is None
                               else max(1, int(lookahead / 2 // PCM_FRAME_MS)))
         self._started: float | None = None  # time.monotonic() of the first audio message
+        self._text_at: float | None = None  # ... of the first text received
+        self.ttfa_ms: float | None = None  # first text received -> first audio sent
         # The listener's playback as (when, samples sent by then): from the first audio
         # message, restarted whenever it has run dry (a player stalls, then resumes with the
         # next audio). Only for `_urgent_head`; the pacing keeps the protocol's clock.
         self._playing_from: tuple[float, int] | None = None
+
+    def text_received(self) -> None:
+        """The session passed the scheduler text for this stream (the clock of `ttfa_ms`)."""
+        if self._text_at is None:
+            self._text_at = time.monotonic()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump(), name=f"stream-{self.spec.stream_id}")
@@ -188,7 +195,10 @@ class ContextStream:
             await self._send_audio(await self._encode(self._encoder.encode, samples), final=False)
         elif event.kind == "done":
             await self._send_audio(await self._encode(self._encoder.finish), final=True)
-            usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1)}
+            # The scheduler's time to first audio ends as the model's audio leaves it; the
+            # protocol's, as the first `audio` message is sent, resampled and encoded.
+            usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1),
+                     "ttfa_ms": None if self.ttfa_ms is None else round(self.ttfa_ms, 1)}
             self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(usage)))
             self._end(StreamEnd("done", _usage_summary(usage)))
             return True
@@ -270,6 +280,9 @@ class ContextStream:
 
     def _put_audio(self, payload: Payload, samples: int) -> None:
         rate = self.spec.sample_rate
+        if self._seq == 0 and self._text_at is not None:
+            self.ttfa_ms = (time.monotonic() - self._text_at) * 1000.0
+            self._metrics.ttfa_seconds.observe(self.ttfa_ms / 1000.0)
         if self._playing_from is None:
             self._playing_from = (time.monotonic(), self._sent_samples)
         pts_ms = self._sent_samples * 1000.0 / rate

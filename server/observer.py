@@ -14,7 +14,8 @@ _RTF_SMOOTHING = 0.05
 
 
 class MetricsObserver:
-    """Feeds each scheduler step, listener run dry and first audio into `Metrics`."""
+    """Feeds each scheduler step and listener run dry into `Metrics` (the time to first audio
+    is measured where the audio is sent: server/context_stream.py)."""
 
     def __init__(self, metrics: Metrics, *, frame_ms: float) -> None:
         self._metrics = metrics
@@ -43,6 +44,3 @@ class MetricsObserver:
         # operator sees listeners run dry; the TTFA histogram and real-time factor show why.
         self._metrics.listener_underruns.inc()
         log.debug("stream %s: listener ran dry before its next audio", stream_id)
-
-    def on_ttfa(self, ms: float) -> None:
-        self._metrics.ttfa_seconds.observe(ms / 1000.0)

@@ -383,6 +383,7 @@ class Session:
         stream.chars += len(msg.text)
         if msg.text:
             self._scheduler().text(stream.spec.stream_id, msg.text)
+            stream.text_received()
 
     def _cancel(self, ctx: str) -> None:
         """Barge-in: stop the stream's output now and acknowledge; idempotent per ctx."""

@@ -49,7 +49,8 @@ class StreamMeter:
     audio_ms: float = 0.0
     compute_ms: float = 0.0
     energy_j: float | None = None  # stays None until a batch with power data includes us
-    ttfa_ms: float | None = None  # first text received -> first audio out
+    ttfa_ms: float | None = None  # first text in -> first audio out of the scheduler (the
+    # server sends the socket's own: first text received -> first audio sent)
     first_text_at: float | None = None  # clock seconds
 
     def add_text(self, chars: int, now: float) -> None:

@@ -82,7 +82,6 @@ class SchedulerObserver(Protocol):
     # once per time it runs dry, until its next audio (on_underrun).
     def on_late(self, stream_id: str) -> None: ...
     def on_underrun(self, stream_id: str) -> None: ...
-    def on_ttfa(self, ms: float) -> None: ...
 
 
 @dataclass
@@ -1197,10 +1196,6 @@ class Scheduler:
         stream.emitted_frames += frames
         self._dirty.add(stream.id)
         self.meter.add_audio(stream.id, frames * self.frame_ms, now=now)
-        if first and self.observer:
-            ttfa = self.meter.usage(stream.id).get("ttfa_ms")
-            if ttfa is not None:
-                self.observer.on_ttfa(ttfa)
         stream.sink.on_audio(audio, pts)
 
     def _finish(self, stream: StreamState) -> None:

@@ -1394,7 +1394,6 @@ def test_a_listener_that_ran_dry_waiting_for_text_is_not_late_when_text_comes():
         underruns: list[str] = []
 
         def on_step(self, *_): pass
-        def on_ttfa(self, _ms): pass
         def on_late(self, sid): self.late.append(sid)
         def on_underrun(self, sid): self.underruns.append(sid)
 

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -244,6 +245,38 @@ async def test_the_first_phrase_keeps_a_number_with_its_unit(
     said, literal = await speak_with_and_without(srv, http, "It is 5 km away, they said.",
                                                  "normalize")
     assert said.phrases[0]["text"] == literal.phrases[0]["text"] == "It is 5 km"
+
+
+async def test_ttfa_ends_when_the_first_audio_is_sent_not_when_the_model_made_it(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It was stamped as the scheduler handed the audio on, before resampling and encoding: the
+    # contract's "first text received to first audio sent" read up to ~20 ms (6%) low.
+    from server import encoders
+
+    timed = encoders._timed
+
+    def slow(fn: Any, *args: Any) -> Any:
+        time.sleep(0.15)
+        return timed(fn, *args)
+
+    monkeypatch.setattr(encoders, "_timed", slow)
+    async with running(engine) as r:
+        client = await connect(http, r)
+        await client.send({"type": "start"})
+        await client.recv()
+        sent = time.monotonic()
+        await client.send({"type": "text", "text": SHORT})
+        await client.send({"type": "end"})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        heard_ms = (time.monotonic() - sent) * 1000.0
+        done = (await client.recv_until(lambda m: m["type"] == "done"))[-1]
+        assert 150.0 <= done["usage"]["ttfa_ms"] <= heard_ms, (done["usage"], heard_ms)
+        async with http.get(r.url("/metrics")) as resp:
+            text = await resp.text()
+        assert "tts_ttfa_seconds_count 1.0" in text
+        assert float(re.search(r"tts_ttfa_seconds_sum (\S+)", text).group(1)) >= 0.15
+        await client.close()
 
 
 @pytest.mark.parametrize("rate", [22050, 16000])
