@@ -152,7 +152,8 @@ class Supervisor:
                              "stopping", QUICK_EXIT_S, self._quick_exits)
                 self.failed.set()
                 return
-            await asyncio.sleep(RESTART_DELAY_S)
+            if code != 0:   # one that failed waits a little; one stopped (drained) not
+                await asyncio.sleep(RESTART_DELAY_S)
 
     async def _retired(self, name: str, exited: asyncio.Future[int]) -> None:
         await exited
@@ -278,10 +279,13 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
+    apps: list[web.Application] = []   # the back end's app, once made
 
     def received(sig: signal.Signals) -> None:
         nonlocal signals
         signals += 1
+        for app in apps:   # front ends leaving from now on is no failure (their link's drop)
+            app[STATE].shutting_down = True
         now = signals > 1 or cfg.server.drain_s <= 0
         log.info("%s: %s the front ends", sig.name, "stopping" if now else "draining")
         supervisor.pass_on(now=now)
@@ -298,6 +302,7 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
                      on_front_end_retiring=supervisor.retiring,
                      on_ready=lambda: log.info("back end ready: %d front end(s) serving on %s",
                                                cfg.server.front_ends, url))
+    apps.append(app)
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()   # starts the model's loading, and the link's socket
     log.info("back end: loading voice %s on %s; %d front end(s) on %s", cfg.engine.voice,
@@ -306,8 +311,6 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
     failed = asyncio.create_task(supervisor.failed.wait())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([failed, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        app[STATE].shutting_down = True   # front ends leaving now is no failure
     failed.cancel()
     stopped.cancel()
     await supervisor.stop(cfg.server.drain_s + FRONT_END_STOP_S)

@@ -323,7 +323,7 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
         async with http.get(base + "/metrics") as resp:
             text = await resp.text()
         assert metric(text, "tts_streams_started_total") == 4    # from both front ends
-        assert metric(text, "tts_ttfa_seconds_count") == 4      # from the back end
+        assert metric(text, "tts_ttfa_seconds_count") == 4      # sent by the front ends
         assert metric(text, "tts_audio_seconds_total") > 4
         # Memory and open files: the three processes' together (each samples its own every
         # second; the back end's memory still moves by tens of MB in that time, its files not).
@@ -650,4 +650,30 @@ async def test_front_ends_that_keep_dying_at_start_stop_the_server(monkeypatch) 
     sup.start()
     await asyncio.wait_for(sup.failed.wait(), timeout=30)
     assert sup._quick_exits == supervisor.QUICK_EXITS_MAX
+    await sup.stop(timeout_s=5)
+
+
+async def test_a_front_end_stopped_by_its_own_signal_is_started_again_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One with nothing to drain exits 0 before it could tell its back end it retires: it was
+    # started again only after RESTART_DELAY_S, the delay meant for one that failed.
+    from server import supervisor
+    from server.config import load_config
+
+    monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 3600.0)
+    started: list[str] = []
+    spawn = supervisor.Supervisor._spawn
+
+    async def counted(self: supervisor.Supervisor, name: str) -> asyncio.subprocess.Process:
+        started.append(name)
+        return await spawn(self, name)
+
+    monkeypatch.setattr(supervisor.Supervisor, "_spawn", counted)
+    cfg = load_config(None, {"server.front_ends": 1})
+    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import time; time.sleep(0.2)"],
+                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup.start()
+    await wait_for(lambda: len(started) >= 2, what="a second front end, without the delay")
+    assert started[:2] == ["fe1", "fe2"]     # each process started gets a name of its own
     await sup.stop(timeout_s=5)
