@@ -35,6 +35,7 @@ from server.protocol import (
     encode_words,
 )
 from streaming_tts.audio import Payload, StreamEncoder
+from streaming_tts.metering import usage_summary
 from streaming_tts.stream import PhraseEvent
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class ContextStream:
             usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1),
                      "ttfa_ms": None if self.ttfa_ms is None else round(self.ttfa_ms, 1)}
             self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(usage)))
-            self._end(StreamEnd("done", _usage_summary(usage)))
+            self._end(StreamEnd("done", usage_summary(usage)))
             return True
         elif event.kind == "cancelled":
             self._put(encode_cancelled(ctx=self.spec.ctx))
@@ -327,9 +328,3 @@ def _wire_usage(usage: dict[str, Any]) -> dict[str, Any]:
     if missing:
         log.warning("usage lacks %s; sending null", missing)
     return {k: usage.get(k) for k in USAGE_FIELDS}
-
-
-def _usage_summary(usage: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={usage.get(k)}" for k in ("chars", "phrases", "audio_ms",
-                                                      "compute_ms", "encode_ms", "ttfa_ms"))
-

@@ -23,6 +23,14 @@ MS_PER_HOUR = 3.6e6
 
 StreamId = Hashable
 Usage = dict[str, int | float | None]
+# A usage's fields in log lines, in this order (those it has).
+_SUMMARY_FIELDS = ("chars", "phrases", "audio_ms", "compute_ms", "encode_ms", "energy_j", "cost",
+                   "ttfa_ms")
+
+
+def usage_summary(usage: Mapping[str, object]) -> str:
+    """A usage as a log line shows it: "chars=12, phrases=1, audio_ms=900, ..."."""
+    return ", ".join(f"{k}={usage[k]}" for k in _SUMMARY_FIELDS if k in usage)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import heap
 from .engine import AcousticJob, AcousticResult, DecodeJob, Engine, SynthesisParams
-from .metering import Meter
+from .metering import Meter, usage_summary
 from .stream import (ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions, StreamSink,
                      StreamState, word_times)
 from .text.markdown import CodeBlocks, reads_nothing, speakable
@@ -590,13 +590,11 @@ class Scheduler:
                 stream.ended = True
                 self._queue_phrases(stream, stream.splitter.flush())
             elif cmd == "cancel":
-                self._drop(sid)
+                self._drop(sid, "cancelled")
                 if sid not in self._closing:
                     stream.sink.on_cancelled()
-                log.debug("stream %s cancelled", sid)
             elif cmd == "close":
-                self._drop(sid)
-                log.debug("stream %s closed by disconnect", sid)
+                self._drop(sid, "closed")
 
     def _open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
         if sid in self._streams:
@@ -611,9 +609,15 @@ class Scheduler:
         self.meter.open(sid)
         log.debug("stream %s opened", sid)
 
-    def _drop(self, sid: str) -> None:
+    def _drop(self, sid: str, how: str) -> None:
+        """A stream cancelled or closed: what it used so far is logged, the metering record
+        of a stream that ends without `done` (a barge-in, a disconnect, a shutdown)."""
         self._forget(sid)
-        self.meter.close(sid)
+        usage = self.meter.close(sid)
+        if usage and usage.get("chars"):
+            log.info("usage of stream %s, %s: %s", sid, how, usage_summary(usage))
+        else:
+            log.debug("stream %s %s", sid, how)
 
     def _forget(self, sid: str) -> None:
         self._streams.pop(sid, None)

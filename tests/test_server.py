@@ -334,6 +334,32 @@ async def test_audio_reaches_the_client_at_most_lookahead_ms_ahead_of_playback(
         await client.close()
 
 
+async def test_a_stream_cut_short_still_leaves_its_usage_in_the_log(
+    srv: Running, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Only `done` carried usage: a barge-in, a disconnect or a shutdown left no record of the
+    # compute a stream had used (only /metrics' totals), nothing to bill or attribute.
+    caplog.set_level(logging.INFO, logger="streaming_tts.scheduler")
+    for how in ("cancelled", "closed"):
+        client = await connect(http, srv)
+        await client.send({"type": "start"})
+        ready = await client.recv()
+        await client.send({"type": "text", "text": LONG})
+        await client.send({"type": "end"})
+        await client.recv_until(lambda m: m["type"] == "audio")
+        if how == "cancelled":
+            await client.send({"type": "cancel"})
+            await client.recv_until(lambda m: m["type"] == "cancelled")
+        await client.close()
+        line = f"usage of stream {ready['stream_id']}, {how}: chars={len(LONG)}, "
+        await wait_for(lambda: any(m.startswith(line) for m in caplog.messages),
+                       what=f"the usage of a stream {how}")
+        [record] = [m for m in caplog.messages if m.startswith(line)]
+        assert float(re.search(r"compute_ms=([\d.]+)", record).group(1)) > 0, record
+        assert float(re.search(r"audio_ms=(\d+)", record).group(1)) > 0, record
+    await clean(srv)
+
+
 async def test_two_contexts_and_three_sockets_all_complete(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
