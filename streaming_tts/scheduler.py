@@ -1239,5 +1239,5 @@ class Scheduler:
         for sid, error in failed.items():
             stream = self._streams.get(sid)
             if stream is not None:
-                self._drop(sid)
+                self._drop(sid, "failed")
                 stream.sink.on_error("internal", f"synthesis failed: {error}")
