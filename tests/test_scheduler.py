@@ -468,7 +468,8 @@ async def test_whitespace_before_a_flush_goes_before_the_next_phrase():
         ("", "Hello"), ("  \n", "world."), (" ", "Bye.")]
 
 
-async def test_engine_failure_errors_its_streams_and_the_scheduler_survives():
+async def test_engine_failure_errors_its_streams_and_the_scheduler_survives(caplog):
+    caplog.set_level(logging.INFO, logger="streaming_tts.scheduler")
     engine = FakeEngine(fail=True)
     sched, task = await running(engine)
     bad = Sink()
@@ -476,6 +477,7 @@ async def test_engine_failure_errors_its_streams_and_the_scheduler_survives():
     sched.text("bad", "Hello. ")
     await asyncio.wait_for(bad.done.wait(), 3)
     assert bad.events[-1][:2] == ("error", "internal")
+    assert any(m.startswith("usage of stream bad, failed: chars=7, ") for m in caplog.messages)
     engine.fail = False
     good = Sink()
     await speak(sched, "good", good, "Still alive. ", timeout=3)
