@@ -41,14 +41,45 @@ def read(text: str) -> str:
      "70 degrees Fahrenheit."),
     ("5 hrs 3 secs 100ms 1h 5-10 km 60 mph",
      "5 hours 3 seconds 100 milliseconds 1 hour 5 to 10 kilometers 60 miles per hour"),
-    # Single letters only attached to their number; "in", "m" and unknown units stay.
-    ("5 g of 5g, 6 ft 2 in, 5 m, 4K, 10 mb", "5 g of 5 grams, 6 feet 2 in, 5 m, 4K, 10 mb"),
+    # Single letters as a word of their own only where they name one unit: "g" grams, "L",
+    # "h", "V"; "in", "m", "W" (watts or west) and unknown units stay, and so does a letter
+    # after a clause mark.
+    ("5 g of 5g, 6 ft 2 in, 5 m, 4K, 10 mb", "5 grams of 5 grams, 6 feet 2 in, 5 m, 4K, 10 mb"),
+    ("1 g, 2 L, 24 h, 12 V, 1 L", "1 gram, 2 liters, 24 hours, 12 volts, 1 liter"),
+    ("60 W bulb, 500 W Main St, 5W", "60 W bulb, 500 W Main St, 5 watts"),
+    ("Step 1, g is gravity; a g, the L", "Step 1, g is gravity; a g, the L"),
     # Decades: always with a century or an apostrophe; bare only after "the", "her" ...
     ("The 1990s, the 2000s, the 1900s, the 2010s.",
      "The 19 nineties, the 2 thousands, the 19 hundreds, the 20 tens."),
     ("the 80s, her 30s, '70s, wait 30s", "the eighties, her thirties, 'seventies, wait 30s"),
     # Dates, phone numbers, ranges.
-    ("On 2026-12-01, not 2026-13-01.", "On December 1st 2026, not 2026-13-01."),
+    ("On 2026-12-01, not 2026-13-01.", "On December 1st 20 26, not 2026-13-01."),
+    ("2026-02-30 and 2005-06-07", "2026-02-30 and June 7th 2005"),
+    # Slashed dates: month/day/year; day/month/year where the first cannot be a month.
+    ("On 12/03/2026, 3/1/1999 and 13/03/2026.",
+     "On December 3rd 20 26, March 1st 19 99 and March 13th 20 26."),
+    ("02/30/2026, 13/13/2026, 12/03/26, 12/03 and 1/2/3",
+     "02/30/2026, 13/13/2026, 12/03/26, 12/03 and 1/2/3"),
+    # Years: in a date, after a month or a month's day, or after "in", "since" ... where the
+    # next word cannot make the number a count.
+    ("December 3rd, 2026 and May 1999, July 20, 1969. Dec. 2026",
+     "December 3rd, 20 26 and May 19 99, July 20, 19 69. December 20 26"),
+    ("In 2025, since 1905 and by 1900. From 2019 to 2025 the year 2010 and mid-2025",
+     "In 20 25, since 19 oh 5 and by 19 hundred. From 20 19 to 20 25 the year 20 10 and mid 20 25"),
+    ("in 2005, in 2000 people, of 1500 calories, 2025 was, In 2025 Apple, in 2100, in 1099.",
+     "in 2005, in 2000 people, of 1500 calories, 2025 was, In 2025 Apple, in 2100, in 1099."),
+    ("It ended in June. 2000 people came; 1,999 in 2,025 and 12 to 2025",
+     "It ended in June. 2000 people came; 1,999 in 2,025 and 12 to 2025"),
+    # Times: minutes 00-59 and an hour 0-23 (1-12 with am or pm); only ":00" and ":0N" change.
+    ("At 9:00 am, 10:05, 12:30 and 9:00.", "At 9 a.m, 10 oh 5, 12:30 and 9 o'clock."),
+    ("9am, 9:30pm, 10:05PM, 9 AM, 12 p.m. Then 7 P.M. and 09:05",
+     "9 a.m, 9:30 p.m, 10 oh 5 p.m, 9 a.m, 12 p.m. Then 7 p.m. and 9 oh 5"),
+    ("17:00, 23:05, 9:00-17:00, 9am-5pm, 9-5pm",
+     "17 hundred, 23 oh 5, 9 o'clock to 17 hundred, 9 a.m to 5 p.m, 9 to 5 p.m"),
+    # ... ratios, verses and impossible times stay, and "am" after no time is a word.
+    ("3:2, 16:9, 1:1, 3:16, 25:00, 24:00, 0:00, 9:60, 13pm, 13 pm, 9-5",
+     "3:2, 16:9, 1:1, 3:16, 25:00, 24:00, 0:00, 9:60, 13pm, 13 pm, 9 to 5"),
+    ("I am, so am I, PM Smith, 9, am I? AM radio", "I am, so am I, PM Smith, 9, am I? AM radio"),
     ("Call 555-123-4567 or (555) 123-4567.",
      "Call 5 5 5, 1 2 3, 4 5 6 7 or (5 5 5,) 1 2 3, 4 5 6 7."),
     ("Pages 10-20, 1.5–2.5, 5-10% and 3-2.", "Pages 10 to 20, 1.5 to 2.5, 5 to 10% and 3 to 2."),
@@ -56,7 +87,12 @@ def read(text: str) -> str:
     # Fractions, times, powers, hashes, approximations.
     ("Take 1/2, 3/4 and 2/3; 24/7 but 9/11 and 5/4",
      "Take 1 half, 3 quarters and 2 thirds; 24 7 but 9/11 and 5/4"),
+    ("a 50/50 split, 10/10, 5/5, 50/5, 40/50",
+     "a 50 50 split, 10 out of 10, 5 out of 5, 50/5, 40/50"),
     ("Rated 8/10 and 4/5, on 12/25", "Rated 8 out of 10 and 4 out of 5, on 12/25"),
+    # Sharps: a note or a language; other letters and lower case stay.
+    ("C#, F# and A#. G♯ but H#, c#, C##, #C",
+     "C-sharp, F-sharp and A-sharp. G-sharp but H#, c#, C##, #C"),
     ("and/or he/she, TCP/IP, Yes/No, A/B, w/o, km/h",
      "and or he or she, TCP IP, Yes or No, A B, without, km/h"),
     ("3x faster, 1920x1080, 3 x 4, 2^10, #1, ~5, ~5km",
@@ -65,6 +101,13 @@ def read(text: str) -> str:
     # URLs: the address as a person reads it; emoji: nothing.
     ("See https://www.example.com/a/?b=c#d for more.", "See example.com/a for more."),
     ("(www.example.org)", "(example.org)"),
+    # ... its host alone where the path is longer than one short word.
+    ("https://downloads.example.com/releases/2026/12/project-name-v3.4.5-linux-x86_64.tar.gz",
+     "downloads.example.com"),
+    ("http://example.com/docs/intro, www.example.com/getting-started and example.com/v2.",
+     "example.com, example.com and example.com."),
+    ("github.com/user/repo, example.com/pricing. example.com, file.tar.gz/x, and/or",
+     "github.com, example.com/pricing. example.com, file.tar.gz/x, and or"),
     ("Great job 😀🎉! 👍🏽ok", "Great job ! ok"),
 ])
 def test_written_forms_are_read_as_said(text: str, said: str) -> None:
@@ -112,6 +155,20 @@ def test_the_voice_says_the_reading_and_words_name_what_was_written(
     assert_well_formed(said, text)
 
 
+def test_the_voice_says_times_years_and_sharps_as_a_person_would(
+        default_phonemizer: Phonemizer) -> None:
+    text = "At 9:00 am on 12/03/2026, C# in 2025."
+    literal = default_phonemizer.phonemize(text)
+    said = default_phonemizer.phonemize(text, normalize=True)
+    assert "nˈaɪn zˈiəɹoʊ zˈiəɹoʊ" in literal.phonemes and "zˈiəɹoʊ" not in said.phonemes
+    assert "nˈaɪn ˌeɪˈɛm" in said.phonemes                        # "am" as letters
+    assert "slˈæʃ" in literal.phonemes and "slˈæʃ" not in said.phonemes
+    assert said.phonemes.count("twˈɛnti twˈɛnti") == 2           # 2026 and 2025 as years
+    assert "hˈæʃ" in literal.phonemes and "ʃˈɑːɹp" in said.phonemes
+    assert [w.text for w in said.words] == text.split()
+    assert_well_formed(said, text)
+
+
 def test_a_token_that_reads_nothing_is_a_word_of_no_length(default_phonemizer: Phonemizer) -> None:
     result = default_phonemizer.phonemize("Great job 🎉!", normalize=True)
     assert result.phonemes.endswith("dʒˈɑːb!")           # the "!" still ends the clause
@@ -125,7 +182,9 @@ def test_a_token_that_reads_nothing_is_a_word_of_no_length(default_phonemizer: P
 WORDS = st.sampled_from([
     "$5", "$2.5", "million", "Dr.", "Smith", "vs.", "5", "km", "8GB", "the", "1990s", "80s",
     "555-123-4567", "(555)", "123-4567", "2026-12-01", "10-20", "1/2", "3x", "#1", "~5", "😀",
-    "https://example.com/a", "w/", "No.", "Jr.", "hello,", "world.", "🎉!",
+    "https://example.com/a", "w/", "No.", "Jr.", "hello,", "world.", "🎉!", "9:00", "10:05",
+    "am", "9pm", "in", "2025", "May", "12/03/2026", "50/50", "C#", "g",
+    "https://example.com/releases/v1.2.tar.gz",
 ])
 
 

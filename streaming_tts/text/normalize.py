@@ -11,11 +11,19 @@ holds forms it reads wrong or letter by letter, and the listener hears them. esp
     5 km, 8GB       five K M, eight G B                     5 kilometers, 8 gigabytes
     the 1990s       nineteen hundred ninety z               19 nineties
     555-123-4567    five hundred fifty five dash ...        5 5 5, 1 2 3, 4 5 6 7
-    2026-12-01      two thousand twenty six dash twelve ... December 1st 2026
+    2026-12-01      two thousand twenty six dash twelve ... December 1st 20 26
+    12/03/2026      twelve slash zero three slash ...       December 3rd 20 26
+    in 2025         in two thousand twenty five             in 20 25
+    May 1999, 1905  May one thousand nine hundred ...       May 19 99, 19 oh 5
+    9:00 am, 10:05  nine zero zero am, ten zero five        9 a.m, 10 oh 5
+    9:00, 17:00     nine zero zero, seventeen zero zero     9 o'clock, 17 hundred
     10-20, 1/2      ten dash twenty, one slash two          10 to 20, 1 half
     8/10, he/she    eight tenths, he slash she              8 out of 10, he or she
+    50/50, 24/7     fifty slash fifty                       50 50, 24 7
     3x, #1, ~5      three ex, hash one, tilde five          3 times, number 1, about 5
+    C#, F#          C hash, F hash                          C-sharp, F-sharp
     https://www.example.com/a?b=c   H T T P S colon ...     example.com/a
+    example.com/releases/v3.4.5.tar.gz  ... slash ...       example.com
     😀🎉            grinning party                          (nothing)
 
 `read_aloud` maps each written word (whitespace-separated token) to what the voice should
@@ -23,8 +31,16 @@ read for it, so word timings still name the written words ("$5" spans "five doll
 with no such form is returned as it is; a token that reads nothing (an emoji) becomes its
 punctuation alone, which keeps a clause mark's pause. Only forms that read one way are
 rewritten: "30s" may be seconds or a decade and is a decade only after "the", "early", "her"
-and the like; a bare "m" (meters, minutes, million) or "in" is left alone. English only:
-`reader_for` gives no reader for other languages.
+and the like; a bare "m" (meters, minutes, million) or "in" is left alone, and so is "W" (watts,
+or west in "500 W Main St"); "5 g" is grams. A time needs minutes 00-59 and an hour 0-23, and
+only the forms espeak misreads change (":00" and ":01"-":09"; "12:30" reads well): "3:2",
+"16:9" (one-digit minutes) are ratios and stay. A 4-digit number 1100-2099 reads as a year
+only where it is one: in a date, after a month ("December 3, 2026"), or after "in", "since",
+"by", "year" and the like when nothing after it makes it a count ("in 2025," but not "in 2000
+people"). "12/03/2026" is month/day/year (the voice is American) unless the first number
+cannot be a month (then day/month/year); "12/03" alone (a date either way round, or a score)
+stays. A URL reads as its host, and its path only where that is one short word. English
+only: `reader_for` gives no reader for other languages.
 """
 
 from __future__ import annotations
@@ -159,6 +175,9 @@ _UNITS = _unit_table("""
     °C, degree Celsius, degrees Celsius
     °F, degree Fahrenheit, degrees Fahrenheit
 """)
+# One letter is a unit as a word of its own only where nothing else is meant after a number:
+# not "m" (meters, minutes, million) nor "W" (watts, or west: "500 W Main St").
+_LONE_LETTER_UNITS = frozenset(("g", "L", "h", "V"))
 _UNIT_ALT = "|".join(re.escape(u) for u in sorted(_UNITS, key=len, reverse=True))
 _NUMBER_UNIT_RE = re.compile(rf"(?P<number>[-−+]?(?:{_NUMBER}))(?P<unit>{_UNIT_ALT})")
 
@@ -175,18 +194,50 @@ _LOCAL_PHONE_RE = re.compile(r"(\d{3})-(\d{4})")
 _ISO_DATE_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
 _MONTHS = ("January February March April May June July August September October November "
            "December").split()
+# "12/03/2026": month/day/year, or day/month/year where the first cannot be a month.
+_SLASHED_DATE_RE = re.compile(r"(\d{1,2})/(\d{1,2})/(\d{4})")
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+# --- times: "9:00", "10:05", "9am", "9:30pm"; "am" also as the next word ------------------
+_AM_PM = {"am": "a.m", "a.m": "a.m", "pm": "p.m", "p.m": "p.m"}   # "a.m": letters, even alone
+_CLOCK_RE = re.compile(r"(?P<hour>\d{1,2})(?::(?P<minute>[0-5]\d))?"
+                       r"(?P<half>[aApP]\.?[mM]\.?)?")
+_CLOCK_RANGE_RE = re.compile(r"(?P<a>[^-–]+)[-–](?P<b>[^-–]+)")   # "9:00-17:00", "9am-5pm"
+# --- years: "in 2025", "May 1999", "December 3, 2026" --------------------------------------
+_YEAR_RE = re.compile(r"1[1-9]\d\d|20\d\d")
+_YEAR_CUES = frozenset("in since by until till from of year circa early late mid".split())
+# After "in 2025 and", "from 2019 to", the next number is a year as well.
+_YEAR_LINKS = frozenset("and or to through until till".split())
+_MONTH_NAMES = frozenset(("January February March April May June July August September "
+                          "October November December Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct "
+                          "Nov Dec").split())
+# Words that may follow a year; any other ("2000 people", "1500 calories") may make it a count.
+_AFTER_YEAR = frozenset((
+    "and or to through until till when while after before onward onwards ago the a an this "
+    "that these those there i we you he she it they was is were will would had has have as at "
+    "on in for with but so if then").split())
+_YEAR_PREFIX_RE = re.compile(r"(early|mid|late|Early|Mid|Late)-(1[1-9]\d\d|20\d\d)")
+_ORDINAL_DAY_RE = re.compile(r"(\d{1,2})(?:st|nd|rd|th)?")
 _FRACTION_RE = re.compile(r"(\d{1,2})/(\d{1,2})")
 _DENOMINATORS = {2: ("half", "halves"), 3: ("third", "thirds"), 4: ("quarter", "quarters"),
                  5: ("fifth", "fifths"), 6: ("sixth", "sixths"), 7: ("seventh", "sevenths"),
                  8: ("eighth", "eighths"), 9: ("ninth", "ninths"), 10: ("tenth", "tenths")}
+# Said as a phrase, not a fraction: "twenty-four seven", "fifty-fifty".
+_SLASHED_PHRASES = {"24/7": "24 7", "50/50": "50 50"}
 _TIMES_RE = re.compile(rf"(?P<n>{_NUMBER})[x×]")
 _BY_RE = re.compile(r"(\d+)[x×](\d+)")
 _POWER_RE = re.compile(rf"(?P<a>{_NUMBER})\^(?P<b>[-−]?\d+)")
 _HASH_NUMBER_RE = re.compile(r"#(\d+)")
+# "C#", "F#": a note or a language. Hyphened: espeak reads "A sharp" as the article "a".
+_SHARP_RE = re.compile(r"([A-G])[#♯]")
 # "and/or", "he/she", "TCP/IP": espeak reads the slash ("and slash or").
 _WORD_SLASH_RE = re.compile(r"([^\W\d_]+)/([^\W\d_]+)")
-_URL_RE = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+# With a scheme or "www.", or a bare host of a common top-level domain with a path
+# ("github.com/a/b"); a bare "example.com" reads well as it is.
+_URL_RE = re.compile(r"(?:https?://|www\.)\S+|(?:[a-z0-9-]+\.)+"
+                     r"(?:com|org|net|edu|gov|io|dev|ai|app|co|uk|de|me|info)/\S*",
+                     re.IGNORECASE)
 _URL_PREFIX_RE = re.compile(r"^(?:https?://)?(?:www\.)?", re.IGNORECASE)
+_SHORT_PATH_RE = re.compile(r"[A-Za-z]{1,12}")   # "/docs", "/pricing": read after the host
 
 
 @dataclass(frozen=True)
@@ -209,12 +260,16 @@ def read_aloud(tokens: list[str]) -> list[str]:
     parts = [_split(t if t.isascii() else emoji.replace_emoji(t, "")) for t in tokens]
     out: list[str] = []
     carried = ""   # a currency's name, read after its scale word ("million dollars")
+    years: set[int] = set()   # where tokens were read as years ("from 2019 to 2025")
     for i, tok in enumerate(parts):
         prev = parts[i - 1] if i else _NONE
         nxt = parts[i + 1] if i + 1 < len(parts) else _NONE
         trail = tok.trail
         if not tok.core.isalpha() and (m := _CURRENCY_RE.fullmatch(tok.core)):
             reading, name = _currency(m, nxt.core)
+        elif _is_year(parts, i, years):
+            reading, name = _year(tok.core), ""
+            years.add(i)
         else:
             reading, trail = _reading(tok, prev, nxt)
             name = ""
@@ -241,9 +296,12 @@ def _reading(tok: _Token, prev: _Token, nxt: _Token) -> tuple[str, str]:
     if not core:
         return core, trail
     if _URL_RE.fullmatch(core):
-        return re.split(r"[?#]", _URL_PREFIX_RE.sub("", core), maxsplit=1)[0].rstrip("/"), trail
-    if len(core) > 1 and core in _UNITS and _is_number(prev.core):
+        return _url(core), trail
+    if core in _UNITS and (len(core) > 1 or core in _LONE_LETTER_UNITS and not prev.trail) \
+            and _is_number(prev.core):
         return _unit(core, prev.core), trail
+    if (half := _AM_PM.get(core.lower())) and _half_after(prev, tok):
+        return half, trail                         # "9:00 am": letters, whatever the case
     dot = trail[:1] == "." and trail[:2] != ".."
     undotted = trail[1:] if dot else trail
     if core in _TITLES and nxt.core[:1].isupper() and (core != "St" or not prev.core[:1].isupper()):
@@ -255,6 +313,8 @@ def _reading(tok: _Token, prev: _Token, nxt: _Token) -> tuple[str, str]:
         return _BEFORE_NUMBER[core], undotted
     if core.isalpha() and core != "x":
         return core, trail   # most words: no shape below (numbers, a slash, "~") can fit
+    if (m := _SHARP_RE.fullmatch(core)):
+        return f"{m[1]}-sharp", trail
     if (m := _WORD_SLASH_RE.fullmatch(core)) and core not in _UNITS:
         return _slashed(m[1], m[2]), trail
     if core[0] == "~" and len(core) > 1:
@@ -273,8 +333,19 @@ def _number_shape(tok: _Token, prev: _Token, nxt: _Token) -> str:
     if (m := _SHORT_DECADE_RE.fullmatch(core)) and (
             tok.lead[-1:] in ("'", "’") or prev.core.lower() in _DECADE_CUES):
         return _DECADES[m["decade"]]
-    if (m := _ISO_DATE_RE.fullmatch(core)) and 1 <= int(m[2]) <= 12 and 1 <= int(m[3]) <= 31:
-        return f"{_MONTHS[int(m[2]) - 1]} {_ordinal(int(m[3]))} {m[1]}"
+    if (m := _CLOCK_RE.fullmatch(core)) and (said := _clock(m, _half_after(tok, nxt))):
+        return said
+    if (m := _CLOCK_RANGE_RE.fullmatch(core)) and (said := _clock_range(m[1], m[2])):
+        return said
+    if (m := _ISO_DATE_RE.fullmatch(core)) and (said := _date(m[1], int(m[2]), int(m[3]))):
+        return said
+    if (m := _SLASHED_DATE_RE.fullmatch(core)):
+        first, second = int(m[1]), int(m[2])
+        month, day = (second, first) if first > 12 else (first, second)   # else US order
+        if (said := _date(m[3], month, day)):
+            return said
+    if (m := _YEAR_PREFIX_RE.fullmatch(core)):
+        return f"{m[1]} {_year(m[2])}"
     if (m := _PHONE_RE.fullmatch(core)):
         return _digits(*m.groups())
     if _is_area_code(tok) and _LOCAL_PHONE_RE.fullmatch(nxt.core):
@@ -291,8 +362,8 @@ def _number_shape(tok: _Token, prev: _Token, nxt: _Token) -> str:
             return f"{n} out of {d}"
         if 1 <= n < d <= 10:
             return f"{n} {_DENOMINATORS[d][n != 1]}"
-    if core == "24/7":
-        return "24 7"
+    if core in _SLASHED_PHRASES:
+        return _SLASHED_PHRASES[core]
     if (m := _BY_RE.fullmatch(core)):
         return f"{m[1]} by {m[2]}"
     if (m := _TIMES_RE.fullmatch(core)):
@@ -323,6 +394,95 @@ def _currency(m: re.Match[str], next_core: str) -> tuple[str, str]:
             said.append(f"{subunits} {sub_one if subunits == 1 else sub_many}")
         return sign + " and ".join(said), ""
     return f"{sign}{amount} {one if amount == '1' else many}", ""
+
+
+def _clock(m: re.Match[str], half_follows: bool) -> str | None:
+    """A time's reading: "9:00" -> "9 o'clock" ("9" where "am" follows), "17:00" -> "17
+    hundred", "10:05" -> "10 oh 5", "9:30pm" -> "9:30 p.m"; None where it is no time ("9"
+    alone, "25:00", "13pm") or espeak reads it well as written ("0:00")."""
+    hour, minute = int(m["hour"]), m["minute"]
+    half = _AM_PM[m["half"].lower().rstrip(".")] if m["half"] else ""
+    twelve = bool(half) or half_follows
+    if not (1 <= hour <= 12 if twelve else hour <= 23) or minute is None and not twelve:
+        return None
+    if minute is None or minute == "00" and twelve:
+        said = str(hour)
+    elif minute == "00":
+        said = f"{hour} o'clock" if 1 <= hour <= 12 else f"{hour} hundred" if hour else ""
+    elif minute[0] == "0":
+        said = f"{hour} oh {int(minute)}"
+    else:
+        said = f"{hour}:{minute}"
+    return f"{said} {half}".strip() if said else None
+
+
+def _clock_range(a: str, b: str) -> str | None:
+    """"9:00-17:00" -> "9 o'clock to 17 hundred", "9-5pm" -> "9 to 5 p.m"; None unless both
+    ends are times ("10-20" is a range of numbers)."""
+    end = _CLOCK_RE.fullmatch(b)
+    start = _CLOCK_RE.fullmatch(a)
+    if not (start and end and (said_b := _clock(end, False))):
+        return None
+    said_a = _clock(start, bool(end["half"]) and not start["half"])
+    return f"{said_a} to {said_b}" if said_a else None
+
+
+def _half_after(tok: _Token, nxt: _Token) -> bool:
+    """Whether nxt is "am", "p.m." ... right after the time or hour tok ("9:00 am", "9 PM")."""
+    m = _CLOCK_RE.fullmatch(tok.core)
+    return bool(m and not m["half"] and not tok.trail and not nxt.lead
+                and nxt.core.lower() in _AM_PM and _clock(m, True))
+
+
+def _date(year: str, month: int, day: int) -> str | None:
+    """"December 3rd 20 26"; None where there is no such day ("2026-13-01", "02/30/2026")."""
+    if not (1 <= month <= 12 and 1 <= day <= _MONTH_DAYS[month - 1]):
+        return None
+    return f"{_MONTHS[month - 1]} {_ordinal(day)} {_year(year)}"
+
+
+def _is_year(parts: list[_Token], i: int, years: set[int]) -> bool:
+    """Whether parts[i] is a year by the words around it: after a month or a month's day
+    ("May 1999", "December 3rd, 2026"), or after "in", "since" ... ("in 2025", "from 2019 to
+    2025") where the next word cannot make it a count ("in 2000 people" stays a number)."""
+    tok = parts[i]
+    if tok.lead or not _YEAR_RE.fullmatch(tok.core):
+        return False
+    prev, before = (parts[i - 1] if i else _NONE), (parts[i - 2] if i > 1 else _NONE)
+    if _is_month(prev) or _is_month(before) and prev.trail in ("", ",") \
+            and (m := _ORDINAL_DAY_RE.fullmatch(prev.core)) and 1 <= int(m[1]) <= 31:
+        return True
+    word = prev.core.lower()
+    if prev.trail or not (word in _YEAR_CUES or word in _YEAR_LINKS and i - 2 in years):
+        return False
+    nxt = parts[i + 1] if i + 1 < len(parts) else _NONE
+    return bool(tok.trail) or not nxt.core or nxt.core.lower() in _AFTER_YEAR
+
+
+def _is_month(tok: _Token) -> bool:
+    """A month's name before a day or year: "May", "Dec.", "December,"; not "June." (an end)."""
+    if tok.core not in _MONTH_NAMES:
+        return False
+    return tok.trail in ("", ",") or tok.trail == "." and tok.core not in _MONTHS
+
+
+def _year(digits: str) -> str:
+    """How a year is said: "2025" -> "20 25", "1999" -> "19 99", "1905" -> "19 oh 5", "1900" ->
+    "19 hundred"; 2000-2009 and years outside 1100-2099 as numbers ("two thousand five")."""
+    century, rest = digits[:2], int(digits[2:])
+    if not _YEAR_RE.fullmatch(digits) or century == "20" and rest < 10:
+        return digits
+    if rest == 0:
+        return f"{century} hundred"
+    return f"{century} oh {rest}" if rest < 10 else f"{century} {rest}"
+
+
+def _url(core: str) -> str:
+    """A URL's host without "https://" and "www.", and its path only where that is one short
+    word ("example.com/docs"): a long path would be read for seconds."""
+    address = re.split(r"[?#]", _URL_PREFIX_RE.sub("", core), maxsplit=1)[0].rstrip("/")
+    host, _, path = address.partition("/")
+    return f"{host}/{path}" if _SHORT_PATH_RE.fullmatch(path) else host
 
 
 def _slashed(a: str, b: str) -> str:
