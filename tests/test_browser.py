@@ -278,6 +278,17 @@ def test_page_lists_voices_and_server_status(client: Client, server: Server) -> 
         "() => /^\\d+\\/1 streams$/.test(document.querySelector('#server-streams').textContent)",
         timeout=6_000,
     )
+    # A server draining says so (its voice is still loaded: `ready` stays true).
+    draining = {"active_streams": 1, "max_streams": 1, "capacity_load": 0.1,
+                "vram_used_bytes": None, "vram_total_bytes": None, "gpu_power_w": None,
+                "retry_after_s": 2, "ready": True, "status": "shutting_down"}
+    polled = re.compile(r".*/v1/status(\?.*)?$")
+    page.route(polled, lambda route: route.fulfill(json=draining))
+    page.wait_for_function(
+        "() => document.querySelector('#server-capacity').textContent"
+        " === 'shutting down: no new streams'", timeout=6_000,
+    )
+    page.unroute(polled)
     assert client.errors == []
 
 

@@ -920,7 +920,10 @@ class App {
     }
     const max = s.max_streams ?? "?";
     streams.textContent = `${s.active_streams ?? "?"}/${max} streams`;
-    if (s.ready === false) capacity.textContent = "starting: loading the voice";
+    if (s.status === "failed") capacity.textContent = "failed: could not load the voice";
+    else if (s.ready === false) capacity.textContent = "starting: loading the voice";
+    else if (s.status === "shutting_down") capacity.textContent = "shutting down: no new streams";
+    else if (s.status === "unresponsive") capacity.textContent = "not answering: no new streams";
     else if (s.capacity_load == null) capacity.textContent = "capacity n/a";
     else capacity.textContent = `capacity ${Math.round(s.capacity_load * 100)}%`;
     vram.hidden = s.vram_used_bytes == null;
