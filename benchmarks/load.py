@@ -4,7 +4,7 @@ Each stream sends a paragraph word by word at --wps words per second (0: all at 
 `end`, and plays what comes back in a simulated real-time player that starts once it holds
 --start-buffer-ms of audio. Reports, over admitted streams: TTFA (first text sent -> first audio
 received) p50/p95/max (and every stream's, `ttfa_ms_all`, to pool small runs) and the server's
-own TTFA (`usage.ttfa_ms`, text arrival to audio emitted) p50, messages late for that player
+own TTFA (`usage.ttfa_ms`, text arrival to first audio sent) p50, messages late for that player
 (arrived after their play time), player underruns, timeline gaps (pts not contiguous),
 refusals, aggregate compute RTF and encoding CPU per audio second (`encode_rtf`) from `done`
 usage, and event-loop lag p99 from the server's /metrics.
