@@ -17,8 +17,9 @@ With `server.front_ends` N > 0 (`run_server.py --front-ends N`):
 The link is msgpack over one Unix socket per front end, in order. Front end -> back end:
 `["hello", name]` once, then `["open", sid, options]`, `["text", sid, text]`,
 `["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`, where limits are per
-client `["clients", {client: [contexts, sockets]}]` for the clients whose counts changed, and
-`["retiring", name]` when it was signalled alone and stops listening (ShutdownSignals).
+client `["clients", {client: [contexts, sockets]}]` for the clients whose counts changed,
+`["retiring", name]` when it was signalled alone and stops listening (ShutdownSignals), and
+`["leaving", name]` last, as it stops on purpose (its link's drop is then no failure).
 Back end -> front end: `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
 `["done", sid, usage]`, `["cancelled", sid]`, `["error", sid, code, message]`, and
 `["status", {...}]` every `STATUS_INTERVAL_S` (ready or failed, the scheduler's load, the GPU
@@ -212,6 +213,7 @@ class _FrontEndConnection:
         self.server, self.name = server, name
         self.streams: set[str] = set()
         self.clients: dict[str, tuple[int, int]] = {}   # (contexts, sockets) it holds per client
+        self.leaving = False   # it said it stops on purpose
         self.link = Link(self._on_message, self._on_lost)
 
     def ended(self, sid: str) -> None:
@@ -227,6 +229,9 @@ class _FrontEndConnection:
             return
         if kind == "clients":
             self._on_clients(sid)
+            return
+        if kind == "leaving":
+            self.leaving = True
             return
         if kind == "retiring":   # it drains its streams, listening no more: start another
             if self.server.on_retiring is not None:
@@ -271,8 +276,8 @@ class _FrontEndConnection:
         if scheduler is not None:
             for sid in self.streams:
                 scheduler.close(sid)
-        level = (logging.INFO if self.server.stopping or self.server.state.shutting_down
-                 else logging.WARNING)
+        level = (logging.INFO if self.leaving or self.server.stopping
+                 or self.server.state.shutting_down else logging.WARNING)
         log.log(level, "front end %s disconnected%s; %d stream(s) of it closed", self.name,
                 f" ({exc})" if exc else "", len(self.streams))
         self.streams.clear()
@@ -592,7 +597,8 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
         _report_clients(state.clients, link.send)
     try:
         exc = await lost
-    except asyncio.CancelledError:
+    except asyncio.CancelledError:   # this front end stops
+        link.send(["leaving", name])
         link.close()
         raise
     finally:

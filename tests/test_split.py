@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import signal
@@ -211,8 +212,9 @@ KEY_ONE = "key " + hashlib.sha256(b"k-one").hexdigest()[:16]   # server/http.py 
 
 
 async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
-    engine: Engine, http: aiohttp.ClientSession,
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="server.split")
     async with running_split(engine) as split:
         staying, leaving = split.fronts
         client = await speaking(http, leaving)
@@ -220,6 +222,9 @@ async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
         assert back is not None and back.stream_count == 1
         await leaving.server.close()    # its process ends: the link drops mid-stream
         await wait_for(lambda: back.stream_count == 0, what="its stream closed in the back end")
+        # It stopped on purpose and said so: no warning (one that dies says nothing).
+        [lost] = [r for r in caplog.records if "disconnected" in r.getMessage()]
+        assert lost.levelno == logging.INFO
         other = await connect(http, staying)   # the other front end still speaks
         u = await other.speak(SHORT)
         assert u.done is not None and u.audio
