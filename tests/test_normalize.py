@@ -70,6 +70,9 @@ def read(text: str) -> str:
      "in 2005, in 2000 people, of 1500 calories, 2025 was, In 2025 Apple, in 2100, in 1099."),
     ("It ended in June. 2000 people came; 1,999 in 2,025 and 12 to 2025",
      "It ended in June. 2000 people came; 1,999 in 2,025 and 12 to 2025"),
+    # A range is years only if its end is one.
+    ("from 1200 to 1500 meters, from 1990 to 2000 people, from 1990 to 1995 we",
+     "from 1200 to 1500 meters, from 1990 to 2000 people, from 19 90 to 19 95 we"),
     # Times: minutes 00-59 and an hour 0-23 (1-12 with am or pm); only ":00" and ":0N" change.
     ("At 9:00 am, 10:05, 12:30 and 9:00.", "At 9 a.m, 10 oh 5, 12:30 and 9 o'clock."),
     ("9am, 9:30pm, 10:05PM, 9 AM, 12 p.m. Then 7 P.M. and 09:05",

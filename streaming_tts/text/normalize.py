@@ -456,7 +456,21 @@ def _is_year(parts: list[_Token], i: int, years: set[int]) -> bool:
     if prev.trail or not (word in _YEAR_CUES or word in _YEAR_LINKS and i - 2 in years):
         return False
     nxt = parts[i + 1] if i + 1 < len(parts) else _NONE
-    return bool(tok.trail) or not nxt.core or nxt.core.lower() in _AFTER_YEAR
+    if not tok.trail and nxt.core.lower() in _YEAR_LINKS and i + 2 < len(parts) \
+            and parts[i + 2].core.isdigit():
+        # A range: years if its end is one ("from 2019 to 2025 we"), else counts ("from 1200
+        # to 1500 meters").
+        return _ends_like_a_year(parts, i + 2)
+    return _ends_like_a_year(parts, i)
+
+
+def _ends_like_a_year(parts: list[_Token], i: int) -> bool:
+    """Whether nothing after parts[i] makes it a count: a mark, the end, or a word that may
+    follow a year."""
+    tok = parts[i]
+    nxt = parts[i + 1] if i + 1 < len(parts) else _NONE
+    return bool(_YEAR_RE.fullmatch(tok.core)) and (
+        bool(tok.trail) or not nxt.core or nxt.core.lower() in _AFTER_YEAR)
 
 
 def _is_month(tok: _Token) -> bool:
