@@ -570,7 +570,36 @@ def test_full_server_without_retries_shows_capacity_message(
         _release(holder)
 
 
+def test_captions_follow_the_speech_without_scrolling_the_page(client: Client) -> None:
+    # On a small screen the captions box is below the controls: following the heard word
+    # scrolled the whole page to it, pulling a reader away from the text and the controls.
+    page = client.page
+    page.set_viewport_size({"width": 400, "height": 700})
+    client.login()
+    client.wait_voices()
+    client.speak(PARAGRAPH, wps=0)
+    page.evaluate("window.scrollTo(0, 0)")
+    client.wait_played_ms(3_000)
+    assert page.evaluate("window.scrollY") == 0
+    # Played out, the highlight is gone; the captions hold the whole text (a code block's
+    # indentation included: the box keeps the text's own spacing).
+    _wait_state(client, "done", timeout_ms=60_000)
+    assert page.eval_on_selector_all(".word.current", "ws => ws.length") == 0
+    assert client.errors == []
+
+
 def test_wrong_token_says_authentication_failed(client: Client) -> None:
+    # No token at all: the page asks for one (it said "Authentication failed" at Speak), and
+    # the voice list says why it is empty (it said "Loading voices…" for ever).
+    client.page.wait_for_function(
+        "() => document.querySelector('#voice').textContent === 'No voices: API token needed'",
+        timeout=10_000,
+    )
+    client.speak("Hello there.", wps=0)
+    client.page.wait_for_function(
+        "() => document.querySelector('#stats').dataset.state === 'error'", timeout=10_000,
+    )
+    assert client.alert() == "This server needs an API token: enter it above"
     client.login("not-the-key")
     client.speak("Hello there.", wps=0)
     client.page.wait_for_function(
@@ -677,7 +706,13 @@ def test_error_mid_stream_cancels_the_stream_on_the_server(
     assert starts[-1]["max_buffer_delay_ms"] == 1500 and "max_buffer_delay_ms" not in starts[0]
     proxy.page_side.send(msgpack.packb(
         {"type": "error", "ctx": ctx, "code": "internal", "message": "model step failed"}))
+    # What had arrived is heard first (a server shutting down sends this before it closes:
+    # the page cut the audio it held mid-word), then the error is said.
+    played = float(client.stats()["playedMs"] or 0)
+    if "playing the audio already received" in _notice(client):
+        client.wait_played_ms(int(played) + 40)
     assert _wait_alert(client) == "The server failed while speaking: model step failed. Try again"
+    assert client.stats()["state"] == "error"
     assert _active_streams_drop_to_zero(client, server, timeout_s=5.0)
     assert client.errors == []
 

@@ -43,6 +43,12 @@ const OPEN_TIMEOUT_MS = 10000; // the WebSocket upgrade
 const AUDIO_BLOCKED_MS = 1000; // an AudioContext not running by then is blocked (autoplay policy)
 const OPUS_CONFIG = { codec: "opus", sampleRate: SAMPLE_RATE, numberOfChannels: 1 };
 const MSG_AUTH = "Authentication failed: check the API token";
+const MSG_NEED_TOKEN = "This server needs an API token: enter it above";
+
+/** A 401 or 403: the token given is wrong, or none was given. */
+function authMessage(token) {
+  return token ? MSG_AUTH : MSG_NEED_TOKEN;
+}
 const MSG_STARTING = "Server is starting (loading the voice)";
 const MSG_UNREACHABLE = "Cannot reach the server";
 const MSG_AUDIO_BLOCKED =
@@ -135,6 +141,9 @@ class CapacityError extends Error {
 }
 
 /** Does an `overloaded` refusal's message say the server is still loading its voice? */
+// Finished with no audio: the text had no words to speak (emoji, punctuation, code left unread).
+const NOTHING_TO_SAY = "Nothing to speak: the text has no words the voice reads";
+
 function isStartingMessage(message) {
   return /not ready|loading the voice/i.test(String(message ?? ""));
 }
@@ -442,7 +451,7 @@ async function explainRefusal(token) {
   try {
     // A server that refuses before the upgrade answers a plain GET the same way (401 / 503).
     const probe = await apiFetch("v1/stream", token);
-    if (probe.status === 401 || probe.status === 403) return new Error(MSG_AUTH);
+    if (probe.status === 401 || probe.status === 403) return new Error(authMessage(token));
     if (probe.status === 503) {
       const body = await probe.json().catch(() => ({}));
       const header = probe.headers.get("Retry-After");
@@ -512,6 +521,7 @@ class Captions {
     this.phrases = new Map(); // phrase id -> {el, start, end}
     this.words = []; // word spans sorted by start time
     this.current = -1;
+    this.finished = false; // played out: nothing is highlighted any more
     this.heard = 0; // furthest position shown, so jitter in the estimate never steps back
     this.root.dataset.currentIndex = "-1";
     this.root.dataset.currentWord = "";
@@ -578,8 +588,32 @@ class Captions {
     this.current = -1; // indexes may have moved: recompute on the next update
   }
 
+  /**
+   * Scroll the captions box (only it: scrollIntoView would scroll the page too, pulling a
+   * reader on a small screen away from the text and controls) so that `el` is in view.
+   */
+  reveal(el) {
+    const box = this.root.getBoundingClientRect();
+    const word = el.getBoundingClientRect();
+    if (word.top < box.top) this.root.scrollTop -= box.top - word.top;
+    else if (word.bottom > box.bottom) this.root.scrollTop += word.bottom - box.bottom;
+  }
+
+  /** The end: no word is being heard any more. */
+  finish() {
+    this.words.forEach((w) => {
+      w.classList.remove("current");
+      w.classList.add("spoken");
+    });
+    this.current = this.words.length;
+    this.finished = true;
+    this.root.dataset.currentIndex = String(this.current);
+    this.root.dataset.currentWord = "";
+  }
+
   /** Highlight what is heard at stream time `ms`. */
   update(ms) {
+    if (this.finished) return;
     ms = Math.max(ms, this.heard);
     this.heard = ms;
     const idx = this.lastStartedBefore(ms);
@@ -591,7 +625,7 @@ class Captions {
       this.current = idx;
       this.root.dataset.currentIndex = String(idx);
       this.root.dataset.currentWord = idx >= 0 ? this.words[idx].dataset.word : "";
-      if (idx >= 0) this.words[idx].scrollIntoView({ block: "nearest", inline: "nearest" });
+      if (idx >= 0) this.reveal(this.words[idx]);
     }
     for (const p of this.phrases.values()) {
       p.el.classList.toggle("current", ms >= p.start && ms < p.end);
@@ -733,7 +767,10 @@ class App {
     });
     this.el.stop.addEventListener("click", () => this.stop());
     this.el.text.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) this.speak();
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) {
+        e.preventDefault();
+        $("compose").requestSubmit(); // as Speak does: the fields are checked first
+      }
     });
     // Escape stops speech from anywhere on the page (an open <select> list takes it first).
     document.addEventListener("keydown", (e) => {
@@ -791,14 +828,14 @@ class App {
       resp = await apiFetch("v1/voices", this.token);
       if (resp.ok) voices = await resp.json();
     } catch {
-      return this.voicesFailed(MSG_UNREACHABLE);
+      return this.voicesFailed(MSG_UNREACHABLE, "server unreachable");
     }
     if (resp.status === 401 || resp.status === 403) {
-      return this.voicesFailed(
-        this.token ? MSG_AUTH : "This server needs an API token: enter it above",
-      );
+      return this.voicesFailed(authMessage(this.token), "API token needed");
     }
-    if (!resp.ok) return this.voicesFailed(`Could not load voices (HTTP ${resp.status})`);
+    if (!resp.ok) {
+      return this.voicesFailed(`Could not load voices (HTTP ${resp.status})`, "unavailable");
+    }
     this.voices = Array.isArray(voices) ? voices : [];
     this.voicesLoaded = true;
     this.fillVoices();
@@ -810,10 +847,17 @@ class App {
     return true;
   }
 
-  voicesFailed(text) {
+  /** The voices could not be listed: say why, and in the list itself while it is empty. */
+  voicesFailed(text, short) {
     this.voicesLoaded = false;
     this.voicesError = text;
     this.showError(text);
+    if (!this.voices?.length) {
+      const opt = document.createElement("option");
+      opt.value = "";
+      opt.textContent = `No voices: ${short}`;
+      this.el.voice.replaceChildren(opt);
+    }
     return false;
   }
 
@@ -1116,7 +1160,7 @@ class App {
     // A 401 before the upgrade looks like any other failed connection, so check the token first.
     const resp = await apiFetch("v1/voices", this.token).catch(() => null);
     if (!resp) throw new Error(MSG_UNREACHABLE);
-    if (resp.status === 401 || resp.status === 403) throw new Error(MSG_AUTH);
+    if (resp.status === 401 || resp.status === 403) throw new Error(authMessage(this.token));
     const conn = new Connection(
       this.token,
       (msg) => this.onMessage(msg),
@@ -1236,14 +1280,18 @@ class App {
     const slow = (this.player.last?.underruns ?? 0) >= SLOW_UNDERRUNS;
     const why = this.closeMessage(event, slow);
     if (utt.phase === "streaming" && this.hasAudioLeft(utt)) {
-      // Let what has arrived play out before saying the connection is gone.
-      utt.lostReason = why;
-      utt.stopFeeding();
-      this.showNotice("Connection lost — playing the audio already received");
-      this.finishStream(utt, "connection lost: playing what arrived");
+      this.playOutThenSay(utt, why, "connection lost");
       return;
     }
     this.fail(utt, why);
+  }
+
+  /** The stream ends early (`why`): let what has arrived play out, then say why. */
+  playOutThenSay(utt, why, what) {
+    utt.lostReason = why;
+    utt.stopFeeding();
+    this.showNotice(`${what[0].toUpperCase()}${what.slice(1)} — playing the audio already received`);
+    this.finishStream(utt, `${what}: playing what arrived`);
   }
 
   /** Is audio of `utt` still queued in the player or the decoder? */
@@ -1349,7 +1397,7 @@ class App {
       if (utt.phase === "cancelled") this.showNotice("Cancelled"); // not after an error
       return;
     }
-    if (!utt.active) return;
+    if (!utt.active || utt.lostReason) return; // given up: only what arrived before plays
     switch (msg.type) {
       case "ready":
         this.onReady(utt, msg);
@@ -1377,7 +1425,7 @@ class App {
       case "overloaded":
         return isStartingMessage(msg.message) ? MSG_STARTING : capacityMessage(msg.retry_after_s);
       case "unauthorized":
-        return MSG_AUTH;
+        return authMessage(this.token);
       case "unknown_voice":
         return `Unknown voice${m}`;
       case "text_too_long":
@@ -1403,6 +1451,14 @@ class App {
     if (mine && msg.code === "overloaded" && utt.phase === "starting") {
       // the socket stays usable: retry on it
       this.refused(utt, Number(msg.retry_after_s ?? NaN), isStartingMessage(msg.message));
+      return;
+    }
+    if (mine && msg.code === "internal" && utt.phase === "streaming" && this.hasAudioLeft(utt)) {
+      // The server gave up on the stream (shutting down, its back end gone): what has arrived
+      // is still worth hearing, as when the connection drops. The stream has ended there; a
+      // cancel (answered whether live or not) makes sure it holds no slot.
+      if (this.conn) this.conn.send({ type: "cancel", ctx: utt.ctx });
+      this.playOutThenSay(utt, this.describeError(msg), "the server stopped the stream");
       return;
     }
     if (mine) this.fail(utt, this.describeError(msg));
@@ -1495,6 +1551,8 @@ class App {
       utt.phase = "done";
       utt.release();
       this.disableStop();
+      this.captions.finish();
+      if (!utt.pushedSamples) this.showNotice(NOTHING_TO_SAY);
       this.renderStats("done");
       return;
     }
