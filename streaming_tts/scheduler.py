@@ -106,6 +106,10 @@ _MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this set the capacity 
                                    # their totals are pooled until they hold this much audio
 _SETTLED_COSTS = 64                # with no stream finishing, the cost estimate settles back to the
 _SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have (before: warm-up's)
+# ... unless the last 8 all cost under this share of the median of those before them: the host
+# got faster and stayed so (a neighbour that held the cores has gone), and the costs from before
+# say nothing about it any more. Left in, they kept the estimate up for dozens of streams more.
+_FASTER_FOR_GOOD = 0.75
 # Timers (text deadlines, silence, a listener run dry, finished streams) are checked at most this
 # often, or when one falls due. A check visits only the streams whose time has come (timers.py);
 # when it visited every stream, checking at every step was the largest part of its time.
@@ -1231,9 +1235,19 @@ class Scheduler:
         current = self._current_cost(now)
         self._stream_cost = cost if current is None else 0.8 * current + 0.2 * cost
         self._costed_at = now
-        self._recent_costs.append(cost)
-        if len(self._recent_costs) >= _SETTLED_MIN:
-            self._settled_cost = statistics.median(self._recent_costs)
+        recent = self._recent_costs
+        recent.append(cost)
+        if len(recent) > _SETTLED_MIN:
+            costs = list(recent)
+            if max(costs[-_SETTLED_MIN:]) < _FASTER_FOR_GOOD * statistics.median(
+                    costs[:-_SETTLED_MIN]):
+                log.info("the last %d streams cost %.3f-%.3f s per audio s, all well under "
+                         "those before: the cost estimate starts again from them",
+                         _SETTLED_MIN, min(costs[-_SETTLED_MIN:]), max(costs[-_SETTLED_MIN:]))
+                recent.clear()
+                recent.extend(costs[-_SETTLED_MIN:])
+        if len(recent) >= _SETTLED_MIN:
+            self._settled_cost = statistics.median(recent)
 
     def _fail_streams(self, failed: dict[str, str]) -> None:
         for sid, error in failed.items():

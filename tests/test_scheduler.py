@@ -1041,6 +1041,24 @@ def test_once_streams_have_finished_the_cost_settles_back_to_their_median_not_wa
     assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.08, rel=0.01)
 
 
+def test_a_host_faster_for_good_resets_the_median():
+    # A neighbour held the cores for long enough that every cost in the window was taken under
+    # it; once it left, the estimate kept going back to that median between finished streams
+    # (a chatbot's second context refused ~20 times in 45 s on an idle host).
+    sched = new_scheduler(FakeEngine(), initial_stream_cost=0.05, cost_half_life_s=30.0)
+    now = time.monotonic()
+    for i in range(30):
+        finish_costed(sched, f"slow{i}", 0.30, now)
+    for i in range(7):
+        finish_costed(sched, f"fast{i}", 0.06, now)
+    sched._costed_at = now - 300.0       # seven say little yet: the slow median holds
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.30, rel=0.01)
+    finish_costed(sched, "fast7", 0.06, now)
+    sched._costed_at = now - 300.0       # eight all well under it: they are the cost now
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.06, rel=0.01)
+    assert len(sched._recent_costs) == 8
+
+
 def test_without_a_warm_up_cost_or_a_half_life_the_cost_stays():
     sched = new_scheduler(FakeEngine(), cost_half_life_s=30.0)   # no warm-up measurement
     sched._stream_cost, sched._costed_at = 0.25, time.monotonic() - 300.0
