@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from pathlib import Path
 from typing import Any, Final
 
@@ -21,6 +22,8 @@ from server.metrics import CONTENT_TYPE
 from server.protocol import ErrorCode, error_body
 from server.session import Session
 from server.state import STATE, ServerState
+
+log = logging.getLogger(__name__)
 
 
 WEB_CLIENT_DIR: Final = Path(__file__).resolve().parent.parent / "web_client"
@@ -67,7 +70,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return _error(426, ErrorCode.BAD_REQUEST, "this endpoint is a WebSocket (upgrade "
                       "required)", headers={"Upgrade": "websocket", "Connection": "Upgrade"},
                       state=state)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionError:   # the client went before the upgrade's answer reached it
+        # Routine (a client that gave up waiting, a reset): aiohttp logged each one as an
+        # ERROR with its traceback, with no limit on how many.
+        log.debug("socket %s: gone before the upgrade was answered", request.remote)
+        return ws
     session = Session(ws, request, state, client=client)
     state.session_opened(session, client)
     try:

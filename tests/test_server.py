@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -357,6 +359,29 @@ async def test_a_stream_cut_short_still_leaves_its_usage_in_the_log(
         [record] = [m for m in caplog.messages if m.startswith(line)]
         assert float(re.search(r"compute_ms=([\d.]+)", record).group(1)) > 0, record
         assert float(re.search(r"audio_ms=(\d+)", record).group(1)) > 0, record
+    await clean(srv)
+
+
+async def test_a_client_gone_before_the_upgrade_answer_is_no_error(
+    srv: Running, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An upgrade request, then a reset before the 101 could be written (a client that gave up
+    # waiting): aiohttp logged an ERROR with a traceback for each one, with no limit.
+    caplog.set_level(logging.DEBUG)
+    host, port = srv.server.host, srv.server.port
+    for _ in range(30):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET /v1/stream HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        await writer.drain()
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                   struct.pack("ii", 1, 0))
+        writer.transport.abort()          # RST
+        await asyncio.sleep(0.01)
+    await wait_for(lambda: not srv.state.sessions, what="no socket left")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
     await clean(srv)
 
 
