@@ -7,8 +7,8 @@ public port. It keeps them running: a front end that exits on its own is started
 streams were closed in the scheduler when its link dropped), unless front ends keep dying
 within seconds of their start, which stops the server; one signalled alone, which drains its
 streams no longer listening (ShutdownSignals), is replaced at once. Each process started gets a
-name of its own (fe1, fe2, ...; a replacement the next number). At SIGTERM, SIGINT or SIGHUP it passes
-the signal on (each front end drains its streams, as one process would) and stops once they
+name of its own (fe1, fe2, ...; a replacement the next number). At SIGTERM, SIGINT or SIGHUP it
+passes the signal on (each front end drains its streams, as one process would) and stops once they
 have all exited.
 """
 

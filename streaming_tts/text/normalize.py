@@ -207,15 +207,13 @@ _YEAR_RE = re.compile(r"1[1-9]\d\d|20\d\d")
 _YEAR_CUES = frozenset("in since by until till from of year circa early late mid".split())
 # After "in 2025 and", "from 2019 to", the next number is a year as well.
 _YEAR_LINKS = frozenset("and or to through until till".split())
-_MONTH_NAMES = frozenset(("January February March April May June July August September "
-                          "October November December Jan Feb Mar Apr Jun Jul Aug Sep Sept Oct "
-                          "Nov Dec").split())
+_MONTH_NAMES = frozenset(_MONTHS) | {k for k, v in _BEFORE_NUMBER.items() if v in _MONTHS}
 # Words that may follow a year; any other ("2000 people", "1500 calories") may make it a count.
 _AFTER_YEAR = frozenset((
     "and or to through until till when while after before onward onwards ago the a an this "
     "that these those there i we you he she it they was is were will would had has have as at "
     "on in for with but so if then").split())
-_YEAR_PREFIX_RE = re.compile(r"(early|mid|late|Early|Mid|Late)-(1[1-9]\d\d|20\d\d)")
+_YEAR_PREFIX_RE = re.compile(rf"(early|mid|late|Early|Mid|Late)-({_YEAR_RE.pattern})")
 _ORDINAL_DAY_RE = re.compile(r"(\d{1,2})(?:st|nd|rd|th)?")
 _FRACTION_RE = re.compile(r"(\d{1,2})/(\d{1,2})")
 _DENOMINATORS = {2: ("half", "halves"), 3: ("third", "thirds"), 4: ("quarter", "quarters"),
