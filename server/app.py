@@ -74,6 +74,7 @@ def create_app(
     on_back_end_lost: Callable[[], None] | None = None,
     serve_front_ends: str | None = None,
     on_front_end_retiring: Callable[[str], None] | None = None,
+    on_front_end_stuck: Callable[[str, float], None] | None = None,
 ) -> web.Application:
     """The server app for `cfg`.
 
@@ -88,7 +89,8 @@ def create_app(
     Several processes (server/split.py): with `front_end_of` (the back end's Unix socket) this
     app is a front end, whose scheduler is the back end's (`on_back_end_lost` runs if that
     goes); with `serve_front_ends` (a socket path) it is the back end and serves its scheduler
-    to the front ends there (`on_front_end_retiring`: one, by name, stops listening).
+    to the front ends there (`on_front_end_retiring`: one, by name, stops listening;
+    `on_front_end_stuck`: one has sent nothing for server.front_end_silent_s, and that long).
     """
     voices = VoiceRegistry(cfg.engine.voices_dir)
     model = ModelSlot(voice=voices.resolve(cfg.engine.voice))
@@ -129,7 +131,8 @@ def create_app(
         app.cleanup_ctx.append(_background("model",
                                            lambda a: _model(a, engine_loader, warm_up=warm_up)))
     if serve_front_ends is not None:
-        app.cleanup_ctx.append(link_server_ctx(serve_front_ends, on_front_end_retiring))
+        app.cleanup_ctx.append(link_server_ctx(serve_front_ends, on_front_end_retiring,
+                                               on_front_end_stuck))
     app.on_shutdown.append(_close_sessions)
     if gpu is None and monitor is not None:  # we opened NVML, we close it
         app.on_cleanup.append(lambda _app: _close_monitor(monitor))

@@ -52,11 +52,16 @@ class HttpConfig:
     drain_s: float = 20.0  # at SIGTERM/SIGINT/SIGHUP: live streams get this long to finish
     request_timeout_s: float = 10.0  # an HTTP request's head must arrive within this
     front_ends: int = 0  # processes serving the sockets for one back end (server/split.py); 0: one process
+    # A front end that sends its back end nothing for this long is killed and replaced; 0: never.
+    front_end_silent_s: float = 10.0
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", "must be 0..65535", self.port)
         _require(0 <= self.front_ends <= 64, "server.front_ends", "must be 0..64", self.front_ends)
         _require(0 <= self.drain_s <= 3600, "server.drain_s", "must be 0..3600", self.drain_s)
+        _require(self.front_end_silent_s == 0 or 1 <= self.front_end_silent_s <= 3600,
+                 "server.front_end_silent_s", "must be 0 (never) or 1..3600",
+                 self.front_end_silent_s)
         _require(0 < self.request_timeout_s <= 3600, "server.request_timeout_s",
                  "must be > 0 and <= 3600", self.request_timeout_s)
         _require(all(self.api_keys), "server.api_keys", "must not hold empty keys", self.api_keys)

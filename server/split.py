@@ -18,8 +18,9 @@ The link is msgpack over one Unix socket per front end, in order. Front end -> b
 `["hello", name]` once, then `["open", sid, options]`, `["text", sid, text]`,
 `["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`, where limits are per
 client `["clients", {client: [contexts, sockets]}]` for the clients whose counts changed,
-`["retiring", name]` when it was signalled alone and stops listening (ShutdownSignals), and
-`["leaving", name]` last, as it stops on purpose (its link's drop is then no failure).
+`["retiring", name]` when it was signalled alone and stops listening (ShutdownSignals),
+`["alive", name]` a few times a second (`alive_interval`), and `["leaving", name]` last, as it
+stops on purpose (its link's drop is then no failure).
 Back end -> front end: `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
 `["done", sid, usage]`, `["cancelled", sid]`, `["error", sid, code, message]`, and
 `["status", {...}]` every `STATUS_INTERVAL_S` (ready or failed, the scheduler's load, the GPU
@@ -43,7 +44,10 @@ one client opens on two front ends within one status.
 
 If the back end goes, each front end fails its live streams (`error`, internal), turns
 unhealthy and exits; if a front end goes, the back end closes its streams (nothing of them is
-kept) and the supervisor (server/supervisor.py) starts another.
+kept) and the supervisor (server/supervisor.py) starts another. A front end that sends nothing
+for `server.front_end_silent_s` (stopped, or its event loop blocked) still holds its share of
+the port, whose connections nobody answers: the back end has it killed (`on_stuck`), and so
+replaced.
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ STATUS_INTERVAL_S: Final = 0.02
 BACK_END_SILENT_S: Final = 2.0
 # A front end waits this long for the back end's socket to exist and answer.
 CONNECT_TIMEOUT_S: Final = 30.0
+# A front end says it is alive at least this often (more often where server.front_end_silent_s
+# is short: `alive_interval`).
+ALIVE_INTERVAL_S: Final = 1.0
 # Bytes a link may hold unsent before its writer pauses reading the other way: the back end's
 # output per stream is bounded by the lookahead, so this is only reached by a stuck peer.
 MAX_UNSENT_BYTES: Final = 64 << 20
@@ -95,6 +102,11 @@ def options_from_wire(wire: dict[str, Any]) -> StreamOptions:
     fields = dict(wire)
     fields["params"] = SynthesisParams(**fields["params"])
     return StreamOptions(**fields)
+
+
+def alive_interval(silent_s: float) -> float:
+    """How often a front end says it is alive, where one silent for `silent_s` is killed."""
+    return min(ALIVE_INTERVAL_S, silent_s / 4) if silent_s > 0 else ALIVE_INTERVAL_S
 
 
 def load_to_wire(load: LoadEstimate) -> list[Any]:
@@ -214,14 +226,19 @@ class _FrontEndConnection:
         self.streams: set[str] = set()
         self.clients: dict[str, tuple[int, int]] = {}   # (contexts, sockets) it holds per client
         self.leaving = False   # it said it stops on purpose
+        self.heard_at = time.monotonic()   # its last message came then
+        self.stuck = False   # reported silent (LinkServer.watch)
         self.link = Link(self._on_message, self._on_lost)
 
     def ended(self, sid: str) -> None:
         self.streams.discard(sid)
 
     def _on_message(self, msg: list[Any]) -> None:
+        self.heard_at = time.monotonic()
         scheduler = self.server.scheduler()
         kind, sid = msg[0], msg[1]
+        if kind == "alive":
+            return
         if kind == "hello":
             self.name = str(sid)
             log.info("front end %s connected", self.name)
@@ -287,12 +304,17 @@ class LinkServer:
     """The back end's Unix socket for the front ends, and the status it sends them.
 
     `state` is the back end's ServerState (the model slot, the GPU reading, admission's
-    per-stream VRAM cost)."""
+    per-stream VRAM cost, server.front_end_silent_s)."""
 
     def __init__(self, state: Any, path: str,
-                 on_retiring: Callable[[str], None] | None = None) -> None:
+                 on_retiring: Callable[[str], None] | None = None,
+                 on_stuck: Callable[[str, float], None] | None = None) -> None:
         self.state, self.path = state, path
         self.on_retiring = on_retiring   # a front end (by name) stops listening, to be replaced
+        # A front end (by name) has sent nothing for that many seconds: to be killed.
+        self.on_stuck = on_stuck
+        self.silent_s = state.cfg.server.front_end_silent_s
+        self._watched_at = time.monotonic()
         self.connections: set[_FrontEndConnection] = set()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
@@ -320,11 +342,32 @@ class LinkServer:
     async def run_status(self) -> None:
         while True:
             await asyncio.sleep(STATUS_INTERVAL_S)
+            self.watch()
             moved, self._clients_moved = self._clients_moved, set()
             if self.connections:
                 shared = self._shared_status()   # the load once a tick, whatever N
                 for conn in list(self.connections):
                     self.send_status(conn, shared, clients=moved)
+
+    def watch(self) -> None:
+        """Report each front end that has sent nothing for `silent_s` (once). Where this
+        process itself was held up for a good part of that (its own event loop blocked, or
+        stopped), the front ends' words wait unread: each is given the time again."""
+        if self.silent_s <= 0:
+            return
+        now = time.monotonic()
+        held_up = now - self._watched_at > self.silent_s / 4
+        self._watched_at = now
+        for conn in list(self.connections):
+            if held_up:
+                conn.heard_at = max(conn.heard_at, now)
+            elif not conn.stuck and now - conn.heard_at >= self.silent_s:
+                conn.stuck = True
+                if self.on_stuck is not None:   # it logs what it does
+                    self.on_stuck(conn.name, now - conn.heard_at)
+                else:
+                    log.error("front end %s has sent nothing for %.1f s (stopped, or its event "
+                              "loop blocked)", conn.name, now - conn.heard_at)
 
     def client_moved(self, client: str, contexts: int, sockets: int) -> None:
         """A front end holds `contexts` and `sockets` more (or fewer) of `client`'s."""
@@ -380,12 +423,13 @@ LINK: web.AppKey[LinkServer] = web.AppKey("link", LinkServer)   # the back end's
 
 
 def link_server_ctx(path: str, on_retiring: Callable[[str], None] | None = None,
+                    on_stuck: Callable[[str, float], None] | None = None,
                     ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context serving the front ends on `path` for the back end's lifetime."""
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         from server.state import STATE
 
-        server = LinkServer(app[STATE], path, on_retiring)
+        server = LinkServer(app[STATE], path, on_retiring, on_stuck)
         app[LINK] = server
         await server.start()
         task = asyncio.create_task(server.run_status(), name="link-status")
@@ -595,6 +639,9 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
     limits = state.cfg.limits
     if limits.contexts_per_client or limits.sockets_per_client:
         _report_clients(state.clients, link.send)
+    alive = asyncio.create_task(
+        _say_alive(link, name, alive_interval(state.cfg.server.front_end_silent_s)),
+        name="link-alive")
     try:
         exc = await lost
     except asyncio.CancelledError:   # this front end stops
@@ -602,6 +649,7 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
         link.close()
         raise
     finally:
+        alive.cancel()
         state.clients.on_change = None
     why = f" ({exc})" if exc else ""
     log.error("front end %s: the back end went away%s; failing %d live stream(s)", name, why,
@@ -612,6 +660,14 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
     remote.fail_all(model.failure)
     if on_lost is not None:
         on_lost()
+
+
+async def _say_alive(link: Link, name: str, interval_s: float) -> None:
+    """Tell the back end, every `interval_s`, that this front end's event loop turns (one
+    that stops doing so is killed: LinkServer.watch)."""
+    while not link.closed:
+        link.send(["alive", name])
+        await asyncio.sleep(interval_s)
 
 
 def _report_clients(clients: ClientCounts, send: Callable[[list[Any]], None]) -> None:

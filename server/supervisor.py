@@ -6,8 +6,10 @@ scheduler (server/split.py's back end, no public port), and starts N front-end p
 public port. It keeps them running: a front end that exits on its own is started again (its
 streams were closed in the scheduler when its link dropped), unless front ends keep dying
 within seconds of their start, which stops the server; one signalled alone, which drains its
-streams no longer listening (ShutdownSignals), is replaced at once. Each process started gets a
-name of its own (fe1, fe2, ...; a replacement the next number). At SIGTERM, SIGINT or SIGHUP it
+streams no longer listening (ShutdownSignals), is replaced at once; one that has said nothing
+for server.front_end_silent_s (stopped, or its event loop blocked: LinkServer.watch) is killed,
+and so replaced. Each process started gets a name of its own (fe1, fe2, ...; a replacement the
+next number). At SIGTERM, SIGINT or SIGHUP it
 passes the signal on (each front end drains its streams, as one process would) and stops once they
 have all exited.
 """
@@ -93,6 +95,7 @@ class Supervisor:
         self._procs: dict[str, asyncio.subprocess.Process] = {}   # running, by name
         self._named = 0   # front ends started so far
         self._retiring: dict[str, asyncio.Event] = {}   # set: that one drains, not listening
+        self._killed: set[str] = set()   # found stuck, and killed (stuck)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._passed: signal.Signals | None = None   # the last word passed on (pass_on)
@@ -135,6 +138,7 @@ class Supervisor:
                 self._tasks.append(asyncio.create_task(self._retired(name, exited),
                                                        name=f"front-end-{name}-retiring"))
                 continue
+            killed = name in self._killed
             code = self._exited(name)
             if self._stopping:
                 log.info("front end %s stopped (exit %s)", name, code)
@@ -144,7 +148,8 @@ class Supervisor:
             # Exit 0: it drained and stopped at a signal of its own, sent to it alone (a
             # service manager's reaches the back end as well, which then stops them all).
             log.log(logging.INFO if code == 0 else logging.ERROR,
-                    "front end %s exited on its own (exit %s%s)%s", name, code,
+                    "front end %s %s (exit %s%s)%s", name,
+                    "killed, stuck" if killed else "exited on its own", code,
                     ": stopped by a signal of its own" if code == 0 else "",
                     "; starting another" if self._quick_exits < QUICK_EXITS_MAX else "")
             if self._quick_exits >= QUICK_EXITS_MAX:
@@ -157,11 +162,14 @@ class Supervisor:
 
     async def _retired(self, name: str, exited: asyncio.Future[int]) -> None:
         await exited
+        killed = name in self._killed
         code = self._exited(name)
-        log.log(logging.INFO if code == 0 else logging.ERROR,
-                "front end %s stopped (exit %s), having drained its streams", name, code)
+        log.log(logging.INFO if code == 0 else logging.ERROR, "front end %s %s (exit %s)", name,
+                "killed, stuck as it drained its streams" if killed
+                else "stopped, having drained its streams", code)
 
     def _exited(self, name: str) -> int | None:
+        self._killed.discard(name)
         proc = self._procs.pop(name)
         _forget_metrics(proc.pid)
         return proc.returncode
@@ -173,6 +181,20 @@ class Supervisor:
             log.info("front end %s drains its streams, no longer listening: starting another "
                      "in its place", name)
             retiring.set()
+
+    def stuck(self, name: str, silent_s: float) -> None:
+        """Front end `name` has sent nothing for `silent_s` (the link's `on_stuck`): kill it.
+        The kernel goes on handing a stopped process its share of the new connections, and
+        its streams' listeners have heard nothing for that long already; its keeper then
+        starts another (the link's drop has closed its streams in the scheduler)."""
+        proc = self._procs.get(name)
+        if proc is None or proc.returncode is not None:
+            return
+        log.error("front end %s has sent nothing for %.1f s: killing it (pid %d)%s", name,
+                  silent_s, proc.pid, "" if self._stopping else "; another starts in its place")
+        self._killed.add(name)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
     def pass_on(self, *, now: bool) -> None:
         """Tell the front ends to drain (`now`: to stop at once). Not by passing the signal
@@ -300,6 +322,7 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
     url = f"http://{cfg.server.host}:{port}"
     app = create_app(cfg, serve_front_ends=link, engine_loader=engine_loader,
                      on_front_end_retiring=supervisor.retiring,
+                     on_front_end_stuck=supervisor.stuck,
                      on_ready=lambda: log.info("back end ready: %d front end(s) serving on %s",
                                                cfg.server.front_ends, url))
     apps.append(app)

@@ -6,7 +6,7 @@ Unix socket): streams through either front end decode and line up, the protocol'
 holds for drawn scripts, `max_streams` counts every front end's streams, a front end that goes
 leaves nothing in the back end, and a back end that goes fails the streams and turns the front
 ends unhealthy. Then `run_server.py --front-ends 2` as real processes: it serves, /metrics adds
-up its processes, a killed front end is replaced, and SIGTERM stops all of it cleanly.
+up its processes, a stopped (stuck) front end is killed and replaced, and SIGTERM stops all of it cleanly.
 """
 
 from __future__ import annotations
@@ -285,6 +285,37 @@ async def test_a_silent_back_end_turns_the_front_ends_unhealthy_until_it_answers
         await clean_front_end(front)
 
 
+async def test_a_silent_front_end_is_reported_once_and_a_held_up_back_end_blames_none(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # A front end stopped (SIGSTOP) or with its event loop blocked keeps its share of the port:
+    # the kernel went on handing it new connections that nobody answered, for as long as it
+    # stayed so. The back end now hears nothing from it and has it killed (Supervisor.stuck);
+    # front ends whose event loops turn say so several times a second.
+    async with running_split(engine, {"server.front_end_silent_s": 1}) as split:
+        link = split.back[LINK]
+        stuck: list[tuple[str, float]] = []
+        link.on_stuck = lambda name, silent_s: stuck.append((name, silent_s))
+        mute = server.split.Link(lambda msg: None, lambda exc: None)   # hello, then nothing
+        await asyncio.get_running_loop().create_unix_connection(lambda: mute, link.path)
+        mute.send(["hello", "fe-mute"])
+        await wait_for(lambda: bool(stuck), what="the mute front end reported", timeout=5)
+        [(name, silent_s)] = stuck
+        assert name == "fe-mute" and 1 <= silent_s < 1.5
+        await asyncio.sleep(1.5)   # reported once; the front ends that turn, never
+        assert len(stuck) == 1
+        # This process held up for longer than a front end may be silent (its own event loop
+        # blocked): the front ends' words wait unread meanwhile, and none is blamed for that.
+        time.sleep(1.2)
+        await asyncio.sleep(0.5)
+        assert len(stuck) == 1
+        mute.close()
+        client = await connect(http, split.fronts[0])
+        assert (await client.speak(SHORT)).done is not None
+        await client.close()
+        await back_end_idle(split)
+
+
 async def clean_front_end(front: Running) -> None:
     s = front.state
     await wait_for(lambda: not s.sessions and s.admission.active_streams == 0,
@@ -311,13 +342,15 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w+")
+    config = tmp_path / "server.toml"
+    config.write_text("[server]\nfront_end_silent_s = 2\n")
     signalled = False
     # --max-streams 8: four starts at once may all reach one front end, which counts each
     # stream it admits before the next status twice (server/split.py, admission).
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "run_server.py"), "--front-ends", "2", "--port", str(port),
-         "--max-streams", "8"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-        stderr=subprocess.STDOUT)
+         "--max-streams", "8", "--config", str(config)], cwd=ROOT, stdin=subprocess.DEVNULL,
+        stdout=log, stderr=subprocess.STDOUT)
     try:
         await wait_ready(base, proc)
         front_ends = _children(proc.pid)
@@ -340,7 +373,9 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
         for pid in front_ends:   # a front end runs no model: torch is not even loaded there
             assert "torch" not in Path(f"/proc/{pid}/maps").read_text()
             assert rss(pid) < 150e6
-        os.kill(front_ends[0], signal.SIGKILL)                  # one front end dies
+        # One front end stops (SIGSTOP; as good as an event loop blocked): the kernel would go
+        # on handing it half the new connections, unanswered. It is killed and replaced.
+        os.kill(front_ends[0], signal.SIGSTOP)
         deadline = time.monotonic() + 60
         while len(children := _children(proc.pid)) < 2 or front_ends[0] in children:
             assert time.monotonic() < deadline, "no front end started in its place"
@@ -373,7 +408,9 @@ async def test_run_server_with_two_front_ends_serves_restarts_and_stops(
         out = log.read()
     assert code == 0, out
     assert "Traceback" not in out, out
-    assert "front end fe1 exited on its own" in out and "server stopped" in out
+    assert "front end fe1 has sent nothing for 2." in out, out
+    assert "front end fe1 killed, stuck (exit -9); starting another" in out, out
+    assert "server stopped" in out
     assert not _children(proc.pid)
 
 
@@ -430,7 +467,7 @@ async def test_a_front_end_signalled_alone_stops_listening_drains_and_is_replace
     assert code == 0, out
     assert "Traceback" not in out, out
     assert f"[{name}] server.app: SIGTERM came to this front end alone" in out, out
-    assert f"front end {name} stopped (exit 0), having drained its streams" in out, out
+    assert f"front end {name} stopped, having drained its streams (exit 0)" in out, out
     assert "exited on its own" not in out, out
 
 
