@@ -166,7 +166,7 @@ class LimitsConfig:
     max_frame_bytes: int = 1 << 20  # one client frame
     contexts_per_socket: int = 8
     contexts_per_client: int = 0  # live contexts of one API key (or address, without keys); 0: no limit
-    idle_timeout_s: float = 60.0  # close a socket with no live stream and no message this long
+    idle_timeout_s: float = 300.0  # close a socket with no live stream and no message this long
     max_send_lag_s: float = 5.0  # close a client reading this far behind (ping round trip)
     send_queue_messages: int = 256  # per-socket outgoing queue bound
     heartbeat_s: float = 20.0  # WebSocket ping interval; no pong within half of it: dead peer
