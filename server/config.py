@@ -126,6 +126,7 @@ class SchedulerConfig:
     function_word_wait_ms: float = 0.0  # text trickling: delayed cuts hold back function words
     delay_min_words: int = 0  # ... and give a started listener at least this many words
     heap_trim_interval_s: float = 30.0  # give the C heap's free pages back this often (0: never)
+    catch_up_after_ms: float = 3000.0  # streams with max_speed speed up past this much speech coming
 
     def __post_init__(self) -> None:
         _require(self.lookahead_ms > 0, "scheduler.lookahead_ms", "must be > 0", self.lookahead_ms)
@@ -143,6 +144,8 @@ class SchedulerConfig:
                  self.heap_trim_interval_s)
         _require(self.buffer_delay_hold_ms >= 0, "scheduler.buffer_delay_hold_ms", "must be >= 0",
                  self.buffer_delay_hold_ms)
+        _require(self.catch_up_after_ms > 0, "scheduler.catch_up_after_ms", "must be > 0",
+                 self.catch_up_after_ms)
         _require(self.max_batch_phrases >= 1, "scheduler.max_batch_phrases", "must be >= 1",
                  self.max_batch_phrases)
         _require(self.max_batch_chunks >= 1, "scheduler.max_batch_chunks", "must be >= 1",

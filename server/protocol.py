@@ -129,6 +129,7 @@ class StartMsg:
     markdown: bool = True  # addition: read text as Markdown (markup is not spoken)
     normalize: bool = True  # addition: read "$5", "Dr.", "5 km" as said (English voices)
     read_code: bool = True  # addition: False: fenced code blocks are not read aloud
+    max_speed: float | None = None  # addition: speak up to this fast to keep up with a live feed
 
     @property
     def length_scale(self) -> float:
@@ -301,13 +302,14 @@ _START_DEFAULTS: Final = StartMsg()  # the defaults live on the dataclass, in on
 def _decode_start(obj: Mapping[Any, Any], ctx: str) -> StartMsg:
     d = _START_DEFAULTS
     fmt = _format(obj, ctx)
+    speed = _number(obj, "speed", ctx, default=d.speed, bounds=SPEED_BOUNDS)
     return StartMsg(
         ctx=ctx,
         voice=_name(obj, "voice", ctx),
         speaker=_speaker(obj, ctx),
         format=fmt,
         sample_rate=_sample_rate(obj, ctx, fmt, default=d.sample_rate),
-        speed=_number(obj, "speed", ctx, default=d.speed, bounds=SPEED_BOUNDS),
+        speed=speed,
         noise_scale=_optional_number(obj, "noise_scale", ctx, bounds=NOISE_BOUNDS),
         noise_w=_optional_number(obj, "noise_w", ctx, bounds=NOISE_BOUNDS),
         bitrate=_integer(obj, "bitrate", ctx, default=d.bitrate, bounds=BITRATE_BOUNDS),
@@ -319,7 +321,15 @@ def _decode_start(obj: Mapping[Any, Any], ctx: str) -> StartMsg:
         markdown=_boolean(obj, "markdown", ctx, default=d.markdown),
         normalize=_boolean(obj, "normalize", ctx, default=d.normalize),
         read_code=_boolean(obj, "read_code", ctx, default=d.read_code),
+        max_speed=_max_speed(obj, ctx, speed),
     )
+
+
+def _max_speed(obj: Mapping[Any, Any], ctx: str, speed: float) -> float | None:
+    most = _optional_number(obj, "max_speed", ctx, bounds=SPEED_BOUNDS)
+    if most is not None and most < speed:
+        raise _bad(f"field 'max_speed' ({most:g}) must not be below 'speed' ({speed:g})", ctx)
+    return most
 
 
 def _format(obj: Mapping[Any, Any], ctx: str) -> AudioFormat:

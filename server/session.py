@@ -326,7 +326,8 @@ class Session:
                           lookahead_ms=self._state.cfg.scheduler.lookahead_ms)
         options = StreamOptions(params=params, max_buffer_delay_ms=msg.max_buffer_delay_ms,
                                 words=msg.words, markdown=msg.markdown,
-                                normalize=msg.normalize, read_code=msg.read_code)
+                                normalize=msg.normalize, read_code=msg.read_code,
+                                catch_up=(msg.max_speed or msg.speed) / msg.speed)
         return spec, options, voice
 
     def _admit(self, ctx: str) -> None:

@@ -24,7 +24,7 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import numpy as np
@@ -68,6 +68,7 @@ class SchedulerConfig:
     buffer_delay_hold_ms: float = 1000.0  # max_buffer_delay waits while the listener has this much coming
     function_word_wait_ms: float = 0.0  # text still trickling this recently: delay cuts hold back
     delay_min_words: int = 0           # ... trailing function words, and speak at least this many words
+    catch_up_after_ms: float = 3000.0  # a stream with catch_up > 1 speeds up past this much speech coming
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
     recalibrate_idle_s: float = 60.0   # idle this long: probe the cost again (0: never)
@@ -582,7 +583,7 @@ class Scheduler:
                 # Words joining text that was already waiting, in a stream that has had text,
                 # only move its text deadline later than the time it is armed for: it is worked
                 # out again only if they cut a phrase (_queue_phrases). Most words are such.
-                resumed = self._catch_up(stream, time.monotonic())
+                resumed = self._resume_stalled(stream, time.monotonic())
                 if (resumed or cmd != "text" or stream.first_text_at is None
                         or not stream.splitter.pending.strip()):
                     self._dirty.add(sid)
@@ -731,7 +732,7 @@ class Scheduler:
         if stream.finished():
             self._finish(stream)
 
-    def _catch_up(self, stream: StreamState, now: float) -> bool:
+    def _resume_stalled(self, stream: StreamState, now: float) -> bool:
         """A listener that ran dry with nothing owed (its player stalled: a pause in the
         client's text) is no longer followed by any timer. When text comes for it, its clock
         resumes from now, and until its next audio it waits as a newcomer does: that wait is
@@ -852,6 +853,25 @@ class Scheduler:
         ms_per_char = self._frames_per_char * stream.options.params.length_scale * self.frame_ms
         return stream.ahead_ms(now, self.frame_ms, ms_per_char)
 
+    def _phrase_params(self, stream: StreamState, now: float) -> SynthesisParams:
+        """The synthesis settings of the phrase `stream` sends to the model now: its own, or, for
+        a stream that may catch up (`options.catch_up`, from `start`'s `max_speed`), faster in
+        proportion to the speech its listener has coming beyond `catch_up_after_ms` (audio
+        buffered, phrases queued or in the model, this one included, text not yet cut), up to
+        `catch_up` times. A live feed faster than the voice (captions at 4 words/s against the
+        voice's ~2.8) put the listener 9 s further behind the text each minute; so the lag
+        settles where the speed matches the feed's."""
+        params = stream.options.params
+        most = stream.options.catch_up
+        if most <= 1.0:
+            return params
+        ms_per_char = self._frames_per_char * params.length_scale * self.frame_ms
+        coming = self._ahead_ms(stream, now) + len(stream.splitter.pending) * ms_per_char
+        faster = min(most, coming / self.config.catch_up_after_ms)
+        if faster <= 1.0:
+            return params
+        return replace(params, length_scale=params.length_scale / faster)
+
     def _first_phrase_due(self, stream: StreamState) -> float | None:
         """When a listener with no audio, and nothing cut or in the model for it, gets the words
         that have come so far (first text + first_phrase_wait_ms); None if not waiting so."""
@@ -963,7 +983,8 @@ class Scheduler:
                 self._dirty.add(stream.id)
                 self._prefetch(stream)
                 stream.inflight_chars += spoken_chars
-                batch.acoustic.append((stream.id, text, stream.options.params, head_only, first, phonemized))
+                params = self._phrase_params(stream, now)
+                batch.acoustic.append((stream.id, text, params, head_only, first, phonemized))
             used += cost
         return batch
 

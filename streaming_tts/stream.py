@@ -42,6 +42,9 @@ class StreamOptions:
     markdown: bool = True                # Markdown markup is not spoken (text/markdown.py)
     normalize: bool = True               # "$5", "Dr. Smith", "5 km" read as said (text/normalize.py)
     read_code: bool = True               # False: fenced code blocks are not read (text/markdown.py)
+    # Up to this many times `params`' speed while the listener is far behind the text (a live
+    # feed faster than the voice: Scheduler._phrase_params); 1.0: never faster.
+    catch_up: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -72,11 +72,12 @@ def test_start_with_every_field() -> None:
     msg = decode(type="start", ctx="a", voice="en_US-joe-medium", speaker="p225",
                  format="pcm_s16le", sample_rate=22050, speed=2, noise_scale=0.5, noise_w=0.6,
                  bitrate=64000, max_buffer_delay_ms=0, words=False, markdown=False,
-                 normalize=False, read_code=False)
+                 normalize=False, read_code=False, max_speed=2)
     assert msg == StartMsg(ctx="a", voice="en_US-joe-medium", speaker="p225",
                            format=AudioFormat.PCM_S16LE, sample_rate=22050, speed=2.0,
                            noise_scale=0.5, noise_w=0.6, bitrate=64000, max_buffer_delay_ms=0.0,
-                           words=False, markdown=False, normalize=False, read_code=False)
+                           words=False, markdown=False, normalize=False, read_code=False,
+                           max_speed=2.0)
     assert msg.length_scale == 0.5
 
 
@@ -173,6 +174,11 @@ def test_undecodable_frames(data: bytes, needle: str) -> None:
     ({"type": "start", "speed": True}, "field 'speed' must be a number, got bool"),
     ({"type": "start", "speed": 2**64 - 1}, "field 'speed' must be between 0.5 and 2, got inf"),
     ({"type": "start", "speed": -(2**63)}, "field 'speed' must be between 0.5 and 2, got -inf"),
+    ({"type": "start", "max_speed": 2.5}, "field 'max_speed' must be between 0.5 and 2"),
+    ({"type": "start", "max_speed": "fast"}, "field 'max_speed' must be a number, got str"),
+    ({"type": "start", "speed": 1.2, "max_speed": 1.1},
+     "field 'max_speed' (1.1) must not be below 'speed' (1.2)"),
+    ({"type": "start", "max_speed": 0.9}, "field 'max_speed' (0.9) must not be below 'speed' (1)"),
     ({"type": "start", "noise_scale": -0.1}, "field 'noise_scale' must be between"),
     ({"type": "start", "noise_w": float("inf")}, "field 'noise_w' must be between"),
     ({"type": "start", "bitrate": 5999}, "field 'bitrate' must be between 6000 and 510000"),

@@ -1476,3 +1476,50 @@ def test_a_phrase_phonemized_to_nothing_takes_no_model_step():
     assert [(p.id, p.text) for p in sink.phrases()] == [(0, "Well!!!"), (1, "..."), (2, "Then we go.")]
     dots, then = sink.phrases()[1:]
     assert dots.start_ms == dots.end_ms == then.start_ms
+
+
+CAPTIONS = ("The committee met on Tuesday to talk about the budget. They argued for an hour about "
+            "the roads and the bridges. Then they voted on the parks, and the vote was close. ")
+
+
+def captions_behind(catch_up: float, after_ms: float, own: SynthesisParams) -> tuple[Scheduler, StreamState]:
+    """A stream given a paragraph at once: its listener is seconds behind the text."""
+    sched = planning_scheduler(FakeEngine(), [], catch_up_after_ms=after_ms)
+    sched.open("s", StreamOptions(params=own, max_buffer_delay_ms=50.0, catch_up=catch_up), Sink())
+    sched.text("s", CAPTIONS)
+    sched._apply_commands()
+    stream = sched._streams["s"]
+    for phrase in stream.phrases:
+        if phrase.phonemized is not None:
+            phrase.phonemized.result(timeout=5)
+    return sched, stream
+
+
+@pytest.mark.parametrize(("catch_up", "after_ms", "faster"), [
+    (1.5, 500.0, 1.5),     # far behind its text: as fast as its max_speed allows
+    (1.0, 500.0, 1.0),     # no max_speed: its own speed, however far behind
+    (1.5, 1e6, 1.0),       # not that far behind: its own speed
+])
+def test_a_stream_far_behind_its_text_speaks_faster_up_to_its_max_speed(catch_up, after_ms, faster):
+    # A live feed faster than the voice (captions at 4 words/s) put the listener 9 s further
+    # behind the text each minute. With `max_speed` the phrases sent to the model are faster.
+    own = SynthesisParams(speaker=2, noise_scale=0.5, length_scale=1.2, noise_w=0.7)
+    sched, _ = captions_behind(catch_up, after_ms, own)
+    batch = sched._schedule(time.monotonic())
+    assert batch.acoustic
+    for _, _, params, *_ in batch.acoustic:
+        assert params == dataclasses.replace(own, length_scale=pytest.approx(1.2 / faster))
+
+
+def test_the_speed_up_is_in_proportion_to_the_speech_coming():
+    # Beyond `catch_up_after_ms` of speech coming, faster by how far beyond: twice as much
+    # coming, twice the speed (up to max_speed, here twice the stream's own).
+    own = SynthesisParams()
+    base, stream = captions_behind(2.0, 1000.0, own)
+    now = time.monotonic()
+    coming = (base._ahead_ms(stream, now)
+              + len(stream.splitter.pending) * base._frames_per_char * base.frame_ms)
+    assert coming > 3000.0   # the paragraph, not yet spoken
+    for share, faster in [(1.25, 1.25), (1.0, 1.0), (0.5, 1.0), (1.9, 1.9), (3.0, 2.0)]:
+        sched, stream = captions_behind(2.0, coming / share, own)
+        assert sched._phrase_params(stream, now).length_scale == pytest.approx(1 / faster, rel=1e-3)

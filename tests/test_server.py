@@ -229,6 +229,35 @@ async def test_code_blocks_are_not_read_when_asked(
     assert skipped.done["usage"]["audio_ms"] < 0.8 * read.done["usage"]["audio_ms"]
 
 
+async def test_max_speed_speaks_faster_while_the_listener_is_far_behind_the_text(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    # A live feed faster than the voice (captions at 4 words/s) put the listener further
+    # behind the text each minute, with no way to catch up but a new stream at a new speed.
+    # A paragraph given at once is such a listener's case: seconds of speech coming.
+    text = ("The committee met on Tuesday to talk about the budget. They argued for an hour "
+            "about the roads and the bridges, and then about the parks. In the end the vote "
+            "was close, and the mayor said she would sign it next week.")
+    async with running(engine, {"scheduler.catch_up_after_ms": 1000,
+                                "limits.max_text_chars": 1000}) as r:
+        client = await connect(http, r)
+        for ctx, start in (("own", {}), ("fast", {"max_speed": 1.5})):
+            await client.send({"type": "start", "ctx": ctx, **start})
+            await client.send({"type": "text", "ctx": ctx, "text": text})
+            await client.send({"type": "end", "ctx": ctx})
+        heard = await client.collect(["own", "fast"])
+        await client.close()
+        await clean(r)
+    own, fast = heard["own"], heard["fast"]
+    for u in (own, fast):
+        check_done(u, chars=len(text))
+        check_timeline(u, sample_rate=48000)
+    assert spoken_words(fast) == spoken_words(own) == text.split()
+    # Up to 1.5 times as fast while more than 1 s of speech was coming; its own pace after.
+    assert fast.done["usage"]["audio_ms"] < 0.85 * own.done["usage"]["audio_ms"]
+    assert fast.done["usage"]["audio_ms"] > own.done["usage"]["audio_ms"] / 1.5
+
+
 async def test_written_forms_are_read_as_said_unless_asked(
     srv: Running, http: aiohttp.ClientSession,
 ) -> None:
@@ -1797,7 +1826,7 @@ async def test_admission_reads_the_gpu_samplers_reading_not_nvml_on_the_event_lo
 # ---------------------------------------------------------------------------------- fuzz
 
 FIELDS = ["type", "ctx", "text", "voice", "speaker", "format", "sample_rate", "speed",
-          "noise_scale", "noise_w", "bitrate", "max_buffer_delay_ms", "words"]
+          "noise_scale", "noise_w", "bitrate", "max_buffer_delay_ms", "words", "max_speed"]
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
     st.text(max_size=12), st.binary(max_size=8), st.lists(st.integers(0, 9), max_size=3),
