@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from streaming_tts.text.markdown import CodeBlocks, reads_nothing, speakable
 
-MARKUP = "#>-*+_~`|[]()!"
+MARKUP = "#>-*+_~`|[]()!<&"
 
 
 @pytest.mark.parametrize(("text", "spoken"), [
@@ -25,6 +25,14 @@ MARKUP = "#>-*+_~`|[]()!"
     ("---", ""),
     # Not markup: arithmetic, identifiers, a lone asterisk, hashtags, numbers.
     ("5*3=15, snake_case, a * b, #1, x^2, 50% off, Dr. Smith", "5*3=15, snake_case, a * b, #1, x^2, 50% off, Dr. Smith"),
+    # Inline HTML, as Markdown shows it (LLMs put <br> in table cells; captions carry <i>).
+    ("<i>Narrator:</i> Hello", "Narrator: Hello"),
+    ("| one<br>two | three<br/>four |", "one two three four"),
+    ('<span class="x">hi</span>, <a href="https://x.com">the link</a>.', "hi, the link."),
+    ("a &amp; b &gt;&gt; c&nbsp;d &#39;e&#x27;", "a & b >> c d 'e'"),
+    ("10<sup>6</sup> cells", "10^6 cells"),
+    # Not tags or references: comparisons, a heart, a name, entities that are none.
+    ("a < b and c > d, if a<b and c>d, <3, AT&T, &nope; <script>", "a < b and c > d, if a<b and c>d, <3, AT&T, &nope; <script>"),
 ])
 def test_markup_is_removed_and_the_words_stay(text: str, spoken: str) -> None:
     assert " ".join(speakable(text).split()) == spoken
@@ -36,9 +44,10 @@ def test_only_markup_or_link_targets_go(text: str) -> None:
     assert len(out) <= len(text)
     if not any(c in MARKUP for c in text):
         assert out == text
-    # What is left is the text's own characters, in order (a pipe becomes a space).
+    # What is left is the text's own characters, in order (a pipe becomes a space; an HTML
+    # tag may leave a space or a "^", a character reference its character).
     rest = iter(text.replace("|", " "))
-    assert all(c in rest for c in out)
+    assert all(c in rest for c in out) or "<" in text or "&" in text
 
 
 @given(st.text(alphabet=st.characters(blacklist_characters=MARKUP + "\n")))
@@ -49,6 +58,13 @@ def test_text_without_markup_is_read_as_it_is(text: str) -> None:
 @given(st.text(alphabet=MARKUP + " \na1"))
 def test_reads_nothing_is_a_blank_speakable(text: str) -> None:
     assert reads_nothing(text) == (not speakable(text).strip())
+
+
+@given(st.text(alphabet="<>/&;#x1 =\"'bripsuamgt"))
+def test_html_like_text_never_grows_and_reads_nothing_agrees(text: str) -> None:
+    out = speakable(text)
+    assert len(out) <= len(text)
+    assert reads_nothing(text) == (not out.strip())
 
 
 # --------------------------------------------------------------------------- fenced code blocks

@@ -10,7 +10,11 @@ words as they are written ("**bold**," becomes "bold,", so word timings name "bo
 - inline: backticks; `*`, `**`, `_`, `__`, `~~` runs that open or close emphasis (next to a
   word on one side, a space, punctuation or the end on the other), so `5*3`, `snake_case` and a
   lone ` * ` stay as written; link and image syntax (`[text](url)` reads "text"); table pipes
-  (a space each) and table rules.
+  (a space each) and table rules;
+- inline HTML, as Markdown shows it: tags of HTML's own elements are not read (`<i>`, `<sup>`,
+  `<span class="x">`; one that breaks a line, `<br>`, `<p>`, `<li>`..., leaves a space, so the
+  words on either side stay apart; `<sup>` a "^"), and character references are read as the character they
+  stand for (`&amp;` "&", `&gt;`, `&nbsp;`, `&#39;`). "a < b", "<3" and "AT&T" stay.
 
 Only what Markdown would not show is removed: text that is not Markdown comes through as is,
 apart from those symbols, which espeak would only spell out.
@@ -18,6 +22,7 @@ apart from those symbols, which espeak would only spell out.
 
 from __future__ import annotations
 
+import html
 import re
 
 _LINE = re.compile(r"^[ \t]*+(?:```.*|~~~.*|[-*_][ \t]*(?:[-*_][ \t]*){2,}$|#{1,6}(?=[ \t]|$)|"
@@ -28,7 +33,22 @@ _EMPHASIS = re.compile(r"(?<![\w*_~])(?:\*{1,3}|_{1,3}|~~)(?=[^\s*_~])"
 _LINK = re.compile(r"!?\[([^\]\[\n]*)\]\([^)\s]*(?:\s+\"[^\"\n]*\")?\)")
 
 
-_MARKUP_CHARS = frozenset("#>-*+_~`|[]()!")   # text without any of them is left as it is
+# An HTML tag (CommonMark's open and closing tags), kept only where it names an element of HTML.
+# Attributes with values only: "if a<b and c>d" is no tag to a reader (CommonMark's would be).
+_ATTRIBUTE = r"""\s+[A-Za-z_:][-\w:.]*\s*=\s*(?:"[^"\n]*"|'[^'\n]*'|[^\s"'=<>`]+)"""
+_HTML_TAG = re.compile(rf"<(?:([A-Za-z][A-Za-z0-9]*)(?:{_ATTRIBUTE})*\s*/?|/([A-Za-z][A-Za-z0-9]*)\s*)>")
+_HTML_ELEMENTS = frozenset("""
+    a abbr b bdi bdo big blockquote br center cite code dd del details dfn div dl dt em font
+    h1 h2 h3 h4 h5 h6 hr i img ins kbd li mark ol p pre q s samp small span strike strong sub
+    summary sup table tbody td tfoot th thead tr tt u ul var wbr
+""".split())
+# ... of which these end a line or a cell where Markdown shows them: a space in their place.
+_HTML_BREAKS = frozenset("""
+    br blockquote dd div dl dt h1 h2 h3 h4 h5 h6 hr li ol p pre table td th tr ul
+""".split())
+_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+_MARKUP_CHARS = frozenset("#>-*+_~`|[]()!<&")   # text without any of them is left as it is
 
 
 def reads_nothing(text: str) -> bool:
@@ -41,6 +61,7 @@ def reads_nothing(text: str) -> bool:
 def speakable(text: str) -> str:
     """`text` without its Markdown markup: what a voice should read of it."""
     drop = [False] * len(text)
+    put: dict[int, str] = {}   # what is read in the place of a removed span starting here
 
     def remove(start: int, end: int) -> None:
         drop[start:end] = [True] * (end - start)
@@ -52,8 +73,23 @@ def speakable(text: str) -> str:
         remove(m.end(1), m.end())             # "](url)"
     for m in _EMPHASIS.finditer(text):
         remove(m.start(), m.end())
-    return "".join(" " if c == "|" else "" if gone or c == "`" else c
-                   for c, gone in zip(text, drop))
+    if "<" in text:
+        for m in _HTML_TAG.finditer(text):
+            name = (m.group(1) or m.group(2)).lower()
+            if name in _HTML_ELEMENTS:
+                remove(m.start(), m.end())
+                if name in _HTML_BREAKS:
+                    put[m.start()] = " "
+                elif name == "sup" and m.group(1):   # 10<sup>6</sup>: read as 10^6 is
+                    put[m.start()] = "^"
+    if "&" in text:
+        for m in _ENTITY.finditer(text):
+            if (char := html.unescape(m.group())) != m.group() and not any(
+                    drop[m.start():m.end()]):
+                remove(m.start(), m.end())
+                put[m.start()] = " " if char == "\xa0" else char
+    return "".join(put.get(i, "") if gone else " " if c == "|" else "" if c == "`" else c
+                   for i, (c, gone) in enumerate(zip(text, drop)))
 
 
 # A fence line: any indentation (LLMs indent code inside list items), then three or more
