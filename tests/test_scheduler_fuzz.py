@@ -139,7 +139,7 @@ async def _play(ops: list[tuple], delay_s: float, options: dict[str, StreamOptio
 OPTIONS = st.builds(
     StreamOptions, params=st.just(SynthesisParams()),
     max_buffer_delay_ms=st.sampled_from([0.0, 50.0, 1000.0]), words=st.booleans(),
-    markdown=st.booleans(), read_code=st.booleans())
+    markdown=st.booleans(), read_code=st.booleans(), catch_up=st.sampled_from([1.0, 1.5, 2.0]))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
