@@ -181,8 +181,11 @@ ENGLISH = SplitterConfig(first_phrase_max_words=3, function_words=ENGLISH_FUNCTI
     ("Wait...what now?", ["Wait...what now?"]),            # no space: no mark
     # Nor does an early cut leave a list item's number alone.
     ("## 1. The starter dough", ["## 1. The starter", " dough"]),
+    # A heading's or a bullet's mark is no word to count ("# A Short | Guide to Sourdough").
+    ("# A Short Guide to Sourdough", ["# A Short Guide", " to Sourdough"]),
+    ("- First item here and more.", ["- First item here", " and more."]),
 ])
-def test_an_early_cut_at_an_ellipsis_but_not_after_a_list_number(
+def test_an_early_cut_at_an_ellipsis_but_not_after_a_list_number_or_markup(
     text: str, phrases: list[str],
 ) -> None:
     for fragments in ([text], llm_tokens(text), list(text)):

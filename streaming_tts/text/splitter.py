@@ -96,6 +96,9 @@ _BREAK = re.compile(
 )
 # A word: one CJK character (they carry no spaces), or a run of other non-space characters.
 _WORD = re.compile(rf"[{_CJK_CHARS}]|[^\s{_CJK_CHARS}{_CJK_PUNCT}]+")
+# A token counts as a word where it has a letter or a digit: a heading's "#", a bullet's "-",
+# a lone dash or "&" are no words to count ("# A Short" was an early phrase of three "words").
+_COUNTS = re.compile(r"[^\W_]")
 # Text that ends in punctuation (a clause or sentence mark, closers after it).
 _ENDS_IN_MARK = re.compile(rf"[{_cls(_TERMINALS + _CLAUSE_MARKS + _CJK_CLAUSE_MARKS)}][{_cls(_CLOSERS)}]*$")
 _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
@@ -420,7 +423,7 @@ class PhraseSplitter:
         return token.endswith(".") and self._is_list_number(token[:-1], cut - len(token))
 
     def _words_in(self, start: int, end: int) -> int:
-        return len(_WORD.findall(self._buf, start, end))
+        return sum(1 for w in _WORD.finditer(self._buf, start, end) if _COUNTS.search(w.group()))
 
     def _before_leaning_words(self, cs: int, end: int) -> int:
         """`end`, or where the words before it end when the text up to it ends in words that
@@ -443,7 +446,7 @@ class PhraseSplitter:
         the word, and it is not a title the next word continues."""
         buf, count = self._buf, 0
         for w in _WORD.finditer(buf, cs, min(horizon, len(buf))):
-            count += 1
+            count += 1 if _COUNTS.search(w.group()) else 0
             end = w.end()
             if end == len(buf) or not buf[end].isspace():
                 continue
