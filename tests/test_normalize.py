@@ -70,6 +70,9 @@ def read(text: str) -> str:
      "in 2005, in 2000 people, of 1500 calories, 2025 was, In 2025 Apple, in 2100, in 1099."),
     ("It ended in June. 2000 people came; 1,999 in 2,025 and 12 to 2025",
      "It ended in June. 2000 people came; 1,999 in 2,025 and 12 to 2025"),
+    # A year opening a sentence as its subject (1900-2099, before "was", "saw" and the like).
+    ("2024 was a big year. It ended. 1999 saw the crash! 2030 will be hot. 1500 was too many.",
+     "20 24 was a big year. It ended. 19 99 saw the crash! 20 30 will be hot. 1500 was too many."),
     # A range is years only if its end is one.
     ("from 1200 to 1500 meters, from 1990 to 2000 people, from 1990 to 1995 we",
      "from 1200 to 1500 meters, from 1990 to 2000 people, from 19 90 to 19 95 we"),

@@ -213,6 +213,10 @@ _AFTER_YEAR = frozenset((
     "and or to through until till when while after before onward onwards ago the a an this "
     "that these those there i we you he she it they was is were will would had has have as at "
     "on in for with but so if then").split())
+# A year opening a sentence as its subject: "2024 was a big year", "1999 saw ...". Only 1900-2099
+# ("1500 was too many" stays a count) and only before these verbs ("2000 people came" too).
+_YEAR_SUBJECT_VERBS = frozenset(
+    "was is will saw brought marked began ended started became proved".split())
 _YEAR_PREFIX_RE = re.compile(rf"(early|mid|late|Early|Mid|Late)-({_YEAR_RE.pattern})")
 _ORDINAL_DAY_RE = re.compile(r"(\d{1,2})(?:st|nd|rd|th)?")
 _FRACTION_RE = re.compile(r"(\d{1,2})/(\d{1,2})")
@@ -450,10 +454,13 @@ def _is_year(parts: list[_Token], i: int, years: set[int]) -> bool:
     if _is_month(prev) or _is_month(before) and prev.trail in ("", ",") \
             and (m := _ORDINAL_DAY_RE.fullmatch(prev.core)) and 1 <= int(m[1]) <= 31:
         return True
+    nxt = parts[i + 1] if i + 1 < len(parts) else _NONE
+    if (not prev.core or prev.trail[-1:] in (".", "!", "?")) and not tok.trail \
+            and tok.core[:2] in ("19", "20") and nxt.core.lower() in _YEAR_SUBJECT_VERBS:
+        return True
     word = prev.core.lower()
     if prev.trail or not (word in _YEAR_CUES or word in _YEAR_LINKS and i - 2 in years):
         return False
-    nxt = parts[i + 1] if i + 1 < len(parts) else _NONE
     if not tok.trail and nxt.core.lower() in _YEAR_LINKS and i + 2 < len(parts) \
             and parts[i + 2].core.isdigit():
         # A range: years if its end is one ("from 2019 to 2025 we"), else counts ("from 1200
