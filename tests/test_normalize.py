@@ -92,7 +92,7 @@ def read(text: str) -> str:
     ("COVID-19 and 100-1000", "COVID-19 and 100 to 1000"),
     # Fractions, times, powers, hashes, approximations.
     ("Take 1/2, 3/4 and 2/3; 24/7 but 9/11 and 5/4",
-     "Take 1 half, 3 quarters and 2 thirds; 24 7 but 9/11 and 5/4"),
+     "Take 1 half, 3 quarters and 2 thirds; 24 7 but 9 11 and 5/4"),
     ("a 50/50 split, 10/10, 5/5, 50/5, 40/50",
      "a 50 50 split, 10 out of 10, 5 out of 5, 50/5, 40/50"),
     ("Rated 8/10 and 4/5, on 12/25", "Rated 8 out of 10 and 4 out of 5, on 12/25"),

@@ -223,8 +223,8 @@ _FRACTION_RE = re.compile(r"(\d{1,2})/(\d{1,2})")
 _DENOMINATORS = {2: ("half", "halves"), 3: ("third", "thirds"), 4: ("quarter", "quarters"),
                  5: ("fifth", "fifths"), 6: ("sixth", "sixths"), 7: ("seventh", "sevenths"),
                  8: ("eighth", "eighths"), 9: ("ninth", "ninths"), 10: ("tenth", "tenths")}
-# Said as a phrase, not a fraction: "twenty-four seven", "fifty-fifty".
-_SLASHED_PHRASES = {"24/7": "24 7", "50/50": "50 50"}
+# Said as a phrase, not a fraction: "twenty-four seven", "fifty-fifty", "nine eleven".
+_SLASHED_PHRASES = {"24/7": "24 7", "50/50": "50 50", "9/11": "9 11"}
 _TIMES_RE = re.compile(rf"(?P<n>{_NUMBER})[x×]")
 _BY_RE = re.compile(r"(\d+)[x×](\d+)")
 _POWER_RE = re.compile(rf"(?P<a>{_NUMBER})\^(?P<b>[-−]?\d+)")
