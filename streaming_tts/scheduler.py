@@ -858,9 +858,9 @@ class Scheduler:
         a stream that may catch up (`options.catch_up`, from `start`'s `max_speed`), faster in
         proportion to the speech its listener has coming beyond `catch_up_after_ms` (audio
         buffered, phrases queued or in the model, this one included, text not yet cut), up to
-        `catch_up` times. A live feed faster than the voice (captions at 4 words/s against the
-        voice's ~2.8) put the listener 9 s further behind the text each minute; so the lag
-        settles where the speed matches the feed's."""
+        `catch_up` times. A live feed faster than the voice (captions at 4 words/s) put the
+        listener ~10 s further behind the text each minute (9.6 s after 51 s: BENCHMARKS.md);
+        so the lag settles where the speed matches the feed's."""
         params = stream.options.params
         most = stream.options.catch_up
         if most <= 1.0:

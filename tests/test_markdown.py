@@ -31,6 +31,12 @@ MARKUP = "#>-*+_~`|[]()!<&"
     ('<span class="x">hi</span>, <a href="https://x.com">the link</a>.', "hi, the link."),
     ("a &amp; b &gt;&gt; c&nbsp;d &#39;e&#x27;", "a & b >> c d 'e'"),
     ("10<sup>6</sup> cells", "10^6 cells"),
+    ('<img src="cat.png" alt="A cat"> sleeps', "A cat sleeps"),
+    # In code, as Markdown shows it: as written (the backticks themselves are not read).
+    ("Use the `<br>` tag; `Option<Span>`, `&amp;`.", "Use the <br> tag; Option<Span>, &amp;."),
+    ("```html\n<p>Hi &amp; bye</p>\n```", "<p>Hi &amp; bye</p>"),
+    # Named references only as HTML names them (html.unescape reads "&copyright;" "©right;").
+    ("&copyright; &notes; &ltb; &amp", "&copyright; &notes; &ltb; &amp"),
     # Not tags or references: comparisons, a heart, a name, entities that are none.
     ("a < b and c > d, if a<b and c>d, <3, AT&T, &nope; <script>", "a < b and c > d, if a<b and c>d, <3, AT&T, &nope; <script>"),
 ])

@@ -184,6 +184,9 @@ ENGLISH = SplitterConfig(first_phrase_max_words=3, function_words=ENGLISH_FUNCTI
     # A heading's or a bullet's mark is no word to count ("# A Short | Guide to Sourdough").
     ("# A Short Guide to Sourdough", ["# A Short Guide", " to Sourdough"]),
     ("- First item here and more.", ["- First item here", " and more."]),
+    # The ";" of a character reference is no clause mark ("Salt &amp; | pepper").
+    ("Salt &amp; pepper are on the table.", ["Salt &amp; pepper", " are on the table."]),
+    ("&gt;&gt; SPEAKER: Hello there everyone.", ["&gt;&gt; SPEAKER:", " Hello there everyone."]),
 ])
 def test_an_early_cut_at_an_ellipsis_but_not_after_a_list_number_or_markup(
     text: str, phrases: list[str],

@@ -14,7 +14,9 @@ words as they are written ("**bold**," becomes "bold,", so word timings name "bo
 - inline HTML, as Markdown shows it: tags of HTML's own elements are not read (`<i>`, `<sup>`,
   `<span class="x">`; one that breaks a line, `<br>`, `<p>`, `<li>`..., leaves a space, so the
   words on either side stay apart; `<sup>` a "^"), and character references are read as the character they
-  stand for (`&amp;` "&", `&gt;`, `&nbsp;`, `&#39;`). "a < b", "<3" and "AT&T" stay.
+  stand for (`&amp;` "&", `&gt;`, `&nbsp;`, `&#39;`; named ones only as HTML names them), an
+  image's `alt` read as `![alt](src)` is; in code (a backtick span, a fenced block within the
+  text at hand) both stay as written. "a < b", "<3" and "AT&T" stay.
 
 Only what Markdown would not show is removed: text that is not Markdown comes through as is,
 apart from those symbols, which espeak would only spell out.
@@ -23,6 +25,7 @@ apart from those symbols, which espeak would only spell out.
 from __future__ import annotations
 
 import html
+import html.entities
 import re
 
 _LINE = re.compile(r"^[ \t]*+(?:```.*|~~~.*|[-*_][ \t]*(?:[-*_][ \t]*){2,}$|#{1,6}(?=[ \t]|$)|"
@@ -47,6 +50,11 @@ _HTML_BREAKS = frozenset("""
     br blockquote dd div dl dt h1 h2 h3 h4 h5 h6 hr li ol p pre table td th tr ul
 """.split())
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+_IMG_ALT = re.compile(r"""\salt\s*=\s*(?:"([^"\n]*)"|'([^'\n]*)')""")
+# Code, where Markdown shows tags and references as written: a backtick span on one line, and
+# a fenced block as far as it lies in the text at hand.
+_CODE = re.compile(r"(`+)(?!`).+?(?<!`)\1(?!`)|^[ \t]*(```|~~~).*?(?:^[ \t]*\2[`~]*[ \t]*$|\Z)",
+                   re.MULTILINE | re.DOTALL)
 
 _MARKUP_CHARS = frozenset("#>-*+_~`|[]()!<&")   # text without any of them is left as it is
 
@@ -73,23 +81,39 @@ def speakable(text: str) -> str:
         remove(m.end(1), m.end())             # "](url)"
     for m in _EMPHASIS.finditer(text):
         remove(m.start(), m.end())
-    if "<" in text:
-        for m in _HTML_TAG.finditer(text):
-            name = (m.group(1) or m.group(2)).lower()
-            if name in _HTML_ELEMENTS:
-                remove(m.start(), m.end())
-                if name in _HTML_BREAKS:
-                    put[m.start()] = " "
-                elif name == "sup" and m.group(1):   # 10<sup>6</sup>: read as 10^6 is
-                    put[m.start()] = "^"
-    if "&" in text:
-        for m in _ENTITY.finditer(text):
-            if (char := html.unescape(m.group())) != m.group() and not any(
-                    drop[m.start():m.end()]):
-                remove(m.start(), m.end())
-                put[m.start()] = " " if char == "\xa0" else char
+    if "<" in text or "&" in text:
+        _html(text, drop, put)
     return "".join(put.get(i, "") if gone else " " if c == "|" else "" if c == "`" else c
                    for i, (c, gone) in enumerate(zip(text, drop)))
+
+
+def _html(text: str, drop: list[bool], put: dict[int, str]) -> None:
+    """Mark inline HTML in `drop` and what is read in its place in `put` (see the module's
+    docstring), outside code, where it is shown as written."""
+    code = [False] * len(text)
+    for m in _CODE.finditer(text):
+        code[m.start():m.end()] = [True] * (m.end() - m.start())
+
+    def take(m: re.Match[str], instead: str) -> None:
+        drop[m.start():m.end()] = [True] * (m.end() - m.start())
+        if instead:
+            put[m.start()] = instead
+
+    for m in _HTML_TAG.finditer(text):
+        name = (m.group(1) or m.group(2)).lower()
+        if name in _HTML_ELEMENTS and not code[m.start()]:
+            alt = _IMG_ALT.search(m.group()) if name == "img" else None
+            take(m, " " if name in _HTML_BREAKS else "^" if name == "sup" and m.group(1)
+                 else f" {alt.group(1) or alt.group(2)} " if alt else "")
+    for m in _ENTITY.finditer(text):
+        ref = m.group()
+        # Named ones only where HTML names them, semicolon and all ("&copyright;" is none;
+        # html.unescape would read it as "©right;").
+        if code[m.start()] or any(drop[m.start():m.end()]) or (
+                ref[1] != "#" and ref[1:] not in html.entities.html5):
+            continue
+        if (char := html.unescape(ref)) != ref:
+            take(m, " " if char == "\xa0" else char)
 
 
 # A fence line: any indentation (LLMs indent code inside list items), then three or more

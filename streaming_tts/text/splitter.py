@@ -99,6 +99,8 @@ _WORD = re.compile(rf"[{_CJK_CHARS}]|[^\s{_CJK_CHARS}{_CJK_PUNCT}]+")
 # A token counts as a word where it has a letter or a digit: a heading's "#", a bullet's "-",
 # a lone dash or "&" are no words to count ("# A Short" was an early phrase of three "words").
 _COUNTS = re.compile(r"[^\W_]")
+# What comes before the ";" that ends an HTML character reference ("&amp;"): no clause mark.
+_REFERENCE_BEFORE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31})\Z")
 # Text that ends in punctuation (a clause or sentence mark, closers after it).
 _ENDS_IN_MARK = re.compile(rf"[{_cls(_TERMINALS + _CLAUSE_MARKS + _CJK_CLAUSE_MARKS)}][{_cls(_CLOSERS)}]*$")
 _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
@@ -396,9 +398,13 @@ class PhraseSplitter:
         forced = self._forced_cut(cs, horizon)
         stop = horizon if forced is None else forced
         min_words = self._cfg.first_phrase_min_words
-        for m in _CLAUSE.finditer(self._buf, cs, stop + 1):
+        buf = self._buf
+        for m in _CLAUSE.finditer(buf, cs, stop + 1):
             if m.end() > stop:
                 break
+            if buf[m.start()] == ";" and _REFERENCE_BEFORE.search(buf, max(cs, m.start() - 40),
+                                                                  m.start()):
+                continue   # "Salt &amp; pepper": a character, not a pause
             if self._words_in(cs, m.end()) >= min_words:
                 return m.end()
         return forced
