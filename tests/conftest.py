@@ -35,6 +35,16 @@ def default_voice() -> VoiceInfo:
     return VoiceRegistry().default()
 
 
+@pytest.fixture(scope="module")
+def engine(default_voice: VoiceInfo):
+    """The default voice's engine, warmed up, for one test module (its own threads' state)."""
+    from streaming_tts.engine import Engine   # torch: only for the modules that need it
+
+    eng = Engine.from_file(default_voice.onnx_path, sample_rate=default_voice.sample_rate)
+    eng.warmup()
+    return eng
+
+
 @pytest.fixture(scope="session")
 def default_phonemizer(default_voice: VoiceInfo) -> Phonemizer:
     """One espeak backend for the whole session: creating one takes a fraction of a second."""

@@ -10,7 +10,6 @@ from benchmarks.captions import (Playback, caption_lines, feed, line_latencies, 
                                   send_times, slope)
 from benchmarks.texts import PARAGRAPH
 from streaming_tts.engine import Engine
-from streaming_tts.voices import VoiceRegistry
 from tests.helpers.app import running
 
 
@@ -53,14 +52,6 @@ def test_the_slope_is_how_much_further_behind_each_second() -> None:
     assert slope([0, 1, 2, 3], [1.0, 1.5, 2.0, 2.5]) == pytest.approx(0.5)
     assert slope([0, 1, 2], [0.2, 0.1, 0.2]) == pytest.approx(0.0)
     assert slope([5, 5], [1.0, 2.0]) == 0.0
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    voice = VoiceRegistry().default()
-    eng = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate)
-    eng.warmup()
-    return eng
 
 
 @pytest.mark.asyncio

@@ -65,14 +65,6 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    voice = VoiceRegistry().default()
-    eng = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate)
-    eng.warmup()
-    return eng
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def srv(engine: Engine) -> AsyncIterator[Running]:
     async with running(engine) as r:

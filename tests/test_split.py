@@ -35,7 +35,6 @@ import server.split
 from server.split import LINK, RemoteScheduler
 from streaming_tts.engine import Engine, SynthesisParams
 from streaming_tts.stream import StreamOptions
-from streaming_tts.voices import VoiceRegistry
 from tests.helpers.app import (Running, Split, check_opus_decodes, check_phrases_before_audio,
                                check_timeline, clean, connect, running_split, wait_for)
 from tests.helpers.ws_client import ProtocolClient
@@ -47,14 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHORT = "Hello there! How are you today?"
 LONG = ("This sentence is long enough to keep the voice busy for several seconds, so that "
         "there is plenty of audio still to come. And then another one follows it.")
-
-
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    voice = VoiceRegistry().default()
-    eng = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate)
-    eng.warmup()
-    return eng
 
 
 @pytest_asyncio.fixture(loop_scope="module")
