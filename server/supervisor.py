@@ -9,9 +9,8 @@ within seconds of their start, which stops the server; one signalled alone, whic
 streams no longer listening (ShutdownSignals), is replaced at once; one that has said nothing
 for server.front_end_silent_s (stopped, or its event loop blocked: LinkServer.watch) is killed,
 and so replaced. Each process started gets a name of its own (fe1, fe2, ...; a replacement the
-next number). At SIGTERM, SIGINT or SIGHUP it
-passes the signal on (each front end drains its streams, as one process would) and stops once they
-have all exited.
+next number). At SIGTERM, SIGINT or SIGHUP it passes the signal on (each front end drains its
+streams, as one process would) and stops once they have all exited.
 """
 
 from __future__ import annotations
@@ -138,8 +137,7 @@ class Supervisor:
                 self._tasks.append(asyncio.create_task(self._retired(name, exited),
                                                        name=f"front-end-{name}-retiring"))
                 continue
-            killed = name in self._killed
-            code = self._exited(name)
+            code, killed = self._exited(name)
             if self._stopping:
                 log.info("front end %s stopped (exit %s)", name, code)
                 return
@@ -162,17 +160,19 @@ class Supervisor:
 
     async def _retired(self, name: str, exited: asyncio.Future[int]) -> None:
         await exited
-        killed = name in self._killed
-        code = self._exited(name)
+        code, killed = self._exited(name)
         log.log(logging.INFO if code == 0 else logging.ERROR, "front end %s %s (exit %s)", name,
                 "killed, stuck as it drained its streams" if killed
                 else "stopped, having drained its streams", code)
 
-    def _exited(self, name: str) -> int | None:
+    def _exited(self, name: str) -> tuple[int | None, bool]:
+        """Forget front end `name`, which has exited: its exit code, and whether it was
+        killed as stuck."""
+        killed = name in self._killed
         self._killed.discard(name)
         proc = self._procs.pop(name)
         _forget_metrics(proc.pid)
-        return proc.returncode
+        return proc.returncode, killed
 
     def retiring(self, name: str) -> None:
         """Front end `name` was signalled alone: it drains its streams, no longer listening;

@@ -866,7 +866,8 @@ class Scheduler:
         if most <= 1.0:
             return params
         ms_per_char = self._frames_per_char * params.length_scale * self.frame_ms
-        coming = self._ahead_ms(stream, now) + len(stream.splitter.pending) * ms_per_char
+        coming = (stream.ahead_ms(now, self.frame_ms, ms_per_char)
+                  + stream.splitter.pending_chars * ms_per_char)
         faster = min(most, coming / self.config.catch_up_after_ms)
         if faster <= 1.0:
             return params

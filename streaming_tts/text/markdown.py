@@ -49,7 +49,9 @@ _HTML_ELEMENTS = frozenset("""
 _HTML_BREAKS = frozenset("""
     br blockquote dd div dl dt h1 h2 h3 h4 h5 h6 hr li ol p pre table td th tr ul
 """.split())
-_ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+# A character reference up to its ";" ("&amp", "&#39", "&#x27"): the splitter knows it too.
+REFERENCE = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31})"
+_ENTITY = re.compile(REFERENCE + ";")
 _IMG_ALT = re.compile(r"""\salt\s*=\s*(?:"([^"\n]*)"|'([^'\n]*)')""")
 # Code, where Markdown shows tags and references as written: a backtick span on one line, and
 # a fenced block as far as it lies in the text at hand.
@@ -70,21 +72,21 @@ def speakable(text: str) -> str:
     """`text` without its Markdown markup: what a voice should read of it."""
     drop = [False] * len(text)
     put: dict[int, str] = {}   # what is read in the place of a removed span starting here
-
-    def remove(start: int, end: int) -> None:
-        drop[start:end] = [True] * (end - start)
-
     for m in _LINE.finditer(text):
-        remove(m.start(), m.end())
+        _mark(drop, m.start(), m.end())
     for m in _LINK.finditer(text):
-        remove(m.start(), m.start(1))         # "![" or "["
-        remove(m.end(1), m.end())             # "](url)"
+        _mark(drop, m.start(), m.start(1))    # "![" or "["
+        _mark(drop, m.end(1), m.end())        # "](url)"
     for m in _EMPHASIS.finditer(text):
-        remove(m.start(), m.end())
+        _mark(drop, m.start(), m.end())
     if "<" in text or "&" in text:
         _html(text, drop, put)
     return "".join(put.get(i, "") if gone else " " if c == "|" else "" if c == "`" else c
                    for i, (c, gone) in enumerate(zip(text, drop)))
+
+
+def _mark(flags: list[bool], start: int, end: int) -> None:
+    flags[start:end] = [True] * (end - start)
 
 
 def _html(text: str, drop: list[bool], put: dict[int, str]) -> None:
@@ -92,10 +94,10 @@ def _html(text: str, drop: list[bool], put: dict[int, str]) -> None:
     docstring), outside code, where it is shown as written."""
     code = [False] * len(text)
     for m in _CODE.finditer(text):
-        code[m.start():m.end()] = [True] * (m.end() - m.start())
+        _mark(code, m.start(), m.end())
 
     def take(m: re.Match[str], instead: str) -> None:
-        drop[m.start():m.end()] = [True] * (m.end() - m.start())
+        _mark(drop, m.start(), m.end())
         if instead:
             put[m.start()] = instead
 

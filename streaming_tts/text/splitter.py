@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .markdown import REFERENCE
+
 logger = logging.getLogger(__name__)
 
 _TERMINALS = ".!?…。！？"  # end a sentence
@@ -100,7 +102,7 @@ _WORD = re.compile(rf"[{_CJK_CHARS}]|[^\s{_CJK_CHARS}{_CJK_PUNCT}]+")
 # a lone dash or "&" are no words to count ("# A Short" was an early phrase of three "words").
 _COUNTS = re.compile(r"[^\W_]")
 # What comes before the ";" that ends an HTML character reference ("&amp;"): no clause mark.
-_REFERENCE_BEFORE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31})\Z")
+_REFERENCE_BEFORE = re.compile(REFERENCE + r"\Z")
 # Text that ends in punctuation (a clause or sentence mark, closers after it).
 _ENDS_IN_MARK = re.compile(rf"[{_cls(_TERMINALS + _CLAUSE_MARKS + _CJK_CLAUSE_MARKS)}][{_cls(_CLOSERS)}]*$")
 _LINE_BREAK = re.compile(r"[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
@@ -194,6 +196,11 @@ class PhraseSplitter:
     def pending(self) -> str:
         """Text received and not yet returned as a phrase."""
         return self._buf[self._start :]
+
+    @property
+    def pending_chars(self) -> int:
+        """len(pending), without copying it."""
+        return len(self._buf) - self._start
 
     def push(self, text: str, *, buffered_ms: float = 0.0) -> list[str]:
         """Append a fragment; return the phrases it completed, in order.
