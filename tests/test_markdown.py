@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streaming_tts.text.markdown import CodeBlocks, reads_nothing, speakable
+from streaming_tts.text.markdown import CodeBlocks, in_html_tag, reads_nothing, speakable
 
 MARKUP = "#>-*+_~`|[]()!<&"
 
@@ -122,3 +122,20 @@ def test_any_cut_of_a_text_leaves_the_same_words_unread(points: list[int], tail:
         return s.replace("`", " ").replace("~", " ").split()
 
     assert words(pieces) == words(CodeBlocks().blank(text))
+
+
+@pytest.mark.parametrize(("text", "after", "inside"), [
+    ('See <img alt="A cat. It sits"> here.', "A cat.", True),       # a whole tag
+    ('See <img alt="A cat. It sits"> here.', "here.", False),
+    ('Note <span title="Note: x">y</span>.', "Note:", True),
+    ('See <img alt="A cat. It', "A cat.", None),                    # the text ends in it
+    ("Hi <", "Hi", False),                                           # before the "<"
+    ("a < b. Then", "b.", False),                                    # no tag: a space after "<"
+    ("x <foo bar=1> y. Z", "y.", False),                             # not an HTML element's
+    ('x <foo title="a. b', "a.", False),
+    ("if a<b and c>d. Then", "c>d.", False),                         # attributes need values
+])
+def test_where_the_splitter_finds_itself_inside_a_tag(text: str, after: str,
+                                                      inside: bool | None) -> None:
+    pos = text.index(after) + len(after)
+    assert in_html_tag(text, 0, pos) is inside

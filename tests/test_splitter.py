@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import pairwise
+from itertools import accumulate, pairwise
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -73,6 +73,8 @@ SENTENCE_CASES = [
     ("你好。我很好！谢谢？", ["你好。", "我很好！", "谢谢？"], ["。我"]),
     ("他说：「走。」然后走了。", ["他说：「走。」", "然后走了。"], ["。」"]),
     ("Really?! Yes.", ["Really?!", " Yes."], ["?!"]),
+    # Closers after a terminal, then another one: each push used to be judged alone.
+    ("好！)! Yes.", ["好！)", "!", " Yes."], ["！)", ")!"]),
     ("One.   Two.", ["One.", "   Two."], ["   "]),
     (
         "Title\n\nFirst line here.\n- item one\n- item two",
@@ -433,7 +435,13 @@ def test_an_undecided_run_that_grows_is_not_scanned_again_at_each_push(
 # --- properties -----------------------------------------------------------------------------
 
 ALPHABET = "abcXYZ019 \n\t.,!?;:…'\"()-/@。！？，、「」" + "\u3000"
-REALISTIC = [s for s, _, _ in SENTENCE_CASES] + [
+# Inline HTML in an LLM's Markdown, its attribute values holding clause and sentence marks.
+HTML_TAGGED = [
+    'See <img alt="A cat. It sits on a mat" src="c.png"> here. Then more.',
+    'Note <span title="Note: see below, please">this one</span> here. Next.',
+    'A <span class="one two three four five six seven">Hello</span> world and more words.',
+]
+REALISTIC = [s for s, _, _ in SENTENCE_CASES] + HTML_TAGGED + [
     LONG_SENTENCE,
     "Mr. and Mrs. Smith paid $3.50 at 5 p.m. on Jan. 3rd, approx. twice the price.",
     "Check https://docs.example.org/v1.2/index.html?q=a.b#c. Or mail me@x.io!",
@@ -526,3 +534,70 @@ def test_an_early_cut_never_ends_a_phrase_on_a_bare_number(
     assert "".join(phrases) + splitter.pending == text
     for phrase in phrases:   # under the cap, with no punctuation: only early cuts happen here
         assert not re.fullmatch(r"[$\d][\d.,:]*", phrase.split()[-1]), phrase
+
+
+TAG = re.compile(r"</?[a-z]+(?:\s+[a-z]+=\"[^\"]*\")*>")
+
+
+def cuts_a_tag(phrases: list[str]) -> bool:
+    """Whether a boundary between phrases falls inside a tag of their text."""
+    text, ends = "".join(phrases), list(accumulate(len(p) for p in phrases))
+    return any(m.start() < end < m.end() for m in TAG.finditer(text) for end in ends)
+
+
+@pytest.mark.parametrize("text", HTML_TAGGED)
+def test_no_phrase_ends_inside_an_html_tag(text: str) -> None:
+    # A tag cut in two is no tag to the Markdown reading: both halves were read aloud
+    # ('<img alt="A cat.' | ' It sits">': "less than img alt equals ...").
+    for ms in (0.0, SENTENCE_MODE_MS):
+        for fragments in ([text], llm_tokens(text), list(text)):
+            phrases = split(fragments, buffered_ms=ms, config=ENGLISH)
+            assert "".join(phrases) == text
+            assert not cuts_a_tag(phrases), (ms, phrases)
+
+
+@pytest.mark.parametrize("text", [
+    "a < b. Then", "if a<b, then c>d.", "x <3 y, z.", "Use <b and c, then.", "Hmm <b"])
+def test_a_less_than_sign_that_opens_no_tag_still_lets_phrases_be_cut(text: str) -> None:
+    whole = split([text], buffered_ms=0.0, config=ENGLISH)
+    assert split(list(text), buffered_ms=0.0, config=ENGLISH)[0] == whole[0]
+    assert "".join(whole) == text
+
+
+def test_a_tag_left_open_waits_for_its_close_but_no_longer_than_a_phrase() -> None:
+    splitter = PhraseSplitter()
+    opening = 'Look at <img alt="A cat. It'
+    assert splitter.push(opening, buffered_ms=SENTENCE_MODE_MS) == []
+    assert splitter.push(' sits"> now. Then', buffered_ms=SENTENCE_MODE_MS) == [
+        'Look at <img alt="A cat. It sits"> now.']
+    # A "<" whose quoted value never closes is text after all: the cap still cuts it.
+    splitter = PhraseSplitter()
+    phrases = [p for word in ['Look <img alt="A cat.'] + [" And more"] * 200
+               for p in splitter.push(word, buffered_ms=SENTENCE_MODE_MS)]
+    assert phrases and all(len(p.strip()) <= SplitterConfig().max_phrase_chars for p in phrases)
+    assert phrases[0] == 'Look <img alt="A cat.'
+
+
+@PROPERTY_SETTINGS
+@given(case=fragmented(st.lists(st.sampled_from(HTML_TAGGED + REALISTIC[:6]), min_size=1,
+                                max_size=4).map(" ".join)),
+       buffered=st.lists(st.floats(0.0, 3000.0), min_size=1, max_size=8),
+       actions=st.lists(st.sampled_from(ACTIONS), min_size=1, max_size=8),
+       config=st.sampled_from([ENGLISH, SplitterConfig()]))
+def test_no_fragmentation_or_timer_cuts_an_html_tag(
+    case: tuple[str, list[str]], buffered: list[float], actions: list[str],
+    config: SplitterConfig,
+) -> None:
+    text, fragments = case
+    splitter = PhraseSplitter(config)
+    phrases: list[str] = []
+    for i, fragment in enumerate(fragments):
+        phrases += splitter.push(fragment, buffered_ms=buffered[i % len(buffered)])
+        action = actions[i % len(actions)]
+        if action == "word":
+            phrases += splitter.cut_at_word()
+        elif action == "delay":
+            phrases += splitter.flush(hold_function_words=True, min_words=i % 4)
+    phrases += splitter.flush()
+    assert "".join(phrases) == text
+    assert not cuts_a_tag(phrases), phrases

@@ -49,6 +49,14 @@ _HTML_ELEMENTS = frozenset("""
 _HTML_BREAKS = frozenset("""
     br blockquote dd div dl dt h1 h2 h3 h4 h5 h6 hr li ol p pre table td th tr ul
 """.split())
+# The start of such a tag, as far as it has come: the text ends inside it (in a quoted value).
+_HTML_TAG_START = re.compile(
+    rf"""<(?:/[A-Za-z0-9]*\s*|([A-Za-z][A-Za-z0-9]*)(?:{_ATTRIBUTE})*"""
+    r"""(?:\s+[A-Za-z_:][-\w:.]*(?:\s*=\s*(?:"[^"\n]*|'[^'\n]*|[^\s"'=<>`]*))?)?\s*/?)?""")
+# Where a tag may start: "<" and a letter or "/", or "<" at the end ("a < b", "<3" start none).
+_TAG_OPENER = re.compile(r"<(?=[A-Za-z/]|\Z)")
+# Longer than this, a "tag" is text with a "<" in it (and no scan runs further).
+_HTML_TAG_MAX = 400
 # A character reference up to its ";" ("&amp", "&#39", "&#x27"): the splitter knows it too.
 REFERENCE = r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31})"
 _ENTITY = re.compile(REFERENCE + ";")
@@ -83,6 +91,41 @@ def speakable(text: str) -> str:
         _html(text, drop, put)
     return "".join(put.get(i, "") if gone else " " if c == "|" else "" if c == "`" else c
                    for i, (c, gone) in enumerate(zip(text, drop)))
+
+
+def html_tags(text: str, start: int, stop: int) -> list[tuple[int, int]]:
+    """The tags of HTML elements that start in `text[start:stop]`, as (start, end) spans; one
+    that `text` ends in before its ">" (more text may close it) ends at len(text) + 1. For the
+    phrase splitter, which must not cut a tag in two (`<img alt="A cat. It sits">`): neither
+    half would be a tag, and both would be read."""
+    spans = []
+    if "<" not in text[start:stop]:
+        return spans
+    for lt in _TAG_OPENER.finditer(text, start, stop):
+        i = lt.start()
+        end = min(len(text), i + _HTML_TAG_MAX)
+        if (m := _HTML_TAG.match(text, i, end)) is not None:
+            if (m.group(1) or m.group(2)).lower() in _HTML_ELEMENTS:
+                spans.append((i, m.end()))
+        elif end == len(text) and (m := _HTML_TAG_START.fullmatch(text, i)) is not None:
+            name = (m.group(1) or "").lower()
+            if m.group(1) is None or name in _HTML_ELEMENTS or (   # "<", "</", "</sp"
+                    m.end(1) == len(text) and any(e.startswith(name) for e in _HTML_ELEMENTS)):
+                spans.append((i, len(text) + 1))                   # "<sp": the name goes on
+    return spans
+
+
+def in_html_tag(text: str, floor: int, pos: int) -> bool | None:
+    """Whether `pos` lies inside a tag of an HTML element (after its "<", before its ">")
+    that starts at or after `floor`: True inside a whole tag, None inside one that `text` ends
+    in (see html_tags), False elsewhere."""
+    inside: bool | None = False
+    for start, end in html_tags(text, max(floor, pos - _HTML_TAG_MAX), pos):
+        if pos < end:
+            if end <= len(text):
+                return True
+            inside = None
+    return inside
 
 
 def _mark(flags: list[bool], start: int, end: int) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .markdown import REFERENCE
+from .markdown import REFERENCE, html_tags, in_html_tag
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ _KEEP_SPACE = _LEADING_SPACE
 _KEEP_TERMINAL = re.compile(rf"[{_cls(_TERMINALS)}]*[{_cls(_CLOSERS)}]*")
 _KEEP_CLOSERS = re.compile(rf"[{_cls(_CLOSERS)}]*")
 _KEEP_OPENING = _SKIP_OPENERS
+_KEEP_TAG = re.compile(r"[^<>\n]*")   # the rest of an HTML tag that the text ends in
 _INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # "J", "e.g", "U.S", "a.m"
 # What may stand before a numbered list item's number on its line: Markdown's heading, quote
 # and bullet marks ("## 1. The starter", "> 2. Then").
@@ -237,6 +238,10 @@ class PhraseSplitter:
             phrases.append(self._take(self._cap_cut(cs, limit)))
         cs = self._leading_end()
         if hold_function_words:
+            if in_html_tag(self._buf, cs, len(self._buf)) is None:   # the text ends in a tag
+                end = self._buf.rfind("<", cs)                     # it waits for its close
+                while end > cs and self._buf[end - 1].isspace():
+                    end -= 1
             end = self._before_leaning_words(cs, end)
         if min_words and not _ENDS_IN_MARK.search(self._buf, cs, end):
             if self._words_in(cs, end) < min_words:
@@ -252,14 +257,16 @@ class PhraseSplitter:
         phrase; [] when no word is complete yet. For a listener kept waiting for its first
         phrase by slowly arriving text: speak what has come rather than wait for more words."""
         cs = self._leading_end()
-        last = None
-        for _, last in self._word_ends(cs, cs + self._cfg.max_phrase_chars):
-            pass
+        last, horizon = None, cs + self._cfg.max_phrase_chars
+        tags = html_tags(self._buf, cs, horizon)
+        for _, end in self._word_ends(cs, horizon):
+            if not _inside(tags, end):
+                last = end
         if last is None:
             return []
         # Function words and numbers at its end lead the next phrase, unless they are all it has.
         strong = self._before_leaning_words(cs, last)
-        if strong > cs:
+        if strong > cs and not _inside(tags, strong):
             last = strong
         phrase = self._take(last)
         self._compact()
@@ -312,7 +319,10 @@ class PhraseSplitter:
         make a 100k-character push quadratic (about a second on the event loop)."""
         if (w := self._wait) is not None:
             if (not w.grows or len(self._buf) <= limit) and w.keep.fullmatch(self._buf, w.seen):
-                self._wait = w._replace(seen=len(self._buf))
+                keep = w.keep
+                if keep is _KEEP_TERMINAL and self._buf[-1:] in _CLOSERS:
+                    keep = _KEEP_CLOSERS   # closers came: no more terminals ("！)" + "!")
+                self._wait = w._replace(seen=len(self._buf), keep=keep)
                 return _Scan(None, self._scan, waiting=True)
             self._wait = None
         # Only candidates that start within the cap's window can be cut at; one that runs
@@ -328,6 +338,14 @@ class PhraseSplitter:
                 self._scan = m.start()  # nothing before it to judge
                 return _Scan(None, limit, waiting=False)
             verdict = self._judge_gap(m) if gap else self._judge_terminal(m)
+            if (verdict is _Verdict.CUT and pos > cs
+                    and (tag := in_html_tag(self._buf, cs, pos)) is not False):
+                if tag:   # inside a whole tag: never a boundary
+                    verdict = _Verdict.NO
+                else:     # inside one the text ends in: it may still close
+                    self._scan = m.start()
+                    self._wait = _Wait(len(self._buf), _KEEP_TAG, grows=True)
+                    return _Scan(None, m.start(), waiting=True)
             if verdict is _Verdict.WAIT:
                 # No candidate starts before it, and none ends past it: resume from it.
                 self._scan, self._wait = m.start(), self._waiting(m, gap)
@@ -402,21 +420,24 @@ class PhraseSplitter:
     def _eager_cut(self, cs: int, horizon: int) -> int | None:
         """Earliest early cut up to `horizon`: a clause mark after enough words, else a word
         boundary (whitespace seen after the word) once the phrase has max words."""
-        forced = self._forced_cut(cs, horizon)
+        buf = self._buf
+        tags = html_tags(buf, cs, horizon)
+        forced = self._forced_cut(cs, horizon, tags)
         stop = horizon if forced is None else forced
         min_words = self._cfg.first_phrase_min_words
-        buf = self._buf
         for m in _CLAUSE.finditer(buf, cs, stop + 1):
             if m.end() > stop:
                 break
             if buf[m.start()] == ";" and _REFERENCE_BEFORE.search(buf, max(cs, m.start() - 40),
                                                                   m.start()):
                 continue   # "Salt &amp; pepper": a character, not a pause
+            if _inside(tags, m.end()):
+                continue   # '<span title="Note: see below">'
             if self._words_in(cs, m.end()) >= min_words:
                 return m.end()
         return forced
 
-    def _forced_cut(self, cs: int, horizon: int) -> int | None:
+    def _forced_cut(self, cs: int, horizon: int, tags: list[tuple[int, int]]) -> int | None:
         """The word end after max words, moved back before function words and numbers ending
         there if two words or more stay ("The results | of the study", "We got | 3 GB"); else
         the end of the next word that is neither ("summary of the report", "It is a nice",
@@ -424,7 +445,7 @@ class PhraseSplitter:
         for count, end in self._word_ends(cs, horizon):
             if count >= self._cfg.first_phrase_max_words:
                 cut = self._before_leaning_words(cs, end)
-                if self._after_list_number(cs, cut):
+                if self._after_list_number(cs, cut) or _inside(tags, cut):
                     continue
                 if cut == end or (cut > cs and self._words_in(cs, cut) >= 2):
                     return cut
@@ -484,6 +505,11 @@ class PhraseSplitter:
                 return k
         logger.debug("no word boundary in %d chars; cutting mid-word", limit - cs)
         return limit
+
+
+def _inside(tags: list[tuple[int, int]], pos: int) -> bool:
+    """Whether `pos` lies inside one of these tags (markdown.html_tags): no cut there."""
+    return any(start < pos < end for start, end in tags)
 
 
 def _token_before(buf: str, floor: int, pos: int) -> str:
