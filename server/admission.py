@@ -152,7 +152,6 @@ class AdmissionController:
         loop_busy_reader: Callable[[], float | None] | None = None,
         encoder_reader: Callable[[], EncoderLoad | None] | None = None,
         elsewhere_reader: Callable[[], int] | None = None,
-        share_reader: Callable[[], int] | None = None,
         on_refused: Callable[[RefusalReason], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -162,9 +161,6 @@ class AdmissionController:
         self._loop_busy_reader = loop_busy_reader
         self._encoder_reader = encoder_reader
         self._elsewhere_reader = elsewhere_reader
-        # How many processes admit against the same GPU reading (front ends: server/split.py);
-        # a stream admitted here since the reading is charged that many times.
-        self._share_reader = share_reader
         self._on_refused = on_refused
         self._rng = rng or random.Random()
         self._stream_vram_cost: int | None = None
@@ -249,6 +245,11 @@ class AdmissionController:
             self._admitted_total += 1
         return decision
 
+    def charge(self) -> None:
+        """A stream admitted without a slot here (a back end opening a stream a front end
+        admitted: server/split.py) is charged against the GPU reading all the same."""
+        self._admitted_total += 1
+
     def release(self) -> None:
         """A stream admitted by `admit()` ended (done, cancelled, error or disconnect)."""
         if self._active == 0:
@@ -281,13 +282,10 @@ class AdmissionController:
         if sample is not self._vram_sample:
             self._vram_sample, self._admitted_at_sample = sample, self._admitted_total
         since = self._admitted_total - self._admitted_at_sample
-        share = 1 if self._share_reader is None else self._share_reader()
-        headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB - since * share * cost
+        headroom = sample.vram_free_bytes - self._cfg.vram_reserve_mb * MIB - since * cost
         if headroom >= cost:
             return None
         pending = f" and {since} stream(s) admitted since the last reading" if since else ""
-        if since and share > 1:
-            pending += f" (here; counted for each of {share} front ends)"
         return _Refusal(RefusalReason.VRAM, (
             f"not enough GPU memory for another stream ({max(headroom, 0) / MIB:.0f} MiB free "
             f"beyond the reserve{pending}, {cost / MIB:.0f} MiB needed)"))

@@ -30,7 +30,7 @@ from server.fds import open_file_limit, socket_cap
 from server.metrics import Metrics
 from server.monitors import sample_gpu, watch_loop_lag
 from server.proxies import parse_networks
-from server.split import RemoteScheduler, link_server_ctx, run_front_end_link
+from server.split import LINK, RemoteScheduler, link_server_ctx, run_front_end_link
 from server.state import STATE, ModelSlot, ServerState
 from streaming_tts.gpu import GpuMonitor
 from streaming_tts.voices import VoiceRegistry
@@ -110,8 +110,9 @@ def create_app(
                     if available is not None or front_end_of is not None else None),
         loop_busy_reader=loop_busy_source or (lambda: state.loop_busy),
         encoder_reader=encoder_source or (lambda: state.encoders),
-        elsewhere_reader=None if front_end_of is None else (lambda: _elsewhere(model)),
-        share_reader=None if front_end_of is None else (lambda: _share(model)),
+        elsewhere_reader=((lambda: _elsewhere(model)) if front_end_of is not None
+                          else (lambda: _front_end_streams(app)) if serve_front_ends is not None
+                          else None),
         on_refused=lambda reason: metrics.streams_refused.labels(reason=reason.value).inc(),
     )
     state = ServerState(cfg=cfg, metrics=metrics, admission=admission, voices=voices,
@@ -156,10 +157,10 @@ def _elsewhere(model: ModelSlot) -> int:
     return remote.elsewhere() if isinstance(remote, RemoteScheduler) else 0
 
 
-def _share(model: ModelSlot) -> int:
-    """A front end: how many front ends admit against one status (server/split.py)."""
-    remote = model.scheduler
-    return remote.share if isinstance(remote, RemoteScheduler) else 1
+def _front_end_streams(app: web.Application) -> int:
+    """A back end: the streams its front ends hold, which its admission decides on."""
+    link = app.get(LINK)
+    return 0 if link is None else link.live()
 
 
 async def _close_monitor(monitor: GpuMonitor) -> None:

@@ -64,6 +64,10 @@ _FRAMES_PER_SLICE: Final = 64
 _OVERDUE_WAIT_S: Final = 0.1
 _OVERDUE_FRAMES: Final = 256
 
+# A front end waits this long for its back end's answer to a stream it opens (the back end
+# answers from its event loop, in about a millisecond; a stuck one is found by its status).
+BACK_END_ANSWER_S: Final = 2.0
+
 CloseRequest = tuple[int, str]  # WebSocket close code, reason
 
 
@@ -89,6 +93,8 @@ class Session:
         self._last_activity = asyncio.get_running_loop().time()
         self._closing = False
         self._finished = asyncio.Event()
+        # A stream opened in a front end, awaiting its back end's answer (_back_end_answer).
+        self._answer: tuple[ContextStream, VoiceInfo, asyncio.Future[list | None]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -211,6 +217,8 @@ class Session:
                 continue
             if msg.type is WSMsgType.BINARY:
                 self._on_frame(msg.data)
+                if self._answer is not None:
+                    await self._back_end_answer()
             elif msg.type is WSMsgType.TEXT:
                 self._send_error(text_frame_error())
             elif msg.type is WSMsgType.PING:   # control frames: neither activity nor messages
@@ -291,15 +299,53 @@ class Session:
             self._state.release(self.client)
             raise
         self._streams[msg.ctx] = stream
+        answer = scheduler.open(spec.stream_id, options, stream)
+        if answer is not None:   # a front end: `ready` once the back end has admitted it too
+            self._answer = (stream, voice, answer)
+            return
+        self._ready(stream, voice)
+
+    def _ready(self, stream: ContextStream, voice: VoiceInfo) -> None:
+        spec = stream.spec
         self._outbox.put(encode_ready(
-            ctx=msg.ctx, stream_id=spec.stream_id, voice=voice.id, format=spec.format,
+            ctx=spec.ctx, stream_id=spec.stream_id, voice=voice.id, format=spec.format,
             sample_rate=spec.sample_rate, frame_ms=OPUS_FRAME_MS))
-        scheduler.open(spec.stream_id, options, stream)
+        self._state.metrics.streams_started.inc()
         stream.start()
         # The key's fingerprint (never the key) tells whose stream it was where keys are used.
         key = f" {self.client}" if self.client.startswith("key ") else ""
         log.info("stream %s opened ctx=%r peer=%s%s voice=%s format=%s/%d", spec.stream_id,
-                 msg.ctx, self.peer, key, voice.id, spec.format.value, spec.sample_rate)
+                 spec.ctx, self.peer, key, voice.id, spec.format.value, spec.sample_rate)
+
+    async def _back_end_answer(self) -> None:
+        """A front end (server/split.py): the back end's word on the stream just opened, which
+        its admission decides with every front end's streams. Frames wait meanwhile, so the
+        stream's `text` follows its `ready` (a round trip on the link: BENCHMARKS.md)."""
+        assert self._answer is not None
+        stream, voice, answer = self._answer
+        sid, ctx = stream.spec.stream_id, stream.spec.ctx
+        try:
+            async with asyncio.timeout(BACK_END_ANSWER_S):
+                refusal = await answer
+        except TimeoutError:
+            self._scheduler().close(sid)
+            refusal = [RefusalReason.NOT_READY.value, "server is not ready (its back end did "
+                       f"not answer within {BACK_END_ANSWER_S:g} s)", None]
+        finally:
+            self._answer = None
+        if self._streams.get(ctx) is not stream:   # closed meanwhile (shutdown)
+            return
+        if refusal is None:
+            self._ready(stream, voice)
+            return
+        del self._streams[ctx]
+        self._stop_stream(stream)
+        self._state.release(self.client)
+        reason, message, retry_after_s = refusal
+        try:
+            self._refuse(ctx, RefusalReason(reason), message, retry_after_s)
+        except ProtocolError as err:
+            self._send_error(err)
 
     def _validate_start(self, msg: StartMsg) -> tuple[StreamSpec, StreamOptions, VoiceInfo]:
         """Every check of `start`, ending with the admission slot (held on success)."""

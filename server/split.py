@@ -21,26 +21,30 @@ client `["clients", {client: [contexts, sockets]}]` for the clients whose counts
 `["retiring", name]` when it was signalled alone and stops listening (ShutdownSignals),
 `["alive", name]` a few times a second (`alive_interval`), and `["leaving", name]` last, as it
 stops on purpose (its link's drop is then no failure).
-Back end -> front end: `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
+Back end -> front end: `["admitted", sid]` or `["refused", sid, reason, message, retry]`
+for each `open` (see below), `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
 `["done", sid, usage]`, `["cancelled", sid]`, `["error", sid, code, message]`, and
 `["status", {...}]` every `STATUS_INTERVAL_S` (ready or failed, the scheduler's load, the GPU
 reading, the per-stream VRAM cost, stream counts, and what changed of each client's contexts
 and sockets in the other front ends). Writes made in one turn of the event loop leave in one
 system call.
 
-Admission stays where the socket is (a `start` is answered at once, `ready` or `error`): each
-front end decides with its own streams, its own event loop and encoders, and the back end's
-latest status, which says how many streams the others hold. Front ends admitting in the same
-20 ms all see the room that status left; so that they do not each fill it, a front end counts
-every stream it admitted since the status N times (N front ends: as if each had admitted as
-many; `RemoteScheduler.share`), for `max_streams`, the load ceiling and the GPU memory alike.
-Connections spread evenly over the front ends (as SO_REUSEPORT spreads them), the limits hold;
-a burst into one front end is admitted a share at a time, 1/N of the room per status, the rest
-refused with a Retry-After; they can be passed only by how unevenly one status's admissions
-fell. The limits per client (`limits.contexts_per_client`, `limits.sockets_per_client`): a
-front end counts its own exactly and the others' as of the last status, so they hold for the
-whole server whichever front end the kernel hands a client's connections to, give or take what
-one client opens on two front ends within one status.
+Admission is decided twice. A front end first checks what is its own (its event loop, its
+encoders, the per-client limits, the start rate) and the back end's latest status (the load,
+the GPU reading, how many streams the others hold, plus the streams it opened since), refusing
+at once what is plainly over a limit, before the upgrade where it can. What passes is opened in
+the back end, whose admission decides with every front end's streams as it has read them
+(`LinkServer.refusal`): `["admitted", sid]` or `["refused", sid, reason, message, retry]`, and
+the front end answers the client's `start` with `ready` or `overloaded`. The opens of all
+front ends reach the back end's one event loop in some order, so no two are admitted into the
+same room and a burst into one front end gets all the room there is (before, each front end
+counted its streams since a status once per front end, and one socket's 8 contexts at a load
+of 25% got 5-8 `ready`). The cost is one round trip on the link before `ready`, while that
+socket's next frames wait (BENCHMARKS.md, "The back end admits"). The limits per client
+(`limits.contexts_per_client`, `limits.sockets_per_client`): a front end counts its own
+exactly and the others' as of the last status, so they hold for the whole server whichever
+front end the kernel hands a client's connections to, give or take what one client opens on
+two front ends within one status.
 
 If the back end goes, each front end fails its live streams (`error`, internal), turns
 unhealthy and exits; if a front end goes, the back end closes its streams (nothing of them is
@@ -89,6 +93,10 @@ ALIVE_INTERVAL_S: Final = 1.0
 # output per stream is bounded by the lookahead, so this is only reached by a stuck peer.
 MAX_UNSENT_BYTES: Final = 64 << 20
 _MSGPACK_LIMIT: Final = 64 << 20
+
+
+# A stream closed here before the back end answered its `open`: nobody waits for the word.
+_GONE: Final = ["closed", "the stream was closed", None]
 
 
 # ---------------------------------------------------------------------------- the wire
@@ -260,8 +268,13 @@ class _FrontEndConnection:
             return
         match kind:
             case "open":
+                if (refusal := self.server.refusal()) is not None:
+                    self.link.send(["refused", sid, *refusal])
+                    return
                 self.streams.add(sid)
                 scheduler.open(sid, options_from_wire(msg[2]), _RemoteSink(self, sid))
+                self.server.state.admission.charge()
+                self.link.send(["admitted", sid])
             case "text":
                 scheduler.text(sid, msg[2])
             case "flush":
@@ -369,6 +382,25 @@ class LinkServer:
                     log.error("front end %s has sent nothing for %.1f s (stopped, or its event "
                               "loop blocked)", conn.name, now - conn.heard_at)
 
+    def live(self) -> int:
+        """Streams the front ends hold (those this back end has opened and not yet closed)."""
+        return sum(len(c.streams) for c in self.connections)
+
+    def refusal(self) -> list[Any] | None:
+        """Why the back end refuses a stream a front end opens, [reason, message, retry
+        after s], or None: its admission, with every front end's streams as read here, decides
+        (max_streams, the load ceiling, GPU memory; the front end has checked its own event
+        loop, encoders and clients). The opens of all front ends reach this one event loop in
+        some order, so no two are admitted into the same room."""
+        state = self.state
+        if state.shutting_down:
+            return ["shutting_down", "server is shutting down", None]
+        decision = state.admission.check(count=False)
+        if decision.ok:
+            return None
+        assert decision.reason is not None
+        return [decision.reason.value, decision.message, decision.retry_after_s]
+
     def client_moved(self, client: str, contexts: int, sockets: int) -> None:
         """A front end holds `contexts` and `sockets` more (or fewer) of `client`'s."""
         was = self.client_totals.pop(client, (0, 0))
@@ -389,7 +421,7 @@ class LinkServer:
             "ready": model.ready,
             "failure": model.failure,
             "load": None if scheduler is None else load_to_wire(state.admission.load()),
-            "live": sum(len(c.streams) for c in self.connections),
+            "live": self.live(),
             "front_ends": len(self.connections),
             "vram_cost": state.admission.stream_vram_cost,
             "gpu": None if gpu is None else [self._gpu_seen[1], gpu.vram_used_bytes,
@@ -467,13 +499,21 @@ class RemoteScheduler:
     def __init__(self, link_send: Callable[[list[Any]], None]) -> None:
         self._send = link_send
         self._sinks: dict[str, StreamSink] = {}
+        # The back end's word on each stream opened and not yet answered: None (admitted) or
+        # the refusal, [reason, message, retry after s].
+        self._answers: dict[str, asyncio.Future[list[Any] | None]] = {}
         self.status = BackEndStatus()
         self.heard_at = time.monotonic()   # the last status came then
 
     # ---- commands ----
-    def open(self, sid: str, options: StreamOptions, sink: StreamSink) -> None:
+    def open(self, sid: str, options: StreamOptions,
+             sink: StreamSink) -> asyncio.Future[list[Any] | None]:
+        """Open a stream in the back end; the future is its answer (see `_answers`). Until it
+        comes the stream counts here as unseen (it holds the room it asked for)."""
         self._sinks[sid] = sink
         self._send(["open", sid, options_to_wire(options)])
+        answer = self._answers[sid] = asyncio.get_running_loop().create_future()
+        return answer
 
     def text(self, sid: str, text: str) -> None:
         self._send(["text", sid, text])
@@ -486,11 +526,18 @@ class RemoteScheduler:
 
     def cancel(self, sid: str) -> None:
         self._sinks.pop(sid, None)   # the session has detached it: `cancelled` is its own
+        self._answer(sid, _GONE)
         self._send(["cancel", sid])
 
     def close(self, sid: str) -> None:
         self._sinks.pop(sid, None)
+        self._answer(sid, _GONE)
         self._send(["close", sid])
+
+    def _answer(self, sid: str, answer: list[Any] | None) -> None:
+        future = self._answers.pop(sid, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
 
     # ---- what admission and the gauges read ----
     @property
@@ -502,23 +549,15 @@ class RemoteScheduler:
         one ordered socket, what it answered for has come back before the status)."""
         return max(0, len(self._sinks) - self.status.mine)
 
-    @property
-    def share(self) -> int:
-        """How many front ends admit against the same status: each counts what it admitted
-        since that status this many times, as if every front end had admitted as many."""
-        return self.status.front_ends
-
     def elsewhere(self) -> int:
-        """Streams the other front ends hold, as of the back end's last status, and as many
-        again as this one has opened since, for each of them (they may have done the same)."""
-        return max(0, self.status.live - self.status.mine) + self.unseen() * (self.share - 1)
+        """Streams the other front ends hold, as of the back end's last status."""
+        return max(0, self.status.live - self.status.mine)
 
     def load(self, extra_streams: int = 0) -> LoadEstimate:
-        """The back end's load as last reported, with the streams opened since then as
-        starting streams (as the scheduler counts those not yet registered): this front end's,
-        and as many for each other front end (`share`)."""
+        """The back end's load as last reported, with the streams this front end opened since
+        as starting streams (as the scheduler counts those not yet registered)."""
         load = self.status.load
-        unseen = (self.unseen() + extra_streams) * self.share
+        unseen = self.unseen() + extra_streams
         if load is None:   # the back end's model has stopped: nothing measured to go by
             return LoadEstimate(active_streams=unseen, demand_audio_s_per_s=float(unseen),
                                 capacity_audio_s_per_s=None, starting_streams=unseen)
@@ -548,6 +587,13 @@ class RemoteScheduler:
 
     def on_event(self, msg: list[Any]) -> None:
         kind, sid = msg[0], msg[1]
+        if kind == "admitted":
+            self._answer(sid, None)
+            return
+        if kind == "refused":
+            self._sinks.pop(sid, None)
+            self._answer(sid, msg[2:5])
+            return
         sink = self._sinks.get(sid)
         if sink is None:   # cancelled or closed here since: nothing more of it goes out
             return
@@ -573,6 +619,9 @@ class RemoteScheduler:
     def fail_all(self, message: str) -> None:
         """The back end is gone: every live stream ends with `error` (internal)."""
         sinks, self._sinks = self._sinks, {}
+        for sid in list(self._answers):   # not yet `ready`: refused (the session says so)
+            sinks.pop(sid, None)
+            self._answer(sid, ["not_ready", message, None])
         for sink in sinks.values():
             sink.on_error("internal", message)
 

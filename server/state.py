@@ -154,7 +154,6 @@ class ServerState:
         decision = self.admission.admit()
         if decision.ok:
             self.clients.change(client, contexts=1)
-            self.metrics.streams_started.inc()
             self.metrics.active_streams.set(self.admission.active_streams)
         return decision
 

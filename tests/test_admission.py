@@ -179,20 +179,24 @@ def test_vram_charges_streams_admitted_since_the_reading() -> None:
     assert ctl.admit().reason is RefusalReason.VRAM
 
 
-def test_vram_charges_what_each_front_end_may_have_admitted_since_the_reading() -> None:
-    # Several front ends (server/split.py) admit against one reading: each charges the streams
-    # it admitted since as many times as there are front ends.
+def test_vram_charges_streams_opened_since_the_reading_without_a_slot() -> None:
+    # A back end (server/split.py) holds no slots: the front ends do. It decides each stream
+    # they open with `check` and charges it with `charge`, so streams opened between two GPU
+    # readings are not all judged by the same free memory.
     r = Readings()
     config = AdmissionConfig(max_streams=100, vram_reserve_mb=512)
-    ctl = AdmissionController(config, load_source=r.read_load, gpu_reader=r.read_gpu,
-                              share_reader=lambda: 2)
+    ctl = AdmissionController(config, load_source=r.read_load, gpu_reader=r.read_gpu)
     ctl.set_stream_vram_cost(100 * MIB)
-    r.gpu = FakeGpu(vram_free_bytes=(512 + 450) * MIB)     # room for four, over both
-    assert ctl.admit().ok and ctl.admit().ok
-    decision = ctl.admit()                                 # 2 here, as many there, maybe
-    assert decision.reason is RefusalReason.VRAM
-    assert "(50 MiB free beyond the reserve and 2 stream(s) admitted since the last reading " \
-        "(here; counted for each of 2 front ends)" in decision.message
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 250) * MIB)     # room for two
+    for _ in range(2):
+        assert ctl.check(count=False).ok
+        ctl.charge()
+    decision = ctl.check(count=False)
+    assert decision.reason is RefusalReason.VRAM and ctl.active_streams == 0
+    assert "(50 MiB free beyond the reserve and 2 stream(s) admitted since the last reading" \
+        in decision.message
+    r.gpu = FakeGpu(vram_free_bytes=(512 + 250) * MIB)     # a new reading: they are in it
+    assert ctl.check(count=False).ok
 
 
 def test_vram_is_not_checked_before_the_cost_is_measured_or_without_a_reading() -> None:
