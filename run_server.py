@@ -78,6 +78,18 @@ def main(argv: list[str] | None = None) -> int:
             writer.stop()   # writes out what is queued
 
 
+def _openmp_spin(cfg: ServerConfig) -> None:
+    """engine.omp_spin_count into the environment, where libgomp reads it as PyTorch loads
+    (the model thread imports it later; front ends never do). The environment's own wins."""
+    spin = cfg.engine.omp_spin_count
+    if spin < 0 or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return
+    if "torch" in sys.modules:   # too late for libgomp to read it
+        log.warning("engine.omp_spin_count: PyTorch is loaded already; not applied")
+        return
+    os.environ["GOMP_SPINCOUNT"] = str(spin)
+
+
 def _run(cfg: ServerConfig, early: EarlySignals | None = None, *,
          argv: list[str] | None = None,
          front_end: tuple[str, str] | None = None) -> int:
@@ -90,6 +102,7 @@ def _run(cfg: ServerConfig, early: EarlySignals | None = None, *,
         log.warning("limits.max_sockets %d leaves fewer than %d of the %d open files for "
                     "anything else: connections past the limit are dropped unanswered",
                     cfg.limits.max_sockets, FD_RESERVE, after)
+    _openmp_spin(cfg)
     # A front end runs no model (and must not touch the GPU: server/split.py).
     if front_end is None and (problem := device_problem(cfg.engine.device)) is not None:
         log.error("%s", problem)

@@ -91,6 +91,14 @@ def instrument(events: list[tuple[float, str]]) -> None:
 
 def serve(events_path: str, server_args: list[str]) -> int:
     """(child) run_server.main with the stamps; they are written out when it exits."""
+    import run_server
+    from server.config import add_config_arguments, load_config, overrides_from_args
+
+    # What run_server sets before PyTorch loads, before `instrument` loads it.
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args, _ = parser.parse_known_args(server_args)
+    run_server._openmp_spin(load_config(args.config, overrides_from_args(args)))
     events: list[tuple[float, str]] = []
     instrument(events)
 
@@ -98,7 +106,6 @@ def serve(events_path: str, server_args: list[str]) -> int:
         with open(events_path, "w") as f:
             json.dump(events, f)
     atexit.register(dump)
-    import run_server
     return run_server.main(server_args)
 
 

@@ -87,6 +87,7 @@ class EngineConfig:
     bucket_step: int = 32  # short chunks are padded to a multiple of this (0: to a schedule size)
     max_batch: int = 8  # largest batch warmed up (and measured for VRAM) per model call
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    omp_spin_count: int = 10_000  # GOMP_SPINCOUNT for torch's OpenMP threads; -1: libgomp's own
     cuda_graphs: bool = False  # replay recorded decoder graphs (cuda only)
 
     def __post_init__(self) -> None:
@@ -104,6 +105,8 @@ class EngineConfig:
         _require(self.bucket_step >= 0, "engine.bucket_step", "must be >= 0", self.bucket_step)
         _require(self.max_batch >= 1, "engine.max_batch", "must be >= 1", self.max_batch)
         _require(self.threads >= 0, "engine.threads", "must be >= 0", self.threads)
+        _require(self.omp_spin_count >= -1, "engine.omp_spin_count", "must be >= -1",
+                 self.omp_spin_count)
         _require(dev != "cpu" or not self.cuda_graphs, "engine.cuda_graphs",
                  "needs a cuda device", self.cuda_graphs)
 

@@ -112,3 +112,26 @@ def test_port_0_logs_the_port_the_system_chose(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert "Traceback" not in log.read_text()
+
+
+def test_openmp_threads_spin_briefly_unless_the_environment_says_otherwise() -> None:
+    # libgomp reads GOMP_SPINCOUNT as PyTorch loads: run_server sets it from the config first
+    # (BENCHMARKS.md, "OpenMP threads that spin"); a fresh interpreter shows what it sets.
+    import os
+
+    code = ("import os, sys, run_server\n"
+            "from server.config import load_config\n"
+            "run_server._openmp_spin(load_config(None, {}))\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)\n")
+    root = Path(__file__).resolve().parent.parent
+
+    def spin(**env: str) -> str:
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env={**base, **env},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert spin() == "10000 False"                        # set before PyTorch is loaded
+    assert spin(GOMP_SPINCOUNT="500") == "500 False"      # the operator's own wins
+    assert spin(OMP_WAIT_POLICY="PASSIVE") == "None False"
