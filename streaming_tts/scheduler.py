@@ -24,8 +24,9 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -105,6 +106,12 @@ _FLOW_COST_PER_FRAME = 0.15        # the flow is about half of the acoustic stag
 _INITIAL_FRAMES_PER_CHAR = 6.0     # speech length per character of text until measured
 _MIN_COSTED_AUDIO_MS = 2000.0      # streams shorter than this set the capacity estimate together:
                                    # their totals are pooled until they hold this much audio
+# A live stream's cost counts each time it has made this much audio more (a window of its
+# compute over its audio), as if a stream of that length had finished: a long one (a chapter
+# read aloud, minutes of captions) corrects the estimate while it runs. Only finished streams
+# did, and a reader's server that warmed up while the host was busy (0.85 s per audio s, ~20x
+# the real cost) still refused a second context at "233%" after 25 minutes of one chapter.
+_LIVE_COST_WINDOW_MS = 10_000.0
 _SETTLED_COSTS = 64                # with no stream finishing, the cost estimate settles back to the
 _SETTLED_MIN = 8                   # median of the last 64 finished, once 8 have (before: warm-up's)
 # ... unless the last 8 all cost under this share of the median of those before them: the host
@@ -1227,11 +1234,22 @@ class Scheduler:
         self._dirty.add(stream.id)
         self.meter.add_audio(stream.id, frames * self.frame_ms, now=now)
         stream.sink.on_audio(audio, pts)
+        if stream.emitted_frames * self.frame_ms - stream.costed[0] >= _LIVE_COST_WINDOW_MS:
+            self._cost_window(stream, self.meter.usage(stream.id))
+
+    def _cost_window(self, stream: StreamState, usage: Mapping[str, Any]) -> None:
+        """Count what `stream` cost since its last window (see _LIVE_COST_WINDOW_MS)."""
+        audio_ms, compute_ms = usage.get("audio_ms") or 0.0, usage.get("compute_ms")
+        if compute_ms is None:
+            return
+        costed_audio, costed_compute = stream.costed
+        stream.costed = (audio_ms, compute_ms)
+        self._add_cost(audio_ms - costed_audio, compute_ms - costed_compute)
 
     def _finish(self, stream: StreamState) -> None:
         usage = self.meter.close(stream.id) or {}   # every stream is opened in the meter
         self._forget(stream.id)
-        self._add_cost(usage.get("audio_ms") or 0.0, usage.get("compute_ms"))
+        self._cost_window(stream, usage)   # what it cost since its last window
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)
 

@@ -1523,3 +1523,25 @@ def test_the_speed_up_is_in_proportion_to_the_speech_coming():
     for share, faster in [(1.25, 1.25), (1.0, 1.0), (0.5, 1.0), (1.9, 1.9), (3.0, 2.0)]:
         sched, stream = captions_behind(2.0, coming / share, own)
         assert sched._phrase_params(stream, now).length_scale == pytest.approx(1 / faster, rel=1e-3)
+
+
+def test_a_long_stream_corrects_the_cost_estimate_while_it_runs():
+    # Warm-up ran while the host was busy (0.85 s per audio s); then one chapter was read
+    # aloud for minutes at 0.04. Only finished streams corrected the estimate: a second
+    # context was refused at "projected load 233%" 25 minutes in. Each 10 s of a live
+    # stream's audio now counts as a stream of its own.
+    sched = new_scheduler(FakeEngine(), initial_stream_cost=0.85, cost_half_life_s=30.0)
+    stream = StreamState("chapter", OPTS, Sink(), PhraseSplitter())
+    sched.meter.open("chapter")
+    frames = round(1000 / sched.frame_ms)          # about a second of audio a chunk
+    for _ in range(121):
+        sched.meter.record_batch(frames * sched.frame_ms / 1000 * 0.04, {"chapter": 1.0}, None)
+        sched._emit_audio(stream, np.zeros(frames * HOP, dtype=np.float32), frames)
+    assert len(sched._recent_costs) == 12
+    assert sched._settled_cost == pytest.approx(0.04, rel=0.01)
+    sched._costed_at -= 300.0                      # a while since the last window
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(1 / 0.04, rel=0.02)
+    # At its end only what came after its last window counts (nothing twice).
+    sched._finish(stream)
+    assert len(sched._recent_costs) == 12 and sched._short_pool[0] == pytest.approx(
+        frames * sched.frame_ms, rel=0.01)
