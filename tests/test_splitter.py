@@ -456,6 +456,8 @@ configs = st.sampled_from([SplitterConfig(), SplitterConfig(max_phrase_chars=12)
 # Besides pushes, what the scheduler may do at any moment: nothing, a slow stream's first-phrase
 # timeout, or a buffered-text delay's flush while words still trickle in (function words kept).
 ACTIONS = ["none", "word", "delay"]
+BUFFERED = st.lists(st.floats(0.0, 3000.0), min_size=1, max_size=8)   # per push, in turn
+TIMERS = st.lists(st.sampled_from(ACTIONS), min_size=1, max_size=8)
 PROPERTY_SETTINGS = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -471,11 +473,23 @@ def fragmented(
     return text, [text[a:b] for a, b in pairwise(bounds)]
 
 
+def step(splitter: PhraseSplitter, i: int, fragment: str, buffered: list[float],
+         actions: list[str]) -> list[str]:
+    """Push the i-th fragment, then do the i-th action (ACTIONS); the phrases they cut."""
+    phrases = splitter.push(fragment, buffered_ms=buffered[i % len(buffered)])
+    action = actions[i % len(actions)]
+    if action == "word":
+        phrases += splitter.cut_at_word()
+    elif action == "delay":
+        phrases += splitter.flush(hold_function_words=True, min_words=i % 4)
+    return phrases
+
+
 @PROPERTY_SETTINGS
 @given(
     case=fragmented(),
-    buffered=st.lists(st.floats(0.0, 3000.0), min_size=1, max_size=8),
-    actions=st.lists(st.sampled_from(ACTIONS), min_size=1, max_size=8),
+    buffered=BUFFERED,
+    actions=TIMERS,
     config=configs,
 )
 def test_phrases_are_exact_nonblank_capped_slices(
@@ -487,13 +501,8 @@ def test_phrases_are_exact_nonblank_capped_slices(
     phrases: list[str] = []
     pushed = ""
     for i, fragment in enumerate(fragments):
-        phrases += splitter.push(fragment, buffered_ms=buffered[i % len(buffered)])
+        phrases += step(splitter, i, fragment, buffered, actions)
         pushed += fragment
-        action = actions[i % len(actions)]
-        if action == "word":
-            phrases += splitter.cut_at_word()
-        elif action == "delay":
-            phrases += splitter.flush(hold_function_words=True, min_words=i % 4)
         # Nothing lost or duplicated at any moment, not only at the end.
         assert "".join(phrases) + splitter.pending == pushed
     phrases += splitter.flush()
@@ -581,23 +590,15 @@ def test_a_tag_left_open_waits_for_its_close_but_no_longer_than_a_phrase() -> No
 @PROPERTY_SETTINGS
 @given(case=fragmented(st.lists(st.sampled_from(HTML_TAGGED + REALISTIC[:6]), min_size=1,
                                 max_size=4).map(" ".join)),
-       buffered=st.lists(st.floats(0.0, 3000.0), min_size=1, max_size=8),
-       actions=st.lists(st.sampled_from(ACTIONS), min_size=1, max_size=8),
-       config=st.sampled_from([ENGLISH, SplitterConfig()]))
+       buffered=BUFFERED, actions=TIMERS, config=st.sampled_from([ENGLISH, SplitterConfig()]))
 def test_no_fragmentation_or_timer_cuts_an_html_tag(
     case: tuple[str, list[str]], buffered: list[float], actions: list[str],
     config: SplitterConfig,
 ) -> None:
     text, fragments = case
     splitter = PhraseSplitter(config)
-    phrases: list[str] = []
-    for i, fragment in enumerate(fragments):
-        phrases += splitter.push(fragment, buffered_ms=buffered[i % len(buffered)])
-        action = actions[i % len(actions)]
-        if action == "word":
-            phrases += splitter.cut_at_word()
-        elif action == "delay":
-            phrases += splitter.flush(hold_function_words=True, min_words=i % 4)
+    phrases = [p for i, f in enumerate(fragments)
+               for p in step(splitter, i, f, buffered, actions)]
     phrases += splitter.flush()
     assert "".join(phrases) == text
     assert not cuts_a_tag(phrases), phrases
