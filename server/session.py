@@ -328,7 +328,8 @@ class Session:
             async with asyncio.timeout(BACK_END_ANSWER_S):
                 refusal = await answer
         except TimeoutError:
-            self._scheduler().close(sid)
+            if (scheduler := self._state.model.scheduler) is not None:
+                scheduler.close(sid)   # it may yet open it: then it closes it again
             refusal = [RefusalReason.NOT_READY.value, "server is not ready (its back end did "
                        f"not answer within {BACK_END_ANSWER_S:g} s)", None]
         finally:

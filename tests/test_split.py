@@ -187,6 +187,31 @@ async def test_one_socket_gets_all_its_contexts_where_the_server_has_room(
         await back_end_idle(split)
 
 
+async def test_a_start_the_back_end_does_not_answer_is_refused_and_leaves_nothing(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import server.session
+    async with running_split(engine) as split:
+        monkeypatch.setattr(server.session, "BACK_END_ANSWER_S", 0.2)
+        original = RemoteScheduler.on_event   # the back end's "admitted" is lost on the way
+        monkeypatch.setattr(RemoteScheduler, "on_event",
+                            lambda remote, msg: None if msg[0] == "admitted"
+                            else original(remote, msg))
+        client = await connect(http, split.fronts[0])
+        await client.send({"type": "start", "ctx": "x"})
+        await client.send({"type": "text", "ctx": "x", "text": SHORT})   # waits its turn
+        refused, late = await client.recv(), await client.recv()
+        assert refused["type"] == "error" and refused["code"] == "overloaded"
+        assert "did not answer" in refused["message"]
+        assert late["code"] == "bad_request"           # its text: no live ctx
+        monkeypatch.setattr(RemoteScheduler, "on_event", original)
+        await client.send({"type": "start", "ctx": "y"})   # the socket is still usable
+        assert (await client.recv())["type"] == "ready"
+        await client.close()
+        await back_end_idle(split)
+        assert split.fronts[0].state.admission.active_streams == 0
+
+
 async def test_limits_per_client_hold_across_front_ends(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
