@@ -113,7 +113,7 @@ _KEEP_SPACE = _LEADING_SPACE
 _KEEP_TERMINAL = re.compile(rf"[{_cls(_TERMINALS)}]*[{_cls(_CLOSERS)}]*")
 _KEEP_CLOSERS = re.compile(rf"[{_cls(_CLOSERS)}]*")
 _KEEP_OPENING = _SKIP_OPENERS
-_KEEP_TAG = re.compile(r"[^<>\n]*")   # the rest of an HTML tag that the text ends in
+_KEEP_TAG = re.compile(r"")   # marks a wait for a tag the text ends in (see _scan_sentences)
 _INITIALS = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # "J", "e.g", "U.S", "a.m"
 # What may stand before a numbered list item's number on its line: Markdown's heading, quote
 # and bullet marks ("## 1. The starter", "> 2. Then").
@@ -238,8 +238,10 @@ class PhraseSplitter:
             phrases.append(self._take(self._cap_cut(cs, limit)))
         cs = self._leading_end()
         if hold_function_words:
-            if in_html_tag(self._buf, cs, len(self._buf)) is None:   # the text ends in a tag
-                end = self._buf.rfind("<", cs)                     # it waits for its close
+            opened = [start for start, stop in html_tags(self._buf, cs, len(self._buf))
+                      if stop > len(self._buf)]
+            if opened:   # the text ends in a tag: it waits for its close
+                end = min(opened)
                 while end > cs and self._buf[end - 1].isspace():
                     end -= 1
             end = self._before_leaning_words(cs, end)
@@ -318,7 +320,12 @@ class PhraseSplitter:
         for each of a long unbroken run's cuts (a URL, base64, CJK without punctuation) would
         make a 100k-character push quadratic (about a second on the event loop)."""
         if (w := self._wait) is not None:
-            if (not w.grows or len(self._buf) <= limit) and w.keep.fullmatch(self._buf, w.seen):
+            if w.keep is _KEEP_TAG:   # while the text still ends in that tag (re-read: <= 400)
+                still = in_html_tag(self._buf, cs, self._scan) is None
+            else:
+                still = ((not w.grows or len(self._buf) <= limit)
+                         and w.keep.fullmatch(self._buf, w.seen) is not None)
+            if still:
                 keep = w.keep
                 if keep is _KEEP_TERMINAL and self._buf[-1:] in _CLOSERS:
                     keep = _KEEP_CLOSERS   # closers came: no more terminals ("！)" + "!")
@@ -495,14 +502,17 @@ class PhraseSplitter:
         buf = self._buf
         best = None
         half = cs + self._cfg.max_phrase_chars // 2
+        tags = html_tags(buf, cs, limit + 1)
         for m in _BREAK.finditer(buf, half, limit + 1):
-            if m.end() <= limit:
+            if m.end() <= limit and not _inside(tags, m.end()):
                 best = m.end()
         if best is not None and best > cs:
             return best
         for k in range(limit, cs, -1):
-            if buf[k].isspace() and not buf[k - 1].isspace():
+            if buf[k].isspace() and not buf[k - 1].isspace() and not _inside(tags, k):
                 return k
+        if (before := max((t for t, _ in tags if t > cs), default=cs)) > cs:
+            return before   # text up to a tag, where nothing else would do
         logger.debug("no word boundary in %d chars; cutting mid-word", limit - cs)
         return limit
 
