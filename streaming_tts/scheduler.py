@@ -890,6 +890,7 @@ class Scheduler:
 
     def _emit_silence(self, stream: StreamState, ms: float) -> None:
         frames = max(1, round(ms / self.frame_ms))
+        stream.filled_frames += frames
         self._emit_audio(stream, np.zeros(frames * self.engine.hop_length, dtype=np.float32), frames)
 
     def _schedule(self, now: float) -> _Batch:
@@ -1234,14 +1235,18 @@ class Scheduler:
         self._dirty.add(stream.id)
         self.meter.add_audio(stream.id, frames * self.frame_ms, now=now)
         stream.sink.on_audio(audio, pts)
-        if stream.emitted_frames * self.frame_ms - stream.costed[0] >= _LIVE_COST_WINDOW_MS:
+        speech_ms = (stream.emitted_frames - stream.filled_frames) * self.frame_ms
+        if speech_ms - stream.costed[0] >= _LIVE_COST_WINDOW_MS:
             self._cost_window(stream, self.meter.usage(stream.id))
 
     def _cost_window(self, stream: StreamState, usage: Mapping[str, Any]) -> None:
-        """Count what `stream` cost since its last window (see _LIVE_COST_WINDOW_MS)."""
+        """Count what `stream` cost since its last window (see _LIVE_COST_WINDOW_MS), over its
+        audio less the silence sent while it waited for text: a captions feed's filler costs
+        nothing, and windows of it would set the estimate for speech ~2-3x too low."""
         audio_ms, compute_ms = usage.get("audio_ms") or 0.0, usage.get("compute_ms")
         if compute_ms is None:
             return
+        audio_ms -= stream.filled_frames * self.frame_ms
         costed_audio, costed_compute = stream.costed
         stream.costed = (audio_ms, compute_ms)
         self._add_cost(audio_ms - costed_audio, compute_ms - costed_compute)

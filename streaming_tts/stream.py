@@ -128,7 +128,8 @@ class StreamState:
     order: int = 0                                  # opened as the scheduler's n-th stream
     stalled: bool = False                           # ran dry with nothing owed; text came since
     dry: bool = False                               # ran dry while owed audio, none sent since
-    costed: tuple[float, float] = (0.0, 0.0)        # audio ms, compute ms in the cost estimate
+    filled_frames: int = 0                          # of them, silence sent while awaiting text
+    costed: tuple[float, float] = (0.0, 0.0)        # speech ms, compute ms in the cost estimate
 
     def ahead_ms(self, now: float, frame_ms: float, ms_per_char: float) -> float:
         """Speech the listener has coming, played or not yet made: audio buffered, the rest

@@ -1545,3 +1545,24 @@ def test_a_long_stream_corrects_the_cost_estimate_while_it_runs():
     sched._finish(stream)
     assert len(sched._recent_costs) == 12 and sched._short_pool[0] == pytest.approx(
         frames * sched.frame_ms, rel=0.01)
+
+
+def test_silence_sent_while_waiting_for_text_is_no_cheap_audio_in_the_estimate():
+    # A captions feed is mostly silence filler (no compute): its windows counted that as
+    # audio, at a third of speech's cost, and eight of them reset an estimate that finished
+    # speech streams had settled (capacity 10 -> 25). The filler is left out of the audio.
+    sched = new_scheduler(FakeEngine(), initial_stream_cost=0.10, cost_half_life_s=30.0)
+    for _ in range(16):
+        sched._add_cost(5000.0, 500.0)
+    stream = StreamState("captions", OPTS, Sink(), PhraseSplitter())
+    sched.meter.open("captions")
+    frames = round(1000 / sched.frame_ms)
+    for second in range(90):                       # 30% speech at 0.10, 70% filler
+        if second % 10 < 3:
+            sched.meter.record_batch(frames * sched.frame_ms / 1000 * 0.10, {"captions": 1.0}, None)
+            sched._emit_audio(stream, np.zeros(frames * HOP, dtype=np.float32), frames)
+        else:
+            sched._emit_silence(stream, 1000.0)
+    assert len(sched._recent_costs) == 16 + 2     # 27 s of speech: two windows
+    assert sched._settled_cost == pytest.approx(0.10, rel=0.01)
+    assert sched.load().capacity_audio_s_per_s == pytest.approx(10.0, rel=0.02)
