@@ -92,8 +92,8 @@ class Metrics:
         r = self.registry
         self.active_streams = Gauge("active_streams", "Live streams (contexts)", namespace=ns,
                                     registry=r, multiprocess_mode=SUM)
-        self.streams_started = Counter("streams_started", "Streams admitted", namespace=ns,
-                                       registry=r)
+        self.streams_started = Counter("streams_started", "Streams started (answered ready)",
+                                       namespace=ns, registry=r)
         self.streams_refused = Counter("streams_refused", "Streams refused by admission",
                                        ["reason"], namespace=ns, registry=r)
         for reason in RefusalReason:  # every reason exported at 0 before its first refusal

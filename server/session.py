@@ -69,6 +69,7 @@ _OVERDUE_FRAMES: Final = 256
 BACK_END_ANSWER_S: Final = 2.0
 
 CloseRequest = tuple[int, str]  # WebSocket close code, reason
+_REASONS: Final = frozenset(r.value for r in RefusalReason)
 
 
 class Session:
@@ -344,7 +345,8 @@ class Session:
         self._state.release(self.client)
         reason, message, retry_after_s = refusal
         try:
-            self._refuse(ctx, RefusalReason(reason), message, retry_after_s)
+            self._refuse(ctx, RefusalReason(reason) if reason in _REASONS
+                         else RefusalReason.NOT_READY, message, retry_after_s)
         except ProtocolError as err:
             self._send_error(err)
 

@@ -264,7 +264,8 @@ class _FrontEndConnection:
             return
         if scheduler is None:   # not ready: front ends admit nothing then
             if kind == "open":
-                self.link.send(["error", sid, "internal", "the back end is not ready"])
+                self.link.send(["refused", sid, "not_ready", "server is not ready (its back "
+                                "end's model is not loaded)", None])
             return
         match kind:
             case "open":
@@ -390,8 +391,9 @@ class LinkServer:
         """Why the back end refuses a stream a front end opens, [reason, message, retry
         after s], or None: its admission, with every front end's streams as read here, decides
         (max_streams, the load ceiling, GPU memory; the front end has checked its own event
-        loop, encoders and clients). The opens of all front ends reach this one event loop in
-        some order, so no two are admitted into the same room."""
+        loop, encoders and clients; the back end's own are checked too, so a front end may pass
+        on an `event_loop` refusal about the back end). The opens of all front ends reach this
+        one event loop in some order, so no two are admitted into the same room."""
         state = self.state
         if state.shutting_down:
             return ["shutting_down", "server is shutting down", None]
