@@ -424,7 +424,6 @@ class LinkServer:
             "failure": model.failure,
             "load": None if scheduler is None else load_to_wire(state.admission.load()),
             "live": self.live(),
-            "front_ends": len(self.connections),
             "vram_cost": state.admission.stream_vram_cost,
             "gpu": None if gpu is None else [self._gpu_seen[1], gpu.vram_used_bytes,
                                              gpu.vram_total_bytes, gpu.vram_free_bytes,
@@ -487,7 +486,6 @@ class BackEndStatus:
     load: LoadEstimate | None = None
     mine: int = 0           # this front end's streams the back end holds
     live: int = 0           # every front end's
-    front_ends: int = 1     # linked to the back end, this one included
     gpu: GpuSample | None = None
     gpu_seq: int = 0
     vram_cost: int | None = None
@@ -583,7 +581,7 @@ class RemoteScheduler:
             seq, sample = gpu[0], GpuSample(*gpu[1:])
         self.status = BackEndStatus(
             ready=status["ready"], failure=status["failure"],
-            mine=status["mine"], live=status["live"], front_ends=max(1, status["front_ends"]),
+            mine=status["mine"], live=status["live"],
             load=None if load is None else LoadEstimate(*load), gpu=sample, gpu_seq=seq,
             vram_cost=status["vram_cost"])
 

@@ -628,7 +628,7 @@ async def aiohttp_client(http: aiohttp.ClientSession, base: str) -> ProtocolClie
 
 
 def status(**fields: object) -> dict[str, object]:
-    base = {"ready": True, "failure": None, "mine": 0, "live": 0, "front_ends": 1,
+    base = {"ready": True, "failure": None, "mine": 0, "live": 0,
             "load": [0, 0.0, 20.0, 0], "gpu": None, "vram_cost": None}
     return {**base, **fields}
 

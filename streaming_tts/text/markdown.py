@@ -99,7 +99,7 @@ def html_tags(text: str, start: int, stop: int) -> list[tuple[int, int]]:
     phrase splitter, which must not cut a tag in two (`<img alt="A cat. It sits">`): neither
     half would be a tag, and both would be read."""
     spans = []
-    if "<" not in text[start:stop]:
+    if text.find("<", start, stop) < 0:   # most text: one scan, no copy
         return spans
     for lt in _TAG_OPENER.finditer(text, start, stop):
         i = lt.start()
