@@ -264,7 +264,7 @@ def run_scheduler_only(args) -> list[dict]:
         def on_phrase(self, phrase) -> None:
             pass
 
-        def on_cancelled(self) -> None:
+        def on_cancelled(self, usage: dict | None) -> None:
             self.done.set()
 
         def on_error(self, code, message) -> None:

@@ -87,7 +87,7 @@ class Listener:
         self.usage = usage
         self.done.set()
 
-    def on_cancelled(self) -> None:
+    def on_cancelled(self, usage: dict | None) -> None:
         self.done.set()
 
     def on_error(self, code: str, message: str) -> None:

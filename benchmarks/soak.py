@@ -4,7 +4,10 @@ Against a running server (`run_server.py`), --clients clients loop for --minutes
 client plays one scenario, in turn:
 
   complete   speak 10-40 words (at 15 words/s or all at once) and read to `done`
-  cancel     speak, `cancel` 0.2-2 s in, then speak again on the same context
+  cancel     speak, `cancel` 0.2-2 s in, then speak again on the same context; `cancelled`
+             must carry the stream's usage (null only if `done` came first), with at least the
+             audio received; the report gives cancel -> `cancelled` times, and cancel -> the
+             first audio of the reply started after `cancelled` (a barge-in)
   close      speak, close the socket (close frame) 0.2-2 s in
   vanish     speak, drop the TCP connection 0.2-2 s in, without a close frame
   bad        malformed frames (a text frame, bytes that are not msgpack, an unknown type, a
@@ -77,6 +80,7 @@ class StreamCheck:
     received_ms: float = 0.0
     next_seq: int = 0
     cancelled: bool = False
+    first_audio_at: float | None = None   # time.monotonic()
 
     def audio(self, msg: dict) -> None:
         if self.cancelled:
@@ -88,6 +92,19 @@ class StreamCheck:
                             "received: a timeline gap")
         self.next_seq += 1
         self.received_ms += FRAME_MS * len(msg["data"])
+        if self.first_audio_at is None:
+            self.first_audio_at = time.monotonic()
+
+    def on_cancelled(self, usage: dict | None, *, finished: bool) -> None:
+        """`cancelled` carries the usage of the stream it stopped; none if `done` came first."""
+        self.cancelled = True
+        if finished != (usage is None):
+            raise Violation(f"{self.ctx}: cancelled after {'done' if finished else 'audio'} "
+                            f"with usage {usage}")
+        # What was made counts, sent or dropped by the cancel (the last frame may be padded).
+        if usage is not None and usage["audio_ms"] < self.received_ms - 2 * FRAME_MS:
+            raise Violation(f"{self.ctx}: cancelled says {usage['audio_ms']} ms of audio, "
+                            f"{self.received_ms} ms received")
 
     def done(self, usage: dict) -> float:
         # Opus pads the last frame and adds its codec delay (6.5 ms): up to two frames more.
@@ -103,14 +120,19 @@ class Tally:
     refused: int = 0
     streams_done: int = 0
     audio_s: float = 0.0
+    cancel_ms: list[float] = field(default_factory=list)   # cancel sent -> `cancelled` read
+    # cancel sent -> the first audio of the reply started once `cancelled` came (a barge-in)
+    barge_in_ms: list[float] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
 
 class Client:
     """One simulated user: a socket at a time, scenarios in turn."""
 
-    def __init__(self, url: str, tally: Tally, rng: random.Random, stall_s: float) -> None:
+    def __init__(self, url: str, tally: Tally, rng: random.Random, stall_s: float,
+                 scenarios: tuple[str, ...] = SCENARIOS) -> None:
         self.url, self.tally, self.rng, self.stall_s = url, tally, rng, stall_s
+        self.scenarios = scenarios
 
     # ---- plumbing
     async def connect(self, session: aiohttp.ClientSession,
@@ -206,22 +228,28 @@ class Client:
 
     async def cancel(self, ws) -> None:
         check = await self._midway(ws)
+        sent_at = time.monotonic()
         await self.send(ws, {"type": "cancel", "ctx": "s"})
+        finished = False
         while True:   # audio sent before the cancel may still arrive; none after `cancelled`
             msg = await self.recv(ws)
             if msg["type"] == "cancelled":
+                self.tally.cancel_ms.append((time.monotonic() - sent_at) * 1000)
                 break
             if msg["type"] == "audio":
                 check.audio(msg)
             elif msg["type"] == "done":   # it had finished before the cancel arrived
                 check.done(msg["usage"])
+                finished = True
             elif msg["type"] not in ("phrase", "words"):
                 raise Violation(f"before cancelled: {msg}")
-        check.cancelled = True
+        check.on_cancelled(msg.get("usage"), finished=finished)
         # The same context again: anything of the cancelled stream would show up here.
         again = await self.start(ws, "s")
         await self.feed(ws, "s", "Once more.")
         await self.read_to_done(ws, {"s": again})
+        if again.first_audio_at is not None:
+            self.tally.barge_in_ms.append((again.first_audio_at - sent_at) * 1000)
 
     async def close(self, ws) -> None:
         await self._midway(ws)
@@ -291,7 +319,7 @@ class Client:
     async def run(self, first: int, stop: asyncio.Event, rounds: int | None) -> None:
         k = first
         while not stop.is_set() and (rounds is None or k - first < rounds):
-            scenario = SCENARIOS[k % len(SCENARIOS)]
+            scenario = self.scenarios[k % len(self.scenarios)]
             k += 1
             try:
                 await asyncio.wait_for(self.round(scenario), MAX_ROUND_S)
@@ -363,9 +391,10 @@ async def main_async(args) -> dict:
         before = await wait_idle(http, base, args.pid, timeout=30)
         stop = asyncio.Event()
         rng = random.Random(args.seed)
-        clients = [Client(args.url, tally, random.Random(rng.random()), args.stall_s)
+        clients = [Client(args.url, tally, random.Random(rng.random()), args.stall_s,
+                          args.scenarios)
                    for _ in range(args.clients)]
-        step = max(1, len(SCENARIOS) // max(1, args.clients))
+        step = max(1, len(args.scenarios) // max(1, args.clients))
         t0 = time.monotonic()
         tasks = [asyncio.create_task(c.run(i * step, stop, args.rounds))
                  for i, c in enumerate(clients)]
@@ -389,6 +418,11 @@ async def main_async(args) -> dict:
         "minutes": round(wall / 60, 2), "clients": args.clients, "rounds": dict(tally.rounds),
         "streams_done": tally.streams_done, "audio_s": round(tally.audio_s, 1),
         "refused": tally.refused, "violations": len(tally.violations),
+        "cancel_ms_p50": percentile(tally.cancel_ms, 0.5),
+        "cancel_ms_p95": percentile(tally.cancel_ms, 0.95),
+        "cancel_ms_max": round(max(tally.cancel_ms), 1) if tally.cancel_ms else None,
+        "barge_in_ms_p50": percentile(tally.barge_in_ms, 0.5),
+        "barge_in_ms_p95": percentile(tally.barge_in_ms, 0.95),
         "violation_examples": tally.violations[:10],
         "rss_mb_settled": rss[0][1] if rss else None, "rss_mb_end": after["rss_mb"],
         "rss_mb_max": max((v for _, v in rss), default=None),
@@ -397,6 +431,14 @@ async def main_async(args) -> dict:
         "idle_before": {k: before[k] for k in IDLE_KEYS},
         "idle_after": {k: after[k] for k in IDLE_KEYS},
     }
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SCENARIOS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"scenarios are {', '.join(SCENARIOS)}")
+    return names
 
 
 def main() -> int:
@@ -414,6 +456,8 @@ def main() -> int:
     ap.add_argument("--stall-s", type=float, default=9.0,
                     help="how long the stall scenario reads nothing (above the server's "
                     "limits.max_send_lag_s, 5, plus its 1 s ping interval)")
+    ap.add_argument("--scenarios", type=_scenarios, default=SCENARIOS,
+                    help="comma-separated, played in turn (default: all of them)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="every sample on stderr")
     args = ap.parse_args()

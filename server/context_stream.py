@@ -21,7 +21,7 @@ import numpy as np
 
 from server.encoders import EncoderPool
 from server.metrics import Metrics
-from server.outbox import Outbox
+from server.outbox import Outbox, Reservation
 from server.protocol import (
     OPUS_FRAME_MS,
     USAGE_FIELDS,
@@ -108,6 +108,12 @@ class ContextStream:
         self._events: asyncio.Queue[_Event] = asyncio.Queue()  # bounded by the lookahead
         self._task: asyncio.Task[None] | None = None
         self._detached = False
+        # The client cancelled: the place of its `cancelled` in the outbox, written when the
+        # scheduler has dropped the stream and knows its final usage (`on_cancelled`).
+        self._cancel_reply: Reservation | None = None
+        # The scheduler's last word on the stream, kept for a cancel that comes after it and
+        # before the pump has sent it: ("done", usage) or ("error", None).
+        self._ended_with: tuple[str, dict[str, Any] | None] | None = None
         self._seq = 0
         self._sent_samples = 0  # the stream's timeline so far, in samples at sample_rate
         self._pcm_held = b""  # pcm bytes waiting to complete a 20 ms frame
@@ -137,6 +143,18 @@ class ContextStream:
     def start(self) -> None:
         self._task = asyncio.create_task(self._pump(), name=f"stream-{self.spec.stream_id}")
 
+    def cancel(self, reply: Reservation) -> asyncio.Task[None] | None:
+        """The client cancelled: stop now (`detach`), and write `cancelled` with the stream's
+        usage into `reply` once the scheduler has dropped the stream (at once if the scheduler
+        had finished it already). Returns the task to await, if any."""
+        task = self.detach()
+        if self._ended_with is not None:
+            kind, usage = self._ended_with
+            self._reply_cancelled(reply, usage if kind == "done" else None)
+        else:
+            self._cancel_reply = reply
+        return task
+
     def detach(self) -> asyncio.Task[None] | None:
         """Stop now (cancel, disconnect): nothing more is queued for this stream, and its
         messages still in the outbox are dropped. Returns the task to await, if any."""
@@ -157,14 +175,29 @@ class ContextStream:
         # pts_ms is on the voice-rate timeline; the wire pts comes from what was actually sent.
         self._push(_Event("audio", samples))
 
+    # A stream cancelled by its client may still finish or fail in the scheduler before the
+    # cancel reaches it: its `cancelled` then carries what `done` would have (or null).
     def on_done(self, usage: dict[str, Any]) -> None:
-        self._push(_Event("done", usage))
+        self._ended_with = ("done", usage)
+        if not self._answer_cancel(usage):
+            self._push(_Event("done", usage))
 
-    def on_cancelled(self) -> None:
-        self._push(_Event("cancelled"))
+    def on_cancelled(self, usage: dict[str, Any] | None) -> None:
+        if not self._answer_cancel(usage):
+            self._push(_Event("cancelled", usage))
 
     def on_error(self, code: str, message: str) -> None:
-        self._push(_Event("error", (code, message)))
+        self._ended_with = ("error", None)
+        if not self._answer_cancel(None):
+            self._push(_Event("error", (code, message)))
+
+    def _answer_cancel(self, usage: dict[str, Any] | None) -> bool:
+        """Write the awaited `cancelled`, if the client cancelled; False if it did not."""
+        if self._cancel_reply is None:
+            return False
+        reply, self._cancel_reply = self._cancel_reply, None
+        self._reply_cancelled(reply, usage)
+        return True
 
     def _push(self, event: _Event) -> None:
         if not self._detached:
@@ -196,15 +229,14 @@ class ContextStream:
             await self._send_audio(await self._encode(self._encoder.encode, samples), final=False)
         elif event.kind == "done":
             await self._send_audio(await self._encode(self._encoder.finish), final=True)
-            # The scheduler's time to first audio ends as the model's audio leaves it; the
-            # protocol's, as the first `audio` message is sent, resampled and encoded.
-            usage = {**event.value, "encode_ms": round(self._encode_s * 1000.0, 1),
-                     "ttfa_ms": None if self.ttfa_ms is None else round(self.ttfa_ms, 1)}
+            usage = self._socket_usage(event.value)
             self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(usage)))
             self._end(StreamEnd("done", usage_summary(usage)))
             return True
         elif event.kind == "cancelled":
-            self._put(encode_cancelled(ctx=self.spec.ctx))
+            usage = None if event.value is None else self._socket_usage(event.value)
+            self._put(encode_cancelled(ctx=self.spec.ctx,
+                                       usage=None if usage is None else _wire_usage(usage)))
             self._end(StreamEnd("cancelled", "by the scheduler"))
             return True
         elif event.kind == "error":
@@ -213,6 +245,18 @@ class ContextStream:
             self._end(StreamEnd("failed", f"{code}: {message}"))
             return True
         return False
+
+    def _socket_usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """The scheduler's usage with this socket's own figures: the encoder threads' CPU
+        time, and time to first audio as the protocol has it (the scheduler's ends as the
+        model's audio leaves it; the protocol's, as the first `audio` message is sent,
+        resampled and encoded)."""
+        return {**usage, "encode_ms": round(self._encode_s * 1000.0, 1),
+                "ttfa_ms": None if self.ttfa_ms is None else round(self.ttfa_ms, 1)}
+
+    def _reply_cancelled(self, reply: Reservation, usage: dict[str, Any] | None) -> None:
+        wire = None if usage is None else _wire_usage(self._socket_usage(usage))
+        reply.fill(encode_cancelled(ctx=self.spec.ctx, usage=wire))
 
     async def _encode(self, fn: Callable[..., Payload], *args: Any) -> Payload:
         """Resample and encode in the encoder threads, metering the thread's CPU time."""

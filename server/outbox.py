@@ -8,17 +8,27 @@ three ways: more than `max_messages` wait in the queue, or the oldest message ha
 the writer. And, as the kernel's buffers hide a stopped reader for minutes at Opus bitrates, a
 `LagProbe` times pings sent behind the audio: the read loop raises `SlowConsumer` when one goes
 unanswered for `max_lag_s`. The session drops that one socket.
+
+A message can hold its place before it is written (`reserve`): `cancelled` waits there for the
+scheduler's final usage of the stream while what is queued behind it (a new stream's `ready`
+on the same ctx) keeps its order. Only the messages of the streams it names (the socket's other
+live streams: their `phrase`, `words` and `audio`), and pings and pongs, go on past it meanwhile.
+The writer waits for it at most `wait_s`, then sends the fallback it was given, so a reservation
+can delay the socket's other messages but never stall them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .deadline import Deadline
+
+log = logging.getLogger(__name__)
 
 
 class SlowConsumer(Exception):
@@ -27,10 +37,28 @@ class SlowConsumer(Exception):
 
 @dataclass(slots=True)
 class _Item:
-    data: bytes
+    data: bytes | None  # None: reserved, not written yet (`Reservation`)
     queued_at: float  # clock seconds, to measure how far behind the client is
     stream_id: str | None  # set for a stream's phrase/words/audio, so a cancel can drop them
     control: str | None = None  # "ping" or "pong": a control frame with `data` as its payload
+    fallback: bytes = b""  # a reserved message: sent instead if not filled by `until`
+    until: float = 0.0  # (clock seconds)
+    passing: frozenset[str] = frozenset()  # streams whose messages may pass it unfilled
+
+
+class Reservation:
+    """A message's place in an `Outbox`, written later by `fill` (once; later fills and a
+    fill after the writer gave up on it are ignored)."""
+
+    __slots__ = ("_outbox", "_item")
+
+    def __init__(self, outbox: Outbox, item: _Item) -> None:
+        self._outbox, self._item = outbox, item
+
+    def fill(self, data: bytes) -> None:
+        if self._item.data is None:
+            self._item.data = data
+            self._outbox._wake.set()
 
 
 class Outbox:
@@ -68,6 +96,23 @@ class Outbox:
             self._wake.set()
         else:
             self._append(_Item(data, self._clock(), stream_id))
+
+    def reserve(self, fallback: bytes, *, wait_s: float,
+                passing: frozenset[str] = frozenset()) -> Reservation:
+        """Hold a message's place now and write it later (`Reservation.fill`); the writer
+        waits for it at most `wait_s` and then sends `fallback` instead. Until then the
+        messages of the streams in `passing` (`put(..., stream_id=)`), and control frames,
+        are sent past it; everything else waits behind it. Counts against `max_messages` like
+        any message (a full queue still means a slow consumer)."""
+        now = self._clock()
+        item = _Item(None, now, None, fallback=fallback, until=now + wait_s,
+                     passing=passing)
+        if len(self._items) >= self._max_messages:
+            self._overflow = True
+            self._wake.set()
+        else:
+            self._append(item)
+        return Reservation(self, item)
 
     def put_control(self, kind: str, payload: bytes) -> None:
         """Queue a ping or pong: sent in turn, behind what is queued (never blocks).
@@ -119,13 +164,48 @@ class Outbox:
                     await self._wake.wait()
                 if self._overflow:
                     raise SlowConsumer(f"more than {self._max_messages} messages queued")
-                if self._items:
-                    item = self._items.popleft()
-                    if item is self._pong:
-                        self._pong = None
-                    await self._send_one(item, deadline)
+                item = self._next()
+                if item is None:   # an unwritten reservation holds everything queued
+                    await self._await_reserved(self._items[0])
+                    continue   # an overflow may have come meanwhile
+                if item is self._pong:
+                    self._pong = None
+                await self._send_one(item, deadline)
         finally:
             deadline.close()
+
+    def _next(self) -> _Item | None:
+        """Take the next message to send: the head, or while unwritten reservations lead the
+        queue, the first message that may pass all of those before it (None: none may)."""
+        head = self._items[0]
+        if head.data is not None:
+            return self._items.popleft()
+        holding: list[frozenset[str]] = []
+        for i, item in enumerate(self._items):
+            if item.data is None:
+                holding.append(item.passing)
+            elif item.control is not None or all(item.stream_id in p for p in holding):
+                del self._items[i]
+                return item
+        return None
+
+    async def _await_reserved(self, item: _Item) -> None:
+        """Wait until the reserved head `item` is filled, or past its time: then it carries
+        its fallback. Wakes for other puts too (the caller checks overflow in between)."""
+        left = item.until - self._clock()
+        if left > 0:
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            if item.data is None and self._clock() < item.until:
+                return   # woken by something else: look again
+        if item.data is None:
+            item.data = item.fallback
+            log.warning("a reserved message was not written within its wait; sending its "
+                        "fallback")
 
     async def _send_one(self, item: _Item, deadline: Deadline) -> None:
         budget = self._max_lag_s - (self._clock() - item.queued_at)
@@ -135,6 +215,7 @@ class Outbox:
             # A client that does not read fills the TCP buffers, and then the send blocks.
             async with deadline.within(budget):
                 if item.control is None:
+                    assert item.data is not None, "a reserved item is sent once filled"
                     await self._send(item.data)
                 else:
                     assert self._control is not None

@@ -528,18 +528,24 @@ def encode_done(*, ctx: str, usage: Usage | Mapping[str, Any]) -> bytes:
     `usage` is a `Usage` or a plain map (streaming_tts.metering returns one) with exactly the
     spec's fields; a missing or extra field is a bug, so it raises instead of reaching clients.
     """
+    return _pack({"type": "done", "ctx": ctx, "usage": _usage_wire(usage)})
+
+
+def encode_cancelled(*, ctx: str, usage: Usage | Mapping[str, Any] | None = None) -> bytes:
+    """`cancelled`: acknowledges `cancel`; no more `audio` follows for this ctx.
+
+    `usage` (an addition to the contract): what the cancelled stream used, as in `done`; None
+    (nil) when no stream of `ctx` was live, or when the server could not tell in time."""
+    return _pack({"type": "cancelled", "ctx": ctx,
+                  "usage": None if usage is None else _usage_wire(usage)})
+
+
+def _usage_wire(usage: Usage | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(usage, Usage):
-        wire = usage.to_wire()
-    else:
-        if set(usage) != set(USAGE_FIELDS):
-            raise ValueError(f"usage must have exactly {USAGE_FIELDS}, got {sorted(usage)}")
-        wire = dict(usage)
-    return _pack({"type": "done", "ctx": ctx, "usage": wire})
-
-
-def encode_cancelled(*, ctx: str) -> bytes:
-    """`cancelled`: acknowledges `cancel`; no more `audio` follows for this ctx."""
-    return _pack({"type": "cancelled", "ctx": ctx})
+        return usage.to_wire()
+    if set(usage) != set(USAGE_FIELDS):
+        raise ValueError(f"usage must have exactly {USAGE_FIELDS}, got {sorted(usage)}")
+    return dict(usage)
 
 
 def encode_error(

@@ -67,6 +67,9 @@ _OVERDUE_FRAMES: Final = 256
 # A front end waits this long for its back end's answer to a stream it opens (the back end
 # answers from its event loop, in about a millisecond; a stuck one is found by its status).
 BACK_END_ANSWER_S: Final = 2.0
+# The longest `cancelled` waits for the scheduler to drop the stream and report its usage
+# (one step, tens of milliseconds, as a rule); then it goes out with usage null.
+CANCEL_ANSWER_S: Final = 2.0
 
 CloseRequest = tuple[int, str]  # WebSocket close code, reason
 _REASONS: Final = frozenset(r.value for r in RefusalReason)
@@ -438,13 +441,20 @@ class Session:
     def _cancel(self, ctx: str) -> None:
         """Barge-in: stop the stream's output now and acknowledge; idempotent per ctx."""
         stream = self._streams.pop(ctx, None)
-        if stream is not None:
-            self._stop_stream(stream)
-            self._scheduler().cancel(stream.spec.stream_id)
-            self._state.release(self.client)
-            self._last_activity = asyncio.get_running_loop().time()
-            log.info("stream %s cancelled ctx=%r", stream.spec.stream_id, ctx)
-        self._outbox.put(encode_cancelled(ctx=ctx))
+        if stream is None:
+            self._outbox.put(encode_cancelled(ctx=ctx))
+            return
+        # `cancelled` holds its place (a `ready` for the same ctx may follow at once) until
+        # the scheduler has dropped the stream between two steps and knows its final usage;
+        # the audio of the socket's other streams goes on past it meanwhile.
+        others = frozenset(s.spec.stream_id for s in self._streams.values())
+        reply = self._outbox.reserve(encode_cancelled(ctx=ctx), wait_s=CANCEL_ANSWER_S,
+                                     passing=others)
+        self._stopping_task(stream.cancel(reply))
+        self._scheduler().cancel(stream.spec.stream_id)
+        self._state.release(self.client)
+        self._last_activity = asyncio.get_running_loop().time()
+        log.info("stream %s cancelled ctx=%r", stream.spec.stream_id, ctx)
 
     def _writable(self, ctx: str, kind: str) -> ContextStream:
         """The live stream `ctx` that may still take `text`/`flush`/`end`."""
@@ -487,7 +497,10 @@ class Session:
                      reason)
 
     def _stop_stream(self, stream: ContextStream) -> None:
-        task = stream.detach()
+        self._stopping_task(stream.detach())
+
+    def _stopping_task(self, task: asyncio.Task[None] | None) -> None:
+        """A stopped stream's task, awaited before the session ends."""
         if task is not None:
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)

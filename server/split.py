@@ -23,7 +23,7 @@ client `["clients", {client: [contexts, sockets]}]` for the clients whose counts
 stops on purpose (its link's drop is then no failure).
 Back end -> front end: `["admitted", sid]` or `["refused", sid, reason, message, retry]`
 for each `open` (see below), `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
-`["done", sid, usage]`, `["cancelled", sid]`, `["error", sid, code, message]`, and
+`["done", sid, usage]`, `["cancelled", sid, usage]`, `["error", sid, code, message]`, and
 `["status", {...}]` every `STATUS_INTERVAL_S` (ready or failed, the scheduler's load, the GPU
 reading, the per-stream VRAM cost, stream counts, and what changed of each client's contexts
 and sockets in the other front ends). Writes made in one turn of the event loop leave in one
@@ -216,9 +216,9 @@ class _RemoteSink:
         self._conn.ended(self._sid)
         self._conn.link.send(["done", self._sid, usage])
 
-    def on_cancelled(self) -> None:
+    def on_cancelled(self, usage: dict | None) -> None:
         self._conn.ended(self._sid)
-        self._conn.link.send(["cancelled", self._sid])
+        self._conn.link.send(["cancelled", self._sid, usage])
 
     def on_error(self, code: str, message: str) -> None:
         self._conn.ended(self._sid)
@@ -499,6 +499,9 @@ class RemoteScheduler:
     def __init__(self, link_send: Callable[[list[Any]], None]) -> None:
         self._send = link_send
         self._sinks: dict[str, StreamSink] = {}
+        # Streams cancelled here whose `cancelled` (with their usage) the back end still owes;
+        # they no longer count as this front end's.
+        self._cancelling: dict[str, StreamSink] = {}
         # The back end's word on each stream opened and not yet answered: None (admitted) or
         # the refusal, [reason, message, retry after s].
         self._answers: dict[str, asyncio.Future[list[Any] | None]] = {}
@@ -525,12 +528,14 @@ class RemoteScheduler:
         self._send(["end", sid])
 
     def cancel(self, sid: str) -> None:
-        self._sinks.pop(sid, None)   # the session has detached it: `cancelled` is its own
+        if (sink := self._sinks.pop(sid, None)) is not None:
+            self._cancelling[sid] = sink   # the session waits for its usage
         self._answer(sid, _GONE)
         self._send(["cancel", sid])
 
     def close(self, sid: str) -> None:
         self._sinks.pop(sid, None)
+        self._cancelling.pop(sid, None)
         self._answer(sid, _GONE)
         self._send(["close", sid])
 
@@ -594,8 +599,11 @@ class RemoteScheduler:
             self._sinks.pop(sid, None)
             self._answer(sid, msg[2:5])
             return
-        sink = self._sinks.get(sid)
-        if sink is None:   # cancelled or closed here since: nothing more of it goes out
+        if kind in ("done", "cancelled", "error"):   # the stream's last word
+            sink = self._sinks.pop(sid, None) or self._cancelling.pop(sid, None)
+        else:   # cancelled or closed here since: nothing more of it goes out
+            sink = self._sinks.get(sid)
+        if sink is None:
             return
         match kind:
             case "audio":
@@ -604,14 +612,11 @@ class RemoteScheduler:
                 sink.on_phrase(PhraseEvent(id=msg[2], text=msg[3], start_ms=msg[4],
                                            end_ms=msg[5], words=[tuple(w) for w in msg[6]],
                                            space_before=msg[7]))
-            case "done":
-                del self._sinks[sid]
+            case "done":   # (to a stream cancelled here since, its `cancelled` with usage)
                 sink.on_done(msg[2])
             case "cancelled":
-                del self._sinks[sid]
-                sink.on_cancelled()
+                sink.on_cancelled(msg[2])
             case "error":
-                del self._sinks[sid]
                 sink.on_error(msg[2], msg[3])
             case _:
                 log.error("the back end sent an unknown message %r", kind)
@@ -619,6 +624,9 @@ class RemoteScheduler:
     def fail_all(self, message: str) -> None:
         """The back end is gone: every live stream ends with `error` (internal)."""
         sinks, self._sinks = self._sinks, {}
+        cancelling, self._cancelling = self._cancelling, {}
+        for sink in cancelling.values():   # their usage is lost with the back end
+            sink.on_cancelled(None)
         for sid in list(self._answers):   # not yet `ready`: refused (the session says so)
             sinks.pop(sid, None)
             self._answer(sid, ["not_ready", message, None])

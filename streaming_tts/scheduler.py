@@ -463,6 +463,9 @@ class Scheduler:
             batch = self._schedule(now)
         if batch.acoustic or batch.decode:
             result, failed = await loop.run_in_executor(self._pool, self._execute_isolated, batch)
+            # Every stream in the step pays its share, one cancelled meanwhile too (its
+            # `cancelled` reports it): metered before the commands drop anyone.
+            self._meter_step(batch, result)
             await self._apply_all_commands()   # cancels that raced the step win over its output
             self._fail_streams(failed)
             self._update(batch, result)
@@ -602,9 +605,9 @@ class Scheduler:
                 stream.ended = True
                 self._queue_phrases(stream, stream.splitter.flush())
             elif cmd == "cancel":
-                self._drop(sid, "cancelled")
+                usage = self._drop(sid, "cancelled")
                 if sid not in self._closing:
-                    stream.sink.on_cancelled()
+                    stream.sink.on_cancelled(usage)
             elif cmd == "close":
                 self._drop(sid, "closed")
 
@@ -621,15 +624,16 @@ class Scheduler:
         self.meter.open(sid)
         log.debug("stream %s opened", sid)
 
-    def _drop(self, sid: str, how: str) -> None:
-        """A stream cancelled or closed: what it used so far is logged, the metering record
-        of a stream that ends without `done` (a barge-in, a disconnect, a shutdown)."""
+    def _drop(self, sid: str, how: str) -> dict[str, Any] | None:
+        """A stream cancelled or closed: what it used, logged (the only record of a stream
+        that ends without `done` or `cancelled`: a disconnect, a shutdown) and returned."""
         self._forget(sid)
         usage = self.meter.close(sid)
         if usage and usage.get("chars"):
             log.info("usage of stream %s, %s: %s", sid, how, usage_summary(usage))
         else:
             log.debug("stream %s %s", sid, how)
+        return usage
 
     def _forget(self, sid: str) -> None:
         self._streams.pop(sid, None)
@@ -1141,7 +1145,6 @@ class Scheduler:
             decay = 0.98   # about the last 50 steps
             self._audio_made = decay * self._audio_made + samples / self.engine.sample_rate
             self._busy = decay * self._busy + result.seconds
-        self._meter_step(batch, result)
         for sid, _, params, *_ in batch.acoustic:
             chars = 0   # what the voice reads of the stream's phrase in this step
             if (stream := self._streams.get(sid)) is not None:

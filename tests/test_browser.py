@@ -463,6 +463,10 @@ def test_stop_goes_silent_within_100_ms(client: Client) -> None:
     # No late audio: audio the server had already sent for the cancelled stream is not played.
     frozen = samples[-1]["played"]
     assert "Cancelled" in client.page.inner_text("#notice")
+    # The usage panel shows what the cut reply used (`cancelled.usage`).
+    shown = client.page.text_content("#usage-compute") or ""
+    assert shown.endswith(" ms") and float(shown[:-3]) > 0, shown
+    assert float(client.stats()["audioMs"]) >= 1500
     time.sleep(1.0)
     stats = client.stats()
     assert float(stats["playedMs"]) == frozen

@@ -136,3 +136,69 @@ async def test_opus_first_message_is_short_and_a_short_chunk_is_not_split() -> N
     stream.detach()
     pool.shutdown()
 
+
+
+class Reply:
+    """What ContextStream needs of an outbox Reservation: `fill`."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    def fill(self, data: bytes) -> None:
+        self.messages.append(msgpack.unpackb(data))
+
+
+SCHEDULER_USAGE = {"chars": 40, "phrases": 2, "audio_ms": 1300, "compute_ms": 81.5,
+                   "energy_j": None, "cost": None, "ttfa_ms": 30.0}
+
+
+async def test_a_cancel_is_answered_when_the_scheduler_reports_the_usage() -> None:
+    stream, outbox, ends, pool = await open_stream("opus", 48000)
+    stream.text_received()
+    stream.on_audio(tone(300), 0.0)
+    await settle(outbox, 1)
+    reply = Reply()
+    task = stream.cancel(reply)
+    if task is not None:
+        await asyncio.gather(task, return_exceptions=True)
+    assert reply.messages == []   # the scheduler has not dropped the stream yet
+    stream.on_audio(tone(300), 300.0)   # what its last step made: not sent
+    stream.on_cancelled(dict(SCHEDULER_USAGE))
+    stream.on_cancelled(dict(SCHEDULER_USAGE))   # a second answer changes nothing
+    [msg] = reply.messages
+    assert msg["type"] == "cancelled" and msg["ctx"] == "c"
+    usage = msg["usage"]
+    assert {k: usage[k] for k in ("chars", "phrases", "audio_ms", "compute_ms")} == {
+        "chars": 40, "phrases": 2, "audio_ms": 1300, "compute_ms": 81.5}
+    assert usage["encode_ms"] > 0            # this socket's own figures, as `done` has them
+    assert usage["ttfa_ms"] is not None and usage["ttfa_ms"] != 30.0
+    assert [m["type"] for m in outbox.messages] == ["audio", "audio"] and not ends
+    pool.shutdown()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_stream_the_scheduler_finished_around_the_cancel_answers_with_dones_usage(
+        when: str) -> None:
+    stream, outbox, ends, pool = await open_stream("pcm_s16le", VOICE_RATE)
+    reply = Reply()
+    if when == "before":   # `done` is queued for the pump, not sent yet
+        stream.on_done(dict(SCHEDULER_USAGE))
+        stream.cancel(reply)
+    else:                  # the scheduler finished it before it read the cancel
+        stream.cancel(reply)
+        stream.on_done(dict(SCHEDULER_USAGE))
+    await asyncio.sleep(0.05)
+    [msg] = reply.messages
+    assert msg["type"] == "cancelled" and msg["usage"]["compute_ms"] == 81.5
+    assert outbox.messages == [] and not ends   # no `done`: the client cancelled
+    pool.shutdown()
+
+
+async def test_a_stream_that_failed_around_the_cancel_answers_with_usage_null() -> None:
+    stream, outbox, ends, pool = await open_stream("pcm_s16le", VOICE_RATE)
+    reply = Reply()
+    stream.cancel(reply)
+    stream.on_error("internal", "the model failed")
+    assert reply.messages == [{"type": "cancelled", "ctx": "c", "usage": None}]
+    assert outbox.messages == []
+    pool.shutdown()

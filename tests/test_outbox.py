@@ -1,37 +1,46 @@
 """A socket's outbox (`server.outbox.Outbox`) against a plain model of it, under any sequence of
-messages, pings, pongs, purges (barge-in) and sends that complete one at a time (hypothesis).
+messages, pings, pongs, purges (barge-in), reserved messages written later (a `cancelled`
+awaiting its usage) and sends that complete one at a time (hypothesis).
 
-The model: one FIFO; the writer takes the head and holds it until its send completes; `purge`
-drops a stream's messages still in the FIFO (not the one being sent); a pong joins the FIFO
-unless one is waiting there, which then carries the newest payload instead. Whatever the
-sequence, the client receives exactly what the model says, in its order, and the outbox
-reports itself drained once everything was sent.
+The model: one FIFO; the writer takes the head, once it is written, or else the first item
+that may pass every unwritten reservation before it (a control frame, or a message of a stream
+each of those names), and holds it until its send completes; `purge` drops a stream's messages still in the FIFO (not the one being sent); a pong
+joins the FIFO unless one is waiting there, which then carries the newest payload instead.
+Whatever the sequence, the client receives exactly what the model says, in its order, and the
+outbox reports itself drained once everything was sent. A reservation not written in time goes
+out as its fallback (a test of its own below).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.outbox import Outbox
+from server.outbox import Outbox, Reservation, SlowConsumer
 
 OPS = st.lists(st.one_of(
     st.tuples(st.just("put"), st.sampled_from([None, "s1", "s2"])),
     st.tuples(st.sampled_from(["ping", "pong"])),
     st.tuples(st.just("purge"), st.sampled_from(["s1", "s2"])),
     st.tuples(st.just("send"), st.integers(1, 3)),
+    st.tuples(st.just("reserve"), st.frozensets(st.sampled_from(["s1", "s2"]))),
+    st.tuples(st.just("fill"), st.integers(0, 3)),
 ), max_size=40)
 
 
 @dataclass
 class _Item:
     kind: str          # "binary", "ping" or "pong"
-    payload: bytes
+    payload: bytes | None   # None: reserved, not written yet
     stream: str | None = None
+    passing: frozenset[str] = frozenset()   # a reservation: the streams that may pass it
 
 
 async def _settle() -> None:
@@ -58,11 +67,19 @@ async def _play(ops: list[tuple]) -> None:
     in_flight: _Item | None = None
     expected: list[tuple[str, bytes]] = []
     numbers = itertools.count()
+    reserved: list[tuple[Reservation, _Item]] = []   # not written yet, oldest first
 
-    def take() -> None:              # the model's writer takes the head when it is free
-        nonlocal in_flight
-        if in_flight is None and queue:
-            in_flight = queue.pop(0)
+    def take() -> None:              # the model's writer, when free, takes the first item
+        nonlocal in_flight           # that may pass every unwritten reservation before it
+        if in_flight is not None:
+            return
+        holding: list[frozenset[str]] = []
+        for i, item in enumerate(queue):
+            if item.payload is None:
+                holding.append(item.passing)
+            elif item.kind != "binary" or all(item.stream in p for p in holding):
+                in_flight = queue.pop(i)
+                return
 
     try:
         for op in ops:
@@ -78,6 +95,16 @@ async def _play(ops: list[tuple]) -> None:
                     waiting.payload = payload
                 else:
                     queue.append(_Item(op[0], payload))
+            elif op[0] == "reserve":
+                item = _Item("binary", None, passing=op[1])
+                reserved.append((outbox.reserve(b"fallback", wait_s=60.0, passing=op[1]), item))
+                queue.append(item)
+            elif op[0] == "fill":
+                if reserved:
+                    reservation, item = reserved.pop(op[1] % len(reserved))
+                    item.payload = f"r{next(numbers)}".encode()
+                    reservation.fill(item.payload)
+                    reservation.fill(b"a second fill is ignored")
             elif op[0] == "purge":
                 kept = [i for i in queue if i.stream != op[1]]
                 assert outbox.purge(op[1]) == len(queue) - len(kept)
@@ -93,6 +120,9 @@ async def _play(ops: list[tuple]) -> None:
             take()
             await _settle()
             assert sent == expected
+        for reservation, item in reserved:
+            item.payload = f"r{next(numbers)}".encode()
+            reservation.fill(item.payload)
         for item in ([in_flight] if in_flight else []) + queue:
             expected.append((item.kind, item.payload))
             gate.release()
@@ -107,3 +137,75 @@ async def _play(ops: list[tuple]) -> None:
 @given(OPS)
 def test_the_outbox_sends_what_a_fifo_with_purges_and_merged_pongs_would(ops: list[tuple]) -> None:
     asyncio.run(_play(ops))
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_not_written_in_time_goes_out_as_its_fallback_and_holds_its_place(
+) -> None:
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    outbox = Outbox(send, max_messages=10, max_lag_s=5.0)
+    outbox.put(b"audio", stream_id="s")
+    late = outbox.reserve(b"cancelled, usage unknown", wait_s=0.2)
+    outbox.put(b"ready")   # behind it: waits for it
+    writer = asyncio.create_task(outbox.run())
+    try:
+        t0 = time.monotonic()
+        await asyncio.sleep(0.05)
+        assert sent == [b"audio"] and not outbox._idle.is_set()
+        assert await outbox.drained(2.0)
+        assert sent == [b"audio", b"cancelled, usage unknown", b"ready"]
+        assert 0.15 < time.monotonic() - t0 < 1.0
+        late.fill(b"too late")   # ignored: the fallback went out
+        outbox.put(b"next")
+        assert await outbox.drained(1.0) and sent[-1] == b"next" and b"too late" not in sent
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_full_queue_still_overflows_behind_an_unwritten_reservation() -> None:
+    async def send(data: bytes) -> None:
+        pass
+
+    outbox = Outbox(send, max_messages=3, max_lag_s=5.0)
+    outbox.reserve(b"fallback", wait_s=30.0)
+    writer = asyncio.create_task(outbox.run())
+    await asyncio.sleep(0.01)
+    for n in range(4):
+        outbox.put(b"audio %d" % n)
+    with pytest.raises(SlowConsumer, match="messages queued"):
+        await asyncio.wait_for(writer, 1.0)
+
+
+@pytest.mark.asyncio
+async def test_the_other_streams_audio_passes_a_waiting_reservation_and_nothing_else_does(
+) -> None:
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    async def control(kind: str, payload: bytes) -> None:
+        sent.append(kind.encode())
+
+    outbox = Outbox(send, max_messages=10, max_lag_s=5.0, control=control)
+    reply = outbox.reserve(b"cancelled a, usage unknown", wait_s=5.0, passing=frozenset({"b"}))
+    outbox.put(b"ready a2")                         # a new stream on the cancelled ctx
+    outbox.put(b"audio b", stream_id="b")           # the socket's other stream
+    outbox.put(b"audio a2", stream_id="a2")
+    outbox.put_control("ping", b"1")
+    writer = asyncio.create_task(outbox.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert sent == [b"audio b", b"ping"]
+        reply.fill(b"cancelled a")
+        assert await outbox.drained(1.0)
+        assert sent == [b"audio b", b"ping", b"cancelled a", b"ready a2", b"audio a2"]
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)

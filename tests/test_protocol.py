@@ -351,7 +351,13 @@ def test_done_accepts_a_usage_map_with_exactly_the_spec_fields() -> None:
 
 
 def test_cancelled_and_error_fields() -> None:
-    assert decode_server_frame(encode_cancelled(ctx="a")) == {"type": "cancelled", "ctx": "a"}
+    assert decode_server_frame(encode_cancelled(ctx="a")) == {
+        "type": "cancelled", "ctx": "a", "usage": None}
+    wire = {"chars": 3, "phrases": 1, "audio_ms": 250, "compute_ms": 12.5, "energy_j": None,
+            "cost": None, "ttfa_ms": 95.0, "encode_ms": 3.5}
+    assert decode_server_frame(encode_cancelled(ctx="a", usage=wire))["usage"] == wire
+    with pytest.raises(ValueError, match="usage must have exactly"):
+        encode_cancelled(ctx="a", usage={"chars": 3})
     bare = decode_server_frame(encode_error(code=ErrorCode.INTERNAL, message="boom"))
     assert bare == {"type": "error", "code": "internal", "message": "boom"}
     full = decode_server_frame(encode_error(code="overloaded", message="busy", ctx="a",

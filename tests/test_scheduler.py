@@ -131,8 +131,8 @@ class Sink:
         self.events.append(("done", usage))
         self.done.set()
 
-    def on_cancelled(self) -> None:
-        self.events.append(("cancelled",))
+    def on_cancelled(self, usage: dict | None) -> None:
+        self.events.append(("cancelled", usage))
         self.done.set()
 
     def on_error(self, code: str, message: str) -> None:
@@ -350,6 +350,51 @@ async def test_cancel_stops_audio_at_once_even_mid_step():
     await stop(task)
     assert sink.kinds()[-1] == "cancelled"
     assert sched.stream_count == 0 and "s" not in sched.meter
+
+
+async def test_a_cancelled_stream_is_answered_with_its_usage_the_step_in_flight_included():
+    # The cancel lands while a step that serves the stream runs: that step's time is the
+    # stream's (not the neighbours'), and `cancelled` reports it with the rest.
+    engine = FakeEngine(delay_s=0.15)
+    sched, task = await running(engine)
+    sink = Sink()
+    text = "This is a long sentence that keeps going. " * 5
+    sched.open("s", OPTS, sink)
+    sched.text("s", text)
+    while not sink.audio():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)      # a step is in flight now
+    sched.cancel("s")
+    await asyncio.wait_for(sink.done.wait(), 2)
+    await stop(task)
+    kind, usage = sink.events[-1]
+    assert kind == "cancelled"
+    # One stream: every step's time is its own, the last one's too.
+    assert usage["compute_ms"] == pytest.approx(sched.meter.totals().compute_s * 1000, abs=0.1)
+    assert usage["compute_ms"] >= 150 * sched.meter.totals().batches * 0.9
+    assert usage["chars"] == len(text) and usage["phrases"] >= 1
+    heard = sum(len(samples) for samples, _ in sink.audio()) / RATE * 1000
+    assert usage["audio_ms"] == pytest.approx(heard, abs=1)
+
+
+async def test_a_neighbour_does_not_pay_for_a_stream_cancelled_in_mid_step():
+    engine = FakeEngine(delay_s=0.1)
+    sched, task = await running(engine)
+    gone, stays = Sink(), Sink()
+    sched.open("gone", OPTS, gone)
+    sched.open("stays", OPTS, stays)
+    sched.text("gone", "This is a long sentence that keeps going. " * 5)
+    sched.text("stays", "Another long sentence that keeps on going. " * 5)
+    while not (gone.audio() and stays.audio()):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.03)      # a step is in flight now
+    sched.cancel("gone")
+    await asyncio.wait_for(gone.done.wait(), 2)
+    sched.cancel("stays")
+    await asyncio.wait_for(stays.done.wait(), 2)
+    await stop(task)
+    spent = gone.events[-1][1]["compute_ms"] + stays.events[-1][1]["compute_ms"]
+    assert spent == pytest.approx(sched.meter.totals().compute_s * 1000, abs=0.2)
 
 
 async def test_a_cancel_followed_by_a_close_before_either_is_applied_emits_nothing():

@@ -38,6 +38,18 @@ def test_audio_after_cancelled_is_a_violation():
         check.audio(audio(1, 40.0))
 
 
+def test_cancelled_must_carry_the_usage_of_the_stream_it_stopped():
+    check = StreamCheck("s")
+    for k in range(4):
+        check.audio(audio(k, k * 40.0))   # 160 ms received
+    check.on_cancelled({"audio_ms": 400}, finished=False)   # more was made than sent: fine
+    for usage, finished, why in [(None, False, "usage None"), ({"audio_ms": 0}, True, "after done"),
+                                 ({"audio_ms": 100}, False, "says 100 ms")]:
+        with pytest.raises(Violation, match=why):
+            StreamCheck("s", received_ms=160.0).on_cancelled(usage, finished=finished)
+    StreamCheck("s").on_cancelled(None, finished=True)
+
+
 @pytest.mark.parametrize("audio_ms", [100.0, 200.0])   # more than 2 frames short / more than sent
 def test_done_must_account_for_the_audio_received(audio_ms):
     check = StreamCheck("s")

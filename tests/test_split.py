@@ -636,9 +636,16 @@ def status(**fields: object) -> dict[str, object]:
 class Sink:
     def __init__(self) -> None:
         self.errors: list[tuple[str, str]] = []
+        self.ends: list[tuple[str, object]] = []
 
     def on_error(self, code: str, message: str) -> None:
         self.errors.append((code, message))
+
+    def on_done(self, usage: dict) -> None:
+        self.ends.append(("done", usage))
+
+    def on_cancelled(self, usage: dict | None) -> None:
+        self.ends.append(("cancelled", usage))
 
 
 async def test_streams_opened_since_the_last_status_count_as_unseen_load() -> None:
@@ -667,6 +674,48 @@ async def test_streams_opened_since_the_last_status_count_as_unseen_load() -> No
     assert answers["b"].result() == ["load", "server is at capacity", 2]
     remote.on_status(status(mine=1, live=3, load=[3, 3.0, 20.0, 0]))
     assert remote.load().active_streams == 3 and remote.unseen() == 0
+
+
+async def test_a_cancelled_stream_waits_for_its_usage_from_the_back_end() -> None:
+    sent: list[list[object]] = []
+    remote = RemoteScheduler(sent.append)
+    remote.on_status(status())
+    sinks = {sid: Sink() for sid in ("a", "b", "c", "d")}
+    for sid, sink in sinks.items():
+        remote.open(sid, StreamOptions(params=SynthesisParams()), sink)  # type: ignore[arg-type]
+        remote.on_event(["admitted", sid])
+        remote.cancel(sid)
+    assert sent[-1] == ["cancel", "d"] and remote.stream_count == 0   # no longer counted here
+    usage = {"chars": 5, "compute_ms": 3.0}
+    remote.on_event(["audio", "a", b"\0\0\0\0", 0.0])   # made before the cancel: not passed on
+    remote.on_event(["cancelled", "a", usage])
+    remote.on_event(["done", "b", usage])        # it finished before the cancel reached it
+    remote.on_event(["error", "c", "internal", "boom"])
+    remote.fail_all("gone")                      # d's answer never comes
+    assert sinks["a"].ends == [("cancelled", usage)] and sinks["b"].ends == [("done", usage)]
+    assert sinks["c"].errors == [("internal", "boom")] and sinks["d"].ends == [("cancelled", None)]
+    assert not remote._cancelling
+    remote.on_event(["cancelled", "a", usage])   # once only
+    assert sinks["a"].ends == [("cancelled", usage)]
+
+
+async def test_a_cancel_through_a_front_end_is_answered_with_the_usage_before_a_new_start(
+    engine: Engine, http: aiohttp.ClientSession,
+) -> None:
+    async with running_split(engine) as split:
+        client = await speaking(http, split.fronts[0])
+        await client.send({"type": "cancel", "ctx": "x"})
+        await client.send({"type": "start", "ctx": "x"})
+        replies = await client.recv_until(lambda m: m["type"] in ("ready", "error"))
+        ends = [m for m in replies if m["type"] in ("cancelled", "ready", "error")]
+        assert [m["type"] for m in ends] == ["cancelled", "ready"], ends
+        usage = ends[0]["usage"]
+        assert usage["chars"] == len(LONG) and usage["compute_ms"] > 0 and usage["ttfa_ms"] > 0
+        await client.send({"type": "cancel", "ctx": "x"})
+        await client.recv_until(lambda m: m["type"] == "cancelled")
+        await client.close()
+        await back_end_idle(split)
+        assert not remote(split.fronts[0])._cancelling
 
 
 async def test_a_gpu_reading_is_one_object_until_the_back_end_reads_again() -> None:

@@ -1395,6 +1395,7 @@ class App {
     if (!utt || ctx !== utt.ctx) return; // a stream we already left behind
     if (msg.type === "cancelled") {
       if (utt.phase === "cancelled") this.showNotice("Cancelled"); // not after an error
+      if (msg.usage) this.renderUsage((utt.usage = msg.usage)); // what the cut reply used
       return;
     }
     if (!utt.active || utt.lostReason) return; // given up: only what arrived before plays
@@ -1614,7 +1615,7 @@ class App {
     }
   }
 
-  /** Usage from `done`; null fields (no GPU power meter, no tariff) show as n/a. */
+  /** Usage from `done` or `cancelled`; null fields (no GPU power meter, no tariff) show as n/a. */
   renderUsage(u) {
     this.el.stats.dataset.audioMs = u.audio_ms == null ? "" : String(u.audio_ms);
     $("usage-chars").textContent = u.chars == null ? "n/a" : String(u.chars);

@@ -2,7 +2,8 @@
 §2, §4, §5), whatever the client sent: a context is live from `ready` until `done` or
 `cancelled`; only a live context gets `phrase`, `words` and `audio`; phrases count from 0 and
 each comes before its audio; audio `seq` counts from 0 and `pts_ms` runs on without a gap;
-`done` counts the phrases sent; every `cancel` is answered by exactly one `cancelled`. An
+`done` counts the phrases sent; every `cancel` is answered by exactly one `cancelled`, with the
+usage of the stream it stopped (at least the phrases sent; null when nothing was live). An
 `internal` error (a server fault, which also ends a context) fails the check."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.protocol import USAGE_FIELDS
 from tests.helpers.ws_client import audio_duration_ms
 
 Msg = dict[str, Any]
@@ -58,6 +60,12 @@ class ContractChecker:
             assert msg["usage"]["phrases"] == len(c.phrases), f"{where} {msg['usage']}"
             c.live = False
         elif kind == "cancelled":
+            usage = msg["usage"]
+            if not c.live:
+                assert usage is None, f"{where} usage for nothing live: {usage}"
+            elif usage is not None:   # (null only if the server could not tell in time)
+                assert set(usage) == set(USAGE_FIELDS), f"{where} {usage}"
+                assert usage["phrases"] >= len(c.phrases), f"{where} {usage}"
             c.live = False
             self.cancelled[ctx] += 1
         elif kind == "error":
