@@ -102,6 +102,12 @@ def create_app(
     monitor = (gpu if gpu is not None or front_end_of is not None
                else GpuMonitor.for_device(cfg.engine.device))
     available = monitor if monitor is not None and monitor.available else None
+    if cfg.metering.price_per_kwh > 0 and available is None and front_end_of is None:
+        log.warning("metering.price_per_kwh is set, but this server has no GPU power reading "
+                    "(%s): usage.energy_j stays null and usage.cost prices compute time at "
+                    "metering.price_per_gpu_hour only%s", "a CPU engine"
+                    if cfg.engine.device == "cpu" else "NVML unavailable",
+                    "" if cfg.metering.price_per_gpu_hour > 0 else " (0: cost is null)")
     admission = AdmissionController(
         cfg.admission,
         load_source=load_source or (lambda: _scheduler_load(model)),

@@ -104,7 +104,10 @@ class Metrics:
         self.ttfa_seconds = Histogram("ttfa_seconds", "Time from a stream's first text to its "
                                       "first audio message", namespace=ns, registry=r,
                                       buckets=TTFA_BUCKETS)
-        self.audio_seconds = Counter("audio_seconds", "Audio produced", namespace=ns, registry=r)
+        self.audio_seconds = Counter(
+            "audio_seconds", "Audio queued to the sockets, as `audio` messages (whole 20 ms "
+            "frames, Opus padding included); what a cancel or a disconnect dropped unsent is in "
+            "it", namespace=ns, registry=r)
         self.listener_underruns = Counter(
             "listener_underruns", "Times a listener ran dry while the server owed it audio: its "
             "playback clock (from the audio sent) passed the end of what was sent while speech "
@@ -157,10 +160,12 @@ class Metrics:
                                       "(recent; < 1 is faster than real time)", namespace=ns,
                                       registry=r, multiprocess_mode=WORST)
         self.encode_seconds = Counter("encode_seconds", "CPU time spent resampling and "
-                                      "encoding audio (Opus or PCM), in the encoder threads",
-                                      namespace=ns, registry=r)
-        self.compute_seconds = Counter("compute_seconds", "Model compute time", namespace=ns,
-                                       registry=r)
+                                      "encoding audio (Opus or PCM), in the encoder threads, "
+                                      "the warm-up probe's included", namespace=ns, registry=r)
+        self.compute_seconds = Counter(
+            "compute_seconds", "Wall time of the model's steps for streams: the sum of every "
+            "stream's usage.compute_ms (warm-up and the idle cost probe are not in it)",
+            namespace=ns, registry=r)
         for stage in BATCH_STAGES:  # export both series from the start, not on first use
             self.batch_size.labels(stage=stage)
 

@@ -440,17 +440,25 @@ async def test_cancel_goes_silent_and_the_context_can_be_reused(
     client = await connect(http, srv)
     await client.send({"type": "start", "ctx": "talk"})
     await client.send({"type": "text", "ctx": "talk", "text": LONG})
-    await client.recv_until(lambda m: m["type"] == "audio")
+    heard = await client.recv_until(lambda m: m["type"] == "audio")
     await client.send({"type": "cancel", "ctx": "talk"})
-    await client.recv_until(lambda m: m["type"] == "cancelled")
+    heard += await client.recv_until(lambda m: m["type"] == "cancelled")
     # Nothing more for that stream: no audio, phrase, words or done after `cancelled`.
     with contextlib.suppress(TimeoutError):
         late = await client.recv(timeout=0.8)
         pytest.fail(f"message after cancelled: {late}")
     await wait_for(lambda: srv.state.admission.active_streams == 0, what="slot released")
-    # Cancel is idempotent, and the ctx name is free again.
+    # `cancelled` carries what the stream used, as `done` would: every character it was sent,
+    # at least the audio that came (more was made and dropped by the cancel), the compute.
+    usage = heard[-1]["usage"]
+    assert set(usage) == set(USAGE_FIELDS)
+    assert usage["chars"] == len(LONG) and usage["phrases"] >= 1
+    received_ms = sum(len(m["data"]) * 20 for m in heard if m["type"] == "audio")
+    assert usage["audio_ms"] >= received_ms > 0
+    assert usage["compute_ms"] > 0 and usage["encode_ms"] > 0 and usage["ttfa_ms"] > 0
+    # Cancel is idempotent (nothing live: no usage), and the ctx name is free again.
     await client.send({"type": "cancel", "ctx": "talk"})
-    assert await client.recv() == {"type": "cancelled", "ctx": "talk"}
+    assert await client.recv() == {"type": "cancelled", "ctx": "talk", "usage": None}
     u = await client.speak("Back again.", ctx="talk")
     assert u.done is not None and u.audio
     await client.close()
@@ -526,7 +534,7 @@ async def test_bad_requests_are_answered_and_harmless(
     assert [m["code"] for m in msgs if m["type"] == "error"] in (["bad_request"], [])
     # The socket still works after all of that.
     await client.send({"type": "cancel", "ctx": "probe"})
-    assert await client.recv() == {"type": "cancelled", "ctx": "probe"}
+    assert await client.recv() == {"type": "cancelled", "ctx": "probe", "usage": None}
     await client.close()
     await clean(srv)
 
@@ -1735,7 +1743,8 @@ async def test_streams_coming_and_going_leave_the_server_as_it_was(engine: Engin
     dropped), bad frames, two contexts, a client that stops reading. No contract broken, and
     the idle server has no more tasks, sockets or streams than before."""
     args = argparse.Namespace(clients=len(soak.SCENARIOS), rounds=1, minutes=0.0, sample_s=0.5,
-                              settle_s=0.0, seed=3, pid=None, verbose=False, stall_s=3.0)
+                              settle_s=0.0, seed=3, pid=None, verbose=False, stall_s=3.0,
+                              scenarios=soak.SCENARIOS)
     overrides = {"metrics.sample_interval_s": 0.2, "limits.max_text_chars": 10_000,
                  "limits.max_send_lag_s": 1.5}
     async with running(engine, overrides) as r:
@@ -1744,10 +1753,32 @@ async def test_streams_coming_and_going_leave_the_server_as_it_was(engine: Engin
     assert report["violation_examples"] == [] and report["violations"] == 0
     assert report["rounds"] == {name: 1 for name in soak.SCENARIOS}
     assert report["streams_done"] >= 5 and report["audio_s"] > 5
+    assert report["cancel_ms_p50"] is not None   # `cancelled` came, with its usage checked
     before, after = report["idle_before"], report["idle_after"]
     assert after["sockets"] == 0 and after["streams"] == 0
     assert after["tasks"] <= before["tasks"] + 1   # one keep-alive HTTP handler of slack
     assert after["fds"] <= before["fds"] + 2
+
+
+async def test_a_tariff_on_a_cpu_server_prices_compute_time_and_says_the_kwh_price_is_moot(
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="server.app")
+    prices = {"metering.price_per_kwh": 0.30, "metering.price_per_gpu_hour": 2.50}
+    async with running(engine, prices) as r:
+        client = await connect(http, r)
+        u = await client.speak("A short reply to price.")
+        usage = u.done["usage"]
+        assert usage["energy_j"] is None and usage["compute_ms"] > 0
+        assert usage["cost"] == pytest.approx(usage["compute_ms"] / 3.6e6 * 2.50, rel=1e-3)
+        await client.close()
+        await clean(r)
+    [warning] = [m for m in caplog.messages if "price_per_kwh" in m]
+    assert "no GPU power reading" in warning and "(0: cost is null)" not in warning
+    caplog.clear()
+    async with running(engine, {"metering.price_per_kwh": 0.30}):
+        pass
+    assert any("(0: cost is null)" in m for m in caplog.messages)
 
 
 async def test_a_cpu_server_on_a_gpu_host_does_not_charge_the_gpu_to_its_streams(
