@@ -26,7 +26,8 @@ collector), its live event-loop tasks, open sockets and active streams, and its 
 the server is given time to go idle, and the report gives: resident memory after --settle-s
 and at the end, its least-squares slope over the samples after --settle-s (MB per hour), the
 idle server before and after (tasks, fds, threads, sockets, streams), what each scenario did,
-and every violation seen: a timeline gap, audio after `cancelled`, a `done` whose audio_ms
+the model's step time (`tts_compute_seconds_total`) against the compute_ms billed by `done` and
+`cancelled`, and every violation seen: a timeline gap, audio after `cancelled`, a `done` whose audio_ms
 does not match the audio received, an unexpected error, a round that did not end within
 MAX_ROUND_S (e.g. a client refused for that long by a server with room).
 
@@ -64,6 +65,7 @@ GAUGES = {
     "tasks": "tts_event_loop_tasks",
     "sockets": "tts_open_sockets",
     "streams": "tts_active_streams",
+    "compute_s": "tts_compute_seconds_total",
 }
 
 
@@ -123,6 +125,7 @@ class Tally:
     cancel_ms: list[float] = field(default_factory=list)   # cancel sent -> `cancelled` read
     # cancel sent -> the first audio of the reply started once `cancelled` came (a barge-in)
     barge_in_ms: list[float] = field(default_factory=list)
+    billed_ms: float = 0.0   # compute_ms of every `done` and `cancelled` usage received
     violations: list[str] = field(default_factory=list)
 
 
@@ -206,6 +209,7 @@ class Client:
                 check.audio(msg)
             elif msg["type"] == "done":
                 self.tally.audio_s += check.done(msg["usage"]) / 1000
+                self.tally.billed_ms += msg["usage"]["compute_ms"]
                 self.tally.streams_done += 1
                 pending.discard(check.ctx)
             elif msg["type"] == "error":
@@ -240,10 +244,13 @@ class Client:
                 check.audio(msg)
             elif msg["type"] == "done":   # it had finished before the cancel arrived
                 check.done(msg["usage"])
+                self.tally.billed_ms += msg["usage"]["compute_ms"]
                 finished = True
             elif msg["type"] not in ("phrase", "words"):
                 raise Violation(f"before cancelled: {msg}")
         check.on_cancelled(msg.get("usage"), finished=finished)
+        if msg.get("usage"):
+            self.tally.billed_ms += msg["usage"]["compute_ms"]
         # The same context again: anything of the cancelled stream would show up here.
         again = await self.start(ws, "s")
         await self.feed(ws, "s", "Once more.")
@@ -349,6 +356,12 @@ async def sample(session: aiohttp.ClientSession, base: str, pid: int | None) -> 
     return out
 
 
+def _delta_ms(before: dict, after: dict, key: str) -> float | None:
+    if before.get(key) is None or after.get(key) is None:
+        return None
+    return round((after[key] - before[key]) * 1000, 1)
+
+
 def _threads(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -423,6 +436,11 @@ async def main_async(args) -> dict:
         "cancel_ms_max": round(max(tally.cancel_ms), 1) if tally.cancel_ms else None,
         "barge_in_ms_p50": percentile(tally.barge_in_ms, 0.5),
         "barge_in_ms_p95": percentile(tally.barge_in_ms, 0.95),
+        # The model's step time against what `done` and `cancelled` billed: equal, to their
+        # rounding, when every stream ends in one of them (streams closed, dropped or stalled
+        # are billed in the server's log only).
+        "compute_ms_metrics": _delta_ms(before, after, "compute_s"),
+        "compute_ms_billed": round(tally.billed_ms, 1),
         "violation_examples": tally.violations[:10],
         "rss_mb_settled": rss[0][1] if rss else None, "rss_mb_end": after["rss_mb"],
         "rss_mb_max": max((v for _, v in rss), default=None),

@@ -1760,6 +1760,24 @@ async def test_streams_coming_and_going_leave_the_server_as_it_was(engine: Engin
     assert after["fds"] <= before["fds"] + 2
 
 
+async def test_what_done_and_cancelled_bill_adds_up_to_the_models_step_time(engine: Engine) -> None:
+    """Streams that finish, are cancelled mid-reply (mid-step, often) and share a socket: the
+    compute_ms their `done` and `cancelled` report adds up to tts_compute_seconds_total."""
+    args = argparse.Namespace(clients=3, rounds=3, minutes=0.0, sample_s=0.5, settle_s=0.0,
+                              seed=5, pid=None, verbose=False, stall_s=3.0,
+                              scenarios=("complete", "cancel", "contexts"))
+    overrides = {"metrics.sample_interval_s": 0.2, "limits.max_text_chars": 10_000}
+    async with running(engine, overrides) as r:
+        args.url = r.url("/v1/stream")
+        report = await soak.main_async(args)
+    assert report["violation_examples"] == [] and report["violations"] == 0
+    assert report["rounds"] == {"complete": 3, "cancel": 3, "contexts": 3}
+    streams = report["streams_done"] + report["rounds"]["cancel"]
+    assert report["compute_ms_metrics"] > 0
+    assert report["compute_ms_billed"] == pytest.approx(report["compute_ms_metrics"],
+                                                        abs=0.05 * streams + 0.1)
+
+
 async def test_a_tariff_on_a_cpu_server_prices_compute_time_and_says_the_kwh_price_is_moot(
     engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
