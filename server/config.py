@@ -178,7 +178,7 @@ class LimitsConfig:
     heartbeat_s: float = 20.0  # WebSocket ping interval; no pong within half of it: dead peer
     max_sockets: int = 0  # open WebSockets at most; 0: the open-file limit less a reserve (fds.py)
     sockets_per_client: int = 0  # open WebSockets of one API key (or address); 0: no limit
-    starts_per_s: float = 10.0  # `start`s one socket may send per second (twice that at once)
+    starts_per_s: float = 30.0  # `start`s one socket may send per second (twice that at once)
 
     def __post_init__(self) -> None:
         _require(self.starts_per_s > 0, "limits.starts_per_s", "must be > 0", self.starts_per_s)

@@ -255,8 +255,12 @@ class ContextStream:
                 "ttfa_ms": None if self.ttfa_ms is None else round(self.ttfa_ms, 1)}
 
     def _reply_cancelled(self, reply: Reservation, usage: dict[str, Any] | None) -> None:
-        wire = None if usage is None else _wire_usage(self._socket_usage(usage))
-        reply.fill(encode_cancelled(ctx=self.spec.ctx, usage=wire))
+        """The client's `cancel` answered; the stream's one log line for it, with its usage."""
+        full = None if usage is None else self._socket_usage(usage)
+        reply.fill(encode_cancelled(ctx=self.spec.ctx,
+                                    usage=None if full is None else _wire_usage(full)))
+        log.info("stream %s cancelled ctx=%r %s", self.spec.stream_id, self.spec.ctx,
+                 "(usage unknown: it had failed)" if full is None else usage_summary(full))
 
     async def _encode(self, fn: Callable[..., Payload], *args: Any) -> Payload:
         """Resample and encode in the encoder threads, metering the thread's CPU time."""
@@ -345,7 +349,7 @@ class ContextStream:
         return data[:len(data) - keep]
 
     def _put(self, data: bytes, *, stream_id: str | None = None) -> None:
-        self._outbox.put(data, stream_id=stream_id)
+        self._outbox.put(data, stream_id=stream_id, ctx=self.spec.ctx)
 
     def _put_error(self, code: ErrorCode, message: str) -> None:
         self._metrics.protocol_errors.labels(code=code.value).inc()

@@ -10,9 +10,9 @@ the writer. And, as the kernel's buffers hide a stopped reader for minutes at Op
 unanswered for `max_lag_s`. The session drops that one socket.
 
 A message can hold its place before it is written (`reserve`): `cancelled` waits there for the
-scheduler's final usage of the stream while what is queued behind it (a new stream's `ready`
-on the same ctx) keeps its order. Only the messages of the streams it names (the socket's other
-live streams: their `phrase`, `words` and `audio`), and pings and pongs, go on past it meanwhile.
+scheduler's final usage of the stream while what is queued behind it for the same context (a
+new stream's `ready` on that ctx) keeps its order. The messages of other contexts, and pings
+and pongs, go on past it meanwhile (the protocol orders messages within a context only).
 The writer waits for it at most `wait_s`, then sends the fallback it was given, so a reservation
 can delay the socket's other messages but never stall them.
 """
@@ -40,10 +40,11 @@ class _Item:
     data: bytes | None  # None: reserved, not written yet (`Reservation`)
     queued_at: float  # clock seconds, to measure how far behind the client is
     stream_id: str | None  # set for a stream's phrase/words/audio, so a cancel can drop them
+    ctx: str | None = None  # the context it is about (None: none, or not known)
     control: str | None = None  # "ping" or "pong": a control frame with `data` as its payload
     fallback: bytes = b""  # a reserved message: sent instead if not filled by `until`
     until: float = 0.0  # (clock seconds)
-    passing: frozenset[str] = frozenset()  # streams whose messages may pass it unfilled
+    what: str = ""  # a reserved message, as the warning about its fallback names it
 
 
 class Reservation:
@@ -88,25 +89,25 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, data: bytes, *, stream_id: str | None = None) -> None:
-        """Queue one message (never blocks). Overflow is reported by the writer task."""
+    def put(self, data: bytes, *, stream_id: str | None = None, ctx: str | None = None) -> None:
+        """Queue one message (never blocks). Overflow is reported by the writer task. `ctx`:
+        the context it is about, for the messages that may pass a reservation."""
         if len(self._items) >= self._max_messages:
             # Keep nothing more: the writer raises SlowConsumer as soon as it wakes.
             self._overflow = True
             self._wake.set()
         else:
-            self._append(_Item(data, self._clock(), stream_id))
+            self._append(_Item(data, self._clock(), stream_id, ctx=ctx))
 
-    def reserve(self, fallback: bytes, *, wait_s: float,
-                passing: frozenset[str] = frozenset()) -> Reservation:
-        """Hold a message's place now and write it later (`Reservation.fill`); the writer
-        waits for it at most `wait_s` and then sends `fallback` instead. Until then the
-        messages of the streams in `passing` (`put(..., stream_id=)`), and control frames,
-        are sent past it; everything else waits behind it. Counts against `max_messages` like
-        any message (a full queue still means a slow consumer)."""
+    def reserve(self, fallback: bytes, *, ctx: str, wait_s: float,
+                what: str = "a reserved message") -> Reservation:
+        """Hold the place of a message about `ctx` now and write it later
+        (`Reservation.fill`); the writer waits for it at most `wait_s` and then sends
+        `fallback` instead. Until then the messages put with another `ctx`, and control
+        frames, are sent past it; the others (that ctx's, and those about none) wait behind it.
+        Counts against `max_messages` like any message (a full queue is a slow consumer)."""
         now = self._clock()
-        item = _Item(None, now, None, fallback=fallback, until=now + wait_s,
-                     passing=passing)
+        item = _Item(None, now, None, ctx=ctx, fallback=fallback, until=now + wait_s, what=what)
         if len(self._items) >= self._max_messages:
             self._overflow = True
             self._wake.set()
@@ -127,7 +128,7 @@ class Outbox:
         if kind == "pong" and self._pong is not None:
             self._pong.data = payload
             return
-        item = _Item(payload, self._clock(), None, kind)
+        item = _Item(payload, self._clock(), None, control=kind)
         if kind == "pong":
             self._pong = item
         self._append(item)
@@ -180,11 +181,12 @@ class Outbox:
         head = self._items[0]
         if head.data is not None:
             return self._items.popleft()
-        holding: list[frozenset[str]] = []
+        holding: set[str | None] = set()   # the contexts of the reservations before it
         for i, item in enumerate(self._items):
             if item.data is None:
-                holding.append(item.passing)
-            elif item.control is not None or all(item.stream_id in p for p in holding):
+                holding.add(item.ctx)
+            elif item.control is not None or (item.ctx is not None
+                                              and item.ctx not in holding):
                 del self._items[i]
                 return item
         return None
@@ -204,8 +206,8 @@ class Outbox:
                 return   # woken by something else: look again
         if item.data is None:
             item.data = item.fallback
-            log.warning("a reserved message was not written within its wait; sending its "
-                        "fallback")
+            log.warning("%s was not written in time; it goes out as it was reserved",
+                        item.what)
 
     async def _send_one(self, item: _Item, deadline: Deadline) -> None:
         budget = self._max_lag_s - (self._clock() - item.queued_at)

@@ -313,7 +313,7 @@ class Session:
         spec = stream.spec
         self._outbox.put(encode_ready(
             ctx=spec.ctx, stream_id=spec.stream_id, voice=voice.id, format=spec.format,
-            sample_rate=spec.sample_rate, frame_ms=OPUS_FRAME_MS))
+            sample_rate=spec.sample_rate, frame_ms=OPUS_FRAME_MS), ctx=spec.ctx)
         self._state.metrics.streams_started.inc()
         stream.start()
         # The key's fingerprint (never the key) tells whose stream it was where keys are used.
@@ -442,19 +442,19 @@ class Session:
         """Barge-in: stop the stream's output now and acknowledge; idempotent per ctx."""
         stream = self._streams.pop(ctx, None)
         if stream is None:
-            self._outbox.put(encode_cancelled(ctx=ctx))
+            self._outbox.put(encode_cancelled(ctx=ctx), ctx=ctx)
             return
         # `cancelled` holds its place (a `ready` for the same ctx may follow at once) until
         # the scheduler has dropped the stream between two steps and knows its final usage;
-        # the audio of the socket's other streams goes on past it meanwhile.
-        others = frozenset(s.spec.stream_id for s in self._streams.values())
-        reply = self._outbox.reserve(encode_cancelled(ctx=ctx), wait_s=CANCEL_ANSWER_S,
-                                     passing=others)
-        self._stopping_task(stream.cancel(reply))
-        self._scheduler().cancel(stream.spec.stream_id)
+        # the socket's other contexts' messages go on past it meanwhile.
+        sid = stream.spec.stream_id
+        reply = self._outbox.reserve(
+            encode_cancelled(ctx=ctx), ctx=ctx, wait_s=CANCEL_ANSWER_S,
+            what=f"stream {sid} cancelled ctx={ctx!r}: its usage")
+        self._stopping_task(stream.cancel(reply))   # it logs the cancel, with the usage
+        self._scheduler().cancel(sid)
         self._state.release(self.client)
         self._last_activity = asyncio.get_running_loop().time()
-        log.info("stream %s cancelled ctx=%r", stream.spec.stream_id, ctx)
 
     def _writable(self, ctx: str, kind: str) -> ContextStream:
         """The live stream `ctx` that may still take `text`/`flush`/`end`."""
@@ -468,7 +468,7 @@ class Session:
 
     def _send_error(self, err: ProtocolError) -> None:
         self._state.count_error(err.code.value)
-        self._outbox.put(err.to_frame())
+        self._outbox.put(err.to_frame(), ctx=err.ctx)
 
     # ------------------------------------------------------------------ stream endings
 

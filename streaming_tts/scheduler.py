@@ -605,8 +605,9 @@ class Scheduler:
                 stream.ended = True
                 self._queue_phrases(stream, stream.splitter.flush())
             elif cmd == "cancel":
-                usage = self._drop(sid, "cancelled")
-                if sid not in self._closing:
+                answered = sid not in self._closing   # the sink then logs the usage
+                usage = self._drop(sid, "cancelled", log_usage=not answered)
+                if answered:
                     stream.sink.on_cancelled(usage)
             elif cmd == "close":
                 self._drop(sid, "closed")
@@ -624,12 +625,12 @@ class Scheduler:
         self.meter.open(sid)
         log.debug("stream %s opened", sid)
 
-    def _drop(self, sid: str, how: str) -> dict[str, Any] | None:
+    def _drop(self, sid: str, how: str, *, log_usage: bool = True) -> dict[str, Any] | None:
         """A stream cancelled or closed: what it used, logged (the only record of a stream
         that ends without `done` or `cancelled`: a disconnect, a shutdown) and returned."""
         self._forget(sid)
         usage = self.meter.close(sid)
-        if usage and usage.get("chars"):
+        if log_usage and usage and usage.get("chars"):
             log.info("usage of stream %s, %s: %s", sid, how, usage_summary(usage))
         else:
             log.debug("stream %s %s", sid, how)

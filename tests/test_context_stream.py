@@ -30,7 +30,7 @@ class RecordingOutbox:
     def __init__(self) -> None:
         self.messages: list[dict[str, Any]] = []
 
-    def put(self, data: bytes, *, stream_id: str | None = None) -> None:
+    def put(self, data: bytes, *, stream_id: str | None = None, ctx: str | None = None) -> None:
         self.messages.append(msgpack.unpackb(data))
 
     def purge(self, stream_id: str) -> int:

@@ -3,8 +3,8 @@ messages, pings, pongs, purges (barge-in), reserved messages written later (a `c
 awaiting its usage) and sends that complete one at a time (hypothesis).
 
 The model: one FIFO; the writer takes the head, once it is written, or else the first item
-that may pass every unwritten reservation before it (a control frame, or a message of a stream
-each of those names), and holds it until its send completes; `purge` drops a stream's messages still in the FIFO (not the one being sent); a pong
+that may pass every unwritten reservation before it (a control frame, or a message about a
+context none of those is about), and holds it until its send completes; `purge` drops a stream's messages still in the FIFO (not the one being sent); a pong
 joins the FIFO unless one is waiting there, which then carries the newest payload instead.
 Whatever the sequence, the client receives exactly what the model says, in its order, and the
 outbox reports itself drained once everything was sent. A reservation not written in time goes
@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 from server.outbox import Outbox, Reservation, SlowConsumer
 
 OPS = st.lists(st.one_of(
-    st.tuples(st.just("put"), st.sampled_from([None, "s1", "s2"])),
+    st.tuples(st.just("put"), st.sampled_from([None, "s1", "s2"]),
+              st.sampled_from([None, "a", "b"])),
     st.tuples(st.sampled_from(["ping", "pong"])),
     st.tuples(st.just("purge"), st.sampled_from(["s1", "s2"])),
     st.tuples(st.just("send"), st.integers(1, 3)),
-    st.tuples(st.just("reserve"), st.frozensets(st.sampled_from(["s1", "s2"]))),
+    st.tuples(st.just("reserve"), st.sampled_from(["a", "b"])),
     st.tuples(st.just("fill"), st.integers(0, 3)),
 ), max_size=40)
 
@@ -40,7 +41,7 @@ class _Item:
     kind: str          # "binary", "ping" or "pong"
     payload: bytes | None   # None: reserved, not written yet
     stream: str | None = None
-    passing: frozenset[str] = frozenset()   # a reservation: the streams that may pass it
+    ctx: str | None = None
 
 
 async def _settle() -> None:
@@ -73,19 +74,20 @@ async def _play(ops: list[tuple]) -> None:
         nonlocal in_flight           # that may pass every unwritten reservation before it
         if in_flight is not None:
             return
-        holding: list[frozenset[str]] = []
+        holding: set[str | None] = set()
         for i, item in enumerate(queue):
             if item.payload is None:
-                holding.append(item.passing)
-            elif item.kind != "binary" or all(item.stream in p for p in holding):
+                holding.add(item.ctx)
+            elif (not holding or item.kind != "binary"
+                  or (item.ctx is not None and item.ctx not in holding)):
                 in_flight = queue.pop(i)
                 return
 
     try:
         for op in ops:
             if op[0] == "put":
-                item = _Item("binary", f"m{next(numbers)}".encode(), op[1])
-                outbox.put(item.payload, stream_id=item.stream)
+                item = _Item("binary", f"m{next(numbers)}".encode(), op[1], ctx=op[2])
+                outbox.put(item.payload, stream_id=item.stream, ctx=item.ctx)
                 queue.append(item)
             elif op[0] in ("ping", "pong"):
                 payload = f"{op[0]}{next(numbers)}".encode()
@@ -96,8 +98,8 @@ async def _play(ops: list[tuple]) -> None:
                 else:
                     queue.append(_Item(op[0], payload))
             elif op[0] == "reserve":
-                item = _Item("binary", None, passing=op[1])
-                reserved.append((outbox.reserve(b"fallback", wait_s=60.0, passing=op[1]), item))
+                item = _Item("binary", None, ctx=op[1])
+                reserved.append((outbox.reserve(b"fallback", ctx=op[1], wait_s=60.0), item))
                 queue.append(item)
             elif op[0] == "fill":
                 if reserved:
@@ -148,9 +150,9 @@ async def test_a_reservation_not_written_in_time_goes_out_as_its_fallback_and_ho
         sent.append(data)
 
     outbox = Outbox(send, max_messages=10, max_lag_s=5.0)
-    outbox.put(b"audio", stream_id="s")
-    late = outbox.reserve(b"cancelled, usage unknown", wait_s=0.2)
-    outbox.put(b"ready")   # behind it: waits for it
+    outbox.put(b"audio", stream_id="s", ctx="a")
+    late = outbox.reserve(b"cancelled, usage unknown", ctx="a", wait_s=0.2)
+    outbox.put(b"ready", ctx="a")   # behind it: waits for it
     writer = asyncio.create_task(outbox.run())
     try:
         t0 = time.monotonic()
@@ -173,7 +175,7 @@ async def test_a_full_queue_still_overflows_behind_an_unwritten_reservation() ->
         pass
 
     outbox = Outbox(send, max_messages=3, max_lag_s=5.0)
-    outbox.reserve(b"fallback", wait_s=30.0)
+    outbox.reserve(b"fallback", ctx="a", wait_s=30.0)
     writer = asyncio.create_task(outbox.run())
     await asyncio.sleep(0.01)
     for n in range(4):
@@ -183,7 +185,7 @@ async def test_a_full_queue_still_overflows_behind_an_unwritten_reservation() ->
 
 
 @pytest.mark.asyncio
-async def test_the_other_streams_audio_passes_a_waiting_reservation_and_nothing_else_does(
+async def test_other_contexts_messages_pass_a_waiting_reservation_and_nothing_else_does(
 ) -> None:
     sent: list[bytes] = []
 
@@ -194,18 +196,21 @@ async def test_the_other_streams_audio_passes_a_waiting_reservation_and_nothing_
         sent.append(kind.encode())
 
     outbox = Outbox(send, max_messages=10, max_lag_s=5.0, control=control)
-    reply = outbox.reserve(b"cancelled a, usage unknown", wait_s=5.0, passing=frozenset({"b"}))
-    outbox.put(b"ready a2")                         # a new stream on the cancelled ctx
-    outbox.put(b"audio b", stream_id="b")           # the socket's other stream
-    outbox.put(b"audio a2", stream_id="a2")
+    reply = outbox.reserve(b"cancelled a, usage unknown", ctx="a", wait_s=5.0)
+    outbox.put(b"ready a2", ctx="a")                        # a new stream on the cancelled ctx
+    outbox.put(b"audio b", stream_id="b", ctx="b")          # the socket's other context
+    outbox.put(b"ready c", ctx="c")                         # a new one
+    outbox.put(b"error without ctx")
+    outbox.put(b"audio a2", stream_id="a2", ctx="a")
     outbox.put_control("ping", b"1")
     writer = asyncio.create_task(outbox.run())
     try:
         await asyncio.sleep(0.05)
-        assert sent == [b"audio b", b"ping"]
+        assert sent == [b"audio b", b"ready c", b"ping"]
         reply.fill(b"cancelled a")
         assert await outbox.drained(1.0)
-        assert sent == [b"audio b", b"ping", b"cancelled a", b"ready a2", b"audio a2"]
+        assert sent == [b"audio b", b"ready c", b"ping", b"cancelled a", b"ready a2",
+                        b"error without ctx", b"audio a2"]
     finally:
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)

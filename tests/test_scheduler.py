@@ -387,12 +387,14 @@ async def test_a_neighbour_does_not_pay_for_a_stream_cancelled_in_mid_step():
     sched.text("stays", "Another long sentence that keeps on going. " * 5)
     while not (gone.audio() and stays.audio()):
         await asyncio.sleep(0.01)
-    await asyncio.sleep(0.03)      # a step is in flight now
+    await asyncio.sleep(0.03)      # a step (100 ms) serving both is in flight now
+    billed = sched.meter.usage("gone")["compute_ms"]
     sched.cancel("gone")
     await asyncio.wait_for(gone.done.wait(), 2)
     sched.cancel("stays")
     await asyncio.wait_for(stays.done.wait(), 2)
     await stop(task)
+    assert gone.events[-1][1]["compute_ms"] > billed + 20   # its share of that step
     spent = gone.events[-1][1]["compute_ms"] + stays.events[-1][1]["compute_ms"]
     assert spent == pytest.approx(sched.meter.totals().compute_s * 1000, abs=0.2)
 

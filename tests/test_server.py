@@ -361,8 +361,10 @@ async def test_a_stream_cut_short_still_leaves_its_usage_in_the_log(
     srv: Running, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Only `done` carried usage: a barge-in, a disconnect or a shutdown left no record of the
-    # compute a stream had used (only /metrics' totals), nothing to bill or attribute.
-    caplog.set_level(logging.INFO, logger="streaming_tts.scheduler")
+    # compute a stream had used (only /metrics' totals), nothing to bill or attribute. A
+    # cancelled stream's one log line carries it (as its `cancelled` does), a closed stream's
+    # usage has a line of its own.
+    caplog.set_level(logging.INFO)
     for how in ("cancelled", "closed"):
         client = await connect(http, srv)
         await client.send({"type": "start"})
@@ -374,12 +376,17 @@ async def test_a_stream_cut_short_still_leaves_its_usage_in_the_log(
             await client.send({"type": "cancel"})
             await client.recv_until(lambda m: m["type"] == "cancelled")
         await client.close()
-        line = f"usage of stream {ready['stream_id']}, {how}: chars={len(LONG)}, "
+        line = (f"stream {ready['stream_id']} cancelled ctx='default' chars={len(LONG)}, "
+                if how == "cancelled" else
+                f"usage of stream {ready['stream_id']}, {how}: chars={len(LONG)}, ")
         await wait_for(lambda: any(m.startswith(line) for m in caplog.messages),
                        what=f"the usage of a stream {how}")
         [record] = [m for m in caplog.messages if m.startswith(line)]
         assert float(re.search(r"compute_ms=([\d.]+)", record).group(1)) > 0, record
         assert float(re.search(r"audio_ms=(\d+)", record).group(1)) > 0, record
+        # One line per lifecycle event: no second usage line for the cancel.
+        assert sum(ready["stream_id"] in m and "usage" in m for m in caplog.messages) == (
+            0 if how == "cancelled" else 1)
     await clean(srv)
 
 
