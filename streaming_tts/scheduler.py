@@ -163,6 +163,9 @@ class _Result:
     phrases: dict[str, _NewPhrase | None] = field(default_factory=dict)  # None: nothing speakable
     audio: dict[str, np.ndarray] = field(default_factory=dict)           # next chunks of active phrases
     finished_z: dict[str, object] = field(default_factory=dict)          # completed latents
+    # Streams cancelled or closed during the step, whose decoding it left out: the work done
+    # for each (a new phrase's acoustic stage), in decode-frame equivalents, for the meter.
+    dropped: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     frames: float = 0.0                  # work done, in decode-frame equivalents
 
@@ -1097,6 +1100,7 @@ class Scheduler:
             merged.phrases.update(res.phrases)
             merged.audio.update(res.audio)
             merged.finished_z.update(res.finished_z)
+            merged.dropped.update(res.dropped)
             merged.seconds += res.seconds
             merged.frames += res.frames
         return merged, failed
@@ -1116,19 +1120,34 @@ class Scheduler:
             firsts.append(first)
         acoustic = self.engine.acoustic(jobs)
         plans = [self.engine.chunk_plan(r.num_frames, first) for r, first in zip(acoustic, firsts)]
-        decode = []
+        # A stream cancelled (or closed) since the step began is not decoded: its output would
+        # be thrown away, and its `cancelled` waits for the step. (The event loop adds to
+        # `_leaving` meanwhile; a stream it adds too late is decoded and dropped as before.)
+        leaving = self._leaving
+        decode, decoded = [], []
         for sid, job, unfinished in batch.decode:
+            if sid in leaving:
+                result.dropped.setdefault(sid, 0.0)
+                continue
             if unfinished is not None:
                 full = self.engine.finish_flow(unfinished)
                 result.finished_z[sid] = full.z
                 job = DecodeJob(z=full.z, start=job.start, end=job.end, speaker=job.speaker)
             decode.append(job)
-        decode += [DecodeJob(z=r.z, start=plan[0][0], end=plan[0][1], speaker=j.params.speaker,
-                             phrase_frames=r.num_frames) for r, plan, j in zip(acoustic, plans, jobs)]
-        audio = self.engine.decode(decode)
-        for (sid, _, _), chunk in zip(batch.decode, audio):
+            decoded.append(sid)
+        new = []
+        for key, res, plan, job in zip(keys, acoustic, plans, jobs):
+            if key[0] in leaving:
+                result.dropped[key[0]] = (result.dropped.get(key[0], 0.0)
+                                          + _ACOUSTIC_COST_PER_FRAME * res.num_frames)
+                continue
+            decode.append(DecodeJob(z=res.z, start=plan[0][0], end=plan[0][1],
+                                    speaker=job.params.speaker, phrase_frames=res.num_frames))
+            new.append((key, res, plan))
+        audio = self.engine.decode(decode) if decode else []
+        for sid, chunk in zip(decoded, audio):
             result.audio[sid] = chunk
-        for (sid, text, ph), res, plan, chunk in zip(keys, acoustic, plans, audio[len(batch.decode):]):
+        for ((sid, text, ph), res, plan), chunk in zip(new, audio[len(decoded):]):
             result.phrases[sid] = _NewPhrase(text, ph, res, plan, chunk)
         result.frames = (sum(j.end - j.start for j in decode)
                          + _ACOUSTIC_COST_PER_FRAME * sum(r.num_frames for r in acoustic))
@@ -1184,9 +1203,10 @@ class Scheduler:
 
     def _meter_step(self, batch: _Batch, result: _Result) -> None:
         """Split the step's time and energy by the frames each stream had computed."""
-        shares: dict[str, float] = {}
+        shares: dict[str, float] = dict(result.dropped)   # what was done for leaving streams
         for sid, job, _ in batch.decode:
-            shares[sid] = shares.get(sid, 0.0) + (job.end - job.start)
+            if sid in result.audio:
+                shares[sid] = shares.get(sid, 0.0) + (job.end - job.start)
         for sid, new in result.phrases.items():
             if new is not None:
                 a, b = new.plan[0]

@@ -41,10 +41,12 @@ class FakeEngine:
     sample_rate = RATE
     context_frames = 0
 
-    def __init__(self, schedule=(2, 4), delay_s: float = 0.0, fail: bool = False):
+    def __init__(self, schedule=(2, 4), delay_s: float = 0.0, fail: bool = False,
+                 acoustic_delay_s: float = 0.0):
         self.config = EngineConfig(chunk_schedule=schedule)
         self.buckets = tuple(sorted(set(schedule)))
         self.delay_s = delay_s
+        self.acoustic_delay_s = acoustic_delay_s
         self.fail = fail
         self.calls: list[tuple[str, int]] = []
         self.tags = 0
@@ -64,6 +66,7 @@ class FakeEngine:
             raise RuntimeError("poisoned phrase")
         if jobs:
             self.calls.append(("acoustic", len(jobs)))
+            time.sleep(self.acoustic_delay_s)
         out = []
         for job in jobs:
             self.tags += 1
@@ -375,6 +378,29 @@ async def test_a_cancelled_stream_is_answered_with_its_usage_the_step_in_flight_
     assert usage["chars"] == len(text) and usage["phrases"] >= 1
     heard = sum(len(samples) for samples, _ in sink.audio()) / RATE * 1000
     assert usage["audio_ms"] == pytest.approx(heard, abs=1)
+
+
+async def test_a_stream_cancelled_during_the_acoustic_stage_is_not_decoded():
+    engine = FakeEngine(acoustic_delay_s=0.2)
+    sched, task = await running(engine)
+    gone, stays = Sink(), Sink()
+    sched.open("gone", OPTS, gone)
+    sched.open("stays", OPTS, stays)
+    sched.text("gone", "Hello there.")
+    sched.text("stays", "Hello you.")
+    while ("acoustic", 2) not in engine.calls:   # both phrases are in the model now
+        await asyncio.sleep(0.005)
+    sched.cancel("gone")
+    await asyncio.wait_for(gone.done.wait(), 2)
+    while not stays.audio():
+        await asyncio.sleep(0.005)
+    await stop(task)
+    assert engine.calls[:2] == [("acoustic", 2), ("decode", 1)]   # only the one that stays
+    usage = gone.events[-1][1]
+    assert gone.kinds() == ["cancelled"] and usage["audio_ms"] == 0 and usage["phrases"] == 0
+    assert usage["compute_ms"] > 0   # its acoustic stage ran: its share of the step is its own
+    billed = usage["compute_ms"] + sched.meter.usage("stays")["compute_ms"]
+    assert billed == pytest.approx(sched.meter.totals().compute_s * 1000, abs=0.2)
 
 
 async def test_a_neighbour_does_not_pay_for_a_stream_cancelled_in_mid_step():
