@@ -13,6 +13,8 @@ at --wps words per second) and `end`, and reports per run, and as medians, 95th 
     encode          that step's end -> its first audio encoded (hand-over, resampling, Opus)
     deliver         -> the first `audio` received (outbox, socket, the client's read)
     ttfa            the client's first send -> the first `audio` received
+    first_word      ttfa + where the first word starts in that audio (its `words` start_ms):
+                    when a listener that plays from the first audio hears the first word
 
 The child and this process read the same clock (`time.monotonic`, system-wide on Linux). The
 stamps are taken by wrapping a few methods; they cost microseconds each.
@@ -49,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.load import send_text  # noqa: E402
 from benchmarks.texts import PARAGRAPH  # noqa: E402
 
-STAGES = ("text_to_model", "acoustic", "first_decode", "encode", "deliver", "ttfa")
+STAGES = ("text_to_model", "acoustic", "first_decode", "encode", "deliver", "ttfa",
+          "first_word")
 READY_TIMEOUT_S = 300.0
 
 
@@ -113,9 +116,9 @@ def serve(events_path: str, server_args: list[str]) -> int:
 
 
 async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str],
-                      wps: float) -> tuple[float, float]:
-    """(first send time, first audio time) of one stream that sends `words` at `wps` words
-    per second (0: at once)."""
+                      wps: float) -> tuple[float, float, float]:
+    """(first send time, first audio time, the first word's start in the stream in ms) of one
+    stream that sends `words` at `wps` words per second (0: at once)."""
     async with session.ws_connect(url, max_msg_size=0) as ws:
         await ws.send_bytes(msgpack.packb({"type": "start", "ctx": "a"}))
         ready = msgpack.unpackb((await ws.receive(timeout=30)).data)
@@ -123,7 +126,7 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str]
             raise RuntimeError(f"not admitted: {ready}")
         sent = time.monotonic()
         sender = asyncio.create_task(send_text(ws, "a", words, wps))
-        first = None
+        first, first_word = None, None
         try:
             while True:
                 raw = await ws.receive(timeout=60)
@@ -132,6 +135,8 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str]
                 msg = msgpack.unpackb(raw.data)
                 if msg["type"] == "audio" and first is None:
                     first = time.monotonic()
+                elif msg["type"] == "words" and first_word is None and msg["items"]:
+                    first_word = msg["items"][0][1]
                 elif msg["type"] == "error":
                     raise RuntimeError(f"error: {msg}")
                 elif msg["type"] == "done":
@@ -139,13 +144,13 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str]
             await sender
         finally:
             sender.cancel()
-        if first is None:
-            raise RuntimeError("`done` without any audio")
-        return sent, first
+        if first is None or first_word is None:
+            raise RuntimeError("`done` without any audio or word")
+        return sent, first, first_word
 
 
 async def play(url: str, runs: int, words: int, wps: float,
-               pause_s: float) -> list[tuple[float, float]]:
+               pause_s: float) -> list[tuple[float, float, float]]:
     spoken = PARAGRAPH.split()[:words]
     async with aiohttp.ClientSession() as session:
         out = []
@@ -178,7 +183,8 @@ def _first(events: list[tuple[float, str]], name: str, after: float, before: flo
     return next((t for t, n in events if n == name and after <= t <= before), None)
 
 
-def breakdown(events: list[tuple[float, str]], sent: float, first: float) -> dict[str, float]:
+def breakdown(events: list[tuple[float, str]], sent: float, first: float,
+              first_word_ms: float) -> dict[str, float]:
     """One run's stages in ms (see the module docstring)."""
     a0 = _first(events, "acoustic+", sent, first)
     a1 = _first(events, "acoustic-", sent, first)
@@ -189,7 +195,8 @@ def breakdown(events: list[tuple[float, str]], sent: float, first: float) -> dic
     ms = 1000.0
     return {"text_to_model": (a0 - sent) * ms, "acoustic": (a1 - a0) * ms,
             "first_decode": (s1 - a1) * ms, "encode": (e1 - s1) * ms,
-            "deliver": (first - e1) * ms, "ttfa": (first - sent) * ms}
+            "deliver": (first - e1) * ms, "ttfa": (first - sent) * ms,
+            "first_word": (first - sent) * ms + first_word_ms}
 
 
 def nearest_rank(values: list[float], q: float) -> float:
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=60)
         with open(events_path) as f:
             events = [(t, n) for t, n in json.load(f)]
-    report = summarize([breakdown(events, sent, first) for sent, first in times])
+    report = summarize([breakdown(events, *run) for run in times])
     if args.json:
         print(json.dumps(report))
     else:

@@ -248,7 +248,7 @@ def build_scheduler(
         silence_fill_ms=s.silence_fill_ms, first_phrase_wait_ms=s.first_phrase_wait_ms,
         heap_trim_interval_s=s.heap_trim_interval_s, buffer_delay_hold_ms=s.buffer_delay_hold_ms,
         function_word_wait_ms=s.function_word_wait_ms, delay_min_words=s.delay_min_words,
-        catch_up_after_ms=s.catch_up_after_ms,
+        catch_up_after_ms=s.catch_up_after_ms, lead_in_ms=s.lead_in_ms,
         cost_half_life_s=cfg.admission.cost_half_life_s,
         recalibrate_idle_s=cfg.admission.recalibrate_idle_s,
         probe_streams=cfg.admission.cost_probe_streams,

@@ -70,6 +70,7 @@ class SchedulerConfig:
     function_word_wait_ms: float = 0.0  # text still trickling this recently: delay cuts hold back
     delay_min_words: int = 0           # ... trailing function words, and speak at least this many words
     catch_up_after_ms: float = 3000.0  # a stream with catch_up > 1 speeds up past this much speech coming
+    lead_in_ms: float = -1.0           # a stream's first audio starts at most this long before its first word (< 0: as the voice made it)
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
     recalibrate_idle_s: float = 60.0   # idle this long: probe the cost again (0: never)
@@ -168,6 +169,20 @@ class _Result:
     dropped: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     frames: float = 0.0                  # work done, in decode-frame equivalents
+
+
+def _cut_lead_in(plan: list[tuple[int, int]], res: AcousticResult, ph: PhonemizedText,
+                 keep_frames: int | None) -> list[tuple[int, int]]:
+    """`plan` with its first chunk starting `keep_frames` before the phrase's first word (the
+    voice's lead-in, silence, left out), or as it is (`keep_frames` None, no word, or a lead-in
+    no longer than that). The first chunk keeps its end: its decode has the same shape."""
+    if keep_frames is None or not ph.words:
+        return plan
+    lead_in = int(np.sum(res.durations[:ph.words[0].first_id]))
+    cut = min(lead_in - keep_frames, plan[0][1] - 1)
+    if cut <= 0:
+        return plan
+    return [(cut, plan[0][1]), *plan[1:]]
 
 
 # A stream's speech for measure_stream_cost: a short first phrase, then whole sentences.
@@ -270,6 +285,9 @@ class Scheduler:
         self.observer = observer
         self.power_reader = power_reader
         self.frame_ms = engine.frame_ms
+        # Frames of the voice's lead-in kept before a stream's first word (-1: all of them).
+        self._lead_in_frames = (round(config.lead_in_ms / self.frame_ms)
+                                if config.lead_in_ms >= 0 else -1)
         self._streams: dict[str, StreamState] = {}
         self._opened = 0                      # streams opened: each one's `order`
         # Which streams need looking at, kept as their state changes so that no timer check or
@@ -1001,7 +1019,12 @@ class Scheduler:
                 self._prefetch(stream)
                 stream.inflight_chars += spoken_chars
                 params = self._phrase_params(stream, now)
-                batch.acoustic.append((stream.id, text, params, head_only, first, phonemized))
+                # A stream's first audio: the voice's lead-in before its first word is silence
+                # the listener would wait through; the first chunk starts near that word.
+                lead_in = (self._lead_in_frames
+                           if stream.emitted_frames == 0 and self._lead_in_frames >= 0 else None)
+                batch.acoustic.append((stream.id, text, params, head_only, first, phonemized,
+                                       lead_in))
             used += cost
         return batch
 
@@ -1108,8 +1131,8 @@ class Scheduler:
     def _execute(self, batch: _Batch) -> _Result:
         t0 = time.perf_counter()
         result = _Result()
-        jobs, keys, firsts = [], [], []
-        for sid, text, params, head_only, first, phonemized in batch.acoustic:
+        jobs, keys, firsts, lead_ins = [], [], [], []
+        for sid, text, params, head_only, first, phonemized, lead_in in batch.acoustic:
             try:
                 ph = phonemized.result()
             except ValueError:
@@ -1118,8 +1141,10 @@ class Scheduler:
             jobs.append(AcousticJob(ids=ph.ids, params=params, head_only=head_only))
             keys.append((sid, text, ph))
             firsts.append(first)
+            lead_ins.append(lead_in)
         acoustic = self.engine.acoustic(jobs)
-        plans = [self.engine.chunk_plan(r.num_frames, first) for r, first in zip(acoustic, firsts)]
+        plans = [_cut_lead_in(self.engine.chunk_plan(r.num_frames, first), r, key[2], lead_in)
+                 for r, first, key, lead_in in zip(acoustic, firsts, keys, lead_ins)]
         # A stream cancelled (or closed) since the step began is not decoded: its output would
         # be thrown away, and its `cancelled` waits for the step. (The event loop adds to
         # `_leaving` meanwhile; a stream it adds too late is decoded and dropped as before.)
@@ -1217,12 +1242,14 @@ class Scheduler:
         self.meter.record_batch(result.seconds, live, power)
 
     def _start_phrase(self, stream: StreamState, new: _NewPhrase, space_before: str) -> None:
-        """A phrase's latent exists: announce where it sits, then emit its first chunk."""
-        start = stream.emitted_frames
+        """A phrase's latent exists: announce where it sits, then emit its first chunk (which
+        starts at its frame `cut`, past a lead-in left out, or at 0)."""
+        cut = new.plan[0][0]
+        start = stream.emitted_frames - cut   # where the phrase's frame 0 would sit
         res = new.acoustic
         words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms)
                  if stream.options.words else [])
-        pid = self._announce(stream, new.text, res.num_frames, words, space_before)
+        pid = self._announce(stream, new.text, res.num_frames - cut, words, space_before)
         stream.active = ActivePhrase(id=pid, z=res.z, plan=new.plan, next_chunk=1,
                                      unfinished=None if res.complete else res)
         stream.spoken_phrases += 1

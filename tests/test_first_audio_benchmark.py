@@ -37,9 +37,11 @@ def test_the_stages_of_real_streams_add_up_to_the_wait_the_client_saw() -> None:
     assert report["p95_ms"] == report["max_ms"]
     for run in report["per_run_ms"]:
         assert all(run[k] >= 0 for k in STAGES), run
-        parts = sum(run[k] for k in STAGES if k != "ttfa")
+        parts = sum(run[k] for k in STAGES if k not in ("ttfa", "first_word"))
         assert parts == pytest.approx(run["ttfa"], abs=0.5)     # each stage is rounded to 0.1
         assert run["acoustic"] > 1 and run["first_decode"] > 1  # the model really ran
+        # The voice's lead-in is cut to scheduler.lead_in_ms (20 ms: 2 frames of 11.6 ms).
+        assert 0 <= run["first_word"] - run["ttfa"] <= 23.3, run
 
 
 def test_the_95th_percentile_is_a_measured_value_by_nearest_rank() -> None:
@@ -53,11 +55,12 @@ def test_a_run_is_cut_at_the_first_step_and_encoding_after_the_text() -> None:
     events = [(0.5, "acoustic+"), (0.6, "acoustic-"), (0.7, "step-"), (0.8, "encode-"),  # before
               (1.002, "acoustic+"), (1.050, "acoustic-"), (1.070, "step-"),
               (1.072, "encode+"), (1.075, "encode-"), (1.090, "acoustic+")]
-    stages = breakdown(events, sent=1.0, first=1.080)
+    stages = breakdown(events, sent=1.0, first=1.080, first_word_ms=20.0)
     assert stages == pytest.approx({"text_to_model": 2.0, "acoustic": 48.0, "first_decode": 20.0,
-                                    "encode": 5.0, "deliver": 5.0, "ttfa": 80.0})
+                                    "encode": 5.0, "deliver": 5.0, "ttfa": 80.0,
+                                    "first_word": 100.0})
     with pytest.raises(RuntimeError, match="no model step"):
-        breakdown(events[:4], sent=1.0, first=1.080)
+        breakdown(events[:4], sent=1.0, first=1.080, first_word_ms=20.0)
 
 
 class RecordingSocket:

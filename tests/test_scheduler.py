@@ -380,6 +380,35 @@ async def test_a_cancelled_stream_is_answered_with_its_usage_the_step_in_flight_
     assert usage["audio_ms"] == pytest.approx(heard, abs=1)
 
 
+async def test_a_streams_first_audio_leaves_out_the_voices_lead_in_and_the_times_follow():
+    # The fake voice's lead-in: ids [bos, pad] before the first word, 2 frames each: 40 ms.
+    # Keeping 10 ms of it, the first chunk starts at frame 3 of the first phrase; the first
+    # word sits 10 ms into the audio, and the phrase's end moves 30 ms earlier with it.
+    engine = FakeEngine(schedule=(8, 16))
+    sched, task = await running(engine, lead_in_ms=10.0)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    sched.text("s", "Hello there. Second one here.")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    first, second = sink.phrases()[:2]
+    speech = np.concatenate([samples for samples, _ in sink.audio()])[::HOP]
+    assert speech[0] % 1000 == 3                       # frame 3 of the first phrase
+    assert first.start_ms == 0 and first.words[0][1] == pytest.approx(10.0)
+    n_first = int(first.end_ms / 10)
+    np.testing.assert_array_equal(speech[:n_first] % 1000, np.arange(3, 3 + n_first))
+    # The next phrase is whole (its lead-in is the pause between sentences).
+    assert second.start_ms == first.end_ms
+    assert speech[n_first] % 1000 == 0 and second.words[0][1] == pytest.approx(first.end_ms + 40)
+    t = 0.0
+    for samples, pts in sink.audio():   # the timeline runs on without a gap
+        assert pts == pytest.approx(t)
+        t += len(samples) / RATE * 1000
+    usage = sink.events[-1][1]
+    assert usage["audio_ms"] == pytest.approx(t)
+
+
 async def test_a_stream_cancelled_during_the_acoustic_stage_is_not_decoded():
     engine = FakeEngine(acoustic_delay_s=0.2)
     sched, task = await running(engine)
