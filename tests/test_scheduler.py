@@ -409,14 +409,20 @@ async def test_a_streams_first_audio_leaves_out_the_voices_lead_in_and_the_times
     assert usage["audio_ms"] == pytest.approx(t)
 
 
-async def test_a_stream_cancelled_during_the_acoustic_stage_is_not_decoded():
-    engine = FakeEngine(acoustic_delay_s=0.2)
+async def gone_and_stays(engine: FakeEngine, gone_text: str, stays_text: str):
+    """A running scheduler with two streams speaking: "gone" (to be cancelled) and "stays"."""
     sched, task = await running(engine)
     gone, stays = Sink(), Sink()
     sched.open("gone", OPTS, gone)
     sched.open("stays", OPTS, stays)
-    sched.text("gone", "Hello there.")
-    sched.text("stays", "Hello you.")
+    sched.text("gone", gone_text)
+    sched.text("stays", stays_text)
+    return sched, task, gone, stays
+
+
+async def test_a_stream_cancelled_during_the_acoustic_stage_is_not_decoded():
+    engine = FakeEngine(acoustic_delay_s=0.2)
+    sched, task, gone, stays = await gone_and_stays(engine, "Hello there.", "Hello you.")
     while ("acoustic", 2) not in engine.calls:   # both phrases are in the model now
         await asyncio.sleep(0.005)
     sched.cancel("gone")
@@ -434,12 +440,9 @@ async def test_a_stream_cancelled_during_the_acoustic_stage_is_not_decoded():
 
 async def test_a_neighbour_does_not_pay_for_a_stream_cancelled_in_mid_step():
     engine = FakeEngine(delay_s=0.1)
-    sched, task = await running(engine)
-    gone, stays = Sink(), Sink()
-    sched.open("gone", OPTS, gone)
-    sched.open("stays", OPTS, stays)
-    sched.text("gone", "This is a long sentence that keeps going. " * 5)
-    sched.text("stays", "Another long sentence that keeps on going. " * 5)
+    sched, task, gone, stays = await gone_and_stays(
+        engine, "This is a long sentence that keeps going. " * 5,
+        "Another long sentence that keeps on going. " * 5)
     while not (gone.audio() and stays.audio()):
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.03)      # a step (100 ms) serving both is in flight now
