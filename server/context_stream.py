@@ -260,7 +260,7 @@ class ContextStream:
         reply.fill(encode_cancelled(ctx=self.spec.ctx,
                                     usage=None if full is None else _wire_usage(full)))
         log.info("stream %s cancelled ctx=%r %s", self.spec.stream_id, self.spec.ctx,
-                 "(usage unknown: it had failed)" if full is None else usage_summary(full))
+                 "(usage unknown)" if full is None else usage_summary(full))
 
     async def _encode(self, fn: Callable[..., Payload], *args: Any) -> Payload:
         """Resample and encode in the encoder threads, metering the thread's CPU time."""

@@ -597,6 +597,7 @@ class RemoteScheduler:
             return
         if kind == "refused":
             self._sinks.pop(sid, None)
+            self._cancelling.pop(sid, None)
             self._answer(sid, msg[2:5])
             return
         if kind in ("done", "cancelled", "error"):   # the stream's last word

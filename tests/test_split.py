@@ -697,6 +697,11 @@ async def test_a_cancelled_stream_waits_for_its_usage_from_the_back_end() -> Non
     assert not remote._cancelling
     remote.on_event(["cancelled", "a", usage])   # once only
     assert sinks["a"].ends == [("cancelled", usage)]
+    # Cancelled before the back end answered its `open`, which it then refused: nothing kept.
+    remote.open("e", StreamOptions(params=SynthesisParams()), Sink())  # type: ignore[arg-type]
+    remote.cancel("e")
+    remote.on_event(["refused", "e", "load", "busy", 1])
+    assert not remote._cancelling and remote.stream_count == 0
 
 
 async def test_a_cancel_through_a_front_end_is_answered_with_the_usage_before_a_new_start(
