@@ -166,12 +166,17 @@ class Meter:
         shares: Mapping[StreamId, float],
         power_w: float | None,
     ) -> None:
-        """Split one model step's wall time and energy among streams by their work units."""
+        """Split one model step's wall time and energy among streams by their work units; a
+        step that did no measured work for the streams in it (their decoding left out: they
+        were cancelled meanwhile) is theirs in equal parts, so every step is someone's."""
         _check_batch(step_seconds, shares)
         if power_w is not None and not (math.isfinite(power_w) and power_w >= 0):
             logger.warning("ignoring invalid GPU power reading %r", power_w)  # sensor glitch
             power_w = None
         work = sum(shares.values())
+        if work <= 0 and shares:
+            shares = dict.fromkeys(shares, 1.0)
+            work = float(len(shares))
         step_energy = None if power_w is None else power_w * step_seconds
         with self._lock:
             self._add_totals(step_seconds, step_energy)
