@@ -165,6 +165,8 @@ class Outbox:
                     await self._wake.wait()
                 if self._overflow:
                     raise SlowConsumer(f"more than {self._max_messages} messages queued")
+                if not self._items:   # purged since it woke
+                    continue
                 item = self._next()
                 if item is None:   # an unwritten reservation holds everything queued
                     await self._await_reserved(self._items[0])

@@ -214,3 +214,25 @@ async def test_other_contexts_messages_pass_a_waiting_reservation_and_nothing_el
     finally:
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_queue_purged_empty_before_the_writer_wakes_is_no_error() -> None:
+    sent: list[bytes] = []
+
+    async def send(data: bytes) -> None:
+        sent.append(data)
+
+    outbox = Outbox(send, max_messages=10, max_lag_s=5.0)
+    writer = asyncio.create_task(outbox.run())
+    try:
+        await asyncio.sleep(0.01)                 # the writer waits for messages
+        outbox.put(b"audio", stream_id="s", ctx="a")
+        outbox.purge("s")                         # a cancel, before the writer ran
+        await asyncio.sleep(0.01)
+        assert not writer.done()
+        outbox.put(b"next", ctx="b")
+        assert await outbox.drained(1.0) and sent == [b"next"]
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
