@@ -14,8 +14,10 @@ out as its fallback (a test of its own below).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import pytest
@@ -141,20 +143,42 @@ def test_the_outbox_sends_what_a_fifo_with_purges_and_merged_pongs_would(ops: li
     asyncio.run(_play(ops))
 
 
-@pytest.mark.asyncio
-async def test_a_reservation_not_written_in_time_goes_out_as_its_fallback_and_holds_its_place(
-) -> None:
+@contextlib.asynccontextmanager
+async def writing() -> AsyncIterator[tuple[Outbox, list[bytes],
+                                         Callable[[], asyncio.Task[None]]]]:
+    """An outbox whose sends are recorded (control frames by their kind), and a function that
+    starts its writer; the writer is stopped on the way out."""
     sent: list[bytes] = []
 
     async def send(data: bytes) -> None:
         sent.append(data)
 
-    outbox = Outbox(send, max_messages=10, max_lag_s=5.0)
-    outbox.put(b"audio", stream_id="s", ctx="a")
-    late = outbox.reserve(b"cancelled, usage unknown", ctx="a", wait_s=0.2)
-    outbox.put(b"ready", ctx="a")   # behind it: waits for it
-    writer = asyncio.create_task(outbox.run())
+    async def control(kind: str, payload: bytes) -> None:
+        sent.append(kind.encode())
+
+    outbox = Outbox(send, max_messages=10, max_lag_s=5.0, control=control)
+    writers: list[asyncio.Task[None]] = []
+
+    def run() -> asyncio.Task[None]:
+        writers.append(asyncio.create_task(outbox.run()))
+        return writers[-1]
+
     try:
+        yield outbox, sent, run
+    finally:
+        for writer in writers:
+            writer.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_not_written_in_time_goes_out_as_its_fallback_and_holds_its_place(
+) -> None:
+    async with writing() as (outbox, sent, run):
+        outbox.put(b"audio", stream_id="s", ctx="a")
+        late = outbox.reserve(b"cancelled, usage unknown", ctx="a", wait_s=0.2)
+        outbox.put(b"ready", ctx="a")   # behind it: waits for it
+        run()
         t0 = time.monotonic()
         await asyncio.sleep(0.05)
         assert sent == [b"audio"] and not outbox._idle.is_set()
@@ -164,9 +188,6 @@ async def test_a_reservation_not_written_in_time_goes_out_as_its_fallback_and_ho
         late.fill(b"too late")   # ignored: the fallback went out
         outbox.put(b"next")
         assert await outbox.drained(1.0) and sent[-1] == b"next" and b"too late" not in sent
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 @pytest.mark.asyncio
@@ -187,45 +208,27 @@ async def test_a_full_queue_still_overflows_behind_an_unwritten_reservation() ->
 @pytest.mark.asyncio
 async def test_other_contexts_messages_pass_a_waiting_reservation_and_nothing_else_does(
 ) -> None:
-    sent: list[bytes] = []
-
-    async def send(data: bytes) -> None:
-        sent.append(data)
-
-    async def control(kind: str, payload: bytes) -> None:
-        sent.append(kind.encode())
-
-    outbox = Outbox(send, max_messages=10, max_lag_s=5.0, control=control)
-    reply = outbox.reserve(b"cancelled a, usage unknown", ctx="a", wait_s=5.0)
-    outbox.put(b"ready a2", ctx="a")                        # a new stream on the cancelled ctx
-    outbox.put(b"audio b", stream_id="b", ctx="b")          # the socket's other context
-    outbox.put(b"ready c", ctx="c")                         # a new one
-    outbox.put(b"error without ctx")
-    outbox.put(b"audio a2", stream_id="a2", ctx="a")
-    outbox.put_control("ping", b"1")
-    writer = asyncio.create_task(outbox.run())
-    try:
+    async with writing() as (outbox, sent, run):
+        reply = outbox.reserve(b"cancelled a, usage unknown", ctx="a", wait_s=5.0)
+        outbox.put(b"ready a2", ctx="a")                        # a new stream on the cancelled ctx
+        outbox.put(b"audio b", stream_id="b", ctx="b")          # the socket's other context
+        outbox.put(b"ready c", ctx="c")                         # a new one
+        outbox.put(b"error without ctx")
+        outbox.put(b"audio a2", stream_id="a2", ctx="a")
+        outbox.put_control("ping", b"1")
+        run()
         await asyncio.sleep(0.05)
         assert sent == [b"audio b", b"ready c", b"ping"]
         reply.fill(b"cancelled a")
         assert await outbox.drained(1.0)
         assert sent == [b"audio b", b"ready c", b"ping", b"cancelled a", b"ready a2",
                         b"error without ctx", b"audio a2"]
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 @pytest.mark.asyncio
 async def test_a_queue_purged_empty_before_the_writer_wakes_is_no_error() -> None:
-    sent: list[bytes] = []
-
-    async def send(data: bytes) -> None:
-        sent.append(data)
-
-    outbox = Outbox(send, max_messages=10, max_lag_s=5.0)
-    writer = asyncio.create_task(outbox.run())
-    try:
+    async with writing() as (outbox, sent, run):
+        writer = run()
         await asyncio.sleep(0.01)                 # the writer waits for messages
         outbox.put(b"audio", stream_id="s", ctx="a")
         outbox.purge("s")                         # a cancel, before the writer ran
@@ -233,6 +236,3 @@ async def test_a_queue_purged_empty_before_the_writer_wakes_is_no_error() -> Non
         assert not writer.done()
         outbox.put(b"next", ctx="b")
         assert await outbox.drained(1.0) and sent == [b"next"]
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
