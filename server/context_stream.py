@@ -73,14 +73,14 @@ class StreamSpec:
 class StreamEnd:
     """How a stream ended; the session frees the context on it."""
 
-    outcome: str  # "done", "cancelled" or "failed"
+    outcome: str  # "done" or "failed" (a cancel ends a stream in the session: `cancel`)
     detail: str = ""
     scheduler_knows: bool = True  # False: the failure is ours, tell the scheduler to close it
 
 
 @dataclass(frozen=True)
 class _Event:
-    kind: str  # "phrase", "audio", "done", "cancelled", "error"
+    kind: str  # "phrase", "audio", "done", "error"
     value: Any = None
 
 
@@ -112,8 +112,9 @@ class ContextStream:
         # scheduler has dropped the stream and knows its final usage (`on_cancelled`).
         self._cancel_reply: Reservation | None = None
         # The scheduler's last word on the stream, kept for a cancel that comes after it and
-        # before the pump has sent it: ("done", usage) or ("error", None).
-        self._ended_with: tuple[str, dict[str, Any] | None] | None = None
+        # before the pump has sent it: it ended, with this usage (None: it failed).
+        self._scheduler_ended = False
+        self._final_usage: dict[str, Any] | None = None
         self._seq = 0
         self._sent_samples = 0  # the stream's timeline so far, in samples at sample_rate
         self._pcm_held = b""  # pcm bytes waiting to complete a 20 ms frame
@@ -148,9 +149,8 @@ class ContextStream:
         usage into `reply` once the scheduler has dropped the stream (at once if the scheduler
         had finished it already). Returns the task to await, if any."""
         task = self.detach()
-        if self._ended_with is not None:
-            kind, usage = self._ended_with
-            self._reply_cancelled(reply, usage if kind == "done" else None)
+        if self._scheduler_ended:
+            self._reply_cancelled(reply, self._final_usage)
         else:
             self._cancel_reply = reply
         return task
@@ -178,16 +178,16 @@ class ContextStream:
     # A stream cancelled by its client may still finish or fail in the scheduler before the
     # cancel reaches it: its `cancelled` then carries what `done` would have (or null).
     def on_done(self, usage: dict[str, Any]) -> None:
-        self._ended_with = ("done", usage)
+        self._scheduler_ended, self._final_usage = True, usage
         if not self._answer_cancel(usage):
             self._push(_Event("done", usage))
 
     def on_cancelled(self, usage: dict[str, Any] | None) -> None:
-        if not self._answer_cancel(usage):
-            self._push(_Event("cancelled", usage))
+        """The scheduler dropped a stream the client cancelled (only the session cancels)."""
+        self._answer_cancel(usage)
 
     def on_error(self, code: str, message: str) -> None:
-        self._ended_with = ("error", None)
+        self._scheduler_ended = True
         if not self._answer_cancel(None):
             self._push(_Event("error", (code, message)))
 
@@ -232,12 +232,6 @@ class ContextStream:
             usage = self._socket_usage(event.value)
             self._put(encode_done(ctx=self.spec.ctx, usage=_wire_usage(usage)))
             self._end(StreamEnd("done", usage_summary(usage)))
-            return True
-        elif event.kind == "cancelled":
-            usage = None if event.value is None else self._socket_usage(event.value)
-            self._put(encode_cancelled(ctx=self.spec.ctx,
-                                       usage=None if usage is None else _wire_usage(usage)))
-            self._end(StreamEnd("cancelled", "by the scheduler"))
             return True
         elif event.kind == "error":
             code, message = event.value

@@ -185,7 +185,7 @@ class Meter:
             for stream_id, units in shares.items():
                 meter = self._streams.get(stream_id)
                 if meter is None or units == 0:
-                    continue  # closed mid-step: its share stays unattributed, on purpose
+                    continue  # not metered (never opened, or closed already): no one's
                 frac = units / work
                 energy = None if step_energy is None else step_energy * frac
                 meter.add_compute(step_seconds * frac, energy)

@@ -285,9 +285,9 @@ class Scheduler:
         self.observer = observer
         self.power_reader = power_reader
         self.frame_ms = engine.frame_ms
-        # Frames of the voice's lead-in kept before a stream's first word (-1: all of them).
+        # Frames of the voice's lead-in kept before a stream's first word (None: all of them).
         self._lead_in_frames = (round(config.lead_in_ms / self.frame_ms)
-                                if config.lead_in_ms >= 0 else -1)
+                                if config.lead_in_ms >= 0 else None)
         self._streams: dict[str, StreamState] = {}
         self._opened = 0                      # streams opened: each one's `order`
         # Which streams need looking at, kept as their state changes so that no timer check or
@@ -1021,8 +1021,7 @@ class Scheduler:
                 params = self._phrase_params(stream, now)
                 # A stream's first audio: the voice's lead-in before its first word is silence
                 # the listener would wait through; the first chunk starts near that word.
-                lead_in = (self._lead_in_frames
-                           if stream.emitted_frames == 0 and self._lead_in_frames >= 0 else None)
+                lead_in = self._lead_in_frames if stream.emitted_frames == 0 else None
                 batch.acoustic.append((stream.id, text, params, head_only, first, phonemized,
                                        lead_in))
             used += cost
@@ -1238,8 +1237,7 @@ class Scheduler:
                 shares[sid] = (shares.get(sid, 0.0) + (b - a)
                                + _ACOUSTIC_COST_PER_FRAME * new.acoustic.num_frames)
         power = self.power_reader() if self.power_reader else None
-        live = {k: v for k, v in shares.items() if k in self._streams}
-        self.meter.record_batch(result.seconds, live, power)
+        self.meter.record_batch(result.seconds, shares, power)
 
     def _start_phrase(self, stream: StreamState, new: _NewPhrase, space_before: str) -> None:
         """A phrase's latent exists: announce where it sits, then emit its first chunk (which
