@@ -58,6 +58,8 @@ def multiprocess() -> bool:
 # ("livesum" too), or the worst process ("livemax": lag, busy fractions). Ignored in one process.
 SUM: Final = "livesum"
 WORST: Final = "livemax"
+# Kinds of the model thread's work for no stream (`tts_model_overhead_seconds_total`).
+OVERHEAD_KINDS: Final = ("warmup", "cost_probe", "heap_trim")
 
 
 class Metrics:
@@ -164,8 +166,16 @@ class Metrics:
                                       "the warm-up probe's included", namespace=ns, registry=r)
         self.compute_seconds = Counter(
             "compute_seconds", "Wall time of the model's steps for streams: the sum of every "
-            "stream's usage.compute_ms (warm-up and the idle cost probe are not in it)",
-            namespace=ns, registry=r)
+            "stream's usage.compute_ms (the model thread's other work is in "
+            "model_overhead_seconds)", namespace=ns, registry=r)
+        self.overhead_seconds = Counter(
+            "model_overhead_seconds", "Wall time of the model thread's work for no stream, by "
+            "kind: warmup (every kernel shape, at start), cost_probe (the cost of a stream "
+            "measured at start and when idle), heap_trim (free heap given back). With "
+            "compute_seconds, all of the model thread's work", ["kind"], namespace=ns,
+            registry=r)
+        for kind in OVERHEAD_KINDS:
+            self.overhead_seconds.labels(kind=kind)
         for stage in BATCH_STAGES:  # export both series from the start, not on first use
             self.batch_size.labels(stage=stage)
 
@@ -204,6 +214,12 @@ class Metrics:
                             ("process_open_fds", self.process_fds)):
             if name in read:   # no /proc (not Linux): the collector reads nothing
                 gauge.set(read[name])
+
+    def add_overhead(self, kind: str, seconds: float) -> None:
+        """Model-thread time spent on `kind` (one of OVERHEAD_KINDS), for no stream."""
+        if kind not in OVERHEAD_KINDS:
+            raise ValueError(f"unknown overhead kind {kind!r}; expected one of {OVERHEAD_KINDS}")
+        self.overhead_seconds.labels(kind=kind).inc(seconds)
 
     def observe_batch(self, stage: str, size: int) -> None:
         """One model call of `stage` ("acoustic" or "decode") over `size` items."""

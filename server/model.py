@@ -62,6 +62,8 @@ class LoadedModel:
     phonemizer: Phonemizer
     stream_vram_bytes: int | None  # measured on CUDA only
     stream_cost: float | None = None  # compute s per audio s of one stream, measured at warm-up
+    warmup_s: float = 0.0             # model-thread time warming up every kernel shape
+    probe_s: float = 0.0              # ... and measuring a stream's cost (the probes)
 
 
 def load_engine(voice: VoiceInfo, cfg: ServerConfig) -> Engine:
@@ -111,9 +113,12 @@ def prepare_model(
     check()
     vram = None
     if engine.device.type == "cuda":
+        t_vram = time.perf_counter()
         vram = measure_stream_vram(engine, batch=cfg.engine.max_batch)
+        warm_s += time.perf_counter() - t_vram
     # Admission's capacity estimate until real streams have finished.
     cost, probes = None, []
+    probe_t0 = time.perf_counter()
     if warm_up:
         try:
             streams = cfg.admission.cost_probe_streams
@@ -129,12 +134,14 @@ def prepare_model(
         except Exception:  # e.g. a voice whose phonemizer cannot speak the English probe text
             log.warning("could not measure a stream's cost at warm-up; admission estimates "
                         "capacity from the first steps instead", exc_info=True)
+    probe_s = time.perf_counter() - probe_t0
     heap.release_free_heap()   # what loading and warm-up freed (hundreds of MB on CPU)
     log.info("voice %s loaded in %.1f s, warmed up in %.1f s on %s%s", voice.id, loaded_s, warm_s,
              cfg.engine.device, "" if cost is None else
              f"; one stream costs {cost:.3f} s per audio s (in a batch of "
              f"{cfg.admission.cost_probe_streams}; probes {', '.join(f'{p:.3f}' for p in probes)})")
-    return LoadedModel(engine=engine, phonemizer=phonemizer, stream_vram_bytes=vram, stream_cost=cost)
+    return LoadedModel(engine=engine, phonemizer=phonemizer, stream_vram_bytes=vram, stream_cost=cost,
+                       warmup_s=warm_s, probe_s=probe_s)
 
 
 class ProbeEncoding:
@@ -306,6 +313,8 @@ async def run_model(state: ServerState, loader: EngineLoader, *, warm_up: bool) 
         model.failure = f"loading failed: {exc!r}"
         return
     observer = MetricsObserver(state.metrics, frame_ms=loaded.engine.frame_ms)
+    observer.on_overhead("warmup", loaded.warmup_s)
+    observer.on_overhead("cost_probe", loaded.probe_s)
     scheduler = build_scheduler(loaded, state.cfg, observer=observer,
                                 power_reader=state.power_w, model_thread=model_thread)
     if loaded.stream_vram_bytes is not None:

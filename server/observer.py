@@ -36,6 +36,9 @@ class MetricsObserver:
                 self._rtf + _RTF_SMOOTHING * (rtf - self._rtf))
             m.real_time_factor.set(self._rtf)
 
+    def on_overhead(self, kind: str, seconds: float) -> None:
+        self._metrics.add_overhead(kind, seconds)
+
     def on_late(self, stream_id: str) -> None:
         pass   # every timer check while it is dry; counted once per time below
 

@@ -85,6 +85,8 @@ class SchedulerObserver(Protocol):
     # once per time it runs dry, until its next audio (on_underrun).
     def on_late(self, stream_id: str) -> None: ...
     def on_underrun(self, stream_id: str) -> None: ...
+    # The model thread's time for no stream: "cost_probe" (the idle probe), "heap_trim".
+    def on_overhead(self, kind: str, seconds: float) -> None: ...
 
 
 @dataclass
@@ -256,11 +258,14 @@ def _check_stop(stop: Callable[[], bool] | None) -> None:
         raise ProbeStopped
 
 
-def _release_free_heap() -> None:
+def _release_free_heap() -> float:
+    """Give free heap back; the seconds it took."""
+    t0 = time.perf_counter()
     try:
         heap.release_free_heap()
     except Exception:   # a failed trim must not cost a step
         log.warning("could not release free heap memory", exc_info=True)
+    return time.perf_counter() - t0
 
 
 def new_model_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -469,7 +474,7 @@ class Scheduler:
         """One schedule -> execute -> update step, or a wait for something to do."""
         self._wake.clear()
         if self._probe is not None and self._probe.done():
-            self._probe_done(self._probe.result())
+            self._probe_done(*self._probe.result())
         await self._apply_all_commands()
         now = time.monotonic()
         ticked = self._timer_due or now - self._last_tick >= _TICK_MIN_S
@@ -524,22 +529,26 @@ class Scheduler:
         stop, engine, phonemizer = self._probe_stop.is_set, self.engine, self.phonemizer
         streams = self.config.probe_streams
 
-        def probe() -> float | None:
+        def probe() -> tuple[float | None, float]:
+            t0 = time.perf_counter()
             try:
-                return measure_stream_cost(engine, phonemizer, streams=streams, stop=stop)
+                cost = measure_stream_cost(engine, phonemizer, streams=streams, stop=stop)
             except ProbeStopped:
-                return None
+                cost = None
             except Exception:   # a failed probe leaves the estimate as it was
                 log.warning("idle cost probe failed", exc_info=True)
-                return None
+                cost = None
+            return cost, time.perf_counter() - t0
 
         self._probe = loop.run_in_executor(self._pool, probe)
         self._probe.add_done_callback(lambda _f: self._wake.set())
 
-    def _probe_done(self, cost: float | None) -> None:
+    def _probe_done(self, cost: float | None, seconds: float) -> None:
         """Lower the estimate to what the idle probe read (times _PROBE_PREMIUM), never raise
-        it: one probe is one moment, and finished streams show a slower host soon enough."""
+        it: one probe is one moment, and finished streams show a slower host soon enough.
+        `seconds`: the model thread's time on it (a stopped probe's too)."""
         self._probe = None
+        self._overhead("cost_probe", seconds)
         now = time.monotonic()
         current = self._current_cost(now)
         if cost is None or current is None:
@@ -572,7 +581,13 @@ class Scheduler:
         if now - self._trimmed_at < _TRIM_MAX_DEFER * interval and not self._trim_harmless(now):
             return
         self._trimmed_at, self._steps_at_trim = now, self.steps
-        self._pool.submit(_release_free_heap)
+        trim = asyncio.get_running_loop().run_in_executor(self._pool, _release_free_heap)
+        trim.add_done_callback(
+            lambda f: None if f.cancelled() else self._overhead("heap_trim", f.result()))
+
+    def _overhead(self, kind: str, seconds: float) -> None:
+        if self.observer:
+            self.observer.on_overhead(kind, seconds)
 
     def _trim_harmless(self, now: float) -> bool:
         """Whether every listener the scheduler owes audio holds enough that a stall of a

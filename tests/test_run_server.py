@@ -66,6 +66,14 @@ def test_sigterm_lets_the_live_stream_finish_then_exits_cleanly(tmp_path: Path) 
 async def _speak_through_a_sigterm(url: str, proc: subprocess.Popen[bytes]) -> None:
     async with aiohttp.ClientSession() as http:
         await _healthy(http, url, proc)
+        # Warm-up and its cost probes took the model thread's time for no stream: counted.
+        async with http.get(url + "/metrics") as resp:
+            metrics = await resp.text()
+        for kind in ("warmup", "cost_probe"):
+            series = f'tts_model_overhead_seconds_total{{kind="{kind}"}} '
+            value = next(float(line.split()[-1]) for line in metrics.splitlines()
+                         if line.startswith(series))
+            assert value > 0.01, (kind, value)
         ws = await http.ws_connect(url.replace("http", "ws") + "/v1/stream")
         for msg in ({"type": "start", "ctx": "s"}, {"type": "text", "ctx": "s", "text": TEXT},
                     {"type": "end", "ctx": "s"}):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -1434,6 +1435,32 @@ async def test_an_idle_server_probes_its_cost_again_and_only_ever_lowers_the_est
     await stop(task)
 
 
+async def test_the_model_threads_time_for_no_stream_is_reported_as_overhead():
+    # An operator reconciling the model's time: steps are billed to streams; the idle probe
+    # and heap trims are reported apart, each with the model thread's time it took.
+    class Observer:
+        overhead: list[tuple[str, float]] = []
+
+        def on_step(self, *_): pass
+        def on_late(self, _sid): pass
+        def on_underrun(self, _sid): pass
+        def on_overhead(self, kind, seconds): self.overhead.append((kind, seconds))
+
+    engine = FakeEngine(schedule=(8, 64), delay_s=0.005)
+    sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
+                      meter=Meter(), observer=Observer(),
+                      config=SchedulerConfig(recalibrate_idle_s=0.05, heap_trim_interval_s=0.01))
+    task = asyncio.create_task(sched.run())
+    await speak(sched, "s", Sink(), "Hello there.")
+    stream_calls = len(engine.calls)
+    await wait_until(lambda: any(k == "cost_probe" for k, _ in Observer.overhead))
+    await wait_until(lambda: any(k == "heap_trim" for k, _ in Observer.overhead))
+    probe_s = sum(s for k, s in Observer.overhead if k == "cost_probe")
+    probe_decodes = sum(kind == "decode" for kind, _ in engine.calls[stream_calls:])
+    assert probe_decodes > 0 and probe_s >= probe_decodes * engine.delay_s  # each sleeps 5 ms
+    await stop(task)
+
+
 async def test_a_stream_arriving_stops_the_idle_probe_at_its_next_model_call():
     full = FakeEngine(schedule=(8, 64))
     measure_stream_cost(full, FakePhonemizer())
@@ -1458,12 +1485,19 @@ async def wait_until(condition, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def test_a_due_heap_trim_waits_while_a_listener_owed_audio_holds_little(monkeypatch):
+async def test_a_due_heap_trim_waits_while_a_listener_owed_audio_holds_little(monkeypatch):
     # A trim can stall the event loop for its length (glibc's arena lock): not while a
     # newcomer waits for its first audio or a listener is near dry; at most 4 intervals.
     submitted: list[str] = []
     sched = planning_scheduler(FakeEngine(), ["new", "old"], heap_trim_interval_s=30.0)
-    monkeypatch.setattr(sched._pool, "submit", lambda fn: submitted.append(fn.__name__))
+
+    def submit(fn, *args):
+        submitted.append(fn.__name__)
+        done = concurrent.futures.Future()
+        done.set_result(0.0)
+        return done
+
+    monkeypatch.setattr(sched._pool, "submit", submit)
     now = newcomers_waiting(sched, "Hello there.")
     old = sched._streams["old"]
     old.anchor, old.emitted_frames = now, round(1000 / sched.frame_ms)    # holds 1 s
@@ -1521,6 +1555,7 @@ def test_a_listener_that_ran_dry_waiting_for_text_is_not_late_when_text_comes():
         def on_step(self, *_): pass
         def on_late(self, sid): self.late.append(sid)
         def on_underrun(self, sid): self.underruns.append(sid)
+        def on_overhead(self, *_): pass
 
     observer = Observer()
     sched = Scheduler(FakeEngine(), phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,

@@ -1679,7 +1679,8 @@ async def test_http_endpoints(srv: Running, http: aiohttp.ClientSession) -> None
                  "tts_audio_seconds_total", "tts_scheduler_step_seconds_bucket",
                  "tts_batch_size_bucket", "tts_event_loop_lag_seconds_bucket",
                  "tts_event_loop_lag_max_seconds", "tts_real_time_factor",
-                 "tts_compute_seconds_total", "tts_encode_seconds_total"):
+                 "tts_compute_seconds_total", "tts_encode_seconds_total",
+                 "tts_model_overhead_seconds_total"):
         assert f"\n{name}" in text, name
     assert 'tts_protocol_errors_total{code="bad_request"}' in text
     async with http.get(srv.url("/")) as resp:
