@@ -120,7 +120,17 @@ class Supervisor:
             self._named += 1
             name = f"fe{self._named}"
             retiring = self._retiring[name] = asyncio.Event()
-            proc = await self._spawn(name)
+            try:
+                proc = await self._spawn(name)
+            except OSError as exc:   # no process (EMFILE, EAGAIN, ENOMEM): this slot tries again
+                del self._retiring[name]
+                go_on = self._count_exit(quick=True)
+                log.error("front end %s could not be started: %s%s", name, exc,
+                          "; trying again" if go_on else "")
+                if not go_on:
+                    return
+                await asyncio.sleep(RESTART_DELAY_S)
+                continue
             self._procs[name] = proc
             log.info("front end %s started (pid %d)", name, proc.pid)
             if self._passed is not None:
@@ -141,22 +151,30 @@ class Supervisor:
             if self._stopping:
                 log.info("front end %s stopped (exit %s)", name, code)
                 return
-            quick = time.monotonic() - started < QUICK_EXIT_S
-            self._quick_exits = self._quick_exits + 1 if quick else 0
             # Exit 0: it drained and stopped at a signal of its own, sent to it alone (a
             # service manager's reaches the back end as well, which then stops them all).
+            go_on = self._count_exit(quick=time.monotonic() - started < QUICK_EXIT_S)
             log.log(logging.INFO if code == 0 else logging.ERROR,
                     "front end %s %s (exit %s%s)%s", name,
                     "killed, stuck" if killed else "exited on its own", code,
                     ": stopped by a signal of its own" if code == 0 else "",
-                    "; starting another" if self._quick_exits < QUICK_EXITS_MAX else "")
-            if self._quick_exits >= QUICK_EXITS_MAX:
-                log.critical("front ends exited within %.0f s of their start %d times in a row; "
-                             "stopping", QUICK_EXIT_S, self._quick_exits)
-                self.failed.set()
+                    "; starting another" if go_on else "")
+            if not go_on:
                 return
             if code != 0:   # one that failed waits a little; one stopped (drained) not
                 await asyncio.sleep(RESTART_DELAY_S)
+
+    def _count_exit(self, *, quick: bool) -> bool:
+        """A front end failed to start or exited (`quick`: within QUICK_EXIT_S of its start):
+        whether its slot starts another. QUICK_EXITS_MAX quick ones in a row and the server
+        stops (`failed`) rather than start front ends in a loop."""
+        self._quick_exits = self._quick_exits + 1 if quick else 0
+        if self._quick_exits < QUICK_EXITS_MAX:
+            return True
+        log.critical("front ends failed to start or exited within %.0f s of their start %d "
+                     "times in a row; stopping", QUICK_EXIT_S, self._quick_exits)
+        self.failed.set()
+        return False
 
     async def _retired(self, name: str, exited: asyncio.Future[int]) -> None:
         await exited
