@@ -70,6 +70,7 @@ from aiohttp import web
 
 from server.admission import LoadEstimate
 from streaming_tts.gpu import GpuSample
+from streaming_tts.metering import usage_summary
 from streaming_tts.params import SynthesisParams
 from streaming_tts.stream import PhraseEvent, StreamOptions, StreamSink
 
@@ -213,12 +214,21 @@ class _RemoteSink:
         self._conn.link.send(["audio", self._sid, data, pts_ms])
 
     def on_done(self, usage: dict) -> None:
-        self._conn.ended(self._sid)
-        self._conn.link.send(["done", self._sid, usage])
+        self._report("done", usage)
 
     def on_cancelled(self, usage: dict | None) -> None:
+        self._report("cancelled", usage)
+
+    def _report(self, kind: str, usage: dict | None) -> None:
+        """`done` or `cancelled` with the stream's usage to its front end, whose session logs
+        it; with that front end gone meanwhile (a cancel it sent just before it died), the
+        usage is logged here: the log is then its only record."""
         self._conn.ended(self._sid)
-        self._conn.link.send(["cancelled", self._sid, usage])
+        if not self._conn.link.closed:
+            self._conn.link.send([kind, self._sid, usage])
+        elif usage and usage.get("chars"):
+            log.info("usage of stream %s, %s (its front end %s gone): %s", self._sid, kind,
+                     self._conn.name, usage_summary(usage))
 
     def on_error(self, code: str, message: str) -> None:
         self._conn.ended(self._sid)
@@ -272,8 +282,9 @@ class _FrontEndConnection:
                 if (refusal := self.server.refusal()) is not None:
                     self.link.send(["refused", sid, *refusal])
                     return
+                options = options_from_wire(msg[2])
                 self.streams.add(sid)
-                scheduler.open(sid, options_from_wire(msg[2]), _RemoteSink(self, sid))
+                scheduler.open(sid, options, _RemoteSink(self, sid))
                 self.server.state.admission.charge()
                 self.link.send(["admitted", sid])
             case "text":
