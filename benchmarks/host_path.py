@@ -277,6 +277,7 @@ def run_scheduler_only(args) -> list[dict]:
         def on_late(self, _sid): Observer.late += 1
         def on_underrun(self, _sid): Observer.underruns += 1
         def on_overhead(self, *_): pass
+        def on_stream_ended(self, *_): pass
 
     async def one_run(n: int) -> dict:
         pool = new_model_thread()   # the scheduler owns it and shuts it down when it stops

@@ -27,7 +27,7 @@ the server is given time to go idle, and the report gives: resident memory after
 and at the end, its least-squares slope over the samples after --settle-s (MB per hour), the
 idle server before and after (tasks, fds, threads, sockets, streams), what each scenario did,
 the model's step time (`tts_compute_seconds_total`) against the compute_ms billed by `done` and
-`cancelled`, and every violation seen: a timeline gap, audio after `cancelled`, a `done` whose audio_ms
+`cancelled` (and the server's own split of it, `tts_ended_compute_seconds_total`), and every violation seen: a timeline gap, audio after `cancelled`, a `done` whose audio_ms
 does not match the audio received, an unexpected error, a round that did not end within
 MAX_ROUND_S (e.g. a client refused for that long by a server with room).
 
@@ -66,6 +66,9 @@ GAUGES = {
     "sockets": "tts_open_sockets",
     "streams": "tts_active_streams",
     "compute_s": "tts_compute_seconds_total",
+    # The server's own split of that time by where each ended stream's usage went.
+    **{f"ended_{how}_s": f'tts_ended_compute_seconds_total{{reported="{how}"}}'
+       for how in ("done", "cancelled", "log_only")},
 }
 
 
@@ -441,6 +444,10 @@ async def main_async(args) -> dict:
         # are billed in the server's log only).
         "compute_ms_metrics": _delta_ms(before, after, "compute_s"),
         "compute_ms_billed": round(tally.billed_ms, 1),
+        # ... and as the server counts it (`tts_ended_compute_seconds_total`): what it reported
+        # in `done` and `cancelled`, and what went to its log only.
+        "compute_ms_ended": {how: _delta_ms(before, after, f"ended_{how}_s")
+                             for how in ("done", "cancelled", "log_only")},
         "violation_examples": tally.violations[:10],
         "rss_mb_settled": rss[0][1] if rss else None, "rss_mb_end": after["rss_mb"],
         "rss_mb_max": max((v for _, v in rss), default=None),

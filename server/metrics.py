@@ -60,6 +60,8 @@ SUM: Final = "livesum"
 WORST: Final = "livemax"
 # Kinds of the model thread's work for no stream (`tts_model_overhead_seconds_total`).
 OVERHEAD_KINDS: Final = ("warmup", "cost_probe", "heap_trim")
+# Where an ended stream's usage was reported (`tts_streams_ended_total`).
+ENDED_REPORTS: Final = ("done", "cancelled", "log_only")
 
 
 class Metrics:
@@ -176,6 +178,18 @@ class Metrics:
             registry=r)
         for kind in OVERHEAD_KINDS:
             self.overhead_seconds.labels(kind=kind)
+        self.streams_ended = Counter(
+            "streams_ended", "Streams ended, by where their usage was reported: done, "
+            "cancelled (those messages), log_only (closed without either: a disconnect, an "
+            "error, a shutdown, a failed synthesis; billed from the log)", ["reported"],
+            namespace=ns, registry=r)
+        self.ended_compute_seconds = Counter(
+            "ended_compute_seconds", "usage.compute_ms of ended streams, by where it was "
+            "reported (as streams_ended): with no stream live, the three add up to "
+            "compute_seconds", ["reported"], namespace=ns, registry=r)
+        for reported in ENDED_REPORTS:
+            self.streams_ended.labels(reported=reported)
+            self.ended_compute_seconds.labels(reported=reported)
         for stage in BATCH_STAGES:  # export both series from the start, not on first use
             self.batch_size.labels(stage=stage)
 
@@ -220,6 +234,13 @@ class Metrics:
         if kind not in OVERHEAD_KINDS:
             raise ValueError(f"unknown overhead kind {kind!r}; expected one of {OVERHEAD_KINDS}")
         self.overhead_seconds.labels(kind=kind).inc(seconds)
+
+    def stream_ended(self, reported: str, compute_ms: float) -> None:
+        """A stream ended, its usage reported as `reported` (one of ENDED_REPORTS)."""
+        if reported not in ENDED_REPORTS:
+            raise ValueError(f"unknown report {reported!r}; expected one of {ENDED_REPORTS}")
+        self.streams_ended.labels(reported=reported).inc()
+        self.ended_compute_seconds.labels(reported=reported).inc(compute_ms / 1000.0)
 
     def observe_batch(self, stage: str, size: int) -> None:
         """One model call of `stage` ("acoustic" or "decode") over `size` items."""

@@ -39,6 +39,9 @@ class MetricsObserver:
     def on_overhead(self, kind: str, seconds: float) -> None:
         self._metrics.add_overhead(kind, seconds)
 
+    def on_stream_ended(self, reported: str, usage: dict) -> None:
+        self._metrics.stream_ended(reported, usage.get("compute_ms") or 0.0)
+
     def on_late(self, stream_id: str) -> None:
         pass   # every timer check while it is dry; counted once per time below
 

@@ -87,6 +87,9 @@ class SchedulerObserver(Protocol):
     def on_underrun(self, stream_id: str) -> None: ...
     # The model thread's time for no stream: "cost_probe" (the idle probe), "heap_trim".
     def on_overhead(self, kind: str, seconds: float) -> None: ...
+    # A stream ended; where its usage went: "done", "cancelled" (those messages), or
+    # "log_only" (closed: a disconnect, an error, a shutdown; or its synthesis failed).
+    def on_stream_ended(self, reported: str, usage: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -670,7 +673,12 @@ class Scheduler:
             log.info("usage of stream %s, %s: %s", sid, how, usage_summary(usage))
         else:
             log.debug("stream %s %s", sid, how)
+        self._ended("log_only" if log_usage else how, usage)
         return usage
+
+    def _ended(self, reported: str, usage: dict[str, Any] | None) -> None:
+        if self.observer and usage is not None:
+            self.observer.on_stream_ended(reported, usage)
 
     def _forget(self, sid: str) -> None:
         self._streams.pop(sid, None)
@@ -1321,6 +1329,7 @@ class Scheduler:
         self._cost_window(stream, usage)   # what it cost since its last window
         stream.sink.on_done(usage)
         log.debug("stream %s done: %s", stream.id, usage)
+        self._ended("done", usage)
 
     def _add_cost(self, audio_ms: float, compute_ms: float | None) -> None:
         """A finished stream's cost. One of at least _MIN_COSTED_AUDIO_MS counts alone; shorter

@@ -1445,6 +1445,7 @@ async def test_the_model_threads_time_for_no_stream_is_reported_as_overhead():
         def on_late(self, _sid): pass
         def on_underrun(self, _sid): pass
         def on_overhead(self, kind, seconds): self.overhead.append((kind, seconds))
+        def on_stream_ended(self, *_): pass
 
     engine = FakeEngine(schedule=(8, 64), delay_s=0.005)
     sched = Scheduler(engine, phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,
@@ -1459,6 +1460,41 @@ async def test_the_model_threads_time_for_no_stream_is_reported_as_overhead():
     probe_decodes = sum(kind == "decode" for kind, _ in engine.calls[stream_calls:])
     assert probe_decodes > 0 and probe_s >= probe_decodes * engine.delay_s  # each sleeps 5 ms
     await stop(task)
+
+
+async def test_every_ended_stream_is_reported_with_where_its_usage_went():
+    # An operator sees which compute was billed on the wire (done, cancelled) and which only
+    # in the log (a stream closed without either): together, all of the steps' time.
+    class Observer:
+        steps_s = 0.0
+        ended: dict[str, tuple[str, float]] = {}
+
+        def on_step(self, seconds, *_): Observer.steps_s += seconds
+        def on_late(self, _sid): pass
+        def on_underrun(self, _sid): pass
+        def on_overhead(self, *_): pass
+        def on_stream_ended(self, reported, usage):
+            Observer.ended[usage["chars"]] = (reported, usage["compute_ms"])
+
+    sched = Scheduler(FakeEngine(delay_s=0.02), phonemizer=FakePhonemizer(),
+                      splitter_factory=PhraseSplitter, meter=Meter(), observer=Observer())
+    task = asyncio.create_task(sched.run())
+    long = "This is a long sentence that keeps going. " * 5
+    sinks = {sid: Sink() for sid in ("cancelled", "closed")}
+    for sid, text in (("cancelled", long), ("closed", long + "!")):
+        sched.open(sid, OPTS, sinks[sid])
+        sched.text(sid, text)
+    await speak(sched, "done", Sink(), "Hello there.")
+    await wait_until(lambda: all(sink.audio() for sink in sinks.values()))
+    sched.cancel("cancelled")
+    sched.close("closed")
+    await wait_until(lambda: len(Observer.ended) == 3)
+    await stop(task)
+    assert {chars: reported for chars, (reported, _) in Observer.ended.items()} == {
+        len("Hello there."): "done", len(long): "cancelled", len(long) + 1: "log_only"}
+    assert all(compute > 0 for _, compute in Observer.ended.values())
+    billed_s = sum(compute for _, compute in Observer.ended.values()) / 1000
+    assert billed_s == pytest.approx(Observer.steps_s, abs=0.0005)   # 0.1 ms rounding each
 
 
 async def test_a_stream_arriving_stops_the_idle_probe_at_its_next_model_call():
@@ -1556,6 +1592,7 @@ def test_a_listener_that_ran_dry_waiting_for_text_is_not_late_when_text_comes():
         def on_late(self, sid): self.late.append(sid)
         def on_underrun(self, sid): self.underruns.append(sid)
         def on_overhead(self, *_): pass
+        def on_stream_ended(self, *_): pass
 
     observer = Observer()
     sched = Scheduler(FakeEngine(), phonemizer=FakePhonemizer(), splitter_factory=PhraseSplitter,

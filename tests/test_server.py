@@ -1784,6 +1784,11 @@ async def test_what_done_and_cancelled_bill_adds_up_to_the_models_step_time(engi
     assert report["compute_ms_metrics"] > 0
     assert report["compute_ms_billed"] == pytest.approx(report["compute_ms_metrics"],
                                                         abs=0.05 * streams + 0.1)
+    # The server's own count agrees: all of it reported on the wire, none in the log only.
+    ended = report["compute_ms_ended"]
+    assert ended["log_only"] == 0.0 and ended["done"] > 0
+    assert ended["done"] + ended["cancelled"] == pytest.approx(report["compute_ms_billed"],
+                                                               abs=0.05 * streams + 0.2)
 
 
 async def test_a_tariff_on_a_cpu_server_prices_compute_time_and_says_the_kwh_price_is_moot(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import errno
 import logging
 import os
 import re
@@ -253,6 +254,34 @@ async def test_limits_per_client_hold_across_front_ends(
 
 
 KEY_ONE = "key " + hashlib.sha256(b"k-one").hexdigest()[:16]   # server/http.py client_of
+
+
+async def test_a_stream_cancelled_just_before_its_front_end_died_has_its_usage_logged(
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The back end forgets a stream as the cancel comes (the front end's session logs the
+    # usage that `cancelled` brings); with the front end dead before the step ended, no log
+    # line anywhere carried what the stream had used. (An outside review of the split.)
+    caplog.set_level(logging.INFO)
+    async with running_split(engine) as split:
+        front = split.fronts[0]
+        client = await speaking(http, front)
+        [sid] = list(remote(front)._sinks)
+        for conn in split.back[LINK].connections:
+            def dies_after_a_cancel(msg: list, conn=conn, read=conn.link._on_message) -> None:
+                read(msg)
+                if msg[0] == "cancel":          # the front end's process dies right after it
+                    conn.link._transport.abort()
+            conn.link._on_message = dies_after_a_cancel
+        await client.send({"type": "cancel", "ctx": "x"})
+        back = split.back_state.model.scheduler
+        assert back is not None
+        await wait_for(lambda: back.stream_count == 0, what="the stream gone in the back end")
+        await wait_for(lambda: any(sid in r.getMessage() and "chars=" in r.getMessage()
+                                   for r in caplog.records), what="its usage in the log")
+        [line] = [r.getMessage() for r in caplog.records
+                  if sid in r.getMessage() and "chars=" in r.getMessage()]
+        assert line.startswith(f"usage of stream {sid}, cancelled (its front end ")
 
 
 async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
@@ -791,6 +820,49 @@ async def test_front_ends_that_keep_dying_at_start_stop_the_server(monkeypatch) 
     monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
     cfg = load_config(None, {"server.front_ends": 1})
     sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import sys; sys.exit(3)"],
+                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup.start()
+    await asyncio.wait_for(sup.failed.wait(), timeout=30)
+    assert sup._quick_exits == supervisor.QUICK_EXITS_MAX
+    await sup.stop(timeout_s=5)
+
+
+async def test_a_front_end_that_cannot_be_started_is_tried_again(monkeypatch) -> None:
+    # The system refused a process (out of file descriptors, of processes): the slot's keeper
+    # died with the error and the server served on with one front end fewer, for good.
+    from server import supervisor
+    from server.config import load_config
+
+    monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
+    started: list[asyncio.subprocess.Process] = []
+    spawn = supervisor.Supervisor._spawn
+
+    async def refused_once(self: supervisor.Supervisor, name: str) -> asyncio.subprocess.Process:
+        if name == "fe1":
+            raise OSError(errno.EMFILE, "Too many open files")
+        started.append(proc := await spawn(self, name))
+        return proc
+
+    monkeypatch.setattr(supervisor.Supervisor, "_spawn", refused_once)
+    cfg = load_config(None, {"server.front_ends": 1})
+    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import time; time.sleep(60)"],
+                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup.start()
+    await wait_for(lambda: started, what="another front end started in its slot")
+    assert not sup.failed.is_set()
+    await sup.stop(timeout_s=5)
+
+
+async def test_front_ends_that_can_never_be_started_stop_the_server(monkeypatch) -> None:
+    from server import supervisor
+    from server.config import load_config
+
+    async def refused(self: supervisor.Supervisor, name: str) -> asyncio.subprocess.Process:
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
+    monkeypatch.setattr(supervisor.Supervisor, "_spawn", refused)
+    sup = supervisor.Supervisor(load_config(None, {"server.front_ends": 1}), [sys.executable],
                                 "/nonexistent.sock", 1, metrics_dir=None)
     sup.start()
     await asyncio.wait_for(sup.failed.wait(), timeout=30)
