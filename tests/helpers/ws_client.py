@@ -91,9 +91,11 @@ class ProtocolClient:
                 if stop(got[-1]):
                     return got
 
-    async def collect(self, ctxs: list[str], timeout: float = 60.0) -> dict[str, Utterance]:
-        """Receive until every ctx has finished (done, cancelled or an error)."""
-        out = {ctx: Utterance(ctx) for ctx in ctxs}
+    async def collect(self, ctxs: list[str], timeout: float = 60.0,
+                      into: dict[str, Utterance] | None = None) -> dict[str, Utterance]:
+        """Receive until every ctx has finished (done, cancelled or an error), adding to
+        `into`'s utterances where given."""
+        out = {ctx: Utterance(ctx) for ctx in ctxs} | (into or {})
         async with asyncio.timeout(timeout):
             while not all(u.finished for u in out.values()):
                 msg = await self.recv(timeout=timeout)
@@ -109,6 +111,27 @@ class ProtocolClient:
             await self.send({"type": "text", "ctx": ctx, "text": fragment})
         await self.send({"type": "end", "ctx": ctx})
         return (await self.collect([ctx], timeout=timeout))[ctx]
+
+    async def speak_when_admitted(self, text: str, *, ctx: str = "default", tries: int = 10,
+                                  timeout: float = 60.0, **start: Any) -> Utterance:
+        """`speak`, as a client refused for load does it: a `start` answered `overloaded` is
+        asked again after the hint (at most 2 s). For tests about something else than
+        admission, whose streams starting together a loaded host may refuse."""
+        for _ in range(tries):
+            await self.send({"type": "start", "ctx": ctx, **start})
+            [*_, answer] = await self.recv_until(
+                lambda m: m.get("ctx") == ctx and m["type"] in ("ready", "error"), timeout)
+            if answer["type"] == "ready":
+                break
+            assert answer["code"] == "overloaded", answer
+            await asyncio.sleep(min(answer.get("retry_after_s") or 1, 2))
+        else:
+            raise AssertionError(f"start of {ctx!r} refused {tries} times")
+        await self.send({"type": "text", "ctx": ctx, "text": text})
+        await self.send({"type": "end", "ctx": ctx})
+        heard = Utterance(ctx)
+        heard.add(answer)
+        return (await self.collect([ctx], timeout=timeout, into={ctx: heard}))[ctx]
 
     async def close(self) -> None:
         await self.ws.close()
