@@ -125,9 +125,15 @@ class Session:
         if not self._closing:
             self._closing = True
             live = list(self._streams.values())
+            # A front end's stream awaiting its back end's word was never `ready`: refused,
+            # as a `start` now would be, not failed.
+            pending = self._answer[0] if self._answer is not None else None
             self._drop_streams(why)
             for stream in live:
-                self._send_error(ProtocolError(ErrorCode.INTERNAL, why, stream.spec.ctx))
+                self._send_error(
+                    ProtocolError(ErrorCode.OVERLOADED, "server is shutting down",
+                                  stream.spec.ctx, retry_after_s=self._state.admission.retry_hint())
+                    if stream is pending else ProtocolError(ErrorCode.INTERNAL, why, stream.spec.ctx))
             await self._outbox.drained(SHUTDOWN_DRAIN_S)
             await self._close(WSCloseCode.GOING_AWAY, "server shutting down")
         try:

@@ -213,6 +213,27 @@ async def test_a_start_the_back_end_does_not_answer_is_refused_and_leaves_nothin
         assert split.fronts[0].state.admission.active_streams == 0
 
 
+async def test_a_start_awaiting_the_back_end_at_a_shutdown_is_refused_not_failed(
+    engine: Engine, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # It was never `ready`: `overloaded` (a start refused), where it got `internal`.
+    async with running_split(engine) as split:
+        original = RemoteScheduler.on_event   # the back end's "admitted" has not come yet
+        monkeypatch.setattr(RemoteScheduler, "on_event",
+                            lambda remote, msg: None if msg[0] == "admitted"
+                            else original(remote, msg))
+        client = await connect(http, split.fronts[0])
+        await client.send({"type": "start", "ctx": "x"})
+        [session] = split.fronts[0].state.sessions
+        await wait_for(lambda: session._answer is not None, what="the start awaiting its answer")
+        await session.shutdown()
+        refused = await client.recv()
+        assert (refused["type"], refused["code"], refused["ctx"]) == ("error", "overloaded", "x")
+        assert refused["retry_after_s"] >= 1
+        monkeypatch.setattr(RemoteScheduler, "on_event", original)
+        await back_end_idle(split)
+
+
 async def test_limits_per_client_hold_across_front_ends(
     engine: Engine, http: aiohttp.ClientSession,
 ) -> None:
