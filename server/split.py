@@ -93,6 +93,10 @@ ALIVE_INTERVAL_S: Final = 1.0
 # Bytes a link may hold unsent before its writer pauses reading the other way: the back end's
 # output per stream is bounded by the lookahead, so this is only reached by a stuck peer.
 MAX_UNSENT_BYTES: Final = 64 << 20
+# ... and past this many the link is dropped (the peer's streams closed as if it had gone):
+# paused, the peer still gets the streams' audio it does not read, so a front end stopped for
+# good (server.front_end_silent_s 0: never killed) grew the back end's memory without bound.
+MAX_UNREAD_BYTES: Final = 4 * MAX_UNSENT_BYTES
 _MSGPACK_LIMIT: Final = 64 << 20
 
 
@@ -184,6 +188,10 @@ class Link(asyncio.Protocol):
         self._flush_scheduled = False
         if self._pending and self._transport is not None and not self.closed:
             self._transport.writelines(self._pending)
+            if (unread := self._transport.get_write_buffer_size()) > MAX_UNREAD_BYTES:
+                log.error("link: the other process has left %d MiB unread; dropping the link",
+                          unread >> 20)
+                self._transport.abort()   # connection_lost follows, as if it had gone
         self._pending = []
 
     def close(self) -> None:

@@ -407,6 +407,31 @@ async def test_a_silent_front_end_is_reported_once_and_a_held_up_back_end_blames
         await back_end_idle(split)
 
 
+async def test_a_link_whose_peer_reads_nothing_is_dropped_past_its_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Paused, a link still takes what its side sends (the streams' audio for a front end that
+    # is stopped): with the front end never killed, the back end's memory grew without bound.
+    monkeypatch.setattr(server.split, "MAX_UNREAD_BYTES", 4 << 20)
+    lost: list[Exception | None] = []
+    near, far = socket.socketpair(socket.AF_UNIX)
+    loop = asyncio.get_running_loop()
+    sender = server.split.Link(lambda msg: None, lost.append)
+    await loop.create_unix_connection(lambda: sender, sock=near)
+    reader, _ = await loop.create_unix_connection(
+        lambda: server.split.Link(lambda msg: None, lambda exc: None), sock=far)
+    reader.pause_reading()                     # the peer reads nothing from now on
+    chunk = bytes(1 << 20)
+    for _ in range(16):
+        if sender.closed:
+            break
+        sender.send(["audio", "s", chunk, 0.0])
+        await asyncio.sleep(0)
+    await wait_for(lambda: bool(lost), what="the link dropped", timeout=5)
+    assert sender.closed
+    reader.close()
+
+
 async def clean_front_end(front: Running) -> None:
     s = front.state
     await wait_for(lambda: not s.sessions and s.admission.active_streams == 0,
