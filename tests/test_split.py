@@ -33,6 +33,7 @@ import pytest_asyncio
 from benchmarks.first_audio import wait_ready
 from benchmarks.host_path import _children
 import server.split
+import server.supervisor
 from server.split import LINK, RemoteScheduler
 from streaming_tts.engine import Engine, SynthesisParams
 from streaming_tts.stream import StreamOptions
@@ -311,7 +312,7 @@ async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
     caplog.set_level(logging.INFO, logger="server.split")
     async with running_split(engine) as split:
         staying, leaving = split.fronts
-        client = await speaking(http, leaving)
+        _client = await speaking(http, leaving)   # held open: its stream lives
         back = split.back_state.model.scheduler
         assert back is not None and back.stream_count == 1
         await leaving.server.close()    # its process ends: the link drops mid-stream
@@ -831,11 +832,19 @@ async def test_when_the_back_end_goes_every_stream_gets_an_error_once() -> None:
     assert remote.load().capacity_audio_s_per_s is None
 
 
+def one_front_end(code: str) -> server.supervisor.Supervisor:
+    """A supervisor of one front end whose process runs `code` (python -c)."""
+    from server.config import load_config
+
+    return server.supervisor.Supervisor(load_config(None, {"server.front_ends": 1}),
+                                        [sys.executable, "-c", code], "/nonexistent.sock", 1,
+                                        metrics_dir=None)
+
+
 async def test_a_front_end_being_started_at_a_shutdown_gets_the_word(monkeypatch) -> None:
     # The supervisor waited only for the front ends it knew: one still being started (its
     # process there, the start not yet returned) was cancelled into an orphan that nobody told.
     from server import supervisor
-    from server.config import load_config
 
     started: list[asyncio.subprocess.Process] = []
     spawn = supervisor.Supervisor._spawn
@@ -847,9 +856,7 @@ async def test_a_front_end_being_started_at_a_shutdown_gets_the_word(monkeypatch
         return proc
 
     monkeypatch.setattr(supervisor.Supervisor, "_spawn", slow_spawn)
-    cfg = load_config(None, {"server.front_ends": 1})
-    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import time; time.sleep(60)"],
-                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup = one_front_end("import time; time.sleep(60)")
     sup.start()
     await wait_for(lambda: started, what="the front end's process started")
     sup.pass_on(now=False)
@@ -862,12 +869,9 @@ async def test_front_ends_that_keep_dying_at_start_stop_the_server(monkeypatch) 
     # A front end that exits at once (a broken install, the port held by another program) is
     # started again; three such exits in a row and the supervisor gives up, rather than loop.
     from server import supervisor
-    from server.config import load_config
 
     monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
-    cfg = load_config(None, {"server.front_ends": 1})
-    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import sys; sys.exit(3)"],
-                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup = one_front_end("import sys; sys.exit(3)")
     sup.start()
     await asyncio.wait_for(sup.failed.wait(), timeout=30)
     assert sup._quick_exits == supervisor.QUICK_EXITS_MAX
@@ -878,7 +882,6 @@ async def test_a_front_end_that_cannot_be_started_is_tried_again(monkeypatch) ->
     # The system refused a process (out of file descriptors, of processes): the slot's keeper
     # died with the error and the server served on with one front end fewer, for good.
     from server import supervisor
-    from server.config import load_config
 
     monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
     started: list[asyncio.subprocess.Process] = []
@@ -891,9 +894,7 @@ async def test_a_front_end_that_cannot_be_started_is_tried_again(monkeypatch) ->
         return proc
 
     monkeypatch.setattr(supervisor.Supervisor, "_spawn", refused_once)
-    cfg = load_config(None, {"server.front_ends": 1})
-    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import time; time.sleep(60)"],
-                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup = one_front_end("import time; time.sleep(60)")
     sup.start()
     await wait_for(lambda: started, what="another front end started in its slot")
     assert not sup.failed.is_set()
@@ -902,15 +903,13 @@ async def test_a_front_end_that_cannot_be_started_is_tried_again(monkeypatch) ->
 
 async def test_front_ends_that_can_never_be_started_stop_the_server(monkeypatch) -> None:
     from server import supervisor
-    from server.config import load_config
 
     async def refused(self: supervisor.Supervisor, name: str) -> asyncio.subprocess.Process:
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
     monkeypatch.setattr(supervisor.Supervisor, "_spawn", refused)
-    sup = supervisor.Supervisor(load_config(None, {"server.front_ends": 1}), [sys.executable],
-                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup = one_front_end("pass")
     sup.start()
     await asyncio.wait_for(sup.failed.wait(), timeout=30)
     assert sup._quick_exits == supervisor.QUICK_EXITS_MAX
@@ -923,7 +922,6 @@ async def test_a_front_end_stopped_by_its_own_signal_is_started_again_at_once(
     # One with nothing to drain exits 0 before it could tell its back end it retires: it was
     # started again only after RESTART_DELAY_S, the delay meant for one that failed.
     from server import supervisor
-    from server.config import load_config
 
     monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 3600.0)
     started: list[str] = []
@@ -934,9 +932,7 @@ async def test_a_front_end_stopped_by_its_own_signal_is_started_again_at_once(
         return await spawn(self, name)
 
     monkeypatch.setattr(supervisor.Supervisor, "_spawn", counted)
-    cfg = load_config(None, {"server.front_ends": 1})
-    sup = supervisor.Supervisor(cfg, [sys.executable, "-c", "import time; time.sleep(0.2)"],
-                                "/nonexistent.sock", 1, metrics_dir=None)
+    sup = one_front_end("import time; time.sleep(0.2)")
     sup.start()
     await wait_for(lambda: len(started) >= 2, what="a second front end, without the delay")
     assert started[:2] == ["fe1", "fe2"]     # each process started gets a name of its own
