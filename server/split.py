@@ -19,11 +19,14 @@ The link is msgpack over one Unix socket per front end, in order. Front end -> b
 `["flush", sid]`, `["end", sid]`, `["cancel", sid]`, `["close", sid]`, where limits are per
 client `["clients", {client: [contexts, sockets]}]` for the clients whose counts changed,
 `["retiring", name]` when it was signalled alone and stops listening (ShutdownSignals),
-`["alive", name]` a few times a second (`alive_interval`), and `["leaving", name]` last, as it
-stops on purpose (its link's drop is then no failure).
+`["alive", name, read]` a few times a second (`alive_interval`), and `["leaving", name, read]`
+last, as it stops on purpose (its link's drop is then no failure); `read` is the number of the
+last `done`/`cancelled` it has handed on.
 Back end -> front end: `["admitted", sid]` or `["refused", sid, reason, message, retry]`
 for each `open` (see below), `["phrase", sid, ...]`, `["audio", sid, float32 bytes, pts_ms]`,
-`["done", sid, usage]`, `["cancelled", sid, usage]`, `["error", sid, code, message]`, and
+`["done", sid, usage, n]`, `["cancelled", sid, usage, n]` (numbered: the back end keeps each
+until the front end says it has read that far, and logs the usage of those it never read if
+the front end goes), `["error", sid, code, message]`, and
 `["status", {...}]` every `STATUS_INTERVAL_S` (ready or failed, the scheduler's load, the GPU
 reading, the per-stream VRAM cost, stream counts, and what changed of each client's contexts
 and sockets in the other front ends). Writes made in one turn of the event loop leave in one
@@ -229,14 +232,11 @@ class _RemoteSink:
 
     def _report(self, kind: str, usage: dict | None) -> None:
         """`done` or `cancelled` with the stream's usage to its front end, whose session logs
-        it; with that front end gone meanwhile (a cancel it sent just before it died), the
-        usage is logged here: the log is then its only record."""
+        it. Each such report is numbered, and kept until the front end says it has read that
+        far; one that goes (dies, is killed as stuck) before it has, or is gone already, has
+        the usage of the reports it did not read logged here: the log is their only record."""
         self._conn.ended(self._sid)
-        if not self._conn.link.closed:
-            self._conn.link.send([kind, self._sid, usage])
-        elif usage and usage.get("chars"):
-            log.info("usage of stream %s, %s (its front end %s gone): %s", self._sid, kind,
-                     self._conn.name, usage_summary(usage))
+        self._conn.report(kind, self._sid, usage)
 
     def on_error(self, code: str, message: str) -> None:
         self._conn.ended(self._sid)
@@ -254,16 +254,36 @@ class _FrontEndConnection:
         self.leaving = False   # it said it stops on purpose
         self.heard_at = time.monotonic()   # its last message came then
         self.stuck = False   # reported silent (LinkServer.watch)
+        # `done`/`cancelled` sent and not yet read there, by number: (kind, sid, usage).
+        self.unread: dict[int, tuple[str, str, dict | None]] = {}
+        self.reports = 0   # numbered so far
         self.link = Link(self._on_message, self._on_lost)
 
     def ended(self, sid: str) -> None:
         self.streams.discard(sid)
+
+    def report(self, kind: str, sid: str, usage: dict | None) -> None:
+        """Send a stream's last word with its usage, numbered (see _RemoteSink._report)."""
+        if self.link.closed:
+            _log_unread(self.name, kind, sid, usage)
+            return
+        self.reports += 1
+        self.unread[self.reports] = (kind, sid, usage)
+        self.link.send([kind, sid, usage, self.reports])
+
+    def _read_up_to(self, number: Any) -> None:
+        """The front end has read every report up to `number`."""
+        if isinstance(number, int):
+            for seen in [n for n in self.unread if n <= number]:
+                del self.unread[seen]
 
     def _on_message(self, msg: list[Any]) -> None:
         self.heard_at = time.monotonic()
         scheduler = self.server.scheduler()
         kind, sid = msg[0], msg[1]
         if kind == "alive":
+            if len(msg) > 2:
+                self._read_up_to(msg[2])
             return
         if kind == "hello":
             self.name = str(sid)
@@ -275,6 +295,8 @@ class _FrontEndConnection:
             return
         if kind == "leaving":
             self.leaving = True
+            if len(msg) > 2:
+                self._read_up_to(msg[2])
             return
         if kind == "retiring":   # it drains its streams, listening no more: start another
             if self.server.on_retiring is not None:
@@ -331,6 +353,16 @@ class _FrontEndConnection:
         log.log(level, "front end %s disconnected%s; %d stream(s) of it closed", self.name,
                 f" ({exc})" if exc else "", len(self.streams))
         self.streams.clear()
+        unread, self.unread = self.unread, {}
+        for kind, sid, usage in unread.values():
+            _log_unread(self.name, kind, sid, usage)
+
+
+def _log_unread(front_end: str, kind: str, sid: str, usage: dict | None) -> None:
+    """A stream's usage its front end did not read (it went first): the log's only record."""
+    if usage and usage.get("chars"):
+        log.info("usage of stream %s, %s (its front end %s gone before it read it): %s", sid,
+                 kind, front_end, usage_summary(usage))
 
 
 class LinkServer:
@@ -526,6 +558,7 @@ class RemoteScheduler:
         self._answers: dict[str, asyncio.Future[list[Any] | None]] = {}
         self.status = BackEndStatus()
         self.heard_at = time.monotonic()   # the last status came then
+        self.reports_read = 0   # the back end's numbered `done`/`cancelled` handed on so far
 
     # ---- commands ----
     def open(self, sid: str, options: StreamOptions,
@@ -619,6 +652,8 @@ class RemoteScheduler:
             self._cancelling.pop(sid, None)
             self._answer(sid, msg[2:5])
             return
+        if kind in ("done", "cancelled") and len(msg) > 3:
+            self.reports_read = msg[3]
         if kind in ("done", "cancelled", "error"):   # the stream's last word
             sink = self._sinks.pop(sid, None) or self._cancelling.pop(sid, None)
         else:   # cancelled or closed here since: nothing more of it goes out
@@ -717,12 +752,12 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
     if limits.contexts_per_client or limits.sockets_per_client:
         _report_clients(state.clients, link.send)
     alive = asyncio.create_task(
-        _say_alive(link, name, alive_interval(state.cfg.server.front_end_silent_s)),
+        _say_alive(link, name, alive_interval(state.cfg.server.front_end_silent_s), remote),
         name="link-alive")
     try:
         exc = await lost
     except asyncio.CancelledError:   # this front end stops
-        link.send(["leaving", name])
+        link.send(["leaving", name, remote.reports_read])
         link.close()
         raise
     finally:
@@ -739,11 +774,12 @@ async def run_front_end_link(app: web.Application, path: str, name: str,
         on_lost()
 
 
-async def _say_alive(link: Link, name: str, interval_s: float) -> None:
+async def _say_alive(link: Link, name: str, interval_s: float, remote: RemoteScheduler) -> None:
     """Tell the back end, every `interval_s`, that this front end's event loop turns (one
-    that stops doing so is killed: LinkServer.watch)."""
+    that stops doing so is killed: LinkServer.watch), and how far it has read the back end's
+    numbered reports (their usage is then logged here, by the sessions)."""
     while not link.closed:
-        link.send(["alive", name])
+        link.send(["alive", name, remote.reports_read])
         await asyncio.sleep(interval_s)
 
 

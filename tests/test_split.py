@@ -306,6 +306,37 @@ async def test_a_stream_cancelled_just_before_its_front_end_died_has_its_usage_l
         assert line.startswith(f"usage of stream {sid}, cancelled (its front end ")
 
 
+async def test_a_stream_done_while_its_front_end_read_nothing_has_its_usage_logged(
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A front end stopped (SIGSTOP), killed as stuck 10 s later: the `done` of each stream
+    # that finished meanwhile was written to a socket nobody read, and no log line anywhere
+    # carried its usage. (An outside soak of the split.)
+    caplog.set_level(logging.INFO)
+    async with running_split(engine) as split:
+        front = split.fronts[0]
+        client = await connect(http, front)
+        u = await client.speak(SHORT, ctx="before")    # read and logged there: not again
+        assert u.done is not None
+        front_link = remote(front)._send.__self__
+        await client.send({"type": "start", "ctx": "x"})
+        await client.recv_until(lambda m: m["type"] == "ready")
+        [sid] = list(remote(front)._sinks)
+        front_link._transport.pause_reading()           # from now on it reads nothing
+        await client.send({"type": "text", "ctx": "x", "text": SHORT})
+        await client.send({"type": "end", "ctx": "x"})
+        back = split.back_state.model.scheduler
+        assert back is not None
+        await wait_for(lambda: back.stream_count == 0, what="the stream done in the back end")
+        await asyncio.sleep(0.3)                         # its `alive` says it read nothing new
+        [conn] = [c for c in split.back[LINK].connections if c.name == "fe0"]
+        conn.link._transport.abort()                    # killed as stuck
+        await wait_for(lambda: any(sid in r.getMessage() and "chars=" in r.getMessage()
+                                   for r in caplog.records), what="its usage in the log")
+        lines = [r.getMessage() for r in caplog.records if "gone before it read it" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(f"usage of stream {sid}, done "), lines
+
+
 async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
     engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
