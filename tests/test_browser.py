@@ -224,7 +224,7 @@ class Client:
             timeout=10_000,
         )
 
-    def speak(self, text: str, wps: int) -> None:
+    def speak(self, text: str, wps: float) -> None:
         self.page.fill("#text", text)
         self.page.fill("#wps", str(wps))
         self.page.click("#speak")
@@ -520,6 +520,7 @@ def test_full_server_is_retried_until_a_stream_frees(
     # The slot is free: the next try gets it and the paragraph plays.
     client.wait_played_ms(500, timeout_ms=30_000)
     assert client.alert() == ""
+    assert "retrying" not in _notice(client), "the countdown is over once it plays"
     assert int(client.stats()["retries"]) >= 1
     # Time to first audio counts from Speak, the waits for room included (>= 1 s each).
     assert float(client.stats()["ttfaMs"]) >= 1000 * int(client.stats()["retries"])
@@ -718,6 +719,79 @@ def test_error_mid_stream_cancels_the_stream_on_the_server(
     assert _wait_alert(client) == "The server failed while speaking: model step failed. Try again"
     assert client.stats()["state"] == "error"
     assert _active_streams_drop_to_zero(client, server, timeout_s=5.0)
+    assert client.errors == []
+
+
+def _record_notices(client: Client) -> None:
+    """Keep every text the page's notice shows, in `window.notices`."""
+    client.page.evaluate(
+        """() => {
+          window.notices = [];
+          const el = document.querySelector('#notice');
+          new MutationObserver(() => window.notices.push(el.textContent))
+            .observe(el, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+
+
+def test_a_pause_in_the_text_is_no_stall_and_no_underrun(client: Client) -> None:
+    # Words 2.5 s apart: the server speaks them three at a time and says nothing between, the
+    # listener dry meanwhile. That is a pause in the text (an LLM calling a tool, a user
+    # thinking), not a network stall: the page said "Connection stalled", counted each pause
+    # as an underrun, then "too slowly", and after 30 s would cancel a healthy stream.
+    client.login()
+    client.wait_voices()
+    _record_notices(client)
+    client.speak("Slowly the keeper climbed all the stairs", wps=0.4)
+    _wait_state(client, "done", timeout_ms=60_000)
+    notices = client.page.evaluate("() => window.notices")
+    assert not [n for n in notices if "stalled" in n or "too slowly" in n], notices
+    assert client.stats()["underruns"] == "0"
+    assert client.alert() == ""
+    assert client.errors == []
+
+
+def test_a_reply_cut_by_a_new_one_says_what_it_used(client: Client) -> None:
+    # Speak while a reply plays (barge-in): its `cancelled` comes after the new one began, and
+    # the page dropped it with its usage.
+    client.login()
+    client.wait_voices()
+    client.speak(LONG_TEXT, wps=0)
+    client.wait_played_ms(1000)
+    client.page.evaluate(
+        """() => { document.querySelector('#text').value = 'And now something else.';
+                   document.querySelector('#speak').click(); }"""
+    )
+    client.page.wait_for_function(
+        "() => !document.querySelector('#usage-cut').hidden", timeout=10_000)
+    cut = client.page.eval_on_selector("#usage-cut", "e => ({...e.dataset, text: e.textContent})")
+    assert float(cut["computeMs"]) > 0 and cut["text"].startswith("The reply cut short used")
+    _wait_state(client, "done", timeout_ms=30_000)
+    assert not client.page.is_hidden("#usage-cut"), "kept beside the new reply's usage"
+    assert client.page.text_content("#usage-chars") == str(len("And now something else."))
+    client.speak("Hello.", wps=0)   # a Speak that cuts nothing clears it
+    assert client.page.is_hidden("#usage-cut")
+    _wait_state(client, "done", timeout_ms=30_000)
+    assert client.errors == []
+
+
+def test_a_start_refused_as_the_server_shuts_down_says_so(client: Client) -> None:
+    # Not "Server is at capacity — retrying": the socket closes next.
+    proxy = SocketProxy(client.page)
+    client.login()
+    client.wait_voices()
+    proxy.hold = True                      # the server's `ready` is held back ...
+    client.speak("Hello there.", wps=0)
+    client.page.wait_for_function("() => document.querySelector('#stats').dataset.state"
+                                  " === 'streaming'", timeout=10_000)
+    client.page.wait_for_timeout(300)
+    ctx = proxy.first_ctx()
+    proxy.page_side.send(msgpack.packb(    # ... and a refusal comes in its place
+        {"type": "error", "ctx": ctx, "code": "overloaded", "retry_after_s": 2,
+         "message": "server is shutting down"}))
+    assert _wait_alert(client) == "The server is shutting down; try again in a moment"
+    assert client.stats()["state"] == "error" and client.stats()["retries"] == "0"
+    proxy.release()
     assert client.errors == []
 
 

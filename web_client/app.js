@@ -53,6 +53,7 @@ const MSG_STARTING = "Server is starting (loading the voice)";
 const MSG_UNREACHABLE = "Cannot reach the server";
 const MSG_AUDIO_BLOCKED =
   "The browser is holding back audio: click anywhere on the page to allow it";
+const MSG_SHUTTING_DOWN = "The server is shutting down; try again in a moment";
 const MSG_SLOW = "The audio is arriving too slowly (slow network?) — buffering…";
 const PARAMS = new URLSearchParams(window.location.search);
 // A full server is retried after the wait it suggests (`retry_after_s` / Retry-After; the
@@ -78,6 +79,7 @@ const LATE_MARGIN_MS = 20;
 // Text sent word by word with more than this between words asks for a longer
 // `max_buffer_delay_ms` (docs/protocol.md, "Text that trickles in").
 const SLOW_TYPING_MS = 250;
+const DEFAULT_BUFFER_DELAY_MS = 300; // the protocol's max_buffer_delay_ms when none is sent
 
 const $ = (id) => document.getElementById(id);
 
@@ -148,6 +150,10 @@ function isStartingMessage(message) {
   return /not ready|loading the voice/i.test(String(message ?? ""));
 }
 
+function isShuttingDown(message) {
+  return /shutting down/i.test(String(message ?? ""));
+}
+
 function capacityMessage(retryAfterS) {
   const n = Number.isFinite(retryAfterS) ? Math.max(1, Math.ceil(retryAfterS)) : null;
   return n === null
@@ -161,6 +167,10 @@ function fmt(value, digits, unit) {
 }
 
 /** Split text into LLM-like tokens: each word with its trailing whitespace. */
+function nonSpace(text) {
+  return String(text ?? "").replace(/\s+/g, "").length;
+}
+
 function tokenize(text) {
   const tokens = text.match(/\S+\s*/g) || [];
   const lead = text.match(/^\s*/)[0];
@@ -687,6 +697,16 @@ class Utterance {
     this.frameMs = 20;
     this.audioBlocked = false; // waiting for a click: the browser holds audio back (autoplay)
     this.lastHeardAt = performance.now(); // last message from the server (watchdog)
+    // What the server owes (watchdog): text sent and not yet in a `phrase` is spoken once no
+    // more has come for the stream's max_buffer_delay_ms; all of it in phrases, and no `end`
+    // yet, the server owes nothing and its silence is a pause in the text, not a stall.
+    this.sentChars = 0; // non-space characters sent in `text`
+    this.phrasedChars = 0; // ... and those back in `phrase` messages
+    this.textSentAt = 0; // performance.now() of the last `text`
+    this.endSentAt = null; // ... and of `end`
+    this.delayMs = DEFAULT_BUFFER_DELAY_MS; // start.max_buffer_delay_ms
+    this.underrunsSeen = 0; // the player's underrun count at the last check
+    this.underrunsExcused = 0; // ... of which the listener ran dry while nothing was owed
     this.stalled = false; // the "connection stalled" notice is shown
     this.slowUntil = 0; // show "too slow" until then (performance.now())
     this.lostReason = null; // the socket closed mid-stream: shown once what arrived has played
@@ -749,6 +769,9 @@ class App {
     this.conn = null;
     this.utt = null;
     this.gen = 0;
+    // The stream a Speak cut short (barge-in): its `cancelled` comes after the new one began,
+    // with what it used, shown apart from the new reply's usage.
+    this.cutCtx = null;
     this.voices = [];
     this.voicesLoaded = false; // the last /v1/voices answered with a list
     this.voicesError = ""; // the alert loadVoices() showed, cleared when a later load works
@@ -1010,6 +1033,7 @@ class App {
       this.showError("Type some text to speak");
       return;
     }
+    this.renderCutUsage(null);
     if (this.utt && this.utt.active) this.stop({ quiet: true });
     this.showError("");
     this.showNotice("");
@@ -1097,6 +1121,7 @@ class App {
   retry(utt) {
     utt.ctx = `u${utt.gen}.${utt.retries}`; // late messages about the refused try are ignored
     utt.phase = "starting";
+    this.showNotice(""); // the countdown is over
     this.renderStats("streaming", "connecting…");
     this.connectAndStart(utt);
   }
@@ -1196,6 +1221,7 @@ class App {
     if (s.wps > 0 && 1000 / s.wps > SLOW_TYPING_MS) {
       start.max_buffer_delay_ms = Math.min(10000, Math.round(3000 / s.wps));
     }
+    utt.delayMs = start.max_buffer_delay_ms ?? DEFAULT_BUFFER_DELAY_MS;
     this.conn.send(start);
     utt.startSent = true;
     utt.lastHeardAt = performance.now();
@@ -1206,8 +1232,8 @@ class App {
   feed(utt) {
     const { text, wps } = utt.settings;
     if (wps <= 0) {
-      this.conn.send({ type: "text", ctx: utt.ctx, text });
-      this.conn.send({ type: "end", ctx: utt.ctx });
+      this.sendText(utt, text);
+      this.sendEnd(utt);
       return;
     }
     const tokens = tokenize(text);
@@ -1217,16 +1243,27 @@ class App {
     const next = () => {
       utt.feedTimer = null;
       if (this.utt !== utt || utt.phase !== "streaming" || !this.conn) return;
-      this.conn.send({ type: "text", ctx: utt.ctx, text: tokens[i] });
+      this.sendText(utt, tokens[i]);
       i += 1;
       if (i >= tokens.length) {
-        this.conn.send({ type: "end", ctx: utt.ctx });
+        this.sendEnd(utt);
         return;
       }
       // Schedule against the start time so timer jitter does not accumulate.
       utt.feedTimer = setTimeout(next, Math.max(0, t0 + i * interval - performance.now()));
     };
     next();
+  }
+
+  sendText(utt, text) {
+    this.conn.send({ type: "text", ctx: utt.ctx, text });
+    utt.sentChars += nonSpace(text);
+    utt.textSentAt = performance.now();
+  }
+
+  sendEnd(utt) {
+    this.conn.send({ type: "end", ctx: utt.ctx });
+    utt.endSentAt = performance.now();
   }
 
   stop({ quiet = false } = {}) {
@@ -1237,6 +1274,7 @@ class App {
     utt.phase = "cancelled";
     utt.release();
     if (this.conn && live) this.conn.send({ type: "cancel", ctx: utt.ctx });
+    if (live) this.cutCtx = utt.ctx;
     this.disableStop();
     this.renderStats("idle");
     if (!quiet) this.showNotice("Cancelled");
@@ -1268,7 +1306,7 @@ class App {
       (this.utt?.format === "pcm_s16le" ? ", or choose Opus, which needs far less data" : "");
     if (event.code === 1013) return capacityMessage(null);
     if (event.code === 1008 && /slow/i.test(event.reason || "")) return tooSlow;
-    if (event.code === 1001) return "The server is shutting down; try again in a moment";
+    if (event.code === 1001) return MSG_SHUTTING_DOWN;
     if (slow) return "Connection to the server was lost; the network seemed too slow for the audio";
     return "Connection to the server was lost";
   }
@@ -1277,7 +1315,7 @@ class App {
     if (this.conn === conn) this.conn = null;
     const utt = this.utt;
     if (!utt || !(utt.phase === "starting" || utt.phase === "streaming")) return;
-    const slow = (this.player.last?.underruns ?? 0) >= SLOW_UNDERRUNS;
+    const slow = this.underruns(utt, this.player.last) >= SLOW_UNDERRUNS;
     const why = this.closeMessage(event, slow);
     if (utt.phase === "streaming" && this.hasAudioLeft(utt)) {
       this.playOutThenSay(utt, why, "connection lost");
@@ -1330,7 +1368,14 @@ class App {
     const now = performance.now();
     const r = this.player.last;
     const dry = !r || r.buffered === 0;
-    const silentS = (now - utt.lastHeardAt) / 1000;
+    const owedSince = this.owedSince(utt);
+    if (r) {
+      // Running dry while the server owed nothing (a pause in the text) is no underrun.
+      const more = r.underruns - utt.underrunsSeen;
+      if (more > 0 && (owedSince === null || owedSince > now)) utt.underrunsExcused += more;
+      utt.underrunsSeen = r.underruns;
+    }
+    const silentS = owedSince === null ? 0 : Math.max(0, now - owedSince) / 1000;
     if (dry && silentS >= STALL_NOTICE_S) {
       if (silentS >= STALL_GIVE_UP_S) {
         this.giveUp(utt, silentS);
@@ -1347,13 +1392,32 @@ class App {
       utt.stalled = false;
       this.showHealth("", null);
     }
-    if (utt.phase !== "streaming" || !r || r.underruns < SLOW_UNDERRUNS) return;
+    if (utt.phase !== "streaming" || this.underruns(utt, r) < SLOW_UNDERRUNS) return;
     if (dry) utt.slowUntil = now + SLOW_NOTICE_HOLD_MS;
     if (now < utt.slowUntil) {
       this.showHealth(MSG_SLOW, "buffering");
     } else if (this.healthNotice) {
       this.showHealth("", null);
     }
+  }
+
+  /**
+   * Since when the server owes `utt` a message (performance.now()), or null when it owes
+   * nothing: `ready` after `start`; `done` after `end`; a `phrase` once text has waited the
+   * stream's max_buffer_delay_ms (it may come sooner); with all text sent back in phrases and
+   * no `end`, nothing (the text paused: an LLM calling a tool, a user thinking).
+   */
+  owedSince(utt) {
+    if (utt.phase === "starting" || utt.endSentAt !== null) {
+      return Math.max(utt.lastHeardAt, utt.endSentAt ?? 0);
+    }
+    if (utt.phrasedChars >= utt.sentChars) return null;
+    return Math.max(utt.lastHeardAt, utt.textSentAt + utt.delayMs);
+  }
+
+  /** Times the listener ran dry while the server owed it audio. */
+  underruns(utt, r) {
+    return r ? Math.max(0, r.underruns - (utt ? utt.underrunsExcused : 0)) : 0;
   }
 
   /** Show (or, with "", clear) the watchdog's notice; `label` overrides the state label. */
@@ -1392,7 +1456,13 @@ class App {
       this.onServerError(msg);
       return;
     }
-    if (!utt || ctx !== utt.ctx) return; // a stream we already left behind
+    const cut = msg.type === "cancelled" && ctx === this.cutCtx;
+    if (cut) this.cutCtx = null;
+    if (!utt || ctx !== utt.ctx) {
+      // A stream we already left behind; one a new Speak cut short still says what it used.
+      if (cut && msg.usage) this.renderCutUsage(msg.usage);
+      return;
+    }
     if (msg.type === "cancelled") {
       if (utt.phase === "cancelled") this.showNotice("Cancelled"); // not after an error
       if (msg.usage) this.renderUsage((utt.usage = msg.usage)); // what the cut reply used
@@ -1407,6 +1477,7 @@ class App {
         this.onAudio(utt, msg);
         break;
       case "phrase":
+        utt.phrasedChars += nonSpace(msg.text);
         this.captions.addPhrase(msg);
         break;
       case "words":
@@ -1424,6 +1495,7 @@ class App {
     const m = msg.message ? `: ${msg.message}` : "";
     switch (msg.code) {
       case "overloaded":
+        if (isShuttingDown(msg.message)) return MSG_SHUTTING_DOWN;
         return isStartingMessage(msg.message) ? MSG_STARTING : capacityMessage(msg.retry_after_s);
       case "unauthorized":
         return authMessage(this.token);
@@ -1436,9 +1508,7 @@ class App {
       case "bad_request":
         return `The server did not accept the request${m}`;
       case "internal":
-        if (/shutting down/i.test(msg.message || "")) {
-          return "The server is shutting down; try again in a moment";
-        }
+        if (isShuttingDown(msg.message)) return MSG_SHUTTING_DOWN;
         return `The server failed while speaking${m}. Try again`;
       default:
         return `The server reported an error${m}${msg.code ? ` (${msg.code})` : ""}`;
@@ -1449,8 +1519,8 @@ class App {
     const utt = this.utt;
     const mine = utt && utt.active && (msg.ctx === undefined || msg.ctx === utt.ctx);
     if (msg.ctx !== undefined && utt && msg.ctx !== utt.ctx) return; // an old stream
-    if (mine && msg.code === "overloaded" && utt.phase === "starting") {
-      // the socket stays usable: retry on it
+    if (mine && msg.code === "overloaded" && utt.phase === "starting" && !isShuttingDown(msg.message)) {
+      // the socket stays usable: retry on it (not on a server shutting down: it closes next)
       this.refused(utt, Number(msg.retry_after_s ?? NaN), isStartingMessage(msg.message));
       return;
     }
@@ -1584,7 +1654,8 @@ class App {
     const bufferedMs = r ? (r.buffered * 1000) / rate : 0;
     stats.dataset.playedMs = String(Math.round(playedMs));
     stats.dataset.bufferedMs = String(Math.round(bufferedMs));
-    stats.dataset.underruns = String(r ? r.underruns : 0);
+    const underruns = this.underruns(utt, r);
+    stats.dataset.underruns = String(underruns);
     stats.dataset.lateArrivals = String(utt ? utt.lateArrivals : 0);
     stats.dataset.outputPeak = String(r ? Number(r.peak.toFixed(4)) : 0);
     stats.dataset.ttfaMs = utt && utt.ttfaMs !== null ? String(Math.round(utt.ttfaMs)) : "";
@@ -1593,13 +1664,25 @@ class App {
     $("stat-buffered").textContent = `${Math.round(bufferedMs)} ms`;
     const silentMs = r ? Math.round((r.underrunSamples * 1000) / rate) : 0;
     const late = utt && utt.lateArrivals ? `; audio came late ${utt.lateArrivals}×` : "";
-    $("stat-underruns").textContent =
-      r && r.underruns ? `${r.underruns} (${silentMs} ms silent${late})` : "0";
+    $("stat-underruns").textContent = underruns ? `${underruns} (${silentMs} ms silent${late})` : "0";
     $("stat-ttfa").textContent =
       utt && utt.ttfaMs !== null ? `${Math.round(utt.ttfaMs)} ms` : "–";
     $("stat-format").textContent = this.formatLabel(utt);
     $("stat-kbps").textContent =
       utt && utt.audioMs > 0 ? `${((utt.audioBytes * 8) / utt.audioMs).toFixed(1)} kbps` : "–";
+  }
+
+  /** What the reply a new Speak cut short used (its `cancelled.usage`); null hides it. */
+  renderCutUsage(u) {
+    const el = $("usage-cut");
+    el.hidden = !u;
+    el.dataset.computeMs = u ? String(u.compute_ms ?? "") : "";
+    if (!u) return;
+    const cost = u.cost == null ? "" : `, cost ${Number(u.cost).toPrecision(3)}`;
+    el.textContent =
+      `The reply cut short used ${u.chars ?? "n/a"} characters, ` +
+      `${fmt(u.audio_ms == null ? null : u.audio_ms / 1000, 2, " s")} of audio, ` +
+      `${fmt(u.compute_ms, 0, " ms")} of compute${cost}`;
   }
 
   formatLabel(utt) {
