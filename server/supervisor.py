@@ -155,8 +155,7 @@ class Supervisor:
             # service manager's reaches the back end as well, which then stops them all).
             go_on = self._count_exit(quick=time.monotonic() - started < QUICK_EXIT_S)
             log.log(logging.INFO if code == 0 else logging.ERROR,
-                    "front end %s %s (exit %s%s)%s", name,
-                    "killed, stuck" if killed else "exited on its own", code,
+                    "front end %s %s (exit %s%s)%s", name, _how_it_ended(code, killed), code,
                     ": stopped by a signal of its own" if code == 0 else "",
                     "; starting another" if go_on else "")
             if not go_on:
@@ -358,3 +357,14 @@ async def _back_end(cfg: ServerConfig, command: list[str], link: str, port: int,
     await runner.cleanup()
     log.info("server stopped")
     return 1 if supervisor.failed.is_set() else 0
+
+
+def _how_it_ended(code: int | None, killed: bool) -> str:
+    """A front end's end, in words: killed here as stuck, by someone else's signal (an operator,
+    the OOM killer), or on its own."""
+    if killed:
+        return "killed, stuck"
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"ended by {signal.Signals(-code).name}"
+    return "exited on its own"
