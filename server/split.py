@@ -422,6 +422,10 @@ class LinkServer:
             return
         now = time.monotonic()
         held_up = now - self._watched_at > self.silent_s / 4
+        if held_up:
+            log.warning("the back end's event loop was held up %.1f s (blocked, or the process "
+                        "stopped): its front ends' words waited unread, none is blamed",
+                        now - self._watched_at)
         self._watched_at = now
         for conn in list(self.connections):
             if held_up:
@@ -559,6 +563,7 @@ class RemoteScheduler:
         self.status = BackEndStatus()
         self.heard_at = time.monotonic()   # the last status came then
         self.reports_read = 0   # the back end's numbered `done`/`cancelled` handed on so far
+        self.silence_told = False   # a silent back end was logged (check_silence)
 
     # ---- commands ----
     def open(self, sid: str, options: StreamOptions,
@@ -628,7 +633,18 @@ class RemoteScheduler:
         """Seconds since the back end's last status."""
         return time.monotonic() - self.heard_at
 
+    def check_silence(self) -> None:
+        """Log once that the back end has sent no status for BACK_END_SILENT_S (this front
+        end's /healthz is 503 and it refuses new streams meanwhile: ModelSlot.unanswered)."""
+        if not self.silence_told and (silent := self.silent_s()) >= BACK_END_SILENT_S:
+            self.silence_told = True
+            log.warning("the back end has sent no status for %.1f s: refusing new streams "
+                        "until it does", silent)
+
     def on_status(self, status: dict[str, Any]) -> None:
+        if self.silence_told:
+            self.silence_told = False
+            log.info("the back end answers again after %.1f s", self.silent_s())
         self.heard_at = time.monotonic()
         load, gpu, last = status["load"], status["gpu"], self.status
         sample, seq = last.gpu, last.gpu_seq
@@ -780,6 +796,7 @@ async def _say_alive(link: Link, name: str, interval_s: float, remote: RemoteSch
     numbered reports (their usage is then logged here, by the sessions)."""
     while not link.closed:
         link.send(["alive", name, remote.reports_read])
+        remote.check_silence()
         await asyncio.sleep(interval_s)
 
 

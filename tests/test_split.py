@@ -379,10 +379,12 @@ async def test_when_the_back_end_goes_streams_fail_and_front_ends_turn_unhealthy
 
 
 async def test_a_silent_back_end_turns_the_front_ends_unhealthy_until_it_answers(
-    engine: Engine, http: aiohttp.ClientSession,
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A back end stopped (SIGSTOP) or with its event loop blocked sends no status: /healthz
-    # said 200 all along and new streams were admitted, to hear nothing.
+    # said 200 all along and new streams were admitted, to hear nothing. (And the log said
+    # nothing of it either.)
+    caplog.set_level(logging.INFO, logger="server.split")
     async with running_split(engine) as split:
         front = split.fronts[0]
         link = remote(front)
@@ -396,8 +398,13 @@ async def test_a_silent_back_end_turns_the_front_ends_unhealthy_until_it_answers
             assert (await resp.json())["status"] == "unresponsive"
         error = await refused_before_upgrade(http, front)
         assert "back end has not answered" in error["message"]
+        await wait_for(lambda: any("no status for" in m for m in caplog.messages),
+                       what="the silence logged", timeout=3)
         del link.on_status                              # it answers again
         await wait_for(lambda: front.state.unavailable() is None, what="answering again")
+        [told] = [m for m in caplog.messages if "no status for" in m]
+        assert told.startswith("the back end has sent no status for ")
+        assert any(m.startswith("the back end answers again after ") for m in caplog.messages)
         async with http.get(front.url("/healthz")) as resp:
             assert resp.status == 200
         async with http.get(front.url("/v1/status")) as resp:
@@ -409,7 +416,7 @@ async def test_a_silent_back_end_turns_the_front_ends_unhealthy_until_it_answers
 
 
 async def test_a_silent_front_end_is_reported_once_and_a_held_up_back_end_blames_none(
-    engine: Engine, http: aiohttp.ClientSession,
+    engine: Engine, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A front end stopped (SIGSTOP) or with its event loop blocked keeps its share of the port:
     # the kernel went on handing it new connections that nobody answered, for as long as it
@@ -432,6 +439,7 @@ async def test_a_silent_front_end_is_reported_once_and_a_held_up_back_end_blames
         time.sleep(1.2)
         await asyncio.sleep(0.5)
         assert len(stuck) == 1
+        assert any("event loop was held up" in r.getMessage() for r in caplog.records)
         mute.close()
         client = await connect(http, split.fronts[0])
         assert (await client.speak(SHORT)).done is not None
@@ -945,6 +953,21 @@ async def test_front_ends_that_can_never_be_started_stop_the_server(monkeypatch)
     await asyncio.wait_for(sup.failed.wait(), timeout=30)
     assert sup._quick_exits == supervisor.QUICK_EXITS_MAX
     await sup.stop(timeout_s=5)
+
+
+async def test_a_front_end_killed_from_outside_is_said_to_be(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An operator's SIGKILL (or the OOM killer's) read "exited on its own (exit -9)".
+    from server import supervisor
+
+    monkeypatch.setattr(supervisor, "RESTART_DELAY_S", 0.01)
+    caplog.set_level(logging.INFO, logger="server.supervisor")
+    sup = one_front_end("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    sup.start()
+    await asyncio.wait_for(sup.failed.wait(), timeout=30)
+    await sup.stop(timeout_s=5)
+    assert "front end fe1 ended by SIGKILL (exit -9); starting another" in caplog.messages
 
 
 async def test_a_front_end_stopped_by_its_own_signal_is_started_again_at_once(
