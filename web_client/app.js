@@ -530,7 +530,7 @@ class Captions {
     this.root.replaceChildren(placeholder);
     this.phrases = new Map(); // phrase id -> {el, start, end}
     this.words = []; // word spans sorted by start time
-    this.current = -1;
+    this.current = -1; // index of the word being heard (null: mark every word again)
     this.finished = false; // played out: nothing is highlighted any more
     this.heard = 0; // furthest position shown, so jitter in the estimate never steps back
     this.root.dataset.currentIndex = "-1";
@@ -574,6 +574,7 @@ class Captions {
     const text = p.text;
     const frag = document.createDocumentFragment();
     let cursor = 0;
+    const before = this.words.length;
     for (const [word, wStart, wEnd] of items) {
       const found = locateWord(text, word, cursor);
       const span = document.createElement("span");
@@ -593,9 +594,19 @@ class Captions {
     frag.append(text.slice(cursor));
     p.el.replaceChildren(frag);
     p.el.classList.add("timed");
-    this.words.sort((a, b) => Number(a.dataset.start) - Number(b.dataset.start));
+    const byStart = (a, b) => Number(a.dataset.start) - Number(b.dataset.start);
+    const added = this.words.slice(before).sort(byStart);
+    const last = before > 0 ? Number(this.words[before - 1].dataset.start) : -Infinity;
+    if (!added.length || Number(added[0].dataset.start) >= last) {
+      // The usual case: a phrase after those before it. Only its words get indexes, and the
+      // highlight goes on from where it is.
+      this.words.splice(before, added.length, ...added);
+      added.forEach((w, i) => (w.dataset.index = String(before + i)));
+      return;
+    }
+    this.words.sort(byStart);
     this.words.forEach((w, i) => (w.dataset.index = String(i)));
-    this.current = -1; // indexes may have moved: recompute on the next update
+    this.current = null; // indexes moved: every word is marked again on the next update
   }
 
   /**
@@ -628,18 +639,25 @@ class Captions {
     this.heard = ms;
     const idx = this.lastStartedBefore(ms);
     if (idx !== this.current) {
-      this.words.forEach((w, i) => {
-        w.classList.toggle("current", i === idx);
-        w.classList.toggle("spoken", i < idx);
-      });
+      // Only the words between the old and the new position change (the position only moves
+      // on), so a long reply costs no more per update than a short one.
+      const from = this.current === null ? 0 : Math.max(0, Math.min(this.current, idx));
+      const to = this.current === null ? this.words.length - 1 : Math.max(this.current, idx);
+      for (let i = from; i <= to && i < this.words.length; i++) {
+        this.words[i].classList.toggle("current", i === idx);
+        this.words[i].classList.toggle("spoken", i < idx);
+      }
       this.current = idx;
       this.root.dataset.currentIndex = String(idx);
       this.root.dataset.currentWord = idx >= 0 ? this.words[idx].dataset.word : "";
       if (idx >= 0) this.reveal(this.words[idx]);
     }
     for (const p of this.phrases.values()) {
-      p.el.classList.toggle("current", ms >= p.start && ms < p.end);
-      p.el.classList.toggle("spoken", ms >= p.end);
+      const state = ms >= p.end ? "spoken" : ms >= p.start ? "current" : "";
+      if (state === p.state) continue; // touch the page only where a phrase changes
+      p.state = state;
+      p.el.classList.toggle("current", state === "current");
+      p.el.classList.toggle("spoken", state === "spoken");
     }
   }
 
