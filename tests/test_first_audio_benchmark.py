@@ -40,8 +40,9 @@ def test_the_stages_of_real_streams_add_up_to_the_wait_the_client_saw() -> None:
         parts = sum(run[k] for k in STAGES if k not in ("ttfa", "first_word"))
         assert parts == pytest.approx(run["ttfa"], abs=0.5)     # each stage is rounded to 0.1
         assert run["acoustic"] > 1 and run["first_decode"] > 1  # the model really ran
-        # The voice's lead-in is cut to scheduler.lead_in_ms (20 ms: 2 frames of 11.6 ms).
-        assert 0 <= run["first_word"] - run["ttfa"] <= 23.3, run
+        # The voice's lead-in is cut to scheduler.lead_in_ms (20 ms: 2 frames, 23.2 ms), give
+        # or take the rounding of both figures to 0.1 ms (a CI run read 90.4 - 67.1).
+        assert 0 <= run["first_word"] - run["ttfa"] <= 23.2 + 0.15, run
 
 
 def test_the_95th_percentile_is_a_measured_value_by_nearest_rank() -> None:
