@@ -299,11 +299,19 @@ async def test_a_stream_cancelled_just_before_its_front_end_died_has_its_usage_l
         back = split.back_state.model.scheduler
         assert back is not None
         await wait_for(lambda: back.stream_count == 0, what="the stream gone in the back end")
-        await wait_for(lambda: any(sid in r.getMessage() and "chars=" in r.getMessage()
-                                   for r in caplog.records), what="its usage in the log")
-        [line] = [r.getMessage() for r in caplog.records
-                  if sid in r.getMessage() and "chars=" in r.getMessage()]
+        line = await usage_line(caplog, sid)
         assert line.startswith(f"usage of stream {sid}, cancelled (its front end ")
+
+
+async def usage_line(caplog: pytest.LogCaptureFixture, sid: str) -> str:
+    """The one log line with stream `sid`'s usage, once it is there."""
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if sid in r.getMessage() and "chars=" in r.getMessage()]
+
+    await wait_for(lambda: bool(lines()), what="its usage in the log")
+    [line] = lines()
+    return line
 
 
 async def test_a_stream_done_while_its_front_end_read_nothing_has_its_usage_logged(
@@ -331,10 +339,9 @@ async def test_a_stream_done_while_its_front_end_read_nothing_has_its_usage_logg
         await asyncio.sleep(0.3)                         # its `alive` says it read nothing new
         [conn] = [c for c in split.back[LINK].connections if c.name == "fe0"]
         conn.link._transport.abort()                    # killed as stuck
-        await wait_for(lambda: any(sid in r.getMessage() and "chars=" in r.getMessage()
-                                   for r in caplog.records), what="its usage in the log")
-        lines = [r.getMessage() for r in caplog.records if "gone before it read it" in r.getMessage()]
-        assert len(lines) == 1 and lines[0].startswith(f"usage of stream {sid}, done "), lines
+        line = await usage_line(caplog, sid)
+        assert line.startswith(f"usage of stream {sid}, done (its front end fe0 gone before ")
+        assert sum("gone before it read it" in r.getMessage() for r in caplog.records) == 1
 
 
 async def test_a_front_end_gone_leaves_nothing_in_the_back_end(
