@@ -326,6 +326,8 @@ async def test_a_stream_done_while_its_front_end_read_nothing_has_its_usage_logg
         client = await connect(http, front)
         u = await client.speak(SHORT, ctx="before")    # read and logged there: not again
         assert u.done is not None
+        [conn] = [c for c in split.back[LINK].connections if c.name == "fe0"]
+        await wait_for(lambda: not conn.unread, what="its `alive` saying it read that `done`")
         front_link = remote(front)._send.__self__
         await client.send({"type": "start", "ctx": "x"})
         await client.recv_until(lambda m: m["type"] == "ready")
@@ -337,7 +339,6 @@ async def test_a_stream_done_while_its_front_end_read_nothing_has_its_usage_logg
         assert back is not None
         await wait_for(lambda: back.stream_count == 0, what="the stream done in the back end")
         await asyncio.sleep(0.3)                         # its `alive` says it read nothing new
-        [conn] = [c for c in split.back[LINK].connections if c.name == "fe0"]
         conn.link._transport.abort()                    # killed as stuck
         line = await usage_line(caplog, sid)
         assert line.startswith(f"usage of stream {sid}, done (its front end fe0 gone before ")
