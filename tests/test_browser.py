@@ -865,6 +865,9 @@ def test_slow_link_says_so_and_what_arrived_plays_before_the_error(
     assert client.alert() == ""
     # Each time it ran dry, the audio held back came late, and the page tells so.
     assert int(client.stats()["lateArrivals"]) >= 2
+    # ... and the cushion a restart waits for doubled each time (80 ms at first): fewer,
+    # longer pauses on a link that keeps falling behind, rather than a stutter.
+    assert int(client.stats()["cushionMs"]) >= min(1000, 80 * 2 ** underruns)
     assert "audio came late" in client.page.inner_text("#stat-underruns")
 
     client.page.wait_for_function(  # the server keeps up to 1.5 s ahead of the listener

@@ -36,6 +36,10 @@ const SAMPLE_RATE = 48000; // requested from the AudioContext, and from the serv
 // PCM sample rates the server accepts besides the voice's native rate (docs/protocol.md, §3).
 const PCM_RATES = [8000, 12000, 16000, 24000, 48000];
 const STARTUP_BUFFER_MS = 80; // cushion the worklet fills before it starts playing
+// Each time the listener runs dry while the server owes audio, the cushion a restart waits for
+// doubles, up to this: a link slower than the audio then gives fewer, longer pauses rather than
+// a stutter every few hundred ms (the same silence in all).
+const CUSHION_MAX_MS = 1000;
 const STATUS_POLL_MS = 2000;
 const STATUS_TIMEOUT_MS = 4000; // a status fetch slower than this shows "status unavailable"
 const FETCH_TIMEOUT_MS = 8000; // any other fetch (voices, explaining a refusal)
@@ -314,6 +318,12 @@ class Player {
 
   clear(gen) {
     this.node.port.postMessage({ type: "clear", gen });
+  }
+
+  /** After running dry, restart `gen` only once `ms` of audio is buffered. */
+  cushion(gen, ms) {
+    const samples = Math.round((this.sampleRate * ms) / 1000);
+    this.node.port.postMessage({ type: "cushion", gen, samples });
   }
 
   /**
@@ -724,6 +734,7 @@ class Utterance {
     this.endSentAt = null; // ... and of `end`
     this.delayMs = DEFAULT_BUFFER_DELAY_MS; // start.max_buffer_delay_ms
     this.underrunsSeen = 0; // the player's underrun count at the last check
+    this.cushionAfter = 0; // owed underruns the player's restart cushion has grown for
     this.underrunsExcused = 0; // ... of which the listener ran dry while nothing was owed
     this.stalled = false; // the "connection stalled" notice is shown
     this.slowUntil = 0; // show "too slow" until then (performance.now())
@@ -1410,7 +1421,12 @@ class App {
       utt.stalled = false;
       this.showHealth("", null);
     }
-    if (utt.phase !== "streaming" || this.underruns(utt, r) < SLOW_UNDERRUNS) return;
+    const owedUnderruns = this.underruns(utt, r);
+    if (owedUnderruns > utt.cushionAfter) {
+      utt.cushionAfter = owedUnderruns;
+      this.player.cushion(utt.gen, Math.min(CUSHION_MAX_MS, STARTUP_BUFFER_MS * 2 ** owedUnderruns));
+    }
+    if (utt.phase !== "streaming" || owedUnderruns < SLOW_UNDERRUNS) return;
     if (dry) utt.slowUntil = now + SLOW_NOTICE_HOLD_MS;
     if (now < utt.slowUntil) {
       this.showHealth(MSG_SLOW, "buffering");
@@ -1678,6 +1694,7 @@ class App {
     stats.dataset.outputPeak = String(r ? Number(r.peak.toFixed(4)) : 0);
     stats.dataset.ttfaMs = utt && utt.ttfaMs !== null ? String(Math.round(utt.ttfaMs)) : "";
     stats.dataset.retries = String(utt ? utt.retries : 0);
+    stats.dataset.cushionMs = r && r.cushion ? String(Math.round((r.cushion * 1000) / rate)) : "";
     $("stat-played").textContent = `${(playedMs / 1000).toFixed(2)} s`;
     $("stat-buffered").textContent = `${Math.round(bufferedMs)} ms`;
     const silentMs = r ? Math.round((r.underrunSamples * 1000) / rate) : 0;

@@ -12,9 +12,11 @@
 //                                         finishing): running dry now is the end, not an underrun
 //   {type: "end", gen}                    no more data will come: play what is left, then "ended"
 //   {type: "clear", gen}                  stop now: drop everything buffered, output silence
+//   {type: "cushion", gen, samples}       after running dry, restart only with this much buffered
+//                                         (the page grows it when the network keeps falling behind)
 // Worklet -> page:
 //   {type: "status"|"started"|"ended"|"cleared", gen, played, buffered, underruns,
-//    underrunSamples, peak, state, time}
+//    underrunSamples, peak, state, time, cushion}
 //   played/buffered/underrunSamples are sample counts; peak is the largest |sample| output since
 //   the previous report (0 means the output was silent); time is the AudioContext time at the
 //   end of the last rendered quantum.
@@ -87,6 +89,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
     this.ring.clear();
     this.gen = gen;
     this.startupSamples = startupSamples;
+    this.cushionSamples = startupSamples; // what a restart after running dry waits for
     // idle -> buffering -> playing -> (rebuffering -> playing)* -> ended; "cleared" after Stop.
     this.state = "buffering";
     this.ended = false; // the page said no more data will come
@@ -116,6 +119,8 @@ class PlayerProcessor extends AudioWorkletProcessor {
       this.ended = true;
       const waiting = this.state === "buffering" || this.state === "rebuffering";
       if (waiting && this.ring.size === 0) this.finish();
+    } else if (msg.type === "cushion") {
+      this.cushionSamples = msg.samples;
     } else if (msg.type === "clear") {
       this.ring.clear();
       this.state = "cleared";
@@ -141,6 +146,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
       peak: this.peak,
       state: this.state,
       time: currentTime,
+      cushion: this.cushionSamples,
     });
     this.peak = 0;
     this.sinceReport = 0;
@@ -152,7 +158,8 @@ class PlayerProcessor extends AudioWorkletProcessor {
     const frames = ch0.length;
     if (this.state === "buffering" || this.state === "rebuffering") {
       // Start (or restart after running dry) only with a cushion, or when nothing more will come.
-      if (this.ring.size >= this.startupSamples || (this.ended && this.ring.size > 0)) {
+      const cushion = this.state === "buffering" ? this.startupSamples : this.cushionSamples;
+      if (this.ring.size >= cushion || (this.ended && this.ring.size > 0)) {
         const first = this.state === "buffering";
         this.state = "playing";
         if (first) this.report("started");
