@@ -231,22 +231,18 @@ class Metrics:
 
     def add_overhead(self, kind: str, seconds: float) -> None:
         """Model-thread time spent on `kind` (one of OVERHEAD_KINDS), for no stream."""
-        if kind not in OVERHEAD_KINDS:
-            raise ValueError(f"unknown overhead kind {kind!r}; expected one of {OVERHEAD_KINDS}")
+        kind = _one_of(kind, OVERHEAD_KINDS, "overhead kind")
         self.overhead_seconds.labels(kind=kind).inc(seconds)
 
     def stream_ended(self, reported: str, compute_ms: float) -> None:
         """A stream ended, its usage reported as `reported` (one of ENDED_REPORTS)."""
-        if reported not in ENDED_REPORTS:
-            raise ValueError(f"unknown report {reported!r}; expected one of {ENDED_REPORTS}")
+        _one_of(reported, ENDED_REPORTS, "report")
         self.streams_ended.labels(reported=reported).inc()
         self.ended_compute_seconds.labels(reported=reported).inc(compute_ms / 1000.0)
 
     def observe_batch(self, stage: str, size: int) -> None:
         """One model call of `stage` ("acoustic" or "decode") over `size` items."""
-        if stage not in BATCH_STAGES:
-            raise ValueError(f"unknown batch stage {stage!r}; expected one of {BATCH_STAGES}")
-        self.batch_size.labels(stage=stage).observe(size)
+        self.batch_size.labels(stage=_one_of(stage, BATCH_STAGES, "batch stage")).observe(size)
 
     def set_gpu(
         self,
@@ -318,3 +314,11 @@ class Metrics:
             mp.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _one_of(label: str, allowed: tuple[str, ...], what: str) -> str:
+    """`label`, checked to be one of a series' fixed label values (all exported from the start:
+    an unknown one would start a series nobody looks for)."""
+    if label not in allowed:
+        raise ValueError(f"unknown {what} {label!r}; expected one of {allowed}")
+    return label
