@@ -130,10 +130,14 @@ class Session:
             pending = self._answer[0] if self._answer is not None else None
             self._drop_streams(why)
             for stream in live:
-                self._send_error(
-                    ProtocolError(ErrorCode.OVERLOADED, "server is shutting down",
-                                  stream.spec.ctx, retry_after_s=self._state.admission.retry_hint())
-                    if stream is pending else ProtocolError(ErrorCode.INTERNAL, why, stream.spec.ctx))
+                if stream is not pending:
+                    self._send_error(ProtocolError(ErrorCode.INTERNAL, why, stream.spec.ctx))
+                    continue
+                try:
+                    self._refuse(stream.spec.ctx, RefusalReason.SHUTTING_DOWN,
+                                 "server is shutting down")
+                except ProtocolError as err:
+                    self._send_error(err)
             await self._outbox.drained(SHUTDOWN_DRAIN_S)
             await self._close(WSCloseCode.GOING_AWAY, "server shutting down")
         try:
