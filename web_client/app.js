@@ -734,8 +734,8 @@ class Utterance {
     this.endSentAt = null; // ... and of `end`
     this.delayMs = DEFAULT_BUFFER_DELAY_MS; // start.max_buffer_delay_ms
     this.underrunsSeen = 0; // the player's underrun count at the last check
-    this.cushionAfter = 0; // owed underruns the player's restart cushion has grown for
     this.underrunsExcused = 0; // ... of which the listener ran dry while nothing was owed
+    this.cushionAfter = 0; // owed underruns the player's restart cushion has grown for
     this.stalled = false; // the "connection stalled" notice is shown
     this.slowUntil = 0; // show "too slow" until then (performance.now())
     this.lostReason = null; // the socket closed mid-stream: shown once what arrived has played
