@@ -593,6 +593,53 @@ def test_captions_follow_the_speech_without_scrolling_the_page(client: Client) -
     assert client.errors == []
 
 
+def test_a_playing_page_rewrites_its_figures_a_few_times_a_second_and_idle_asks_no_frames(
+    client: Client,
+) -> None:
+    # Each figure written into the page repaints it, captions and all: the stats were rewritten
+    # at every audio message and player report (~70 times a second) and the caption loop asked
+    # for a frame 60 times a second even with nothing playing.
+    page = client.page
+    page.add_init_script(
+        "window.__frames = 0; const raf = window.requestAnimationFrame.bind(window);"
+        " window.requestAnimationFrame = (cb) => { window.__frames += 1; return raf(cb); };"
+    )
+    page.reload()
+    client.login()
+    client.wait_voices()
+    frames = page.evaluate("window.__frames")
+    time.sleep(1.0)
+    assert page.evaluate("window.__frames") == frames, "an idle page asked for frames"
+
+    client.speak(PARAGRAPH, wps=0)
+    client.wait_played_ms(500)
+    page.evaluate(
+        """() => {
+          window.__writes = 0; window.__reports = 0;
+          new MutationObserver((ms) => { window.__writes += ms.length; }).observe(
+            document.querySelector('#stat-buffered'),
+            {childList: true, characterData: true, subtree: true});
+          new MutationObserver((ms) => { window.__reports += ms.length; }).observe(
+            document.querySelector('#stats'),
+            {attributes: true, attributeFilter: ['data-buffered-ms']});
+        }"""
+    )
+    frames = page.evaluate("window.__frames")
+    time.sleep(2.0)
+    writes, reports = page.evaluate("[window.__writes, window.__reports]")
+    assert page.evaluate("window.__frames") > frames + 30, "the highlight stopped following"
+    # The exact figure (data-*) follows every report; the words a person reads, 4 times a second.
+    assert reports >= 20, reports
+    assert 1 <= writes <= 2.0 / 0.25 + 2, (writes, reports)
+
+    _wait_state(client, "done", timeout_ms=60_000)
+    time.sleep(0.3)
+    frames = page.evaluate("window.__frames")
+    time.sleep(1.0)
+    assert page.evaluate("window.__frames") == frames, "the page kept asking for frames when done"
+    assert client.errors == []
+
+
 def test_wrong_token_says_authentication_failed(client: Client) -> None:
     # No token at all: the page asks for one (it said "Authentication failed" at Speak), and
     # the voice list says why it is empty (it said "Loading voices…" for ever).

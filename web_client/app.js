@@ -85,7 +85,21 @@ const LATE_MARGIN_MS = 20;
 const SLOW_TYPING_MS = 250;
 const DEFAULT_BUFFER_DELAY_MS = 300; // the protocol's max_buffer_delay_ms when none is sent
 
+// The stream's figures in words are rewritten at most this often (their data-* attributes at
+// every report); a change of state rewrites them at once.
+const STATS_TEXT_MS = 250;
+
 const $ = (id) => document.getElementById(id);
+
+/**
+ * Show `text` in `el`, touching the page only when it differs. Assigning textContent replaces the
+ * text even when it is the same, and the browser then lays out and repaints the page: the stream's
+ * statistics are rendered at every audio message and player report (~70 times a second), and a
+ * repaint's cost grows with the captions above them.
+ */
+function setText(el, text) {
+  if (el.textContent !== text) el.textContent = text;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Small helpers
@@ -801,6 +815,8 @@ class App {
     // The stream a Speak cut short (barge-in): its `cancelled` comes after the new one began,
     // with what it used, shown apart from the new reply's usage.
     this.cutCtx = null;
+    this.following = false; // the captions' frame loop is running
+    this.statsTextDue = 0; // performance.now() before which the figures in words stay as shown
     this.voices = [];
     this.voicesLoaded = false; // the last /v1/voices answered with a list
     this.voicesError = ""; // the alert loadVoices() showed, cleared when a later load works
@@ -842,7 +858,21 @@ class App {
     this.loadVoices();
     this.pollStatus();
     setInterval(() => this.checkHealth(), HEALTH_CHECK_MS);
+  }
+
+  /**
+   * Move the captions' highlight at every frame while an utterance is under way. The loop ends
+   * with it: a page left open between replies asks the browser for no frames at all.
+   */
+  followCaptions() {
+    if (this.following) return;
+    this.following = true;
     const tick = () => {
+      const utt = this.utt;
+      if (!utt || utt.phase === "done" || utt.phase === "cancelled" || utt.phase === "error") {
+        this.following = false;
+        return;
+      }
       this.updateCaptions();
       requestAnimationFrame(tick);
     };
@@ -1069,6 +1099,7 @@ class App {
     const utt = new Utterance(++this.gen, settings);
     this.utt = utt;
     this.captions.reset();
+    this.followCaptions();
     this.clearUsage();
     this.renderStats("streaming", "connecting…");
     this.el.stop.disabled = false;
@@ -1463,7 +1494,7 @@ class App {
       this.el.notice.textContent = "";
       this.healthNotice = "";
     }
-    $("stat-state").textContent = label || this.stateLabel;
+    setText($("stat-state"), label || this.stateLabel);
   }
 
   /** Stalled too long: cancel the stream and close the socket (the next Speak opens a new one). */
@@ -1678,7 +1709,7 @@ class App {
     if (state) {
       stats.dataset.state = state;
       this.stateLabel = label || state;
-      $("stat-state").textContent = this.stateLabel;
+      setText($("stat-state"), this.stateLabel);
       if (state !== "streaming") this.showNotice(state === "done" ? "Finished" : "");
     }
     const utt = this.utt;
@@ -1695,16 +1726,19 @@ class App {
     stats.dataset.ttfaMs = utt && utt.ttfaMs !== null ? String(Math.round(utt.ttfaMs)) : "";
     stats.dataset.retries = String(utt ? utt.retries : 0);
     stats.dataset.cushionMs = r && r.cushion ? String(Math.round((r.cushion * 1000) / rate)) : "";
-    $("stat-played").textContent = `${(playedMs / 1000).toFixed(2)} s`;
-    $("stat-buffered").textContent = `${Math.round(bufferedMs)} ms`;
+    // The figures in words change at every audio message and player report; a person reads them
+    // a few times a second, and each change repaints the page (the captions' text included).
+    const now = performance.now();
+    if (!state && now < this.statsTextDue) return;
+    this.statsTextDue = now + STATS_TEXT_MS;
+    setText($("stat-played"), `${(playedMs / 1000).toFixed(1)} s`); // tenths: data-played-ms is exact
+    setText($("stat-buffered"), `${Math.round(bufferedMs)} ms`);
     const silentMs = r ? Math.round((r.underrunSamples * 1000) / rate) : 0;
     const late = utt && utt.lateArrivals ? `; audio came late ${utt.lateArrivals}×` : "";
-    $("stat-underruns").textContent = underruns ? `${underruns} (${silentMs} ms silent${late})` : "0";
-    $("stat-ttfa").textContent =
-      utt && utt.ttfaMs !== null ? `${Math.round(utt.ttfaMs)} ms` : "–";
-    $("stat-format").textContent = this.formatLabel(utt);
-    $("stat-kbps").textContent =
-      utt && utt.audioMs > 0 ? `${((utt.audioBytes * 8) / utt.audioMs).toFixed(1)} kbps` : "–";
+    setText($("stat-underruns"), underruns ? `${underruns} (${silentMs} ms silent${late})` : "0");
+    setText($("stat-ttfa"), utt && utt.ttfaMs !== null ? `${Math.round(utt.ttfaMs)} ms` : "–");
+    setText($("stat-format"), this.formatLabel(utt));
+    setText($("stat-kbps"), utt && utt.audioMs > 0 ? `${((utt.audioBytes * 8) / utt.audioMs).toFixed(1)} kbps` : "–");
   }
 
   /** What the reply a new Speak cut short used (its `cancelled.usage`); null hides it. */
