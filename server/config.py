@@ -378,7 +378,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="listen address")
     parser.add_argument("--port", type=int, help="listen port")
     parser.add_argument("--device", help="model device: cpu, cuda or cuda:N")
-    parser.add_argument("--voice", help="default voice id")
+    parser.add_argument("--voice", help="the voice to serve: a voice id, or a path to a "
+                        "Piper .onnx file (its .onnx.json beside it)")
     parser.add_argument("--max-streams", type=int, dest="max_streams",
                         help="concurrent streams admitted")
     parser.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
