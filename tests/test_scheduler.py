@@ -410,6 +410,43 @@ async def test_a_streams_first_audio_leaves_out_the_voices_lead_in_and_the_times
     assert usage["audio_ms"] == pytest.approx(t)
 
 
+async def test_a_cut_inside_a_clause_leaves_out_the_voices_pause_at_either_side():
+    # The fake voice ends a phrase with [pad after the last word, eos] and starts one with
+    # [bos, pad]: 2 frames (20 ms) after the last word's end, 4 (40 ms) before the first word.
+    # "Hello there" ends in no mark: its end keeps 10 ms past its last word, and the phrase
+    # after it starts 10 ms before its first word. "Second one here." ends a sentence: its
+    # pause and the next phrase's lead-in stay whole.
+    engine = FakeEngine(schedule=(8, 16))
+    sched, task = await running(engine, join_keep_ms=10.0)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    for part in ("Hello there", " Second one here.", " Third."):
+        sched.text("s", part)
+        sched.flush("s")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    first, second, third = sink.phrases()
+    assert first.end_ms == pytest.approx(first.words[-1][2] + 10)
+    assert second.start_ms == first.end_ms
+    assert second.words[0][1] == pytest.approx(second.start_ms + 10)
+    assert second.end_ms == pytest.approx(second.words[-1][2] + 20)
+    assert third.words[0][1] == pytest.approx(third.start_ms + 40)
+    speech = np.concatenate([samples for samples, _ in sink.audio()])[::HOP]
+    n_first, n_second = int(first.end_ms / 10), int((second.end_ms - second.start_ms) / 10)
+    np.testing.assert_array_equal(speech[:n_first] % 1000, np.arange(n_first))
+    # The second phrase's audio starts at its frame 3, past 3 of its 4 lead-in frames.
+    np.testing.assert_array_equal(speech[n_first:n_first + n_second] % 1000,
+                                  np.arange(3, 3 + n_second))
+    assert speech[n_first + n_second] % 1000 == 0
+    t = 0.0
+    for samples, pts in sink.audio():   # the timeline runs on without a gap
+        assert pts == pytest.approx(t)
+        t += len(samples) / RATE * 1000
+    assert t == pytest.approx(third.end_ms)
+    assert sink.events[-1][1]["audio_ms"] == pytest.approx(t)
+
+
 async def gone_and_stays(engine: FakeEngine, gone_text: str, stays_text: str):
     """A running scheduler with two streams speaking: "gone" (to be cancelled) and "stays"."""
     sched, task = await running(engine)

@@ -69,6 +69,13 @@ def function_words_for(language: str) -> frozenset[str]:
     return ENGLISH_FUNCTION_WORDS if language.lower().startswith("en") else frozenset()
 
 
+def ends_in_mark(phrase: str) -> bool:
+    """Whether a phrase ends with a punctuation mark, a sentence's or a clause's (closing quotes
+    or brackets may follow it): where a reader pauses. A phrase that does not was cut inside a
+    clause (early, for first audio, or at a pause in the text)."""
+    return bool(_ENDS_IN_MARK.search(phrase.rstrip()))
+
+
 def ends_sentence(phrase: str) -> bool:
     """Whether a phrase ends with sentence-final punctuation (closing quotes or brackets may
     follow it): after one that does not, more of its sentence is still to come."""
