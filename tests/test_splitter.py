@@ -337,6 +337,21 @@ def test_cut_at_word_speaks_complete_words_only() -> None:
     assert splitter.push("Smith", buffered_ms=0.0) == [] and splitter.cut_at_word() == []
 
 
+def test_cut_at_word_does_not_speak_a_function_word_alone() -> None:
+    # Sub-word tokens at 15/s: by first_phrase_wait_ms only "The" had come; spoken alone, it was
+    # drawn out and a silence of ~350 ms followed while the next word came.
+    splitter = PhraseSplitter(ENGLISH)
+    assert splitter.push("The quar", buffered_ms=0.0) == []
+    assert splitter.cut_at_word() == []
+    assert splitter.push("terly rep", buffered_ms=0.0) == []
+    assert splitter.cut_at_word() == ["The quarterly"]
+    assert splitter.push("ort of the ", buffered_ms=0.0) == []
+    assert splitter.cut_at_word() == [" report"]       # "of the" lead the next phrase
+    assert splitter.pending == " of the "
+    assert splitter.cut_at_word() == []
+    assert splitter.flush() == [" of the "]          # max_buffer_delay_ms: spoken as it is
+
+
 def test_ends_sentence_sees_terminals_through_closing_quotes() -> None:
     assert [ends_sentence(p) for p in ("Hello.", 'He said "hi!"', "好。", "(see above.) ")] == [True] * 4
     assert [ends_sentence(p) for p in ("Hello", "Wait,", "and Dr", " ", "")] == [False] * 5

@@ -264,7 +264,11 @@ class PhraseSplitter:
     def cut_at_word(self) -> list[str]:
         """Everything pending up to its last complete word (whitespace seen after it), as one
         phrase; [] when no word is complete yet. For a listener kept waiting for its first
-        phrase by slowly arriving text: speak what has come rather than wait for more words."""
+        phrase by slowly arriving text: speak what has come rather than wait for more words.
+        Function words and numbers at its end lead the next phrase; where they are all that has
+        come ("The"), [] too: spoken alone, such a word was drawn out and followed by a silence
+        of ~350 ms while the next word arrived (sub-word tokens at 15/s), and it waits for that
+        word instead (or for the stream's max_buffer_delay_ms, which speaks it as it is)."""
         cs = self._leading_end()
         last, horizon = None, cs + self._cfg.max_phrase_chars
         tags = html_tags(self._buf, cs, horizon)
@@ -273,9 +277,10 @@ class PhraseSplitter:
                 last = end
         if last is None:
             return []
-        # Function words and numbers at its end lead the next phrase, unless they are all it has.
         strong = self._before_leaning_words(cs, last)
-        if strong > cs and not _inside(tags, strong):
+        if strong == cs:
+            return []
+        if not _inside(tags, strong):
             last = strong
         phrase = self._take(last)
         self._compact()
