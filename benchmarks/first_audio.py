@@ -13,8 +13,12 @@ at --wps words per second) and `end`, and reports per run, and as medians, 95th 
     encode          that step's end -> its first audio encoded (hand-over, resampling, Opus)
     deliver         -> the first `audio` received (outbox, socket, the client's read)
     ttfa            the client's first send -> the first `audio` received
-    first_word      ttfa + where the first word starts in that audio (its `words` start_ms):
-                    when a listener that plays from the first audio hears the first word
+    first_word      ttfa + where the first word starts in that audio (its `words` start_ms,
+                    from the model's durations)
+    first_sound     ttfa + where that audio first has sound (a 5 ms window above -50 dBFS,
+                    the Opus decoded here, less the codec's delay): when a listener that plays
+                    from the first audio hears something. The durations can put a word's start
+                    after its first sound ("Th" of "The" 4-5 frames before it)
 
 The child and this process read the same clock (`time.monotonic`, system-wide on Linux). The
 stamps are taken by wrapping a few methods; they cost microseconds each.
@@ -45,6 +49,7 @@ from typing import Any
 
 import aiohttp
 import msgpack
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,7 +57,9 @@ from benchmarks.load import send_text  # noqa: E402
 from benchmarks.texts import PARAGRAPH  # noqa: E402
 
 STAGES = ("text_to_model", "acoustic", "first_decode", "encode", "deliver", "ttfa",
-          "first_word")
+          "first_word", "first_sound")
+SOUND_DBFS = -50.0     # a 5 ms window louder than this has sound
+OPUS_RATE = 48000      # the protocol's default format: Opus at 48 kHz
 READY_TIMEOUT_S = 300.0
 
 
@@ -115,10 +122,26 @@ def serve(events_path: str, server_args: list[str]) -> int:
 # ------------------------------------------------------------------ the client side
 
 
+def first_sound_ms(packets: list[bytes]) -> float | None:
+    """Where the stream's decoded Opus first has sound, in ms of its timeline; None if never."""
+    import opuslib
+    decoder = opuslib.Decoder(OPUS_RATE, 1)
+    pcm = np.frombuffer(b"".join(decoder.decode(bytes(p), OPUS_RATE // 50) for p in packets),
+                        dtype="<i2").astype(np.float64) / 32768.0
+    delay = opuslib.Encoder(OPUS_RATE, 1, opuslib.APPLICATION_VOIP).lookahead
+    window = OPUS_RATE // 200
+    n = len(pcm) // window
+    rms = np.sqrt(np.mean(pcm[: n * window].reshape(n, window) ** 2, axis=1))
+    loud = np.flatnonzero(rms > 10 ** (SOUND_DBFS / 20))
+    if not len(loud):
+        return None
+    return max(0.0, (loud[0] * window - delay) * 1000.0 / OPUS_RATE)
+
+
 async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str],
-                      wps: float) -> tuple[float, float, float]:
-    """(first send time, first audio time, the first word's start in the stream in ms) of one
-    stream that sends `words` at `wps` words per second (0: at once)."""
+                      wps: float) -> tuple[float, float, float, float]:
+    """(first send time, first audio time, the first word's start and the first sound in the
+    stream in ms) of one stream that sends `words` at `wps` words per second (0: at once)."""
     async with session.ws_connect(url, max_msg_size=0) as ws:
         await ws.send_bytes(msgpack.packb({"type": "start", "ctx": "a"}))
         ready = msgpack.unpackb((await ws.receive(timeout=30)).data)
@@ -126,15 +149,19 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str]
             raise RuntimeError(f"not admitted: {ready}")
         sent = time.monotonic()
         sender = asyncio.create_task(send_text(ws, "a", words, wps))
-        first, first_word = None, None
+        first, first_word, packets = None, None, []
         try:
             while True:
                 raw = await ws.receive(timeout=60)
                 if raw.type != aiohttp.WSMsgType.BINARY:
                     raise RuntimeError(f"the socket closed: {raw.type}")
                 msg = msgpack.unpackb(raw.data)
-                if msg["type"] == "audio" and first is None:
-                    first = time.monotonic()
+                if msg["type"] == "audio":
+                    if first is None:
+                        first = time.monotonic()
+                    if len(packets) < 50:   # the first second
+                        data = msg["data"]
+                        packets += data if isinstance(data, list) else [data]
                 elif msg["type"] == "words" and first_word is None and msg["items"]:
                     first_word = msg["items"][0][1]
                 elif msg["type"] == "error":
@@ -144,9 +171,10 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, words: list[str]
             await sender
         finally:
             sender.cancel()
-        if first is None or first_word is None:
-            raise RuntimeError("`done` without any audio or word")
-        return sent, first, first_word
+        sound = first_sound_ms(packets)
+        if first is None or first_word is None or sound is None:
+            raise RuntimeError("`done` without any audio, word or sound")
+        return sent, first, first_word, sound
 
 
 async def play(url: str, runs: int, words: int, wps: float,
@@ -184,7 +212,7 @@ def _first(events: list[tuple[float, str]], name: str, after: float, before: flo
 
 
 def breakdown(events: list[tuple[float, str]], sent: float, first: float,
-              first_word_ms: float) -> dict[str, float]:
+              first_word_ms: float, first_sound_ms: float) -> dict[str, float]:
     """One run's stages in ms (see the module docstring)."""
     a0 = _first(events, "acoustic+", sent, first)
     a1 = _first(events, "acoustic-", sent, first)
@@ -196,7 +224,8 @@ def breakdown(events: list[tuple[float, str]], sent: float, first: float,
     return {"text_to_model": (a0 - sent) * ms, "acoustic": (a1 - a0) * ms,
             "first_decode": (s1 - a1) * ms, "encode": (e1 - s1) * ms,
             "deliver": (first - e1) * ms, "ttfa": (first - sent) * ms,
-            "first_word": (first - sent) * ms + first_word_ms}
+            "first_word": (first - sent) * ms + first_word_ms,
+            "first_sound": (first - sent) * ms + first_sound_ms}
 
 
 def nearest_rank(values: list[float], q: float) -> float:

@@ -131,6 +131,7 @@ class SchedulerConfig:
     heap_trim_interval_s: float = 30.0  # give the C heap's free pages back this often (0: never)
     catch_up_after_ms: float = 3000.0  # streams with max_speed speed up past this much speech coming
     lead_in_ms: float = 20.0  # a stream's first audio starts this long before its first word (< 0: off)
+    lead_in_search_ms: float = 50.0  # ... starting up to this much sooner where the audio has sound there
     join_keep_ms: float = 40.0  # a cut inside a clause: silence kept after its last word and before the next's first (< 0: off)
 
     def __post_init__(self) -> None:

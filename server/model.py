@@ -256,7 +256,7 @@ def build_scheduler(
         heap_trim_interval_s=s.heap_trim_interval_s, buffer_delay_hold_ms=s.buffer_delay_hold_ms,
         function_word_wait_ms=s.function_word_wait_ms, delay_min_words=s.delay_min_words,
         catch_up_after_ms=s.catch_up_after_ms, lead_in_ms=s.lead_in_ms,
-        join_keep_ms=s.join_keep_ms,
+        join_keep_ms=s.join_keep_ms, lead_in_search_ms=s.lead_in_search_ms,
         cost_half_life_s=cfg.admission.cost_half_life_s,
         recalibrate_idle_s=cfg.admission.recalibrate_idle_s,
         probe_streams=cfg.admission.cost_probe_streams,

@@ -71,6 +71,7 @@ class SchedulerConfig:
     delay_min_words: int = 0           # ... trailing function words, and speak at least this many words
     catch_up_after_ms: float = 3000.0  # a stream with catch_up > 1 speeds up past this much speech coming
     lead_in_ms: float = -1.0           # a stream's first audio starts at most this long before its first word (< 0: as the voice made it)
+    lead_in_search_ms: float = 0.0     # ... a lead-in cut starts up to this much sooner where there is sound (an "s"), kept
     join_keep_ms: float = -1.0         # a phrase cut inside a clause: silence kept after its last word, and before the next one's first (< 0: as the voice made it)
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
@@ -178,17 +179,45 @@ class _Result:
 
 
 def _cut_lead_in(plan: list[tuple[int, int]], res: AcousticResult, ph: PhonemizedText,
-                 keep_frames: int | None) -> list[tuple[int, int]]:
+                 keep_frames: int | None, search_frames: int = 0) -> tuple[list[tuple[int, int]], int]:
     """`plan` with its first chunk starting `keep_frames` before the phrase's first word (the
     voice's lead-in, silence, left out), or as it is (`keep_frames` None, no word, or a lead-in
-    no longer than that). The first chunk keeps its end: its decode has the same shape."""
+    no longer than that). The first chunk keeps its end. With `search_frames`, it starts up to
+    that many frames sooner, for _trim_quiet_lead to look at once decoded; returns the plan and
+    the frames it starts sooner."""
     if keep_frames is None or not ph.words:
-        return plan
+        return plan, 0
     lead_in = int(np.sum(res.durations[:ph.words[0].first_id]))
     cut = min(lead_in - keep_frames, plan[0][1] - 1)
     if cut <= 0:
-        return plan
-    return [(cut, plan[0][1]), *plan[1:]]
+        return plan, 0
+    start = max(0, cut - search_frames)
+    return [(start, plan[0][1]), *plan[1:]], cut - start
+
+
+def _trim_quiet_lead(new: _NewPhrase, searched: int, keep_frames: int, hop: int) -> _NewPhrase:
+    """Leave out the quiet frames at the start of a new phrase's first chunk, decoded
+    `searched` frames sooner than its durations' cut: at most that many, and never the
+    `keep_frames` before its first frame with sound. The durations put an "s" or "sh" that
+    opens a word 1-2 frames inside the silence before it, and a cut by them alone clipped it."""
+    if searched <= 0:
+        return new
+    audio = new.first_audio
+    look = min(searched + keep_frames, len(audio) // hop)
+    frames = audio[: look * hop].reshape(look, hop)
+    loud = np.flatnonzero(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
+                          > _QUIET_RMS)
+    first_sound = int(loud[0]) if len(loud) else look
+    trim = max(0, min(first_sound - keep_frames, searched))
+    if not trim:
+        return new
+    (a, b), rest = new.plan[0], new.plan[1:]
+    return replace(new, plan=[(a + trim, b), *rest], first_audio=audio[trim * hop:])
+
+
+# A frame of a lead-in quieter than this (RMS, full scale 1.0: -50 dBFS) is silence; the voice's
+# lead-in is at -70 to -95 dBFS, the opening of an "s" at -24 to -34.
+_QUIET_RMS = 10 ** (-50 / 20)
 
 
 def _cut_tail(plan: list[tuple[int, int]], res: AcousticResult, ph: PhonemizedText,
@@ -312,6 +341,7 @@ class Scheduler:
         # Frames of the voice's lead-in kept before a stream's first word (None: all of them).
         self._lead_in_frames = (round(config.lead_in_ms / self.frame_ms)
                                 if config.lead_in_ms >= 0 else None)
+        self._search_frames = round(config.lead_in_search_ms / self.frame_ms)
         # ... and of the silence the voice makes at either side of a cut inside a clause.
         self._join_frames = (round(config.join_keep_ms / self.frame_ms)
                              if config.join_keep_ms >= 0 else None)
@@ -1192,9 +1222,12 @@ class Scheduler:
             firsts.append(first)
             cuts.append((lead_in, tail))
         acoustic = self.engine.acoustic(jobs)
-        plans = [_cut_tail(_cut_lead_in(self.engine.chunk_plan(r.num_frames, first), r, key[2],
-                                        lead_in), r, key[2], tail)
-                 for r, first, key, (lead_in, tail) in zip(acoustic, firsts, keys, cuts)]
+        plans, searched = [], []
+        for r, first, key, (lead_in, tail) in zip(acoustic, firsts, keys, cuts):
+            plan, sooner = _cut_lead_in(self.engine.chunk_plan(r.num_frames, first), r, key[2],
+                                        lead_in, self._search_frames)
+            plans.append(_cut_tail(plan, r, key[2], tail))
+            searched.append((sooner, lead_in))
         # A stream cancelled (or closed) since the step began is not decoded: its output would
         # be thrown away, and its `cancelled` waits for the step. (The event loop adds to
         # `_leaving` meanwhile; a stream it adds too late is decoded and dropped as before.)
@@ -1211,19 +1244,20 @@ class Scheduler:
             decode.append(job)
             decoded.append(sid)
         new = []
-        for key, res, plan, job in zip(keys, acoustic, plans, jobs):
+        for key, res, plan, job, search in zip(keys, acoustic, plans, jobs, searched):
             if key[0] in leaving:
                 result.dropped[key[0]] = (result.dropped.get(key[0], 0.0)
                                           + _ACOUSTIC_COST_PER_FRAME * res.num_frames)
                 continue
             decode.append(DecodeJob(z=res.z, start=plan[0][0], end=plan[0][1],
                                     speaker=job.params.speaker, phrase_frames=res.num_frames))
-            new.append((key, res, plan))
+            new.append((key, res, plan, search))
         audio = self.engine.decode(decode) if decode else []
         for sid, chunk in zip(decoded, audio):
             result.audio[sid] = chunk
-        for ((sid, text, ph), res, plan), chunk in zip(new, audio[len(decoded):]):
-            result.phrases[sid] = _NewPhrase(text, ph, res, plan, chunk)
+        for ((sid, text, ph), res, plan, (sooner, keep)), chunk in zip(new, audio[len(decoded):]):
+            result.phrases[sid] = _trim_quiet_lead(_NewPhrase(text, ph, res, plan, chunk), sooner,
+                                                   keep or 0, self.engine.hop_length)
         result.frames = (sum(j.end - j.start for j in decode)
                          + _ACOUSTIC_COST_PER_FRAME * sum(r.num_frames for r in acoustic))
         result.seconds = time.perf_counter() - t0

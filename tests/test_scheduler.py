@@ -410,6 +410,49 @@ async def test_a_streams_first_audio_leaves_out_the_voices_lead_in_and_the_times
     assert usage["audio_ms"] == pytest.approx(t)
 
 
+class SoundBeforeTheWordEngine(FakeEngine):
+    """Each phrase is silent before frame `sound_from` (the fake voice's first word starts at
+    frame 4): a word whose first sound opens before its durations say (an "s")."""
+
+    def __init__(self, sound_from: int, **kw) -> None:
+        super().__init__(**kw)
+        self.sound_from = sound_from
+
+    def decode(self, jobs):
+        out = super().decode(jobs)
+        for job, audio in zip(jobs, out):
+            quiet = max(0, min(self.sound_from, job.end) - job.start)
+            audio[: quiet * HOP] = 0.0
+        return out
+
+
+@pytest.mark.parametrize("sound_from, first_frame", [(2, 1), (4, 3), (0, 0)])
+async def test_a_lead_in_cut_keeps_sound_that_opens_before_the_word(sound_from, first_frame):
+    # Keeping 10 ms (1 frame) of the 40 ms lead-in, the durations cut at frame 3. Looking 30 ms
+    # (3 frames) sooner, the cut keeps 1 quiet frame before the first with sound: a sound from
+    # frame 2 starts the audio at frame 1; one from the word's own frame 4, at 3 as before; one
+    # from frame 0 (nothing quiet), at 0.
+    engine = SoundBeforeTheWordEngine(sound_from, schedule=(8, 16))
+    sched, task = await running(engine, lead_in_ms=10.0, lead_in_search_ms=30.0)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    sched.text("s", "Hello there. Second one here.")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    first = sink.phrases()[0]
+    samples = np.concatenate([samples for samples, _ in sink.audio()])
+    speech = samples[::HOP]
+    assert first.start_ms == 0 and first.words[0][1] == pytest.approx((4 - first_frame) * 10.0)
+    n_first = int(first.end_ms / 10)
+    heard = speech[:n_first] % 1000
+    sounding = heard[speech[:n_first] != 0]
+    assert sounding[0] == max(sound_from, first_frame)   # nothing with sound is left out
+    np.testing.assert_array_equal(sounding, np.arange(sounding[0], first_frame + n_first))
+    assert np.count_nonzero(speech[:n_first] == 0) == max(0, sound_from - first_frame)
+    assert sink.events[-1][1]["audio_ms"] == pytest.approx(len(samples) / RATE * 1000)
+
+
 async def test_a_cut_inside_a_clause_leaves_out_the_voices_pause_at_either_side():
     # The fake voice ends a phrase with [pad after the last word, eos] and starts one with
     # [bos, pad]: 2 frames (20 ms) after the last word's end, 4 (40 ms) before the first word.
