@@ -144,6 +144,8 @@ class SchedulerConfig:
                  "must be 0..1", self.arriving_below_busy)
         _require(self.first_phrase_wait_ms >= 0, "scheduler.first_phrase_wait_ms", "must be >= 0",
                  self.first_phrase_wait_ms)
+        _require(self.lead_in_search_ms >= 0, "scheduler.lead_in_search_ms", "must be >= 0",
+                 self.lead_in_search_ms)
         _require(0 < self.silence_fill_ms <= self.lookahead_ms, "scheduler.silence_fill_ms",
                  "must be in (0, lookahead_ms]", self.silence_fill_ms)
         _require(self.heap_trim_interval_s >= 0, "scheduler.heap_trim_interval_s", "must be >= 0",

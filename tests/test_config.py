@@ -151,6 +151,7 @@ def test_wrong_types_are_named(tmp_path: Path, toml: str, needle: str) -> None:
     ({"log_level": "LOUD"}, "server.log_level must be one of"),
     ({"scheduler.max_batch_chunks": 9}, r"must be <= engine.max_batch \(8\)"),
     ({"audio.encode_threads": -1}, r"audio.encode_threads must be >= 0 \(0: auto\)"),
+    ({"scheduler.lead_in_search_ms": -5.0}, "scheduler.lead_in_search_ms must be >= 0"),
 ])
 def test_out_of_range_values_are_named(overrides: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
