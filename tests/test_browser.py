@@ -640,6 +640,44 @@ def test_a_playing_page_rewrites_its_figures_a_few_times_a_second_and_idle_asks_
     assert client.errors == []
 
 
+@pytest.mark.parametrize("cut", ["clear", "reset"])
+def test_stop_or_a_new_stream_fades_the_sound_out_rather_than_click(client: Client,
+                                                                     cut: str) -> None:
+    # The page's player itself, rendered offline: a 441.25 Hz tone at half scale, cut at 200 ms
+    # (88.25 cycles: at its crest) by Stop ("clear") or a new stream ("reset"). Cut at once, the
+    # output stepped by 0.5 in one sample (a click); faded over 5 ms, no step is larger than the
+    # tone's own.
+    result = client.page.evaluate(
+        """async (cut) => {
+          const rate = 48000, ctx = new OfflineAudioContext(1, rate / 2, rate);
+          await ctx.audioWorklet.addModule('static/player-worklet.js');
+          const node = new AudioWorkletNode(ctx, 'player-processor');
+          node.connect(ctx.destination);
+          node.port.postMessage({type: 'reset', gen: 1, startupSamples: 480});
+          const tone = new Float32Array(rate);
+          for (let i = 0; i < tone.length; i++) tone[i] = 0.5 * Math.sin(2 * Math.PI * 441.25 * i / rate);
+          node.port.postMessage({type: 'push', gen: 1, samples: tone});
+          ctx.suspend(0.2).then(() => {
+            node.port.postMessage(cut === 'clear' ? {type: 'clear', gen: 1}
+                                                  : {type: 'reset', gen: 2, startupSamples: 480});
+            setTimeout(() => ctx.resume(), 100);
+          });
+          const out = (await ctx.startRendering()).getChannelData(0);
+          let step = 0, lastSound = 0, firstSound = -1;
+          for (let i = 1; i < out.length; i++) {
+            step = Math.max(step, Math.abs(out[i] - out[i - 1]));
+            if (Math.abs(out[i]) > 1e-6) { lastSound = i; if (firstSound < 0) firstSound = i; }
+          }
+          return {step, firstSound, lastSoundMs: lastSound * 1000 / rate};
+        }""",
+        cut,
+    )
+    natural = 0.5 * 2 * 3.141592653589793 * 441.25 / 48000   # the tone's largest step: 0.029
+    assert result["firstSound"] >= 0, "the tone never played"
+    assert result["step"] <= 1.5 * natural, result
+    assert 200 <= result["lastSoundMs"] <= 200 + 3 + 5 + 1, result   # a quantum, then 5 ms
+
+
 def test_wrong_token_says_authentication_failed(client: Client) -> None:
     # No token at all: the page asks for one (it said "Authentication failed" at Speak), and
     # the voice list says why it is empty (it said "Loading voices…" for ever).

@@ -24,6 +24,9 @@
 const REPORT_INTERVAL_S = 0.05;
 // After Stop or the end, keep reporting this long so the page sees the silent output (peak 0).
 const TAIL_REPORT_S = 0.5;
+// Stop, or a new stream, cuts the sound playing over this long: the next few ms of what was
+// buffered, faded out. Cut at once mid-waveform, it clicked.
+const FADE_OUT_S = 0.005;
 
 class RingBuffer {
   constructor(capacity) {
@@ -78,6 +81,9 @@ class PlayerProcessor extends AudioWorkletProcessor {
   constructor() {
     super();
     this.ring = new RingBuffer(sampleRate * 10);
+    this.fade = new Float32Array(Math.round(sampleRate * FADE_OUT_S)); // the sound being cut
+    this.fadeLength = 0; // samples of `fade` to play
+    this.fadeAt = 0; // of which played
     this.gen = 0;
     this.reportEvery = Math.round(sampleRate * REPORT_INTERVAL_S);
     this.resetStream(0, Math.round(sampleRate * 0.08));
@@ -103,8 +109,19 @@ class PlayerProcessor extends AudioWorkletProcessor {
     this.tail = 0; // samples of reporting left after "cleared"/"ended"
   }
 
+  /** Keep the next few ms of what is playing, faded to silence, to play as it is dropped. */
+  fadeOut() {
+    if (this.state !== "playing") return; // nothing sounding now: nothing to cut
+    const n = Math.min(this.fade.length, this.ring.size);
+    this.ring.pull(this.fade.subarray(0, n));
+    for (let i = 0; i < n; i++) this.fade[i] *= 1 - (i + 1) / (n + 1);
+    this.fadeLength = n;
+    this.fadeAt = 0;
+  }
+
   onMessage(msg) {
     if (msg.type === "reset") {
+      this.fadeOut();
       this.resetStream(msg.gen, msg.startupSamples);
       this.report("status");
       return;
@@ -122,6 +139,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
     } else if (msg.type === "cushion") {
       this.cushionSamples = msg.samples;
     } else if (msg.type === "clear") {
+      this.fadeOut();
       this.ring.clear();
       this.state = "cleared";
       this.tail = Math.round(sampleRate * TAIL_REPORT_S);
@@ -190,6 +208,16 @@ class PlayerProcessor extends AudioWorkletProcessor {
       }
     } else if (this.state === "rebuffering" && !this.ended && !this.draining) {
       this.underrunSamples += frames;
+    }
+    if (this.fadeAt < this.fadeLength) {
+      // The sound Stop (or a new stream) cut, fading out over the stream's own first quanta.
+      const n = Math.min(frames, this.fadeLength - this.fadeAt);
+      for (let i = 0; i < n; i++) {
+        ch0[i] += this.fade[this.fadeAt + i];
+        const a = Math.abs(ch0[i]);
+        if (a > this.peak) this.peak = a;
+      }
+      this.fadeAt += n;
     }
     for (let c = 1; c < out.length; c++) out[c].set(ch0);
 
