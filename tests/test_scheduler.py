@@ -381,18 +381,27 @@ async def test_a_cancelled_stream_is_answered_with_its_usage_the_step_in_flight_
     assert usage["audio_ms"] == pytest.approx(heard, abs=1)
 
 
+async def spoken(engine: FakeEngine, parts: list[str], **cfg) -> Sink:
+    """One stream's sink once done: `parts` sent in turn, each flushed (a phrase of its own,
+    however it ends), then `end`, on a scheduler of its own with `cfg`."""
+    sched, task = await running(engine, **cfg)
+    sink = Sink()
+    sched.open("s", OPTS, sink)
+    for part in parts:
+        sched.text("s", part)
+        sched.flush("s")
+    sched.end("s")
+    await asyncio.wait_for(sink.done.wait(), 5)
+    await stop(task)
+    return sink
+
+
 async def test_a_streams_first_audio_leaves_out_the_voices_lead_in_and_the_times_follow():
     # The fake voice's lead-in: ids [bos, pad] before the first word, 2 frames each: 40 ms.
     # Keeping 10 ms of it, the first chunk starts at frame 3 of the first phrase; the first
     # word sits 10 ms into the audio, and the phrase's end moves 30 ms earlier with it.
-    engine = FakeEngine(schedule=(8, 16))
-    sched, task = await running(engine, lead_in_ms=10.0)
-    sink = Sink()
-    sched.open("s", OPTS, sink)
-    sched.text("s", "Hello there. Second one here.")
-    sched.end("s")
-    await asyncio.wait_for(sink.done.wait(), 5)
-    await stop(task)
+    sink = await spoken(FakeEngine(schedule=(8, 16)), ["Hello there. Second one here."],
+                        lead_in_ms=10.0)
     first, second = sink.phrases()[:2]
     speech = np.concatenate([samples for samples, _ in sink.audio()])[::HOP]
     assert speech[0] % 1000 == 3                       # frame 3 of the first phrase
@@ -432,14 +441,8 @@ async def test_a_lead_in_cut_keeps_sound_that_opens_before_the_word(sound_from, 
     # (3 frames) sooner, the cut keeps 1 quiet frame before the first with sound: a sound from
     # frame 2 starts the audio at frame 1; one from the word's own frame 4, at 3 as before; one
     # from frame 0 (nothing quiet), at 0.
-    engine = SoundBeforeTheWordEngine(sound_from, schedule=(8, 16))
-    sched, task = await running(engine, lead_in_ms=10.0, lead_in_search_ms=30.0)
-    sink = Sink()
-    sched.open("s", OPTS, sink)
-    sched.text("s", "Hello there. Second one here.")
-    sched.end("s")
-    await asyncio.wait_for(sink.done.wait(), 5)
-    await stop(task)
+    sink = await spoken(SoundBeforeTheWordEngine(sound_from, schedule=(8, 16)),
+                        ["Hello there. Second one here."], lead_in_ms=10.0, lead_in_search_ms=30.0)
     first = sink.phrases()[0]
     samples = np.concatenate([samples for samples, _ in sink.audio()])
     speech = samples[::HOP]
@@ -459,16 +462,8 @@ async def test_a_cut_inside_a_clause_leaves_out_the_voices_pause_at_either_side(
     # "Hello there" ends in no mark: its end keeps 10 ms past its last word, and the phrase
     # after it starts 10 ms before its first word. "Second one here." ends a sentence: its
     # pause and the next phrase's lead-in stay whole.
-    engine = FakeEngine(schedule=(8, 16))
-    sched, task = await running(engine, join_keep_ms=10.0)
-    sink = Sink()
-    sched.open("s", OPTS, sink)
-    for part in ("Hello there", " Second one here.", " Third."):
-        sched.text("s", part)
-        sched.flush("s")
-    sched.end("s")
-    await asyncio.wait_for(sink.done.wait(), 5)
-    await stop(task)
+    sink = await spoken(FakeEngine(schedule=(8, 16)), ["Hello there", " Second one here.", " Third."],
+                        join_keep_ms=10.0)
     first, second, third = sink.phrases()
     assert first.end_ms == pytest.approx(first.words[-1][2] + 10)
     assert second.start_ms == first.end_ms
