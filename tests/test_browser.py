@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -640,42 +641,73 @@ def test_a_playing_page_rewrites_its_figures_a_few_times_a_second_and_idle_asks_
     assert client.errors == []
 
 
-@pytest.mark.parametrize("cut", ["clear", "reset"])
-def test_stop_or_a_new_stream_fades_the_sound_out_rather_than_click(client: Client,
-                                                                     cut: str) -> None:
-    # The page's player itself, rendered offline: a 441.25 Hz tone at half scale, cut at 200 ms
-    # (88.25 cycles: at its crest) by Stop ("clear") or a new stream ("reset"). Cut at once, the
-    # output stepped by 0.5 in one sample (a click); faded over 5 ms, no step is larger than the
-    # tone's own.
-    result = client.page.evaluate(
-        """async (cut) => {
+TONE_HZ = 441.25   # at 48 kHz, 0.2 s after a start is 88.25 cycles: the tone's crest
+TONE_STEP = 0.5 * 2 * 3.141592653589793 * TONE_HZ / 48000   # its largest step at half scale
+
+
+def _render_player(page: Any, schedule: list[tuple[float, list[dict]]]) -> np.ndarray:
+    """Half a second of the page's own player worklet, rendered offline at 48 kHz: at each
+    (time, messages) the rendering is suspended, the messages posted (`{"tone": n}`: `push`
+    n samples of a half-scale sine at TONE_HZ from phase 0; with `"crest": true`, a cosine:
+    from 0.5 at once), and it resumes a moment later (a
+    worklet's messages arrive when they arrive: only a suspended rendering waits for them)."""
+    out = page.evaluate(
+        """async ({schedule, hz}) => {
           const rate = 48000, ctx = new OfflineAudioContext(1, rate / 2, rate);
           await ctx.audioWorklet.addModule('static/player-worklet.js');
           const node = new AudioWorkletNode(ctx, 'player-processor');
           node.connect(ctx.destination);
-          node.port.postMessage({type: 'reset', gen: 1, startupSamples: 480});
-          const tone = new Float32Array(rate);
-          for (let i = 0; i < tone.length; i++) tone[i] = 0.5 * Math.sin(2 * Math.PI * 441.25 * i / rate);
-          node.port.postMessage({type: 'push', gen: 1, samples: tone});
-          ctx.suspend(0.2).then(() => {
-            node.port.postMessage(cut === 'clear' ? {type: 'clear', gen: 1}
-                                                  : {type: 'reset', gen: 2, startupSamples: 480});
-            setTimeout(() => ctx.resume(), 100);
-          });
-          const out = (await ctx.startRendering()).getChannelData(0);
-          let step = 0, lastSound = 0, firstSound = -1;
-          for (let i = 1; i < out.length; i++) {
-            step = Math.max(step, Math.abs(out[i] - out[i - 1]));
-            if (Math.abs(out[i]) > 1e-6) { lastSound = i; if (firstSound < 0) firstSound = i; }
+          const tone = (n, crest) => Float32Array.from(
+            {length: n}, (_, i) => 0.5 * Math.sin(2 * Math.PI * hz * i / rate + (crest ? Math.PI / 2 : 0)));
+          for (const [t, messages] of schedule) {
+            ctx.suspend(t).then(() => {
+              for (const m of messages) {
+                node.port.postMessage(m.tone ? {type: 'push', gen: m.gen, samples: tone(m.tone, m.crest)}
+                                             : m);
+              }
+              setTimeout(() => ctx.resume(), 100);
+            });
           }
-          return {step, firstSound, lastSoundMs: lastSound * 1000 / rate};
+          return Array.from((await ctx.startRendering()).getChannelData(0));
         }""",
-        cut,
+        {"schedule": schedule, "hz": TONE_HZ},
     )
-    natural = 0.5 * 2 * 3.141592653589793 * 441.25 / 48000   # the tone's largest step: 0.029
-    assert result["firstSound"] >= 0, "the tone never played"
-    assert result["step"] <= 1.5 * natural, result
-    assert 200 <= result["lastSoundMs"] <= 200 + 3 + 5 + 1, result   # a quantum, then 5 ms
+    return np.asarray(out, dtype=np.float64)
+
+
+def _sounding_ms(out: np.ndarray) -> tuple[float, float]:
+    """Where the output first and last has sound, in ms."""
+    loud = np.flatnonzero(np.abs(out) > 1e-6)
+    return loud[0] / 48.0, loud[-1] / 48.0
+
+
+@pytest.mark.parametrize("cut", ["clear", "reset"])
+def test_stop_or_a_new_stream_fades_the_sound_out_rather_than_click(client: Client,
+                                                                     cut: str) -> None:
+    # A tone from 50 ms, cut 200 ms later at its crest by Stop ("clear") or a new stream
+    # ("reset"). Cut at once, the output stepped by 0.5 in one sample (a click); faded over
+    # 5 ms, no step is larger than the tone's own.
+    start = [{"type": "reset", "gen": 1, "startupSamples": 480}, {"gen": 1, "tone": 48000}]
+    stop = ({"type": "clear", "gen": 1} if cut == "clear"
+            else {"type": "reset", "gen": 2, "startupSamples": 480})
+    out = _render_player(client.page, [(0.05, start), (0.25, [stop])])
+    first, last = _sounding_ms(out)
+    assert 50 <= first <= 55 and 250 <= last <= 250 + 3 + 5 + 1, (first, last)
+    assert np.max(np.abs(np.diff(out))) <= 1.5 * TONE_STEP
+
+
+def test_sound_resuming_after_the_listener_ran_dry_fades_in(client: Client) -> None:
+    # 100 ms of tone, the player runs dry (that stop is unfaded: nothing is left to fade), and
+    # at 300 ms more arrives, from its crest (0.5 at once). Resumed at once (mid-word, as a
+    # rule) it stepped by 0.5 in one sample; faded in over 5 ms, by no more than the tone.
+    start = [{"type": "reset", "gen": 1, "startupSamples": 480}, {"gen": 1, "tone": 4800}]
+    more = [{"gen": 1, "tone": 4800, "crest": True}]
+    out = _render_player(client.page, [(0.05, start), (0.3, more)])
+    resumed = out[int(0.3 * 48000):int(0.39 * 48000)]   # before it runs dry again
+    first, _ = _sounding_ms(resumed)
+    assert first <= 5, first
+    assert np.max(np.abs(np.diff(resumed))) <= 1.5 * TONE_STEP
+    assert np.max(np.abs(resumed)) > 0.49                 # then the tone itself, whole
 
 
 def test_wrong_token_says_authentication_failed(client: Client) -> None:

@@ -25,7 +25,8 @@ const REPORT_INTERVAL_S = 0.05;
 // After Stop or the end, keep reporting this long so the page sees the silent output (peak 0).
 const TAIL_REPORT_S = 0.5;
 // Stop, or a new stream, cuts the sound playing over this long: the next few ms of what was
-// buffered, faded out. Cut at once mid-waveform, it clicked.
+// buffered, faded out. Cut at once mid-waveform, it clicked. Sound that resumes after the
+// listener ran dry (mid-word, as a rule) fades in over as long.
 const FADE_OUT_S = 0.005;
 
 class RingBuffer {
@@ -84,6 +85,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
     this.fade = new Float32Array(Math.round(sampleRate * FADE_OUT_S)); // the sound being cut
     this.fadeLength = 0; // samples of `fade` to play
     this.fadeAt = 0; // of which played
+    this.fadeIn = 0; // samples of a resumed sound still to fade in
     this.gen = 0;
     this.reportEvery = Math.round(sampleRate * REPORT_INTERVAL_S);
     this.resetStream(0, Math.round(sampleRate * 0.08));
@@ -93,6 +95,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
 
   resetStream(gen, startupSamples) {
     this.ring.clear();
+    this.fadeIn = 0;
     this.gen = gen;
     this.startupSamples = startupSamples;
     this.cushionSamples = startupSamples; // what a restart after running dry waits for
@@ -181,11 +184,15 @@ class PlayerProcessor extends AudioWorkletProcessor {
         const first = this.state === "buffering";
         this.state = "playing";
         if (first) this.report("started");
+        else this.fadeIn = this.fade.length;
       }
     }
     if (this.state === "playing") {
       const got = this.ring.pull(ch0);
       this.played += got;
+      for (let i = 0; i < got && this.fadeIn > 0; i++, this.fadeIn--) {
+        ch0[i] *= 1 - this.fadeIn / (this.fade.length + 1);
+      }
       for (let i = 0; i < got; i++) {
         const a = Math.abs(ch0[i]);
         if (a > this.peak) this.peak = a;
