@@ -197,21 +197,22 @@ def _cut_lead_in(plan: list[tuple[int, int]], res: AcousticResult, ph: Phonemize
 
 def _trim_quiet_lead(new: _NewPhrase, searched: int, keep_frames: int, hop: int) -> _NewPhrase:
     """Leave out the quiet frames at the start of a new phrase's first chunk, decoded
-    `searched` frames sooner than its durations' cut: at most that many, and never the
-    `keep_frames` before its first frame with sound. The durations put an "s" or "sh" that
-    opens a word 1-2 frames inside the silence before it, and a cut by them alone clipped it."""
+    `searched` frames sooner than its durations' cut: at most that many, never the
+    `keep_frames` before its first frame with sound, and never the chunk's last frame. The
+    durations start "The" 4-5 frames after its "Th" sounds, an "s" 1-2 frames after, and a cut
+    by them alone clipped it."""
     if searched <= 0:
         return new
     audio = new.first_audio
+    (a, b), rest = new.plan[0], new.plan[1:]
     look = min(searched + keep_frames, len(audio) // hop)
     frames = audio[: look * hop].reshape(look, hop)
     loud = np.flatnonzero(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
                           > _QUIET_RMS)
     first_sound = int(loud[0]) if len(loud) else look
-    trim = max(0, min(first_sound - keep_frames, searched))
+    trim = max(0, min(first_sound - keep_frames, searched, b - a - 1))
     if not trim:
         return new
-    (a, b), rest = new.plan[0], new.plan[1:]
     return replace(new, plan=[(a + trim, b), *rest], first_audio=audio[trim * hop:])
 
 

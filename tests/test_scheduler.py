@@ -24,7 +24,8 @@ import torch
 
 from streaming_tts.engine import AcousticResult, Engine, EngineConfig, SynthesisParams
 from streaming_tts.metering import Meter
-from streaming_tts.scheduler import _COST_PROBE_PHRASES, Scheduler, SchedulerConfig, measure_stream_cost
+from streaming_tts.scheduler import (_COST_PROBE_PHRASES, Scheduler, SchedulerConfig, _NewPhrase,
+                                      _trim_quiet_lead, measure_stream_cost)
 from streaming_tts.stream import (IDLE_CONTEXT_S, ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions,
                                   StreamState)
 from streaming_tts.text.phonemes import PhonemizedText, WordSpan
@@ -454,6 +455,26 @@ async def test_a_lead_in_cut_keeps_sound_that_opens_before_the_word(sound_from, 
     np.testing.assert_array_equal(sounding, np.arange(sounding[0], first_frame + n_first))
     assert np.count_nonzero(speech[:n_first] == 0) == max(0, sound_from - first_frame)
     assert sink.events[-1][1]["audio_ms"] == pytest.approx(len(samples) / RATE * 1000)
+
+
+def test_a_quiet_lead_is_trimmed_to_what_it_keeps_and_never_to_nothing():
+    hop = 4
+    res = AcousticResult(z=torch.zeros(1, 12), durations=np.full(6, 2), num_frames=12)
+
+    def phrase(quiet: int, plan: list[tuple[int, int]]) -> _NewPhrase:
+        audio = np.ones((plan[0][1] - plan[0][0]) * hop, dtype=np.float32)
+        audio[: quiet * hop] = 0.0
+        return _NewPhrase("x", PhonemizedText("x", [0] * 6, []), res, plan, audio)
+
+    # 4 frames searched before the durations' cut at 4, keeping 1: quiet frames 0-2, sound
+    # from frame 3: starts at frame 2.
+    cut = _trim_quiet_lead(phrase(3, [(0, 8), (8, 12)]), 4, 1, hop)
+    assert cut.plan == [(2, 8), (8, 12)] and len(cut.first_audio) == 6 * hop
+    # All quiet: at most the frames searched.
+    assert _trim_quiet_lead(phrase(8, [(0, 8)]), 4, 1, hop).plan == [(4, 8)]
+    # A first chunk shorter than that keeps its last frame.
+    short = _trim_quiet_lead(phrase(2, [(0, 2)]), 4, 0, hop)
+    assert short.plan == [(1, 2)] and len(short.first_audio) == hop
 
 
 async def test_a_cut_inside_a_clause_leaves_out_the_voices_pause_at_either_side():
