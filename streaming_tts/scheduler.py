@@ -232,8 +232,7 @@ def _cut_tail(plan: list[tuple[int, int]], res: AcousticResult, ph: PhonemizedTe
     end = max(spoken + keep_frames, plan[0][0] + 1)
     if end >= plan[-1][1]:
         return plan
-    kept = [(a, min(b, end)) for a, b in plan if a < end]
-    return kept
+    return [(a, min(b, end)) for a, b in plan if a < end]
 
 
 # A stream's speech for measure_stream_cost: a short first phrase, then whole sentences.
@@ -1223,12 +1222,12 @@ class Scheduler:
             firsts.append(first)
             cuts.append((lead_in, tail))
         acoustic = self.engine.acoustic(jobs)
-        plans, searched = [], []
+        plans, leads = [], []   # leads: (frames decoded before the durations' cut, kept)
         for r, first, key, (lead_in, tail) in zip(acoustic, firsts, keys, cuts):
             plan, sooner = _cut_lead_in(self.engine.chunk_plan(r.num_frames, first), r, key[2],
                                         lead_in, self._search_frames)
             plans.append(_cut_tail(plan, r, key[2], tail))
-            searched.append((sooner, lead_in))
+            leads.append((sooner, lead_in or 0))
         # A stream cancelled (or closed) since the step began is not decoded: its output would
         # be thrown away, and its `cancelled` waits for the step. (The event loop adds to
         # `_leaving` meanwhile; a stream it adds too late is decoded and dropped as before.)
@@ -1245,20 +1244,20 @@ class Scheduler:
             decode.append(job)
             decoded.append(sid)
         new = []
-        for key, res, plan, job, search in zip(keys, acoustic, plans, jobs, searched):
+        for key, res, plan, job, lead in zip(keys, acoustic, plans, jobs, leads):
             if key[0] in leaving:
                 result.dropped[key[0]] = (result.dropped.get(key[0], 0.0)
                                           + _ACOUSTIC_COST_PER_FRAME * res.num_frames)
                 continue
             decode.append(DecodeJob(z=res.z, start=plan[0][0], end=plan[0][1],
                                     speaker=job.params.speaker, phrase_frames=res.num_frames))
-            new.append((key, res, plan, search))
+            new.append((key, res, plan, lead))
         audio = self.engine.decode(decode) if decode else []
         for sid, chunk in zip(decoded, audio):
             result.audio[sid] = chunk
         for ((sid, text, ph), res, plan, (sooner, keep)), chunk in zip(new, audio[len(decoded):]):
             result.phrases[sid] = _trim_quiet_lead(_NewPhrase(text, ph, res, plan, chunk), sooner,
-                                                   keep or 0, self.engine.hop_length)
+                                                   keep, self.engine.hop_length)
         result.frames = (sum(j.end - j.start for j in decode)
                          + _ACOUSTIC_COST_PER_FRAME * sum(r.num_frames for r in acoustic))
         result.seconds = time.perf_counter() - t0

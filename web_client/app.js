@@ -1488,7 +1488,7 @@ class App {
   /** Show (or, with "", clear) the watchdog's notice; `label` overrides the state label. */
   showHealth(text, label) {
     if (text) {
-      if (this.el.notice.textContent !== text) this.el.notice.textContent = text;
+      setText(this.el.notice, text);
       this.healthNotice = text;
     } else if (this.healthNotice && this.el.notice.textContent === this.healthNotice) {
       this.el.notice.textContent = "";

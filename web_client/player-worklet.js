@@ -27,7 +27,7 @@ const TAIL_REPORT_S = 0.5;
 // Stop, or a new stream, cuts the sound playing over this long: the next few ms of what was
 // buffered, faded out. Cut at once mid-waveform, it clicked. Sound that resumes after the
 // listener ran dry (mid-word, as a rule) fades in over as long.
-const FADE_OUT_S = 0.005;
+const FADE_S = 0.005;
 
 class RingBuffer {
   constructor(capacity) {
@@ -82,7 +82,7 @@ class PlayerProcessor extends AudioWorkletProcessor {
   constructor() {
     super();
     this.ring = new RingBuffer(sampleRate * 10);
-    this.fade = new Float32Array(Math.round(sampleRate * FADE_OUT_S)); // the sound being cut
+    this.fade = new Float32Array(Math.round(sampleRate * FADE_S)); // the sound being cut
     this.fadeLength = 0; // samples of `fade` to play
     this.fadeAt = 0; // of which played
     this.fadeIn = 0; // samples of a resumed sound still to fade in
