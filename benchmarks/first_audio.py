@@ -13,12 +13,12 @@ at --wps words per second) and `end`, and reports per run, and as medians, 95th 
     encode          that step's end -> its first audio encoded (hand-over, resampling, Opus)
     deliver         -> the first `audio` received (outbox, socket, the client's read)
     ttfa            the client's first send -> the first `audio` received
-    first_word      ttfa + where the first word starts in that audio (its `words` start_ms,
-                    from the model's durations)
+    first_word      ttfa + where the first word starts in that audio (its `words` start_ms:
+                    the model's durations, moved to its sound where that opens sooner)
     first_sound     ttfa + where that audio first has sound (a 5 ms window above -50 dBFS,
                     the Opus decoded here, less the codec's delay): when a listener that plays
-                    from the first audio hears something. The durations can put a word's start
-                    after its first sound ("Th" of "The" 4-5 frames before it)
+                    from the first audio hears something. By the durations alone the first
+                    word started 4-5 frames after its first sound (the "Th" of "The")
 
 The child and this process read the same clock (`time.monotonic`, system-wide on Linux). The
 stamps are taken by wrapping a few methods; they cost microseconds each.

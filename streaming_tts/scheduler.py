@@ -164,6 +164,8 @@ class _NewPhrase:
     acoustic: AcousticResult
     plan: list[tuple[int, int]]          # the phrase's decode chunks; the first is decoded
     first_audio: np.ndarray
+    first_word_at: int | None = None     # the phrase frame where its first word's sound starts,
+                                         # where that is before its durations say (_first_word_onset)
 
 
 @dataclass
@@ -206,14 +208,36 @@ def _trim_quiet_lead(new: _NewPhrase, searched: int, keep_frames: int, hop: int)
     audio = new.first_audio
     (a, b), rest = new.plan[0], new.plan[1:]
     look = min(searched + keep_frames, len(audio) // hop)
-    frames = audio[: look * hop].reshape(look, hop)
-    loud = np.flatnonzero(np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
-                          > _QUIET_RMS)
+    loud = np.flatnonzero(_frame_rms(audio, hop, 0, look) > _QUIET_RMS)
     first_sound = int(loud[0]) if len(loud) else look
     trim = max(0, min(first_sound - keep_frames, searched, b - a - 1))
     if not trim:
         return new
     return replace(new, plan=[(a + trim, b), *rest], first_audio=audio[trim * hop:])
+
+
+def _first_word_onset(new: _NewPhrase, hop: int) -> _NewPhrase:
+    """`new` with `first_word_at` set where its first word's sound starts inside the id just
+    before its first phoneme (the pad after the voice's lead-in), found in the decoded first
+    chunk: the durations can give that pad the word's opening. "The old lighthouse" has 5-6
+    frames of pad that sound as "Th" from their first, and its caption lit ~55 ms late."""
+    words = new.phonemized.words
+    if not words or words[0].first_id < 1 or words[0].first_id > len(new.acoustic.durations):
+        return new
+    cum = np.cumsum(new.acoustic.durations[: words[0].first_id])
+    pad_start, word_start = int(cum[-2]) if len(cum) > 1 else 0, int(cum[-1])
+    a, b = new.plan[0]
+    lo, hi = max(pad_start, a), min(word_start, b, a + len(new.first_audio) // hop)
+    if lo >= hi:
+        return new
+    loud = np.flatnonzero(_frame_rms(new.first_audio, hop, lo - a, hi - a) > _QUIET_RMS)
+    return replace(new, first_word_at=lo + int(loud[0])) if len(loud) else new
+
+
+def _frame_rms(audio: np.ndarray, hop: int, lo: int, hi: int) -> np.ndarray:
+    """The RMS of each frame `lo`..`hi` of `audio` (frames of `hop` samples)."""
+    frames = audio[lo * hop: hi * hop].reshape(hi - lo, hop)
+    return np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
 
 
 # A frame of a lead-in quieter than this (RMS, full scale 1.0: -50 dBFS) is silence; the voice's
@@ -1256,8 +1280,9 @@ class Scheduler:
         for sid, chunk in zip(decoded, audio):
             result.audio[sid] = chunk
         for ((sid, text, ph), res, plan, (sooner, keep)), chunk in zip(new, audio[len(decoded):]):
-            result.phrases[sid] = _trim_quiet_lead(_NewPhrase(text, ph, res, plan, chunk), sooner,
-                                                   keep, self.engine.hop_length)
+            hop = self.engine.hop_length
+            new = _trim_quiet_lead(_NewPhrase(text, ph, res, plan, chunk), sooner, keep, hop)
+            result.phrases[sid] = _first_word_onset(new, hop)
         result.frames = (sum(j.end - j.start for j in decode)
                          + _ACOUSTIC_COST_PER_FRAME * sum(r.num_frames for r in acoustic))
         result.seconds = time.perf_counter() - t0
@@ -1330,8 +1355,8 @@ class Scheduler:
         cut = new.plan[0][0]
         start = stream.emitted_frames - cut   # where the phrase's frame 0 would sit
         res = new.acoustic
-        words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms)
-                 if stream.options.words else [])
+        words = (word_times(new.phonemized.words, res.durations, start, self.frame_ms,
+                            first_at=new.first_word_at) if stream.options.words else [])
         pid = self._announce(stream, new.text, new.plan[-1][1] - cut, words, space_before)
         stream.active = ActivePhrase(id=pid, z=res.z, plan=new.plan, next_chunk=1,
                                      unfinished=None if res.complete else res)

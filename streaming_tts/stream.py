@@ -218,12 +218,16 @@ class StreamState:
 
 
 def word_times(words: list[WordSpan], durations: np.ndarray, start_frame: int,
-               frame_ms: float) -> list[tuple[str, float, float]]:
-    """Map word spans over phoneme ids to times on the stream timeline."""
+               frame_ms: float, first_at: int | None = None) -> list[tuple[str, float, float]]:
+    """Map word spans over phoneme ids to times on the stream timeline; the first word starts
+    at phrase frame `first_at` where that is sooner than its durations say (where its sound
+    was found to start)."""
     cum = np.concatenate([[0], np.cumsum(durations)])
     out = []
-    for w in words:
+    for k, w in enumerate(words):
         a = start_frame + int(cum[w.first_id])
+        if k == 0 and first_at is not None:
+            a = min(a, start_frame + first_at)
         b = start_frame + int(cum[min(w.end_id, len(durations))])
         out.append((w.text, a * frame_ms, b * frame_ms))  # the wire rounds (0.001 ms)
     return out

@@ -25,7 +25,7 @@ import torch
 from streaming_tts.engine import AcousticResult, Engine, EngineConfig, SynthesisParams
 from streaming_tts.metering import Meter
 from streaming_tts.scheduler import (_COST_PROBE_PHRASES, Scheduler, SchedulerConfig, _NewPhrase,
-                                      _trim_quiet_lead, measure_stream_cost)
+                                      _first_word_onset, _trim_quiet_lead, measure_stream_cost)
 from streaming_tts.stream import (IDLE_CONTEXT_S, ActivePhrase, PendingPhrase, PhraseEvent, StreamOptions,
                                   StreamState)
 from streaming_tts.text.phonemes import PhonemizedText, WordSpan
@@ -397,32 +397,11 @@ async def spoken(engine: FakeEngine, parts: list[str], **cfg) -> Sink:
     return sink
 
 
-async def test_a_streams_first_audio_leaves_out_the_voices_lead_in_and_the_times_follow():
-    # The fake voice's lead-in: ids [bos, pad] before the first word, 2 frames each: 40 ms.
-    # Keeping 10 ms of it, the first chunk starts at frame 3 of the first phrase; the first
-    # word sits 10 ms into the audio, and the phrase's end moves 30 ms earlier with it.
-    sink = await spoken(FakeEngine(schedule=(8, 16)), ["Hello there. Second one here."],
-                        lead_in_ms=10.0)
-    first, second = sink.phrases()[:2]
-    speech = np.concatenate([samples for samples, _ in sink.audio()])[::HOP]
-    assert speech[0] % 1000 == 3                       # frame 3 of the first phrase
-    assert first.start_ms == 0 and first.words[0][1] == pytest.approx(10.0)
-    n_first = int(first.end_ms / 10)
-    np.testing.assert_array_equal(speech[:n_first] % 1000, np.arange(3, 3 + n_first))
-    # The next phrase is whole (its lead-in is the pause between sentences).
-    assert second.start_ms == first.end_ms
-    assert speech[n_first] % 1000 == 0 and second.words[0][1] == pytest.approx(first.end_ms + 40)
-    t = 0.0
-    for samples, pts in sink.audio():   # the timeline runs on without a gap
-        assert pts == pytest.approx(t)
-        t += len(samples) / RATE * 1000
-    usage = sink.events[-1][1]
-    assert usage["audio_ms"] == pytest.approx(t)
-
-
 class SoundBeforeTheWordEngine(FakeEngine):
-    """Each phrase is silent before frame `sound_from` (the fake voice's first word starts at
-    frame 4): a word whose first sound opens before its durations say (an "s")."""
+    """Each phrase is quiet (below -50 dBFS) before frame `sound_from`, as a real voice's
+    lead-in is (the fake voice's first word starts at frame 4, after [bos, pad]); a sound from
+    before frame 4 is a word that opens before its durations say (an "s", a "Th"). Quiet
+    frames keep their tag and frame number, scaled by QUIET (`frame_numbers` reads them)."""
 
     def __init__(self, sound_from: int, **kw) -> None:
         super().__init__(**kw)
@@ -432,8 +411,40 @@ class SoundBeforeTheWordEngine(FakeEngine):
         out = super().decode(jobs)
         for job, audio in zip(jobs, out):
             quiet = max(0, min(self.sound_from, job.end) - job.start)
-            audio[: quiet * HOP] = 0.0
+            audio[: quiet * HOP] *= QUIET
         return out
+
+
+QUIET = 1e-8
+
+
+def frame_numbers(speech: np.ndarray) -> np.ndarray:
+    """Each sample's phrase frame number, quiet (SoundBeforeTheWordEngine) or not."""
+    loud = np.abs(speech) >= 1
+    return np.rint(np.where(loud, speech, speech / QUIET)).astype(np.int64) % 1000
+
+
+async def test_a_streams_first_audio_leaves_out_the_voices_lead_in_and_the_times_follow():
+    # The fake voice's lead-in: ids [bos, pad] before the first word, 2 frames each: 40 ms,
+    # quiet. Keeping 10 ms of it, the first chunk starts at frame 3 of the first phrase; the
+    # first word sits 10 ms into the audio, and the phrase's end moves 30 ms earlier with it.
+    sink = await spoken(SoundBeforeTheWordEngine(4, schedule=(8, 16)),
+                        ["Hello there. Second one here."], lead_in_ms=10.0)
+    first, second = sink.phrases()[:2]
+    speech = frame_numbers(np.concatenate([samples for samples, _ in sink.audio()])[::HOP])
+    assert speech[0] == 3                              # frame 3 of the first phrase
+    assert first.start_ms == 0 and first.words[0][1] == pytest.approx(10.0)
+    n_first = int(first.end_ms / 10)
+    np.testing.assert_array_equal(speech[:n_first], np.arange(3, 3 + n_first))
+    # The next phrase is whole (its lead-in is the pause between sentences).
+    assert second.start_ms == first.end_ms
+    assert speech[n_first] == 0 and second.words[0][1] == pytest.approx(first.end_ms + 40)
+    t = 0.0
+    for samples, pts in sink.audio():   # the timeline runs on without a gap
+        assert pts == pytest.approx(t)
+        t += len(samples) / RATE * 1000
+    usage = sink.events[-1][1]
+    assert usage["audio_ms"] == pytest.approx(t)
 
 
 @pytest.mark.parametrize("sound_from, first_frame", [(2, 1), (4, 3), (0, 0)])
@@ -441,19 +452,22 @@ async def test_a_lead_in_cut_keeps_sound_that_opens_before_the_word(sound_from, 
     # Keeping 10 ms (1 frame) of the 40 ms lead-in, the durations cut at frame 3. Looking 30 ms
     # (3 frames) sooner, the cut keeps 1 quiet frame before the first with sound: a sound from
     # frame 2 starts the audio at frame 1; one from the word's own frame 4, at 3 as before; one
-    # from frame 0 (nothing quiet), at 0.
+    # from frame 0 (nothing quiet), at 0. The first word starts where its sound does, looked
+    # for in the pad before it (frames 2-3): at frame 2, 4 and 2.
     sink = await spoken(SoundBeforeTheWordEngine(sound_from, schedule=(8, 16)),
                         ["Hello there. Second one here."], lead_in_ms=10.0, lead_in_search_ms=30.0)
     first = sink.phrases()[0]
     samples = np.concatenate([samples for samples, _ in sink.audio()])
-    speech = samples[::HOP]
-    assert first.start_ms == 0 and first.words[0][1] == pytest.approx((4 - first_frame) * 10.0)
+    loud = np.abs(samples[::HOP]) >= 1
+    speech = frame_numbers(samples[::HOP])
+    word_from = max(sound_from, 2)
+    assert first.start_ms == 0 and first.words[0][1] == pytest.approx((word_from - first_frame) * 10.0)
     n_first = int(first.end_ms / 10)
-    heard = speech[:n_first] % 1000
-    sounding = heard[speech[:n_first] != 0]
+    np.testing.assert_array_equal(speech[:n_first], np.arange(first_frame, first_frame + n_first))
+    sounding = speech[:n_first][loud[:n_first]]
     assert sounding[0] == max(sound_from, first_frame)   # nothing with sound is left out
     np.testing.assert_array_equal(sounding, np.arange(sounding[0], first_frame + n_first))
-    assert np.count_nonzero(speech[:n_first] == 0) == max(0, sound_from - first_frame)
+    assert np.count_nonzero(~loud[:n_first]) == max(0, sound_from - first_frame)
     assert sink.events[-1][1]["audio_ms"] == pytest.approx(len(samples) / RATE * 1000)
 
 
@@ -477,27 +491,49 @@ def test_a_quiet_lead_is_trimmed_to_what_it_keeps_and_never_to_nothing():
     assert short.plan == [(1, 2)] and len(short.first_audio) == hop
 
 
+def test_a_phrases_first_word_starts_where_its_sound_opens_in_the_pad_before_it():
+    hop = 4
+    # ids [bos, pad, w, pad, w, pad], 2 frames each: the first word's pad is frames 2-3, and
+    # its durations start it at frame 4.
+    res = AcousticResult(z=torch.zeros(1, 12), durations=np.full(6, 2), num_frames=12)
+    words = [WordSpan("a", 2, 4), WordSpan("b", 4, 6)]
+
+    def onset(sound_from: int, plan: list[tuple[int, int]], spans=words) -> int | None:
+        a, b = plan[0]
+        audio = np.ones((b - a) * hop, dtype=np.float32)
+        audio[: max(0, sound_from - a) * hop] = 1e-4             # -80 dBFS
+        new = _NewPhrase("a b", PhonemizedText("ab", [0] * 6, spans), res, plan, audio)
+        return _first_word_onset(new, hop).first_word_at
+
+    assert onset(3, [(0, 8), (8, 12)]) == 3       # sounding in its pad: from there
+    assert onset(0, [(0, 8)]) == 2                # sounding before it: from the pad's start
+    assert onset(4, [(0, 8)]) is None             # from the word's own frame: as the durations
+    assert onset(6, [(0, 8)]) is None             # later than that: as the durations
+    assert onset(0, [(3, 8)]) == 3                # a lead-in cut: from the first frame sent
+    assert onset(0, [(0, 2), (2, 12)]) is None    # the pad is not in the first chunk
+    assert onset(0, [(0, 8)], spans=[]) is None   # no word
+
+
 async def test_a_cut_inside_a_clause_leaves_out_the_voices_pause_at_either_side():
     # The fake voice ends a phrase with [pad after the last word, eos] and starts one with
     # [bos, pad]: 2 frames (20 ms) after the last word's end, 4 (40 ms) before the first word.
     # "Hello there" ends in no mark: its end keeps 10 ms past its last word, and the phrase
     # after it starts 10 ms before its first word. "Second one here." ends a sentence: its
     # pause and the next phrase's lead-in stay whole.
-    sink = await spoken(FakeEngine(schedule=(8, 16)), ["Hello there", " Second one here.", " Third."],
-                        join_keep_ms=10.0)
+    sink = await spoken(SoundBeforeTheWordEngine(4, schedule=(8, 16)),
+                        ["Hello there", " Second one here.", " Third."], join_keep_ms=10.0)
     first, second, third = sink.phrases()
     assert first.end_ms == pytest.approx(first.words[-1][2] + 10)
     assert second.start_ms == first.end_ms
     assert second.words[0][1] == pytest.approx(second.start_ms + 10)
     assert second.end_ms == pytest.approx(second.words[-1][2] + 20)
     assert third.words[0][1] == pytest.approx(third.start_ms + 40)
-    speech = np.concatenate([samples for samples, _ in sink.audio()])[::HOP]
+    speech = frame_numbers(np.concatenate([samples for samples, _ in sink.audio()])[::HOP])
     n_first, n_second = int(first.end_ms / 10), int((second.end_ms - second.start_ms) / 10)
-    np.testing.assert_array_equal(speech[:n_first] % 1000, np.arange(n_first))
+    np.testing.assert_array_equal(speech[:n_first], np.arange(n_first))
     # The second phrase's audio starts at its frame 3, past 3 of its 4 lead-in frames.
-    np.testing.assert_array_equal(speech[n_first:n_first + n_second] % 1000,
-                                  np.arange(3, 3 + n_second))
-    assert speech[n_first + n_second] % 1000 == 0
+    np.testing.assert_array_equal(speech[n_first:n_first + n_second], np.arange(3, 3 + n_second))
+    assert speech[n_first + n_second] == 0
     t = 0.0
     for samples, pts in sink.audio():   # the timeline runs on without a gap
         assert pts == pytest.approx(t)

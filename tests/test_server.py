@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import msgpack
+import numpy as np
 import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
@@ -2189,3 +2190,34 @@ async def test_loading_gives_what_warm_up_freed_back_to_the_system(
     voice = VoiceRegistry().default()
     loaded = prepare_model(voice, load_config(None, {}), loader=lambda v, c: engine, warm_up=False)
     assert loaded.engine is engine and calls == [1]
+
+
+def first_sound_ms(u: Utterance, start_ms: float, rate: int) -> float | None:
+    """Where the PCM timeline first has sound (a 5 ms window above -50 dBFS) at or after
+    `start_ms`."""
+    pcm = np.frombuffer(b"".join(a["data"] for a in u.audio), dtype="<i2") / 32768.0
+    window = rate // 200
+    lo = int(round(start_ms * rate / 1000.0))
+    n = (len(pcm) - lo) // window
+    rms = np.sqrt(np.mean(pcm[lo: lo + n * window].reshape(n, window) ** 2, axis=1))
+    loud = np.flatnonzero(rms > 10 ** (-50 / 20))
+    return start_ms + loud[0] * window * 1000.0 / rate if len(loud) else None
+
+
+async def test_each_phrases_first_word_lights_up_with_its_sound(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    # The durations start "The" of "The old lighthouse" 5-6 frames (55-65 ms) after its "Th"
+    # sounds, and "Sure" 2-4 frames after its "s": their captions lit late. Each phrase's
+    # first word now starts within one frame (20 ms) of its sound, as the client hears it.
+    client = await connect(http, srv)
+    for text in ("The old lighthouse keeper climbed the spiral stairs, every evening.",
+                 "Sure, the stairs were steep."):
+        u = await client.speak(text, format="pcm_s16le", sample_rate=22050)
+        check_done(u, chars=len(text))
+        assert len(u.words) >= 2
+        for words in u.words:
+            phrase = u.phrases[words["phrase_id"]]
+            sound = first_sound_ms(u, phrase["start_ms"], 22050)
+            assert sound is not None and abs(words["items"][0][1] - sound) <= 20.0, (words, sound)
+    await client.close()
