@@ -21,7 +21,6 @@ caption lights late) as median, the largest late and early, and the share within
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -33,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.offline import default_voice_models, seeded_args  # noqa: E402
 from benchmarks.texts import SENTENCES  # noqa: E402
 
 # Phrases a reply opens with or a cut leaves at a phrase's start: "s", "sh", "th", vowels,
@@ -106,13 +106,7 @@ def summary(errors: list[int], frame_ms: float) -> dict[str, Any]:
 
 
 def measure(seeds: list[int], texts: list[str]) -> dict[str, Any]:
-    from streaming_tts.engine import Engine
-    from streaming_tts.text.phonemes import Phonemizer
-    from streaming_tts.voices import VoiceRegistry
-
-    voice = VoiceRegistry().default()
-    engine = Engine.from_file(voice.onnx_path, sample_rate=voice.sample_rate)
-    phonemizer = Phonemizer(voice.config)
+    _, engine, phonemizer = default_voice_models()
     errors: dict[str, list[int]] = {"first_durations": [], "first_sent": [], "after_comma": []}
     for text in texts:
         for seed in seeds:
@@ -123,10 +117,7 @@ def measure(seeds: list[int], texts: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    args = seeded_args(__doc__, [1, 2, 3], argv)
     result = measure(args.seeds, OPENINGS + SENTENCES)
     if args.json:
         print(json.dumps(result))

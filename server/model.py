@@ -36,7 +36,8 @@ from streaming_tts.scheduler import (
     new_model_thread,
 )
 from streaming_tts.text.phonemes import Phonemizer
-from streaming_tts.text.splitter import PhraseSplitter, SplitterConfig, function_words_for
+from streaming_tts.text.splitter import (PhraseSplitter, SplitterConfig, function_words_for,
+                                         read_on_word_for)
 from streaming_tts.voices import VoiceInfo
 
 if TYPE_CHECKING:
@@ -257,6 +258,7 @@ def build_scheduler(
         function_word_wait_ms=s.function_word_wait_ms, delay_min_words=s.delay_min_words,
         catch_up_after_ms=s.catch_up_after_ms, lead_in_ms=s.lead_in_ms,
         join_keep_ms=s.join_keep_ms, lead_in_search_ms=s.lead_in_search_ms,
+        read_on_word=read_on_word_for(loaded.phonemizer.voice.language) if s.read_on else "",
         cost_half_life_s=cfg.admission.cost_half_life_s,
         recalibrate_idle_s=cfg.admission.recalibrate_idle_s,
         probe_streams=cfg.admission.cost_probe_streams,

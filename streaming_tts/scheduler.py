@@ -73,6 +73,7 @@ class SchedulerConfig:
     lead_in_ms: float = -1.0           # a stream's first audio starts at most this long before its first word (< 0: as the voice made it)
     lead_in_search_ms: float = 0.0     # ... a lead-in cut starts up to this much sooner where there is sound (an "s"), kept
     join_keep_ms: float = -1.0         # a phrase cut inside a clause: silence kept after its last word, and before the next one's first (< 0: as the voice made it)
+    read_on_word: str = ""             # ... is read on into this word, never heard, so its last word is read as mid-sentence ("": not)
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
     recalibrate_idle_s: float = 60.0   # idle this long: probe the cost again (0: never)
@@ -145,8 +146,10 @@ class _Batch:
     """Plain data handed to the worker thread: it never reads scheduler state."""
 
     # sid, text, params, head_only, index in the chunk schedule where the phrase's plan starts,
-    # the phonemes being made in the text thread
-    acoustic: list[tuple[str, str, SynthesisParams, bool, int, concurrent.futures.Future]] = \
+    # the phonemes being made in the text thread, frames kept before its first word (None:
+    # all) and after its last (None: all), whether it is read on into a word after it
+    acoustic: list[tuple[str, str, SynthesisParams, bool, int, concurrent.futures.Future,
+                         int | None, int | None, bool]] = \
         field(default_factory=list)
     decode: list[tuple[str, DecodeJob, AcousticResult | None]] = field(default_factory=list)  # + flow to finish first
     owners: list[ActivePhrase] = field(default_factory=list)   # loop side only: phrase of each decode
@@ -246,14 +249,19 @@ _QUIET_RMS = 10 ** (-50 / 20)
 
 
 def _cut_tail(plan: list[tuple[int, int]], res: AcousticResult, ph: PhonemizedText,
-               keep_frames: int | None) -> list[tuple[int, int]]:
+              keep_frames: int | None) -> list[tuple[int, int]]:
     """`plan` ending `keep_frames` after the phrase's last word (the voice's silence after it
-    left out), or as it is (`keep_frames` None, no word, or no longer a silence than that).
-    Chunks past the new end are dropped; the first chunk is kept, at least a frame of it."""
-    if keep_frames is None or not ph.words:
+    left out), or right at its end where it was read on into a word after it (what follows is
+    that word's approach, never heard: the space before it sounds at -39 dBFS, the word's
+    own last frame at -66, medians); or as it is (neither, or no longer than that). Chunks
+    past the new end are dropped; the first chunk is kept, at least a frame of it."""
+    if ph.read_on_from is not None:
+        end = int(np.sum(res.durations[:ph.words[-1].end_id if ph.words else ph.read_on_from]))
+    elif keep_frames is not None and ph.words:
+        end = int(np.sum(res.durations[:ph.words[-1].end_id])) + keep_frames
+    else:
         return plan
-    spoken = int(np.sum(res.durations[:ph.words[-1].end_id]))
-    end = max(spoken + keep_frames, plan[0][0] + 1)
+    end = max(end, plan[0][0] + 1)
     if end >= plan[-1][1]:
         return plan
     return [(a, min(b, end)) for a, b in plan if a < end]
@@ -367,6 +375,8 @@ class Scheduler:
                                 if config.lead_in_ms >= 0 else None)
         self._search_frames = round(config.lead_in_search_ms / self.frame_ms)
         # ... and of the silence the voice makes at either side of a cut inside a clause.
+        # The word a phrase cut inside a clause is read on into (Phonemizer.read_on).
+        self._read_on = phonemizer.phonemize(config.read_on_word) if config.read_on_word else None
         self._join_frames = (round(config.join_keep_ms / self.frame_ms)
                              if config.join_keep_ms >= 0 else None)
         self._streams: dict[str, StreamState] = {}
@@ -1126,8 +1136,13 @@ class Scheduler:
                     lead_in = self._join_frames if stream.open_end else None
                 stream.open_end = not ends_in_mark(text)
                 tail = self._join_frames if stream.open_end else None
+                # Cut inside a clause, it is read on into a word after it, never heard, unless
+                # it is the stream's last: read alone, the voice ends it as a sentence, its
+                # last word drawn out ~1.4x.
+                last = stream.ended and not stream.phrases and not stream.splitter.pending.strip()
+                read_on = stream.open_end and not last and self._read_on is not None
                 batch.acoustic.append((stream.id, text, params, head_only, first, phonemized,
-                                       lead_in, tail))
+                                       lead_in, tail, read_on))
             used += cost
         return batch
 
@@ -1235,12 +1250,14 @@ class Scheduler:
         t0 = time.perf_counter()
         result = _Result()
         jobs, keys, firsts, cuts = [], [], [], []
-        for sid, text, params, head_only, first, phonemized, lead_in, tail in batch.acoustic:
+        for sid, text, params, head_only, first, phonemized, lead_in, tail, read_on in batch.acoustic:
             try:
                 ph = phonemized.result()
             except ValueError:
                 result.phrases[sid] = None      # nothing speakable (e.g. only punctuation)
                 continue
+            if read_on:
+                ph = self.phonemizer.read_on(ph, self._read_on)
             jobs.append(AcousticJob(ids=ph.ids, params=params, head_only=head_only))
             keys.append((sid, text, ph))
             firsts.append(first)

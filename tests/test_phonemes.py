@@ -323,3 +323,24 @@ def test_the_word_cache_keeps_at_most_its_size(default_voice: VoiceInfo,
     results = [phonemizer.phonemize(t) for t in texts]
     assert results[2] == results[0]
     assert list(phonemizer._alone) == ["nine", "one", "two", "three", "four"]   # oldest out
+
+
+def test_a_phrase_read_on_is_read_as_the_phrase_and_the_word_together(
+        default_phonemizer: Phonemizer) -> None:
+    ph = default_phonemizer.phonemize("The quarterly report")
+    read = default_phonemizer.read_on(ph, default_phonemizer.phonemize("could"))
+    whole = default_phonemizer.phonemize("The quarterly report could")
+    assert read.ids == whole.ids and read.words == ph.words
+    # Before read_on_from: the phrase's ids without its EOS, then a space and its pad; from
+    # there: "could" (its phonemes with their pads, then the EOS).
+    could = default_phonemizer.phonemize("could")
+    assert read.read_on_from == len(ph.ids) - 1 + 2
+    assert read.ids[: len(ph.ids) - 1] == ph.ids[:-1]
+    assert read.ids[read.read_on_from:] == could.ids[2:]
+
+
+@pytest.mark.parametrize("text", ["Hello,", "Hello.", "Is it here?", "Hi there:"])
+def test_a_phrase_ending_in_a_mark_is_not_read_on(default_phonemizer: Phonemizer,
+                                                  text: str) -> None:
+    ph = default_phonemizer.phonemize(text)
+    assert default_phonemizer.read_on(ph, default_phonemizer.phonemize("could")) is ph

@@ -56,6 +56,7 @@ class FakeEngine:
         self.head_results = 0
         self.finished = 0
         self.poison_ids = -1            # acoustic fails for any phrase with this many ids
+        self.read: list[list[int]] = []  # the ids of every phrase read, in order
 
     frame_ms = property(lambda self: 1000.0 * HOP / RATE)
     chunk_plan = Engine.chunk_plan
@@ -72,6 +73,7 @@ class FakeEngine:
         out = []
         for job in jobs:
             self.tags += 1
+            self.read.append(list(job.ids))
             n = len(job.ids) * FRAMES_PER_ID
             z = torch.full((1, n), float(self.tags))
             durations = np.full(len(job.ids), FRAMES_PER_ID)
@@ -117,6 +119,12 @@ class FakePhonemizer:
                 ids += [5, 0]
             words.append(WordSpan(word, first, len(ids)))
         return PhonemizedText(phonemes=text, ids=ids + [2], words=words)
+
+    def read_on(self, ph: PhonemizedText, more: PhonemizedText) -> PhonemizedText:
+        """As Phonemizer.read_on: [... eos] + [space 3, pad] + more without [bos, pad]."""
+        ids = [*ph.ids[:-1], 3, 0]
+        return PhonemizedText(f"{ph.phonemes} {more.phonemes}", ids + more.ids[2:], ph.words,
+                              read_on_from=len(ids))
 
 
 @dataclass
@@ -540,6 +548,41 @@ async def test_a_cut_inside_a_clause_leaves_out_the_voices_pause_at_either_side(
         t += len(samples) / RATE * 1000
     assert t == pytest.approx(third.end_ms)
     assert sink.events[-1][1]["audio_ms"] == pytest.approx(t)
+
+
+async def test_a_phrase_cut_inside_a_clause_is_read_on_into_a_word_never_heard():
+    # "Hello there" is cut for time (no mark): read on into "could", and its audio ends with
+    # its last word (and the pad after it); the space and "could" after are never heard. "Second one
+    # here." ends in a mark, and " Third" is the stream's last phrase: both read as they are.
+    engine = SoundBeforeTheWordEngine(4, schedule=(8, 16))
+    sink = await spoken(engine, ["Hello there", " Second one here.", " Third"],
+                        read_on_word="could")
+    first, second, third = sink.phrases()
+    hello = FakePhonemizer().phonemize("Hello there")
+    could = FakePhonemizer().phonemize("could")
+    assert engine.read[0] == hello.ids[:-1] + [3, 0] + could.ids[2:]
+    assert engine.read[1:] == [FakePhonemizer().phonemize(t).ids for t in ("Second one here.", "Third")]
+    assert [w for w, _, _ in first.words] == ["Hello", "there"]
+    # Its audio: every frame up to its last word's end (the word's own pad included).
+    assert first.words[-1][2] == pytest.approx(len(hello.ids[:-1]) * FRAMES_PER_ID * 10)
+    assert first.end_ms == pytest.approx(first.words[-1][2])
+    assert second.start_ms == first.end_ms
+    speech = frame_numbers(np.concatenate([samples for samples, _ in sink.audio()])[::HOP])
+    n_first = int(first.end_ms / 10)
+    np.testing.assert_array_equal(speech[:n_first], np.arange(n_first))
+    assert speech[n_first] == 0                         # then the next phrase, from its frame 0
+    assert third.end_ms - third.words[-1][2] == pytest.approx(2 * 10)   # its eos: read as it is
+
+
+@pytest.mark.parametrize("join_keep_ms", [-1.0, 10.0, 100.0])
+async def test_a_read_on_phrase_keeps_nothing_after_its_last_word(join_keep_ms):
+    # What follows its last word is the approach to the word read on into, not silence.
+    engine = FakeEngine(schedule=(8, 16))
+    sink = await spoken(engine, ["Hello there", " Second one here."], read_on_word="could",
+                        join_keep_ms=join_keep_ms)
+    first, second = sink.phrases()
+    assert len(engine.read[0]) > len(FakePhonemizer().phonemize("Hello there").ids)
+    assert first.end_ms == pytest.approx(first.words[-1][2]) == second.start_ms
 
 
 async def gone_and_stays(engine: FakeEngine, gone_text: str, stays_text: str):

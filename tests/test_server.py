@@ -2221,3 +2221,28 @@ async def test_each_phrases_first_word_lights_up_with_its_sound(
             sound = first_sound_ms(u, phrase["start_ms"], 22050)
             assert sound is not None and abs(words["items"][0][1] - sound) <= 20.0, (words, sound)
     await client.close()
+
+
+async def test_a_phrase_cut_inside_a_clause_ends_with_its_last_word_read_as_mid_sentence(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    # "The quarterly report" is cut by a flush with more to come: it is read on into a word
+    # never heard, so it ends with its last word (no sentence-final pause or lengthening), and
+    # the next phrase follows at once. The stream's last phrase is read as it is.
+    client = await connect(http, srv)
+    await client.send({"type": "start", "ctx": "c", "format": "pcm_s16le", "sample_rate": 22050})
+    await client.send({"type": "text", "ctx": "c", "text": "The quarterly report"})
+    await client.send({"type": "flush", "ctx": "c"})
+    await client.send({"type": "text", "ctx": "c", "text": " arrived on time"})
+    await client.send({"type": "end", "ctx": "c"})
+    u = (await client.collect(["c"]))["c"]
+    check_done(u, chars=len("The quarterly report arrived on time"))
+    first, last = u.phrases
+    first_words = next(w["items"] for w in u.words if w["phrase_id"] == first["id"])
+    last_words = next(w["items"] for w in u.words if w["phrase_id"] == last["id"])
+    assert [w for w, _, _ in first_words] == ["The", "quarterly", "report"]
+    assert first["end_ms"] == pytest.approx(first_words[-1][2], abs=0.002) == last["start_ms"]
+    # The last phrase ends in no mark either: it keeps join_keep_ms (40: 3 frames) of the
+    # voice's silence after its last word.
+    assert last["end_ms"] - last_words[-1][2] == pytest.approx(3 * 256 / 22.05, abs=0.002)
+    await client.close()

@@ -16,6 +16,7 @@ from streaming_tts.text.splitter import (
     SplitterConfig,
     ends_sentence,
     function_words_for,
+    read_on_word_for,
 )
 
 SENTENCE_MODE_MS = 10_000.0  # far above eager_until_buffered_ms: cut at sentence ends only
@@ -252,6 +253,11 @@ def test_function_words_are_known_for_english_voices_only() -> None:
     assert function_words_for("en_US") is ENGLISH_FUNCTION_WORDS
     assert function_words_for("en-gb") is ENGLISH_FUNCTION_WORDS
     assert function_words_for("de_DE") == frozenset() == function_words_for("")
+
+
+def test_a_read_on_word_is_known_for_english_voices_only() -> None:
+    assert read_on_word_for("en_US") == read_on_word_for("en-gb") == "could"
+    assert read_on_word_for("de_DE") == "" == read_on_word_for("")
 
 
 def test_a_delayed_flush_keeps_trailing_function_words_for_the_next_phrase() -> None:

@@ -76,6 +76,8 @@ class PhonemizedText:
     ids: list[int]             # ^ _ p _ ... $
     words: list[WordSpan]      # every written word in order, non-overlapping, non-decreasing
                                # (a word that speaks nothing has no length)
+    read_on_from: int | None = None  # ids from here are read for context only, never heard:
+                                     # a word the phrase runs on into (Phonemizer.read_on)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,23 @@ class Phonemizer:
         words = [WordSpan(t, starts[_onset(units, spans, k)], starts[hi])
                  for k, (t, (lo, hi)) in enumerate(spans)]
         return PhonemizedText(phonemes="".join(units), ids=ids, words=words)
+
+    def read_on(self, ph: PhonemizedText, more: PhonemizedText) -> PhonemizedText:
+        """`ph` running on into `more` (both from `phonemize`) as one reading, with the words
+        of `ph` only: a phrase cut inside a clause is read with a word after it, so that its
+        last word is read as inside a sentence (not drawn out as at a sentence's end), and its audio
+        ends where that word's first phoneme starts (`read_on_from`). `ph` as it is where it
+        ends in a punctuation mark (its reading pauses or ends there anyway)."""
+        eos, pad, space = self._id_map[EOS], self._id_map[PAD], self._id_map.get(" ")
+        head = len(self._id_map[BOS]) + len(pad)
+        last = ph.phonemes[-1:]
+        if (space is None or ph.read_on_from is not None or not last or last.isspace()
+                or unicodedata.category(last).startswith("P")
+                or ph.ids[-len(eos):] != list(eos) or len(more.ids) <= head + len(eos)):
+            return ph
+        ids = [*ph.ids[:-len(eos)], *space, *pad]
+        return PhonemizedText(phonemes=f"{ph.phonemes} {more.phonemes}",
+                              ids=ids + more.ids[head:], words=ph.words, read_on_from=len(ids))
 
     def _phonemize_with_words(self, said: list[str]) -> tuple[list[str], list[list[str]]]:
         """The phrase's phoneme words, and each word's read alone: those from the cache where
