@@ -1134,7 +1134,8 @@ class Scheduler:
                     lead_in = self._lead_in_frames
                 else:
                     lead_in = self._join_frames if stream.open_end else None
-                stream.open_end = not ends_in_mark(text)
+                # A line break ends a phrase as a mark does: a list's item, a heading.
+                stream.open_end = not ends_in_mark(text) and not stream.line_break_after()
                 tail = self._join_frames if stream.open_end else None
                 # Cut inside a clause, it is read on into a word after it, never heard, unless
                 # it is the stream's last: read alone, the voice ends it as a sentence, its

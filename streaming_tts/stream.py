@@ -148,6 +148,13 @@ class StreamState:
         self.phrases.append(phrase)
         self.queued_chars += len(phrase.spoken)
 
+    def line_break_after(self) -> bool:
+        """Whether a line break is known to follow the phrase last taken (`next_phrase`): in
+        the whitespace before the next phrase, or after it where none is queued yet."""
+        after = (self.phrases[0].space_before if self.phrases
+                 else self.space_carry + self.splitter.pending)
+        return "\n" in after[: len(after) - len(after.lstrip())]
+
     def next_phrase(self) -> PendingPhrase:
         phrase = self.phrases.popleft()
         self.queued_chars -= len(phrase.spoken)

@@ -585,6 +585,25 @@ async def test_a_read_on_phrase_keeps_nothing_after_its_last_word(join_keep_ms):
     assert first.end_ms == pytest.approx(first.words[-1][2]) == second.start_ms
 
 
+@pytest.mark.parametrize("parts, read_on", [
+    (["Buy milk\n", "- Call mom."], False),      # a line break after it: a list's item
+    (["Buy milk", "\n\nCall mom."], False),     # ... in the next phrase's leading space
+    (["Buy milk ", "call mom."], True),           # a space only: cut inside a clause
+])
+async def test_a_phrase_ending_a_line_keeps_its_pause_and_is_read_as_it_is(parts, read_on):
+    engine = SoundBeforeTheWordEngine(4, schedule=(8, 16))
+    sink = await spoken(engine, parts, read_on_word="could", join_keep_ms=10.0)
+    first, second = sink.phrases()
+    alone = FakePhonemizer().phonemize("Buy milk").ids
+    assert (engine.read[0] != alone) is read_on
+    if read_on:
+        assert first.end_ms == pytest.approx(first.words[-1][2])
+        assert second.words[0][1] - second.start_ms == pytest.approx(10.0)
+    else:   # the voice's own pause at either side: its pad and eos, then [bos, pad]
+        assert first.end_ms - first.words[-1][2] == pytest.approx(20.0)
+        assert second.words[0][1] - second.start_ms == pytest.approx(40.0)
+
+
 async def gone_and_stays(engine: FakeEngine, gone_text: str, stays_text: str):
     """A running scheduler with two streams speaking: "gone" (to be cancelled) and "stays"."""
     sched, task = await running(engine)

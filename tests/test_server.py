@@ -2246,3 +2246,23 @@ async def test_a_phrase_cut_inside_a_clause_ends_with_its_last_word_read_as_mid_
     # voice's silence after its last word.
     assert last["end_ms"] - last_words[-1][2] == pytest.approx(3 * 256 / 22.05, abs=0.002)
     await client.close()
+
+
+async def test_a_lists_items_and_a_heading_keep_the_pause_after_them(
+    srv: Running, http: aiohttp.ClientSession,
+) -> None:
+    # They end in no mark but at a line break: a reader pauses there, as at a sentence's end.
+    # Neither the join's cut to 40 ms each side nor reading on into a word after them
+    # applies: the voice's own pause between them (93-128 ms by the words' times; cut as
+    # inside a clause, 35).
+    client = await connect(http, srv)
+    text = "## Shopping\n\n- Buy milk\n- Call mom\n- Walk the dog\n\nThat is all."
+    u = await client.speak(text, format="pcm_s16le", sample_rate=22050)
+    check_done(u, chars=len(text))
+    items = {w["phrase_id"]: w["items"] for w in u.words}
+    assert [p["text"] for p in u.phrases] == ["## Shopping", "- Buy milk", "- Call mom",
+                                              "- Walk the dog", "That is all."]
+    for before, after in zip(u.phrases, u.phrases[1:]):
+        gap = items[after["id"]][0][1] - items[before["id"]][-1][2]
+        assert gap >= 60.0, (before["text"], gap)
+    await client.close()
