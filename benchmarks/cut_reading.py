@@ -1,25 +1,26 @@
-"""How a phrase cut inside a clause for first audio sounds: its last word read as the end of a
-sentence, or, read on into a word never heard (`scheduler.read_on`), as inside one.
+"""How phrases cut inside a clause for first audio sound: the cut phrase read as a sentence's
+end and the next as a sentence's start, or, read across the cut (`scheduler.read_across`), as
+the inside of one sentence.
 
 Each sentence of the fixed text (benchmarks/texts.py) and a few replies an LLM opens with are
 cut where a first phrase is cut early: after the first three words or more, at the first word
-that is no function word and carries no punctuation ("The old lighthouse | keeper ..."). The
-cut phrase is read three ways, offline with the real phonemizer, acoustic model and vocoder,
-each with the same seeds:
+that is no function word and carries no punctuation ("The old lighthouse | keeper ..."). Each
+side is read offline with the real phonemizer, acoustic model and vocoder, each with the same
+seeds, and compared with the same word in the whole sentence read at once:
 
-  alone     the phrase by itself, as the server read it before `read_on`
-  read_on   the phrase read on into "could", its audio ending with its last word (as sent)
-  whole     the whole sentence: the reading a listener expects
+  last_word   the cut phrase's last word: the phrase `alone` (as before read_across), or
+              `read_on` into "could", its audio ending with its last word (as sent now)
+  next_word   the next phrase's first word: the rest of the sentence `alone`, or `read_from`
+              the cut phrase's last word, its audio starting at the space before its first
+              word (as sent now)
 
-and for the cut phrase's last word it reports against `whole`:
-
-  length      its length (as its `words` item: the space before it, its phonemes, the pad
-              after them) as a ratio to its length in `whole`, mean over cuts and seeds
-  spectrum    mean absolute difference (dB) of its log spectrum (86 Hz - 4 kHz, 46 ms windows,
-              time-normalized to 24 steps) against the word in `whole`, over every pair of seeds;
-              `whole_vs_whole`: the same between two seeds of `whole`, the floor
-  end_dbfs    for read_on only: the level of the last frame sent, median and loudest
-              (where the audio stops: a loud one would click)
+For each: the word's length (its phonemes and the pad after them) as a ratio to its length in
+the whole sentence (mean over cuts and seeds), and the mean absolute difference (dB) of its log
+spectrum (86 Hz - 4 kHz, 46 ms windows, time-normalized to 24 steps) from the word in the
+whole sentence over every pair of seeds; `whole_vs_whole`: the same between two seeds of the
+whole sentence, the floor. And where the audio is cut: the level of the last frame sent of a
+phrase read on (a loud one would click) and of the first frame sent of one read from (before
+the server's 5 ms fade-in).
 
     python benchmarks/cut_reading.py --seeds 0 1 2 3 --json
 """
@@ -77,10 +78,10 @@ def log_spectrum(audio: np.ndarray) -> np.ndarray:
                      for j in range(spec.shape[1])], axis=1)
 
 
-def read(engine, ph, seed: int, word: int) -> dict[str, Any]:
-    """One reading: the word's length (frames: the space before it, its phonemes and the pad
-    after them, as its `words` item), its log spectrum (its phonemes only), and the level of
-    the last frame sent."""
+def read(engine, ph, seed: int, word: int, skip: set[int]) -> dict[str, Any]:
+    """One reading: the word's length (frames from its first phoneme, ids in `skip` (space,
+    pad) passed over, to the end of the pad after its last), its log spectrum (its phonemes),
+    and the levels of the first and last frames sent (read from / read on)."""
     from streaming_tts.engine import AcousticJob
     from streaming_tts.params import SynthesisParams
 
@@ -88,12 +89,19 @@ def read(engine, ph, seed: int, word: int) -> dict[str, Any]:
     audio = engine.decode_whole(res.z)
     cum = np.concatenate([[0], np.cumsum(res.durations)])
     w = ph.words[word]
+    first = w.first_id
+    while first < w.end_id - 1 and ph.ids[first] in skip:
+        first += 1
     hop = engine.hop_length
-    sent_end = int(cum[ph.words[-1].end_id]) if ph.read_on_from is not None else res.num_frames
-    last = audio[(sent_end - 1) * hop: sent_end * hop].astype(np.float64)
-    return {"length": int(cum[w.end_id] - cum[w.first_id]),
-            "spectrum": log_spectrum(audio[int(cum[w.first_id]) * hop: int(cum[w.end_id - 1]) * hop]),
-            "end_dbfs": float(20 * np.log10(np.sqrt(np.mean(last ** 2)) + 1e-12))}
+
+    def dbfs(frame: int) -> float:
+        x = audio[frame * hop: (frame + 1) * hop].astype(np.float64)
+        return float(20 * np.log10(np.sqrt(np.mean(x ** 2)) + 1e-12))
+
+    return {"length": int(cum[w.end_id] - cum[first]),
+            "spectrum": log_spectrum(audio[int(cum[first]) * hop: int(cum[w.end_id - 1]) * hop]),
+            "end_dbfs": dbfs(int(cum[ph.words[-1].end_id]) - 1),
+            "start_dbfs": dbfs(int(cum[ph.read_from])) if ph.read_from is not None else None}
 
 
 def spectral_distance(a: list[np.ndarray], b: list[np.ndarray], same: bool = False) -> float:
@@ -102,37 +110,64 @@ def spectral_distance(a: list[np.ndarray], b: list[np.ndarray], same: bool = Fal
     return float(np.mean([np.mean(np.abs(a[i] - b[j])) for i, j in pairs]))
 
 
+class Comparison:
+    """One word's readings against its reading in the whole sentence, over the cuts."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.ratios: dict[str, list[float]] = {n: [] for n in names}
+        self.distances: dict[str, list[float]] = {n: [] for n in (*names, "whole_vs_whole")}
+
+    def add(self, got: dict[str, list[dict[str, Any]]]) -> None:
+        whole_len = statistics.mean(r["length"] for r in got["whole"])
+        whole_spec = [r["spectrum"] for r in got["whole"]]
+        for name in self.names:
+            self.ratios[name].append(statistics.mean(r["length"] for r in got[name]) / whole_len)
+            self.distances[name].append(
+                spectral_distance([r["spectrum"] for r in got[name]], whole_spec))
+        self.distances["whole_vs_whole"].append(spectral_distance(whole_spec, whole_spec, True))
+
+    def report(self) -> dict[str, Any]:
+        return {"length_ratio": {k: round(statistics.mean(v), 3) for k, v in self.ratios.items()},
+                "spectrum_db": {k: round(statistics.mean(v), 2) for k, v in self.distances.items()}}
+
+
+def levels(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 1), "loudest": round(max(values), 1)}
+
+
 def measure(seeds: list[int], sentences: list[str]) -> dict[str, Any]:
     from streaming_tts.text.splitter import function_words_for, read_on_word_for
 
     voice, engine, phonemizer = default_voice_models()
+    ids = voice.config.phoneme_id_map
+    skip = {*ids[" "], *ids["_"]}
     more = phonemizer.phonemize(read_on_word_for(voice.config.language))
     function_words = function_words_for(voice.config.language)
-    ratios: dict[str, list[float]] = {"alone": [], "read_on": []}
-    distances: dict[str, list[float]] = {"alone": [], "read_on": [], "whole_vs_whole": []}
-    ends, cuts = [], []
+    last, following = Comparison(("alone", "read_on")), Comparison(("alone", "read_from"))
+    ends, starts, cuts = [], [], []
     for sentence in sentences:
         found = cut_of(sentence, function_words)
         if found is None:
             continue
         text, k = found
         cuts.append(text)
-        alone = phonemizer.phonemize(text)
-        readings = {"alone": alone, "read_on": phonemizer.read_on(alone, more),
-                    "whole": phonemizer.phonemize(sentence)}
-        got = {name: [read(engine, ph, seed, k) for seed in seeds] for name, ph in readings.items()}
-        whole_len = statistics.mean(r["length"] for r in got["whole"])
-        whole_spec = [r["spectrum"] for r in got["whole"]]
-        for name in ("alone", "read_on"):
-            ratios[name].append(statistics.mean(r["length"] for r in got[name]) / whole_len)
-            distances[name].append(spectral_distance([r["spectrum"] for r in got[name]], whole_spec))
-        distances["whole_vs_whole"].append(spectral_distance(whole_spec, whole_spec, same=True))
-        ends.extend(r["end_dbfs"] for r in got["read_on"])
-    return {"cuts": cuts, "seeds": seeds,
-            "length_ratio": {k: round(statistics.mean(v), 3) for k, v in ratios.items()},
-            "spectrum_db": {k: round(statistics.mean(v), 2) for k, v in distances.items()},
-            "read_on_end_dbfs": {"median": round(statistics.median(ends), 1),
-                                 "loudest": round(max(ends), 1)}}
+        words = sentence.split()
+        whole = phonemizer.phonemize(sentence)
+        alone, rest = phonemizer.phonemize(text), phonemizer.phonemize(" ".join(words[k + 1:]))
+        for comparison, readings in (
+                (last, {"alone": (alone, k), "read_on": (phonemizer.read_on(alone, more), k),
+                        "whole": (whole, k)}),
+                (following, {"alone": (rest, 0), "whole": (whole, k + 1), "read_from": (
+                    phonemizer.read_from(phonemizer.phonemize(words[k]), rest), 0)})):
+            got = {name: [read(engine, ph, seed, at, skip) for seed in seeds]
+                   for name, (ph, at) in readings.items()}
+            comparison.add(got)
+            ends.extend(r["end_dbfs"] for r in got.get("read_on", []))
+            starts.extend(r["start_dbfs"] for r in got.get("read_from", []))
+    return {"cuts": cuts, "seeds": seeds, "last_word": last.report(),
+            "next_word": following.report(), "read_on_end_dbfs": levels(ends),
+            "read_from_start_dbfs": levels(starts)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,13 +177,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r))
         return 0
     print(f"{len(r['cuts'])} cuts x {len(args.seeds)} seeds, e.g. " + " | ".join(r["cuts"][:3]))
-    print("the cut phrase's last word against the whole sentence's:")
-    for name in ("alone", "read_on"):
-        print(f"  {name:8s} length x{r['length_ratio'][name]:.2f}  spectrum "
-              f"{r['spectrum_db'][name]:.2f} dB")
-    print(f"  (whole against whole, other seeds: spectrum {r['spectrum_db']['whole_vs_whole']:.2f} dB)")
-    e = r["read_on_end_dbfs"]
+    for key, title, names in (("last_word", "the cut phrase's last word", ("alone", "read_on")),
+                              ("next_word", "the next phrase's first word", ("alone", "read_from"))):
+        c = r[key]
+        print(f"{title}, against the whole sentence's:")
+        for name in names:
+            print(f"  {name:9s} length x{c['length_ratio'][name]:.2f}  spectrum "
+                  f"{c['spectrum_db'][name]:.2f} dB")
+        print(f"  (whole against whole, other seeds: spectrum {c['spectrum_db']['whole_vs_whole']:.2f} dB)")
+    e, s0 = r["read_on_end_dbfs"], r["read_from_start_dbfs"]
     print(f"read_on: the last frame sent at {e['median']} dBFS (median), {e['loudest']} loudest")
+    print(f"read_from: the first frame sent at {s0['median']} dBFS (median), {s0['loudest']} "
+          "loudest (before the 5 ms fade-in)")
     return 0
 
 

@@ -133,7 +133,7 @@ class SchedulerConfig:
     lead_in_ms: float = 20.0  # a stream's first audio starts this long before its first word (< 0: off)
     lead_in_search_ms: float = 50.0  # ... starting up to this much sooner where the audio has sound there
     join_keep_ms: float = 40.0  # a cut inside a clause: silence kept after its last word and before the next's first (< 0: off)
-    read_on: bool = True  # ... is read on into a word after it, never heard (the voice's language's; none known: off)
+    read_across: bool = True  # ... is read on into a word after it, and the next from its last word; neither heard
 
     def __post_init__(self) -> None:
         _require(self.lookahead_ms > 0, "scheduler.lookahead_ms", "must be > 0", self.lookahead_ms)

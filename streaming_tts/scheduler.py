@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class SchedulerConfig:
     lead_in_search_ms: float = 0.0     # ... a lead-in cut starts up to this much sooner where there is sound (an "s"), kept
     join_keep_ms: float = -1.0         # a phrase cut inside a clause: silence kept after its last word, and before the next one's first (< 0: as the voice made it)
     read_on_word: str = ""             # ... is read on into this word, never heard, so its last word is read as mid-sentence ("": not)
+    read_from: bool = False            # ... and the phrase after it is read from its last word, never heard, so its first is too
     heap_trim_interval_s: float = 30.0  # give free C heap back this often, between steps (0: never)
     cost_half_life_s: float = 30.0     # with no stream finishing, the cost settles back
     recalibrate_idle_s: float = 60.0   # idle this long: probe the cost again (0: never)
@@ -141,16 +142,26 @@ _TRIM_SAFE_BUFFERED_MS = 300.0     # a heap trim waits while a listener owed aud
 _TRIM_MAX_DEFER = 4                # ... for at most this many heap_trim_interval_s
 
 
+class _PhraseJob(NamedTuple):
+    """A new phrase for the acoustic model (and its first chunk's decode)."""
+
+    sid: str
+    text: str
+    params: SynthesisParams
+    head_only: bool
+    first: int                           # index in the chunk schedule where its plan starts
+    phonemized: concurrent.futures.Future   # its phonemes, being made in the text thread
+    lead_in: int | None                  # frames kept before its first word (None: all)
+    tail: int | None                     # frames kept after its last word (None: all)
+    read_on: bool                        # read on into a word after it (Phonemizer.read_on)
+    before: concurrent.futures.Future | None   # the word before it, to read it from
+
+
 @dataclass
 class _Batch:
     """Plain data handed to the worker thread: it never reads scheduler state."""
 
-    # sid, text, params, head_only, index in the chunk schedule where the phrase's plan starts,
-    # the phonemes being made in the text thread, frames kept before its first word (None:
-    # all) and after its last (None: all), whether it is read on into a word after it
-    acoustic: list[tuple[str, str, SynthesisParams, bool, int, concurrent.futures.Future,
-                         int | None, int | None, bool]] = \
-        field(default_factory=list)
+    acoustic: list[_PhraseJob] = field(default_factory=list)
     decode: list[tuple[str, DecodeJob, AcousticResult | None]] = field(default_factory=list)  # + flow to finish first
     owners: list[ActivePhrase] = field(default_factory=list)   # loop side only: phrase of each decode
     spaces: dict[str, str] = field(default_factory=dict)       # loop side only: each new phrase's space_before
@@ -242,6 +253,16 @@ def _frame_rms(audio: np.ndarray, hop: int, lo: int, hi: int) -> np.ndarray:
     frames = audio[lo * hop: hi * hop].reshape(hi - lo, hop)
     return np.sqrt(np.mean(np.square(frames, dtype=np.float64), axis=1))
 
+
+def _fade_in(audio: np.ndarray, n: int) -> None:
+    """Ramp the first `n` samples of `audio` up from silence, in place."""
+    n = min(n, len(audio))
+    audio[:n] *= np.arange(1, n + 1, dtype=audio.dtype) / (n + 1)
+
+
+# A phrase read from the word before it starts inside a reading, at -36 dBFS (median; -22 the
+# loudest) where that word's own reading ended near silence: faded in over this long.
+_JOIN_FADE_S = 0.005
 
 # A frame of a lead-in quieter than this (RMS, full scale 1.0: -50 dBFS) is silence; the voice's
 # lead-in is at -70 to -95 dBFS, the opening of an "s" at -24 to -34.
@@ -814,6 +835,17 @@ class Scheduler:
                                                      stream.options.markdown,
                                                      stream.options.normalize)
 
+    def _read_across(self, ph: PhonemizedText, before: concurrent.futures.Future | None,
+                     read_on: bool) -> PhonemizedText:
+        """(model thread) `ph` read from the word before it and on into the read-on word,
+        where asked and the reading allows (Phonemizer.read_from, read_on)."""
+        if before is not None:
+            try:
+                ph = self.phonemizer.read_from(before.result(), ph)
+            except ValueError:
+                pass                              # that word speaks nothing: read as it is
+        return self.phonemizer.read_on(ph, self._read_on) if read_on else ph
+
     def _phonemize(self, text: str, markdown: bool, normalize: bool) -> PhonemizedText:
         """(text thread) The phrase's phonemes; Markdown markup blanked first if asked, and
         written forms read as said ("$5": five dollars) if asked."""
@@ -1098,7 +1130,8 @@ class Scheduler:
                 if len(batch.acoustic) >= self.config.max_batch_phrases:
                     continue
                 text, phonemized = stream.phrases[0].text, stream.phrases[0].phonemized
-                spoken_chars = len(stream.phrases[0].spoken)
+                spoken = stream.phrases[0].spoken
+                spoken_chars = len(spoken)
                 buffered = stream.buffered_ms(now, self.frame_ms)
                 # Near dry: the first chunk before the flow over the whole phrase. Otherwise the
                 # phrase's plan starts at a chunk no longer than what the listener holds.
@@ -1139,11 +1172,20 @@ class Scheduler:
                 tail = self._join_frames if stream.open_end else None
                 # Cut inside a clause, it is read on into a word after it, never heard, unless
                 # it is the stream's last: read alone, the voice ends it as a sentence, its
-                # last word drawn out ~1.4x.
+                # last word drawn out ~1.4x. The phrase after it is read from its last word,
+                # never heard: read alone, its first word is read as a sentence's first. Not
+                # for a listener near dry: the head-only flow (from the reading's frame 0)
+                # comes first, and the whole flow's step made neighbours late.
                 last = stream.ended and not stream.phrases and not stream.splitter.pending.strip()
                 read_on = stream.open_end and not last and self._read_on is not None
-                batch.acoustic.append((stream.id, text, params, head_only, first, phonemized,
-                                       lead_in, tail, read_on))
+                before, stream.word_before = stream.word_before, None
+                before = None if head_only else before
+                if stream.open_end and not last and self.config.read_from and spoken.split():
+                    stream.word_before = self._text_pool.submit(
+                        self._phonemize, spoken.split()[-1], stream.options.markdown,
+                        stream.options.normalize)
+                batch.acoustic.append(_PhraseJob(stream.id, text, params, head_only, first,
+                                                 phonemized, lead_in, tail, read_on, before))
             used += cost
         return batch
 
@@ -1231,7 +1273,7 @@ class Scheduler:
                 return _Result(), {sids[0]: type(exc).__name__}
         merged, failed = _Result(), {}
         for sid in sids:
-            part = _Batch(acoustic=[a for a in batch.acoustic if a[0] == sid],
+            part = _Batch(acoustic=[a for a in batch.acoustic if a.sid == sid],
                           decode=[d for d in batch.decode if d[0] == sid])
             try:
                 res = self._execute(part)
@@ -1251,21 +1293,27 @@ class Scheduler:
         t0 = time.perf_counter()
         result = _Result()
         jobs, keys, firsts, cuts = [], [], [], []
-        for sid, text, params, head_only, first, phonemized, lead_in, tail, read_on in batch.acoustic:
+        for p in batch.acoustic:
             try:
-                ph = phonemized.result()
+                ph = p.phonemized.result()
             except ValueError:
-                result.phrases[sid] = None      # nothing speakable (e.g. only punctuation)
+                result.phrases[p.sid] = None      # nothing speakable (e.g. only punctuation)
                 continue
-            if read_on:
-                ph = self.phonemizer.read_on(ph, self._read_on)
-            jobs.append(AcousticJob(ids=ph.ids, params=params, head_only=head_only))
-            keys.append((sid, text, ph))
-            firsts.append(first)
-            cuts.append((lead_in, tail))
+            ph = self._read_across(ph, p.before, p.read_on)
+            jobs.append(AcousticJob(ids=ph.ids, params=p.params, head_only=p.head_only))
+            keys.append((p.sid, p.text, ph))
+            firsts.append(p.first)
+            cuts.append((p.lead_in, p.tail))
         acoustic = self.engine.acoustic(jobs)
         plans, leads = [], []   # leads: (frames decoded before the durations' cut, kept)
         for r, first, key, (lead_in, tail) in zip(acoustic, firsts, keys, cuts):
+            if key[2].read_from is not None:      # from the space before its first word
+                start = int(np.sum(r.durations[:key[2].read_from]))
+                plan = [(a + start, b + start)
+                        for a, b in self.engine.chunk_plan(r.num_frames - start, first)]
+                plans.append(_cut_tail(plan, r, key[2], tail))
+                leads.append((0, 0))
+                continue
             plan, sooner = _cut_lead_in(self.engine.chunk_plan(r.num_frames, first), r, key[2],
                                         lead_in, self._search_frames)
             plans.append(_cut_tail(plan, r, key[2], tail))
@@ -1299,8 +1347,13 @@ class Scheduler:
             result.audio[sid] = chunk
         for ((sid, text, ph), res, plan, (sooner, keep)), chunk in zip(new, audio[len(decoded):]):
             hop = self.engine.hop_length
-            new = _trim_quiet_lead(_NewPhrase(text, ph, res, plan, chunk), sooner, keep, hop)
-            result.phrases[sid] = _first_word_onset(new, hop)
+            if ph.read_from is not None:
+                # It starts inside the reading, where the word before it ends: no silence there.
+                _fade_in(chunk, round(_JOIN_FADE_S * self.engine.sample_rate))
+                result.phrases[sid] = _NewPhrase(text, ph, res, plan, chunk)
+                continue
+            phrase = _trim_quiet_lead(_NewPhrase(text, ph, res, plan, chunk), sooner, keep, hop)
+            result.phrases[sid] = _first_word_onset(phrase, hop)
         result.frames = (sum(j.end - j.start for j in decode)
                          + _ACOUSTIC_COST_PER_FRAME * sum(r.num_frames for r in acoustic))
         result.seconds = time.perf_counter() - t0

@@ -122,6 +122,7 @@ class StreamState:
     queued_chars: int = 0                           # text of the phrases in `phrases`
     mid_sentence: bool = False                      # the last phrase cut did not end a sentence
     open_end: bool = False                          # the last phrase sent to the model ended in no mark
+    word_before: concurrent.futures.Future | None = None  # ... its last word's phonemes, for the next
     # Whitespace after the last phrase queued (a flush cut after it) or in a cut that held
     # nothing else: it goes before the next phrase, so captions keep it.
     space_carry: str = ""

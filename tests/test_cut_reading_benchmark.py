@@ -25,8 +25,14 @@ def test_a_run_compares_each_reading_with_the_whole_sentence() -> None:
     r = measure([0, 1], ["The quarterly report arrived on time this morning.",
                          "Here is a short list of the steps you will need."])
     assert r["cuts"] == ["The quarterly report", "Here is a short"]
+    last, nxt = r["last_word"], r["next_word"]
     # Read alone, the last word is drawn out; read on, it is about its length in the sentence.
-    assert r["length_ratio"]["alone"] > 1.2 > r["length_ratio"]["read_on"] > 0.8
-    assert r["spectrum_db"]["read_on"] < r["spectrum_db"]["alone"]
-    assert r["spectrum_db"]["whole_vs_whole"] > 0
+    assert last["length_ratio"]["alone"] > 1.2 > last["length_ratio"]["read_on"] > 0.8
+    assert last["spectrum_db"]["read_on"] < last["spectrum_db"]["alone"]
+    # Read from the word before it, the next phrase's first word is nearer its reading in the
+    # sentence than read alone.
+    assert nxt["spectrum_db"]["read_from"] < nxt["spectrum_db"]["alone"]
+    assert set(nxt["length_ratio"]) == {"alone", "read_from"}
+    assert last["spectrum_db"]["whole_vs_whole"] > 0 and nxt["spectrum_db"]["whole_vs_whole"] > 0
     assert r["read_on_end_dbfs"]["median"] < -40
+    assert r["read_from_start_dbfs"]["median"] < 0

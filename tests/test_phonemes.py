@@ -344,3 +344,26 @@ def test_a_phrase_ending_in_a_mark_is_not_read_on(default_phonemizer: Phonemizer
                                                   text: str) -> None:
     ph = default_phonemizer.phonemize(text)
     assert default_phonemizer.read_on(ph, default_phonemizer.phonemize("could")) is ph
+
+
+def test_a_phrase_read_from_the_word_before_it_is_read_as_both_together(
+        default_phonemizer: Phonemizer) -> None:
+    p = default_phonemizer
+    before, ph = p.phonemize("report"), p.phonemize("arrived on time.")
+    read = p.read_from(before, ph)
+    whole = p.phonemize("report arrived on time.")
+    assert read.ids == whole.ids
+    # Its own words only, as in the whole reading: the first from the space before it.
+    assert [w.text for w in read.words] == ["arrived", "on", "time."]
+    assert read.words == whole.words[1:]
+    assert read.read_from == read.words[0].first_id == len(before.ids) - 1
+    # Then read on as well: both marks kept, the reading from before then "could".
+    middle = p.read_from(before, p.phonemize("arrived on"))
+    could = p.phonemize("could")
+    both = p.read_on(middle, could)
+    assert both.ids[: len(middle.ids) - 1] == middle.ids[:-1]
+    assert both.ids[both.read_on_from:] == could.ids[2:]
+    assert both.read_from == middle.read_from == len(before.ids) - 1
+    assert both.words == middle.words
+    # A word before that ends in a mark is not read from.
+    assert p.read_from(p.phonemize("report,"), ph) is ph

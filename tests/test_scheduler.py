@@ -124,7 +124,16 @@ class FakePhonemizer:
         """As Phonemizer.read_on: [... eos] + [space 3, pad] + more without [bos, pad]."""
         ids = [*ph.ids[:-1], 3, 0]
         return PhonemizedText(f"{ph.phonemes} {more.phonemes}", ids + more.ids[2:], ph.words,
-                              read_on_from=len(ids))
+                              read_on_from=len(ids), read_from=ph.read_from)
+
+    def read_from(self, before: PhonemizedText, ph: PhonemizedText) -> PhonemizedText:
+        """As Phonemizer.read_from: before's [... eos] + [space 3, pad] + ph without [bos, pad]."""
+        ids, start = [*before.ids[:-1], 3, 0], len(before.ids) - 1
+        words = [WordSpan(w.text, w.first_id + len(ids) - 2, w.end_id + len(ids) - 2)
+                 for w in ph.words]
+        words[0] = WordSpan(words[0].text, start, words[0].end_id)
+        return PhonemizedText(f"{before.phonemes} {ph.phonemes}", ids + ph.ids[2:], words,
+                              read_from=start)
 
 
 @dataclass
@@ -583,6 +592,56 @@ async def test_a_read_on_phrase_keeps_nothing_after_its_last_word(join_keep_ms):
     first, second = sink.phrases()
     assert len(engine.read[0]) > len(FakePhonemizer().phonemize("Hello there").ids)
     assert first.end_ms == pytest.approx(first.words[-1][2]) == second.start_ms
+
+
+async def test_the_phrase_after_a_cut_inside_a_clause_is_read_from_the_word_before_it():
+    # "Hello there" is cut for time: read on into "could", and "second one here." is read from
+    # "there" (never heard): its audio starts at the space before "second", faded in over 5 ms,
+    # where "there" ends in that reading; its first word's time starts there.
+    engine = SoundBeforeTheWordEngine(4, schedule=(8, 16))
+    sink = await spoken(engine, ["Hello there", " second one here."], read_on_word="could",
+                        read_from=True)
+    first, second = sink.phrases()
+    fake = FakePhonemizer()
+    there, rest = fake.phonemize("there"), fake.phonemize("second one here.")
+    assert engine.read[1] == there.ids[:-1] + [3, 0] + rest.ids[2:]
+    assert [w for w, _, _ in second.words] == ["second", "one", "here."]
+    assert first.end_ms == pytest.approx(first.words[-1][2]) == second.start_ms
+    assert second.words[0][1] == pytest.approx(second.start_ms)
+    assert second.words[0][2] - second.words[0][1] == pytest.approx((2 + 2 * 6) * FRAMES_PER_ID * 10)
+    samples = np.concatenate([samples for samples, _ in sink.audio()])
+    at = int(second.start_ms * RATE / 1000)
+    speech = frame_numbers(samples[HOP - 1::HOP])    # each frame's last sample: none faded
+    start = (len(there.ids) - 1) * FRAMES_PER_ID      # the frame of the space before "second"
+    n_second = int((second.end_ms - second.start_ms) / 10)
+    np.testing.assert_array_equal(speech[at // HOP: at // HOP + n_second],
+                                  np.arange(start, start + n_second))
+    tag = np.rint(samples[at + HOP - 1] - start)       # that phrase's tag * 1000
+    np.testing.assert_allclose(samples[at: at + 6], (tag + start) * np.array(
+        [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0]), rtol=1e-6)
+    assert sink.events[-1][1]["audio_ms"] == pytest.approx(len(samples) / RATE * 1000)
+
+
+async def test_without_a_word_before_it_to_read_from_a_phrase_is_cut_as_before():
+    # The stream's first phrase, and a phrase after a full stop: no word before them is read.
+    engine = SoundBeforeTheWordEngine(4, schedule=(8, 16))
+    await spoken(engine, ["Hello there.", " Second one here."], read_on_word="could",
+                 read_from=True)
+    fake = FakePhonemizer()
+    assert engine.read == [fake.phonemize("Hello there.").ids, fake.phonemize("Second one here.").ids]
+
+
+async def test_a_listener_near_dry_gets_the_head_only_flow_not_a_reading_from_the_word_before():
+    # Every listener counts as near dry: the phrase after the cut is read alone, its flow
+    # head-only (a reading from the word before it would need the whole flow first).
+    engine = SoundBeforeTheWordEngine(4, schedule=(8, 16))
+    sink = await spoken(engine, ["Hello there", " second one here."], read_on_word="could",
+                        read_from=True, head_only_below_ms=1e9, lead_in_ms=10.0, join_keep_ms=10.0)
+    fake = FakePhonemizer()
+    assert engine.read[1] == fake.phonemize("second one here.").ids
+    assert engine.head_results == 2
+    second = sink.phrases()[1]
+    assert second.words[0][1] - second.start_ms == pytest.approx(10.0)   # join_keep_ms
 
 
 @pytest.mark.parametrize("parts, read_on", [

@@ -2209,7 +2209,10 @@ async def test_each_phrases_first_word_lights_up_with_its_sound(
 ) -> None:
     # The durations start "The" of "The old lighthouse" 5-6 frames (55-65 ms) after its "Th"
     # sounds, and "Sure" 2-4 frames after its "s": their captions lit late. Each phrase's
-    # first word now starts within one frame (20 ms) of its sound, as the client hears it.
+    # first word now starts within one frame (20 ms) of its sound, as the client hears it;
+    # one read from the word before it (after a cut inside a clause: "The old lighthouse |
+    # keeper") starts with the space before it, as a word inside a phrase does, and may light
+    # before its sound (the closure of "k"), never after.
     client = await connect(http, srv)
     for text in ("The old lighthouse keeper climbed the spiral stairs, every evening.",
                  "Sure, the stairs were steep."):
@@ -2219,7 +2222,10 @@ async def test_each_phrases_first_word_lights_up_with_its_sound(
         for words in u.words:
             phrase = u.phrases[words["phrase_id"]]
             sound = first_sound_ms(u, phrase["start_ms"], 22050)
-            assert sound is not None and abs(words["items"][0][1] - sound) <= 20.0, (words, sound)
+            assert sound is not None, words
+            early = sound - words["items"][0][1]
+            read_from = phrase["id"] > 0 and not u.phrases[phrase["id"] - 1]["text"][-1] in ",.!?"
+            assert -20.0 <= early <= (100.0 if read_from else 20.0), (words, sound)
     await client.close()
 
 

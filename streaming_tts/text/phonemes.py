@@ -78,6 +78,8 @@ class PhonemizedText:
                                # (a word that speaks nothing has no length)
     read_on_from: int | None = None  # ids from here are read for context only, never heard:
                                      # a word the phrase runs on into (Phonemizer.read_on)
+    read_from: int | None = None     # ids before this are read for context only, never heard:
+                                     # the word before the phrase (Phonemizer.read_from)
 
 
 @dataclass(frozen=True)
@@ -179,19 +181,46 @@ class Phonemizer:
     def read_on(self, ph: PhonemizedText, more: PhonemizedText) -> PhonemizedText:
         """`ph` running on into `more` (both from `phonemize`) as one reading, with the words
         of `ph` only: a phrase cut inside a clause is read with a word after it, so that its
-        last word is read as inside a sentence (not drawn out as at a sentence's end), and its audio
-        ends where that word's first phoneme starts (`read_on_from`). `ph` as it is where it
-        ends in a punctuation mark (its reading pauses or ends there anyway)."""
-        eos, pad, space = self._id_map[EOS], self._id_map[PAD], self._id_map.get(" ")
-        head = len(self._id_map[BOS]) + len(pad)
-        last = ph.phonemes[-1:]
-        if (space is None or ph.read_on_from is not None or not last or last.isspace()
-                or unicodedata.category(last).startswith("P")
-                or ph.ids[-len(eos):] != list(eos) or len(more.ids) <= head + len(eos)):
+        last word is read as inside a sentence (not drawn out as at a sentence's end), and its
+        audio ends where that word's first phoneme starts (`read_on_from`). `ph` as it is where
+        it ends in a punctuation mark (its reading pauses or ends there anyway)."""
+        if not self._runs_on(ph) or ph.read_on_from is not None:
             return ph
-        ids = [*ph.ids[:-len(eos)], *space, *pad]
+        eos, head = len(self._id_map[EOS]), self._head()
+        if len(more.ids) <= head + eos:
+            return ph
+        ids = [*ph.ids[:-eos], *self._id_map[" "], *self._id_map[PAD]]
         return PhonemizedText(phonemes=f"{ph.phonemes} {more.phonemes}",
-                              ids=ids + more.ids[head:], words=ph.words, read_on_from=len(ids))
+                              ids=ids + more.ids[head:], words=ph.words,
+                              read_on_from=len(ids), read_from=ph.read_from)
+
+    def read_from(self, before: PhonemizedText, ph: PhonemizedText) -> PhonemizedText:
+        """`ph` read on from `before` (both from `phonemize`: the last word of a phrase cut
+        inside a clause, and the phrase after it) as one reading, with the words of `ph` only:
+        read alone, its first word is read as a sentence's first. Its audio starts where the
+        space before its first word does (`read_from`), its first word's span from there as a
+        word's inside a phrase. `ph` as it is where `before` ends in a punctuation mark."""
+        if not self._runs_on(before) or ph.read_from is not None or ph.read_on_from is not None \
+                or before.read_on_from is not None or not ph.words:
+            return ph
+        eos, head = len(self._id_map[EOS]), self._head()
+        start = len(before.ids) - eos
+        ids = [*before.ids[:-eos], *self._id_map[" "], *self._id_map[PAD]]
+        shift = len(ids) - head
+        words = [WordSpan(w.text, w.first_id + shift, w.end_id + shift) for w in ph.words]
+        words[0] = WordSpan(words[0].text, start, words[0].end_id)
+        return PhonemizedText(phonemes=f"{before.phonemes} {ph.phonemes}",
+                              ids=ids + ph.ids[head:], words=words, read_from=start)
+
+    def _head(self) -> int:
+        return len(self._id_map[BOS]) + len(self._id_map[PAD])
+
+    def _runs_on(self, ph: PhonemizedText) -> bool:
+        """Whether a reading can run on past `ph`'s end: it ends in a phoneme (no mark, no
+        space), with the EOS, and the voice has a space."""
+        eos, last = list(self._id_map[EOS]), ph.phonemes[-1:]
+        return (" " in self._id_map and bool(last) and not last.isspace()
+                and not unicodedata.category(last).startswith("P") and ph.ids[-len(eos):] == eos)
 
     def _phonemize_with_words(self, said: list[str]) -> tuple[list[str], list[list[str]]]:
         """The phrase's phoneme words, and each word's read alone: those from the cache where
