@@ -396,10 +396,10 @@ class Scheduler:
                                 if config.lead_in_ms >= 0 else None)
         self._search_frames = round(config.lead_in_search_ms / self.frame_ms)
         # ... and of the silence the voice makes at either side of a cut inside a clause.
-        # The word a phrase cut inside a clause is read on into (Phonemizer.read_on).
-        self._read_on = phonemizer.phonemize(config.read_on_word) if config.read_on_word else None
         self._join_frames = (round(config.join_keep_ms / self.frame_ms)
                              if config.join_keep_ms >= 0 else None)
+        # The word a phrase cut inside a clause is read on into (Phonemizer.read_on).
+        self._read_on = phonemizer.phonemize(config.read_on_word) if config.read_on_word else None
         self._streams: dict[str, StreamState] = {}
         self._opened = 0                      # streams opened: each one's `order`
         # Which streams need looking at, kept as their state changes so that no timer check or
