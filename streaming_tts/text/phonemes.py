@@ -181,8 +181,9 @@ class Phonemizer:
     def read_on(self, ph: PhonemizedText, more: PhonemizedText) -> PhonemizedText:
         """`ph` running on into `more` (both from `phonemize`) as one reading, with the words
         of `ph` only: a phrase cut inside a clause is read with a word after it, so that its
-        last word is read as inside a sentence (not drawn out as at a sentence's end), and its
-        audio ends where that word's first phoneme starts (`read_on_from`). `ph` as it is where
+        last word is read as inside a sentence (not drawn out as at a sentence's end).
+        `read_on_from` marks where that word's first phoneme starts; the audio sent ends before
+        it, with the phrase's own last word (the scheduler's `_cut_tail`). `ph` as it is where
         it ends in a punctuation mark (its reading pauses or ends there anyway)."""
         if not self._runs_on(ph) or ph.read_on_from is not None:
             return ph

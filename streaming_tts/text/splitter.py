@@ -70,8 +70,9 @@ def function_words_for(language: str) -> frozenset[str]:
 
 
 # The word a phrase cut inside a clause is read on into, never heard (Phonemizer.read_on), per
-# language: one that opens with a voiceless stop, whose closure is near silence where the
-# phrase's audio ends (-50 to -86 dBFS at the default voice's cuts).
+# language: one that opens with a voiceless stop, whose closure keeps the phrase's last word
+# from running into it (the audio sent ends with that word: at -66 dBFS, median, for the
+# default voice; benchmarks/cut_reading.py).
 READ_ON_WORDS = {"en": "could"}
 
 
