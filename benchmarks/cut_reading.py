@@ -39,7 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.offline import default_voice_models, seeded_args  # noqa: E402
+from benchmarks.offline import (default_voice_models, frame_rms_db, read_whole,  # noqa: E402
+                               seeded_args)
 from benchmarks.texts import SENTENCES  # noqa: E402
 
 REPLIES = ["I think the best way to start is with a quick summary of the plan.",
@@ -82,26 +83,17 @@ def read(engine, ph, seed: int, word: int, skip: set[int]) -> dict[str, Any]:
     """One reading: the word's length (frames from its first phoneme, ids in `skip` (space,
     pad) passed over, to the end of the pad after its last), its log spectrum (its phonemes),
     and the levels of the first and last frames sent (read from / read on)."""
-    from streaming_tts.engine import AcousticJob
-    from streaming_tts.params import SynthesisParams
-
-    res = engine.acoustic([AcousticJob(ids=ph.ids, params=SynthesisParams(), seed=seed)])[0]
-    audio = engine.decode_whole(res.z)
-    cum = np.concatenate([[0], np.cumsum(res.durations)])
+    _, audio, cum = read_whole(engine, ph.ids, seed)
+    db = frame_rms_db(audio, engine.hop_length)
     w = ph.words[word]
     first = w.first_id
     while first < w.end_id - 1 and ph.ids[first] in skip:
         first += 1
     hop = engine.hop_length
-
-    def dbfs(frame: int) -> float:
-        x = audio[frame * hop: (frame + 1) * hop].astype(np.float64)
-        return float(20 * np.log10(np.sqrt(np.mean(x ** 2)) + 1e-12))
-
     return {"length": int(cum[w.end_id] - cum[first]),
             "spectrum": log_spectrum(audio[int(cum[first]) * hop: int(cum[w.end_id - 1]) * hop]),
-            "end_dbfs": dbfs(int(cum[ph.words[-1].end_id]) - 1),
-            "start_dbfs": dbfs(int(cum[ph.read_from])) if ph.read_from is not None else None}
+            "end_dbfs": float(db[int(cum[ph.words[-1].end_id]) - 1]),
+            "start_dbfs": float(db[int(cum[ph.read_from])]) if ph.read_from is not None else None}
 
 
 def spectral_distance(a: list[np.ndarray], b: list[np.ndarray], same: bool = False) -> float:

@@ -32,7 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.offline import default_voice_models, seeded_args  # noqa: E402
+from benchmarks.offline import (default_voice_models, frame_rms_db, read_whole,  # noqa: E402
+                               seeded_args)
 from benchmarks.texts import SENTENCES  # noqa: E402
 
 # Phrases a reply opens with or a cut leaves at a phrase's start: "s", "sh", "th", vowels,
@@ -50,12 +51,6 @@ SOUND_AFTER_COMMA_DBFS = -40.0
 LOOK_PAST_FRAMES = 10      # a word's sound is looked for up to this far past its durations' start
 
 
-def frame_rms_db(audio: np.ndarray, hop: int) -> np.ndarray:
-    n = len(audio) // hop
-    frames = audio[: n * hop].reshape(n, hop).astype(np.float64)
-    return 20 * np.log10(np.sqrt(np.mean(frames ** 2, axis=1)) + 1e-12)
-
-
 def first_above(db: np.ndarray, lo: int, hi: int, threshold: float) -> int | None:
     loud = np.flatnonzero(db[lo:hi] > threshold)
     return lo + int(loud[0]) if len(loud) else None
@@ -63,15 +58,11 @@ def first_above(db: np.ndarray, lo: int, hi: int, threshold: float) -> int | Non
 
 def measure_phrase(engine, phonemizer, text: str, seed: int) -> dict[str, list[int]]:
     """Errors in frames (word start - sound start) of one phrase's words that follow silence."""
-    from streaming_tts.engine import AcousticJob
-    from streaming_tts.params import SynthesisParams
     from streaming_tts.scheduler import _first_word_onset, _NewPhrase
 
     ph = phonemizer.phonemize(text)
-    res = engine.acoustic([AcousticJob(ids=ph.ids, params=SynthesisParams(), seed=seed)])[0]
-    audio = engine.decode_whole(res.z)
+    res, audio, cum = read_whole(engine, ph.ids, seed)
     db = frame_rms_db(audio, engine.hop_length)
-    cum = np.concatenate([[0], np.cumsum(res.durations)])
     out: dict[str, list[int]] = {"first_durations": [], "first_sent": [], "after_comma": []}
     if not ph.words:
         return out

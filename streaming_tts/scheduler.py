@@ -1180,9 +1180,10 @@ class Scheduler:
                 read_on = stream.open_end and not last and self._read_on is not None
                 before, stream.word_before = stream.word_before, None
                 before = None if head_only else before
-                if stream.open_end and not last and self.config.read_from and spoken.split():
+                words = spoken.split()
+                if stream.open_end and not last and self.config.read_from and words:
                     stream.word_before = self._text_pool.submit(
-                        self._phonemize, spoken.split()[-1], stream.options.markdown,
+                        self._phonemize, words[-1], stream.options.markdown,
                         stream.options.normalize)
                 batch.acoustic.append(_PhraseJob(stream.id, text, params, head_only, first,
                                                  phonemized, lead_in, tail, read_on, before))

@@ -187,12 +187,11 @@ class Phonemizer:
         it ends in a punctuation mark (its reading pauses or ends there anyway)."""
         if not self._runs_on(ph) or ph.read_on_from is not None:
             return ph
-        eos, head = len(self._id_map[EOS]), self._head()
-        if len(more.ids) <= head + eos:
+        if len(more.ids) <= self._head() + len(self._id_map[EOS]):
             return ph
-        ids = [*ph.ids[:-eos], *self._id_map[" "], *self._id_map[PAD]]
+        ids = self._open_ids(ph)
         return PhonemizedText(phonemes=f"{ph.phonemes} {more.phonemes}",
-                              ids=ids + more.ids[head:], words=ph.words,
+                              ids=ids + more.ids[self._head():], words=ph.words,
                               read_on_from=len(ids), read_from=ph.read_from)
 
     def read_from(self, before: PhonemizedText, ph: PhonemizedText) -> PhonemizedText:
@@ -204,9 +203,8 @@ class Phonemizer:
         if not self._runs_on(before) or ph.read_from is not None or ph.read_on_from is not None \
                 or before.read_on_from is not None or not ph.words:
             return ph
-        eos, head = len(self._id_map[EOS]), self._head()
-        start = len(before.ids) - eos
-        ids = [*before.ids[:-eos], *self._id_map[" "], *self._id_map[PAD]]
+        head, start = self._head(), len(before.ids) - len(self._id_map[EOS])
+        ids = self._open_ids(before)
         shift = len(ids) - head
         words = [WordSpan(w.text, w.first_id + shift, w.end_id + shift) for w in ph.words]
         words[0] = WordSpan(words[0].text, start, words[0].end_id)
@@ -214,7 +212,12 @@ class Phonemizer:
                               ids=ids + ph.ids[head:], words=words, read_from=start)
 
     def _head(self) -> int:
+        """How many ids open a reading (BOS, pad)."""
         return len(self._id_map[BOS]) + len(self._id_map[PAD])
+
+    def _open_ids(self, ph: PhonemizedText) -> list[int]:
+        """`ph`'s ids without their EOS, then a space and its pad: a reading going on."""
+        return [*ph.ids[:-len(self._id_map[EOS])], *self._id_map[" "], *self._id_map[PAD]]
 
     def _runs_on(self, ph: PhonemizedText) -> bool:
         """Whether a reading can run on past `ph`'s end: it ends in a phoneme (no mark, no
